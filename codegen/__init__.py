@@ -1,0 +1,1 @@
+"""Kernel generation (Triton) and CPU executors."""

@@ -1,0 +1,1 @@
+"""Hardware profiles and cost estimates of the kernels sparsec emits."""

@@ -1,0 +1,1 @@
+"""sparsec's sparsity-annotated IR: types, ops, graph, printer and parser, verifier."""
