@@ -1,0 +1,125 @@
+"""Hardware profiles: the figures of a device that decide what a kernel costs.
+
+Peak figures are the vendors' published dense numbers (no 2:4 sparsity doubling). The
+`efficiency` fields say which fraction of a peak a good kernel reaches in practice; they start at
+values from published measurements (FlashAttention-2/3 and the Triton tutorial on H100 reach
+~47-60% of the bf16 tensor peak in attention forward) and are what measured autotuning refits
+(cost_models/calibration.py stores the refit profile per device name).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["HardwareProfile", "PROFILES", "get_profile", "profile_for_device"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HardwareProfile:
+    name: str
+    sm_count: int                       # streaming multiprocessors (cores for "cpu")
+    tensor_flops: dict[str, float]      # dense matmul FLOP/s by dtype name ("bf16", "f16", "f32")
+    vector_flops: float                 # non-matmul fp32 FLOP/s (softmax, masking arithmetic)
+    exp_per_s: float                    # exponentials per second (SFU / MUFU throughput)
+    memory_bandwidth: float             # bytes/s of main memory (HBM or DRAM)
+    shared_memory_per_sm: int           # bytes
+    l2_bytes: int
+    launch_overhead_s: float            # host + device cost of one kernel launch
+    programs_per_sm: int = 1            # attention programs resident per SM at the default tiles
+    matmul_efficiency: float = 0.55     # fraction of tensor_flops reached by attention/GEMM inner loops
+    memory_efficiency: float = 0.8      # fraction of memory_bandwidth reached by streaming loads
+    mask_cost_per_pair: float = 6.0     # vector FLOPs spent per masked (i, j) element of a partial block
+    block_overhead_s: float = 0.0       # fixed cost per visited key block (loop and pointer bookkeeping)
+    calibrated_from: str = field(default="published figures")
+
+    def flops(self, dtype: str) -> float:
+        try:
+            return self.tensor_flops[dtype]
+        except KeyError:
+            raise ValueError(f"hardware profile {self.name!r} has no matmul throughput for dtype {dtype!r}; "
+                             f"known: {sorted(self.tensor_flops)}") from None
+
+    def replace(self, **changes) -> HardwareProfile:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> HardwareProfile:
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(HardwareProfile)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"hardware profile JSON has unknown fields {sorted(unknown)}")
+        return HardwareProfile(**data)
+
+
+TERA = 1e12
+
+PROFILES: dict[str, HardwareProfile] = {
+    "h100": HardwareProfile(
+        name="h100", sm_count=132,
+        tensor_flops={"bf16": 989 * TERA, "f16": 989 * TERA, "f32": 494.7 * TERA / 4},  # f32: exact (ieee) dots run on
+        vector_flops=67 * TERA, exp_per_s=3.9 * TERA,                                    # FMA units, not tf32 cores
+        memory_bandwidth=3.35 * TERA, shared_memory_per_sm=228 * 1024, l2_bytes=50 * 2**20,
+        launch_overhead_s=4e-6, programs_per_sm=1, block_overhead_s=30e-9),
+    "h200": HardwareProfile(
+        name="h200", sm_count=132,
+        tensor_flops={"bf16": 989 * TERA, "f16": 989 * TERA, "f32": 494.7 * TERA / 4},
+        vector_flops=67 * TERA, exp_per_s=3.9 * TERA,
+        memory_bandwidth=4.8 * TERA, shared_memory_per_sm=228 * 1024, l2_bytes=50 * 2**20,
+        launch_overhead_s=4e-6, programs_per_sm=1, block_overhead_s=30e-9),
+    "a100": HardwareProfile(
+        name="a100", sm_count=108,
+        tensor_flops={"bf16": 312 * TERA, "f16": 312 * TERA, "f32": 19.5 * TERA},
+        vector_flops=19.5 * TERA, exp_per_s=1.7 * TERA,
+        memory_bandwidth=2.039 * TERA, shared_memory_per_sm=164 * 1024, l2_bytes=40 * 2**20,
+        launch_overhead_s=5e-6, programs_per_sm=1, matmul_efficiency=0.6, block_overhead_s=40e-9),
+    # The 2-core machine sparsec's CPU executor runs on; refit by measured autotuning.
+    "cpu": HardwareProfile(
+        name="cpu", sm_count=2,
+        tensor_flops={"f32": 100e9, "bf16": 30e9, "f16": 30e9},
+        vector_flops=20e9, exp_per_s=2e9,
+        memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
+        launch_overhead_s=15e-6, programs_per_sm=1, matmul_efficiency=0.7, block_overhead_s=2e-6),
+}
+
+_ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",
+            "a100-sxm": "a100", "a100_sxm": "a100"}
+
+
+def _calibrated_path(name: str) -> Path:
+    from sparsec.cost_models.calibration import calibrated_profile_path
+    return calibrated_profile_path(name)
+
+
+def get_profile(target: str | HardwareProfile, *, calibrated: bool = True) -> HardwareProfile:
+    """The profile named `target` ("h100", "h200", "a100", "cpu"), refit from measurements when a
+    calibrated profile for it is stored on disk and `calibrated`."""
+    if isinstance(target, HardwareProfile):
+        return target
+    key = _ALIASES.get(target.lower(), target.lower())
+    if key not in PROFILES:
+        raise ValueError(f"unknown hardware target {target!r}; known: {sorted(PROFILES)}")
+    if calibrated:
+        path = _calibrated_path(key)
+        if path.exists():
+            return HardwareProfile.from_json(path.read_text())
+    return PROFILES[key]
+
+
+def profile_for_device(device: torch.device | str) -> HardwareProfile:
+    """The profile that best describes `device` (by CUDA device name), for run-time choices."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return get_profile("cpu")
+    name = torch.cuda.get_device_name(device).lower()
+    for key in ("h200", "h100", "a100"):
+        if key in name:
+            return get_profile(key)
+    return get_profile("h100")

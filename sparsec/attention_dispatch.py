@@ -1,0 +1,181 @@
+"""`sparsec.attention`: exact attention with one sparsity pattern per query head.
+
+This module validates the call and picks an executor; the kernels live in codegen/:
+  - CUDA tensors run the pattern-specialized Triton kernels (codegen/attention_triton.py),
+  - CPU tensors run the block-skipping CPU executor (codegen/attention_cpu.py),
+  - `backend="triton"` (or SPARSEC_ATTENTION_BACKEND=triton) forces the Triton kernels, which on
+    CPU tensors needs TRITON_INTERPRET=1 (that is how the tests check them without a GPU),
+  - `backend="masked"` is the dense path: SDPA with an explicit boolean mask. Every executor
+    that cannot handle a case falls back to it with a log line.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.patterns import BlockSparse, Dense, Pattern, Skip, Union, normalize_head_patterns
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "cpu", "masked")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKEND_ENV = "SPARSEC_ATTENTION_BACKEND"
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    patterns: Pattern | Sequence[Pattern],
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with every pair outside each head's pattern removed.
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv); Hq % Hkv == 0 (GQA: query head h
+    reads kv head h // (Hq // Hkv)). `patterns` is one Pattern for every head or a sequence of Hq.
+    `causal` also removes j > i + (Sk - Sq). A query row with no key left gives 0.
+    `backend`: "auto" (default; or the SPARSEC_ATTENTION_BACKEND environment variable),
+    "triton", "cpu" or "masked" (explicit-mask dense path).
+    """
+    _check_tensors(q, k, v)
+    head_patterns = normalize_head_patterns(patterns, q.shape[1])
+    Sq, Sk = q.shape[2], k.shape[2]
+    for h, p in enumerate(head_patterns):
+        _check_pattern_fits(p, h, Sq, Sk)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = float(scale)
+    chosen = _choose_backend(q, backend)
+    if chosen == "triton":
+        return _run_triton(q, k, v, head_patterns, causal, scale)
+    if chosen == "cpu":
+        from sparsec.codegen.attention_cpu import cpu_attention
+        return cpu_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+    return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sparsec.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"sparsec.attention: {name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"sparsec.attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"sparsec.attention: dtype {q.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"sparsec.attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    (B, Hq, _, D), (Bk, Hkv, Sk, Dk), (Bv, Hv, Sv, _) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"sparsec.attention: batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if Dk != D:
+        raise ValueError(f"sparsec.attention: q head_dim {D} != k head_dim {Dk}")
+    if Hv != Hkv or Sv != Sk:
+        raise ValueError(f"sparsec.attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads or length")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"sparsec.attention: query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if q.shape[2] == 0 or Sk == 0:
+        raise ValueError(f"sparsec.attention: empty sequence (Sq={q.shape[2]}, Sk={Sk})")
+
+
+def _check_pattern_fits(p: Pattern, head: int, Sq: int, Sk: int) -> None:
+    parts = p.parts if isinstance(p, Union) else (p,)
+    for part in parts:
+        if isinstance(part, BlockSparse):
+            try:
+                part.check_lengths(Sq, Sk)
+            except ValueError as e:
+                raise ValueError(f"sparsec.attention: pattern of head {head}: {e}") from None
+
+
+def _choose_backend(q: torch.Tensor, backend: str | None) -> str:
+    if backend is None:
+        backend = os.environ.get(_BACKEND_ENV, "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"sparsec.attention: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    return "triton" if q.is_cuda else "cpu"
+
+
+def _run_triton(q, k, v, head_patterns, causal, scale) -> torch.Tensor:
+    from sparsec.codegen import attention_triton
+
+    reason = attention_triton.supports(q, k, v, head_patterns)
+    if reason is not None:
+        log.info("sparsec.attention: Triton kernels cannot run this call (%s); using the masked dense path", reason)
+        return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+    return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+
+
+# -- the dense path ------------------------------------------------------------------------
+
+
+def causal_allowed(Sq: int, Sk: int, device: torch.device | None = None) -> torch.Tensor:
+    """(Sq, Sk) bool: j <= i + (Sk - Sq), the causal rule aligned to the last query."""
+    i = torch.arange(Sq, device=device)[:, None]
+    j = torch.arange(Sk, device=device)[None, :]
+    return j <= i + (Sk - Sq)
+
+
+def skip_fill(v: torch.Tensor, Sq: int, fill: str, causal: bool) -> torch.Tensor:
+    """Output of Skip heads: (B, H, Sq, Dv) zeros, or the mean of V over the allowed keys."""
+    B, H, Sk, Dv = v.shape
+    if fill == "zero":
+        return v.new_zeros(B, H, Sq, Dv)
+    if not causal:
+        return v.float().mean(dim=2, keepdim=True).expand(B, H, Sq, Dv).to(v.dtype)
+    counts = (torch.arange(Sq, device=v.device) + (Sk - Sq) + 1).clamp(0, Sk)
+    prefix = torch.cat([v.new_zeros(B, H, 1, Dv, dtype=torch.float32), v.float().cumsum(dim=2)], dim=2)
+    sums = prefix.index_select(2, counts)
+    means = sums / counts.clamp(min=1)[:, None].to(torch.float32)
+    return means.to(v.dtype)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_patterns: tuple[Pattern, ...],
+    *,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Exact dense attention with an explicit (Hq, Sq, Sk) mask: the fallback of every executor.
+    Its memory grows as Sq * Sk, so it is a correctness path, not a fast one."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    out = q.new_empty(B, Hq, Sq, v.shape[-1])
+    allowed = causal_allowed(Sq, Sk, q.device) if causal else None
+    computed = [h for h, p in enumerate(head_patterns) if not isinstance(p, Skip)]
+    for h, p in enumerate(head_patterns):
+        if isinstance(p, Skip):
+            out[:, h] = skip_fill(v[:, h // group : h // group + 1], Sq, p.fill, causal)[:, 0]
+    if not computed:
+        return out
+    masks = {p: _head_mask(p, Sq, Sk, allowed, q.device) for p in set(head_patterns) if not isinstance(p, Skip)}
+    mask = torch.stack([masks[head_patterns[h]] for h in computed])  # (Hc, Sq, Sk)
+    index = torch.tensor(computed, device=q.device)
+    kv_index = index // group
+    qh = q.index_select(1, index)
+    kh, vh = k.index_select(1, kv_index), v.index_select(1, kv_index)
+    has_key = mask.any(dim=-1, keepdim=True)  # rows with no key give 0, not NaN
+    safe_mask = mask | ~has_key
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=safe_mask, scale=scale)
+    out[:, index] = torch.where(has_key, o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return out
+
+
+def _head_mask(p: Pattern, Sq: int, Sk: int, allowed: torch.Tensor | None, device) -> torch.Tensor:
+    mask = torch.ones(Sq, Sk, dtype=torch.bool, device=device) if isinstance(p, Dense) else p.mask(Sq, Sk).to(device)
+    return mask & allowed if allowed is not None else mask

@@ -1,0 +1,44 @@
+"""Independent float64 reference for attention with per-head patterns, from explicit masks.
+
+Written from DESIGN.md's definition, sharing no code with sparsec's executors: the mask of head h
+is patterns[h].mask(Sq, Sk) (and the causal rule j <= i + Sk - Sq); softmax over kept keys; rows
+with no kept key are 0; Skip heads are 0 or the mean of V over the causally allowed keys.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsec.patterns import Skip
+
+
+def reference_attention(q, k, v, head_patterns, *, causal=False, scale=None):
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Sk)[None, :]
+    allowed = (j <= i + (Sk - Sq)) if causal else torch.ones(Sq, Sk, dtype=torch.bool)
+    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
+    for h, p in enumerate(head_patterns):
+        kv = h // (Hq // Hkv)
+        if isinstance(p, Skip):
+            if p.fill == "mean":
+                for row in range(Sq):
+                    keys = allowed[row].nonzero().flatten()
+                    if len(keys):
+                        out[:, h, row] = v64[:, kv, keys].mean(dim=1)
+            continue
+        keep = p.mask(Sq, Sk) & allowed
+        scores = q64[:, h] @ k64[:, kv].transpose(-1, -2) * scale
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows -> NaN -> 0
+        out[:, h] = probs @ v64[:, kv]
+    return out
+
+
+def tolerance(dtype):
+    """(atol, rtol) for comparing an executor's output in `dtype` against the float64 reference."""
+    return {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}[dtype]

@@ -1,0 +1,61 @@
+"""sparsec.attention: input validation, backend choice, and the explicit-mask dense path."""
+import pytest
+import torch
+
+import sparsec
+from sparsec import patterns as P
+from reference import reference_attention, tolerance
+
+HEAD_MIX = [P.Window(3, 1), P.Skip("mean"), P.Columns([(0, 2), 9]) | P.Window(0, 0), P.Skip("zero"),
+            P.Dense(), P.MultiDiagonal([-4, 4], 1), P.VerticalSlash([1], [0, -3]), P.AShape(2, 2)]
+
+
+@pytest.mark.parametrize("Sq,Sk", [(13, 13), (5, 17), (17, 6), (1, 9)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_path_matches_reference(Sq, Sk, causal, dtype):
+    q = torch.randn(2, 8, Sq, 16, dtype=dtype)
+    k, v = torch.randn(2, 4, Sk, 16, dtype=dtype), torch.randn(2, 4, Sk, 16, dtype=dtype)
+    out = sparsec.attention(q, k, v, HEAD_MIX, causal=causal, backend="masked")
+    ref = reference_attention(q, k, v, HEAD_MIX, causal=causal)
+    atol, rtol = tolerance(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+def test_row_without_keys_is_zero():
+    q, k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
+    out = sparsec.attention(q, k, v, P.Columns([(5, 6)]), causal=True, backend="masked")
+    assert torch.equal(out[0, 0, :5], torch.zeros(5, 8))
+    assert out[0, 0, 5].abs().sum() > 0
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    a = sparsec.attention(q, k, v, P.Dense(), backend="masked")
+    b = sparsec.attention(q, k, v, P.Dense(), scale=0.25, backend="masked")
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: (torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), "multiple of kv heads"),
+    (lambda: (torch.randn(3, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)), "must be 4-D"),
+    (lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 8)), "head_dim"),
+    (lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 4, 8)), "disagree"),
+    (lambda: (torch.randn(1, 1, 4, 8).double(),) * 3, "not supported"),
+    (lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8).half(), torch.randn(1, 1, 4, 8)), "dtypes differ"),
+])
+def test_bad_inputs_raise_clear_errors(make, message):
+    q, k, v = make()
+    with pytest.raises((ValueError, TypeError), match=message):
+        sparsec.attention(q, k, v, P.Dense())
+
+
+def test_bad_patterns_and_backend_raise():
+    q = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="1 patterns for 2 query heads"):
+        sparsec.attention(q, q, q, [P.Dense()])
+    with pytest.raises(ValueError, match="layout has shape"):
+        sparsec.attention(q, q, q, P.BlockSparse(torch.ones(3, 3, dtype=torch.bool), 4))
+    with pytest.raises(ValueError, match="unknown backend"):
+        sparsec.attention(q, q, q, P.Dense(), backend="cuda")

@@ -1,0 +1,134 @@
+"""sparsec.patterns: masks follow the definitions, values are immutable, hashable and serialize."""
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparsec import patterns as P
+
+
+def brute_mask(fn, Sq, Sk):
+    return torch.tensor([[bool(fn(i, j)) for j in range(Sk)] for i in range(Sq)])
+
+
+@pytest.mark.parametrize("Sq,Sk", [(7, 7), (5, 11), (12, 4), (1, 9)])
+def test_masks_follow_definitions(Sq, Sk):
+    cases = [
+        (P.Dense(), lambda i, j: True),
+        (P.Skip(), lambda i, j: False),
+        (P.Window(2, 1), lambda i, j: i - 2 <= j <= i + 1),
+        (P.MultiDiagonal([-3, 0, 4], 1), lambda i, j: any(abs(j - (i + o)) <= 1 for o in (-3, 0, 4))),
+        (P.Columns([(1, 3), 6]), lambda i, j: 1 <= j < 3 or j == 6),
+        (P.AShape(2, 1), lambda i, j: j < 2 or i - 1 <= j <= i),
+        (P.VerticalSlash([0, (4, 6)], [0, -2]), lambda i, j: j == 0 or 4 <= j < 6 or j in (i, i - 2)),
+        (P.Window(0, 0) | P.Columns([3]), lambda i, j: j == i or j == 3),
+    ]
+    for pattern, fn in cases:
+        assert torch.equal(pattern.mask(Sq, Sk), brute_mask(fn, Sq, Sk)), pattern
+
+
+def test_block_sparse_mask_and_layout_check():
+    layout = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool)
+    p = P.BlockSparse(layout, (4, 3))
+    expected = brute_mask(lambda i, j: bool(layout[i // 4, j // 3]), 7, 8)
+    assert torch.equal(p.mask(7, 8), expected)
+    with pytest.raises(ValueError, match="layout has shape"):
+        p.mask(9, 8)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_density_counts_kept_pairs(causal):
+    Sq, Sk = 9, 13
+    p = P.Window(3, 2) | P.Columns([(0, 2)])
+    mask = p.mask(Sq, Sk)
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool)
+    if causal:
+        allowed = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
+    expected = (mask & allowed).sum().item() / allowed.sum().item()
+    assert math.isclose(p.density(Sq, Sk, causal=causal), expected)
+    assert P.Dense().density(Sq, Sk, causal=causal) == 1.0
+    assert P.Skip().density(Sq, Sk) == 0.0
+
+
+def test_union_is_canonical_and_rejects_skip():
+    a, b, c = P.Window(1, 0), P.Columns([0]), P.MultiDiagonal([5], 0)
+    assert (a | b) | c == a | (b | c) == c | b | a
+    assert hash(a | b) == hash(b | a)
+    with pytest.raises(ValueError, match="Skip"):
+        a | P.Skip()
+
+
+def test_patterns_are_immutable_and_hashable():
+    w = P.Window(4, 0)
+    with pytest.raises(AttributeError):
+        w.left = 3
+    assert {w: 1}[P.Window(4, 0)] == 1
+    assert P.Columns([(0, 2), (1, 4)]) == P.Columns([(0, 4)])
+    assert P.MultiDiagonal([4, 0, 4], 1) == P.MultiDiagonal([0, 4], 1)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: P.Window(-1, 0),
+    lambda: P.Window(1.5, 0),
+    lambda: P.MultiDiagonal([], 1),
+    lambda: P.MultiDiagonal([0], -2),
+    lambda: P.Columns([(3, 3)]),
+    lambda: P.Columns([(-1, 2)]),
+    lambda: P.AShape(-1, 4),
+    lambda: P.Skip("ones"),
+    lambda: P.BlockSparse(torch.ones(2, 2, 2), 4),
+    lambda: P.BlockSparse(torch.ones(2, 2), 0),
+    lambda: P.BlockSparse([[0.5, 1.0]], 4),
+])
+def test_invalid_arguments_raise_clear_errors(bad):
+    with pytest.raises((ValueError, TypeError)):
+        bad()
+
+
+def test_head_pattern_count_must_match():
+    with pytest.raises(ValueError, match="3 patterns for 4 query heads"):
+        P.normalize_head_patterns([P.Dense()] * 3, 4)
+    assert P.normalize_head_patterns(P.Dense(), 2) == (P.Dense(), P.Dense())
+
+
+def test_repr_is_readable():
+    assert repr(P.Window(64, 0)) == "Window(left=64, right=0)"
+    assert repr(P.Skip("zero")) == "Skip(fill='zero')"
+    assert "BlockSparse(layout=<2x2, 3 kept>" in repr(P.BlockSparse([[1, 1], [0, 1]], 16))
+
+
+small = st.integers(0, 6)
+atoms = st.one_of(
+    st.just(P.Dense()),
+    st.builds(P.Window, small, small),
+    st.builds(P.MultiDiagonal, st.lists(st.integers(-8, 8), min_size=1, max_size=3), small),
+    st.builds(P.Columns, st.lists(st.integers(0, 12), min_size=1, max_size=3)),
+    st.builds(P.AShape, small, small),
+    st.builds(P.VerticalSlash, st.lists(st.integers(0, 12), min_size=1, max_size=2),
+              st.lists(st.integers(-5, 5), max_size=2)),
+    st.builds(lambda bits: P.BlockSparse(torch.tensor(bits).reshape(2, 3), (5, 4)),
+              st.lists(st.booleans(), min_size=6, max_size=6)),
+)
+any_pattern = st.one_of(atoms, st.builds(lambda a, b: a | b if a != b else a, atoms, atoms),
+                        st.sampled_from([P.Skip("mean"), P.Skip("zero")]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(any_pattern)
+def test_json_round_trip(pattern):
+    text = pattern.to_json()
+    again = P.from_json(text)
+    assert again == pattern and hash(again) == hash(pattern)
+    assert json.loads(text)["type"] == type(pattern).__name__
+    assert torch.equal(again.mask(9, 12), pattern.mask(9, 12))
+
+
+def test_from_dict_rejects_malformed():
+    with pytest.raises(ValueError, match="unknown pattern type"):
+        P.from_dict({"type": "Diagonal"})
+    with pytest.raises(ValueError, match="missing field"):
+        P.from_dict({"type": "Union"})
+    with pytest.raises(ValueError, match="bad fields"):
+        P.from_dict({"type": "Window", "left": 1})
