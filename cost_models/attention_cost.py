@@ -4,8 +4,8 @@ The model follows the kernels, not the FLOP count (ANCHORS.md lesson 4):
   - work is counted per visited key block (BLOCK_M x BLOCK_N tile), full or partial, as
     `codegen.block_coverage` lists them — pairs a tile keeps beyond the pattern are paid for;
   - a partial block also pays the element mask (vector ALU work per pair);
-  - a program (one query block of one head) costs max(its tensor-core + exponential time, its
-    K/V streaming time), plus a fixed per-block loop cost;
+  - a program (one query block of one head) costs max(its tensor-core time, its exponential
+    time, its K/V streaming time), plus a fixed per-block loop cost;
   - programs are dealt to SM slots in grid order, as the hardware block scheduler does, so wave
     quantization and imbalance (causal, uneven patterns) show up;
   - every launch pays the launch overhead, which is what makes head fusion worth it.
@@ -118,7 +118,8 @@ def _program_costs(patterns, shape: AttentionShape, hw: HardwareProfile, block_m
     sm_vector = hw.vector_flops / hw.sm_count
     sm_bandwidth = hw.memory_bandwidth * hw.memory_efficiency / hw.sm_count
     pairs = block_m * block_n
-    block_compute = (2 * pairs * (shape.head_dim + shape.value_dim)) / sm_flops + pairs / sm_exp + hw.block_overhead_s
+    # The exponentials run on the special-function units while tensor cores do the dots: they overlap.
+    block_compute = max(2 * pairs * (shape.head_dim + shape.value_dim) / sm_flops, pairs / sm_exp) + hw.block_overhead_s
     block_bytes = block_n * (shape.head_dim + shape.value_dim) * bytes_per
     mask_seconds = pairs * hw.mask_cost_per_pair / sm_vector
     fixed_bytes = block_m * (shape.head_dim + shape.value_dim) * bytes_per  # Q in, O out

@@ -30,7 +30,7 @@ class HardwareProfile:
     l2_bytes: int
     launch_overhead_s: float            # host + device cost of one kernel launch
     programs_per_sm: int = 1            # attention programs resident per SM at the default tiles
-    matmul_efficiency: float = 0.55     # fraction of tensor_flops reached by attention/GEMM inner loops
+    matmul_efficiency: float = 0.5      # fraction of tensor_flops reached by attention/GEMM inner loops
     memory_efficiency: float = 0.8      # fraction of memory_bandwidth reached by streaming loads
     mask_cost_per_pair: float = 6.0     # vector FLOPs spent per masked (i, j) element of a partial block
     block_overhead_s: float = 0.0       # fixed cost per visited key block (loop and pointer bookkeeping)

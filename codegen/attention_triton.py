@@ -1,0 +1,294 @@
+"""Pattern-specialized flash-attention forward in Triton, with head fusion.
+
+`triton_attention` groups the query heads by pattern family and runs each group in ONE launch,
+whatever the heads' own parameters: grid (query blocks, batch x heads of the group), a per-head
+int32 parameter table, and a table mapping group slot -> query head (kv head = head // (Hq / Hkv),
+so GQA reads K and V in place). A layer whose heads use three families costs three launches. Skip
+heads are not a kernel: torch ops write zeros or the running mean of V, and never read K.
+
+Each family's kernel is generated from codegen/templates/ and cached by content in
+codegen/kernel_cache.py; `kernel_source(family)` returns the text.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sparsec.codegen import kernel_cache
+from sparsec.codegen.templates.tables import block_tables
+from sparsec.codegen.templates import FAMILY_TEMPLATES, LayoutBuffer, kernel_name, render
+from sparsec.codegen.templates.common import table_ids
+from sparsec.codegen.tiles import AttentionTiles, default_tiles
+from sparsec.patterns import BlockSparse, Dense, Pattern, Skip, Union
+
+__all__ = [
+    "HeadGroup", "KernelLaunch", "add_launch_hook", "group_heads", "kernel_source", "pattern_family",
+    "supports", "triton_attention",
+]
+
+log = logging.getLogger(__name__)
+
+LOG2E = 1.4426950408889634  # the kernels use exp2: scale * log2(e) is folded into one multiplier
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+# The kernels use 2**30 as "no bound" in int32 interval arithmetic: lengths must stay far below it.
+MAX_LENGTH = 1 << 28
+_INT32_LIMIT = 1 << 31
+_MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class HeadGroup:
+    """Query heads that share a pattern family: one kernel launch (torch ops for Skip)."""
+
+    family: str
+    heads: tuple[int, ...]
+    patterns: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelLaunch:
+    """One kernel launch, as launch hooks see it."""
+
+    family: str
+    heads: tuple[int, ...]
+    grid: tuple[int, int]
+    tiles: AttentionTiles
+
+
+_launch_hooks: list[Callable[[KernelLaunch], None]] = []
+
+
+def add_launch_hook(hook: Callable[[KernelLaunch], None]) -> Callable[[], None]:
+    """Call `hook(launch)` before every kernel launch (tests count launches with it).
+    Returns a function that removes the hook."""
+    _launch_hooks.append(hook)
+    return lambda: _launch_hooks.remove(hook)
+
+
+def pattern_family(pattern: Pattern) -> str:
+    """The kernel family that runs `pattern`: its own, except that a union holding Dense is dense."""
+    if isinstance(pattern, Union) and any(isinstance(part, Dense) for part in pattern.parts):
+        return "dense"
+    return pattern.family
+
+
+def group_heads(head_patterns: Sequence[Pattern]) -> list[HeadGroup]:
+    """The query heads of each family, families in order of first appearance."""
+    heads: dict[str, list[int]] = {}
+    for h, p in enumerate(head_patterns):
+        heads.setdefault(pattern_family(p), []).append(h)
+    return [HeadGroup(family, tuple(hs), tuple(head_patterns[h] for h in hs)) for family, hs in heads.items()]
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source(family: str) -> str:
+    """The generated Triton source of `family`'s kernel (tile sizes are arguments, not part of it)."""
+    return render(family)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(family: str):
+    """The family's @triton.jit kernel (Triton then compiles one binary per constexpr combination)."""
+    module = kernel_cache.load_source(kernel_source(family), f"attention_{family}")
+    return getattr(module, kernel_name(family))
+
+
+# -- what the kernels support ----------------------------------------------------------------
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_patterns: Sequence[Pattern]) -> str | None:
+    """None when `triton_attention` can run this call, else the reason it cannot."""
+    return _tensor_reason(q, k, v) or _device_reason(q) or _layout_reason(q, k, v) or _pattern_reason(q, k, head_patterns)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _tensor_reason(q, k, v) -> str | None:
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "q, k and v must be 4-D tensors (B, H, S, D)"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of {SUPPORTED_DTYPES} for all three"
+    if not (q.device == k.device == v.device):
+        return f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})"
+    return None
+
+
+def _device_reason(q: torch.Tensor) -> str | None:
+    if q.device.type == "cuda":
+        if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
+            return "bf16 attention needs a GPU of compute capability 8.0 or newer"
+        return None
+    if q.device.type == "cpu":
+        return None if _interpreting() else "CPU tensors run the Triton kernels only with TRITON_INTERPRET=1"
+    return f"device {q.device.type} has no Triton attention kernels"
+
+
+def _layout_reason(q, k, v) -> str | None:
+    (B, Hq, Sq, D), (Bk, Hkv, Sk, Dk), (Bv, Hv, Sv, Dv) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv) or Dk != D or (Hv, Sv) != (Hkv, Sk):
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree"
+    if Hkv == 0 or Hq % Hkv:
+        return f"query heads {Hq} are not a multiple of kv heads {Hkv}"
+    if not (0 < Sq < MAX_LENGTH and 0 < Sk < MAX_LENGTH):
+        return f"sequence lengths Sq={Sq}, Sk={Sk} must be in [1, {MAX_LENGTH})"
+    if not (0 < D <= MAX_HEAD_DIM and 0 < Dv <= MAX_HEAD_DIM):
+        return f"head dims D={D}, Dv={Dv} must be in [1, {MAX_HEAD_DIM}]"
+    if B * Hq > _MAX_GRID_Y:
+        return f"batch x heads = {B * Hq} exceeds the grid limit {_MAX_GRID_Y}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # Offsets inside one head are int32 in the kernels (batch and head offsets are int64).
+        if (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= _INT32_LIMIT:
+            return f"{name}'s offsets within one head exceed int32"
+    return None
+
+
+def _pattern_reason(q, k, head_patterns) -> str | None:
+    if len(head_patterns) != q.shape[1]:
+        return f"{len(head_patterns)} patterns for {q.shape[1]} query heads"
+    for h, p in enumerate(head_patterns):
+        if not isinstance(p, Pattern):
+            return f"pattern of head {h} is {type(p).__name__}, not a Pattern"
+        family = pattern_family(p)
+        if family != "skip" and family not in FAMILY_TEMPLATES:
+            return f"no Triton kernel for pattern family {family!r} (head {h})"
+        for part in p.parts if isinstance(p, Union) else (p,):
+            if isinstance(part, BlockSparse):
+                try:
+                    part.check_lengths(q.shape[2], k.shape[2])
+                except ValueError as e:
+                    return f"head {h}: {e}"
+    return None
+
+
+# -- the call ------------------------------------------------------------------------------
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_patterns: tuple[Pattern, ...],
+    *,
+    causal: bool,
+    scale: float,
+    tiles: AttentionTiles | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over each head's kept pairs (DESIGN.md), one launch per family.
+
+    q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv); any strides. `head_patterns` holds
+    one Pattern per query head. Accumulates in fp32 and returns q's dtype, shape (B, Hq, Sq, Dv).
+    """
+    reason = supports(q, k, v, head_patterns)
+    if reason is not None:
+        raise ValueError(f"triton_attention: {reason}")
+    if tiles is not None and not isinstance(tiles, AttentionTiles):
+        raise TypeError(f"triton_attention: tiles must be AttentionTiles, got {type(tiles).__name__}")
+    B, Hq, Sq, D = q.shape
+    Sk, Dv = k.shape[2], v.shape[3]
+    tiles = tiles or default_tiles(max(D, Dv), q.dtype, Sq, Sk)
+    out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+    for group in group_heads(head_patterns):
+        if group.family == "skip":
+            _fill_skip_heads(out, v, group, Hq // k.shape[1], causal)
+        else:
+            _launch(group, q, k, v, out, bool(causal), float(scale), tiles)
+    return out
+
+
+def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles) -> None:
+    B, Hq, Sq, D = q.shape
+    Sk, Dv = k.shape[2], v.shape[3]
+    template = FAMILY_TEMPLATES[group.family]
+    head_ids, params, layouts, counts = _group_params(group.family, group.heads, group.patterns, Sq, Sk, q.device)
+    if template.table_driven:
+        distinct, _ = table_ids(group.patterns)
+        tables = _device_block_tables(distinct, Sq, Sk, tiles.block_m, tiles.block_n, causal, q.device)
+    else:
+        tables = (head_ids, head_ids, head_ids, head_ids, 1, 1)  # unread: the visit is closed-form
+    grid = (-(-Sq // tiles.block_m), B * len(group.heads))
+    launch = KernelLaunch(group.family, group.heads, grid, tiles)
+    for hook in list(_launch_hooks):
+        hook(launch)
+    log.debug("sparsec: launching %s", launch)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _kernel(group.family)[grid](
+            q, k, v, out, head_ids, params, layouts, *tables,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            Sq, Sk, len(group.heads), Hq // k.shape[1], scale * LOG2E,
+            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_padded_dim(D), BLOCK_DV=_padded_dim(Dv),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
+            DOT_PRECISION=_dot_precision(q),
+            NUM_PARAMS=params.shape[1], **counts,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """fp32: exact "ieee" dots, never tf32. fp16 / bf16: the tensor cores' own precision ("tf32" is
+    only the name Triton's default carries; it has no effect on 16-bit inputs)."""
+    if q.dtype == torch.float32:
+        return "ieee"
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        return "upcast"  # the interpreter's bf16 dot is broken; see _dot in the kernel source
+    return "tf32"
+
+
+def _padded_dim(d: int) -> int:
+    """Head dims load into power-of-two tiles of at least 16 (tl.dot's minimum); the rest is masked."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def _group_params(family: str, heads: tuple[int, ...], patterns: tuple[Pattern, ...], Sq: int, Sk: int,
+                  device: torch.device):
+    """(head ids, per-head params, layouts buffer, constexpr counts) on `device`, built once per group."""
+    layouts = LayoutBuffer()
+    packed = FAMILY_TEMPLATES[family].pack(patterns, Sq, Sk, layouts)
+    head_ids = torch.tensor(heads, dtype=torch.int32, device=device)
+    params = torch.tensor(packed.rows, dtype=torch.int32, device=device)
+    return head_ids, params, layouts.tensor().to(device), dict(packed.counts)
+
+
+@functools.lru_cache(maxsize=128)
+def _device_block_tables(patterns: tuple[Pattern, ...], Sq: int, Sk: int, block_m: int, block_n: int,
+                         causal: bool, device: torch.device):
+    """The block tables of `patterns` (block_tables.py) on `device`, with their widths."""
+    tables = block_tables(patterns, Sq, Sk, block_m, block_n, causal)
+    return (tables.num_partial.to(device), tables.partial.to(device), tables.num_full.to(device),
+            tables.full.to(device), tables.partial.shape[-1], tables.full.shape[-1])
+
+
+# -- Skip heads ------------------------------------------------------------------------------
+
+
+def _fill_skip_heads(out: torch.Tensor, v: torch.Tensor, group: HeadGroup, kv_group_size: int, causal: bool) -> None:
+    """Skip heads: zeros, or the mean of V over the keys the causal rule allows (K is never read)."""
+    for fill in Skip.FILLS:
+        heads = [h for h, p in zip(group.heads, group.patterns) if p.fill == fill]
+        if not heads:
+            continue
+        index = torch.tensor(heads, device=out.device)
+        if fill == "zero":
+            out.index_fill_(1, index, 0)
+        else:
+            kv_values = v.index_select(1, index // kv_group_size)
+            out.index_copy_(1, index, _mean_of_allowed_values(kv_values, out.shape[2], causal).to(out.dtype))
+
+
+def _mean_of_allowed_values(v: torch.Tensor, Sq: int, causal: bool) -> torch.Tensor:
+    """(B, H, Sq, Dv) fp32: row i averages v over j <= i + Sk - Sq when causal (0 if none), else all j."""
+    B, H, Sk, Dv = v.shape
+    if not causal:
+        return v.float().mean(dim=2, keepdim=True).expand(B, H, Sq, Dv)
+    counts = (torch.arange(Sq, device=v.device) + (Sk - Sq + 1)).clamp(0, Sk)
+    prefix_sums = torch.cat([v.new_zeros(B, H, 1, Dv, dtype=torch.float32), v.float().cumsum(dim=2)], dim=2)
+    return prefix_sums.index_select(2, counts) / counts.clamp(min=1)[:, None].float()

@@ -1,0 +1,42 @@
+"""MultiDiagonal(offsets, width): bands |j - (i + o)| <= width. Params: (width, o_0, ..., o_{N-1}).
+
+Offsets are sorted, so the bands' block ranges move right with the offset: each band starts where
+the previous ones stopped and no block is visited twice. Heads with fewer offsets than the
+group's NUM_OFFSETS repeat their last offset (a repeat visits nothing new).
+"""
+from __future__ import annotations
+
+from sparsec.codegen.templates.common import FamilyTemplate, PackedParams, clamp_offset, pad_rows, padded
+
+KEEP = """
+width = tl.load(params)
+diagonal = j - i
+keep = tl.abs(diagonal - tl.load(params + 1)) <= width
+for r in tl.static_range(1, NUM_OFFSETS):
+    keep = keep | (tl.abs(diagonal - tl.load(params + 1 + r)) <= width)
+return keep
+"""
+
+VISIT = """
+width = tl.load(params)
+visited = m_lo * 0  # blocks below this were visited by an earlier band
+for r in range(NUM_OFFSETS):
+    offset = tl.load(params + 1 + r)
+    v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, 0, offset - width, NO_LIMIT,
+                                            tl.minimum(offset + width, causal_hi), Sk, BLOCK_N)
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, visited, v_lo, v_hi, f_lo, f_hi,
+    $CONTEXT)
+    visited = tl.maximum(visited, v_hi)
+"""
+
+
+def pack(patterns, Sq, Sk, layouts) -> PackedParams:
+    count = max(len(p.offsets) for p in patterns)
+    rows = []
+    for p in patterns:
+        offsets = [clamp_offset(o, Sq, Sk) for o in p.offsets]
+        rows.append([clamp_offset(p.width, Sq, Sk), *padded(offsets, count, offsets[-1])])
+    return PackedParams(rows=pad_rows(rows), counts={"NUM_OFFSETS": count})
+
+
+TEMPLATE = FamilyTemplate(family="multi_diagonal", keep=KEEP, visit=VISIT, pack=pack, counts=("NUM_OFFSETS",))

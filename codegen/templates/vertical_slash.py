@@ -1,0 +1,73 @@
+"""VerticalSlash(columns, offsets): column ranges plus single diagonals j == i + o.
+Params: (start_0, end_0, ..., start_{R-1}, end_{R-1}, o_0, ..., o_{N-1}).
+
+The columns are visited first, like Columns; then each diagonal's blocks, skipping the blocks the
+column pass already visited. Heads with fewer columns or offsets than the group's NUM_RANGES /
+NUM_OFFSETS are padded with entries that keep nothing: the column [0, 0) and the offset -NO_LIMIT.
+"""
+from __future__ import annotations
+
+from sparsec.codegen.templates.columns import column_ranges
+from sparsec.codegen.templates.common import NO_LIMIT, FamilyTemplate, PackedParams, clamp_offset, pad_rows, padded
+
+HELPERS = '''
+
+@triton.jit
+def _outside_column_blocks(n, params, m_lo, m_hi, causal_hi, Sk, BLOCK_N: tl.constexpr, NUM_RANGES: tl.constexpr):
+    """Whether the column pass skipped key block n (so a diagonal must visit it)."""
+    outside = n >= 0
+    for r in tl.static_range(NUM_RANGES):
+        v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, tl.load(params + 2 * r), -NO_LIMIT,
+                                                tl.load(params + 2 * r + 1) - 1, causal_hi, Sk, BLOCK_N)
+        outside = outside & ((n < v_lo) | (n >= v_hi))
+    return outside
+'''
+
+KEEP = """
+keep = (j >= tl.load(params)) & (j < tl.load(params + 1))
+for r in tl.static_range(1, NUM_RANGES):
+    keep = keep | ((j >= tl.load(params + 2 * r)) & (j < tl.load(params + 2 * r + 1)))
+diagonal = j - i
+for r in tl.static_range(NUM_OFFSETS):
+    keep = keep | (diagonal == tl.load(params + 2 * NUM_RANGES + r))
+return keep
+"""
+
+VISIT = """
+visited = m_lo * 0  # blocks below this were visited by an earlier range
+for r in range(NUM_RANGES):
+    v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, tl.load(params + 2 * r), -NO_LIMIT,
+                                            tl.load(params + 2 * r + 1) - 1, causal_hi, Sk, BLOCK_N)
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, visited, v_lo, v_hi, f_lo, f_hi,
+    $CONTEXT)
+    visited = tl.maximum(visited, v_hi)
+# Diagonals are sorted too: each starts where the previous stopped, minus blocks the columns took.
+visited = m_lo * 0
+for r in range(NUM_OFFSETS):
+    offset = tl.load(params + 2 * NUM_RANGES + r)
+    v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, 0, offset, NO_LIMIT, tl.minimum(offset, causal_hi),
+                                            Sk, BLOCK_N)
+    for n in range(tl.maximum(v_lo, visited), v_hi):
+        if _outside_column_blocks(n, params, m_lo, m_hi, causal_hi, Sk, BLOCK_N, NUM_RANGES):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, n, True,
+            $CONTEXT)
+    visited = tl.maximum(visited, v_hi)
+"""
+
+_NO_COLUMN = (0, 0)
+_NO_OFFSET = -NO_LIMIT
+
+
+def pack(patterns, Sq, Sk, layouts) -> PackedParams:
+    num_ranges = max(1, max(len(p.columns) for p in patterns))
+    num_offsets = max(1, max(len(p.offsets) for p in patterns))
+    rows = []
+    for p in patterns:
+        ranges = padded(column_ranges(p.columns, Sk), num_ranges, _NO_COLUMN)
+        offsets = padded([clamp_offset(o, Sq, Sk) for o in p.offsets], num_offsets, _NO_OFFSET)
+        rows.append([x for r in ranges for x in r] + offsets)
+    return PackedParams(rows=pad_rows(rows), counts={"NUM_RANGES": num_ranges, "NUM_OFFSETS": num_offsets})
+
+
+TEMPLATE = FamilyTemplate(family="vertical_slash", keep=KEEP, visit=VISIT, pack=pack, helpers=HELPERS,
+                          counts=("NUM_RANGES", "NUM_OFFSETS"))

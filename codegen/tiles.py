@@ -1,0 +1,79 @@
+"""Tile sizes of the attention kernels, and defaults that are good on H100.
+
+The kernels take BLOCK_M, BLOCK_N, num_warps and num_stages as arguments, so the cost model can
+choose them; `default_tiles` is the choice when nobody did. The fp16 / bf16 defaults are the
+configurations FlexAttention and FlashAttention-2 (Triton) ship for H100 forward:
+    head_dim <= 64: 128 x 128, 4 warps, 3 stages
+    head_dim 128:   128 x 64,  8 warps, 3 stages
+    head_dim 256:   64 x 64,   8 warps, 2 stages
+fp32 tiles take twice the shared memory per element, so they are halved to fit in 228 KB.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AttentionTiles", "default_tiles"]
+
+_MIN_BLOCK = 16  # tl.dot needs every operand dimension >= 16
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionTiles:
+    """BLOCK_M query rows x BLOCK_N keys per step, num_warps per program, num_stages of pipelining."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < _MIN_BLOCK or not _is_power_of_two(value):
+                raise ValueError(f"AttentionTiles.{name} must be a power of two >= {_MIN_BLOCK}, got {value!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"AttentionTiles.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"AttentionTiles.num_stages must be an int >= 1, got {self.num_stages!r}")
+
+
+# (largest head_dim, tiles) in increasing head_dim; head_dim is padded to a power of two first.
+_HALF_PRECISION = (
+    (64, AttentionTiles(128, 128, num_warps=4, num_stages=3)),
+    (128, AttentionTiles(128, 64, num_warps=8, num_stages=3)),
+    (256, AttentionTiles(64, 64, num_warps=8, num_stages=2)),
+)
+_SINGLE_PRECISION = (
+    (64, AttentionTiles(128, 64, num_warps=4, num_stages=3)),
+    (128, AttentionTiles(64, 64, num_warps=4, num_stages=2)),
+    (256, AttentionTiles(64, 32, num_warps=4, num_stages=1)),
+)
+
+
+def default_tiles(head_dim: int, dtype: torch.dtype, q_len: int | None = None, k_len: int | None = None) -> AttentionTiles:
+    """H100-good tiles for `head_dim` and `dtype`, shrunk when the sequences are shorter than a tile
+    (decode with q_len = 1 should not compute 128 padded rows)."""
+    table = _SINGLE_PRECISION if dtype == torch.float32 else _HALF_PRECISION
+    padded = max(_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+    for largest, tiles in table:
+        if padded <= largest:
+            break
+    else:
+        raise ValueError(f"no attention tiles for head_dim {head_dim}: the kernels support head_dim <= 256")
+    block_m = _shrink_to(tiles.block_m, q_len)
+    block_n = _shrink_to(tiles.block_n, k_len)
+    if (block_m, block_n) == (tiles.block_m, tiles.block_n):
+        return tiles
+    return AttentionTiles(block_m, block_n, num_warps=min(tiles.num_warps, 4), num_stages=tiles.num_stages)
+
+
+def _shrink_to(block: int, length: int | None) -> int:
+    if length is None:
+        return block
+    return min(block, max(_MIN_BLOCK, 1 << (length - 1).bit_length()))

@@ -1,0 +1,343 @@
+"""The Triton attention kernels (through TRITON_INTERPRET=1 on CPU; see conftest.py), against a
+float64 reference built here from pattern.mask(). Shapes are tiny: the interpreter is slow."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsec import patterns as P
+from sparsec.codegen import attention_triton as at
+from sparsec.codegen import kernel_cache
+from sparsec.codegen.tiles import AttentionTiles, default_tiles
+
+pytestmark = pytest.mark.triton
+
+TILES = AttentionTiles(16, 16, num_warps=1, num_stages=1)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+needs_coverage = pytest.mark.skipif(
+    importlib.util.find_spec("sparsec.codegen.block_coverage") is None,
+    reason="codegen/block_coverage.py (the block tables of block_sparse and union) is not there yet")
+
+
+def reference(q, k, v, head_patterns, *, causal, scale):
+    """DESIGN.md's definition in float64: softmax over each head's kept keys; empty rows give 0."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    rows = torch.arange(Sq)[:, None]
+    allowed = (torch.arange(Sk)[None, :] <= rows + (Sk - Sq)) if causal else torch.ones(Sq, Sk, dtype=torch.bool)
+    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
+    for h, p in enumerate(head_patterns):
+        kv = h // (Hq // Hkv)
+        values = v[:, kv].double()
+        if isinstance(p, P.Skip):
+            if p.fill == "mean":
+                for i in range(Sq):
+                    if allowed[i].any():
+                        out[:, h, i] = values[:, allowed[i]].mean(dim=1)
+            continue
+        keep = p.mask(Sq, Sk) & allowed
+        scores = (q[:, h].double() @ k[:, kv].double().transpose(-1, -2)) * scale
+        probs = torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1).nan_to_num(0.0)
+        out[:, h] = probs @ values
+    return out
+
+
+def random_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float32, Dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Sk, Dv or D, generator=g).to(dtype)
+    return q, k, v
+
+
+def check(q, k, v, head_patterns, *, causal, tiles=TILES, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = at.triton_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, tiles=tiles)
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    expected = reference(q, k, v, head_patterns, causal=causal, scale=scale)
+    tol = TOLERANCE[q.dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    return out
+
+
+class LaunchCounter:
+    def __init__(self):
+        self.launches = []
+
+    def __enter__(self):
+        self._remove = at.add_launch_hook(self.launches.append)
+        return self
+
+    def __exit__(self, *exc):
+        self._remove()
+
+
+# Two heads per family with different parameters (and different parameter counts), so every
+# case also runs head fusion with a per-head parameter table.
+CLOSED_FORM = {
+    "dense": (P.Dense(), P.Dense()),
+    "window": (P.Window(5, 3), P.Window(0, 20)),
+    "multi_diagonal": (P.MultiDiagonal([-16, 0, 16], 2), P.MultiDiagonal([3], 0)),
+    "columns": (P.Columns([(0, 3), (20, 40)]), P.Columns([5, 17])),
+    "a_shape": (P.AShape(4, 8), P.AShape(0, 3)),
+    "vertical_slash": (P.VerticalSlash([(0, 2), 9], [0, -7]), P.VerticalSlash([], [1])),
+}
+
+
+def block_sparse(Sq, Sk, block, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (-(-Sq // block[0]), -(-Sk // block[1]))
+    return P.BlockSparse(torch.rand(shape, generator=g) < 0.4, block)
+
+
+def table_driven(Sq, Sk):
+    return {
+        "block_sparse": (block_sparse(Sq, Sk, (8, 12), 1), block_sparse(Sq, Sk, (32, 16), 2)),
+        "union": (P.Window(3, 0) | P.Columns([(30, 33)]),
+                  P.AShape(2, 5) | P.MultiDiagonal([-20], 1) | block_sparse(Sq, Sk, (16, 8), 3)),
+    }
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("family", sorted(CLOSED_FORM))
+def test_closed_form_family_matches_reference(family, causal):
+    q, k, v = random_qkv(1, 2, 1, 37, 45, 16, seed=sorted(CLOSED_FORM).index(family))
+    with LaunchCounter() as counter:
+        check(q, k, v, CLOSED_FORM[family], causal=causal)
+    assert [launch.family for launch in counter.launches] == [family]
+
+
+@needs_coverage
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("family", ["block_sparse", "union"])
+def test_table_driven_family_matches_reference(family, causal):
+    Sq, Sk = 45, 37
+    q, k, v = random_qkv(1, 2, 2, Sq, Sk, 16, seed=7)
+    with LaunchCounter() as counter:
+        check(q, k, v, table_driven(Sq, Sk)[family], causal=causal)
+    assert len(counter.launches) == 1
+
+
+def single_query_block_cases():
+    """One query block (16 rows) against 6 key blocks; each pattern needs only some key blocks."""
+    return {
+        "window": P.Window(3, 40),
+        "multi_diagonal": P.MultiDiagonal([0, 64], 1),
+        "columns": P.Columns([(0, 5), (70, 75)]),
+        "a_shape": P.AShape(4, 8),
+        "vertical_slash": P.VerticalSlash([(50, 52)], [40]),
+        "block_sparse": P.BlockSparse([[True, False, False, True, False, False]], 16),
+        "union": P.Window(2, 0) | P.Columns([(80, 82)]),
+    }
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("family", sorted(single_query_block_cases()))
+def test_unneeded_key_blocks_are_never_read(family, causal):
+    # NaN in K and V of every key block the pattern does not need: reading one, even masked,
+    # would turn the output into NaN (0 * NaN in P @ V).
+    Sq, Sk = 16, 96
+    pattern = single_query_block_cases()[family]
+    q, k, v = random_qkv(1, 1, 1, Sq, Sk, 16, seed=12)
+    kept = pattern.mask(Sq, Sk)
+    if causal:
+        kept &= torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
+    needed = kept.reshape(Sq, Sk // 16, 16).any(dim=2).any(dim=0)
+    assert 0 < int(needed.sum()) < len(needed)
+    unneeded_keys = (~needed).repeat_interleave(16)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, :, unneeded_keys] = float("nan")
+    poisoned_v[:, :, unneeded_keys] = float("nan")
+    out = at.triton_attention(q, poisoned_k, poisoned_v, (pattern,), causal=causal, scale=0.25, tiles=TILES)
+    expected = reference(q, k, v, (pattern,), causal=causal, scale=0.25)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_one_launch_per_family_with_gqa():
+    heads = (P.Window(3, 1), P.Columns([(0, 4)]), P.Window(0, 7), P.Skip("mean"),
+             P.Columns([(5, 9), (20, 22), 30]), P.Window(9, 9), P.MultiDiagonal([-8, 8], 1), P.Skip("zero"))
+    q, k, v = random_qkv(2, 8, 2, 33, 33, 16, seed=3)
+    with LaunchCounter() as counter:
+        check(q, k, v, heads, causal=True)
+    assert sorted(launch.family for launch in counter.launches) == ["columns", "multi_diagonal", "window"]
+    by_family = {launch.family: launch for launch in counter.launches}
+    assert by_family["window"].heads == (0, 2, 5)
+    assert by_family["window"].grid == (3, 2 * 3)  # query blocks x (batch x heads of the group)
+
+
+@pytest.mark.parametrize("Sq, Sk", [(1, 40), (50, 17), (17, 50), (16, 16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths(Sq, Sk, causal):
+    q, k, v = random_qkv(1, 3, 1, Sq, Sk, 16, seed=Sq * 100 + Sk)
+    check(q, k, v, (P.Dense(), P.Window(4, 2), P.AShape(3, 6)), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    q, k, v = random_qkv(1, 3, 3, 29, 41, 32, dtype=dtype, seed=11)
+    check(q, k, v, (P.Dense(), P.Window(7, 7), P.Columns([(2, 30)])), causal=True)
+
+
+@pytest.mark.parametrize("D, Dv", [(24, 16), (80, 96)])
+def test_padded_head_dims_and_value_dim(D, Dv):
+    # Head dims that are not powers of two load into power-of-two tiles with masks.
+    q, k, v = random_qkv(1, 2, 1, 21, 33, D, Dv=Dv, seed=5)
+    check(q, k, v, (P.Dense(), P.MultiDiagonal([0, 5], 1)), causal=False)
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 19, 4, 16, generator=g).transpose(1, 2)  # (B, H, S, D) view of (B, S, H, D)
+    kv = torch.randn(2, 2, 16, 27, generator=g).transpose(2, 3)  # stride(-1) != 1
+    v = torch.randn(2, 2, 27, 32, generator=g)[..., ::2]
+    assert not (q.is_contiguous() or kv.is_contiguous() or v.is_contiguous())
+    check(q, kv, v, (P.Dense(), P.Window(2, 2), P.Skip("mean"), P.Columns([1, 7])), causal=True)
+
+
+def test_scale_is_used():
+    q, k, v = random_qkv(1, 1, 1, 20, 20, 16, seed=9)
+    check(q, k, v, (P.Window(6, 6),), causal=False, scale=0.9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_skip_heads_never_read_keys(causal):
+    q, k, v = random_qkv(1, 3, 3, 24, 30, 16, seed=4)
+    k[:, 0] = float("nan")  # only the Skip heads use kv heads 0 and 2
+    k[:, 2] = float("nan")
+    with LaunchCounter() as counter:
+        out = check(q, k, v, (P.Skip("mean"), P.Window(3, 3), P.Skip("zero")), causal=causal)
+    assert [launch.family for launch in counter.launches] == ["window"]
+    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
+
+
+def test_rows_without_keys_give_zero():
+    # Causal with Sq > Sk leaves the first Sq - Sk rows no key; the columns start late.
+    q, k, v = random_qkv(1, 2, 1, 40, 24, 16, seed=6)
+    out = check(q, k, v, (P.Columns([(10, 20)]), P.Window(2, 0)), causal=True)
+    assert torch.equal(out[:, :, :16], torch.zeros_like(out[:, :, :16]))
+    assert out[:, 0, 27:].abs().sum() > 0
+
+
+def test_whole_blocks_in_window_and_columns():
+    # Wide patterns at 16 x 16 tiles make whole (unmasked) blocks between partial ones.
+    q, k, v = random_qkv(1, 2, 1, 80, 80, 16, seed=8)
+    check(q, k, v, (P.Window(40, 5), P.Columns([(16, 64)])), causal=True)
+
+
+# -- property test ------------------------------------------------------------------------
+
+
+def pattern_strategy(Sq, Sk):
+    offset = st.integers(-Sk, Sk)
+    column = st.tuples(st.integers(0, Sk), st.integers(1, 12)).map(lambda t: (t[0], t[0] + t[1]))
+    simple = st.one_of(
+        st.just(P.Dense()),
+        st.builds(P.Window, st.integers(0, Sk), st.integers(0, Sk)),
+        st.builds(P.MultiDiagonal, st.lists(offset, min_size=1, max_size=4), st.integers(0, 6)),
+        st.builds(P.Columns, st.lists(column, min_size=1, max_size=3)),
+        st.builds(P.AShape, st.integers(0, 10), st.integers(0, 20)),
+        st.builds(P.VerticalSlash, st.lists(column, max_size=2), st.lists(offset, min_size=1, max_size=3)),
+        st.builds(P.Skip, st.sampled_from(P.Skip.FILLS)),
+    )
+    if importlib.util.find_spec("sparsec.codegen.block_coverage") is None:
+        return simple
+    layout = st.tuples(st.integers(4, 24), st.integers(4, 24), st.integers(0, 1000))
+    sparse = layout.map(lambda t: block_sparse(Sq, Sk, (t[0], t[1]), t[2]))
+    unions = st.lists(st.one_of(simple.filter(lambda p: not isinstance(p, P.Skip)), sparse), min_size=2, max_size=3)
+    return st.one_of(simple, sparse, unions.filter(lambda ps: len(set(ps)) > 1).map(lambda ps: P.Union(ps)))
+
+
+@st.composite
+def attention_case(draw):
+    Sq, Sk = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    heads = tuple(draw(pattern_strategy(Sq, Sk)) for _ in range(Hkv * group))
+    return Sq, Sk, Hkv, group, heads, draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(attention_case())
+def test_random_patterns_and_shapes(case):
+    Sq, Sk, Hkv, group, heads, causal, seed = case
+    q, k, v = random_qkv(1, Hkv * group, Hkv, Sq, Sk, 16, seed=seed)
+    check(q, k, v, heads, causal=causal)
+
+
+# -- source, cache, support checks, tiles ------------------------------------------------
+
+
+def test_kernel_source_is_readable_triton_per_family():
+    sources = {family: at.kernel_source(family) for family in at.FAMILY_TEMPLATES}
+    for family, source in sources.items():
+        compile(source, f"attention_{family}", "exec")  # valid Python
+        assert f"def attention_{family}_kernel(" in source and "@triton.jit" in source
+        assert "BLOCK_M: tl.constexpr" in source and "BLOCK_N: tl.constexpr" in source
+        assert "$" not in source  # every template placeholder was filled
+    assert "(j >= i - left) & (j <= i + right)" in sources["window"]
+    assert "_attend_table" in sources["union"] and "_attend_table" not in sources["window"]
+    assert len(set(sources.values())) == len(sources)
+    with pytest.raises(ValueError, match="no attention kernel template"):
+        at.kernel_source("nonsense")
+
+
+def test_kernel_cache_writes_each_source_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    source = at.kernel_source("window") + "\n# cache test\n"
+    kernel_cache.clear_memory()
+    try:
+        first = kernel_cache.load_source(source, "cache_test")
+        files = list(tmp_path.glob("cache_test_*.py"))
+        assert len(files) == 1 and files[0].read_text() == source
+        assert kernel_cache.source_digest(source) in files[0].name
+        assert kernel_cache.load_source(source, "cache_test") is first
+        assert kernel_cache.cache_info() == kernel_cache.CacheInfo(files_written=1, files_reused=0, memory_hits=1)
+        written = files[0].stat().st_mtime_ns
+        kernel_cache.clear_memory()  # a new process: the file is found and imported, not rewritten
+        kernel_cache.load_source(source, "cache_test")
+        assert kernel_cache.cache_info().files_reused == 1 and kernel_cache.cache_info().files_written == 0
+        assert files[0].stat().st_mtime_ns == written
+        copies = kernel_cache.dump(tmp_path / "dump")
+        assert [c.read_text() for c in copies] == [source]
+    finally:
+        kernel_cache.clear_memory()
+
+
+def test_kernel_cache_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        kernel_cache.load_source("   ", "x")
+    with pytest.raises(ValueError, match="identifier"):
+        kernel_cache.load_source("x = 1\n", "not a name")
+
+
+def test_supports_names_the_problem(monkeypatch):
+    q, k, v = random_qkv(1, 4, 2, 8, 8, 16)
+    heads = (P.Dense(),) * 4
+    assert at.supports(q, k, v, heads) is None
+    assert "dtypes" in at.supports(q.double(), k.double(), v.double(), heads)
+    assert "multiple" in at.supports(q[:, :3], k, v, heads[:3])
+    assert "4 query heads" in at.supports(q, k, v, heads[:3])
+    assert "head dims" in at.supports(*random_qkv(1, 1, 1, 4, 4, 300), (P.Dense(),))
+    wrong_layout = P.BlockSparse([[True]], 4)
+    assert "head 1" in at.supports(q, k, v, (P.Dense(), wrong_layout, P.Dense(), P.Dense()))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in at.supports(q, k, v, heads)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        at.triton_attention(q, k, v, heads, causal=False, scale=0.25)
+
+
+def test_tiles():
+    assert default_tiles(128, torch.bfloat16) == AttentionTiles(128, 64, num_warps=8, num_stages=3)
+    assert default_tiles(64, torch.float16) == AttentionTiles(128, 128, num_warps=4, num_stages=3)
+    assert default_tiles(96, torch.bfloat16) == default_tiles(128, torch.bfloat16)
+    assert default_tiles(256, torch.bfloat16) == AttentionTiles(64, 64, num_warps=8, num_stages=2)
+    assert default_tiles(64, torch.bfloat16, q_len=1).block_m == 16
+    for bad in (dict(block_m=24, block_n=16), dict(block_m=8, block_n=16), dict(block_m=16, block_n=16, num_warps=3)):
+        with pytest.raises(ValueError):
+            AttentionTiles(**bad)
+    with pytest.raises(ValueError, match="head_dim"):
+        default_tiles(512, torch.float16)
