@@ -1,0 +1,285 @@
+"""Sparse linear layers against dense: y = x @ W.T for transformer-sized weights.
+
+    python bench/linear.py --quick          # CPU, one shape, < 1 minute
+    python bench/linear.py                  # CUDA when present (else CPU): every shape and token count
+    python bench/linear.py --device cpu --tokens 1 64 512
+
+Shapes are (in_features, out_features) of real layers (Llama 4096x4096 and 4096x11008, a DiT
+MLP 1152x4608). Block-sparse weights keep round(density * blocks) random blocks; 2:4 weights
+keep 2 random inputs of every 4. Candidates:
+
+  CUDA: dense F.linear (torch.mm) | sparsec BSR (Triton) | torch bsr_dense_mm
+        (torch.sparse._triton_ops) | sparsec N:M (Triton, 2:4) | torch semi-structured 2:4
+  CPU:  dense F.linear | sparsec BSR CPU executor | torch BSR (to_sparse_bsr @) | sparsec N:M CPU
+
+Every candidate's output is checked against dense once (max error relative to the output scale,
+recorded). Results: a rich table, and JSON under bench/results/ with the device, versions, date,
+command and every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.codegen.linear_cpu import bsr_linear_cpu, nm_linear_cpu, pack_block_rows
+from sparsec.codegen.weight_packing import pack_bsr, pack_nm, pack_semi_structured, semi_structured_reason
+
+SHAPES = ((4096, 4096), (4096, 11008), (1152, 4608))
+GPU_TOKENS = (1, 16, 128, 512, 2048, 8192)
+CPU_TOKENS = (1, 16, 128, 512)  # larger token counts take minutes per point on a CPU
+DENSITIES = (0.1, 0.3, 0.5, 0.7)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Row:
+    shape: str  # in x out
+    tokens: int
+    format: str  # "dense", "bsr 64x64 @ 0.30", "2:4"
+    candidate: str
+    ms: float | None
+    speedup: float | None  # dense time (measured alongside on CPU) / this time
+    max_rel_error: float | None
+    note: str = ""
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+
+def _time_ms(fn, device: str, min_seconds: float) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    fn()  # warm up (and first-touch allocations)
+    samples, spent = [], 0.0
+    while spent < min_seconds or len(samples) < 3:
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        spent += samples[-1]
+        if len(samples) >= 50:
+            break
+    return statistics.median(samples) * 1e3
+
+
+def _time_pair_ms(dense_fn, fn, device: str, min_seconds: float) -> tuple[float, float]:
+    """(dense ms, candidate ms). On CPU the two alternate call by call, so load from other
+    processes on a shared machine hits both alike and their ratio stays meaningful."""
+    if device == "cuda":
+        return _time_ms(dense_fn, device, min_seconds), _time_ms(fn, device, min_seconds)
+    dense_fn(), fn()
+    dense, sparse, spent = [], [], 0.0
+    while spent < 2 * min_seconds or len(dense) < 5:
+        for samples, f in ((dense, dense_fn), (sparse, fn)):
+            start = time.perf_counter()
+            f()
+            samples.append(time.perf_counter() - start)
+            spent += samples[-1]
+        if len(dense) >= 50:
+            break
+    return statistics.median(dense) * 1e3, statistics.median(sparse) * 1e3
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+# -- weights -----------------------------------------------------------------------------------------
+
+
+def block_weight(N: int, K: int, block: int, density: float, dtype, device) -> torch.Tensor:
+    rows, cols = N // block, K // block
+    layout = torch.zeros(rows * cols, dtype=torch.bool)
+    layout[torch.randperm(rows * cols)[:max(1, round(density * rows * cols))]] = True
+    mask = layout.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return (torch.randn(N, K) * mask).to(dtype=dtype, device=device)
+
+
+def two_four_weight(N: int, K: int, dtype, device) -> torch.Tensor:
+    kept = torch.rand(N, K // 4, 4).argsort(dim=-1)[..., :2]
+    mask = torch.zeros(N, K // 4, 4, dtype=torch.bool).scatter_(-1, kept, True).view(N, K)
+    return (torch.randn(N, K) * mask).to(dtype=dtype, device=device)
+
+
+# -- candidates --------------------------------------------------------------------------------------
+
+
+def _block_candidates(W, block, device):
+    """name -> (callable of x, or the reason it cannot run)."""
+    if device == "cuda":
+        from sparsec.codegen.linear_triton import bsr_linear_triton
+
+        bsr = pack_bsr(W, (block, block))
+        out = {"sparsec bsr (triton)": lambda x: bsr_linear_triton(x, bsr)}
+        out["torch bsr_dense_mm"] = _torch_bsr_dense_mm(W, block)
+        return out
+    rows = pack_block_rows(pack_bsr(W, (block, block)))
+    torch_bsr = W.to_sparse_bsr((block, block))
+    return {"sparsec bsr (cpu)": lambda x: bsr_linear_cpu(x, rows),
+            "torch bsr (cpu)": lambda x: (torch_bsr @ x.t()).t()}
+
+
+def _torch_bsr_dense_mm(W, block):
+    from torch.sparse import _triton_ops
+
+    if getattr(_triton_ops, "bsr_dense_mm", None) is None:
+        return "torch.sparse._triton_ops.bsr_dense_mm is unavailable"
+    torch_bsr = W.to_sparse_bsr((block, block))
+
+    def run(x):
+        if x.shape[0] % 16:
+            raise ValueError("bsr_dense_mm needs the token count divisible by 16")
+        return _triton_ops.bsr_dense_mm(torch_bsr, x.t()).t()
+    return run
+
+
+def _two_four_candidates(W, device):
+    nm = pack_nm(W, 2, 4)
+    if device != "cuda":
+        return {"sparsec 2:4 (cpu)": lambda x: nm_linear_cpu(x, nm)}
+    from sparsec.codegen.linear_triton import nm_linear_triton, semi_structured_linear
+
+    out = {"sparsec 2:4 (triton)": lambda x: nm_linear_triton(x, nm)}
+    reason = semi_structured_reason(W)
+    if reason is None:
+        semi = pack_semi_structured(W)
+        out["torch semi-structured 2:4"] = lambda x: semi_structured_linear(x, semi)
+    else:
+        out["torch semi-structured 2:4"] = reason
+    return out
+
+
+# -- the sweep ---------------------------------------------------------------------------------------
+
+
+def _measure(rows, shape, tokens, fmt, candidates, x, W, args):
+    ref = F.linear(x, W)
+    dense_fn = lambda: F.linear(x, W)  # noqa: E731
+    dense_ms = _time_ms(dense_fn, args.device, args.min_seconds)
+    rows.append(Row(shape, tokens, fmt, "dense", dense_ms, 1.0, 0.0))
+    for name, fn in candidates.items():
+        if isinstance(fn, str):
+            rows.append(Row(shape, tokens, fmt, name, None, None, None, fn))
+            continue
+        try:
+            error = _rel_error(fn(x), ref)
+            paired_dense_ms, ms = _time_pair_ms(dense_fn, lambda: fn(x), args.device, args.min_seconds)
+        except (RuntimeError, ValueError) as e:
+            rows.append(Row(shape, tokens, fmt, name, None, None, None, f"{type(e).__name__}: {e}"[:160]))
+            continue
+        rows.append(Row(shape, tokens, fmt, name, ms, paired_dense_ms / ms, error,
+                        f"dense {paired_dense_ms:.3f} ms alongside"))
+
+
+def run_shape(K: int, N: int, args, rows: list[Row]) -> None:
+    dtype, device = DTYPES[args.dtype], args.device
+    shape = f"{K}x{N}"
+    weights = {d: block_weight(N, K, args.block, d, dtype, device) for d in args.densities}
+    two_four = two_four_weight(N, K, dtype, device)
+    for tokens in args.tokens:
+        x = torch.randn(tokens, K, dtype=dtype, device=device)
+        for density, W in weights.items():
+            fmt = f"bsr {args.block}x{args.block} @ {density:.2f}"
+            _measure(rows, shape, tokens, fmt, _block_candidates(W, args.block, device), x, W, args)
+        _measure(rows, shape, tokens, "2:4", _two_four_candidates(two_four, device), x, two_four, args)
+        print(f"  {shape} tokens={tokens} done", file=sys.stderr)
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("shape", "tokens", "format", "candidate", "ms", "vs dense", "rel err", "note"):
+        table.add_column(column, justify="right" if column in ("tokens", "ms", "vs dense", "rel err") else "left")
+    for r in rows:
+        speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
+        style = "green" if r.speedup and r.speedup > 1.0 and r.candidate != "dense" else None
+        table.add_row(r.shape, str(r.tokens), r.format, r.candidate,
+                      "" if r.ms is None else f"{r.ms:.3f}", speed,
+                      "" if r.max_rel_error is None else f"{r.max_rel_error:.1e}", r.note, style=style)
+    Console(width=160).print(table)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def save(rows: list[Row], args) -> Path:
+    import triton
+
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": "linear", "device": device_name(args.device), "device_type": args.device,
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "date": stamp.isoformat(timespec="seconds"), "command": " ".join([sys.executable, *sys.argv]),
+        "dtype": args.dtype, "block": args.block, "cpu_threads": torch.get_num_threads(), "results": [asdict(r) for r in rows],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    quick = "_quick" if args.quick else ""
+    path = RESULTS / f"linear_{args.device}{quick}_{stamp:%Y%m%d_%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU, 1152x4608, few token counts: < 1 minute")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--block", type=int, default=64, help="square block size of the block-sparse weights")
+    parser.add_argument("--shapes", nargs="+", default=None, help="in x out, e.g. 4096x11008")
+    parser.add_argument("--tokens", nargs="+", type=int, default=None)
+    parser.add_argument("--densities", nargs="+", type=float, default=None)
+    parser.add_argument("--min-seconds", type=float, default=0.2, help="CPU: time each point at least this long")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device = "cpu"
+        args.shapes = args.shapes or ["1152x4608"]
+        args.tokens = args.tokens or [1, 64, 512]
+        args.densities = args.densities or [0.1, 0.3, 0.5]
+        args.min_seconds = min(args.min_seconds, 0.1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else list(SHAPES)
+    args.tokens = args.tokens or list(GPU_TOKENS if args.device == "cuda" else CPU_TOKENS)
+    args.densities = args.densities or list(DENSITIES)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows: list[Row] = []
+    for K, N in args.shapes:
+        run_shape(K, N, args, rows)
+    print_table(rows, f"sparse linear, {args.dtype}, {device_name(args.device)}")
+    if not args.no_save:
+        print(f"saved {save(rows, args)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

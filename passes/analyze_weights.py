@@ -1,0 +1,128 @@
+"""Exact structure of a linear layer's weight: N:M, block sparsity, scattered zeros, or dense.
+
+`weight_sparsity(weight)` looks at which entries of a 2-D weight (out_features, in_features) are
+exactly zero and returns the IR sparsity encoding that describes them without loss:
+
+- N:M along the input dimension, M in (4, 8, 16): n = the most nonzeros any group of M holds.
+  Worth recording when n / M <= NM_MAX_DENSITY. The lowest n / M wins, ties go to the smallest M,
+  so a weight pruned to 2:4 is reported as 2:4 (not as the equally dense 4:8).
+- Block sparsity, blocks (rows, cols) with rows, cols in (16, 32, 64, 128) that divide the shape:
+  density = the fraction of blocks holding a nonzero. The lowest density wins; ties go to the
+  largest block, since larger blocks make faster kernels and cost nothing here.
+- When both exist, the one that computes less wins (n / M against the block density); ties go to
+  N:M. Otherwise, a weight with at least 1 - UNSTRUCTURED_MAX_DENSITY of zeros is Unstructured,
+  and anything else is DENSE.
+
+Only exact zeros count: nothing is approximated, so any kernel chosen from the encoding computes
+the same function as the dense weight.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "BLOCK_SIZES", "NM_GROUP_SIZES", "NM_MAX_DENSITY", "UNSTRUCTURED_MAX_DENSITY",
+    "BlockStructure", "NMStructure", "block_structure", "nm_structure", "weight_sparsity",
+]
+
+log = logging.getLogger(__name__)
+
+NM_GROUP_SIZES = (4, 8, 16)
+BLOCK_SIZES = (16, 32, 64, 128)
+NM_MAX_DENSITY = 0.5  # an N:M kernel computes n / M of the dense work; above half it cannot win
+UNSTRUCTURED_MAX_DENSITY = 0.9  # fewer than 10% zeros is reported as dense
+
+
+@dataclass(frozen=True, slots=True)
+class NMStructure:
+    n: int
+    m: int
+    nonzero_fraction: float
+
+    @property
+    def work_fraction(self) -> float:
+        return self.n / self.m
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStructure:
+    block: tuple[int, int]
+    density: float  # fraction of blocks with a nonzero
+
+
+def weight_sparsity(weight: torch.Tensor):
+    """The IR encoding (NMSparse, BlockSparse, Unstructured or DENSE) of a 2-D weight's exact zeros."""
+    from sparsec.ir.types import DENSE, BlockSparse, NMSparse, Unstructured
+
+    nonzero = _nonzero_mask(weight)
+    nm = nm_structure(nonzero)
+    block = block_structure(nonzero)
+    if nm is not None and (block is None or nm.work_fraction <= block.density):
+        encoding = NMSparse(n=nm.n, m=nm.m, axis=-1, density=nm.nonzero_fraction)
+    elif block is not None:
+        encoding = BlockSparse(block=block.block, density=block.density)
+    elif _fraction(nonzero) <= UNSTRUCTURED_MAX_DENSITY:
+        encoding = Unstructured(density=_fraction(nonzero))
+    else:
+        encoding = DENSE
+    log.debug("weight_sparsity: %s weight -> %s (N:M %s, blocks %s)", tuple(weight.shape), encoding, nm, block)
+    return encoding
+
+
+def _nonzero_mask(weight: torch.Tensor) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight_sparsity: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight_sparsity: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        raise ValueError("weight_sparsity: the weight is a meta tensor; its values are needed to find its zeros")
+    return weight.detach() != 0
+
+
+def _fraction(mask: torch.Tensor) -> float:
+    return mask.sum().item() / max(1, mask.numel())
+
+
+def nm_structure(nonzero: torch.Tensor) -> NMStructure | None:
+    """The sparsest N:M (along dim 1) that the bool `nonzero` mask satisfies, or None."""
+    rows, cols = nonzero.shape
+    candidates = []
+    for m in NM_GROUP_SIZES:
+        if cols % m or nonzero.numel() == 0:
+            continue
+        n = int(nonzero.view(rows, cols // m, m).sum(dim=-1).max().item())
+        if 0 < n <= m * NM_MAX_DENSITY:
+            candidates.append((n / m, m, n))
+    if not candidates:
+        return None
+    _, m, n = min(candidates)  # lowest n / m, then smallest m
+    return NMStructure(n, m, _fraction(nonzero))
+
+
+def block_structure(nonzero: torch.Tensor) -> BlockStructure | None:
+    """The block shape with the fewest nonzero blocks (ties: the largest block), or None when no
+    block shape divides the weight or every block holds a nonzero."""
+    rows, cols = nonzero.shape
+    smallest = BLOCK_SIZES[0]
+    if rows == 0 or cols == 0 or rows % smallest or cols % smallest:
+        return None
+    # Every block size is a multiple of the smallest: reduce the smallest blocks' map further
+    # instead of rescanning the whole weight for each of the 16 shapes.
+    base = _any_in_blocks(nonzero, smallest, smallest)
+    candidates = []
+    for bo in BLOCK_SIZES:
+        for bi in BLOCK_SIZES:
+            if rows % bo or cols % bi:
+                continue
+            density = _fraction(_any_in_blocks(base, bo // smallest, bi // smallest))
+            candidates.append((density, -bo * bi, abs(bo - bi), (bo, bi)))
+    density, _, _, block = min(candidates)
+    return BlockStructure(block, density) if density < 1.0 else None
+
+
+def _any_in_blocks(mask: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
+    rows, cols = mask.shape
+    return mask.view(rows // bo, bo, cols // bi, bi).any(dim=3).any(dim=1)
