@@ -8,6 +8,7 @@
 from sparsec import patterns
 from sparsec.attention_dispatch import attention
 from sparsec.patterns import Pattern
+from sparsec.pruning import prune
 
-__all__ = ["attention", "patterns", "Pattern"]
+__all__ = ["attention", "patterns", "Pattern", "prune"]
 __version__ = "0.1.0"

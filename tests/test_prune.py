@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsec.prune import BlockSpec, NMSpec, UnstructuredSpec, parse_spec, prune, prune_mask
+from sparsec.pruning import BlockSpec, NMSpec, UnstructuredSpec, parse_spec, prune, prune_mask
 
 
 def _model(seed=0, shapes=((64, 32), (32, 48))):
