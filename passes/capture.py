@@ -1,0 +1,124 @@
+"""Capture: a Dynamo FX graph -> the aot_autograd ATen graph sparsec lowers, and parameter paths.
+
+Dynamo hands the backend graphs whose parameters and buffers are placeholders with real values
+(their `grapharg` source says where they live: L['self']._modules['blocks']._modules['0']...).
+aot_autograd traces such a graph, under no_grad, to its functional inference ATen graph with no
+decomposition table: softmax, SDPA, addmm stay whole, as the matchers expect. (Inductor's table
+would split softmax into amax/exp/sum/div; Inductor applies it itself when it compiles the
+rewritten graph.) The ATen graph's placeholders are the Dynamo graph's inputs in the same order
+(plus, first, any parameters Dynamo left as attributes, which aot_autograd lifts).
+
+Graphs that mutate their inputs are refused (CaptureError): their functional graph returns the
+new values as extra outputs, which only aot_autograd's own runtime wrapper knows how to apply.
+
+    run_aot(gm, example_inputs, fw_compiler)    aot_autograd; fw_compiler(aten_gm, fake_inputs)
+                                                gets each forward / backward / inference graph
+    capture_inference_graph(gm, example_inputs) the inference ATen graph
+    placeholder_paths(gm)                       Dynamo placeholder index -> parameter path
+    aten_param_paths(aten_gm, paths)            ATen placeholder name -> parameter path
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import fx
+
+from .fx_utils import normalize_module_path
+
+__all__ = [
+    "run_aot", "capture_inference_graph", "placeholder_paths", "aten_param_paths", "needs_autograd",
+    "CaptureError",
+]
+
+log = logging.getLogger(__name__)
+
+FwCompiler = Callable[[fx.GraphModule, list], Callable]
+
+
+class CaptureError(RuntimeError):
+    """The Dynamo graph cannot be captured in a form sparsec rewrites (the backend falls back)."""
+
+
+def run_aot(gm: fx.GraphModule, example_inputs: Sequence, fw_compiler: FwCompiler,
+            bw_compiler: FwCompiler | None = None) -> Callable:
+    """aot_autograd without a decomposition table; returns the compiled callable."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    return aot_module_simplified(gm, list(example_inputs), fw_compiler=fw_compiler,
+                                 bw_compiler=bw_compiler or fw_compiler, inference_compiler=fw_compiler)
+
+
+def needs_autograd(example_inputs: Sequence) -> bool:
+    """Whether aot_autograd will build a joint forward/backward graph for these inputs."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+def _source_name(node: fx.Node) -> str | None:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name
+    return name() if callable(name) else name  # a method in older torch, a property in newer
+
+
+def _is_module_state(node: fx.Node, source: str) -> bool:
+    """A parameter or buffer of the model (constants across calls), not a runtime input."""
+    example = getattr(node.meta.get("grapharg"), "example", None)
+    return isinstance(example, torch.nn.Parameter) or "._buffers[" in source or "._parameters[" in source
+
+
+def placeholder_paths(gm: fx.GraphModule) -> list[str | None]:
+    """For each placeholder of the ATen graph aot_autograd will make from the Dynamo graph `gm`,
+    in order: the parameter/buffer path ("blocks.0.attn.qkv.weight"), or None for an input."""
+    lifted = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
+    lifted += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    paths: list[str | None] = list(lifted)  # attributes aot_autograd lifts to leading inputs
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = _source_name(node)
+        paths.append(normalize_module_path(source) if source and _is_module_state(node, source) else None)
+    return paths
+
+
+def aten_param_paths(aten_gm: fx.GraphModule, paths: Sequence[str | None]) -> dict[str, str]:
+    """ATen placeholder name -> parameter path, from `placeholder_paths` of its Dynamo graph."""
+    names = [n.name for n in aten_gm.graph.find_nodes(op="placeholder")]
+    if len(names) != len(paths):
+        raise CaptureError(f"the ATen graph has {len(names)} placeholders but the Dynamo graph "
+                           f"gives {len(paths)} inputs; cannot map parameters")
+    return {name: path for name, path in zip(names, paths) if path}
+
+
+def _check_no_input_mutation() -> None:
+    """Refuse graphs whose inputs are mutated: their functional ATen graph returns the new
+    values as extra outputs, which only aot_autograd's runtime wrapper knows how to apply."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    meta = getattr(context, "fw_metadata", None)
+    if meta is None:
+        raise CaptureError("no aot_autograd metadata to check input mutations")
+    mutated = [i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata]
+    if mutated:
+        raise CaptureError(f"inputs {mutated} are mutated in place (e.g. running statistics)")
+
+
+def capture_inference_graph(gm: fx.GraphModule, example_inputs: Sequence) -> fx.GraphModule:
+    """The inference ATen graph of `gm`, traced under no_grad. sparsec rewrites it and compiles the
+    result like a Dynamo graph, so graphs that need autograd are differentiated through the
+    custom ops' backward."""
+    captured: list[fx.GraphModule] = []
+
+    def record(aten_gm: fx.GraphModule, _inputs: list) -> Callable:
+        _check_no_input_mutation()
+        captured.append(aten_gm)
+        return aten_gm.forward
+
+    with torch.no_grad():
+        run_aot(gm, example_inputs, record)
+    if len(captured) != 1:
+        raise CaptureError(f"expected one inference graph from aot_autograd, got {len(captured)}")
+    return captured[0]

@@ -1,0 +1,142 @@
+"""Rewrite: IR -> FX. Each Attention / Linear op of the final IR becomes a call of the sparsec
+custom op (sparsec/ops.py) in a copy of the ATen graph it was lowered from; its matched nodes
+become dead and are removed (all dead side-effect-free nodes are); Opaque regions are the
+original nodes, untouched.
+
+    rewrite_fx(gm, graph) -> GraphModule
+
+IR values carry their FX node's name, so operands are found by name. The custom ops return
+contiguous tensors; where the replaced node had another layout (SDPA on CPU returns its output
+in (B, S, H, D) memory order and the graph then views it as such), a permute -> clone -> permute
+restores the original strides so the nodes after it stay valid. New nodes get meta["val"] from
+the ops' fake implementations, as Inductor expects.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+
+from sparsec import ops as sparsec_ops  # registers torch.ops.sparsec.*
+from sparsec.ir.graph import Graph
+from sparsec.ir.ops import Attention, Linear, Op
+from sparsec.ir.types import AttentionPatterns
+
+__all__ = ["rewrite_fx", "RewriteError"]
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+class RewriteError(RuntimeError):
+    """The IR does not fit the FX graph it claims to come from."""
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def _patterns_argument(op: Attention) -> str:
+    sparsity = op.scores.sparsity
+    if isinstance(sparsity, AttentionPatterns):
+        return sparsec_ops.patterns_to_json(sparsity.patterns)
+    return ""
+
+
+def _call_for(op: Op, node: dict[str, fx.Node]) -> tuple[object, tuple]:
+    """The custom op and its arguments for an IR op."""
+    def ref(value):
+        return None if value is None else node[value.name]
+
+    if isinstance(op, Attention):
+        args = (ref(op.q), ref(op.k), ref(op.v), ref(op.mask), op.scale, op.causal, _patterns_argument(op))
+        return torch.ops.sparsec.attention.default, args
+    if isinstance(op, Linear):
+        return torch.ops.sparsec.linear.default, (ref(op.x), ref(op.weight), ref(op.bias))
+    raise RewriteError(f"no custom op for {type(op).__name__}")
+
+
+def _fake_value(target, args: tuple, kwargs: dict | None = None):
+    """The op's output on the fake values of its arguments (None outside a fake-tensor trace)."""
+    values = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+    fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return None
+    with fake_mode:
+        return target(*values, **(kwargs or {}))
+
+
+def _memory_order(value: torch.Tensor) -> list[int]:
+    """Dims from outermost to innermost in memory; symbolic strides compare through the shape
+    environment (sorting is stable, so equal strides keep their logical order)."""
+    return sorted(range(value.dim()), key=lambda d: -value.stride(d))
+
+
+def _call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    node = graph.call_function(target, args, kwargs or {})
+    node.meta["val"] = _fake_value(target, args, kwargs)
+    return node
+
+
+def _restore_layout(graph: fx.Graph, new: fx.Node, original: torch.Tensor | None) -> fx.Node:
+    """`new` (contiguous) with the strides `original` had, if they differ."""
+    if not isinstance(original, torch.Tensor) or original.is_contiguous():
+        return new
+    order = _memory_order(original)
+    inverse = [order.index(d) for d in range(len(order))]
+    to_memory = _call(graph, aten.permute.default, (new, order))
+    packed = _call(graph, aten.clone.default, (to_memory,), {"memory_format": torch.contiguous_format})
+    return _call(graph, aten.permute.default, (packed, inverse))
+
+
+def _replace(graph: fx.Graph, op: Op, node: dict[str, fx.Node]) -> None:
+    old = node.get(op.result.name)  # type: ignore[attr-defined]
+    if old is None:
+        raise RewriteError(f"IR value %{op.result.name} has no FX node")  # type: ignore[attr-defined]
+    target, args = _call_for(op, node)
+    with graph.inserting_before(old):
+        new = _call(graph, target, args)
+        new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        replacement = _restore_layout(graph, new, old.meta.get("val"))
+    old.replace_all_uses_with(replacement)
+
+
+def _removable(node: fx.Node) -> bool:
+    """Unused and without side effects. FX's own DCE keeps ops flagged nondeterministic (the
+    SDPA overloads, for their dropout), which would leave the replaced attention running."""
+    if node.users or node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return not schema.is_mutable
+    return not node.is_impure()
+
+
+def remove_dead_nodes(graph: fx.Graph) -> int:
+    """Erase nodes nothing reads (repeatedly, last first); return how many."""
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if _removable(node):
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+def rewrite_fx(gm: fx.GraphModule, graph: Graph) -> fx.GraphModule:
+    """A copy of `gm` in which the IR's Attention and Linear ops are sparsec custom-op calls."""
+    rewritten = _copy(gm)
+    node = {n.name: n for n in rewritten.graph.nodes}
+    replaced = 0
+    for op in graph.ops_of((Attention, Linear)):
+        _replace(rewritten.graph, op, node)
+        replaced += 1
+    remove_dead_nodes(rewritten.graph)
+    rewritten.graph.lint()
+    rewritten.recompile()
+    log.debug("graph %s: %d ops rewritten to sparsec custom ops", graph.name, replaced)
+    return rewritten

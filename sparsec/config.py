@@ -1,0 +1,140 @@
+"""The backend's options, parsed strictly into one frozen `SparsecConfig`.
+
+    torch.compile(model, backend="sparsec", options={
+        "inner": "inductor" | "eager",      # what runs the rewritten graph (default "inductor")
+        "dump_dir": "dumps/",               # default: env SPARSEC_DUMP_DIR (unset: no dumps)
+        "verify": True,                     # verify the IR after every pass (default: env SPARSEC_VERIFY=1)
+        "attention_patterns": {             # module path or fnmatch glob -> Pattern, or one per query head
+            "blocks.*.attn": P.Window(64, 0),
+        },
+        "fallback": "inductor" | "raise",   # on an internal failure: compile the original graph, or re-raise
+    })
+
+An unknown key or a bad value raises at once (ValueError / TypeError naming the key and what is
+allowed); nothing is silently ignored. `attention_patterns` keys are tried in the order given,
+exact paths before globs, so a specific entry can override a broad glob.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsec.patterns import Pattern
+
+__all__ = ["SparsecConfig", "SparsecUserError", "parse_options", "HeadPatterns"]
+
+INNER_CHOICES = ("inductor", "eager")
+FALLBACK_CHOICES = ("inductor", "raise")
+DUMP_DIR_ENV = "SPARSEC_DUMP_DIR"
+VERIFY_ENV = "SPARSEC_VERIFY"
+
+# A Pattern for every head, or one Pattern per query head.
+HeadPatterns = Pattern | tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class SparsecConfig:
+    """Every option of the sparsec backend; build it with `parse_options`."""
+
+    inner: str = "inductor"
+    dump_dir: str | None = None
+    verify: bool = False
+    attention_patterns: tuple[tuple[str, HeadPatterns], ...] = field(default=())
+    fallback: str = "inductor"
+
+    def patterns_for(self, module_path: str) -> HeadPatterns | None:
+        """The patterns the user gave for the attention layer at `module_path`, if any."""
+        for key, patterns in self.attention_patterns:
+            if key == module_path:
+                return patterns
+        for key, patterns in self.attention_patterns:
+            if fnmatch.fnmatchcase(module_path, key):
+                return patterns
+        return None
+
+
+def _parse_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"sparsec option {key!r} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _parse_dump_dir(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"sparsec option 'dump_dir' must be a path (str), got {type(value).__name__} {value!r}")
+    return os.fspath(value) or None
+
+
+def _parse_verify(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"sparsec option 'verify' must be True or False, got {value!r}")
+    return value
+
+
+def _parse_head_patterns(key: str, value: Any) -> HeadPatterns:
+    where = f"sparsec option 'attention_patterns'[{key!r}]"
+    if isinstance(value, Pattern):
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{where} must be a Pattern or a list of one Pattern per query head, "
+                        f"got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{where} is an empty list; give one Pattern per query head")
+    for h, p in enumerate(value):
+        if not isinstance(p, Pattern):
+            raise TypeError(f"{where}[{h}] is {type(p).__name__}, not a sparsec Pattern")
+    return tuple(value)
+
+
+def _parse_attention_patterns(value: Any) -> tuple[tuple[str, HeadPatterns], ...]:
+    if not isinstance(value, Mapping):
+        raise TypeError("sparsec option 'attention_patterns' must be a dict mapping a module path "
+                        f"or glob (e.g. 'blocks.*.attn') to patterns, got {type(value).__name__}")
+    parsed = []
+    for key, patterns in value.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"sparsec option 'attention_patterns' keys must be non-empty module paths, got {key!r}")
+        parsed.append((key, _parse_head_patterns(key, patterns)))
+    return tuple(parsed)
+
+
+_PARSERS = {
+    "inner": lambda v: _parse_choice("inner", v, INNER_CHOICES),
+    "dump_dir": _parse_dump_dir,
+    "verify": _parse_verify,
+    "attention_patterns": _parse_attention_patterns,
+    "fallback": lambda v: _parse_choice("fallback", v, FALLBACK_CHOICES),
+}
+
+
+def _defaults_from_env() -> dict[str, Any]:
+    return {
+        "dump_dir": os.environ.get(DUMP_DIR_ENV) or None,
+        "verify": os.environ.get(VERIFY_ENV, "") == "1",
+    }
+
+
+def parse_options(options: Mapping[str, Any] | SparsecConfig | None = None) -> SparsecConfig:
+    """The config for `options` (torch.compile's options dict); env vars give some defaults."""
+    if isinstance(options, SparsecConfig):
+        return options
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"sparsec options must be a dict, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in _PARSERS)
+    if unknown:
+        raise ValueError(f"unknown sparsec option(s) {', '.join(map(repr, unknown))}; "
+                         f"known options: {', '.join(_PARSERS)}")
+    values = _defaults_from_env()
+    values.update({key: _PARSERS[key](value) for key, value in options.items()})
+    return SparsecConfig(**values)
+
+
+class SparsecUserError(ValueError):
+    """The user's input (options, patterns) does not fit the model: raised, never a fallback."""

@@ -1,0 +1,81 @@
+"""sparsec.explain(model, *inputs, options=None): what sparsec makes of a model, as objects.
+
+    report = sparsec.explain(model, x)
+    print(report)                          # per graph: what was found, and the final IR
+    report.graphs[0].stage("lower")        # the IR Graph after a named stage
+    report.graphs[0].rewritten_code        # the rewritten ATen FX graph, as code
+
+The model is compiled with backend="sparsec" (with `options`) and run once on `inputs` under
+no_grad; every graph Dynamo produces (several after graph breaks) gives one GraphRecord, the
+same content SPARSEC_DUMP_DIR writes. A fresh backend object is used, so Dynamo compiles the
+model anew even if it was compiled before.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsec.config import SparsecConfig, parse_options
+from sparsec.dump import GraphRecord, recording
+from sparsec.ir.ops import Attention, Linear, Opaque
+from sparsec.ir.printer import format_type
+
+__all__ = ["explain", "ExplainReport"]
+
+
+def _attention_line(op: Attention) -> str:
+    kind = "causal" if op.causal else "mask" if op.mask is not None else "full"
+    return (f"    attention {op.module_path or '?'}: heads {op.num_heads}/{op.num_kv_heads}, {kind}, "
+            f"scale {op.scale:.4g}, scores {format_type(op.scores)}")
+
+
+def _summary(record: GraphRecord) -> list[str]:
+    head = f"graph {record.name} (inner={record.inner})"
+    if record.fallback_reason:
+        return [f"{head}: sparsec fell back to the original graph: {record.fallback_reason}"]
+    ir = record.final_ir
+    if ir is None:
+        return [f"{head}: no IR"]
+    counts = {kind: len(ir.ops_of(cls)) for kind, cls in (("attention", Attention), ("linear", Linear),
+                                                           ("opaque", Opaque))}
+    lines = [f"{head}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
+             + f"; stages: {', '.join(name for name, _ in record.stages)}"]
+    lines += [_attention_line(op) for op in ir.ops_of(Attention)]
+    return lines
+
+
+@dataclass
+class ExplainReport:
+    """One GraphRecord per graph Dynamo compiled, in compile order."""
+
+    graphs: list[GraphRecord]
+
+    def summary(self) -> str:
+        """A few lines per graph: the ops found and the attention layers."""
+        lines = [f"sparsec explain: {len(self.graphs)} graph(s)"]
+        for record in self.graphs:
+            lines += _summary(record)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        parts = [self.summary()]
+        for record in self.graphs:
+            if record.final_ir is not None:
+                parts.append(f"--- final IR of {record.name} ---\n{record.final_ir}")
+        return "\n\n".join(parts)
+
+
+def explain(model: torch.nn.Module, *inputs: Any,
+            options: Mapping[str, Any] | SparsecConfig | None = None) -> ExplainReport:
+    """Compile `model` with sparsec, run it once on `inputs`, and report every graph."""
+    from sparsec.backend import sparsec_backend
+
+    config = parse_options(options)  # bad options raise here, before any compiling
+    backend = functools.partial(sparsec_backend, options=config)
+    with recording() as records, torch.no_grad():
+        torch.compile(model, backend=backend)(*inputs)
+    return ExplainReport(graphs=list(records))

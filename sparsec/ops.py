@@ -1,0 +1,241 @@
+"""The torch custom ops that rewritten graphs call: the sockets sparse kernels plug into.
+
+    sparsec::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale,
+                       bool is_causal, str patterns) -> Tensor
+        q (B, Hq, S_q, D); k, v (B, Hkv, S_k, D[v]) before any GQA expansion (Hq % Hkv == 0).
+        patterns == "": exact dense attention (torch SDPA). Otherwise a JSON list of Hq pattern
+        dicts (Pattern.to_dict), computed by sparsec.attention. `is_causal` follows sparsec's
+        rule j <= i + (S_k - S_q) (equal to SDPA's is_causal when S_q == S_k). attn_mask is a bool
+        mask or an additive float bias broadcastable to (B, Hq, S_q, S_k); patterns and a mask
+        together are refused.
+    sparsec::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
+        x @ weight.T + bias, exactly (F.linear).
+
+Both have fake implementations (Inductor and aot_autograd trace through them) and a backward
+computed by recomputation through differentiable torch ops, so graphs that need autograd can
+call them too. Outputs are always contiguous; the rewrite restores the layout the replaced nodes had.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.patterns import Pattern, Skip, from_dict
+
+__all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "patterns_from_json"]
+
+
+def patterns_to_json(head_patterns: tuple[Pattern, ...]) -> str:
+    """The `patterns` argument of sparsec::attention for one Pattern per query head."""
+    return json.dumps([p.to_dict() for p in head_patterns], separators=(",", ":"), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def patterns_from_json(text: str) -> tuple[Pattern, ...]:
+    """Inverse of patterns_to_json; cached because every call of the op parses its argument."""
+    decoded = json.loads(text)
+    if not isinstance(decoded, list) or not decoded:
+        raise ValueError(f"sparsec::attention patterns must be a non-empty JSON list, got {text[:80]!r}")
+    return tuple(from_dict(d) for d in decoded)
+
+
+def _causal_keep(Sq: int, Sk: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(Sq, device=device)[:, None]
+    j = torch.arange(Sk, device=device)[None, :]
+    return j <= i + (Sk - Sq)
+
+
+def _mask_with_causal(attn_mask: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fold the causal rule into a bool mask or an additive bias."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.to(dtype).masked_fill(~keep, float("-inf"))
+
+
+def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.Tensor:
+    """Exact dense attention with sparsec's causal rule; differentiable."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    if q.shape[1] != k.shape[1]:  # GQA: query head h reads kv head h // (Hq // Hkv)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if is_causal and (attn_mask is not None or Sq != Sk):
+        keep = _causal_keep(Sq, Sk, q.device)
+        attn_mask = keep if attn_mask is None else _mask_with_causal(attn_mask, keep, q.dtype)
+        is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+def _sparse_attention(q, k, v, scale: float, is_causal: bool, patterns: str) -> torch.Tensor:
+    import sparsec  # lazy: sparsec imports this module's users, and the executors import a lot
+
+    return sparsec.attention(q, k, v, patterns_from_json(patterns), causal=is_causal, scale=scale)
+
+
+def _check_attention_args(attn_mask, patterns: str) -> None:
+    if patterns and attn_mask is not None:
+        raise ValueError("sparsec::attention: per-head patterns together with an attn_mask are not supported")
+
+
+@torch.library.custom_op("sparsec::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    patterns: str,
+) -> torch.Tensor:
+    _check_attention_args(attn_mask, patterns)
+    if patterns:
+        out = _sparse_attention(q, k, v, scale, is_causal, patterns)
+    else:
+        out = dense_attention(q, k, v, attn_mask, scale, is_causal)
+    return out.contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, scale, is_causal, patterns):
+    _check_attention_args(attn_mask, patterns)
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty((B, Hq, Sq, v.shape[-1]))
+
+
+def _head_keep(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int, device) -> torch.Tensor:
+    """(Hq, Sq, Sk) bool: the pairs each head's pattern keeps (Skip heads keep none)."""
+    masks = {p: p.mask(Sq, Sk) for p in set(head_patterns)}
+    return torch.stack([masks[p] for p in head_patterns]).to(device)
+
+
+def _skip_probs(head_patterns: tuple[Pattern, ...], allowed: torch.Tensor) -> torch.Tensor:
+    """(Hq, Sq, Sk) weights of Skip heads: uniform over the allowed keys ("mean") or 0 ("zero")."""
+    uniform = allowed / allowed.sum(-1, keepdim=True).clamp(min=1)
+    return torch.stack([uniform if isinstance(p, Skip) and p.fill == "mean" else torch.zeros_like(uniform)
+                        for p in head_patterns])
+
+
+def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: str) -> torch.Tensor:
+    """The explicit (B, Hq, Sq, Sk) attention weights of sparsec::attention, in float32 or wider.
+
+    Used by the backward: out = probs @ v for every head, Skip heads included."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).to(dtype)
+    scores = (q.to(dtype) @ k.transpose(-1, -2)) * scale
+    keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep = _causal_keep(Sq, Sk, q.device)
+    skip = None
+    if patterns:
+        head_patterns = patterns_from_json(patterns)
+        skip = _skip_probs(head_patterns, keep.to(dtype))
+        keep = keep & _head_keep(head_patterns, Sq, Sk, q.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = keep & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(dtype)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key left gives 0
+    if skip is not None:
+        is_skip = torch.tensor([isinstance(p, Skip) for p in head_patterns], device=q.device)
+        probs = torch.where(is_skip[:, None, None], skip, probs)
+    return probs
+
+
+def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Sum per-query-head gradients (B, Hq, ...) into their kv heads (B, Hkv, ...)."""
+    B, Hq = t.shape[:2]
+    return t.reshape(B, num_kv_heads, Hq // num_kv_heads, *t.shape[2:]).sum(2)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, attn_mask, scale, is_causal, patterns = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.attrs = (scale, is_causal, patterns)
+
+
+@torch.library.custom_op("sparsec::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    patterns: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask) of sparsec::attention; dmask is empty when there is no float mask.
+
+    A custom op of its own so that the recomputation runs on concrete tensors even when the
+    backward is traced with symbolic shapes (pattern masks need int lengths)."""
+    # Softmax backward on the explicit weights: dS = P * (dP - rowsum(dP * P)).
+    probs = attention_probs(q, k, attn_mask, scale, is_causal, patterns)
+    dtype, Hkv = probs.dtype, k.shape[1]
+    group = q.shape[1] // Hkv
+    k_rep, v_rep = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
+    grad_out = grad_out.to(dtype)
+    grad_probs = grad_out @ v_rep.transpose(-1, -2)
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    if patterns:  # Skip heads' weights do not depend on the scores
+        is_skip = torch.tensor([isinstance(p, Skip) for p in patterns_from_json(patterns)], device=q.device)
+        grad_scores = grad_scores.masked_fill(is_skip[:, None, None], 0.0)
+    dq = (grad_scores @ k_rep) * scale
+    dk = _group_sum((grad_scores.transpose(-1, -2) @ q.to(dtype)) * scale, Hkv)
+    dv = _group_sum(probs.transpose(-1, -2) @ grad_out, Hkv)
+    grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
+    if attn_mask is not None and attn_mask.is_floating_point():
+        grads.append(grad_scores.sum_to_size(attn_mask.shape).to(attn_mask.dtype))
+    else:
+        grads.append(q.new_empty(0))
+    return tuple(g.contiguous() for g in grads)
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns):
+    grad_mask = attn_mask is not None and attn_mask.is_floating_point()
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            torch.empty_like(attn_mask, memory_format=torch.contiguous_format) if grad_mask else q.new_empty(0))
+
+
+def _attention_backward(ctx, grad_out):
+    q, k, v, attn_mask = ctx.saved_tensors
+    dq, dk, dv, dmask = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs)
+    has_dmask = attn_mask is not None and attn_mask.is_floating_point()
+    return dq, dk, dv, (dmask if has_dmask else None), None, None, None
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("sparsec::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias).contiguous()
+
+
+@linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+    flat_grad, flat_x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_w = flat_grad.T @ flat_x if ctx.needs_input_grad[1] else None
+    grad_b = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)

@@ -1,0 +1,137 @@
+"""Real library models built from tiny configs with random weights (no downloads).
+
+Each factory returns `(model.eval(), example_inputs)` with fresh random inputs, and calls
+pytest.skip when the library or the model class is missing in the installed version. EXPECTED
+maps a name to (attention layers, nn.Linear layers). GPT-2 has no nn.Linear: its projections are
+transformers' Conv1D (y = x @ W + b with W stored (in, out)). timm is not installed, so there is
+no timm ViT here.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+__all__ = ["MODEL_FACTORIES", "EXPECTED"]
+
+LAYERS = 2
+HIDDEN = 32
+HEADS = 4
+SEQ = 8
+BATCH = 2
+VOCAB = 64
+
+
+def _library_class(module: str, name: str):
+    """The class `name` of library `module`, or pytest.skip naming what is missing."""
+    try:
+        library = importlib.import_module(module)
+    except ImportError:
+        pytest.skip(f"{module} is not installed")
+    cls = getattr(library, name, None)
+    if cls is None:
+        pytest.skip(f"{module} {getattr(library, '__version__', '?')} has no {name}")
+    return cls
+
+
+def _padding_mask() -> torch.Tensor:
+    """(B, S) 0/1 mask with right padding in row 0; every row keeps at least one token."""
+    lengths = torch.randint(SEQ // 2, SEQ + 1, (BATCH,))
+    lengths[0] = SEQ - 3
+    return (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+
+
+def _transformers_model(config_name: str, model_name: str, attn: str, seed: int, **config):
+    config_cls = _library_class("transformers", config_name)
+    model_cls = _library_class("transformers", model_name)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**config, attn_implementation=attn))
+    return model.eval()
+
+
+def bert(attn: str) -> tuple[nn.Module, tuple]:
+    """BertModel (encoder + pooler) with a padding mask."""
+    model = _transformers_model(
+        "BertConfig", "BertModel", attn, seed=10, vocab_size=VOCAB, hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
+        max_position_embeddings=2 * SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    return model, (ids, _padding_mask())
+
+
+def gpt2(attn: str) -> tuple[nn.Module, tuple]:
+    """GPT2Model (causal; Conv1D projections, so no nn.Linear)."""
+    model = _transformers_model(
+        "GPT2Config", "GPT2Model", attn, seed=11, vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS,
+        n_head=HEADS, n_positions=2 * SEQ, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0)
+    return model, (torch.randint(0, VOCAB, (BATCH, SEQ)),)
+
+
+def llama(attn: str) -> tuple[nn.Module, tuple]:
+    """LlamaModel with GQA: 4 query heads sharing 2 kv heads."""
+    model = _transformers_model(
+        "LlamaConfig", "LlamaModel", attn, seed=12, vocab_size=VOCAB, hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS // 2,
+        intermediate_size=2 * HIDDEN, max_position_embeddings=2 * SEQ)
+    return model, (torch.randint(0, VOCAB, (BATCH, SEQ)),)
+
+
+def diffusers_dit() -> tuple[nn.Module, tuple]:
+    """diffusers DiTTransformer2DModel: class-conditional, self-attention only, 16 patches."""
+    cls = _library_class("diffusers", "DiTTransformer2DModel")
+    torch.manual_seed(13)
+    model = cls(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=LAYERS,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1)
+    latents = torch.randn(BATCH, 4, 8, 8)
+    timestep = torch.randint(0, 1000, (BATCH,))
+    labels = torch.randint(0, 10, (BATCH,))
+    return model.eval(), (latents, timestep, labels)
+
+
+def diffusers_pixart() -> tuple[nn.Module, tuple]:
+    """diffusers PixArtTransformer2DModel: self-attention (16 patches) and cross-attention to a
+    5-token caption (Sq != Sk)."""
+    cls = _library_class("diffusers", "PixArtTransformer2DModel")
+    torch.manual_seed(14)
+    model = cls(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                num_layers=LAYERS, cross_attention_dim=16, sample_size=8, patch_size=2,
+                caption_channels=12, norm_num_groups=1, use_additional_conditions=False)
+    latents = torch.randn(BATCH, 4, 8, 8)
+    caption = torch.randn(BATCH, 5, 12)
+    timestep = torch.randint(0, 1000, (BATCH,))
+    return model.eval(), (latents, caption, timestep)
+
+
+MODEL_FACTORIES: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
+    "bert_eager": partial(bert, "eager"),
+    "bert_sdpa": partial(bert, "sdpa"),
+    "gpt2_eager": partial(gpt2, "eager"),
+    "gpt2_sdpa": partial(gpt2, "sdpa"),
+    "llama_eager": partial(llama, "eager"),
+    "llama_sdpa": partial(llama, "sdpa"),
+    "diffusers_dit": diffusers_dit,
+    "diffusers_pixart": diffusers_pixart,
+}
+
+# (attention layers, nn.Linear applications: a module called twice counts twice).
+# Bert layer: query, key, value, attention output, intermediate, output = 6, plus the pooler.
+# Llama layer: q, k, v, o, gate, up, down = 7. DiT block: its own timestep embedder (2), norm1's
+# adaLN linear, attn1 (to_q, to_k, to_v, to_out.0), ff (2) = 9; then the final layer calls block
+# 0's timestep embedder again (2) and proj_out_1, proj_out_2. PixArt block: attn1 and attn2
+# (4 each), ff (2) = 10; plus timestep embedder 2, adaLN-single linear, caption projection 2,
+# proj_out.
+EXPECTED: dict[str, tuple[int, int]] = {
+    "bert_eager": (LAYERS, 6 * LAYERS + 1),
+    "bert_sdpa": (LAYERS, 6 * LAYERS + 1),
+    "gpt2_eager": (LAYERS, 0),
+    "gpt2_sdpa": (LAYERS, 0),
+    "llama_eager": (LAYERS, 7 * LAYERS),
+    "llama_sdpa": (LAYERS, 7 * LAYERS),
+    "diffusers_dit": (LAYERS, 9 * LAYERS + 4),
+    "diffusers_pixart": (2 * LAYERS, 10 * LAYERS + 6),
+}

@@ -1,0 +1,47 @@
+"""The `sparsec` command line: `sparsec dump module:factory` and its errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsec.cli import main, parse_cli_options
+from sparsec.patterns import Window
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dump_writes_the_stages_of_a_factory_model(tmp_path, capsys):
+    options = '{"inner": "eager", "attention_patterns": {"blocks.*.attn": {"type": "Window", "left": 2, "right": 0}}}'
+    assert main(["dump", "tests.models:gpt_sdpa", "--out", str(tmp_path), "--options", options]) == 0
+    (folder,) = tmp_path.iterdir()
+    assert {"0_dynamo_fx.py", "2_ir_lower.txt", "3_ir_apply_patterns.txt"} <= {p.name for p in folder.iterdir()}
+    assert "Window(left=2, right=0)" in (folder / "3_ir_apply_patterns.txt").read_text()
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn" in printed and str(tmp_path) in printed
+
+
+def test_options_json_turns_pattern_dicts_into_patterns():
+    options = parse_cli_options('{"attention_patterns": {"a": {"type": "Window", "left": 1, "right": 0}, '
+                                '"b": [{"type": "Window", "left": 2, "right": 2}]}}')
+    assert options["attention_patterns"] == {"a": Window(1, 0), "b": [Window(2, 2)]}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dump", "tests.models"], "module:factory"),
+    (["dump", "no_such_module_xyz:f"], "cannot import"),
+    (["dump", "tests.models:no_such_factory"], "no callable"),
+    (["dump", "tests.models:gpt_sdpa", "--options", "{not json"], "not valid JSON"),
+])
+def test_bad_arguments_say_what_is_wrong(argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert message in str(info.value)
+
+
+def test_the_console_script_runs_in_a_fresh_process():
+    result = subprocess.run([sys.executable, "-m", "sparsec.cli", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "dump" in result.stdout and "demo" in result.stdout

@@ -1,0 +1,59 @@
+"""SPARSEC_DUMP_DIR / the dump_dir option write every graph's stages; sparsec.explain returns
+the same as objects."""
+from __future__ import annotations
+
+import torch
+
+from sparsec.explain import explain
+from sparsec.ir.ops import Attention
+from sparsec.ir.parser import parse_graph
+from sparsec.patterns import Window
+from tests import models
+
+EXPECTED_FILES = ["0_dynamo_fx.py", "1_aten_fx.py", "2_ir_lower.txt", "3_ir_apply_patterns.txt", "4_rewritten_fx.py"]
+
+
+def _compile_with_env_dump(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEC_DUMP_DIR", str(tmp_path))
+    torch._dynamo.reset()  # the same model code compiled by an earlier test would be reused
+    model, inputs = models.graph_break()
+    with torch.no_grad():
+        torch.compile(model, backend="sparsec", options={"inner": "eager"})(*inputs)
+
+
+def test_dump_dir_has_a_folder_per_graph_with_every_stage(monkeypatch, tmp_path):
+    _compile_with_env_dump(monkeypatch, tmp_path)
+    folders = sorted(p for p in tmp_path.iterdir())
+    assert [f.name.split("_", 1)[0] for f in folders] == ["000", "001"]  # graph break: two graphs
+    for folder in folders:
+        assert sorted(p.name for p in folder.iterdir()) == EXPECTED_FILES
+        assert "torch.ops.sparsec.attention" in (folder / "4_rewritten_fx.py").read_text()
+        assert "def forward" in (folder / "0_dynamo_fx.py").read_text()
+        ir = parse_graph((folder / "3_ir_apply_patterns.txt").read_text())
+        assert len(ir.ops_of(Attention)) == 1
+
+
+def test_dumps_continue_numbering_in_a_used_folder(monkeypatch, tmp_path):
+    (tmp_path / "007_old").mkdir()
+    _compile_with_env_dump(monkeypatch, tmp_path)
+    assert sorted(p.name.split("_", 1)[0] for p in tmp_path.iterdir()) == ["007", "008", "009"]
+
+
+def test_explain_reports_every_graph_and_stage():
+    model, inputs = models.graph_break()
+    report = explain(model, *inputs, options={"inner": "eager", "attention_patterns": {"block0.attn": Window(2, 0)}})
+    assert len(report.graphs) == 2
+    first = report.graphs[0]
+    assert [name for name, _ in first.stages] == ["lower", "apply_patterns"]
+    assert first.stage("lower").ops_of(Attention)[0].scores.is_dense
+    assert not first.stage("apply_patterns").ops_of(Attention)[0].scores.is_dense
+    text = str(report)
+    assert "2 graph(s)" in text and "block0.attn" in text and "Window(left=2, right=0) * 4" in text
+    assert "graph " + first.name in text and "return" in text  # the final IR is printed
+    assert parse_graph(str(first.final_ir)) == first.final_ir
+
+
+def test_explain_twice_compiles_again():
+    model, inputs = models.gpt_sdpa()
+    assert len(explain(model, *inputs, options={"inner": "eager"}).graphs) == 1
+    assert len(explain(model, *inputs, options={"inner": "eager"}).graphs) == 1
