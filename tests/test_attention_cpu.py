@@ -1,0 +1,199 @@
+"""codegen.attention_cpu.cpu_attention against a float64 reference built from pattern.mask()."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsec import patterns as P
+from sparsec.codegen import attention_cpu
+from sparsec.codegen.attention_cpu import cpu_attention
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def reference(q, k, v, head_patterns, causal, scale):
+    """float64 attention with explicit masks, written from DESIGN.md's definition."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    i, j = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
+    allowed = j <= i + (Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool)
+    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
+    for h, p in enumerate(head_patterns):
+        kv = h // (Hq // Hkv)
+        vh = v[:, kv].double()
+        if isinstance(p, P.Skip):
+            if p.fill == "mean":
+                weights = allowed.double() / allowed.sum(dim=1, keepdim=True).clamp(min=1)
+                out[:, h] = weights @ vh
+            continue
+        keep = p.mask(Sq, Sk) & allowed
+        scores = (q[:, h].double() @ k[:, kv].double().transpose(-1, -2)) * scale
+        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+        out[:, h] = probs @ vh
+    return out
+
+
+def check(head_patterns, *, B=1, Hkv=None, Sq=37, Sk=37, D=16, Dv=None, causal=False, dtype=torch.float32,
+          block_m=None, block_n=None, seed=0):
+    torch.manual_seed(seed)
+    Hq = len(head_patterns)
+    Hkv = Hkv or Hq
+    q = torch.randn(B, Hq, Sq, D, dtype=dtype)
+    k = torch.randn(B, Hkv, Sk, D, dtype=dtype)
+    v = torch.randn(B, Hkv, Sk, Dv or D, dtype=dtype)
+    scale = 1.0 / math.sqrt(D)
+    out = cpu_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, block_m=block_m, block_n=block_n)
+    assert out.dtype == dtype and out.shape == (B, Hq, Sq, Dv or D)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), reference(q, k, v, head_patterns, causal, scale), atol=tol, rtol=tol)
+    return out
+
+
+def block_sparse(Sq, Sk, block, density=0.4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return P.BlockSparse(torch.rand(math.ceil(Sq / block[0]), math.ceil(Sk / block[1]), generator=g) < density, block)
+
+
+FAMILIES = [
+    P.Dense(), P.Window(5, 2), P.Window(0, 0), P.MultiDiagonal([-12, 0, 9], 2), P.Columns([(0, 3), (20, 26)]),
+    P.AShape(4, 6), P.VerticalSlash([1, (10, 12)], [0, -7]), P.Window(1, 1) | P.Columns([30]),
+    P.AShape(2, 3) | P.MultiDiagonal([15], 1), block_sparse(37, 37, (8, 5)), block_sparse(37, 37, (4, 4)) | P.Window(2, 0),
+    P.Skip("mean"), P.Skip("zero"),
+]
+
+
+@pytest.mark.parametrize("pattern", FAMILIES, ids=repr)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("blocks", [(None, None), (8, 8), (16, 4)])
+def test_every_family(pattern, causal, blocks):
+    check([pattern, pattern], B=2, causal=causal, block_m=blocks[0], block_n=blocks[1])
+
+
+MIX = [P.Window(3, 1), P.Skip("mean"), P.Columns([(0, 2), 9]) | P.Window(0, 0), P.Skip("zero"),
+       P.Dense(), P.MultiDiagonal([-4, 4], 1), P.VerticalSlash([1], [0, -3]), P.AShape(2, 2)]
+
+
+@pytest.mark.parametrize("Sq,Sk", [(13, 13), (5, 17), (17, 6), (1, 9), (1, 1), (45, 29), (64, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_mixed_heads_and_lengths(Sq, Sk, causal):
+    check(MIX, B=2, Hkv=4, Sq=Sq, Sk=Sk, causal=causal, block_m=8, block_n=8)
+    check(MIX, Hkv=2, Sq=Sq, Sk=Sk, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dtypes(dtype, causal):
+    check(MIX, Hkv=4, Sq=40, Sk=33, causal=causal, dtype=dtype, block_m=8, block_n=16)
+    check([P.Dense(), P.Window(4, 4)], Sq=24, Sk=24, causal=causal, dtype=dtype)
+
+
+def test_value_dim_differs_from_head_dim():
+    check([P.Window(3, 3), P.Dense(), P.Skip("mean"), P.Columns([0])], Hkv=2, Sq=21, Sk=30, D=16, Dv=8, causal=True)
+
+
+def test_rows_without_keys_are_zero():
+    out = check([P.Columns([(30, 37)]), P.Window(0, 0)], Sq=37, Sk=37, causal=True, block_m=8, block_n=8)
+    assert torch.equal(out[0, 0, :30], torch.zeros(30, 16))
+    assert out[0, 0, 30:].abs().sum() > 0
+    # Sq > Sk with causal: the first Sq - Sk rows may see no key at all, Dense included.
+    out = check([P.Dense(), P.Window(2, 0)], Sq=20, Sk=7, causal=True)
+    assert torch.equal(out[0, :, :13], torch.zeros(2, 13, 16))
+
+
+def test_skipped_key_blocks_are_never_read():
+    """NaN in every key block a head does not need must not reach the output."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    patterns = (P.Columns([(0, 8)]), P.Skip("zero"))
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, 0, 8:] = float("nan")
+    poisoned_v[:, 0, 8:] = float("nan")
+    poisoned_k[:, 1] = float("nan")  # a Skip head never reads K
+    out = cpu_attention(q, poisoned_k, poisoned_v, patterns, causal=False, scale=0.25, block_m=16, block_n=8)
+    torch.testing.assert_close(out.double(), reference(q, k, v, patterns, False, 0.25), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_window_uses_strided_kv_and_padded_edges(causal):
+    """Lengths that exercise the strided (no-gather) K/V path, padded edge groups and odd tails."""
+    pattern = P.Window(40, 40 if not causal else 0)
+    plan = attention_cpu._plan(pattern, 301, 301, causal, 32, 16)
+    assert any(g.kv_affine is not None for g in plan.groups)
+    check([pattern] * 4, Hkv=2, Sq=301, Sk=301, causal=causal, block_m=32, block_n=16)
+
+
+def test_plans_without_cached_masks_and_with_small_chunks(monkeypatch):
+    """Past the mask budget masks are rebuilt per call; past the gather budget calls are chunked."""
+    monkeypatch.setattr(attention_cpu, "_PLAN_MASK_BYTES", 1)
+    monkeypatch.setattr(attention_cpu, "_GATHER_BYTES", 1)
+    monkeypatch.setattr(attention_cpu, "_PLAN_CHUNK_PAIRS", 1)
+    attention_cpu._plan.cache_clear()
+    try:
+        for causal in (False, True):
+            check(MIX, Hkv=4, Sq=29, Sk=35, causal=causal, block_m=8, block_n=4)
+            check([block_sparse(29, 35, (3, 7)), P.MultiDiagonal([-9, 9], 1)], Sq=29, Sk=35, causal=causal,
+                  block_m=8, block_n=8)
+    finally:
+        attention_cpu._plan.cache_clear()
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="one Pattern per query head"):
+        cpu_attention(q, q, q, (P.Dense(),), causal=False, scale=0.5)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        cpu_attention(torch.randn(1, 3, 8, 4), q, q, (P.Dense(),) * 3, causal=False, scale=0.5)
+    with pytest.raises(TypeError, match="dtype"):
+        cpu_attention(q.double(), q.double(), q.double(), (P.Dense(),) * 2, causal=False, scale=0.5)
+    with pytest.raises(ValueError, match="block_m must be a positive int"):
+        cpu_attention(q, q, q, (P.Window(1, 1),) * 2, causal=False, scale=0.5, block_m=0)
+    with pytest.raises(ValueError, match="4-D"):
+        cpu_attention(q[0], q, q, (P.Dense(),) * 2, causal=False, scale=0.5)
+
+
+# -- property test: random patterns, unions, shapes and tiles ------------------------------------
+
+small = st.integers(min_value=0, max_value=10)
+offsets = st.lists(st.integers(min_value=-30, max_value=30), min_size=1, max_size=3)
+column_ranges = st.lists(st.tuples(st.integers(0, 40), st.integers(1, 6)).map(lambda t: (t[0], t[0] + t[1])),
+                         min_size=1, max_size=3)
+simple_patterns = st.one_of(
+    st.just(P.Dense()),
+    st.builds(P.Window, small, small),
+    st.builds(P.MultiDiagonal, offsets, st.integers(0, 3)),
+    st.builds(P.Columns, column_ranges),
+    st.builds(P.AShape, small, small),
+    st.builds(P.VerticalSlash, column_ranges, offsets),
+)
+
+
+@st.composite
+def head_pattern(draw, Sq, Sk):
+    if draw(st.integers(0, 9)) == 0:
+        return P.Skip(draw(st.sampled_from(["mean", "zero"])))
+    parts = draw(st.lists(simple_patterns, min_size=1, max_size=3))
+    if draw(st.booleans()):
+        block = (draw(st.integers(1, 8)), draw(st.integers(1, 8)))
+        parts.append(block_sparse(Sq, Sk, block, 0.3, seed=draw(st.integers(0, 999))))
+    return parts[0] if len(set(parts)) == 1 else P.Union(parts)
+
+
+@st.composite
+def cases(draw):
+    Sq, Sk = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    Hkv = draw(st.integers(1, 2))
+    Hq = Hkv * draw(st.integers(1, 2))
+    patterns = [draw(head_pattern(Sq, Sk)) for _ in range(Hq)]
+    tiles = draw(st.sampled_from([(None, None), (4, 4), (8, 2), (16, 8), (3, 5)]))
+    return patterns, Hkv, Sq, Sk, tiles, draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_random_patterns_and_shapes(case):
+    patterns, Hkv, Sq, Sk, (block_m, block_n), causal, seed = case
+    check(patterns, Hkv=Hkv, Sq=Sq, Sk=Sk, D=8, causal=causal, block_m=block_m, block_n=block_n, seed=seed)

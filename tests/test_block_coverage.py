@@ -1,0 +1,172 @@
+"""codegen.block_coverage against tile coverage computed from explicit pattern.mask() masks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsec import patterns as P
+from sparsec.codegen.block_coverage import (
+    EMPTY, FULL, PARTIAL, block_coverage, kept_pairs, kv_block_table, row_intervals,
+)
+
+
+def kept_mask(pattern, Sq, Sk, causal):
+    mask = pattern.mask(Sq, Sk)
+    if causal:
+        mask &= torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
+    return mask
+
+
+def reference_coverage(pattern, Sq, Sk, block_m, block_n, causal):
+    """Per tile from the explicit mask: EMPTY if no pair kept, FULL if every pair inside Sq x Sk
+    is kept, else PARTIAL."""
+    nqb, nkb = math.ceil(Sq / block_m), math.ceil(Sk / block_n)
+    kept = torch.zeros(nqb * block_m, nkb * block_n, dtype=torch.bool)
+    inside = torch.zeros_like(kept)
+    kept[:Sq, :Sk] = kept_mask(pattern, Sq, Sk, causal)
+    inside[:Sq, :Sk] = True
+    cov = torch.full((nqb, nkb), PARTIAL, dtype=torch.uint8)
+    tiles = kept.view(nqb, block_m, nkb, block_n)
+    cov[~tiles.any(dim=3).any(dim=1)] = EMPTY
+    cov[(tiles | ~inside.view(nqb, block_m, nkb, block_n)).all(dim=3).all(dim=1)] = FULL
+    return cov
+
+
+def random_layout(Sq, Sk, block, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(math.ceil(Sq / block[0]), math.ceil(Sk / block[1]), generator=g) < density
+
+
+FIXED = [
+    P.Dense(), P.Window(3, 5), P.Window(0, 0), P.Window(100, 0), P.MultiDiagonal([-7, 0, 9], 2),
+    P.MultiDiagonal([-3, 0, 3], 1), P.Columns([(0, 3), (10, 20)]), P.Columns([40]), P.AShape(4, 6),
+    P.AShape(0, 3), P.VerticalSlash([2, (5, 9)], [0, -4]), P.VerticalSlash([], [1]),
+    P.Window(0, 0) | P.Columns([30]), P.AShape(2, 1) | P.MultiDiagonal([12], 0),
+]
+
+
+@pytest.mark.parametrize("pattern", FIXED, ids=repr)
+@pytest.mark.parametrize("Sq,Sk,block_m,block_n", [(37, 37, 8, 8), (20, 45, 4, 16), (45, 19, 16, 4), (1, 33, 16, 8), (64, 64, 16, 16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_family_matches_mask(pattern, Sq, Sk, block_m, block_n, causal):
+    got = block_coverage(pattern, Sq, Sk, block_m, block_n, causal)
+    assert got.dtype == torch.uint8 and got.shape == (math.ceil(Sq / block_m), math.ceil(Sk / block_n))
+    assert torch.equal(got, reference_coverage(pattern, Sq, Sk, block_m, block_n, causal))
+
+
+@pytest.mark.parametrize("block", [(1, 1), (4, 4), (3, 5), (16, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_and_its_unions_match_mask(block, causal):
+    Sq, Sk = 41, 29
+    sparse = P.BlockSparse(random_layout(Sq, Sk, block, 0.4, seed=sum(block)), block)
+    for pattern in (sparse, sparse | P.Window(2, 2), sparse | P.Columns([(0, 2)])):
+        for block_m, block_n in ((8, 8), (4, 16), (1, 1)):
+            got = block_coverage(pattern, Sq, Sk, block_m, block_n, causal)
+            assert torch.equal(got, reference_coverage(pattern, Sq, Sk, block_m, block_n, causal)), (pattern, block_m, block_n)
+
+
+def test_skip_reads_no_keys():
+    assert torch.equal(block_coverage(P.Skip("mean"), 10, 12, 4, 4, True), torch.zeros(3, 3, dtype=torch.uint8))
+
+
+def test_window_coverage_is_a_band_at_32k():
+    """At S = 32K (no S x S mask possible in this test's time), a window's tiles form the band
+    that block arithmetic predicts."""
+    S, block, left = 32768, 64, 1000
+    got = block_coverage(P.Window(left, 0), S, S, block, block, causal=True)
+    qb = torch.arange(S // block)[:, None]
+    kb = torch.arange(S // block)[None, :]
+    # Query block qb holds rows [64 qb, 64 qb + 63]; it keeps keys [64 qb - 1000, 64 qb + 63].
+    touched = (kb * block + block - 1 >= qb * block - left) & (kb <= qb)
+    whole = (kb * block >= qb * block + block - 1 - left) & (kb < qb)
+    assert torch.equal(got != EMPTY, touched)
+    assert torch.equal(got == FULL, whole)
+
+
+def test_kv_block_table_lists_visited_blocks_in_order():
+    cov = torch.tensor([[0, 2, 1, 0], [0, 0, 0, 0], [2, 2, 2, 1]], dtype=torch.uint8)
+    num, indices, full = kv_block_table(cov)
+    assert num.dtype == torch.int32 and indices.dtype == torch.int32 and full.dtype == torch.bool
+    assert num.tolist() == [2, 0, 4]
+    assert indices.tolist() == [[1, 2, 0, 0], [0, 0, 0, 0], [0, 1, 2, 3]]
+    assert full.tolist() == [[True, False, False, False], [False] * 4, [True, True, True, False]]
+
+
+def test_kv_block_table_of_empty_coverage_has_one_column():
+    num, indices, full = kv_block_table(torch.zeros(2, 5, dtype=torch.uint8))
+    assert num.tolist() == [0, 0] and indices.shape == (2, 1) and not full.any()
+
+
+@pytest.mark.parametrize("pattern", FIXED + [P.BlockSparse(random_layout(23, 31, (4, 3), 0.5, seed=1), (4, 3))], ids=repr)
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_intervals_union_is_the_mask(pattern, causal):
+    Sq, Sk = 23, 31
+    lo, hi = row_intervals(pattern, Sq, Sk, causal)
+    j = torch.arange(Sk)
+    union = ((j[None, None, :] >= lo[:, :, None]) & (j[None, None, :] <= hi[:, :, None])).any(dim=1)
+    assert torch.equal(union, kept_mask(pattern, Sq, Sk, causal))
+
+
+@pytest.mark.parametrize("pattern", FIXED + [P.Skip("zero"), P.BlockSparse(random_layout(23, 31, (4, 3), 0.5, seed=2), (4, 3))], ids=repr)
+@pytest.mark.parametrize("causal", [False, True])
+def test_kept_pairs_counts_the_mask(pattern, causal):
+    assert kept_pairs(pattern, 23, 31, causal) == int(kept_mask(pattern, 23, 31, causal).sum())
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="block_m must be a positive int"):
+        block_coverage(P.Dense(), 8, 8, 0, 4, False)
+    with pytest.raises(ValueError, match="Sk must be a positive int"):
+        block_coverage(P.Dense(), 8, 0, 4, 4, False)
+    with pytest.raises(TypeError, match="expected a Pattern"):
+        block_coverage("window", 8, 8, 4, 4, False)
+    with pytest.raises(ValueError, match="layout has shape"):
+        block_coverage(P.BlockSparse(torch.ones(2, 2, dtype=torch.bool), 4), 16, 16, 4, 4, False)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        kv_block_table(torch.zeros(3, dtype=torch.uint8))
+
+
+def test_cached_result_cannot_be_corrupted_by_callers():
+    first = block_coverage(P.Window(2, 2), 16, 16, 4, 4, False)
+    first.zero_()
+    assert block_coverage(P.Window(2, 2), 16, 16, 4, 4, False).any()
+
+
+# -- property test: random patterns, shapes and tiles --------------------------------------------
+
+small = st.integers(min_value=0, max_value=12)
+offsets = st.lists(st.integers(min_value=-40, max_value=40), min_size=1, max_size=4)
+column_ranges = st.lists(st.tuples(st.integers(0, 50), st.integers(1, 8)).map(lambda t: (t[0], t[0] + t[1])), min_size=1, max_size=3)
+simple_patterns = st.one_of(
+    st.just(P.Dense()),
+    st.builds(P.Window, small, small),
+    st.builds(P.MultiDiagonal, offsets, st.integers(0, 3)),
+    st.builds(P.Columns, column_ranges),
+    st.builds(P.AShape, small, small),
+    st.builds(P.VerticalSlash, column_ranges, offsets),
+)
+
+
+@st.composite
+def cases(draw):
+    Sq, Sk = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    parts = draw(st.lists(simple_patterns, min_size=1, max_size=3))
+    if draw(st.booleans()):
+        block = (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+        parts.append(P.BlockSparse(random_layout(Sq, Sk, block, 0.3, seed=draw(st.integers(0, 999))), block))
+    pattern = parts[0] if len(set(parts)) == 1 else P.Union(parts)
+    tiles = (draw(st.sampled_from([1, 2, 4, 8, 16])), draw(st.sampled_from([1, 2, 4, 8, 16])))
+    return pattern, Sq, Sk, tiles, draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_random_patterns_match_mask(case):
+    pattern, Sq, Sk, (block_m, block_n), causal = case
+    got = block_coverage(pattern, Sq, Sk, block_m, block_n, causal)
+    assert torch.equal(got, reference_coverage(pattern, Sq, Sk, block_m, block_n, causal))
+    assert kept_pairs(pattern, Sq, Sk, causal) == int(kept_mask(pattern, Sq, Sk, causal).sum())
