@@ -1,1 +1,115 @@
-"""Hardware profiles and cost estimates of the kernels sparsec emits."""
+"""Hardware profiles and cost estimates of the kernels sparsec emits.
+
+One interface for every op (STYLE.md 7): `estimate(op, hardware) -> seconds`.
+
+  - ir.ops.Attention: the per-head patterns on `op.scores.sparsity` (DENSE: every head Dense),
+    shapes and dtype from q / k / v, `causal` -> attention_cost.estimate_attention at the tiles
+    the kernels would use (codegen.tiles.default_tiles, unless block_m / block_n are given).
+    An explicit mask / bias operand is not something the pattern kernels take: such an op runs
+    the dense path and also streams the mask.
+  - ir.ops.Linear: a GEMM of 2 * M * N * K flops, M = tokens (x's leading dims), N x K = weight,
+    bound by the slower of arithmetic and memory traffic (x, weight, output, bias), plus a launch.
+    Sparse weights, following the kernels sparsec has for them (codegen/linear_*.py):
+      BlockSparse(block=(bo, bi), density): the BSR kernels visit only kept blocks, so arithmetic
+        and weight bytes scale with density (block indices add 4 bytes a block). A program's dot
+        tile is the weight block, and tensor cores need ~64 x 64 tiles to run at the dense
+        kernel's rate, so the rate drops by min(1, sqrt(bo * bi) / 64): 16 x 16 blocks then win
+        only below ~25% density, in line with the 70-86% sparsity crossovers reported for BSR
+        matmuls (ANCHORS.md).
+      NMSparse(n, m): Triton has no sparse tensor-core dot, so the N:M kernel expands kept values
+        to dense tiles in registers — dense arithmetic — but reads only `density` of the weight
+        bytes plus one int8 position per kept value: a win where reading the weight dominates
+        (few tokens). (The CPU executor halves the arithmetic but runs at GEMV speed: about the
+        same.)
+      Unstructured: no kernel exploits it, so it costs the dense GEMM.
+"""
+from __future__ import annotations
+
+import math
+
+from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
+from sparsec.cost_models.hardware import HardwareProfile, get_profile
+
+__all__ = ["estimate", "estimate_linear_seconds"]
+
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
+_FULL_RATE_TILE = 64      # dot tile edge at which tensor cores reach the dense GEMM's rate
+_BLOCK_INDEX_BYTES = 4    # int32 column index per kept BSR block
+_NM_INDEX_BYTES = 1       # int8 in-group position per kept N:M value
+
+
+def estimate(op, hardware: HardwareProfile | str, *, block_m: int | None = None, block_n: int | None = None) -> float:
+    """Seconds one execution of `op` (ir.ops.Attention or ir.ops.Linear) takes on `hardware` (a
+    profile or a target name such as "h100"). block_m / block_n override attention tiles."""
+    from sparsec.ir.ops import Attention, Linear
+
+    hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
+    if isinstance(op, Attention):
+        return _attention_seconds(op, hardware, block_m, block_n)
+    if isinstance(op, Linear):
+        return _linear_seconds(op, hardware)
+    raise TypeError(f"estimate: no cost model for {type(op).__name__} ops; it handles Attention and Linear")
+
+
+def _static_shape(what: str, value) -> tuple[int, ...]:
+    shape = value.type.shape
+    if not all(isinstance(d, int) for d in shape):
+        raise ValueError(f"estimate: {what} %{value.name} has symbolic shape {shape}; costs need static shapes")
+    return shape
+
+
+def _dtype(what: str, dtype: str) -> str:
+    if dtype not in _BYTES:
+        raise ValueError(f"estimate: {what} dtype {dtype!r} has no kernel; supported: {sorted(_BYTES)}")
+    return dtype
+
+
+def _attention_seconds(op, hardware: HardwareProfile, block_m: int | None, block_n: int | None) -> float:
+    from sparsec.codegen.tiles import default_tiles
+    from sparsec.ir.types import AttentionPatterns, torch_dtype
+    from sparsec.patterns import Dense
+
+    (B, Hq, Sq, D), (_, Hkv, Sk, _), (_, _, _, Dv) = (_static_shape(n, getattr(op, n)) for n in ("q", "k", "v"))
+    dtype = _dtype("attention", op.q.type.dtype)
+    sparsity = op.scores.sparsity
+    patterns = sparsity.patterns if isinstance(sparsity, AttentionPatterns) else (Dense(),) * Hq
+    if op.mask is not None:
+        patterns = (Dense(),) * Hq
+    shape = AttentionShape(batch=B, num_heads=Hq, num_kv_heads=Hkv, q_len=Sq, kv_len=Sk, head_dim=D,
+                           value_dim=Dv, dtype=dtype, causal=op.causal)
+    tiles = default_tiles(max(D, Dv), torch_dtype(dtype), Sq, Sk)
+    seconds = estimate_attention(patterns, shape, hardware, block_m=block_m or tiles.block_m,
+                                 block_n=block_n or tiles.block_n).seconds
+    if op.mask is not None:
+        mask = op.mask.type
+        mask_bytes = math.prod(_static_shape("mask", op.mask)) * (1 if mask.dtype == "bool" else _BYTES.get(mask.dtype, 4))
+        seconds += mask_bytes / (hardware.memory_bandwidth * hardware.memory_efficiency)
+    return seconds
+
+
+def _linear_seconds(op, hardware: HardwareProfile) -> float:
+    x_shape, (N, K) = _static_shape("x", op.x), _static_shape("weight", op.weight)
+    dtype = _dtype("linear", op.x.type.dtype)
+    tokens = math.prod(x_shape[:-1])
+    return estimate_linear_seconds(tokens, N, K, dtype, op.weight.type.sparsity, hardware, bias=op.bias is not None)
+
+
+def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dtype: str, sparsity,
+                            hardware: HardwareProfile, *, bias: bool = False) -> float:
+    """Seconds of y = x @ W.T (+ bias) for `tokens` rows on `hardware`, W's sparsity an ir.types
+    encoding (see the module docstring for what each one changes)."""
+    from sparsec.ir.types import BlockSparse, NMSparse
+
+    M, N, K, size = tokens, out_features, in_features, _BYTES[_dtype("linear", dtype)]
+    flops, weight_bytes, rate = 2.0 * M * N * K, float(N * K * size), 1.0
+    if isinstance(sparsity, BlockSparse):
+        bo, bi = sparsity.block
+        flops *= sparsity.density
+        weight_bytes = weight_bytes * sparsity.density + sparsity.density * (N * K / (bo * bi)) * _BLOCK_INDEX_BYTES
+        rate = min(1.0, math.sqrt(bo * bi) / _FULL_RATE_TILE)
+    elif isinstance(sparsity, NMSparse):
+        weight_bytes = sparsity.density * N * K * (size + _NM_INDEX_BYTES)
+    traffic = weight_bytes + (M * K + M * N + (N if bias else 0)) * size
+    compute_s = flops / (hardware.flops(dtype) * hardware.matmul_efficiency * rate)
+    memory_s = traffic / (hardware.memory_bandwidth * hardware.memory_efficiency)
+    return max(compute_s, memory_s) + hardware.launch_overhead_s

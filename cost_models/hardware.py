@@ -34,6 +34,9 @@ class HardwareProfile:
     memory_efficiency: float = 0.8      # fraction of memory_bandwidth reached by streaming loads
     mask_cost_per_pair: float = 6.0     # vector FLOPs spent per masked (i, j) element of a partial block
     block_overhead_s: float = 0.0       # fixed cost per visited key block (loop and pointer bookkeeping)
+    # Whether one partial tile makes a program mask all the tiles it visits: the Triton kernels mask
+    # only partial tiles; the CPU executor runs a query block's visited keys as one masked call.
+    masks_whole_query_block: bool = False
     calibrated_from: str = field(default="published figures")
 
     def flops(self, dtype: str) -> float:
@@ -86,7 +89,8 @@ PROFILES: dict[str, HardwareProfile] = {
         tensor_flops={"f32": 100e9, "bf16": 30e9, "f16": 30e9},
         vector_flops=20e9, exp_per_s=2e9,
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
-        launch_overhead_s=15e-6, programs_per_sm=1, matmul_efficiency=0.7, block_overhead_s=2e-6),
+        launch_overhead_s=15e-6, programs_per_sm=1, matmul_efficiency=0.7, block_overhead_s=2e-6,
+        masks_whole_query_block=True),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

@@ -1,0 +1,243 @@
+"""Fit a hardware profile's coefficients to measured kernel times, and `calibrate`: measure, fit,
+report the accuracy, store the calibrated profile.
+
+The analytic model (attention_cost) is fixed in form; its device coefficients (how much of peak a
+kernel's inner loop reaches, what a masked pair, a visited block and a launch cost) are what
+measurements refine. The fit minimizes the squared error of log(predicted / measured) over the
+candidates — relative error, so a 50 us kernel counts as much as a 50 ms one, which is what
+ranking kernels needs — plus a weak pull of each coefficient towards its starting value
+(`prior_weight`), which keeps coefficients the measurements cannot see (memory bandwidth on a
+compute-bound grid, say) where they were instead of letting them drift.
+
+Coefficients are fitted in log space (they are positive and span decades) within `BOUNDS`, by
+Levenberg-Marquardt with a forward-difference Jacobian: the model has a max() of compute and memory
+time and a list scheduler, so it has no closed-form gradient, but it is piecewise smooth and has
+few coefficients. Each candidate's tile geometry (`AttentionWork`) is computed once; a trial set of
+coefficients only re-prices it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsec.cost_models.accuracy import Accuracy, model_accuracy
+from sparsec.cost_models.attention_cost import AttentionWork, attention_work, price_attention
+from sparsec.cost_models.calibration import save_calibrated_profile
+from sparsec.cost_models.hardware import HardwareProfile, get_profile, profile_for_device
+from sparsec.cost_models.measure import Candidate, Measurement, default_grid, measure, measurement_device
+
+__all__ = ["BOUNDS", "FIT_PARAMETERS", "CalibrationReport", "FitResult", "calibrate", "candidate_work",
+           "fit_measurements", "fit_profile", "predict"]
+
+log = logging.getLogger(__name__)
+
+FIT_PARAMETERS = ("matmul_efficiency", "memory_efficiency", "mask_cost_per_pair", "block_overhead_s",
+                  "launch_overhead_s")
+# Physically meaningful ranges: efficiencies are fractions of a peak; costs are positive and finite.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "matmul_efficiency": (1e-3, 1.0),
+    "memory_efficiency": (1e-3, 1.0),
+    "mask_cost_per_pair": (1e-2, 1e3),
+    "block_overhead_s": (1e-10, 1e-2),
+    "launch_overhead_s": (1e-7, 1e-1),
+    "exp_per_s": (1e6, 1e15),
+    "vector_flops": (1e6, 1e16),
+}
+
+
+def candidate_work(candidate: Candidate) -> AttentionWork:
+    """The tiles a candidate's kernels visit (hardware independent)."""
+    return attention_work(candidate.head_patterns, candidate.shape,
+                          block_m=candidate.tiles.block_m, block_n=candidate.tiles.block_n)
+
+
+def predict(profile: HardwareProfile, works: Sequence[AttentionWork]) -> np.ndarray:
+    """Predicted seconds of each work item on `profile`."""
+    return np.array([price_attention(w, profile).seconds for w in works], dtype=np.float64)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FitResult:
+    profile: HardwareProfile
+    before: dict[str, float]            # fitted coefficients before ...
+    after: dict[str, float]             # ... and after
+    rms_log_error_before: float         # sqrt(mean(log(predicted / measured)^2)): ~ relative error
+    rms_log_error_after: float
+    iterations: int
+
+
+def _check_inputs(profile: HardwareProfile, works, measured, parameters) -> np.ndarray:
+    measured = np.asarray(measured, dtype=np.float64)
+    if measured.ndim != 1 or measured.size != len(works):
+        raise ValueError(f"fit_profile: {len(works)} work items but measured has shape {measured.shape}")
+    if measured.size == 0:
+        raise ValueError("fit_profile: no measurements to fit")
+    if not np.all(np.isfinite(measured)) or measured.min() <= 0:
+        raise ValueError("fit_profile: measured times must be finite and positive")
+    for name in parameters:
+        if name not in BOUNDS:
+            raise ValueError(f"fit_profile: cannot fit {name!r}; fittable: {sorted(BOUNDS)}")
+        if not isinstance(getattr(profile, name, None), (int, float)):
+            raise ValueError(f"fit_profile: profile has no numeric coefficient {name!r}")
+    return measured
+
+
+class _Objective:
+    """Residuals of log time, plus the prior rows, as a function of the log coefficients."""
+
+    def __init__(self, profile, works, measured, parameters, prior_weight):
+        self.profile, self.works, self.parameters = profile, works, parameters
+        self.log_measured = np.log(measured)
+        self.low = np.log([BOUNDS[n][0] for n in parameters])
+        self.high = np.log([BOUNDS[n][1] for n in parameters])
+        self.start = self.clip(np.log([float(getattr(profile, n)) for n in parameters]))
+        self.prior = math.sqrt(prior_weight * len(works))
+
+    def clip(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x, self.low, self.high)
+
+    def profile_at(self, x: np.ndarray) -> HardwareProfile:
+        return self.profile.replace(**{n: float(math.exp(v)) for n, v in zip(self.parameters, x)})
+
+    def log_errors(self, x: np.ndarray) -> np.ndarray:
+        return np.log(predict(self.profile_at(x), self.works)) - self.log_measured
+
+    def residuals(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.log_errors(x), self.prior * (x - self.start)])
+
+
+def _jacobian(objective: _Objective, x: np.ndarray, r: np.ndarray, step: float = 1e-4) -> np.ndarray:
+    columns = []
+    for i in range(x.size):
+        # Step inward at an upper bound so the probe stays inside the box.
+        h = -step if x[i] + step > objective.high[i] else step
+        probe = x.copy()
+        probe[i] += h
+        columns.append((objective.residuals(probe) - r) / h)
+    return np.stack(columns, axis=1)
+
+
+def _levenberg_marquardt(objective: _Objective, x: np.ndarray, max_iterations: int) -> tuple[np.ndarray, int]:
+    r = objective.residuals(x)
+    cost, damping = float(r @ r), 1e-3
+    for iteration in range(1, max_iterations + 1):
+        J = _jacobian(objective, x, r)
+        JtJ, gradient = J.T @ J, J.T @ r
+        improved = False
+        while damping < 1e10:
+            step = np.linalg.solve(JtJ + damping * (np.diag(np.diag(JtJ)) + 1e-9 * np.eye(x.size)), -gradient)
+            trial = objective.clip(x + step)
+            r_trial = objective.residuals(trial)
+            trial_cost = float(r_trial @ r_trial)
+            if trial_cost < cost:
+                improved = cost - trial_cost > 1e-10 * max(cost, 1e-30)
+                x, r, cost, damping = trial, r_trial, trial_cost, max(damping / 3, 1e-9)
+                break
+            damping *= 4
+        if not improved:
+            return x, iteration
+    return x, max_iterations
+
+
+def fit_profile(
+    profile: HardwareProfile,
+    works: Sequence[AttentionWork],
+    measured_seconds: Sequence[float],
+    *,
+    parameters: Sequence[str] = FIT_PARAMETERS,
+    prior_weight: float = 1e-5,
+    max_iterations: int = 60,
+    calibrated_from: str | None = None,
+) -> FitResult:
+    """Refit `parameters` of `profile` so its predictions of `works` match `measured_seconds`.
+    `calibrated_from` is recorded on the fitted profile (what was measured, where, when)."""
+    parameters = tuple(parameters)
+    measured = _check_inputs(profile, works, measured_seconds, parameters)
+    objective = _Objective(profile, list(works), measured, parameters, prior_weight)
+    start = objective.start
+    best, iterations = _levenberg_marquardt(objective, start, max_iterations)
+    fitted = objective.profile_at(best)
+    if calibrated_from is not None:
+        fitted = fitted.replace(calibrated_from=calibrated_from)
+    rms = lambda x: float(np.sqrt(np.mean(objective.log_errors(x) ** 2)))  # noqa: E731
+    result = FitResult(profile=fitted, before={n: float(getattr(profile, n)) for n in parameters},
+                       after={n: float(getattr(fitted, n)) for n in parameters},
+                       rms_log_error_before=rms(start), rms_log_error_after=rms(best), iterations=iterations)
+    log.info("fitted %s in %d iterations: rms log error %.3f -> %.3f", profile.name, iterations,
+             result.rms_log_error_before, result.rms_log_error_after)
+    return result
+
+
+def fit_measurements(profile: HardwareProfile, measurements: Sequence[Measurement], **options) -> FitResult:
+    """fit_profile over measured candidates."""
+    works = [candidate_work(m.candidate) for m in measurements]
+    return fit_profile(profile, works, [m.seconds for m in measurements], **options)
+
+
+# -- the whole step: measure, fit, check, store ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CalibrationReport:
+    fit: FitResult
+    measurements: tuple[Measurement, ...]
+    predicted_before: tuple[float, ...]   # seconds per measurement, published profile
+    predicted_after: tuple[float, ...]    # seconds per measurement, fitted profile
+    accuracy_before: Accuracy
+    accuracy_after: Accuracy
+    device: str                           # what was measured (measure.measurement_device)
+    saved_to: str | None                  # the calibrated profile's file, when stored
+
+    @property
+    def profile(self) -> HardwareProfile:
+        return self.fit.profile
+
+
+def calibrate(
+    device: torch.device | str | None = None,
+    *,
+    candidates: Sequence[Candidate] | None = None,
+    quick: bool = False,
+    save: bool = True,
+    parameters: Sequence[str] = FIT_PARAMETERS,
+    threads: int | None = None,
+    **measure_options,
+) -> CalibrationReport:
+    """Measured autotuning: time `candidates` (default: measure.default_grid) on `device` (default:
+    CUDA when present, else CPU), fit the device's published profile to them, and store the fitted
+    profile (calibration.save_calibrated_profile, keyed by the profile's device name) so that
+    hardware.get_profile returns it from then on. `threads`: CPU timing with that many torch
+    threads (see measure.measure); the profile then has that many cores."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = get_profile(profile_for_device(device).name, calibrated=False)
+    if threads is not None and device.type == "cpu":
+        base = base.replace(sm_count=threads)
+    candidates = list(candidates) if candidates is not None else default_grid(device, quick=quick)
+    measurements = measure(candidates, device, threads=threads, **measure_options)
+    works = [candidate_work(c) for c in candidates]
+    measured = [m.seconds for m in measurements]
+    groups = [c.group for c in candidates]
+    before = predict(base, works)
+    where = measurement_device(device)
+    result = fit_profile(base, works, measured, parameters=parameters)
+    after = predict(result.profile, works)
+    accuracy_before, accuracy_after = (model_accuracy(p, measured, groups) for p in (before, after))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    fitted = result.profile.replace(calibrated_from=(
+        f"measured on {where}, {stamp}: {len(candidates)} candidates, Spearman {accuracy_after.spearman:.3f}, "
+        f"mean top-1 regret {accuracy_after.mean_regret:.1%}"))
+    result = dataclasses.replace(result, profile=fitted)
+    saved_to = str(save_calibrated_profile(fitted)) if save else None
+    log.info("calibrated %s on %s: Spearman %.3f -> %.3f, mean regret %.1f%% -> %.1f%%", base.name, where,
+             accuracy_before.spearman, accuracy_after.spearman, 100 * accuracy_before.mean_regret,
+             100 * accuracy_after.mean_regret)
+    return CalibrationReport(fit=result, measurements=tuple(measurements), predicted_before=tuple(before.tolist()),
+                             predicted_after=tuple(after.tolist()), accuracy_before=accuracy_before,
+                             accuracy_after=accuracy_after, device=where, saved_to=saved_to)

@@ -1,0 +1,294 @@
+"""Time candidate attention kernels on the present device, for measured autotuning.
+
+A candidate is one layer shape, one pattern family at a target density (the same pattern on every
+head, so a launch fuses them all) and one tile size. `candidate_grid` builds the cross product
+families x densities x tiles x shapes; `measure` runs each candidate on this machine:
+
+  - CUDA: the Triton kernels (codegen/attention_triton.py) at the candidate's tiles, timed with
+    triton.testing.do_bench (CUDA events, warm-up, L2 flushed between runs);
+  - CPU: the CPU executor (codegen/attention_cpu.py) at the candidate's block sizes, timed as the
+    median of repeated time.perf_counter runs after one warm-up call (which also builds the
+    executor's cached block plan, as a compiled model would before its first timed step).
+
+`measurement_device()` names what was measured, for the calibrated profile's record.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sparsec.codegen.tiles import AttentionTiles
+from sparsec.cost_models.attention_cost import AttentionShape
+from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, VerticalSlash, Window
+
+__all__ = [
+    "FAMILIES", "Candidate", "Measurement", "candidate_grid", "default_grid", "measure",
+    "kept_fraction", "measurement_device", "pattern_at_density",
+]
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("dense", "window", "multi_diagonal", "columns", "a_shape", "vertical_slash", "block_sparse")
+_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+_LAYOUT_BLOCK = 64        # BlockSparse candidates keep random 64 x 64 blocks, whatever the kernel tile
+_STRIPES = 8              # Columns candidates: evenly spaced stripes
+_FRAMES = 8               # MultiDiagonal candidates: a sequence of 8 "video frames"
+
+
+# -- patterns at a target density -------------------------------------------------------------
+
+
+def _family_builder(family: str, S: int, causal: bool, seed: int) -> tuple[Callable[[int], Pattern], int, int]:
+    """(parameter -> pattern, smallest parameter, largest parameter): density grows with the
+    parameter, so a bisection finds the one that hits a target density."""
+    generator = torch.Generator().manual_seed(seed)
+    if family == "window":
+        return (lambda w: Window(w, 0 if causal else w)), 0, S
+    if family == "multi_diagonal":
+        frame = max(1, S // _FRAMES)
+        steps = (-3, -2, -1, 0) if causal else (-2, -1, 0, 1, 2)
+        return (lambda w: MultiDiagonal([s * frame for s in steps], w)), 0, frame
+    if family == "columns":
+        spacing = max(1, S // _STRIPES)
+        return (lambda w: Columns([(s, s + w) for s in range(0, S, spacing)])), 1, spacing
+    if family == "a_shape":
+        return (lambda w: AShape(max(1, S // 32), w)), 0, S
+    if family == "vertical_slash":
+        order = torch.randperm(S, generator=generator).tolist()
+        # Slashes below the diagonal, evenly spread, so they survive the causal rule.
+        return (lambda n: VerticalSlash(order[:n], [-(t * S) // n for t in range(n)])), 1, S // 2
+    if family == "block_sparse":
+        rows = math.ceil(S / _LAYOUT_BLOCK)
+        order = torch.randperm(rows * rows, generator=generator)
+
+        def blocks(n: int) -> Pattern:
+            layout = torch.zeros(rows * rows, dtype=torch.bool)
+            layout[order[:n]] = True
+            return BlockSparse(layout.view(rows, rows), _LAYOUT_BLOCK)
+        return blocks, 1, rows * rows
+    raise ValueError(f"no candidate builder for family {family!r}; known: {FAMILIES}")
+
+
+def kept_fraction(pattern: Pattern, S: int, causal: bool) -> float:
+    """pattern.density(S, S, causal) from the pattern's per-row key intervals (block_coverage), so
+    it costs S x intervals work instead of the S x S x parts of evaluating the mask."""
+    from sparsec.codegen.block_coverage import row_intervals
+
+    lo, hi = (t.to(torch.int64) for t in row_intervals(pattern, S, S, causal))
+    lo, order = lo.masked_fill(lo > hi, S).sort(dim=1)  # empty intervals sort last
+    hi = hi.gather(1, order)
+    reach_before = torch.nn.functional.pad(hi.cummax(dim=1).values[:, :-1], (1, 0), value=-1)
+    kept = (hi - torch.maximum(lo, reach_before + 1) + 1).clamp(min=0).sum()  # union: count each key once
+    allowed = S * (S + 1) // 2 if causal else S * S
+    return int(kept) / allowed
+
+
+def pattern_at_density(family: str, S: int, density: float, *, causal: bool = False, seed: int = 0) -> Pattern:
+    """A pattern of `family` for an S x S score matrix whose kept fraction of the (causal) pairs is
+    as close to `density` as the family's integer parameter allows. "dense" ignores `density`."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"pattern_at_density: density must be in (0, 1], got {density!r}")
+    if family == "dense":
+        return Dense()
+    make, lo, hi = _family_builder(family, S, causal, seed)
+    while hi - lo > 1:  # invariant: make(lo) keeps less than `density`, or lo is the smallest
+        mid = (lo + hi) // 2
+        if kept_fraction(make(mid), S, causal) < density:
+            lo = mid
+        else:
+            hi = mid
+    return min((make(lo), make(hi)), key=lambda p: abs(kept_fraction(p, S, causal) - density))
+
+
+# -- candidates -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """One kernel choice for one layer shape."""
+
+    family: str
+    target_density: float
+    head_patterns: tuple[Pattern, ...]
+    shape: AttentionShape
+    tiles: AttentionTiles
+
+    @property
+    def group(self) -> str:
+        """The decision this candidate answers: which kernel for this layer shape."""
+        s = self.shape
+        return (f"B{s.batch} H{s.num_heads}/{s.num_kv_heads} S{s.q_len}x{s.kv_len} D{s.head_dim} "
+                f"{s.dtype}{' causal' if s.causal else ''}")
+
+    @property
+    def label(self) -> str:
+        density = "" if self.family == "dense" else f"@{self.target_density:.2f}"
+        return f"{self.family}{density} {self.tiles.block_m}x{self.tiles.block_n}"
+
+    @property
+    def density(self) -> float:
+        """Kept fraction of the (causal) pairs, averaged over heads."""
+        s = self.shape
+        return sum(kept_fraction(p, s.q_len, s.causal) for p in self.head_patterns) / len(self.head_patterns)
+
+
+def candidate_grid(
+    shapes: Iterable[AttentionShape],
+    *,
+    families: Sequence[str] = FAMILIES,
+    densities: Sequence[float] = (0.1, 0.25, 0.5),
+    tiles: Sequence[AttentionTiles] = (AttentionTiles(64, 64), AttentionTiles(128, 64)),
+    seed: int = 0,
+) -> list[Candidate]:
+    """families x densities x tiles x shapes; "dense" once per tile and shape."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"candidate_grid: unknown families {sorted(unknown)}; known: {FAMILIES}")
+    candidates = []
+    for shape in shapes:
+        if shape.q_len != shape.kv_len:
+            raise ValueError(f"candidate_grid: patterns are built for square scores, got {shape.q_len}x{shape.kv_len}")
+        for family in families:
+            for density in ((1.0,) if family == "dense" else densities):
+                pattern = pattern_at_density(family, shape.q_len, density, causal=shape.causal, seed=seed)
+                for t in tiles:
+                    candidates.append(Candidate(family=family, target_density=density, shape=shape, tiles=t,
+                                                head_patterns=(pattern,) * shape.num_heads))
+    return candidates
+
+
+def _shape(S: int, *, heads: int, head_dim: int, dtype: str, causal: bool) -> AttentionShape:
+    return AttentionShape(batch=1, num_heads=heads, num_kv_heads=heads, q_len=S, kv_len=S,
+                          head_dim=head_dim, value_dim=head_dim, dtype=dtype, causal=causal)
+
+
+def default_grid(device: torch.device | str, *, quick: bool = False) -> list[Candidate]:
+    """The calibration grid for `device`: GPU-sized layers on CUDA, small ones on a CPU."""
+    if torch.device(device).type == "cuda":
+        lengths = (4096, 16384) if quick else (2048, 4096, 8192, 16384)
+        shapes = [_shape(S, heads=16, head_dim=d, dtype="bf16", causal=c)
+                  for S in lengths for d in (64, 128) for c in (False, True)]
+        tiles = (AttentionTiles(128, 64, 4, 3), AttentionTiles(128, 128, 8, 3), AttentionTiles(64, 64, 4, 2))
+        return candidate_grid(shapes, tiles=tiles)
+    if quick:
+        shapes = [_shape(S, heads=4, head_dim=64, dtype="f32", causal=False) for S in (512, 1024)]
+        return candidate_grid(shapes, densities=(0.1, 0.3), tiles=(AttentionTiles(64, 64), AttentionTiles(128, 64)))
+    shapes = [_shape(S, heads=4, head_dim=64, dtype="f32", causal=c) for S, c in ((512, False), (1024, False),
+                                                                              (1024, True), (2048, False))]
+    return candidate_grid(shapes, tiles=(AttentionTiles(64, 64), AttentionTiles(128, 64), AttentionTiles(128, 128)))
+
+
+# -- timing -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Measurement:
+    candidate: Candidate
+    seconds: float       # median or min (CPU) or do_bench mean (CUDA) of one call
+    samples: int
+
+
+def measurement_device(device: torch.device | str) -> str:
+    """A readable name of what is being measured ("NVIDIA H100 80GB HBM3", "cpu: x86_64, 2 threads")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _inputs(shape: AttentionShape, device: torch.device, generator: torch.Generator):
+    dtype = _TORCH_DTYPES[shape.dtype]
+    q = torch.randn(shape.batch, shape.num_heads, shape.q_len, shape.head_dim, generator=generator)
+    k = torch.randn(shape.batch, shape.num_kv_heads, shape.kv_len, shape.head_dim, generator=generator)
+    v = torch.randn(shape.batch, shape.num_kv_heads, shape.kv_len, shape.value_dim, generator=generator)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def _runner(candidate: Candidate, device: torch.device, generator: torch.Generator) -> Callable[[], torch.Tensor]:
+    q, k, v = _inputs(candidate.shape, device, generator)
+    scale = 1.0 / math.sqrt(candidate.shape.head_dim)
+    causal, patterns, tiles = candidate.shape.causal, candidate.head_patterns, candidate.tiles
+    if device.type == "cuda":
+        from sparsec.codegen.attention_triton import triton_attention
+
+        return lambda: triton_attention(q, k, v, patterns, causal=causal, scale=scale, tiles=tiles)
+    from sparsec.codegen.attention_cpu import cpu_attention
+
+    return lambda: cpu_attention(q, k, v, patterns, causal=causal, scale=scale,
+                                 block_m=tiles.block_m, block_n=tiles.block_n)
+
+
+_STATISTICS = {"median": statistics.median, "min": min}
+
+
+def _time_cpu(fn: Callable[[], object], min_seconds: float, max_samples: int, statistic: str) -> tuple[float, int]:
+    fn()  # warm-up: caches (block plans), first-touch allocations
+    samples: list[float] = []
+    while len(samples) < 3 or (sum(samples) < min_seconds and len(samples) < max_samples):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return _STATISTICS[statistic](samples), len(samples)
+
+
+def _time_cuda(fn: Callable[[], object]) -> tuple[float, int]:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100)) * 1e-3, 0
+
+
+def measure(
+    candidates: Sequence[Candidate],
+    device: torch.device | str | None = None,
+    *,
+    min_seconds: float = 0.05,
+    max_samples: int = 15,
+    statistic: str = "median",
+    threads: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int, Measurement], None] | None = None,
+) -> list[Measurement]:
+    """Seconds of one call of each candidate on `device` (default: CUDA when present, else CPU).
+    CPU timing repeats a call until `min_seconds` have been spent (at least 3, at most
+    `max_samples` runs) and keeps the median, or the minimum with statistic="min" (robust when
+    other processes share the cores: they only ever add time). `progress(done, total, measurement)`
+    is called after each candidate. `threads` (CPU) runs torch with that many threads meanwhile: on
+    cores shared with other jobs, one thread times far more steadily than several, whose barrier
+    waits stretch whenever one of them is descheduled."""
+    if statistic not in _STATISTICS:
+        raise ValueError(f"measure: statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"measure: threads must be a positive int, got {threads!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"measure: can time on 'cpu' or 'cuda' devices, got {device}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return _measure_all(candidates, device, min_seconds, max_samples, statistic, seed, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure_all(candidates, device, min_seconds, max_samples, statistic, seed, progress) -> list[Measurement]:
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for index, candidate in enumerate(candidates):
+        fn = _runner(candidate, device, generator)
+        if device.type == "cuda":
+            seconds, samples = _time_cuda(fn)
+        else:
+            seconds, samples = _time_cpu(fn, min_seconds, max_samples, statistic)
+        results.append(Measurement(candidate=candidate, seconds=seconds, samples=samples))
+        log.debug("measured %s [%s]: %.3g s", candidate.label, candidate.group, seconds)
+        if progress is not None:
+            progress(index + 1, len(candidates), results[-1])
+    return results

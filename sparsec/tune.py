@@ -1,0 +1,136 @@
+"""Tune attention layers from recorded q, k, v: calibration -> candidates -> search -> Plan.
+
+    plan = tune_layers({"blocks.0.attn": [LayerSample(q, k, v, causal=True)], ...},
+                       target="h100", budget=0.02)
+
+For each layer: pooled attention statistics (passes/attention_stats.py), per-head candidates
+with their measured output errors (passes/fit_candidates.py), and the cost-model search over
+patterns, head groups and tiles (passes/search_patterns.py), whose choice is verified by
+recomputing the layer's error exactly. Work per layer is a few batched passes over all heads,
+never an S x S map per head on the host: stats in query chunks, one sparsec.attention call per
+candidate round, cost-model answers cached across heads and layers of one shape.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from sparsec.cost_models.attention_cost import AttentionShape
+from sparsec.cost_models.hardware import HardwareProfile, get_profile
+from sparsec.passes.attention_stats import LayerSample, sample_stats
+from sparsec.passes.fit_candidates import DEFAULT_RECALLS, error_backend, fit_candidates, measure_candidates
+from sparsec.passes.search_patterns import DEFAULT_BLOCK_SIZES, CostTable, search_layer
+from sparsec.patterns import Pattern
+from sparsec.plan import LayerPlan, Plan
+
+__all__ = ["LayerSample", "tune_layers", "tune_layer"]
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def tune_layers(
+    recorded: Mapping[str, Sequence[LayerSample]],
+    *,
+    target: str | HardwareProfile = "h100",
+    budget: float = 0.02,
+    block_sizes: Sequence[tuple[int, int]] = DEFAULT_BLOCK_SIZES,
+    progress: bool = True,
+    model_fingerprint: str = "",
+    recalls: Sequence[float] = DEFAULT_RECALLS,
+    backend: str | None = None,
+) -> Plan:
+    """A Plan for every recorded layer (module path -> its recorded calls), for `target`
+    within `budget` (relative L2 error of each layer's attention output)."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget >= 0:
+        raise ValueError(f"tune_layers: budget must be a non-negative number, got {budget!r}")
+    hardware = get_profile(target)
+    costs = CostTable(hardware)
+    layers = {}
+    for path, samples in tqdm(recorded.items(), desc="sparsec tune", unit="layer", disable=not progress):
+        layers[path] = tune_layer(samples, costs, budget=budget, block_sizes=block_sizes, recalls=recalls,
+                                  backend=backend, name=path)
+    return Plan(target=hardware.name, budget=float(budget), model_fingerprint=model_fingerprint, layers=layers)
+
+
+def tune_layer(
+    samples: Sequence[LayerSample],
+    costs: CostTable,
+    *,
+    budget: float,
+    block_sizes: Sequence[tuple[int, int]] = DEFAULT_BLOCK_SIZES,
+    recalls: Sequence[float] = DEFAULT_RECALLS,
+    backend: str | None = None,
+    name: str = "layer",
+) -> LayerPlan:
+    """One layer's plan from its recorded calls."""
+    shape = _layer_shape(samples, name)
+    started = time.perf_counter()
+    stats = sample_stats(samples, block=_stats_block(block_sizes))
+    candidates = measure_candidates(samples, fit_candidates(stats, tiles=block_sizes, recalls=recalls), backend=backend)
+    dense_norm2 = sum(c.dense_norm2 for c in candidates)
+    choice = search_layer(candidates, shape, costs, budget=budget, block_sizes=block_sizes,
+                          verify=lambda patterns: layer_squared_error(samples, patterns, backend=backend))
+    error = math.sqrt(choice.squared_error / dense_norm2) if dense_norm2 > 0 else 0.0
+    log.info("%s: %d candidates/head on average, error %.4f, %.3g s -> %.3g s (tuned in %.2f s)", name,
+             sum(len(c.patterns) for c in candidates) // len(candidates), error, choice.dense_seconds,
+             choice.seconds, time.perf_counter() - started)
+    return LayerPlan(patterns=choice.patterns, head_groups=choice.head_groups, tiles=choice.tiles, error=error,
+                     dense_seconds=choice.dense_seconds, sparse_seconds=choice.seconds,
+                     num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, q_len=shape.q_len,
+                     kv_len=shape.kv_len, head_dim=shape.head_dim, dtype=shape.dtype, causal=shape.causal)
+
+
+def layer_squared_error(samples: Sequence[LayerSample], patterns: Sequence[Pattern], *, backend: str | None = None) -> float:
+    """||O(patterns) - O(dense)||^2 of the whole layer, summed over the samples, computed exactly."""
+    from sparsec.attention_dispatch import attention
+    from sparsec.patterns import Dense
+
+    total = 0.0
+    for s in samples:
+        call = dict(causal=s.causal, scale=s.scale, backend=backend or error_backend(s.q))
+        dense = attention(s.q, s.k, s.v, Dense(), **call)
+        sparse = attention(s.q, s.k, s.v, list(patterns), **call)
+        total += float((sparse.double() - dense.double()).square().sum())
+    return total
+
+
+def _stats_block(block_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The statistics block: divides every tile, so each tile's block mass is a pooling of it."""
+    if not block_sizes:
+        raise ValueError("tune: block_sizes is empty")
+    for t in block_sizes:
+        if len(t) != 2 or not all(isinstance(b, int) and b > 0 for b in t):
+            raise ValueError(f"tune: each block size must be two positive ints (block_m, block_n), got {t!r}")
+    return math.gcd(*(t[0] for t in block_sizes)), math.gcd(*(t[1] for t in block_sizes))
+
+
+def _layer_shape(samples: Sequence[LayerSample], name: str) -> AttentionShape:
+    """The layer's shape, checking that its recorded calls agree on it."""
+    if not samples:
+        raise ValueError(f"tune: layer {name!r} has no recorded samples")
+    signatures = {_signature(s, name) for s in samples}
+    if len(signatures) > 1:
+        raise ValueError(f"tune: the recorded calls of layer {name!r} differ in shape, dtype, causal or scale: "
+                         f"{sorted(signatures, key=str)}")
+    heads, kv_heads, q_len, kv_len, head_dim, value_dim, dtype, causal, _ = signatures.pop()
+    return AttentionShape(batch=samples[0].q.shape[0], num_heads=heads, num_kv_heads=kv_heads, q_len=q_len,
+                          kv_len=kv_len, head_dim=head_dim, value_dim=value_dim, dtype=dtype, causal=causal)
+
+
+def _signature(s: LayerSample, name: str) -> tuple:
+    if not isinstance(s, LayerSample):
+        raise TypeError(f"tune: layer {name!r}: samples must be LayerSample, got {type(s).__name__}")
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (s.q, s.k, s.v)):
+        raise ValueError(f"tune: layer {name!r}: q, k, v must be 4-D tensors (B, H, S, D)")
+    if s.q.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"tune: layer {name!r}: dtype {s.q.dtype} is not supported; use one of {list(_DTYPE_NAMES)}")
+    (_, H, Sq, D), (_, Hkv, Sk, _), Dv = s.q.shape, s.k.shape, s.v.shape[-1]
+    return (H, Hkv, Sq, Sk, D, Dv, _DTYPE_NAMES[s.q.dtype], bool(s.causal), s.scale)
