@@ -8,11 +8,17 @@
             "blocks.*.attn": P.Window(64, 0),
         },
         "fallback": "inductor" | "raise",   # on an internal failure: compile the original graph, or re-raise
+        "plan": plan or "plan.json",        # a sparsec.Plan (or its file): per-layer patterns and tiles
+        "tune": {"budget": 0.02},           # tune on the first call (keys of sparsec.tune: target, budget)
+        "target": "auto" | "h100" | ...,    # hardware the cost model prices (auto: this device)
+        "weight_sparsity": "auto" | "off" | "always",  # sparse linear kernels where the cost model
+                                            # says they win / never / wherever a weight has structure
     })
 
 An unknown key or a bad value raises at once (ValueError / TypeError naming the key and what is
 allowed); nothing is silently ignored. `attention_patterns` keys are tried in the order given,
-exact paths before globs, so a specific entry can override a broad glob.
+exact paths before globs, so a specific entry can override a broad glob. `attention_patterns`
+overrides `plan` for the layers it names; `plan` and `tune` exclude each other.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from sparsec.patterns import Pattern
 __all__ = ["SparsecConfig", "SparsecUserError", "parse_options", "HeadPatterns"]
 
 INNER_CHOICES = ("inductor", "eager")
+WEIGHT_SPARSITY_CHOICES = ("auto", "off", "always")
+TUNE_KEYS = ("target", "budget")
 FALLBACK_CHOICES = ("inductor", "raise")
 DUMP_DIR_ENV = "SPARSEC_DUMP_DIR"
 VERIFY_ENV = "SPARSEC_VERIFY"
@@ -44,6 +52,24 @@ class SparsecConfig:
     verify: bool = False
     attention_patterns: tuple[tuple[str, HeadPatterns], ...] = field(default=())
     fallback: str = "inductor"
+    plan: Any = None                    # sparsec.Plan or None
+    tune: tuple[tuple[str, Any], ...] | None = None   # sparsec.tune keyword arguments, or None
+    target: str = "auto"
+    weight_sparsity: str = "auto"
+
+    def __post_init__(self):
+        if self.plan is not None and self.tune is not None:
+            raise ValueError("sparsec options 'plan' and 'tune' exclude each other: "
+                             "give a plan, or ask sparsec to tune one")
+
+    def hardware(self):
+        """The HardwareProfile the cost model prices choices on: `target`, or this machine's."""
+        from sparsec.cost_models.hardware import get_profile, profile_for_device
+        import torch
+
+        if self.target != "auto":
+            return get_profile(self.target)
+        return profile_for_device("cuda" if torch.cuda.is_available() else "cpu")
 
     def patterns_for(self, module_path: str) -> HeadPatterns | None:
         """The patterns the user gave for the attention layer at `module_path`, if any."""
@@ -103,12 +129,58 @@ def _parse_attention_patterns(value: Any) -> tuple[tuple[str, HeadPatterns], ...
     return tuple(parsed)
 
 
+def _parse_plan(value: Any):
+    from sparsec.plan import Plan
+
+    if isinstance(value, Plan):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return Plan.load(value)
+        except ValueError as e:
+            raise ValueError(f"sparsec option 'plan': {e}") from None
+    raise TypeError(f"sparsec option 'plan' must be a sparsec.Plan or the path of a saved plan, got {type(value).__name__}")
+
+
+def _parse_tune(value: Any) -> tuple[tuple[str, Any], ...]:
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"sparsec option 'tune' must be True or a dict with keys {TUNE_KEYS}, got {type(value).__name__}")
+    unknown = sorted(str(k) for k in value if k not in TUNE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} in sparsec option 'tune'; known: {', '.join(TUNE_KEYS)}")
+    if "target" in value:
+        _parse_target(value["target"])
+    budget = value.get("budget", 0.02)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+        raise ValueError(f"sparsec option 'tune': budget must be a non-negative number, got {budget!r}")
+    return tuple(sorted(value.items()))
+
+
+def _parse_target(value: Any) -> str:
+    from sparsec.cost_models.hardware import get_profile
+
+    if not isinstance(value, str):
+        raise TypeError(f"sparsec option 'target' must be a hardware name (str), got {type(value).__name__}")
+    if value != "auto":
+        try:
+            get_profile(value, calibrated=False)
+        except ValueError as e:
+            raise ValueError(f"sparsec option 'target': {e}") from None
+    return value
+
+
 _PARSERS = {
     "inner": lambda v: _parse_choice("inner", v, INNER_CHOICES),
     "dump_dir": _parse_dump_dir,
     "verify": _parse_verify,
     "attention_patterns": _parse_attention_patterns,
     "fallback": lambda v: _parse_choice("fallback", v, FALLBACK_CHOICES),
+    "plan": _parse_plan,
+    "tune": _parse_tune,
+    "target": _parse_target,
+    "weight_sparsity": lambda v: _parse_choice("weight_sparsity", v, WEIGHT_SPARSITY_CHOICES),
 }
 
 
@@ -133,6 +205,8 @@ def parse_options(options: Mapping[str, Any] | SparsecConfig | None = None) -> S
                          f"known options: {', '.join(_PARSERS)}")
     values = _defaults_from_env()
     values.update({key: _PARSERS[key](value) for key, value in options.items()})
+    if values.get("tune") is not None and values.get("plan") is not None:
+        raise ValueError("sparsec options 'plan' and 'tune' exclude each other: give a plan, or ask sparsec to tune one")
     return SparsecConfig(**values)
 
 

@@ -44,7 +44,12 @@ def test_exact_paths_win_over_globs():
     ({"attention_patterns": {"a": "window"}}, TypeError, ["'a'", "Pattern"]),
     ({"attention_patterns": {"a": [P.Dense(), 3]}}, TypeError, ["[1]", "int"]),
     ({"attention_patterns": {"a": []}}, ValueError, ["empty"]),
-    ({"plan": "x"}, ValueError, ["'plan'"]),
+    ({"plan": "no/such/plan.json"}, ValueError, ["'plan'", "no/such/plan.json"]),
+    ({"plan": 3}, TypeError, ["'plan'", "Plan"]),
+    ({"tune": {"budgett": 0.1}}, ValueError, ["'tune'", "budgett"]),
+    ({"tune": {"budget": -1}}, ValueError, ["budget"]),
+    ({"target": "tpu"}, ValueError, ["'target'", "tpu", "h100"]),
+    ({"weight_sparsity": "yes"}, ValueError, ["'weight_sparsity'", "auto"]),
     ("inner=eager", TypeError, ["dict"]),
 ])
 def test_bad_options_name_the_problem(options, error, words):
