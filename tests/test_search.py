@@ -17,7 +17,7 @@ from sparsec.passes.fit_candidates import HeadCandidates, measure_candidates
 from sparsec.passes.search_patterns import (
     CostTable, Option, head_groups, reexpress, search_layer, solve_knapsack,
 )
-from sparsec.tune import LayerSample, tune_layers
+from sparsec.tuning import LayerSample, tune_layers
 
 BUDGET = 0.02
 
