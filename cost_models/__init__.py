@@ -22,6 +22,9 @@ One interface for every op (STYLE.md 7): `estimate(op, hardware) -> seconds`.
         (few tokens). (The CPU executor halves the arithmetic but runs at GEMV speed: about the
         same.)
       Unstructured: no kernel exploits it, so it costs the dense GEMM.
+    `semi_structured=True` prices a 2:4 NMSparse weight on torch's semi-structured kernels
+    (cuSPARSELt / CUTLASS): sparse tensor cores do half the arithmetic at the dense rate, and the
+    weight is half its values plus 2 bits of metadata per kept value.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 _FULL_RATE_TILE = 64      # dot tile edge at which tensor cores reach the dense GEMM's rate
 _BLOCK_INDEX_BYTES = 4    # int32 column index per kept BSR block
 _NM_INDEX_BYTES = 1       # int8 in-group position per kept N:M value
+_SEMI_METADATA_BYTES = 0.25  # 2 bits of position metadata per kept 2:4 value
 
 
 def estimate(op, hardware: HardwareProfile | str, *, block_m: int | None = None, block_n: int | None = None) -> float:
@@ -95,14 +99,19 @@ def _linear_seconds(op, hardware: HardwareProfile) -> float:
 
 
 def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dtype: str, sparsity,
-                            hardware: HardwareProfile, *, bias: bool = False) -> float:
+                            hardware: HardwareProfile, *, bias: bool = False, semi_structured: bool = False) -> float:
     """Seconds of y = x @ W.T (+ bias) for `tokens` rows on `hardware`, W's sparsity an ir.types
-    encoding (see the module docstring for what each one changes)."""
+    encoding (see the module docstring for what each one changes); `semi_structured`: a 2:4
+    weight on torch's semi-structured kernels."""
     from sparsec.ir.types import BlockSparse, NMSparse
 
     M, N, K, size = tokens, out_features, in_features, _BYTES[_dtype("linear", dtype)]
     flops, weight_bytes, rate = 2.0 * M * N * K, float(N * K * size), 1.0
-    if isinstance(sparsity, BlockSparse):
+    if semi_structured:
+        if not (isinstance(sparsity, NMSparse) and sparsity.m == 4 and sparsity.n <= 2):
+            raise ValueError(f"estimate_linear_seconds: semi-structured kernels need a 2:4 weight, got {sparsity!r}")
+        flops, weight_bytes = flops / 2, N * K / 2 * (size + _SEMI_METADATA_BYTES)
+    elif isinstance(sparsity, BlockSparse):
         bo, bi = sparsity.block
         flops *= sparsity.density
         weight_bytes = weight_bytes * sparsity.density + sparsity.density * (N * K / (bo * bi)) * _BLOCK_INDEX_BYTES
@@ -112,4 +121,7 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
     traffic = weight_bytes + (M * K + M * N + (N if bias else 0)) * size
     compute_s = flops / (hardware.flops(dtype) * hardware.matmul_efficiency * rate)
     memory_s = traffic / (hardware.memory_bandwidth * hardware.memory_efficiency)
-    return max(compute_s, memory_s) + hardware.launch_overhead_s
+    seconds = max(compute_s, memory_s)
+    if isinstance(sparsity, NMSparse) and not semi_structured:
+        seconds /= hardware.nm_kernel_efficiency
+    return seconds + hardware.launch_overhead_s

@@ -37,6 +37,10 @@ class HardwareProfile:
     # Whether one partial tile makes a program mask all the tiles it visits: the Triton kernels mask
     # only partial tiles; the CPU executor runs a query block's visited keys as one masked call.
     masks_whole_query_block: bool = False
+    # Speed of the N:M linear kernel relative to the model above (which counts only the bytes it
+    # reads): the CPU executor gathers kept values and measured 0.2-1.0x dense (bench/results/
+    # linear_cpu_*.json), so on "cpu" it never beats dense.
+    nm_kernel_efficiency: float = 1.0
     calibrated_from: str = field(default="published figures")
 
     def flops(self, dtype: str) -> float:
@@ -90,7 +94,7 @@ PROFILES: dict[str, HardwareProfile] = {
         vector_flops=20e9, exp_per_s=2e9,
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
         launch_overhead_s=15e-6, programs_per_sm=1, matmul_efficiency=0.7, block_overhead_s=2e-6,
-        masks_whole_query_block=True),
+        masks_whole_query_block=True, nm_kernel_efficiency=0.5),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

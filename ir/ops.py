@@ -13,7 +13,7 @@ from .types import TensorType
 
 __all__ = [
     "Value", "Op", "Param", "Input", "Linear", "Attention", "Opaque", "Output",
-    "operands_of", "results_of", "OP_KINDS",
+    "operands_of", "results_of", "OP_KINDS", "linear_kernel_format",
 ]
 
 # Value names are printed as %name: FX node names and plain counters both fit.
@@ -95,21 +95,58 @@ class Input(Op):
             raise ValueError(f"Input.index must be >= 0, got {self.index}")
 
 
+# Kernel names of a Linear op: the dense GEMM, or a sparse kernel for the weight's structure.
+_LINEAR_KERNEL = re.compile(r"dense|bsr(\d+)x(\d+)|nm(\d+):(\d+)|semi2:4")
+
+
+def linear_kernel_format(kernel: str) -> tuple[str, tuple[int, ...]]:
+    """("dense", ()), ("bsr", (rows, cols)), ("nm", (n, m)) or ("semi", (2, 4)) for a kernel name
+    ("dense", "bsr64x64", "nm2:4", "semi2:4"); raises ValueError for anything else."""
+    m = _LINEAR_KERNEL.fullmatch(kernel) if isinstance(kernel, str) else None
+    if m is None:
+        raise ValueError(f"unknown linear kernel {kernel!r}; expected dense, bsrRxC (e.g. bsr64x64), "
+                         "nmN:M (e.g. nm2:4) or semi2:4")
+    if m.group(1):
+        return "bsr", (int(m.group(1)), int(m.group(2)))
+    if m.group(3):
+        return "nm", (int(m.group(3)), int(m.group(4)))
+    return ("semi", (2, 4)) if kernel == "semi2:4" else ("dense", ())
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Linear(Op):
-    """y = x @ weight.T + bias; weight's TensorType.sparsity tells its structure."""
+    """y = x @ weight.T + bias; weight's TensorType.sparsity tells its structure.
+
+    `kernel` is what computes it (passes/choose_linear_kernels.py): "dense", or a sparse kernel
+    for the weight's structure, "bsrRxC" (block-sparse, R x C blocks), "nmN:M" (N:M along the
+    input features) or "semi2:4" (torch's 2:4 semi-structured, CUDA). A sparse kernel runs when
+    the call's token count (x's leading dims) is in [min_tokens, max_tokens] (max_tokens None:
+    no upper bound), the dense GEMM otherwise.
+    """
 
     result: Value
     x: Value
     weight: Value
     bias: Value | None = None
     module_path: str = ""
+    kernel: str = "dense"
+    min_tokens: int = 0
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("result", "x", "weight"):
             _check_value("Linear", field, getattr(self, field))
         _check_value("Linear", "bias", self.bias, optional=True)
         _check_str("Linear", "module_path", self.module_path)
+        linear_kernel_format(self.kernel)
+        _check_int("Linear", "min_tokens", self.min_tokens)
+        if self.max_tokens is not None:
+            _check_int("Linear", "max_tokens", self.max_tokens)
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.max_tokens < self.min_tokens):
+            raise ValueError(f"Linear tokens need 0 <= min_tokens <= max_tokens, got "
+                             f"min_tokens={self.min_tokens}, max_tokens={self.max_tokens}")
+        if self.kernel == "dense" and (self.min_tokens, self.max_tokens) != (0, None):
+            raise ValueError("Linear min_tokens / max_tokens bound a sparse kernel; the dense kernel takes none")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +169,7 @@ class Attention(Op):
     num_kv_heads: int
     scores: TensorType
     module_path: str = ""
+    tiles: tuple[int, int] | None = None   # (block_m, block_n) the kernels use; None: their default
 
     def __post_init__(self) -> None:
         for field in ("result", "q", "k", "v"):
@@ -147,6 +185,10 @@ class Attention(Op):
         if not isinstance(self.scores, TensorType):
             raise TypeError(f"Attention.scores must be a TensorType, got {self.scores!r}")
         _check_str("Attention", "module_path", self.module_path)
+        if self.tiles is not None:
+            if (not isinstance(self.tiles, tuple) or len(self.tiles) != 2
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in self.tiles)):
+                raise TypeError(f"Attention.tiles must be None or two positive ints (block_m, block_n), got {self.tiles!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,8 +2,8 @@
 
 Hand-written extras: blank lines and `#` comments (whole lines, or after an op); an op may run
 over several lines while one of its brackets is open; attributes with defaults may be left out
-(causal = false, kv_heads = heads, module = ""); `<dense>` may be written explicitly. Errors name
-the (first) line and the column.
+(causal = false, kv_heads = heads, module = "", kernel = "dense", min_tokens = 0, no max_tokens);
+`<dense>` may be written explicitly. Errors name the (first) line and the column.
 """
 from __future__ import annotations
 
@@ -314,6 +314,15 @@ def _attr_bool(c: _Cursor) -> bool:
     return c.match(re.compile(r"(true|false)\b"), "true or false").group() == "true"
 
 
+def _attr_int_pair(c: _Cursor) -> tuple[int, int]:
+    c.expect("[")
+    first = _attr_int(c)
+    c.expect(",")
+    second = _attr_int(c)
+    c.expect("]")
+    return first, second
+
+
 def _attr_strings(c: _Cursor) -> tuple[str, ...]:
     c.expect("[")
     items: list[str] = []
@@ -396,9 +405,11 @@ def _op_param(c: _Cursor, results: list[Value], scope: _Scope) -> Op:
 
 def _op_linear(c: _Cursor, results: list[Value], scope: _Scope) -> Op:
     x, weight, bias = scope.refs(c, 3, optional_last=True)
-    attrs = _parse_attrs(c, {"module": (_attr_string, "")})
+    attrs = _parse_attrs(c, {"kernel": (_attr_string, "dense"), "min_tokens": (_attr_int, 0),
+                             "max_tokens": (_attr_int, None), "module": (_attr_string, "")})
     return Linear(result=_single(c, results, "linear"), x=x, weight=weight, bias=bias,
-                  module_path=attrs["module"])
+                  module_path=attrs["module"], kernel=attrs["kernel"], min_tokens=attrs["min_tokens"],
+                  max_tokens=attrs["max_tokens"])
 
 
 def _op_attention(c: _Cursor, results: list[Value], scope: _Scope) -> Op:
@@ -407,11 +418,13 @@ def _op_attention(c: _Cursor, results: list[Value], scope: _Scope) -> Op:
         "scale": (_attr_float, _REQUIRED), "causal": (_attr_bool, False),
         "heads": (_attr_int, _REQUIRED), "kv_heads": (_attr_int, None),
         "scores": (_parse_type, _REQUIRED), "module": (_attr_string, ""),
+        "tiles": (_attr_int_pair, None),
     })
     kv_heads = attrs["heads"] if attrs["kv_heads"] is None else attrs["kv_heads"]
     return Attention(result=_single(c, results, "attention"), q=q, k=k, v=v, mask=mask,
                      scale=attrs["scale"], causal=attrs["causal"], num_heads=attrs["heads"],
-                     num_kv_heads=kv_heads, scores=attrs["scores"], module_path=attrs["module"])
+                     num_kv_heads=kv_heads, scores=attrs["scores"], module_path=attrs["module"],
+                     tiles=attrs["tiles"])
 
 
 def _op_opaque(c: _Cursor, results: list[Value], scope: _Scope) -> Op:

@@ -5,7 +5,8 @@ and parses back exactly: parse_graph(print_graph(g)) == g. Grammar, one op a lin
     graph forward {
       %x: f32[s0, 64, 128] = input 0
       %w: f32[384, 128]<nm 2:4 axis=-1 density=0.5> = param "blocks.0.attn.qkv.weight"
-      %y: f32[s0, 64, 384] = linear %x, %w, none {module = "blocks.0.attn.qkv"}
+      %y: f32[s0, 64, 384] = linear %x, %w, none {kernel = "nm2:4", max_tokens = 4096,
+            module = "blocks.0.attn.qkv"}                                   (all on one line)
       %o: f32[2, 8, 64, 64] = attention %q, %k, %v, none {scale = 0.125, causal = true,
             heads = 8, kv_heads = 2, scores = f32[2, 8, 64, 64]<patterns [Dense() * 8]>,
             module = "blocks.0.attn"}                                   (all on one line)
@@ -17,7 +18,8 @@ Types are dtype[dims]<encoding>, the encoding omitted when dense: <nm N:M axis=A
 <block RxC density=D>, <unstructured density=D>, <patterns [p0, p1, ...]>. Patterns are written
 as Python-like constructor calls (their repr; BlockSparse spells out its layout rows), `a | b` for
 unions, and `p * k` for k consecutive heads with the same pattern. Strings are JSON strings and
-floats are written with repr, so both read back exactly. `module = ""` is left out.
+floats are written with repr, so both read back exactly. Attributes at their defaults are left
+out: `module = ""`, and a linear's `kernel = "dense"`, `min_tokens = 0`, no `max_tokens`.
 """
 from __future__ import annotations
 
@@ -108,13 +110,20 @@ def _input(op: Input) -> str:
 
 
 def _linear(op: Linear) -> str:
-    return f"linear {_refs((op.x, op.weight, op.bias))}" + _attrs([], op.module_path)
+    attrs = [] if op.kernel == "dense" else [("kernel", json.dumps(op.kernel))]
+    if op.min_tokens:
+        attrs.append(("min_tokens", str(op.min_tokens)))
+    if op.max_tokens is not None:
+        attrs.append(("max_tokens", str(op.max_tokens)))
+    return f"linear {_refs((op.x, op.weight, op.bias))}" + _attrs(attrs, op.module_path)
 
 
 def _attention(op: Attention) -> str:
     attrs = [("scale", repr(op.scale)), ("causal", "true" if op.causal else "false"),
              ("heads", str(op.num_heads)), ("kv_heads", str(op.num_kv_heads)),
              ("scores", format_type(op.scores))]
+    if op.tiles is not None:
+        attrs.append(("tiles", f"[{op.tiles[0]}, {op.tiles[1]}]"))
     return f"attention {_refs((op.q, op.k, op.v, op.mask))}" + _attrs(attrs, op.module_path)
 
 

@@ -2,7 +2,8 @@
 
 `verify(g)` collects every problem it finds and raises one IRVerificationError listing them, each
 naming the op (by index, kind and result) and what is wrong. Shape checks compare dims only where
-both are static ints: a symbolic dim ("s0") may equal anything.
+both are static ints: a symbolic dim ("s0") may equal anything. A Linear op's sparse kernel must
+fit the encoding of its weight's type (bsrRxC: blocks RxC; nmN:M / semi2:4: N:M or sparser).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from collections.abc import Callable
 from sparsec import patterns as P
 
 from .graph import Graph
-from .ops import Attention, Input, Linear, Op, Opaque, Output, Param, Value, operands_of, results_of
+from .ops import (Attention, Input, Linear, Op, Opaque, Output, Param, Value, linear_kernel_format, operands_of,
+                  results_of)
+from .printer import format_type
 from .types import AttentionPatterns, BlockSparse, Dim, NMSparse, TensorType, Unstructured, is_static
 
 __all__ = ["IRVerificationError", "verify", "verification_enabled"]
@@ -161,7 +164,25 @@ def _check_linear(op: Linear, producers: dict[str, Op]) -> list[str]:
     dtypes = {x.dtype, w.dtype, y.dtype} | ({op.bias.type.dtype} if op.bias is not None else set())
     if len(dtypes) > 1:
         problems.append(f"mixed dtypes {sorted(dtypes)}; x, weight, bias and result must share one")
-    return problems
+    return problems + _linear_kernel_problems(op)
+
+
+def _linear_kernel_problems(op: Linear) -> list[str]:
+    """A sparse kernel must fit the structure the weight's type records."""
+    kind, params = linear_kernel_format(op.kernel)
+    enc, w = op.weight.type.sparsity, op.weight.type
+    if kind == "bsr" and not (isinstance(enc, BlockSparse) and enc.block == params):
+        return [f"kernel {op.kernel} needs a weight of block {params[0]}x{params[1]} sparsity, "
+                f"the weight is {format_type(w)}"]
+    if kind in ("nm", "semi") and not (isinstance(enc, NMSparse) and enc.m == params[1] and enc.n <= params[0]
+                                       and enc.axis in (-1, 1)):
+        return [f"kernel {op.kernel} needs a weight of {params[0]}:{params[1]} (or sparser) sparsity along "
+                f"its input features, the weight is {format_type(w)}"]
+    if kind == "semi" and w.dtype not in ("f16", "bf16"):
+        return [f"kernel {op.kernel} runs f16 / bf16 weights, not {w.dtype}"]
+    if kind == "bsr" and w.rank == 2 and any(is_static(d) and d % b for d, b in zip(w.shape, params)):
+        return [f"kernel {op.kernel}: blocks {params[0]}x{params[1]} do not tile weight{_shape(w.shape)}"]
+    return []
 
 
 def _check_attention(op: Attention, producers: dict[str, Op]) -> list[str]:

@@ -15,17 +15,30 @@ exactly zero and returns the IR sparsity encoding that describes them without lo
 
 Only exact zeros count: nothing is approximated, so any kernel chosen from the encoding computes
 the same function as the dense weight.
+
+The pipeline stage `analyze_weights(graph, weights)` puts that encoding into the type of every
+Param value a Linear op reads as its weight (and into every use of that value), so the IR dumps
+show it: `%w: f32[64, 128]<block 32x32 density=0.5> = param "fc1.weight"`. `weights` maps
+parameter paths (Param.target) to the real tensors; a weight without a concrete value there (a
+fake or meta tensor, or none) keeps the type it has.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from sparsec.ir.graph import Graph
+from sparsec.ir.ops import Linear, Op, Value
+from sparsec.ir.types import Sparsity
 
 __all__ = [
     "BLOCK_SIZES", "NM_GROUP_SIZES", "NM_MAX_DENSITY", "UNSTRUCTURED_MAX_DENSITY",
-    "BlockStructure", "NMStructure", "block_structure", "nm_structure", "weight_sparsity",
+    "BlockStructure", "NMStructure", "analyze_weights", "block_structure", "nm_structure", "weight_sparsity",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,3 +139,48 @@ def block_structure(nonzero: torch.Tensor) -> BlockStructure | None:
 def _any_in_blocks(mask: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
     rows, cols = mask.shape
     return mask.view(rows // bo, bo, cols // bi, bi).any(dim=3).any(dim=1)
+
+
+# -- the pipeline stage ----------------------------------------------------------------------------
+
+
+def analyze_weights(graph: Graph, weights: Mapping[str, torch.Tensor]) -> Graph:
+    """`graph` with each linear weight's Param type carrying `weight_sparsity` of its real value."""
+    linear_weights = {op.weight.name for op in graph.ops_of(Linear)}
+    typed: dict[str, Value] = {}
+    for param in graph.params:
+        value = param.result
+        encoding = _encoding(weights.get(param.target), value) if value.name in linear_weights else None
+        if encoding is not None and encoding != value.type.sparsity:
+            typed[value.name] = Value(name=value.name, type=value.type.with_sparsity(encoding))
+            log.debug("analyze_weights: %s is %s", param.target, encoding)
+    return graph.replace_ops([_with_values(op, typed) for op in graph.ops], provenance="analyze_weights")
+
+
+def _encoding(tensor: torch.Tensor | None, value: Value) -> Sparsity | None:
+    """The encoding of a concrete weight whose shape matches its IR value, else None."""
+    if not isinstance(tensor, torch.Tensor) or is_fake(tensor) or tensor.device.type == "meta":
+        return None
+    if tuple(tensor.shape) != value.type.shape:
+        log.info("analyze_weights: %%%s has shape %s in the IR but its tensor is %s; left as it is",
+                 value.name, value.type.shape, tuple(tensor.shape))
+        return None
+    try:
+        return weight_sparsity(tensor)
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a tensor subclass: keep the layer, unanalysed
+        log.info("analyze_weights: cannot read the zeros of %%%s (%s); left as it is", value.name, e)
+        return None
+
+
+def _with_values(op: Op, typed: dict[str, Value]) -> Op:
+    """`op` with every operand or result named in `typed` replaced by typed[name]."""
+    def swap(item):
+        return typed.get(item.name, item) if isinstance(item, Value) else item
+
+    changes = {}
+    for f in dataclasses.fields(op):
+        old = getattr(op, f.name)
+        new = tuple(swap(v) for v in old) if isinstance(old, tuple) else swap(old)
+        if new != old:
+            changes[f.name] = new
+    return dataclasses.replace(op, **changes) if changes else op

@@ -1,14 +1,18 @@
-"""apply_patterns: put the user's per-head attention patterns on Attention.scores.
+"""apply_patterns: put per-head attention patterns (and a Plan's tiles) on Attention ops.
 
-The option `attention_patterns` maps a module path or glob ("blocks.*.attn") to one Pattern for
-every head or a list of one Pattern per query head (SparsecConfig.patterns_for decides which
-entry applies). The pattern lands in the type of the score matrix, AttentionPatterns(...), which
-the rewrite turns into the custom op's `patterns` argument.
+Where the patterns come from, per attention layer (by module path):
+  1. the option `attention_patterns` (module path or glob -> one Pattern for every head, or one
+     per query head; SparsecConfig.patterns_for decides which entry applies);
+  2. else the option `plan`: the layer's LayerPlan gives one pattern per query head and the tiles
+     (block_m, block_n) the kernels run with.
+The patterns land in the type of the score matrix, AttentionPatterns(...), and the tiles in
+Attention.tiles; the rewrite turns both into arguments of the custom op.
 
 An attention layer with a mask or bias keeps its dense scores (log line): sparsec.attention has no
-mask argument, and folding an arbitrary runtime mask into a pattern is not exact. A pattern list
-of the wrong length or a block layout that does not fit the sequence lengths is the user's error
-and raises SparsecUserError.
+mask argument, and folding an arbitrary runtime mask into a pattern is not exact. The user's
+errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
+fit the sequence lengths, a plan whose layer has other heads or head size than the model's, or a
+plan none of whose layers is in a graph that has attention layers (a plan for another model).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ __all__ = ["apply_patterns"]
 log = logging.getLogger(__name__)
 
 
-def _check_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...]) -> None:
+def _check_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...], source: str) -> None:
     Sq, Sk = op.scores.shape[2], op.scores.shape[3]
     if not (is_static(Sq) and is_static(Sk)):
         return  # sparsec.attention checks the lengths at run time
@@ -36,27 +40,62 @@ def _check_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...]) ->
                 try:
                     part.check_lengths(Sq, Sk)
                 except ValueError as e:
-                    raise SparsecUserError(f"attention_patterns for {op.module_path!r}, head {h}: {e}") from None
+                    raise SparsecUserError(f"{source} for {op.module_path!r}, head {h}: {e}") from None
+
+
+def _check_plan_layer(op: Attention, layer) -> None:
+    head_dim = op.q.type.shape[-1]
+    model = (op.num_heads, op.num_kv_heads, head_dim)
+    planned = (layer.num_heads, layer.num_kv_heads, layer.head_dim)
+    if model != planned:
+        raise SparsecUserError(
+            f"the plan's layer {op.module_path!r} has (heads, kv_heads, head_dim) = {planned}, the model's "
+            f"has {model}: the plan was made for another model; tune this model again")
+
+
+def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int] | None, str] | None:
+    """(patterns, tiles, where they come from) for `op`, or None to leave it dense."""
+    given = config.patterns_for(op.module_path)
+    if given is not None:
+        return given, None, "attention_patterns"
+    if config.plan is not None and op.module_path in config.plan.layers:
+        layer = config.plan.layers[op.module_path]
+        _check_plan_layer(op, layer)
+        return layer.patterns, tuple(layer.tiles), "the plan"
+    return None
 
 
 def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
-    given = config.patterns_for(op.module_path)
+    given = _given(op, config)
     if given is None:
         return op
+    patterns, tiles, source = given
     if op.mask is not None:
-        log.info("attention %s has a mask or bias; its patterns are not applied (dense kept)", op.module_path)
+        log.info("attention %s has a mask or bias; the patterns of %s are not applied (dense kept)", op.module_path, source)
         return op
     try:
-        head_patterns = P.normalize_head_patterns(given, op.num_heads)
+        head_patterns = P.normalize_head_patterns(patterns, op.num_heads)
     except (TypeError, ValueError) as e:
-        raise SparsecUserError(f"attention_patterns for {op.module_path!r}: {e}") from None
-    _check_block_layouts(op, head_patterns)
+        raise SparsecUserError(f"{source} for {op.module_path!r}: {e}") from None
+    _check_block_layouts(op, head_patterns, source)
     scores = op.scores.with_sparsity(AttentionPatterns(patterns=head_patterns))
-    log.debug("attention %s gets patterns %s", op.module_path, head_patterns)
-    return dataclasses.replace(op, scores=scores)
+    log.debug("attention %s gets patterns %s (from %s)", op.module_path, head_patterns, source)
+    return dataclasses.replace(op, scores=scores, tiles=tiles)
+
+
+def _check_plan_fits(graph: Graph, config: SparsecConfig) -> None:
+    """Refuse a plan that names none of this graph's attention layers (a plan for another model)."""
+    if config.plan is None or not config.plan.layers:
+        return
+    paths = [op.module_path for op in graph.ops_of(Attention)]
+    if paths and not any(path in config.plan.layers for path in paths):
+        raise SparsecUserError(
+            f"the plan names none of this model's attention layers (model: {paths[:4]}..., plan: "
+            f"{list(config.plan.layers)[:4]}...): it was made for another model; tune this model again")
 
 
 def apply_patterns(graph: Graph, config: SparsecConfig) -> Graph:
     """`graph` with the configured patterns on the score types of its Attention ops."""
+    _check_plan_fits(graph, config)
     ops = [_with_patterns(op, config) if isinstance(op, Attention) else op for op in graph.ops]
     return graph.replace_ops(ops, provenance="apply_patterns")

@@ -15,6 +15,7 @@ new values as extra outputs, which only aot_autograd's own runtime wrapper knows
                                                 gets each forward / backward / inference graph
     capture_inference_graph(gm, example_inputs) the inference ATen graph
     placeholder_paths(gm)                       Dynamo placeholder index -> parameter path
+    param_values(gm, example_inputs, paths)     parameter path -> its real tensor
     aten_param_paths(aten_gm, paths)            ATen placeholder name -> parameter path
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import fx
 from .fx_utils import normalize_module_path
 
 __all__ = [
-    "run_aot", "capture_inference_graph", "placeholder_paths", "aten_param_paths", "needs_autograd",
+    "run_aot", "capture_inference_graph", "placeholder_paths", "param_values", "aten_param_paths", "needs_autograd",
     "CaptureError",
 ]
 
@@ -81,6 +82,16 @@ def placeholder_paths(gm: fx.GraphModule) -> list[str | None]:
         source = _source_name(node)
         paths.append(normalize_module_path(source) if source and _is_module_state(node, source) else None)
     return paths
+
+
+def param_values(gm: fx.GraphModule, example_inputs: Sequence, paths: Sequence[str | None]) -> dict[str, torch.Tensor]:
+    """Parameter path -> its tensor, for the placeholders `placeholder_paths(gm)` names: the
+    attributes aot_autograd lifts, then Dynamo's example inputs (the real parameters)."""
+    lifted = [t for _, t in gm.named_parameters(remove_duplicate=False)]
+    lifted += [t for _, t in gm.named_buffers(remove_duplicate=False)]
+    values = [*lifted, *example_inputs]
+    return {path: value for path, value in zip(paths, values)
+            if path and isinstance(value, torch.Tensor)}
 
 
 def aten_param_paths(aten_gm: fx.GraphModule, paths: Sequence[str | None]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The pass pipeline: a visible list of named IR -> IR stages, run in order.
 
-    stages = default_stages(config)          [("apply_patterns", ...)]
+    stages = default_stages(config, weights) [("apply_patterns", ...), ("analyze_weights", ...),
+                                              ("choose_linear_kernels", ...)]
     final, history = run_pipeline(graph, stages, verify=True)
 
 `history` is [(stage name, IR after it), ...], starting with ("lower", the input graph), so dumps
@@ -13,13 +14,17 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
 
 from sparsec.config import SparsecConfig
 from sparsec.ir.graph import Graph
 from sparsec.ir.verifier import verify as verify_graph
 
+from .analyze_weights import analyze_weights
 from .apply_patterns import apply_patterns
+from .choose_linear_kernels import choose_linear_kernels
 
 __all__ = ["Stage", "default_stages", "run_pipeline"]
 
@@ -28,10 +33,13 @@ log = logging.getLogger(__name__)
 Stage = tuple[str, Callable[[Graph], Graph]]
 
 
-def default_stages(config: SparsecConfig) -> list[Stage]:
-    """The stages sparsec runs after lowering, in order."""
+def default_stages(config: SparsecConfig, weights: Mapping[str, torch.Tensor] | None = None) -> list[Stage]:
+    """The stages sparsec runs after lowering, in order. `weights`: parameter path -> real tensor
+    (the linear weights analyze_weights reads; without them their types stay as lowered)."""
     return [
         ("apply_patterns", functools.partial(apply_patterns, config=config)),
+        ("analyze_weights", functools.partial(analyze_weights, weights=weights or {})),
+        ("choose_linear_kernels", functools.partial(choose_linear_kernels, config=config)),
     ]
 
 

@@ -9,7 +9,9 @@ IR values carry their FX node's name, so operands are found by name. The custom 
 contiguous tensors; where the replaced node had another layout (SDPA on CPU returns its output
 in (B, S, H, D) memory order and the graph then views it as such), a permute -> clone -> permute
 restores the original strides so the nodes after it stay valid. New nodes get meta["val"] from
-the ops' fake implementations, as Inductor expects.
+the ops' fake implementations, as Inductor expects. A Linear op with a sparse kernel passes its
+choice (kernel, min_tokens, max_tokens) and a fresh site name, under which sparsec::linear keeps
+that layer's packed weight, to the op.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
+from sparsec import linear_dispatch
 from sparsec import ops as sparsec_ops  # registers torch.ops.sparsec.*
 from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Attention, Linear, Op
@@ -54,10 +57,16 @@ def _call_for(op: Op, node: dict[str, fx.Node]) -> tuple[object, tuple]:
         return None if value is None else node[value.name]
 
     if isinstance(op, Attention):
-        args = (ref(op.q), ref(op.k), ref(op.v), ref(op.mask), op.scale, op.causal, _patterns_argument(op))
+        block_m, block_n = op.tiles if op.tiles is not None else (0, 0)
+        args = (ref(op.q), ref(op.k), ref(op.v), ref(op.mask), op.scale, op.causal, _patterns_argument(op),
+                block_m, block_n, op.module_path)
         return torch.ops.sparsec.attention.default, args
     if isinstance(op, Linear):
-        return torch.ops.sparsec.linear.default, (ref(op.x), ref(op.weight), ref(op.bias))
+        args = (ref(op.x), ref(op.weight), ref(op.bias))
+        if op.kernel != "dense":  # the choice, and a site that keeps this layer's packed weight
+            site = linear_dispatch.new_site(op.module_path or op.result.name)
+            args += (op.kernel, op.min_tokens, op.max_tokens, site)
+        return torch.ops.sparsec.linear.default, args
     raise RewriteError(f"no custom op for {type(op).__name__}")
 
 

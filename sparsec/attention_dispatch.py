@@ -10,6 +10,7 @@ This module validates the call and picks an executor; the kernels live in codege
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     backend: str | None = None,
+    tiles: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with every pair outside each head's pattern removed.
 
@@ -44,6 +46,8 @@ def attention(
     `causal` also removes j > i + (Sk - Sq). A query row with no key left gives 0.
     `backend`: "auto" (default; or the SPARSEC_ATTENTION_BACKEND environment variable),
     "triton", "cpu" or "masked" (explicit-mask dense path).
+    `tiles`: (block_m, block_n) of the sparse kernels (a Plan's choice); default: chosen per shape.
+    Tiles change the speed, never the result.
     """
     _check_tensors(q, k, v)
     head_patterns = normalize_head_patterns(patterns, q.shape[1])
@@ -53,12 +57,14 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
+    _check_tiles(tiles)
     chosen = _choose_backend(q, backend)
     if chosen == "triton":
-        return _run_triton(q, k, v, head_patterns, causal, scale)
+        return _run_triton(q, k, v, head_patterns, causal, scale, tiles)
     if chosen == "cpu":
         from sparsec.codegen.attention_cpu import cpu_attention
-        return cpu_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+        block_m, block_n = tiles if tiles is not None else (None, None)
+        return cpu_attention(q, k, v, head_patterns, causal=causal, scale=scale, block_m=block_m, block_n=block_n)
     return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale)
 
 
@@ -87,6 +93,14 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"sparsec.attention: empty sequence (Sq={q.shape[2]}, Sk={Sk})")
 
 
+def _check_tiles(tiles) -> None:
+    if tiles is None:
+        return
+    if (not isinstance(tiles, (tuple, list)) or len(tiles) != 2
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 16 and t & (t - 1) == 0 for t in tiles)):
+        raise ValueError(f"sparsec.attention: tiles must be (block_m, block_n), powers of two >= 16, got {tiles!r}")
+
+
 def _check_pattern_fits(p: Pattern, head: int, Sq: int, Sk: int) -> None:
     parts = p.parts if isinstance(p, Union) else (p,)
     for part in parts:
@@ -107,14 +121,19 @@ def _choose_backend(q: torch.Tensor, backend: str | None) -> str:
     return "triton" if q.is_cuda else "cpu"
 
 
-def _run_triton(q, k, v, head_patterns, causal, scale) -> torch.Tensor:
+def _run_triton(q, k, v, head_patterns, causal, scale, tiles) -> torch.Tensor:
     from sparsec.codegen import attention_triton
+    from sparsec.codegen.tiles import default_tiles
 
     reason = attention_triton.supports(q, k, v, head_patterns)
     if reason is not None:
         log.info("sparsec.attention: Triton kernels cannot run this call (%s); using the masked dense path", reason)
         return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale)
-    return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+    chosen = None
+    if tiles is not None:
+        base = default_tiles(max(q.shape[-1], v.shape[-1]), q.dtype)
+        chosen = dataclasses.replace(base, block_m=tiles[0], block_n=tiles[1])
+    return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale, tiles=chosen)
 
 
 # -- the dense path ------------------------------------------------------------------------

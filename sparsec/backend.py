@@ -5,7 +5,8 @@ For each graph Dynamo hands over:
     options -> SparsecConfig                         (bad options raise here, naming the key)
     Dynamo FX graph --aot_autograd--> ATen graph     (passes/capture.py)
       -> match attention and linear layers, lower to IR   (passes/match_*.py, passes/lower.py)
-      -> IR stages: apply_patterns, ...                     (passes/pipeline.py)
+      -> IR stages: apply_patterns, analyze_weights (the real weights' zeros), choose_linear_kernels,
+         ...                                                (passes/pipeline.py)
       -> rewrite the ATen graph with sparsec custom ops     (passes/rewrite_fx.py, sparsec/ops.py)
       -> compile it with Inductor (inner="inductor") or run it as is (inner="eager")
 
@@ -23,8 +24,9 @@ the user's input (SparsecUserError, bad options) are raised instead. With fallba
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,13 +48,14 @@ log = logging.getLogger(__name__)
 
 
 def sparsify_aten_graph(aten_gm: fx.GraphModule, params: dict[str, str], config: SparsecConfig,
-                        record: GraphRecord) -> fx.GraphModule:
-    """Match, lower, run the IR stages and rewrite one ATen graph; fills `record` as it goes."""
+                        record: GraphRecord, weights: Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """Match, lower, run the IR stages and rewrite one ATen graph; fills `record` as it goes.
+    `weights` (parameter path -> real tensor) lets the stages read the linear weights' zeros."""
     record.aten_code = aten_gm.code
     attention_matches = match_attention(aten_gm)  # may add a logical_not node for a mask
     linear_matches = match_linear(aten_gm, params)
     ir = lower(aten_gm, attention_matches, linear_matches, params, name=record.name)
-    _, record.stages = run_pipeline(ir, default_stages(config), verify=config.verify)
+    _, record.stages = run_pipeline(ir, default_stages(config, weights), verify=config.verify)
     rewritten = rewrite_fx(aten_gm, record.final_ir)
     record.rewritten_code = rewritten.code
     return rewritten
@@ -86,7 +89,14 @@ def _compile_original(gm: fx.GraphModule, example_inputs: Sequence, config: Spar
 def _compile(gm, example_inputs, config, record) -> Callable:
     params_of = capture.placeholder_paths(gm)
     aten_gm = capture.capture_inference_graph(gm, example_inputs)
-    rewritten = sparsify_aten_graph(aten_gm, capture.aten_param_paths(aten_gm, params_of), config, record)
+    params = capture.aten_param_paths(aten_gm, params_of)
+    if config.tune is not None:  # option "tune": tune this graph on its first inputs, then apply
+        from sparsec.model_tuning import tune_graph
+
+        record.plan = tune_graph(aten_gm, params, example_inputs, config)
+        config = dataclasses.replace(config, tune=None, plan=record.plan)
+    weights = capture.param_values(gm, example_inputs, params_of)
+    rewritten = sparsify_aten_graph(aten_gm, params, config, record, weights=weights)
     return _compile_rewritten(rewritten, example_inputs, config)
 
 

@@ -6,6 +6,12 @@
         SPARSEC_DUMP_DIR would; print the explain summary.
         In --options JSON, a pattern is its dict form ({"type": "Window", "left": 64, "right": 0}),
         e.g. '{"attention_patterns": {"blocks.*.attn": {"type": "Window", "left": 4, "right": 0}}}'.
+    sparsec tune module:factory [--target h100] [--budget 0.02] [--out plan.json] [--plot plan.png]
+                 [--measure]
+        Tune the factory's model on its example inputs (sparsec.tune, with a progress bar), print
+        the plan's table and save it. --measure first calibrates the cost model on this machine's
+        device (cost_models.fit.calibrate: time candidate kernels, fit, store the profile) and
+        tunes for that device.
     sparsec demo [--inner eager|inductor]
         Run the tiny DiT demo (sparsec/demo.py).
 """
@@ -61,14 +67,42 @@ def parse_cli_options(text: str | None) -> dict[str, Any]:
     return options
 
 
+def _model_and_inputs(spec: str, command: str):
+    made = load_factory(spec)()
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise SystemExit(f"sparsec {command}: {spec}() must return (model, example_inputs)")
+    return made
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from sparsec.model_tuning import tune
+
+    model, example_inputs = _model_and_inputs(args.factory, "tune")
+    target = args.target
+    if args.measure:
+        from sparsec.cost_models.fit import calibrate
+
+        report = calibrate(quick=args.quick_measure)
+        target = report.fit.profile.name
+        print(f"calibrated the cost model on {report.device}: Spearman {report.accuracy_after.spearman:.3f}, "
+              f"mean top-1 regret {report.accuracy_after.mean_regret:.1%}; saved to {report.saved_to}")
+    try:
+        plan = tune(model, example_inputs, target=target, budget=args.budget, progress=True)
+    except ValueError as e:
+        raise SystemExit(f"sparsec tune: {e}") from None
+    print(plan)
+    plan.save(args.out)
+    print(f"saved the plan to {args.out}")
+    if args.plot:
+        plan.plot(args.plot)
+        print(f"saved the plot to {args.plot}")
+    return 0
+
+
 def _dump(args: argparse.Namespace) -> int:
     from sparsec.explain import explain
 
-    factory = load_factory(args.factory)
-    made = factory()
-    if not (isinstance(made, tuple) and len(made) == 2):
-        raise SystemExit(f"sparsec dump: {args.factory}() must return (model, example_inputs)")
-    model, example_inputs = made
+    model, example_inputs = _model_and_inputs(args.factory, "dump")
     options = {**parse_cli_options(args.options), "dump_dir": args.out}
     report = explain(model, *example_inputs, options=options)
     print(report.summary())
@@ -91,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--out", default="sparsec_dump", help="output folder (default: ./sparsec_dump)")
     dump.add_argument("--options", default=None, help="backend options as JSON")
     dump.set_defaults(run=_dump)
+    tune = commands.add_parser("tune", help="tune a model's attention patterns into a plan (sparsec.tune)")
+    tune.add_argument("factory", help="module:function returning (model, example_inputs)")
+    tune.add_argument("--target", default="h100", help="hardware the plan is for: h100, h200, a100 or cpu (default h100)")
+    tune.add_argument("--budget", type=float, default=0.02, help="per-layer relative error budget (default 0.02)")
+    tune.add_argument("--out", default="plan.json", help="where to save the plan (default ./plan.json)")
+    tune.add_argument("--plot", default=None, help="also save a plot of the plan (PNG; needs matplotlib)")
+    tune.add_argument("--measure", action="store_true",
+                      help="calibrate the cost model on this machine's device first and tune for it")
+    tune.add_argument("--quick-measure", action="store_true", help="with --measure: a small candidate grid")
+    tune.set_defaults(run=_tune)
     demo = commands.add_parser("demo", help="compile the bundled tiny DiT with sparse attention patterns")
     demo.add_argument("--inner", choices=("eager", "inductor"), default="eager")
     demo.set_defaults(run=_demo)

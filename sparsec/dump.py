@@ -9,8 +9,9 @@ back, why. With a dump directory, `write_record` writes it as a numbered folder:
         0_dynamo_fx.py        the FX graph Dynamo handed to the backend (code)
         1_aten_fx.py          the aot_autograd ATen graph sparsec lowered
         2_ir_lower.txt        the IR after each stage, in pipeline order; parse_graph reads it back
-        3_ir_apply_patterns.txt
-        4_rewritten_fx.py     the ATen graph with sparsec custom-op calls, as compiled
+        3_ir_apply_patterns.txt   (then 4_ir_analyze_weights.txt, 5_ir_choose_linear_kernels.txt, ...)
+        6_rewritten_fx.py     the ATen graph with sparsec custom-op calls, as compiled
+        plan.json, plan.txt   only with the option "tune": the plan tuned for this graph
         fallback.txt          only when sparsec fell back: the reason
 
 `recording()` collects the records of the graphs compiled inside it (sparsec.explain uses it).
@@ -25,6 +26,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sparsec.ir.graph import Graph
 
@@ -53,6 +55,7 @@ class GraphRecord:
     rewritten_code: str = ""
     inner: str = "inductor"
     fallback_reason: str | None = None
+    plan: Any = None                    # the sparsec.Plan tuned for this graph (option "tune")
 
     @property
     def final_ir(self) -> Graph | None:
@@ -74,6 +77,9 @@ class GraphRecord:
             files[f"{2 + offset}_ir_{stage_name}.txt"] = str(graph)
         if self.rewritten_code:
             files[f"{2 + len(self.stages)}_rewritten_fx.py"] = self.rewritten_code
+        if self.plan is not None:
+            files["plan.json"] = self.plan.to_json() + "\n"
+            files["plan.txt"] = str(self.plan) + "\n"
         if self.fallback_reason:
             files["fallback.txt"] = self.fallback_reason + "\n"
         return files

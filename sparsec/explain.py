@@ -1,14 +1,16 @@
 """sparsec.explain(model, *inputs, options=None): what sparsec makes of a model, as objects.
 
     report = sparsec.explain(model, x)
-    print(report)                          # per graph: what was found, and the final IR
+    print(report)                          # per graph: what was found (attention layers, linear
+                                           # layers with sparse weights and their kernel), the final IR
     report.graphs[0].stage("lower")        # the IR Graph after a named stage
     report.graphs[0].rewritten_code        # the rewritten ATen FX graph, as code
 
 The model is compiled with backend="sparsec" (with `options`) and run once on `inputs` under
 no_grad; every graph Dynamo produces (several after graph breaks) gives one GraphRecord, the
-same content SPARSEC_DUMP_DIR writes. A fresh backend object is used, so Dynamo compiles the
-model anew even if it was compiled before.
+same content SPARSEC_DUMP_DIR writes. Dynamo's caches are reset first (torch._dynamo.reset()),
+so the model is traced anew even if it was compiled before or a compile of it failed (after a
+failure Dynamo may skip the frames it could not compile).
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ def _attention_line(op: Attention) -> str:
             f"scale {op.scale:.4g}, scores {format_type(op.scores)}")
 
 
+def _linear_line(op: Linear) -> str:
+    tokens = ""
+    if op.kernel != "dense" and (op.min_tokens, op.max_tokens) != (0, None):
+        tokens = f" for tokens {op.min_tokens}..{'' if op.max_tokens is None else op.max_tokens}"
+    return (f"    linear {op.module_path or '?'}: weight {format_type(op.weight.type)}, "
+            f"kernel {op.kernel}{tokens}")
+
+
 def _summary(record: GraphRecord) -> list[str]:
     head = f"graph {record.name} (inner={record.inner})"
     if record.fallback_reason:
@@ -45,6 +55,7 @@ def _summary(record: GraphRecord) -> list[str]:
     lines = [f"{head}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
              + f"; stages: {', '.join(name for name, _ in record.stages)}"]
     lines += [_attention_line(op) for op in ir.ops_of(Attention)]
+    lines += [_linear_line(op) for op in ir.ops_of(Linear) if op.kernel != "dense" or not op.weight.type.is_dense]
     return lines
 
 
@@ -55,7 +66,7 @@ class ExplainReport:
     graphs: list[GraphRecord]
 
     def summary(self) -> str:
-        """A few lines per graph: the ops found and the attention layers."""
+        """A few lines per graph: the ops found, the attention layers, the sparse linear layers."""
         lines = [f"sparsec explain: {len(self.graphs)} graph(s)"]
         for record in self.graphs:
             lines += _summary(record)
@@ -76,6 +87,7 @@ def explain(model: torch.nn.Module, *inputs: Any,
 
     config = parse_options(options)  # bad options raise here, before any compiling
     backend = functools.partial(sparsec_backend, options=config)
+    torch._dynamo.reset()
     with recording() as records, torch.no_grad():
         torch.compile(model, backend=backend)(*inputs)
     return ExplainReport(graphs=list(records))

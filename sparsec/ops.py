@@ -1,15 +1,22 @@
 """The torch custom ops that rewritten graphs call: the sockets sparse kernels plug into.
 
     sparsec::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale,
-                       bool is_causal, str patterns) -> Tensor
+                       bool is_causal, str patterns, int block_m=0, int block_n=0,
+                       str site="") -> Tensor
         q (B, Hq, S_q, D); k, v (B, Hkv, S_k, D[v]) before any GQA expansion (Hq % Hkv == 0).
         patterns == "": exact dense attention (torch SDPA). Otherwise a JSON list of Hq pattern
         dicts (Pattern.to_dict), computed by sparsec.attention. `is_causal` follows sparsec's
         rule j <= i + (S_k - S_q) (equal to SDPA's is_causal when S_q == S_k). attn_mask is a bool
         mask or an additive float bias broadcastable to (B, Hq, S_q, S_k); patterns and a mask
-        together are refused.
-    sparsec::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor
-        x @ weight.T + bias, exactly (F.linear).
+        together are refused. block_m / block_n: the sparse kernels' tiles (0: their default).
+        `site` names the attention layer (its module path): `recording_attention` hands every
+        call's operands to a callback under that name (how sparsec.tune collects samples).
+    sparsec::linear(Tensor x, Tensor weight, Tensor? bias, str kernel="dense", int min_tokens=0,
+                    int? max_tokens=None, str site="") -> Tensor
+        x @ weight.T + bias, exactly. kernel "dense": F.linear. Otherwise the sparse kernel the IR
+        chose ("bsr64x64", "nm2:4", "semi2:4"), run by sparsec/linear_dispatch.py when the token
+        count is in [min_tokens, max_tokens], on the weight packed once for `site` (one compiled
+        layer) and re-packed, or run dense, when the weight changes in place.
 
 Both have fake implementations (Inductor and aot_autograd trace through them) and a backward
 computed by recomputation through differentiable torch ops, so graphs that need autograd can
@@ -17,15 +24,32 @@ call them too. Outputs are always contiguous; the rewrite restores the layout th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from sparsec.patterns import Pattern, Skip, from_dict
 
-__all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "patterns_from_json"]
+__all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "patterns_from_json",
+           "recording_attention", "AttentionRecorder"]
+
+# (site, q, k, v, attn_mask, scale, is_causal) -> None
+AttentionRecorder = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], None]
+_RECORDERS: list[AttentionRecorder] = []
+
+
+@contextlib.contextmanager
+def recording_attention(recorder: AttentionRecorder) -> Iterator[None]:
+    """Call `recorder` with the operands of every sparsec::attention call made inside the block."""
+    _RECORDERS.append(recorder)
+    try:
+        yield
+    finally:
+        _RECORDERS.remove(recorder)
 
 
 def patterns_to_json(head_patterns: tuple[Pattern, ...]) -> str:
@@ -68,10 +92,10 @@ def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
-def _sparse_attention(q, k, v, scale: float, is_causal: bool, patterns: str) -> torch.Tensor:
+def _sparse_attention(q, k, v, scale: float, is_causal: bool, patterns: str, tiles) -> torch.Tensor:
     import sparsec  # lazy: sparsec imports this module's users, and the executors import a lot
 
-    return sparsec.attention(q, k, v, patterns_from_json(patterns), causal=is_causal, scale=scale)
+    return sparsec.attention(q, k, v, patterns_from_json(patterns), causal=is_causal, scale=scale, tiles=tiles)
 
 
 def _check_attention_args(attn_mask, patterns: str) -> None:
@@ -88,17 +112,23 @@ def attention(
     scale: float,
     is_causal: bool,
     patterns: str,
+    block_m: int = 0,
+    block_n: int = 0,
+    site: str = "",
 ) -> torch.Tensor:
     _check_attention_args(attn_mask, patterns)
+    for recorder in tuple(_RECORDERS):
+        recorder(site, q, k, v, attn_mask, scale, is_causal)
     if patterns:
-        out = _sparse_attention(q, k, v, scale, is_causal, patterns)
+        tiles = (block_m, block_n) if block_m and block_n else None
+        out = _sparse_attention(q, k, v, scale, is_causal, patterns, tiles)
     else:
         out = dense_attention(q, k, v, attn_mask, scale, is_causal)
     return out.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, is_causal, patterns):
+def _(q, k, v, attn_mask, scale, is_causal, patterns, block_m=0, block_n=0, site=""):
     _check_attention_args(attn_mask, patterns)
     B, Hq, Sq, _ = q.shape
     return q.new_empty((B, Hq, Sq, v.shape[-1]))
@@ -152,7 +182,7 @@ def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def _attention_setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, scale, is_causal, patterns = inputs
+    q, k, v, attn_mask, scale, is_causal, patterns = inputs[:7]
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.attrs = (scale, is_causal, patterns)
 
@@ -207,35 +237,41 @@ def _attention_backward(ctx, grad_out):
     q, k, v, attn_mask = ctx.saved_tensors
     dq, dk, dv, dmask = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs)
     has_dmask = attn_mask is not None and attn_mask.is_floating_point()
-    return dq, dk, dv, (dmask if has_dmask else None), None, None, None
+    return dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 @torch.library.custom_op("sparsec::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight, bias).contiguous()
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "dense",
+           min_tokens: int = 0, max_tokens: int | None = None, site: str = "") -> torch.Tensor:
+    if kernel == "dense":
+        return F.linear(x, weight, bias).contiguous()
+    from sparsec import linear_dispatch  # lazy: it imports the kernels
+
+    return linear_dispatch.linear(x, weight, bias, kernel, min_tokens, max_tokens, site).contiguous()
 
 
 @linear.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, kernel="dense", min_tokens=0, max_tokens=None, site=""):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
+    x, weight, bias = inputs[:3]
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
 
 def _linear_backward(ctx, grad_out):
+    """Dense, whatever kernel ran the forward (the same function: only exact zeros are skipped)."""
     x, weight = ctx.saved_tensors
     grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
     flat_grad, flat_x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
     grad_w = flat_grad.T @ flat_x if ctx.needs_input_grad[1] else None
     grad_b = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, grad_w, grad_b
+    return grad_x, grad_w, grad_b, None, None, None, None
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)

@@ -62,8 +62,8 @@ def test_apply_patterns_rejects_a_block_layout_that_does_not_fit():
 
 def test_pipeline_records_every_stage_with_provenance():
     final, history = run_pipeline(parse_graph(BEFORE), default_stages(parse_options({})), verify=True)
-    assert [name for name, _ in history] == ["lower", "apply_patterns"]
-    assert history[-1][1] is final and final.provenance.startswith("apply_patterns (took ")
+    assert [name for name, _ in history] == ["lower", "apply_patterns", "analyze_weights", "choose_linear_kernels"]
+    assert history[-1][1] is final and final.provenance.startswith("choose_linear_kernels (took ")
 
 
 class TinyAttention(nn.Module):

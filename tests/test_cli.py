@@ -45,3 +45,21 @@ def test_the_console_script_runs_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-m", "sparsec.cli", "--help"], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "dump" in result.stdout and "demo" in result.stdout
+
+
+def test_tune_saves_a_plan_for_the_factory_model(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["tune", "sparsec.models.tiny_dit:tiny_dit", "--target", "cpu", "--budget", "0.05",
+                 "--out", str(out)]) == 0
+    from sparsec.plan import Plan
+
+    plan = Plan.load(out)
+    assert plan.target == "cpu" and plan.budget == 0.05
+    assert {"blocks.0.attn", "blocks.1.attn"} <= set(plan.layers)  # self-attention layers of the DiT
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn" in printed and str(out) in printed
+
+
+def test_tune_names_a_bad_budget(tmp_path):
+    with pytest.raises(SystemExit, match="budget"):
+        main(["tune", "sparsec.models.tiny_dit:tiny_dit", "--budget", "-1", "--out", str(tmp_path / "p.json")])

@@ -10,7 +10,8 @@ from sparsec.ir.parser import parse_graph
 from sparsec.patterns import Window
 from tests import models
 
-EXPECTED_FILES = ["0_dynamo_fx.py", "1_aten_fx.py", "2_ir_lower.txt", "3_ir_apply_patterns.txt", "4_rewritten_fx.py"]
+EXPECTED_FILES = ["0_dynamo_fx.py", "1_aten_fx.py", "2_ir_lower.txt", "3_ir_apply_patterns.txt",
+                  "4_ir_analyze_weights.txt", "5_ir_choose_linear_kernels.txt", "6_rewritten_fx.py"]
 
 
 def _compile_with_env_dump(monkeypatch, tmp_path):
@@ -27,7 +28,7 @@ def test_dump_dir_has_a_folder_per_graph_with_every_stage(monkeypatch, tmp_path)
     assert [f.name.split("_", 1)[0] for f in folders] == ["000", "001"]  # graph break: two graphs
     for folder in folders:
         assert sorted(p.name for p in folder.iterdir()) == EXPECTED_FILES
-        assert "torch.ops.sparsec.attention" in (folder / "4_rewritten_fx.py").read_text()
+        assert "torch.ops.sparsec.attention" in (folder / "6_rewritten_fx.py").read_text()
         assert "def forward" in (folder / "0_dynamo_fx.py").read_text()
         ir = parse_graph((folder / "3_ir_apply_patterns.txt").read_text())
         assert len(ir.ops_of(Attention)) == 1
@@ -44,7 +45,8 @@ def test_explain_reports_every_graph_and_stage():
     report = explain(model, *inputs, options={"inner": "eager", "attention_patterns": {"block0.attn": Window(2, 0)}})
     assert len(report.graphs) == 2
     first = report.graphs[0]
-    assert [name for name, _ in first.stages] == ["lower", "apply_patterns"]
+    assert [name for name, _ in first.stages] == ["lower", "apply_patterns", "analyze_weights",
+                                                  "choose_linear_kernels"]
     assert first.stage("lower").ops_of(Attention)[0].scores.is_dense
     assert not first.stage("apply_patterns").ops_of(Attention)[0].scores.is_dense
     text = str(report)

@@ -86,7 +86,7 @@ def symbolic_graph() -> Graph:
         Linear(result=h, x=x, weight=w, bias=None, module_path="proj"),
         Opaque(results=(q, k, v), inputs=(h, x), fx_nodes=("view",)),
         Attention(result=o, q=q, k=k, v=v, mask=bias, scale=0.1, causal=False, num_heads=8,
-                  num_kv_heads=1, scores=scores),
+                  num_kv_heads=1, scores=scores, tiles=(64, 32)),
         Opaque(results=(), inputs=(o,), fx_nodes=("copy_",)),
         Output(values=(o,)),
     )
@@ -174,6 +174,17 @@ def test_print_parse_round_trip(build):
     assert back == g
     assert print_graph(back) == text  # the text is a fixed point
     assert str(g) == text
+
+
+def test_attention_tiles_print_and_are_checked():
+    text = print_graph(symbolic_graph())
+    assert "tiles = [64, 32]" in text
+    assert "tiles" not in print_graph(attention_block_graph())  # the kernels' default: not printed
+    o = next(op for op in symbolic_graph().ops if isinstance(op, Attention))
+    for bad in [(64,), (0, 32), (64.0, 32), [64, 32], (True, 32)]:
+        with pytest.raises(TypeError, match="tiles"):
+            Attention(result=o.result, q=o.q, k=o.k, v=o.v, scale=0.1, num_heads=8, num_kv_heads=1,
+                      scores=o.scores, tiles=bad)
 
 
 def test_fixture_text_parses_to_hand_built_graph():

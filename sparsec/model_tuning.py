@@ -1,0 +1,150 @@
+"""`sparsec.tune(model, example_inputs, target=, budget=) -> Plan`: tune a whole model.
+
+    plan = sparsec.tune(model, (x,), target="h100", budget=0.02)
+    print(plan); plan.save("plan.json")
+    compiled = torch.compile(model, backend="sparsec", options={"plan": plan})
+
+The model is compiled with sparsec (dense, run eagerly) and run once on the example inputs under
+no_grad; every call of the sparsec::attention op hands its q, k, v to a recorder under the layer's
+module path (sparsec.ops.recording_attention), so the tuner sees exactly the operands the
+compiled model computes, for models written any way the matchers understand. The recorded calls
+go to sparsec.tuning.tune_layers (calibration statistics -> candidates with measured errors ->
+cost-model search). Layers with a mask or bias are left dense (the pattern kernels take no
+mask). The plan carries a fingerprint of the model's attention layers (module path, heads, kv
+heads, head size), which Plan.check_fingerprint compares against another model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from sparsec.cost_models.hardware import HardwareProfile
+from sparsec.passes.attention_stats import LayerSample
+from sparsec.plan import Plan, attention_fingerprint
+
+__all__ = ["tune", "record_attention", "model_attention_layers"]
+
+log = logging.getLogger(__name__)
+
+
+def _as_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("sparsec.tune: example_inputs must be a tensor or a tuple/list of the model's positional "
+                    f"inputs, got {type(example_inputs).__name__}")
+
+
+def record_attention(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[str, list[LayerSample]], list]:
+    """Run `model` once through sparsec (dense, eager) and return (module path -> recorded calls,
+    the GraphRecords of the compiled graphs). Calls with a mask or bias are not recorded."""
+    from sparsec.backend import sparsec_backend
+    from sparsec.dump import recording
+    from sparsec.ops import recording_attention
+
+    inputs = _as_inputs(example_inputs)
+    recorded: dict[str, list[LayerSample]] = defaultdict(list)
+    masked: set[str] = set()
+
+    def record(site, q, k, v, attn_mask, scale, is_causal):
+        if attn_mask is not None:
+            masked.add(site)
+            return
+        recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=bool(is_causal), scale=float(scale)))
+
+    backend = functools.partial(sparsec_backend, options={"inner": "eager"})
+    torch._dynamo.reset()  # a fresh compile, so the recording graphs are the ones that run
+    try:
+        with recording() as records, recording_attention(record), torch.no_grad():
+            torch.compile(model, backend=backend)(*inputs)
+    finally:
+        torch._dynamo.reset()
+    for site in sorted(masked):
+        log.info("sparsec.tune: attention %s has a mask or bias; it stays dense", site or "?")
+    unnamed = recorded.pop("", None)
+    if unnamed:
+        log.warning("sparsec.tune: %d attention call(s) have no module path; they stay dense", len(unnamed))
+    return dict(recorded), list(records)
+
+
+def model_attention_layers(records: Sequence) -> list[tuple[str, int, int, int]]:
+    """(module path, heads, kv heads, head_dim) of every attention layer in compiled graphs'
+    records, in order of first appearance (the input of attention_fingerprint)."""
+    from sparsec.ir.ops import Attention
+
+    layers: dict[str, tuple[str, int, int, int]] = {}
+    for record in records:
+        if record.final_ir is None:
+            continue
+        for op in record.final_ir.ops_of(Attention):
+            layers.setdefault(op.module_path, (op.module_path, op.num_heads, op.num_kv_heads, op.q.type.shape[-1]))
+    return list(layers.values())
+
+
+def tune(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    target: str | HardwareProfile = "h100",
+    budget: float = 0.02,
+    progress: bool = True,
+    backend: str | None = None,
+) -> Plan:
+    """A Plan for `model` on `target`, each attention layer within `budget` (relative L2 error
+    of its output on `example_inputs`). `backend` forces sparsec.attention's backend for the
+    error measurements (default: Triton on CUDA, the CPU executor on CPU)."""
+    from sparsec.tuning import tune_layers
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"sparsec.tune: model must be a torch.nn.Module, got {type(model).__name__}")
+    recorded, records = record_attention(model, example_inputs)
+    fallbacks = [r.fallback_reason for r in records if r.fallback_reason]
+    if fallbacks:
+        log.warning("sparsec.tune: %d graph(s) fell back and are not tuned: %s", len(fallbacks), fallbacks)
+    if not recorded:
+        log.warning("sparsec.tune: found no attention layer to tune; the plan is empty")
+    fingerprint = attention_fingerprint(model_attention_layers(records))
+    return tune_layers(recorded, target=target, budget=budget, progress=progress,
+                       model_fingerprint=fingerprint, backend=backend)
+
+
+def tune_graph(aten_gm, params: dict[str, str], example_inputs: Sequence, config) -> Plan:
+    """The backend's option "tune": a Plan for one ATen graph from its first inputs.
+
+    The graph is lowered and rewritten densely (on a copy), run once on `example_inputs` with the
+    attention recorder on, and its recorded layers are tuned with the option's target (default:
+    the option `target`, i.e. this machine) and budget."""
+    import copy
+
+    from sparsec.backend import sparsify_aten_graph
+    from sparsec.dump import GraphRecord
+    from sparsec.ops import recording_attention
+    from sparsec.tuning import tune_layers
+
+    settings = dict(config.tune)
+    dense = dataclasses.replace(config, tune=None, plan=None, attention_patterns=(), dump_dir=None)
+    scratch = GraphRecord(index=-1, name="tune", dynamo_code="")
+    rewritten = sparsify_aten_graph(copy.deepcopy(aten_gm), params, dense, scratch)
+    recorded: dict[str, list[LayerSample]] = defaultdict(list)
+
+    def record(site, q, k, v, attn_mask, scale, is_causal):
+        if attn_mask is None and site:
+            recorded[site].append(LayerSample(q.detach().clone(), k.detach().clone(), v.detach().clone(),
+                                              causal=bool(is_causal), scale=float(scale)))
+
+    with recording_attention(record), torch.no_grad():
+        rewritten(*example_inputs)
+    target = settings.get("target", config.target)
+    hardware = config.hardware() if target == "auto" else target
+    fingerprint = attention_fingerprint(model_attention_layers([scratch]))
+    plan = tune_layers(dict(recorded), target=hardware, budget=settings.get("budget", 0.02), progress=False,
+                       model_fingerprint=fingerprint)
+    log.info("sparsec tuned %d attention layer(s) of this graph:\n%s", len(plan.layers), plan)
+    return plan
