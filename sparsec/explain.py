@@ -29,10 +29,30 @@ from sparsec.ir.printer import format_type
 __all__ = ["explain", "ExplainReport"]
 
 
-def _attention_line(op: Attention) -> str:
+def _estimates(op: Attention, hardware) -> str:
+    """", est. dense X us -> Y us on <hw>" from the cost model; "" when it cannot price the op
+    (symbolic shapes, an unsupported dtype)."""
+    import dataclasses
+
+    from sparsec.cost_models import estimate
+    from sparsec.ir.types import DENSE
+
+    if hardware is None:
+        return ""
+    try:
+        dense = estimate(dataclasses.replace(op, scores=op.scores.with_sparsity(DENSE), tiles=None), hardware)
+        chosen = estimate(op, hardware, block_m=op.tiles[0] if op.tiles else None,
+                          block_n=op.tiles[1] if op.tiles else None)
+    except (ValueError, TypeError):
+        return ""
+    tiles = f", tiles {op.tiles[0]}x{op.tiles[1]}" if op.tiles else ""
+    return f"{tiles}; est. on {hardware.name}: dense {dense * 1e6:.1f} us -> {chosen * 1e6:.1f} us"
+
+
+def _attention_line(op: Attention, hardware=None) -> str:
     kind = "causal" if op.causal else "mask" if op.mask is not None else "full"
     return (f"    attention {op.module_path or '?'}: heads {op.num_heads}/{op.num_kv_heads}, {kind}, "
-            f"scale {op.scale:.4g}, scores {format_type(op.scores)}")
+            f"scale {op.scale:.4g}, scores {format_type(op.scores)}{_estimates(op, hardware)}")
 
 
 def _linear_line(op: Linear) -> str:
@@ -43,7 +63,7 @@ def _linear_line(op: Linear) -> str:
             f"kernel {op.kernel}{tokens}")
 
 
-def _summary(record: GraphRecord) -> list[str]:
+def _summary(record: GraphRecord, hardware=None) -> list[str]:
     head = f"graph {record.name} (inner={record.inner})"
     if record.fallback_reason:
         return [f"{head}: sparsec fell back to the original graph: {record.fallback_reason}"]
@@ -54,7 +74,9 @@ def _summary(record: GraphRecord) -> list[str]:
                                                            ("opaque", Opaque))}
     lines = [f"{head}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
              + f"; stages: {', '.join(name for name, _ in record.stages)}"]
-    lines += [_attention_line(op) for op in ir.ops_of(Attention)]
+    lines += [_attention_line(op, hardware) for op in ir.ops_of(Attention)]
+    if record.plan is not None:
+        lines.append(f"    tuned plan: {len(record.plan.layers)} layer(s) (record.plan; plan.json in dumps)")
     lines += [_linear_line(op) for op in ir.ops_of(Linear) if op.kernel != "dense" or not op.weight.type.is_dense]
     return lines
 
@@ -64,12 +86,13 @@ class ExplainReport:
     """One GraphRecord per graph Dynamo compiled, in compile order."""
 
     graphs: list[GraphRecord]
+    hardware: Any = None    # the HardwareProfile the estimates are for (option "target", or this machine)
 
     def summary(self) -> str:
         """A few lines per graph: the ops found, the attention layers, the sparse linear layers."""
         lines = [f"sparsec explain: {len(self.graphs)} graph(s)"]
         for record in self.graphs:
-            lines += _summary(record)
+            lines += _summary(record, self.hardware)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -90,4 +113,4 @@ def explain(model: torch.nn.Module, *inputs: Any,
     torch._dynamo.reset()
     with recording() as records, torch.no_grad():
         torch.compile(model, backend=backend)(*inputs)
-    return ExplainReport(graphs=list(records))
+    return ExplainReport(graphs=list(records), hardware=config.hardware())

@@ -59,3 +59,17 @@ def test_explain_twice_compiles_again():
     model, inputs = models.gpt_sdpa()
     assert len(explain(model, *inputs, options={"inner": "eager"}).graphs) == 1
     assert len(explain(model, *inputs, options={"inner": "eager"}).graphs) == 1
+
+
+def test_explain_prices_each_attention_layer_on_the_target():
+    from sparsec.cost_models import estimate
+    from sparsec.cost_models.hardware import get_profile
+
+    model, inputs = models.gpt_sdpa()
+    report = explain(model, *inputs, options={"inner": "eager", "target": "h100",
+                                              "attention_patterns": {"blocks.*.attn": Window(2, 0)}})
+    assert report.hardware.name == "h100"
+    op = report.graphs[0].final_ir.ops_of(Attention)[0]
+    expected = estimate(op, get_profile("h100")) * 1e6
+    line = next(line for line in report.summary().splitlines() if op.module_path + ":" in line)
+    assert f"est. on h100: dense" in line and f"-> {expected:.1f} us" in line
