@@ -14,17 +14,19 @@ kernels with do_bench on CUDA; the CPU executor, median or min of repeated runs,
   held-out   each layer shape predicted by a profile fitted to the other shapes only: the
              accuracy to expect on a layer the fit has not seen
 
-For each: Spearman rank correlation over every candidate, and the top-1 regret per decision group
-(one layer shape: the measured time of the model's fastest pick over the measured fastest, - 1),
-mean and worst. Prints rich tables; writes JSON (device, versions, date, command, every figure)
-under bench/results/. The fitted profile is stored as the device's calibrated profile unless
---no-save (SPARSEC_CACHE_DIR chooses where).
+For each: Spearman rank correlation over every candidate, and the top-1 regret per decision
+(Candidate.decision: which family and tiles for one layer shape at one density; the measured time
+of the model's fastest pick over the measured fastest, - 1), mean and worst. Prints rich tables;
+writes JSON (device, versions, date, command, every figure) under bench/results/. The fitted
+profile is stored as the device's calibrated profile unless --no-save (SPARSEC_CACHE_DIR chooses
+where).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -42,7 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def held_out_predictions(report, works) -> np.ndarray:
-    """Each decision group predicted by a profile fitted to the other groups."""
+    """Each layer shape predicted by a profile fitted to the other layer shapes."""
     groups = [m.candidate.group for m in report.measurements]
     measured = np.array([m.seconds for m in report.measurements])
     base = report.fit.profile.replace(**report.fit.before)
@@ -91,7 +93,7 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version}
 
 
-def write_json(report, held_out, accuracies, args, path: Path | None) -> Path:
+def write_json(report, held_out, accuracies, args, command: list[str], path: Path | None) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc)
     device_tag = "cuda" if "cpu:" not in report.device else "cpu"
     path = path or RESULTS / f"cost_model_{device_tag}_{stamp.strftime('%Y%m%d_%H%M%S')}.json"
@@ -99,13 +101,14 @@ def write_json(report, held_out, accuracies, args, path: Path | None) -> Path:
     candidates = []
     for m, before, after, out in zip(report.measurements, report.predicted_before, report.predicted_after, held_out):
         c = m.candidate
-        candidates.append({"group": c.group, "family": c.family, "target_density": c.target_density,
-                           "density": c.density, "patterns": [p.to_dict() for p in set(c.head_patterns)],
+        candidates.append({"group": c.group, "decision": c.decision, "family": c.family,
+                           "target_density": c.target_density, "density": c.density,
+                           "patterns": [p.to_dict() for p in set(c.head_patterns)],
                            "block_m": c.tiles.block_m, "block_n": c.tiles.block_n,
                            "measured_s": m.seconds, "samples": m.samples, "predicted_before_s": before,
                            "predicted_after_s": after, "predicted_held_out_s": float(out)})
     data = {"benchmark": "cost_model", "device": report.device, "versions": versions(),
-            "date": stamp.isoformat(), "command": " ".join([sys.executable, *sys.argv]),
+            "date": stamp.isoformat(), "command": " ".join(command),
             "statistic": args.statistic, "quick": args.quick, "cpu_threads": args.threads,
             "accuracy": {name: acc.as_dict() for name, acc in accuracies.items()},
             "coefficients": {"before": report.fit.before, "after": report.fit.after},
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="CPU: torch threads while timing (default 1: steady on shared cores)")
     parser.add_argument("--no-save", action="store_true", help="do not store the fitted profile")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     console = Console(width=150)
@@ -136,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     works = [candidate_work(m.candidate) for m in report.measurements]
     held_out = held_out_predictions(report, works)
     measured = [m.seconds for m in report.measurements]
-    groups = [m.candidate.group for m in report.measurements]
+    decisions = [m.candidate.decision for m in report.measurements]
     accuracies = {"before (published)": report.accuracy_before, "after (fitted)": report.accuracy_after,
-                  "held-out layer shapes": model_accuracy(held_out, measured, groups)}
+                  "held-out layer shapes": model_accuracy(held_out, measured, decisions)}
     console.print(candidate_table(report, held_out))
     console.print(summary_table(accuracies, report.fit))
-    path = write_json(report, held_out, accuracies, args, args.output)
+    command = [sys.executable, os.path.relpath(__file__), *argv]
+    path = write_json(report, held_out, accuracies, args, command, args.output)
     console.print(f"results: {path}" + (f"; calibrated profile: {report.saved_to}" if report.saved_to else ""))
 
 

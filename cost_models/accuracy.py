@@ -9,7 +9,8 @@
         Spearman over every candidate, and the top-1 regret of each decision group (candidates
         that answer the same question, e.g. "which kernel for this layer shape"), mean and worst.
 
-Times are in any unit, as long as both sides use the same one for regret (ranks ignore units).
+Times are positive and finite, in any unit, as long as both sides use the same one for regret
+(ranks ignore units).
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def _as_times(name: str, values: Sequence[float]) -> np.ndarray:
         raise ValueError(f"{name} must be a 1-D sequence of times, got shape {array.shape}")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} holds a non-finite time: {array[~np.isfinite(array)][:3].tolist()}")
+    if np.any(array <= 0):
+        # A kernel takes time: a zero or negative time is a broken timer or model, not a fast kernel.
+        raise ValueError(f"{name} holds a non-positive time: {array[array <= 0][:3].tolist()}")
     return array
 
 
@@ -69,8 +73,6 @@ def top1_regret(predicted: Sequence[float], measured: Sequence[float]) -> float:
     """Measured time of the predicted-fastest candidate over the measured-fastest, minus 1. A tie in
     the prediction counts against the model: the slowest of the tied picks is charged."""
     p, m = _paired(predicted, measured)
-    if m.min() <= 0:
-        raise ValueError(f"measured times must be positive for a regret, got {m.min()!r}")
     picks = np.flatnonzero(p == p.min())
     return float(m[picks].max() / m.min() - 1.0)
 

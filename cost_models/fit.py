@@ -73,7 +73,15 @@ class FitResult:
     iterations: int
 
 
-def _check_inputs(profile: HardwareProfile, works, measured, parameters) -> np.ndarray:
+def _check_inputs(profile: HardwareProfile, works, measured, parameters, prior_weight, max_iterations) -> np.ndarray:
+    if not parameters:
+        raise ValueError("fit_profile: no parameters to fit")
+    if len(set(parameters)) != len(parameters):
+        raise ValueError(f"fit_profile: parameters repeat a name: {list(parameters)}")
+    if isinstance(prior_weight, bool) or not isinstance(prior_weight, (int, float)) or not 0 <= prior_weight < math.inf:
+        raise ValueError(f"fit_profile: prior_weight must be a finite number >= 0, got {prior_weight!r}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"fit_profile: max_iterations must be a positive int, got {max_iterations!r}")
     measured = np.asarray(measured, dtype=np.float64)
     if measured.ndim != 1 or measured.size != len(works):
         raise ValueError(f"fit_profile: {len(works)} work items but measured has shape {measured.shape}")
@@ -104,7 +112,9 @@ class _Objective:
         return np.clip(x, self.low, self.high)
 
     def profile_at(self, x: np.ndarray) -> HardwareProfile:
-        return self.profile.replace(**{n: float(math.exp(v)) for n, v in zip(self.parameters, x)})
+        # exp(log(bound)) can land an ulp outside the bound: clamp in linear space too.
+        return self.profile.replace(**{n: min(max(math.exp(v), BOUNDS[n][0]), BOUNDS[n][1])
+                                       for n, v in zip(self.parameters, x)})
 
     def log_errors(self, x: np.ndarray) -> np.ndarray:
         return np.log(predict(self.profile_at(x), self.works)) - self.log_measured
@@ -159,7 +169,7 @@ def fit_profile(
     """Refit `parameters` of `profile` so its predictions of `works` match `measured_seconds`.
     `calibrated_from` is recorded on the fitted profile (what was measured, where, when)."""
     parameters = tuple(parameters)
-    measured = _check_inputs(profile, works, measured_seconds, parameters)
+    measured = _check_inputs(profile, works, measured_seconds, parameters, prior_weight, max_iterations)
     objective = _Objective(profile, list(works), measured, parameters, prior_weight)
     start = objective.start
     best, iterations = _levenberg_marquardt(objective, start, max_iterations)
@@ -223,9 +233,9 @@ def calibrate(
     measurements = measure(candidates, device, threads=threads, **measure_options)
     works = [candidate_work(c) for c in candidates]
     measured = [m.seconds for m in measurements]
-    groups = [c.group for c in candidates]
+    groups = [c.decision for c in candidates]
     before = predict(base, works)
-    where = measurement_device(device)
+    where = measurement_device(device, threads=threads)
     result = fit_profile(base, works, measured, parameters=parameters)
     after = predict(result.profile, works)
     accuracy_before, accuracy_after = (model_accuracy(p, measured, groups) for p in (before, after))

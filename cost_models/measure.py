@@ -93,6 +93,8 @@ def kept_fraction(pattern: Pattern, S: int, causal: bool) -> float:
 def pattern_at_density(family: str, S: int, density: float, *, causal: bool = False, seed: int = 0) -> Pattern:
     """A pattern of `family` for an S x S score matrix whose kept fraction of the (causal) pairs is
     as close to `density` as the family's integer parameter allows. "dense" ignores `density`."""
+    if isinstance(S, bool) or not isinstance(S, int) or S < 2:
+        raise ValueError(f"pattern_at_density: S must be an int >= 2, got {S!r}")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"pattern_at_density: density must be in (0, 1], got {density!r}")
     if family == "dense":
@@ -104,7 +106,10 @@ def pattern_at_density(family: str, S: int, density: float, *, causal: bool = Fa
             lo = mid
         else:
             hi = mid
-    return min((make(lo), make(hi)), key=lambda p: abs(kept_fraction(p, S, causal) - density))
+    # Never a pattern that keeps nothing (causal block layouts whose blocks all lie above the
+    # diagonal): there would be no kernel work to time.
+    kept = {p: kept_fraction(p, S, causal) for p in (make(lo), make(hi))}
+    return min(kept, key=lambda p: (kept[p] == 0, abs(kept[p] - density)))
 
 
 # -- candidates -----------------------------------------------------------------------------------
@@ -122,10 +127,17 @@ class Candidate:
 
     @property
     def group(self) -> str:
-        """The decision this candidate answers: which kernel for this layer shape."""
+        """The layer shape this candidate runs (what a held-out fit leaves out)."""
         s = self.shape
         return (f"B{s.batch} H{s.num_heads}/{s.num_kv_heads} S{s.q_len}x{s.kv_len} D{s.head_dim} "
                 f"{s.dtype}{' causal' if s.causal else ''}")
+
+    @property
+    def decision(self) -> str:
+        """The choice this candidate competes in, for the top-1 regret: which family and tiles keep
+        about `target_density` of this layer's pairs fastest ("dense": which tiles). Not the whole
+        layer shape: there the sparsest candidate always wins, so every model's regret is 0."""
+        return f"{self.group} @{self.target_density:.2f}"
 
     @property
     def label(self) -> str:
@@ -195,12 +207,14 @@ class Measurement:
     samples: int
 
 
-def measurement_device(device: torch.device | str) -> str:
-    """A readable name of what is being measured ("NVIDIA H100 80GB HBM3", "cpu: x86_64, 2 threads")."""
+def measurement_device(device: torch.device | str, *, threads: int | None = None) -> str:
+    """A readable name of what is being measured ("NVIDIA H100 80GB HBM3", "cpu: x86_64, 2 threads");
+    `threads`: the torch threads measure() ran with, when not the current number."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = threads if threads is not None else torch.get_num_threads()
+    return f"cpu: {platform.processor() or platform.machine()}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def _inputs(shape: AttentionShape, device: torch.device, generator: torch.Generator):

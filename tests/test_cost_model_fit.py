@@ -1,0 +1,388 @@
+"""Measured autotuning of the cost model: accuracy metrics, candidate patterns, the coefficient
+fit, calibration on this CPU and the cost-model bench.
+
+References are computed here, independently: ranks by counting, Pearson by its formula in float64,
+kept fractions from explicit masks. The fit is checked on synthetic measurements priced with
+coefficients changed by known factors, which it must find again.
+"""
+import datetime
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsec.codegen.tiles import AttentionTiles
+from sparsec.cost_models.accuracy import model_accuracy, spearman, top1_regret
+from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
+from sparsec.cost_models.fit import (
+    BOUNDS, FIT_PARAMETERS, calibrate, candidate_work, fit_measurements, fit_profile, predict)
+from sparsec.cost_models.hardware import PROFILES, get_profile, profile_for_device
+from sparsec.cost_models.measure import (
+    FAMILIES, Measurement, candidate_grid, kept_fraction, measure, measurement_device, pattern_at_density)
+from sparsec.patterns import Dense
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "cost_model.py"
+
+
+def shape(S, *, heads=4, head_dim=64, causal=False):
+    return AttentionShape(batch=1, num_heads=heads, num_kv_heads=heads, q_len=S, kv_len=S, head_dim=head_dim,
+                          value_dim=head_dim, dtype="f32", causal=causal)
+
+
+# -- independent references ---------------------------------------------------------------------
+
+
+def reference_ranks(values):
+    """1-based ranks by counting: 1 + (number smaller) + (number equal - 1) / 2."""
+    return [1 + sum(w < v for w in values) + (sum(w == v for w in values) - 1) / 2 for v in values]
+
+
+def reference_spearman(x, y):
+    rx, ry = reference_ranks(list(x)), reference_ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def explicit_kept_fraction(pattern, S, causal):
+    mask = pattern.mask(S, S)
+    allowed = torch.ones(S, S, dtype=torch.bool).tril() if causal else torch.ones(S, S, dtype=torch.bool)
+    return int((mask & allowed).sum()) / int(allowed.sum())
+
+
+# -- accuracy: spearman ----------------------------------------------------------------------------
+
+
+def test_spearman_perfect_reversed_and_hand_computed():
+    assert spearman([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]) == pytest.approx(1.0)
+    assert spearman([1.0, 2.0, 3.0, 4.0], [4e-3, 3e-3, 2e-3, 1e-3]) == pytest.approx(-1.0)
+    # Two swapped neighbour pairs: sum d^2 = 4, rho = 1 - 6 * 4 / (5 * (25 - 1)) = 0.8.
+    assert spearman([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 4.0, 3.0, 5.0]) == pytest.approx(0.8)
+    # Only ranks matter: a monotone transform of one side changes nothing.
+    assert spearman([1.0, 2.0, 3.0, 4.0, 5.0], np.exp([2.0, 1.0, 4.0, 3.0, 5.0])) == pytest.approx(0.8)
+
+
+def test_spearman_ties_share_the_average_rank():
+    # Ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): cov 4.5, variances 4.5 and 5 -> 4.5 / sqrt(22.5).
+    assert spearman([1.0, 2.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(3 / math.sqrt(10))
+    assert math.isnan(spearman([5.0, 5.0, 5.0], [1.0, 2.0, 3.0]))  # one side has no order
+
+
+def test_spearman_matches_an_independent_computation_on_random_times_with_ties():
+    rng = random.Random(1234)
+    for _ in range(20):
+        n = rng.randint(3, 30)
+        # Rounded to few values so ties are common on both sides.
+        predicted = [rng.randint(1, 6) * 1e-3 for _ in range(n)]
+        measured = [rng.randint(1, 8) * 1e-3 + rng.choice((0.0, 0.0, 1e-4)) for _ in range(n)]
+        if len(set(predicted)) == 1 or len(set(measured)) == 1:
+            continue
+        assert spearman(predicted, measured) == pytest.approx(reference_spearman(predicted, measured), abs=1e-12)
+
+
+# -- accuracy: top-1 regret and groups ------------------------------------------------------------
+
+
+def test_top1_regret_hand_computed():
+    assert top1_regret([3.0, 1.0, 2.0], [1.0, 1.5, 1.2]) == pytest.approx(0.5)   # picks 1.5, best 1.0
+    assert top1_regret([3.0, 1.0, 2.0], [2.0, 0.9, 1.2]) == pytest.approx(0.0)   # picks the best
+    assert top1_regret([3.0, 1.0, 2.0], [2e-3, 3.6e-3, 1.2e-3]) == pytest.approx(2.0)  # 3.6 / 1.2 - 1
+    # A tie among the predicted-fastest is charged the slowest of them: 3 / 1.5 - 1.
+    assert top1_regret([1.0, 1.0, 2.0], [2.0, 3.0, 1.5]) == pytest.approx(1.0)
+    # Units cancel.
+    assert top1_regret([3.0, 1.0, 2.0], [1e-6, 1.5e-6, 1.2e-6]) == pytest.approx(0.5)
+
+
+def test_model_accuracy_per_group():
+    predicted = [1.0, 2.0, 3.0, 5.0, 4.0, 6.0]
+    measured = [2.0, 1.0, 3.0, 4.0, 5.0, 8.0]
+    groups = ["a", "a", "b", "b", "b", ("c", 1)]
+    acc = model_accuracy(predicted, measured, groups)
+    # a: picks index 0 (2.0), best 1.0 -> 1.0; b: picks index 2 (3.0), best 3.0 -> 0; c: alone -> 0.
+    assert acc.group_regrets == pytest.approx({"a": 1.0, "b": 0.0, str(("c", 1)): 0.0})
+    assert acc.mean_regret == pytest.approx(1.0 / 3)
+    assert acc.max_regret == pytest.approx(1.0)
+    assert acc.candidates == 6
+    assert acc.spearman == pytest.approx(reference_spearman(predicted, measured))
+    assert acc.as_dict()["group_regrets"] == acc.group_regrets
+
+
+@pytest.mark.parametrize("call", [spearman, top1_regret, lambda p, m: model_accuracy(p, m, ["g"] * len(p))])
+@pytest.mark.parametrize("predicted, measured, message", [
+    ([1.0, 2.0], [1.0, 2.0, 3.0], "3"),                 # length mismatch
+    ([1.0, 2.0], [1.0, float("nan")], "non-finite"),
+    ([1.0, float("inf")], [1.0, 2.0], "non-finite"),
+    ([1.0, 2.0], [0.0, 2.0], "non-positive"),
+    ([1.0, 2.0], [-1.0, 2.0], "non-positive"),
+    ([-1.0, 2.0], [1.0, 2.0], "non-positive"),
+    ([], [], "empty"),
+    ([[1.0, 2.0]], [[1.0, 2.0]], "1-D"),
+])
+def test_accuracy_rejects_bad_times(call, predicted, measured, message):
+    with pytest.raises(ValueError, match=message):
+        call(predicted, measured)
+
+
+def test_model_accuracy_rejects_a_group_count_mismatch():
+    with pytest.raises(ValueError, match="2 group labels for 3 candidates"):
+        model_accuracy([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], ["a", "b"])
+
+
+# -- pattern_at_density -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "dense"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pattern_at_density_keeps_about_the_requested_fraction(family, causal):
+    S = 512
+    # vertical_slash prices hundreds of slashes per bisection step: one density keeps this fast.
+    for density in ((0.1,) if family == "vertical_slash" else (0.1, 0.3)):
+        pattern = pattern_at_density(family, S, density, causal=causal, seed=3)
+        assert pattern.family == family
+        kept = explicit_kept_fraction(pattern, S, causal)
+        assert kept_fraction(pattern, S, causal) == pytest.approx(kept, abs=1e-12)
+        # Each family's integer parameter moves the kept fraction in steps of < 0.035 at S = 512.
+        assert kept == pytest.approx(density, abs=0.02), (family, causal, density, pattern)
+
+
+def test_pattern_at_density_never_returns_a_pattern_that_keeps_nothing():
+    # Random causal block layouts: the first blocks may all lie above the diagonal, where a very
+    # low target would be "closest" to keeping nothing at all.
+    for seed in range(10):
+        pattern = pattern_at_density("block_sparse", 512, 0.005, causal=True, seed=seed)
+        assert explicit_kept_fraction(pattern, 512, True) > 0, seed
+
+
+def test_pattern_at_density_dense_and_bad_arguments():
+    assert pattern_at_density("dense", 256, 0.3) == Dense()
+    with pytest.raises(ValueError, match="no candidate builder for family 'diagonal'"):
+        pattern_at_density("diagonal", 256, 0.3)
+    for density in (0.0, -0.2, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="density must be in"):
+            pattern_at_density("window", 256, density)
+    for S in (0, 1, 256.0, True):
+        with pytest.raises(ValueError, match="S must be an int"):
+            pattern_at_density("window", S, 0.3)
+    with pytest.raises(ValueError, match="unknown families"):
+        candidate_grid([shape(256)], families=("window", "stripes"))
+
+
+# -- fit --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_grid():
+    """54 candidates on two layer shapes, three tile sizes: enough variety that every fitted
+    coefficient but exp_per_s (never the bottleneck on the CPU profile) changes some times."""
+    shapes = [shape(256, head_dim=64), shape(512, head_dim=32, causal=True)]
+    candidates = candidate_grid(shapes, families=("dense", "window", "columns", "block_sparse", "a_shape"),
+                                densities=(0.1, 0.3),
+                                tiles=(AttentionTiles(32, 32), AttentionTiles(64, 64), AttentionTiles(128, 64)))
+    return candidates, [candidate_work(c) for c in candidates]
+
+
+CHANGED = {"matmul_efficiency": 0.6, "launch_overhead_s": 3.0, "block_overhead_s": 5.0}
+
+
+def changed_profile(base):
+    return base.replace(**{name: getattr(base, name) * factor for name, factor in CHANGED.items()})
+
+
+def test_fit_recovers_changed_coefficients_and_improves_ranking(synthetic_grid):
+    candidates, works = synthetic_grid
+    base = PROFILES["cpu"]
+    truth = changed_profile(base)
+    measured = predict(truth, works)
+    # The decision here: which tiles for one pattern (tile choice is what block_overhead moves).
+    tile_choices = [(c.group, c.family, c.target_density) for c in candidates]
+    parameters = FIT_PARAMETERS + ("exp_per_s",)
+    result = fit_profile(base, works, measured, parameters=parameters)
+
+    for name in CHANGED:
+        assert result.after[name] == pytest.approx(getattr(truth, name), rel=0.15), name
+    assert result.after["matmul_efficiency"] == pytest.approx(truth.matmul_efficiency, rel=0.02)
+    assert result.after["mask_cost_per_pair"] == pytest.approx(base.mask_cost_per_pair, rel=0.05)
+    # exp_per_s never bounds a program on this grid: the prior keeps it where it was.
+    assert result.after["exp_per_s"] == pytest.approx(base.exp_per_s, rel=1e-6)
+    assert result.before == {name: getattr(base, name) for name in parameters}
+    assert result.after == {name: getattr(result.profile, name) for name in parameters}
+    assert result.rms_log_error_after < 0.02 < 0.2 < result.rms_log_error_before
+
+    before = model_accuracy(predict(base, works), measured, tile_choices)
+    after = model_accuracy(predict(result.profile, works), measured, tile_choices)
+    assert after.spearman > 0.999 and before.spearman < after.spearman - 0.03
+    assert before.mean_regret > 0.01
+    assert after.mean_regret < 0.2 * before.mean_regret
+
+
+def test_fit_without_prior_finds_the_coefficients_exactly(synthetic_grid):
+    _, works = synthetic_grid
+    base = PROFILES["cpu"]
+    truth = changed_profile(base).replace(mask_cost_per_pair=base.mask_cost_per_pair * 2)
+    result = fit_profile(base, works, predict(truth, works), prior_weight=0.0)
+    for name in FIT_PARAMETERS:
+        assert result.after[name] == pytest.approx(getattr(truth, name), rel=1e-3), name
+    assert result.rms_log_error_after < 1e-4
+
+
+def test_fit_stays_within_bounds(synthetic_grid):
+    _, works = synthetic_grid
+    base = PROFILES["cpu"]
+    # 20x faster than the profile can be at matmul_efficiency = 1: the fit stops at the bound.
+    measured = predict(base, works) / 20
+    result = fit_profile(base, works, measured)
+    for name, value in result.after.items():
+        low, high = BOUNDS[name]
+        assert low <= value <= high, (name, value)
+    assert result.after["matmul_efficiency"] == pytest.approx(1.0)
+    assert result.rms_log_error_after < result.rms_log_error_before
+
+
+def test_fit_measurements_equals_fit_profile_on_the_same_data(synthetic_grid):
+    candidates, works = synthetic_grid
+    base = PROFILES["cpu"]
+    measured = predict(changed_profile(base), works)
+    measurements = [Measurement(candidate=c, seconds=float(t), samples=3) for c, t in zip(candidates, measured)]
+    by_measurements = fit_measurements(base, measurements, calibrated_from="synthetic")
+    assert by_measurements.after == fit_profile(base, works, measured).after
+    assert by_measurements.profile.calibrated_from == "synthetic"
+
+
+def test_fit_rejects_bad_inputs(synthetic_grid):
+    _, works = synthetic_grid
+    works = works[:4]
+    base = PROFILES["cpu"]
+    good = predict(base, works)
+    bad = [
+        (dict(measured_seconds=good[:3]), "4 work items"),
+        (dict(measured_seconds=np.array([])), "4 work items"),
+        (dict(measured_seconds=[*good[:3], float("nan")]), "finite and positive"),
+        (dict(measured_seconds=[*good[:3], float("inf")]), "finite and positive"),
+        (dict(measured_seconds=[*good[:3], 0.0]), "finite and positive"),
+        (dict(measured_seconds=[*good[:3], -1e-3]), "finite and positive"),
+        (dict(parameters=("matmul_efficiency", "warp_count")), "cannot fit 'warp_count'"),
+        (dict(parameters=()), "no parameters"),
+        (dict(parameters=("matmul_efficiency", "matmul_efficiency")), "repeat"),
+        (dict(prior_weight=-1.0), "prior_weight"),
+        (dict(prior_weight=float("nan")), "prior_weight"),
+        (dict(max_iterations=0), "max_iterations"),
+    ]
+    for options, message in bad:
+        options.setdefault("measured_seconds", good)
+        with pytest.raises(ValueError, match=message):
+            fit_profile(base, works, **options)
+    with pytest.raises(ValueError, match="no measurements"):
+        fit_profile(base, [], [])
+
+
+# -- measure and calibrate on this CPU ----------------------------------------------------------------
+
+
+def tiny_candidates(lengths=(256,)):
+    return candidate_grid([shape(S, heads=2, head_dim=32) for S in lengths],
+                          families=("dense", "window", "block_sparse"), densities=(0.25,),
+                          tiles=(AttentionTiles(64, 64), AttentionTiles(128, 64)))
+
+
+def test_measure_times_every_candidate_and_restores_threads():
+    candidates = tiny_candidates()[:2]
+    threads = torch.get_num_threads()
+    seen = []
+    measurements = measure(candidates, "cpu", min_seconds=0.0, max_samples=3, threads=1,
+                           progress=lambda done, total, m: seen.append((done, total)))
+    assert torch.get_num_threads() == threads
+    assert [m.candidate for m in measurements] == candidates
+    assert all(m.seconds > 0 and m.samples == 3 for m in measurements)
+    assert seen == [(1, 2), (2, 2)]
+    with pytest.raises(ValueError, match="statistic"):
+        measure(candidates, "cpu", statistic="mean")
+    with pytest.raises(ValueError, match="threads"):
+        measure(candidates, "cpu", threads=0)
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        measure(candidates, "meta")
+
+
+def test_calibrate_stores_the_profile_that_get_profile_returns(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    published = get_profile("cpu", calibrated=False)
+    assert get_profile("cpu") == published  # nothing stored yet in this cache
+    candidates = tiny_candidates()
+    assert len(candidates) == 6
+
+    report = calibrate("cpu", candidates=candidates, save=True, threads=1, min_seconds=0.0, max_samples=3)
+
+    assert Path(report.saved_to).parent.parent == tmp_path
+    stored = get_profile("cpu", calibrated=True)
+    assert stored == report.profile
+    assert profile_for_device("cpu") == stored
+    assert stored.calibrated_from.startswith(f"measured on {measurement_device('cpu', threads=1)}")
+    assert "1 thread," in stored.calibrated_from and "6 candidates" in stored.calibrated_from
+    assert stored.sm_count == 1  # timed with one thread: a one-core profile
+    assert get_profile("cpu", calibrated=False) == published
+    assert published.calibrated_from == "published figures"
+
+    measured = [m.seconds for m in report.measurements]
+    assert all(t > 0 for t in measured) and len(measured) == 6
+    # Predictions are the analytic model's, on the published and the fitted profile.
+    for m, before, after in zip(report.measurements, report.predicted_before, report.predicted_after):
+        c = m.candidate
+        for profile, predicted in ((published.replace(sm_count=1), before), (stored, after)):
+            expected = estimate_attention(c.head_patterns, c.shape, profile, block_m=c.tiles.block_m,
+                                          block_n=c.tiles.block_n).seconds
+            assert predicted == pytest.approx(expected, rel=1e-12)
+    assert report.fit.rms_log_error_after < report.fit.rms_log_error_before
+    assert report.accuracy_after.spearman == pytest.approx(reference_spearman(report.predicted_after, measured))
+    # Regret per decision: dense tiles, and window / block_sparse at 25% of the pairs.
+    assert set(report.accuracy_after.group_regrets) == {c.decision for c in candidates}
+    assert len(report.accuracy_after.group_regrets) == 2
+
+
+def test_calibrate_without_save_stores_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    report = calibrate("cpu", candidates=tiny_candidates()[:2], save=False, min_seconds=0.0, max_samples=3)
+    assert report.saved_to is None
+    assert not (tmp_path / "profiles").exists()
+    assert get_profile("cpu") == get_profile("cpu", calibrated=False)
+
+
+# -- bench/cost_model.py ---------------------------------------------------------------------------
+
+
+def test_bench_main_prints_and_records_every_figure(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_cost_model", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # The --quick grid takes ~45 s on 2 busy cores: two tiny layer shapes run the same path.
+    candidates = tiny_candidates(lengths=(128, 256))
+    monkeypatch.setattr(bench, "default_grid", lambda device, quick=False: candidates)
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "cache"))
+    output = tmp_path / "cost_model.json"
+
+    bench.main(["--quick", "--no-save", "--device", "cpu", "--output", str(output)])
+
+    printed = capsys.readouterr().out
+    assert "Spearman" in printed and "regret" in printed and "held-out layer shapes" in printed
+    assert not (tmp_path / "cache" / "profiles").exists()
+    data = json.loads(output.read_text())
+    assert data["device"] == measurement_device("cpu", threads=1)
+    assert data["versions"]["torch"] == torch.__version__ and "triton" in data["versions"]
+    assert datetime.datetime.fromisoformat(data["date"]).tzinfo is not None
+    assert data["command"].endswith("bench/cost_model.py --quick --no-save --device cpu --output " + str(output))
+    assert data["saved_to"] is None and data["cpu_threads"] == 1
+    assert len(data["candidates"]) == len(candidates)
+    measured = [c["measured_s"] for c in data["candidates"]]
+    assert all(t > 0 for t in measured)
+    for name, key in (("before (published)", "predicted_before_s"), ("after (fitted)", "predicted_after_s"),
+                      ("held-out layer shapes", "predicted_held_out_s")):
+        figures = data["accuracy"][name]
+        predicted = [c[key] for c in data["candidates"]]
+        assert figures["spearman"] == pytest.approx(reference_spearman(predicted, measured))
+        assert set(figures["group_regrets"]) == {c["decision"] for c in data["candidates"]}
+        assert figures["mean_regret"] >= 0 and figures["max_regret"] >= figures["mean_regret"]
+    assert set(data["coefficients"]["after"]) == set(FIT_PARAMETERS)
+    assert data["fitted_profile"]["matmul_efficiency"] == data["coefficients"]["after"]["matmul_efficiency"]
