@@ -11,9 +11,9 @@
         together are refused. block_m / block_n: the sparse kernels' tiles (0: their default).
         `site` names the attention layer (its module path): `recording_attention` hands every
         call's operands to a callback under that name (how sparsec.tune collects samples).
-    sparsec::linear(Tensor x, Tensor weight, Tensor? bias, str kernel="dense", int min_tokens=0,
+    sparsec::linear(Tensor x, Tensor weight, Tensor? bias, str choice="dense", int min_tokens=0,
                     int? max_tokens=None, str site="") -> Tensor
-        x @ weight.T + bias, exactly. kernel "dense": F.linear. Otherwise the sparse kernel the IR
+        x @ weight.T + bias, exactly. choice "dense": F.linear. Otherwise the sparse kernel the IR
         chose ("bsr64x64", "nm2:4", "semi2:4"), run by sparsec/linear_dispatch.py when the token
         count is in [min_tokens, max_tokens], on the weight packed once for `site` (one compiled
         layer) and re-packed, or run dense, when the weight changes in place.
@@ -244,17 +244,19 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup_
 
 
 @torch.library.custom_op("sparsec::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "dense",
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, choice: str = "dense",
            min_tokens: int = 0, max_tokens: int | None = None, site: str = "") -> torch.Tensor:
-    if kernel == "dense":
+    # `choice`, not `kernel`: Inductor's FallbackKernel.create(kernel, ...) (torch 2.11) would
+    # receive an argument named `kernel` twice.
+    if choice == "dense":
         return F.linear(x, weight, bias).contiguous()
     from sparsec import linear_dispatch  # lazy: it imports the kernels
 
-    return linear_dispatch.linear(x, weight, bias, kernel, min_tokens, max_tokens, site).contiguous()
+    return linear_dispatch.linear(x, weight, bias, choice, min_tokens, max_tokens, site).contiguous()
 
 
 @linear.register_fake
-def _(x, weight, bias, kernel="dense", min_tokens=0, max_tokens=None, site=""):
+def _(x, weight, bias, choice="dense", min_tokens=0, max_tokens=None, site=""):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
