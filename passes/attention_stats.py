@@ -40,7 +40,8 @@ class LayerSample:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttentionStats:
-    """Per-head pooled attention mass of one attention layer (float64, on the CPU)."""
+    """Per-head pooled attention mass of one attention layer (float64, on the device q was on:
+    the fitting that reads it runs there too, batched over heads)."""
 
     q_len: int
     kv_len: int
@@ -83,17 +84,18 @@ def attention_stats(
     columns = torch.zeros(Hq, Sk, dtype=torch.float64, device=q.device)
     diagonals = torch.zeros(Hq, Sq + Sk - 1, dtype=torch.float64, device=q.device)
     rows_per_chunk = _rows_per_chunk(B * Hq * Sk, bq, Sq)
+    keys = k.to(work).transpose(-1, -2)  # converted once, not per chunk
     for start in range(0, Sq, rows_per_chunk):
         stop = min(Sq, start + rows_per_chunk)
-        probs = _chunk_probs(q, k, start, stop, causal, scale, work).sum(dim=0)  # (Hq, c, Sk)
+        probs = _chunk_probs(q, keys, start, stop, causal, scale, work).sum(dim=0)  # (Hq, c, Sk)
         columns += probs.sum(dim=1).double()
         # chunk-local diagonal index (j - r) + c - 1 is global index (j - i) + Sq - 1 shifted by Sq - stop
         diagonals[:, Sq - stop : Sq - stop + Sk + stop - start - 1] += _diagonal_sums(probs).double()
         blocks[:, start // bq : math.ceil(stop / bq)] += _pool(probs, bq, bk, nkb).double()
     norm = float(B * Sq)
     return AttentionStats(q_len=Sq, kv_len=Sk, causal=bool(causal), block=(bq, bk),
-                          block_mass=(blocks / norm).cpu(), column_mass=(columns / norm).cpu(),
-                          diagonal_mass=(diagonals / norm).cpu(), rows=B * Sq)
+                          block_mass=blocks / norm, column_mass=columns / norm,
+                          diagonal_mass=diagonals / norm, rows=B * Sq)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, block: tuple[int, int]) -> None:
@@ -115,19 +117,22 @@ def _rows_per_chunk(elements_per_row: int, bq: int, Sq: int) -> int:
     return min(rows, math.ceil(Sq / bq) * bq)
 
 
-def _chunk_probs(q, k, start: int, stop: int, causal: bool, scale: float, work: torch.dtype) -> torch.Tensor:
-    """Softmax rows start..stop-1 of every head: (B, Hq, c, Sk), GQA heads sharing their kv head."""
+def _chunk_probs(q, keys, start: int, stop: int, causal: bool, scale: float, work: torch.dtype) -> torch.Tensor:
+    """Softmax rows start..stop-1 of every head: (B, Hq, c, Sk), GQA heads sharing their kv head.
+    keys: k transposed, (B, Hkv, D, Sk), in the working dtype."""
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Hkv, Sk = keys.shape[1], keys.shape[3]
     group = Hq // Hkv
     qc = q[:, :, start:stop].to(work).reshape(B, Hkv, group * (stop - start), D)
-    scores = torch.matmul(qc, k.to(work).transpose(-1, -2)).view(B, Hq, stop - start, Sk) * scale
+    scores = torch.matmul(qc, keys).view(B, Hq, stop - start, Sk) * scale
     if causal:
         i = torch.arange(start, stop, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + (Sk - Sq), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return probs.nan_to_num(0.0)  # rows with no allowed key hold no mass
+    if causal and start < Sq - Sk:  # rows i < Sq - Sk have no allowed key: they hold no mass
+        probs = probs.nan_to_num(0.0)
+    return probs
 
 
 def _diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
@@ -142,9 +147,11 @@ def _diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _pool(probs: torch.Tensor, bq: int, bk: int, nkb: int) -> torch.Tensor:
-    """Sum (H, c, Sk) into (H, ceil(c / bq), nkb) blocks (zero padding past the ends)."""
+    """Sum (H, c, Sk) into (H, ceil(c / bq), nkb) blocks (zero padding past the ends; no copy
+    when the slab divides into whole blocks)."""
     H, c, Sk = probs.shape
-    padded = F.pad(probs, (0, nkb * bk - Sk, 0, math.ceil(c / bq) * bq - c))
+    pad_k, pad_q = nkb * bk - Sk, math.ceil(c / bq) * bq - c
+    padded = F.pad(probs, (0, pad_k, 0, pad_q)) if pad_k or pad_q else probs
     return padded.view(H, -1, bq, nkb, bk).sum(dim=(2, 4))
 
 

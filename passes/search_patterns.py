@@ -19,6 +19,17 @@ The fastest tile size wins; Dense at its best tile size is the baseline, and a l
 sparse plan is not faster stays dense. With `verify`, the chosen patterns' error is recomputed
 exactly on the whole layer, and the allowance is tightened and the search rerun if it is over.
 
+Pricing (CostTable) is what makes the search fast at long sequences: all candidates of a layer at
+one tile size are counted at once (block_coverage.coverage_counts_many, closed form per query
+block) and cached per (shape, tiles, pattern), so layers of one shape share them. Inside the
+search, launches of more than EXACT_SCHEDULE_PROGRAMS programs are priced with
+attention_cost.makespan_estimate instead of simulating the SM schedule (within ~1-3% beyond
+8 waves; a simulation costs ~0.3 us a program, and a 24-head layer at 16K asks thousands of
+prices); smaller launches, and the winner's reported times and its comparison with dense, use the
+exact schedule. useful_candidates drops, before their errors are measured, the candidates no
+tile size would take (priced above (1 - MIN_HEAD_SAVING) x Dense everywhere they can run): exact,
+since the search would never look at them, and it saves measurement rounds.
+
 BlockSparse options pay BLOCK_SPARSE_MARGIN in the knapsack: a layout is tied to one sequence
 length and to the calibration inputs, so a closed-form family wins unless blocks are clearly
 faster. Reported times are the cost model's, without the margin.
@@ -28,16 +39,21 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
+import numpy as np
+
+from sparsec.cost_models.attention_cost import (
+    EXACT_SCHEDULE_PROGRAMS, AttentionShape, estimate_attention, launch_seconds, pattern_counts, program_seconds,
+    skip_seconds,
+)
 from sparsec.cost_models.hardware import HardwareProfile
 from sparsec.passes.fit_candidates import HeadCandidates
-from sparsec.patterns import BlockSparse, Columns, Dense, MultiDiagonal, Pattern, VerticalSlash, Window
+from sparsec.patterns import BlockSparse, Columns, Dense, MultiDiagonal, Pattern, Skip, Union, VerticalSlash, Window
 
 __all__ = [
     "DEFAULT_BLOCK_SIZES", "BLOCK_SPARSE_MARGIN", "CostTable", "LayerChoice", "MIN_HEAD_SAVING", "Option", "head_groups", "reexpress",
-    "search_layer", "solve_knapsack",
+    "search_layer", "solve_knapsack", "useful_candidates",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,6 +64,9 @@ BLOCK_SPARSE_MARGIN = 1.25
 # the cost model's error, and the exact dense head is worth more than an approximation.
 MIN_HEAD_SAVING = 0.1
 _MAX_TIGHTENINGS = 4
+# Cache bounds of CostTable: BlockSparse candidates held (each a layout) and launches held.
+_MAX_LAYOUTS = 2048
+_MAX_LAUNCHES = 1 << 16
 # Relative slack when comparing errors to the allowance (sums of float64 squares).
 _ROUNDOFF = 1e-9
 
@@ -76,6 +95,8 @@ class Option:
 
 def pattern_family(pattern: Pattern) -> str:
     """The kernel family that runs a pattern (the grouping the Triton kernels use)."""
+    if not isinstance(pattern, Union):  # only unions differ from their own family (one holding Dense is dense)
+        return pattern.family
     from sparsec.codegen.attention_triton import pattern_family as kernel_family
 
     return kernel_family(pattern)
@@ -90,29 +111,125 @@ def head_groups(patterns: Sequence[Pattern]) -> tuple[tuple[int, ...], ...]:
 
 
 class CostTable:
-    """Cost-model seconds, cached by (shape, pattern, tiles) so layers of one shape and heads
-    that share a candidate ask the model once."""
+    """Cost-model seconds for the search, cached so layers of one shape and heads that share a
+    candidate ask the model once.
+
+    Per (shape, tiles) and pattern it keeps the pattern's per-query-block program costs,
+    computed for many patterns at once (`prepare`: all candidates of a layer at one tile size in
+    one batch of block_coverage.coverage_counts_many). From them:
+      head_seconds   a head's option price (attention_cost.head_seconds_many);
+      layer_seconds  the whole layer, one launch per family group; exact by default (the list
+                     schedule, as estimate_attention), while the search passes exact=False:
+                     launches over EXACT_SCHEDULE_PROGRAMS programs then use makespan_estimate,
+                     and each launch is cached (a head-group merge changes two launches).
+    BlockSparse layouts belong to one head of one layer and are large at long sequences: their
+    entries are dropped once more than _MAX_LAYOUTS are held."""
 
     def __init__(self, hardware: HardwareProfile):
         self.hardware = hardware
-        self._head: dict[tuple, float] = {}
+        self._tables: dict[tuple[AttentionShape, tuple[int, int]], _Prices] = {}
+        self._layouts = 0
+
+    def prepare(self, patterns, shape: AttentionShape, tiles: tuple[int, int]) -> None:
+        """Price all of `patterns` at `tiles` in one batch (later lookups are cache hits)."""
+        table = self._table(shape, tiles)
+        missing = [p for p in dict.fromkeys(patterns) if p not in table.head]
+        if not missing:
+            return
+        layouts = sum(isinstance(p, BlockSparse) for p in missing)
+        if self._layouts + layouts > _MAX_LAYOUTS:  # forget first: the caller reads all of `patterns` next
+            self._forget_layouts()
+            missing = [p for p in dict.fromkeys(patterns) if p not in table.head]
+            layouts = sum(isinstance(p, BlockSparse) for p in missing)
+        self._layouts += layouts
+        computed = [p for p in missing if not isinstance(p, Skip)]
+        if computed:
+            counts = pattern_counts(computed, shape, *tiles)
+            visited, partial, loads = (np.stack([counts[p][i] for p in computed]) for i in range(3))
+            costs = program_seconds(visited, partial, loads, shape, *tiles, self.hardware)  # (patterns, nqb)
+            for p, row, total, longest in zip(computed, costs, costs.sum(axis=1).tolist(), costs.max(axis=1).tolist()):
+                table.programs[p] = (row, (total, longest))
+        heads, overhead = shape.num_heads, self.hardware.launch_overhead_s
+        for p in missing:
+            if isinstance(p, Skip):
+                seconds = skip_seconds((p.fill,) * heads, shape, self.hardware)
+            else:
+                costs, totals = table.programs[p]
+                seconds = launch_seconds([costs] * heads, shape, self.hardware, exact_programs=EXACT_SCHEDULE_PROGRAMS,
+                                         totals=[totals] * heads)
+            table.head[p] = max(0.0, seconds - overhead) / heads
 
     def head_seconds(self, pattern: Pattern, shape: AttentionShape, tiles: tuple[int, int]) -> float:
         """One head's share of a launch that runs `pattern` on every head of the layer, launch
         overhead excluded (groups pay it once, see layer_seconds)."""
-        key = (shape, pattern, tiles)
-        if key not in self._head:
-            everyone = tuple(range(shape.num_heads))
-            est = estimate_attention((pattern,) * shape.num_heads, shape, self.hardware,
-                                     block_m=tiles[0], block_n=tiles[1], head_groups={"all": everyone})
-            self._head[key] = max(0.0, est.seconds - self.hardware.launch_overhead_s) / shape.num_heads
-        return self._head[key]
+        table = self._table(shape, tiles)
+        if pattern not in table.head:
+            self.prepare([pattern], shape, tiles)
+        return table.head[pattern]
 
-    def layer_seconds(self, patterns: Sequence[Pattern], shape: AttentionShape, tiles: tuple[int, int]) -> float:
+    def head_prices(self, patterns: Sequence[Pattern], shape: AttentionShape, tiles: tuple[int, int]) -> list[float]:
+        """head_seconds of each pattern (priced together if some are new)."""
+        self.prepare(patterns, shape, tiles)
+        head = self._table(shape, tiles).head
+        return [head[p] for p in patterns]
+
+    def layer_seconds(self, patterns: Sequence[Pattern], shape: AttentionShape, tiles: tuple[int, int], *,
+                      exact: bool = True) -> float:
         """The whole layer: one launch per family group, scheduled over the SMs."""
-        groups = {str(g): g for g in head_groups(patterns)}
-        return estimate_attention(tuple(patterns), shape, self.hardware, block_m=tiles[0], block_n=tiles[1],
-                                  head_groups=groups).seconds
+        table = self._table(shape, tiles)
+        if exact:
+            key = tuple(patterns)
+            if key not in table.layers:
+                if len(table.layers) > _MAX_LAUNCHES:
+                    table.layers.clear()
+                groups = {str(g): g for g in head_groups(patterns)}
+                table.layers[key] = estimate_attention(key, shape, self.hardware, block_m=tiles[0], block_n=tiles[1],
+                                                       head_groups=groups).seconds
+            return table.layers[key]
+        seconds = 0.0
+        for group in head_groups(patterns):
+            seconds += self._launch(tuple(patterns[h] for h in group), shape, tiles, table)
+        return seconds
+
+    def _table(self, shape: AttentionShape, tiles: tuple[int, int]) -> _Prices:
+        key = (shape, tuple(tiles))
+        if key not in self._tables:
+            self._tables[key] = _Prices()
+        return self._tables[key]
+
+    def _launch(self, patterns: tuple[Pattern, ...], shape: AttentionShape, tiles: tuple[int, int], table: _Prices) -> float:
+        if patterns not in table.launches:
+            if len(table.launches) > _MAX_LAUNCHES:
+                table.launches.clear()
+            if all(isinstance(p, Skip) for p in patterns):
+                seconds = skip_seconds(tuple(p.fill for p in patterns), shape, self.hardware)
+            else:
+                self.prepare(patterns, shape, tiles)
+                nothing = (np.zeros(-(-shape.q_len // tiles[0])), (0.0, 0.0))  # a Skip head's programs exit at once
+                programs = [nothing if isinstance(p, Skip) else table.programs[p] for p in patterns]
+                seconds = launch_seconds([c for c, _ in programs], shape, self.hardware,
+                                         exact_programs=EXACT_SCHEDULE_PROGRAMS, totals=[t for _, t in programs])
+            table.launches[patterns] = seconds
+        return table.launches[patterns]
+
+    def _forget_layouts(self) -> None:
+        for table in self._tables.values():
+            for cache in (table.programs, table.head):
+                for p in [p for p in cache if isinstance(p, BlockSparse)]:
+                    del cache[p]
+            table.launches.clear()
+            table.layers.clear()
+        self._layouts = 0
+
+
+@dataclass
+class _Prices:
+    """CostTable's caches for one (shape, tiles)."""
+
+    programs: dict = field(default_factory=dict)   # pattern -> ((nqb,) seconds, (their sum, their max))
+    head: dict = field(default_factory=dict)       # pattern -> head_seconds
+    launches: dict = field(default_factory=dict)   # patterns of one launch -> seconds (search estimate)
+    layers: dict = field(default_factory=dict)     # patterns of the layer -> exact seconds
 
 
 # -- knapsack ------------------------------------------------------------------------------------
@@ -216,12 +333,20 @@ class _LayerProblem:
     costs: CostTable
     allowance: float
 
+    def prepare(self) -> None:
+        """Price every head's candidates at this tile size in one batch."""
+        self.costs.prepare([Dense()] + [p for c in self.candidates for p in c.patterns if self._priced(p)],
+                           self.shape, self.tiles)
+
+    def _priced(self, p: Pattern) -> bool:
+        return not isinstance(p, BlockSparse) or p.block == self.tiles  # each tile size has its own layouts
+
     def options(self, h: int) -> list[Option]:
         dense_cost = self.costs.head_seconds(Dense(), self.shape, self.tiles)
         found = [Option(dense_cost, 0.0, Dense())]
         for p, err in zip(self.candidates[h].patterns, self.candidates[h].squared_errors):
-            if isinstance(p, Dense) or (isinstance(p, BlockSparse) and p.block != self.tiles):
-                continue  # each tile size has its own block layouts
+            if isinstance(p, Dense) or not self._priced(p):
+                continue
             if err > self.allowance * (1 + _ROUNDOFF):
                 continue
             cost = self.costs.head_seconds(p, self.shape, self.tiles)
@@ -229,16 +354,32 @@ class _LayerProblem:
                 found.append(Option(cost * BLOCK_SPARSE_MARGIN if isinstance(p, BlockSparse) else cost, err, p))
         return found
 
-    def seconds(self, patterns: Sequence[Pattern]) -> float:
-        return self.costs.layer_seconds(patterns, self.shape, self.tiles)
+    def seconds(self, patterns: Sequence[Pattern], *, exact: bool = False) -> float:
+        return self.costs.layer_seconds(patterns, self.shape, self.tiles, exact=exact)
 
-    def objective(self, patterns: Sequence[Pattern]) -> float:
+    def objective(self, patterns: Sequence[Pattern], *, exact: bool = False) -> float:
         """What the search minimizes: the layer's seconds plus the BlockSparse margin."""
         margin = sum(self.costs.head_seconds(p, self.shape, self.tiles) for p in patterns if isinstance(p, BlockSparse))
-        return self.seconds(patterns) + (BLOCK_SPARSE_MARGIN - 1) * margin
+        return self.seconds(patterns, exact=exact) + (BLOCK_SPARSE_MARGIN - 1) * margin
+
+
+def useful_candidates(head_patterns: Sequence[Sequence[Pattern]], shape: AttentionShape, costs: CostTable,
+                      block_sizes: Sequence[tuple[int, int]] = DEFAULT_BLOCK_SIZES) -> list[tuple[Pattern, ...]]:
+    """Each head's candidates less those no tile size would take as an option: priced above
+    (1 - MIN_HEAD_SAVING) x Dense at every tile size they run at (BlockSparse: its own), a price
+    that does not depend on the measured error. Pruning them before measuring is exact: the
+    search never looks at them. Dense stays first."""
+    distinct = list(dict.fromkeys(p for patterns in head_patterns for p in patterns))
+    cheap: set[Pattern] = set()
+    for tiles in map(tuple, block_sizes):
+        priced = [p for p in distinct if p not in cheap and (not isinstance(p, BlockSparse) or p.block == tiles)]
+        dense, *prices = costs.head_prices([Dense(), *priced], shape, tiles)
+        cheap.update(p for p, price in zip(priced, prices) if price <= (1 - MIN_HEAD_SAVING) * dense)
+    return [tuple(p for p in patterns if isinstance(p, Dense) or p in cheap) for patterns in head_patterns]
 
 
 def _solve_tiles(problem: _LayerProblem) -> tuple[list[Pattern], list[float]]:
+    problem.prepare()
     options = [problem.options(h) for h in range(problem.shape.num_heads)]
     choice = solve_knapsack(options, problem.allowance)
     patterns = [options[h][c].pattern for h, c in enumerate(choice)]
@@ -327,19 +468,24 @@ def search_layer(
 
 
 def _best_over_tiles(candidates, shape, costs, allowance, block_sizes, dense_seconds) -> LayerChoice | None:
+    """The best plan over the tile sizes. Tile sizes compete on the search's objective (launches
+    over EXACT_SCHEDULE_PROGRAMS programs estimated); the winner is then priced exactly, and that
+    decides against dense and is what the plan reports."""
     best, best_objective = None, None
     for tiles in block_sizes:
         problem = _LayerProblem(candidates, shape, tuple(tiles), costs, allowance)
         patterns, errors = _solve_tiles(problem)
         objective = problem.objective(patterns)
         if best is None or objective < best_objective:
-            best_objective = objective
-            best = LayerChoice(patterns=tuple(patterns), head_groups=head_groups(patterns), tiles=tuple(tiles),
-                               squared_error=sum(errors), seconds=problem.seconds(patterns),
-                               dense_seconds=dense_seconds)
-    if best is None or best_objective >= dense_seconds:
+            best_objective, best = objective, (problem, patterns, errors)
+    if best is None:
+        return None
+    problem, patterns, errors = best
+    if problem.objective(patterns, exact=True) >= dense_seconds:
         return None  # sparse is not faster: the layer stays dense
-    return best
+    return LayerChoice(patterns=tuple(patterns), head_groups=head_groups(patterns), tiles=problem.tiles,
+                       squared_error=sum(errors), seconds=problem.seconds(patterns, exact=True),
+                       dense_seconds=dense_seconds)
 
 
 def _replace_error(choice: LayerChoice, squared_error: float) -> LayerChoice:

@@ -347,8 +347,10 @@ class BlockSparse(Pattern):
 
     @property
     def layout(self) -> torch.Tensor:
-        """The block layout as a (rows, cols) bool tensor."""
-        return torch.tensor([[c == "1" for c in row] for row in self.rows], dtype=torch.bool)
+        """The block layout as a (rows, cols) bool tensor (read from the row strings in one pass)."""
+        rows, cols = self.layout_shape
+        text = bytearray("".join(self.rows), "ascii")
+        return torch.frombuffer(text, dtype=torch.uint8).view(rows, cols) == ord("1")
 
     @property
     def layout_shape(self) -> tuple[int, int]:

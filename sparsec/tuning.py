@@ -4,14 +4,24 @@
                        target="h100", budget=0.02)
 
 For each layer: pooled attention statistics (passes/attention_stats.py), per-head candidates
-with their measured output errors (passes/fit_candidates.py), and the cost-model search over
-patterns, head groups and tiles (passes/search_patterns.py), whose choice is verified by
-recomputing the layer's error exactly. Work per layer is a few batched passes over all heads,
-never an S x S map per head on the host: stats in query chunks, one sparsec.attention call per
-candidate round, cost-model answers cached across heads and layers of one shape.
+(passes/fit_candidates.py) less those the search could never pick (priced above 90% of dense at
+every tile size; search_patterns.useful_candidates), their measured output errors, and the
+cost-model search over patterns, head groups and tiles (passes/search_patterns.py), whose choice
+is verified by recomputing the layer's error exactly. Work per layer is a few batched passes over
+all heads, never an S x S map per head on the host: stats in query chunks, fitting batched over
+heads on the statistics' device, one sparsec.attention call per candidate round, and cost-model
+prices computed for all candidates of a tile size at once and cached across heads and layers of
+one shape.
+
+`timings` (a dict) collects seconds per phase, summed over layers: "stats", "measure" and
+"verify" are tensor work (attention on the calibration inputs, which a GPU does quickly); "prune"
+and "search" are host work (cost-model pricing, knapsack, head groups); "fit" is both: sorts and
+scans of the statistics on their device, then building the patterns on the host (on a CPU run
+the first part dominates it). bench/tune.py reports the split.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -22,8 +32,10 @@ import torch
 from sparsec.cost_models.attention_cost import AttentionShape
 from sparsec.cost_models.hardware import HardwareProfile, get_profile
 from sparsec.passes.attention_stats import LayerSample, sample_stats
-from sparsec.passes.fit_candidates import DEFAULT_RECALLS, error_backend, fit_candidates, measure_candidates
-from sparsec.passes.search_patterns import DEFAULT_BLOCK_SIZES, CostTable, search_layer
+from sparsec.passes.fit_candidates import (
+    DEFAULT_RECALLS, dense_outputs, error_backend, fit_candidates, measure_candidates,
+)
+from sparsec.passes.search_patterns import DEFAULT_BLOCK_SIZES, CostTable, search_layer, useful_candidates
 from sparsec.patterns import Pattern
 from sparsec.plan import LayerPlan, Plan
 
@@ -44,9 +56,11 @@ def tune_layers(
     model_fingerprint: str = "",
     recalls: Sequence[float] = DEFAULT_RECALLS,
     backend: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Plan:
     """A Plan for every recorded layer (module path -> its recorded calls), for `target`
-    within `budget` (relative L2 error of each layer's attention output)."""
+    within `budget` (relative L2 error of each layer's attention output). `timings`, if given,
+    receives seconds per phase summed over the layers (see the module docstring)."""
     from tqdm.auto import tqdm
 
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget >= 0:
@@ -56,7 +70,7 @@ def tune_layers(
     layers = {}
     for path, samples in tqdm(recorded.items(), desc="sparsec tune", unit="layer", disable=not progress):
         layers[path] = tune_layer(samples, costs, budget=budget, block_sizes=block_sizes, recalls=recalls,
-                                  backend=backend, name=path)
+                                  backend=backend, name=path, timings=timings)
     return Plan(target=hardware.name, budget=float(budget), model_fingerprint=model_fingerprint, layers=layers)
 
 
@@ -69,15 +83,29 @@ def tune_layer(
     recalls: Sequence[float] = DEFAULT_RECALLS,
     backend: str | None = None,
     name: str = "layer",
+    timings: dict[str, float] | None = None,
 ) -> LayerPlan:
     """One layer's plan from its recorded calls."""
     shape = _layer_shape(samples, name)
     started = time.perf_counter()
-    stats = sample_stats(samples, block=_stats_block(block_sizes))
-    candidates = measure_candidates(samples, fit_candidates(stats, tiles=block_sizes, recalls=recalls), backend=backend)
+    phase = _Phases(timings, samples[0].q.device)
+    with phase("stats"):
+        stats = sample_stats(samples, block=_stats_block(block_sizes))
+    with phase("fit"):
+        fitted = fit_candidates(stats, tiles=block_sizes, recalls=recalls)
+    with phase("prune"):
+        fitted = useful_candidates(fitted, shape, costs, block_sizes)
+    with phase("measure"):
+        dense = dense_outputs(samples, backend=backend)
+        candidates = measure_candidates(samples, fitted, backend=backend, dense=dense)
     dense_norm2 = sum(c.dense_norm2 for c in candidates)
-    choice = search_layer(candidates, shape, costs, budget=budget, block_sizes=block_sizes,
-                          verify=lambda patterns: layer_squared_error(samples, patterns, backend=backend))
+
+    def verify(patterns):
+        with phase("verify"):
+            return layer_squared_error(samples, patterns, backend=backend, dense=dense)
+
+    with phase("search", excluding="verify"):
+        choice = search_layer(candidates, shape, costs, budget=budget, block_sizes=block_sizes, verify=verify)
     error = math.sqrt(choice.squared_error / dense_norm2) if dense_norm2 > 0 else 0.0
     log.info("%s: %d candidates/head on average, error %.4f, %.3g s -> %.3g s (tuned in %.2f s)", name,
              sum(len(c.patterns) for c in candidates) // len(candidates), error, choice.dense_seconds,
@@ -88,18 +116,48 @@ def tune_layer(
                      kv_len=shape.kv_len, head_dim=shape.head_dim, dtype=shape.dtype, causal=shape.causal)
 
 
-def layer_squared_error(samples: Sequence[LayerSample], patterns: Sequence[Pattern], *, backend: str | None = None) -> float:
-    """||O(patterns) - O(dense)||^2 of the whole layer, summed over the samples, computed exactly."""
+def layer_squared_error(samples: Sequence[LayerSample], patterns: Sequence[Pattern], *, backend: str | None = None,
+                        dense: Sequence[torch.Tensor] | None = None) -> float:
+    """||O(patterns) - O(dense)||^2 of the whole layer, summed over the samples, computed exactly.
+    `dense`: the samples' dense outputs, if already computed."""
     from sparsec.attention_dispatch import attention
-    from sparsec.patterns import Dense
 
+    dense = dense_outputs(samples, backend=backend) if dense is None else dense
     total = 0.0
-    for s in samples:
-        call = dict(causal=s.causal, scale=s.scale, backend=backend or error_backend(s.q))
-        dense = attention(s.q, s.k, s.v, Dense(), **call)
-        sparse = attention(s.q, s.k, s.v, list(patterns), **call)
-        total += float((sparse.double() - dense.double()).square().sum())
+    for s, reference in zip(samples, dense):
+        sparse = attention(s.q, s.k, s.v, list(patterns), causal=s.causal, scale=s.scale,
+                           backend=backend or error_backend(s.q))
+        total += float((sparse.double() - reference.double()).square().sum())
     return total
+
+
+class _Phases:
+    """Context managers that add a phase's wall time to `timings[name]` (synchronizing CUDA so
+    queued kernels count in their phase); `excluding` subtracts time spent in an inner phase."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings, self.device = timings, device
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, *, excluding: str | None = None):
+        if self.timings is None:
+            yield
+            return
+        self._sync()
+        inner = self.timings.get(excluding, 0.0) if excluding else 0.0
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            spent = time.perf_counter() - started
+            if excluding:
+                spent -= self.timings.get(excluding, 0.0) - inner
+            self.timings[name] = self.timings.get(name, 0.0) + spent
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def _stats_block(block_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -10,7 +10,8 @@ import sparsec.passes.attention_stats as attention_stats_module
 from planted import PlantedLayer
 from sparsec.passes.attention_stats import LayerSample, attention_stats, combine_stats, pool_block_mass, sample_stats
 from sparsec.passes.fit_candidates import (
-    column_ranges, fit_block_sparse, fit_candidates, fit_columns, fit_windows, frame_stride, snap_to_stride,
+    block_sparse, column_ranges, fit_block_sparse, fit_candidates, fit_columns, fit_head_patterns, fit_windows,
+    frame_stride, sliding_max, snap_to_stride,
 )
 from sparsec.patterns import BlockSparse, Columns, MultiDiagonal, Skip, Window
 
@@ -174,3 +175,26 @@ def test_candidates_always_hold_dense_and_skip():
         for p in head:
             if isinstance(p, BlockSparse):
                 p.check_lengths(128, 128)
+
+
+def test_fitting_all_heads_at_once_equals_fitting_each_head():
+    layer = PlantedLayer(("band", "stripes", "frames", "uniform", "random"), 256, 16, causal=True, seed=4, frame=64)
+    stats = attention_stats(*layer.sample(2, 0)[:2], causal=True, block=(32, 32))
+    tiles = [(32, 32), (64, 32)]
+    together = fit_candidates(stats, tiles=tiles)
+    pooled = {t: pool_block_mass(stats.block_mass, (t[0] // 32, t[1] // 32)) for t in set(tiles)}
+    for h in range(5):
+        alone = fit_head_patterns(stats, h, pooled_blocks={t: b[h] for t, b in pooled.items()})
+        assert together[h] == alone
+        assert [type(p) for p in together[h]] == [type(p) for p in alone]
+
+
+def test_block_sparse_builder_and_sliding_max_match_their_references():
+    g = torch.Generator().manual_seed(11)
+    layout = torch.rand(9, 14, generator=g) < 0.4
+    built, reference = block_sparse(layout, (8, 4)), BlockSparse(layout, (8, 4))
+    assert built == reference and hash(built) == hash(reference) and torch.equal(built.layout, layout)
+    values = torch.rand(3, 57, generator=g, dtype=torch.float64)
+    for radius in (0, 1, 3, 20, 60):
+        want = torch.nn.functional.max_pool1d(values[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
+        assert torch.equal(sliding_max(values, radius), want), radius

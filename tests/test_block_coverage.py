@@ -1,4 +1,5 @@
-"""codegen.block_coverage against tile coverage computed from explicit pattern.mask() masks."""
+"""codegen.block_coverage against tile coverage computed from explicit pattern.mask() masks, and
+against coverage_by_rows (the per-row computation the closed form replaced) at larger lengths."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 
 from sparsec import patterns as P
 from sparsec.codegen.block_coverage import (
-    EMPTY, FULL, PARTIAL, block_coverage, kept_pairs, kv_block_table, row_intervals,
+    EMPTY, FULL, PARTIAL, block_coverage, coverage_by_rows, coverage_counts, coverage_counts_many, kept_pairs,
+    kv_block_table, layout_tensor, row_intervals,
 )
 
 
@@ -170,3 +172,77 @@ def test_random_patterns_match_mask(case):
     got = block_coverage(pattern, Sq, Sk, block_m, block_n, causal)
     assert torch.equal(got, reference_coverage(pattern, Sq, Sk, block_m, block_n, causal))
     assert kept_pairs(pattern, Sq, Sk, causal) == int(kept_mask(pattern, Sq, Sk, causal).sum())
+
+
+@st.composite
+def batches(draw):
+    """Several patterns of one shape (Skip, unions and BlockSparse at the tile and at other blocks
+    among them), counted together by coverage_counts_many."""
+    Sq, Sk = draw(st.integers(1, 80)), draw(st.integers(1, 80))
+    tiles = (draw(st.sampled_from([1, 2, 3, 8, 16])), draw(st.sampled_from([1, 2, 5, 8, 16])))
+    patterns = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["simple", "union", "skip", "blocks at tile", "blocks"]))
+        if kind == "skip":
+            patterns.append(P.Skip(draw(st.sampled_from(["mean", "zero"]))))
+        elif kind.startswith("blocks"):
+            block = tiles if kind == "blocks at tile" else (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+            patterns.append(P.BlockSparse(random_layout(Sq, Sk, block, draw(st.floats(0, 1)), seed=draw(st.integers(0, 999))), block))
+        else:
+            parts = draw(st.lists(simple_patterns, min_size=1, max_size=3 if kind == "union" else 1))
+            patterns.append(parts[0] if len(set(parts)) == 1 else P.Union(parts))
+    return patterns, Sq, Sk, tiles, draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches())
+def test_counts_of_many_patterns_match_mask(case):
+    patterns, Sq, Sk, (block_m, block_n), causal = case
+    full, partial = coverage_counts_many(patterns, Sq, Sk, block_m, block_n, causal)
+    assert full.shape == partial.shape == (len(patterns), math.ceil(Sq / block_m))
+    for n, pattern in enumerate(patterns):
+        ref = reference_coverage(pattern, Sq, Sk, block_m, block_n, causal)
+        assert full[n].tolist() == (ref == FULL).sum(dim=1).tolist(), (n, pattern)
+        assert partial[n].tolist() == (ref == PARTIAL).sum(dim=1).tolist(), (n, pattern)
+
+
+def long_patterns(rng, S):
+    """Patterns at a realistic scale: many ranges and diagonals, wide and narrow."""
+    offsets = lambda n: [rng.randint(-S, S) for _ in range(n)]  # noqa: E731
+    ranges = lambda n, w: [(s, s + rng.randint(1, w)) for s in (rng.randint(0, S) for _ in range(n))]  # noqa: E731
+    return [
+        P.Window(rng.randint(0, S // 3), rng.randint(0, 64)), P.AShape(rng.randint(1, 200), rng.randint(0, S // 2)),
+        P.MultiDiagonal(offsets(rng.randint(1, 32)), rng.choice([0, 1, 3, 40])),
+        P.MultiDiagonal([k * 97 for k in range(-4, 5)], 50),       # touching bands: tiles full jointly
+        P.Columns(ranges(32, 40)), P.VerticalSlash(ranges(20, 30), offsets(32)),
+        P.VerticalSlash(ranges(4, 300), list(range(-70, 1))),      # neighbouring diagonals merge into a band
+        P.AShape(300, 200) | P.Columns(ranges(6, 100)), P.Dense(),
+    ]
+
+
+@pytest.mark.parametrize("Sq,Sk,block_m,block_n", [(1000, 1000, 64, 32), (1000, 1000, 64, 128), (777, 1250, 128, 64),
+                                                   (1250, 777, 32, 48)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_closed_form_matches_rows_at_longer_lengths(Sq, Sk, block_m, block_n, causal):
+    """Longer sequences than the mask tests afford, against the per-row reference."""
+    import random
+
+    rng = random.Random(Sq * Sk + block_m + causal)
+    patterns = long_patterns(rng, max(Sq, Sk))
+    patterns.append(P.BlockSparse(random_layout(Sq, Sk, (block_m, block_n), 0.2, seed=3), (block_m, block_n)))
+    patterns.append(P.BlockSparse(random_layout(Sq, Sk, (50, 20), 0.2, seed=4), (50, 20)))
+    full, partial = coverage_counts_many(patterns, Sq, Sk, block_m, block_n, causal)
+    for n, pattern in enumerate(patterns):
+        rows = coverage_by_rows(pattern, Sq, Sk, block_m, block_n, causal)
+        assert torch.equal(block_coverage(pattern, Sq, Sk, block_m, block_n, causal), rows), pattern
+        assert full[n].tolist() == (rows == FULL).sum(dim=1).tolist(), pattern
+        assert partial[n].tolist() == (rows == PARTIAL).sum(dim=1).tolist(), pattern
+
+
+def test_single_pattern_counts_and_layout_tensor():
+    layout = random_layout(40, 50, (8, 16), 0.5, seed=7)
+    pattern = P.BlockSparse(layout, (8, 16))
+    assert torch.equal(layout_tensor(pattern), pattern.layout)
+    full, partial = coverage_counts(P.Window(5, 0), 40, 50, 8, 16, True)
+    ref = reference_coverage(P.Window(5, 0), 40, 50, 8, 16, True)
+    assert full.tolist() == (ref == FULL).sum(dim=1).tolist() and partial.tolist() == (ref == PARTIAL).sum(dim=1).tolist()

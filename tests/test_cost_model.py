@@ -85,3 +85,46 @@ def test_profiles_and_errors(tmp_path, monkeypatch):
         estimate_attention((P.Dense(),), shape(64, heads=2), h100)
     with pytest.raises(ValueError, match="dtype"):
         shape(64, dtype="f64")
+
+
+# -- batched per-head prices and the schedule estimate --------------------------------------------
+
+def list_schedule(costs, slots):
+    """Programs in order, each to the slot that frees first (independent of attention_cost)."""
+    finish = [0.0] * slots
+    for c in costs:
+        i = min(range(slots), key=lambda s: (finish[s], s))
+        finish[i] += c
+    return max(finish)
+
+
+def test_head_prices_are_a_launch_of_the_pattern_on_every_head_over_heads():
+    from sparsec.cost_models.attention_cost import head_seconds_many
+
+    hw = get_profile("h100")
+    s = shape(1024, heads=8, causal=True)
+    patterns = [P.Dense(), P.Window(100, 0), P.Columns([(0, 16), (500, 530)]), P.Skip("mean"), P.AShape(32, 256)]
+    prices = head_seconds_many(patterns, s, hw, block_m=64, block_n=32)  # 8 x 16 programs: exact
+    for p, price in zip(patterns, prices):
+        launch = estimate_attention((p,) * 8, s, hw, block_m=64, block_n=32, head_groups={"all": tuple(range(8))})
+        assert price == (launch.seconds - hw.launch_overhead_s) / 8
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_makespan_estimate_is_close_to_the_list_schedule_on_long_launches(causal):
+    from sparsec.cost_models.attention_cost import head_seconds_many
+
+    hw = get_profile("h100")
+    s = shape(16384, heads=24, causal=causal)  # 24 x 256 programs, 46 waves on 132 SMs
+    g = torch.Generator().manual_seed(1)
+    layout = torch.rand(256, 512, generator=g) < 0.2
+    patterns = [P.Dense(), P.Window(2048, 0), P.MultiDiagonal([-4096, 0, 4096], 64), P.BlockSparse(layout, (64, 32))]
+    estimated = head_seconds_many(patterns, s, hw, block_m=64, block_n=32)
+    scheduled = head_seconds_many(patterns, s, hw, block_m=64, block_n=32, exact_programs=None)
+    for p, e, x in zip(patterns, estimated, scheduled):
+        assert e == pytest.approx(x, rel=0.03), p
+    costs = [1e-6 * (1 + (i * 7919) % 13) for i in range(6000)]
+    from sparsec.cost_models.attention_cost import _schedule, makespan_estimate
+    exact = _schedule(torch.tensor(costs, dtype=torch.float64), hw)
+    assert exact == pytest.approx(list_schedule(costs, hw.sm_count), rel=1e-12)
+    assert makespan_estimate(sum(costs), max(costs), hw) == pytest.approx(exact, rel=0.03)

@@ -15,7 +15,7 @@ from sparsec.cost_models.attention_cost import AttentionShape
 from sparsec.cost_models.hardware import get_profile
 from sparsec.passes.fit_candidates import HeadCandidates, measure_candidates
 from sparsec.passes.search_patterns import (
-    CostTable, Option, head_groups, reexpress, search_layer, solve_knapsack,
+    DEFAULT_BLOCK_SIZES, CostTable, Option, head_groups, reexpress, search_layer, solve_knapsack, useful_candidates,
 )
 from sparsec.tuning import LayerSample, tune_layers
 
@@ -241,3 +241,80 @@ def test_bad_recordings_are_named():
     with pytest.raises(ValueError, match="budget"):
         tune_layers({"a": [LayerSample(q, q, q)]}, budget=-0.1, progress=False)
     assert not math.isnan(BUDGET)
+
+
+# -- pricing for the search at scale ------------------------------------------------------------
+
+
+def synthetic_candidates(rng, heads, S):
+    """Per head a Dense, a Skip, windows, columns, diagonals and block layouts with errors that
+    fall as the pattern keeps more (no attention needed: the search only reads the numbers)."""
+    found = []
+    for _ in range(heads):
+        patterns = [P.Dense(), P.Skip("mean")]
+        patterns += [P.Window(w, 0) for w in (16, 64, 256, S // 2)] + [P.Window(S, S)]  # the last costs what Dense does
+        patterns += [P.Columns([(0, 8 * k)] + [(rng.randrange(S - 8), S - 1)]) for k in (1, 4)]
+        patterns += [P.MultiDiagonal([0, -S // 4], w) for w in (2, 16)]
+        for tiles in ((64, 32), (128, 64)):
+            g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+            layout = torch.rand(-(-S // tiles[0]), -(-S // tiles[1]), generator=g) < rng.uniform(0.1, 0.95)
+            patterns.append(P.BlockSparse(layout, tiles))
+        errors = [0.0, rng.uniform(0.1, 1.0)] + [rng.uniform(0, 2e-3) / (1 + i) for i in range(len(patterns) - 2)]
+        found.append(HeadCandidates(patterns=tuple(patterns), squared_errors=tuple(errors), dense_norm2=1.0))
+    return found
+
+
+def layer_shape(S, heads, causal=True):
+    return AttentionShape(batch=1, num_heads=heads, num_kv_heads=heads, q_len=S, kv_len=S, head_dim=64,
+                          value_dim=64, dtype="bf16", causal=causal)
+
+
+@pytest.mark.parametrize("S,heads,target", [(512, 6, "cpu"), (1024, 8, "h100"), (4096, 16, "h100")])
+def test_pruning_unpriceable_candidates_changes_nothing(S, heads, target):
+    """useful_candidates drops what no tile size could take; the search must not notice."""
+    rng = random.Random(S + heads)
+    shape = layer_shape(S, heads)
+    blocks = [(64, 32), (128, 64)]
+    cands = synthetic_candidates(rng, heads, S)
+    kept = useful_candidates([c.patterns for c in cands], shape, CostTable(get_profile(target, calibrated=False)), blocks)
+    assert sum(map(len, kept)) < sum(len(c.patterns) for c in cands)  # something was pruned
+    pruned = [HeadCandidates(patterns=k, squared_errors=tuple(c.squared_errors[c.patterns.index(p)] for p in k),
+                             dense_norm2=c.dense_norm2) for c, k in zip(cands, kept)]
+    full = search_layer(cands, shape, CostTable(get_profile(target, calibrated=False)), budget=BUDGET, block_sizes=blocks)
+    less = search_layer(pruned, shape, CostTable(get_profile(target, calibrated=False)), budget=BUDGET, block_sizes=blocks)
+    assert (less.patterns, less.tiles, less.seconds, less.squared_error) == (full.patterns, full.tiles, full.seconds,
+                                                                           full.squared_error)
+
+
+def test_cost_table_forgetting_layouts_changes_nothing(monkeypatch):
+    import sparsec.passes.search_patterns as search_patterns
+
+    rng = random.Random(7)
+    shape = layer_shape(512, 6)
+    cands = synthetic_candidates(rng, 6, 512)
+    blocks = [(64, 32), (128, 64)]
+    kept = search_layer(cands, shape, CostTable(get_profile("cpu", calibrated=False)), budget=BUDGET, block_sizes=blocks)
+    monkeypatch.setattr(search_patterns, "_MAX_LAYOUTS", 3)  # forget BlockSparse prices all the time
+    forgot = search_layer(cands, shape, CostTable(get_profile("cpu", calibrated=False)), budget=BUDGET, block_sizes=blocks)
+    assert (forgot.patterns, forgot.tiles, forgot.seconds) == (kept.patterns, kept.tiles, kept.seconds)
+
+
+def test_search_estimates_equal_exact_prices_on_small_launches_and_stay_close_on_large():
+    costs = CostTable(get_profile("h100", calibrated=False))
+    rng = random.Random(3)
+    for S, heads, tolerance in ((1024, 8, 0.0), (16384, 24, 0.03)):
+        shape = layer_shape(S, heads)
+        patterns = [c.patterns[rng.randrange(len(c.patterns))] for c in synthetic_candidates(rng, heads, S)]
+        for tiles in ((64, 32), (128, 64)):
+            patterns = [p if not isinstance(p, P.BlockSparse) or p.block == tiles else P.Dense() for p in patterns]
+            exact = costs.layer_seconds(patterns, shape, tiles)
+            assert exact == pytest.approx(costs.layer_seconds(patterns, shape, tiles, exact=False), rel=tolerance, abs=0)
+
+
+def test_tune_layers_reports_phase_timings():
+    layer = PlantedLayer(("band", "stripes"), 128, 16, causal=True)
+    timings = {}
+    tune_layers({"attn": [LayerSample(*layer.sample(1, 0), causal=True)]}, target="cpu", budget=BUDGET,
+                progress=False, timings=timings, block_sizes=DEFAULT_BLOCK_SIZES[:2])
+    assert set(timings) >= {"stats", "fit", "prune", "measure", "search"}
+    assert all(t >= 0 for t in timings.values())
