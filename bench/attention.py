@@ -306,9 +306,9 @@ def print_table(rows: list[dict], title: str) -> None:
         table.add_column(column, justify="left" if column in ("family", "candidate", "pattern") else "right")
     for r in rows:
         table.add_row(r["family"], str(r["S"]), str(r["head_dim"]), f"{r['density']:.3f}", r["candidate"],
-                      f"{r['ms']:.3f}", f"{r['tflops']:.3f}", f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}",
+                      f"{r['ms']:.3f}", f"{r['tflops']:.4g}", f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}",
                       r["pattern"] if len(r["pattern"]) <= 48 else r["pattern"][:45] + "...")
-    Console().print(table)
+    Console(width=200).print(table)  # wide: a log keeps full numbers whatever the terminal
 
 
 def device_name(device: str) -> str:

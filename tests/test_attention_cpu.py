@@ -118,12 +118,40 @@ def test_skipped_key_blocks_are_never_read():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_long_window_uses_strided_kv_and_padded_edges(causal):
-    """Lengths that exercise the strided (no-gather) K/V path, padded edge groups and odd tails."""
+def test_long_window_uses_strided_kv_and_shared_edges(causal):
+    """Lengths that exercise the strided (no-gather) K/V path, edge blocks extended to a shared key
+    range under per-block masks, and odd tails."""
     pattern = P.Window(40, 40 if not causal else 0)
-    plan = attention_cpu._plan(pattern, 301, 301, causal, 32, 16)
-    assert any(g.kv_affine is not None for g in plan.groups)
+    plan = attention_cpu._plan(pattern, 301, 301, causal, 32)
+    assert any(c.kv_affine is not None and c.kv_affine[1] > 0 for c in plan.calls)
+    assert all(c.kv_index is None for c in plan.calls)  # nothing gathered for a band
     check([pattern] * 4, Hkv=2, Sq=301, Sk=301, causal=causal, block_m=32, block_n=16)
+
+
+def test_block_sparse_runs_unmasked_and_reads_only_kept_keys():
+    """Whole layout blocks need no mask, and each query block reads exactly its kept keys."""
+    layout = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    pattern = P.BlockSparse(layout, (16, 16))
+    plan = attention_cpu._plan(pattern, 64, 64, False, 16)
+    assert all(c.mask is None and c.rebuild is None for c in plan.calls)
+    assert sum(c.q_blocks.numel() * c.length for c in plan.calls) == int(layout.sum()) * 16
+    check([pattern] * 2, Sq=64, Sk=64, block_m=16)
+
+
+def test_choose_blocks_fits_the_query_block_to_the_pattern():
+    """Narrow bands get short query blocks (less of each band edge is computed and masked), dense
+    and wide patterns long ones; block_m never exceeds Sq."""
+    narrow = P.MultiDiagonal([-512, 0, 512], 2)
+    assert attention_cpu.choose_blocks(narrow, 2048, 2048)[0] <= 64
+    assert attention_cpu.choose_blocks(P.Window(900, 900), 2048, 2048)[0] >= 128
+    assert attention_cpu.choose_blocks(P.Window(3, 3), 20, 20)[0] <= 20
+
+
+def test_thread_count_is_restored():
+    """Copies run on one thread and the attention kernels on all: the caller's setting survives."""
+    before = torch.get_num_threads()
+    check([P.Window(3, 3), P.Dense(), P.Columns([(0, 5)]), P.Skip("mean")], Hkv=2, Sq=40, Sk=40, causal=True)
+    assert torch.get_num_threads() == before
 
 
 def test_plans_without_cached_masks_and_with_small_chunks(monkeypatch):
