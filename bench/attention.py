@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import sparsec
 from sparsec import patterns as P
 from sparsec.codegen.block_coverage import kept_pairs
+from sparsec.cost_models.measure import software_versions
 
 FAMILIES = ("window", "multi_diagonal", "columns", "a_shape", "vertical_slash", "block_sparse")
 GPU_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -322,16 +323,6 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def _versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-            "cuda": torch.version.cuda}
-
-
 def save(rows: list[dict], args) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -339,7 +330,7 @@ def save(rows: list[dict], args) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {key: value for key, value in vars(args).items() if key != "output"}
     record = {"benchmark": "attention", "device": device_name(args.device), "device_type": args.device,
-              "versions": _versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "versions": software_versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "config": config, "rows": rows}
     path.write_text(json.dumps(record, indent=1))
     return path

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from rich.table import Table
 
 from sparsec.cost_models.accuracy import model_accuracy
 from sparsec.cost_models.fit import calibrate, candidate_work, fit_profile, predict
-from sparsec.cost_models.measure import default_grid
+from sparsec.cost_models.measure import default_grid, software_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,15 +83,6 @@ def summary_table(accuracies: dict, fit) -> Table:
     return table
 
 
-def versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version}
-
-
 def write_json(report, held_out, accuracies, args, command: list[str], path: Path | None) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc)
     device_tag = "cuda" if "cpu:" not in report.device else "cpu"
@@ -107,7 +97,7 @@ def write_json(report, held_out, accuracies, args, command: list[str], path: Pat
                            "block_m": c.tiles.block_m, "block_n": c.tiles.block_n,
                            "measured_s": m.seconds, "samples": m.samples, "predicted_before_s": before,
                            "predicted_after_s": after, "predicted_held_out_s": float(out)})
-    data = {"benchmark": "cost_model", "device": report.device, "versions": versions(),
+    data = {"benchmark": "cost_model", "device": report.device, "versions": software_versions(),
             "date": stamp.isoformat(), "command": " ".join(command),
             "statistic": args.statistic, "quick": args.quick, "cpu_threads": args.threads,
             "accuracy": {name: acc.as_dict() for name, acc in accuracies.items()},

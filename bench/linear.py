@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.linear_cpu import bsr_linear_cpu, nm_linear_cpu, pack_block_rows
+from sparsec.cost_models.measure import software_versions
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm, pack_semi_structured, semi_structured_reason
 
 SHAPES = ((4096, 4096), (4096, 11008), (1152, 4608))
@@ -223,12 +224,10 @@ def device_name(device: str) -> str:
 
 
 def save(rows: list[Row], args) -> Path:
-    import triton
-
     stamp = datetime.datetime.now(datetime.timezone.utc)
     record = {
         "benchmark": "linear", "device": device_name(args.device), "device_type": args.device,
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        **software_versions(),
         "date": stamp.isoformat(timespec="seconds"), "command": " ".join([sys.executable, *sys.argv]),
         "dtype": args.dtype, "block": args.block, "cpu_threads": torch.get_num_threads(), "results": [asdict(r) for r in rows],
     }

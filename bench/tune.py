@@ -53,6 +53,7 @@ from planted import KINDS, PlantedLayer  # noqa: E402  (the planted heads the se
 
 from sparsec.codegen.block_coverage import FULL, PARTIAL, block_coverage  # noqa: E402
 from sparsec.cost_models.hardware import get_profile  # noqa: E402
+from sparsec.cost_models.measure import software_versions  # noqa: E402
 from sparsec.passes.attention_stats import sample_stats  # noqa: E402
 from sparsec.passes.fit_candidates import HeadCandidates, fit_candidates  # noqa: E402
 from sparsec.passes.search_patterns import DEFAULT_BLOCK_SIZES, CostTable, search_layer, useful_candidates  # noqa: E402
@@ -187,15 +188,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU, 2 layers x 4 heads at S = 2048 (< 1 minute)")
@@ -244,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc)
     path = args.output or RESULTS / f"tune_{device.type}_{stamp.strftime('%Y%m%d_%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": "tune", "device": device_name(device), "versions": versions(), "date": stamp.isoformat(),
+    data = {"benchmark": "tune", "device": device_name(device), "versions": software_versions(), "date": stamp.isoformat(),
             "command": " ".join([sys.executable, os.path.relpath(__file__), *argv]),
             "settings": {k: v for k, v in vars(args).items() if k not in ("output",)}, **result, "figures": figs}
     path.write_text(json.dumps(data, indent=1, default=str))

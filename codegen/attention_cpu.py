@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sparsec.attention_dispatch import skip_fill
 from sparsec.codegen.block_coverage import row_intervals
 from sparsec.patterns import Dense, Pattern, Skip
 
@@ -637,19 +638,6 @@ def _by_kv_head(heads: list[int], group: int) -> dict[int, list[int]]:
     return dict(by_kv)
 
 
-def _skip_fill(v: torch.Tensor, Sq: int, fill: str, causal: bool) -> torch.Tensor:
-    """Output of a Skip head from its kv head's values v (B, Sk, Dv): zeros, or the mean of V over
-    the keys the causal rule allows (all keys when not causal; 0 when none). Never reads K."""
-    B, Sk, Dv = v.shape
-    if fill == "zero":
-        return v.new_zeros(B, Sq, Dv)
-    if not causal:
-        return v.mean(dim=1, keepdim=True).expand(B, Sq, Dv)
-    allowed = (torch.arange(Sq) + (Sk - Sq) + 1).clamp(0, Sk)  # keys 0 .. allowed-1 per row
-    prefix = torch.cat([v.new_zeros(B, 1, Dv), v.cumsum(dim=1)], dim=1)
-    return prefix[:, allowed] / allowed.clamp(min=1)[:, None].to(v.dtype)
-
-
 def _head_tables(heads: list[int], group: int) -> list[torch.Tensor]:
     """Split heads into (U, c) tables where each of U kv heads has exactly c of the heads."""
     by_count: dict[int, list[list[int]]] = defaultdict(list)
@@ -723,7 +711,7 @@ def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int 
     for pattern, heads in by_pattern.items():
         if isinstance(pattern, Skip):
             for h in heads:
-                out[:, h] = _skip_fill(vf[:, h // group], Sq, pattern.fill, causal)
+                out[:, h] = skip_fill(vf[:, h // group : h // group + 1], Sq, pattern.fill, causal)[:, 0]
         elif isinstance(pattern, Dense) and (not causal or Sq == Sk):
             out[:, heads] = _dense_heads(qf, kf, vf, heads, causal, scale, threads)
         else:

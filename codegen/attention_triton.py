@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsec.attention_dispatch import skip_fill
 from sparsec.codegen import kernel_cache
 from sparsec.codegen.templates.tables import block_tables
 from sparsec.codegen.templates import FAMILY_TEMPLATES, LayoutBuffer, kernel_name, render
@@ -281,14 +282,4 @@ def _fill_skip_heads(out: torch.Tensor, v: torch.Tensor, group: HeadGroup, kv_gr
             out.index_fill_(1, index, 0)
         else:
             kv_values = v.index_select(1, index // kv_group_size)
-            out.index_copy_(1, index, _mean_of_allowed_values(kv_values, out.shape[2], causal).to(out.dtype))
-
-
-def _mean_of_allowed_values(v: torch.Tensor, Sq: int, causal: bool) -> torch.Tensor:
-    """(B, H, Sq, Dv) fp32: row i averages v over j <= i + Sk - Sq when causal (0 if none), else all j."""
-    B, H, Sk, Dv = v.shape
-    if not causal:
-        return v.float().mean(dim=2, keepdim=True).expand(B, H, Sq, Dv)
-    counts = (torch.arange(Sq, device=v.device) + (Sk - Sq + 1)).clamp(0, Sk)
-    prefix_sums = torch.cat([v.new_zeros(B, H, 1, Dv, dtype=torch.float32), v.float().cumsum(dim=2)], dim=2)
-    return prefix_sums.index_select(2, counts) / counts.clamp(min=1)[:, None].float()
+            out.index_copy_(1, index, skip_fill(kv_values, out.shape[2], "mean", causal).to(out.dtype))

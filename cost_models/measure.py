@@ -30,7 +30,7 @@ from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal,
 
 __all__ = [
     "FAMILIES", "Candidate", "Measurement", "candidate_grid", "default_grid", "measure",
-    "kept_fraction", "measurement_device", "pattern_at_density",
+    "kept_fraction", "measurement_device", "pattern_at_density", "software_versions",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,17 @@ class Measurement:
     candidate: Candidate
     seconds: float       # median or min (CPU) or do_bench mean (CUDA) of one call
     samples: int
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions a measurement ran with (recorded in every benchmark result)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda}
 
 
 def measurement_device(device: torch.device | str, *, threads: int | None = None) -> str:

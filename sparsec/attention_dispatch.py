@@ -94,11 +94,17 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _check_tiles(tiles) -> None:
+    """The kernels' own rule for tiles (AttentionTiles), checked for every backend."""
+    from sparsec.codegen.tiles import AttentionTiles
+
     if tiles is None:
         return
-    if (not isinstance(tiles, (tuple, list)) or len(tiles) != 2
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 16 and t & (t - 1) == 0 for t in tiles)):
-        raise ValueError(f"sparsec.attention: tiles must be (block_m, block_n), powers of two >= 16, got {tiles!r}")
+    try:
+        if not isinstance(tiles, (tuple, list)) or len(tiles) != 2:
+            raise ValueError
+        AttentionTiles(*tiles)
+    except ValueError:
+        raise ValueError(f"sparsec.attention: tiles must be (block_m, block_n), powers of two >= 16, got {tiles!r}") from None
 
 
 def _check_pattern_fits(p: Pattern, head: int, Sq: int, Sk: int) -> None:

@@ -205,9 +205,7 @@ def parse_options(options: Mapping[str, Any] | SparsecConfig | None = None) -> S
                          f"known options: {', '.join(_PARSERS)}")
     values = _defaults_from_env()
     values.update({key: _PARSERS[key](value) for key, value in options.items()})
-    if values.get("tune") is not None and values.get("plan") is not None:
-        raise ValueError("sparsec options 'plan' and 'tune' exclude each other: give a plan, or ask sparsec to tune one")
-    return SparsecConfig(**values)
+    return SparsecConfig(**values)  # checks what no single option can (plan and tune together)
 
 
 class SparsecUserError(ValueError):

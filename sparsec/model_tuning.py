@@ -15,11 +15,12 @@ heads, head size), which Plan.check_fingerprint compares against another model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,35 +43,48 @@ def _as_inputs(example_inputs: Any) -> tuple:
                     f"inputs, got {type(example_inputs).__name__}")
 
 
+@contextlib.contextmanager
+def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
+    """Module path -> the q, k, v of every sparsec::attention call made inside the block. Calls
+    with a mask or bias, or without a module path, are left out (they stay dense; a log line says so)."""
+    from sparsec.ops import recording_attention
+
+    recorded: dict[str, list[LayerSample]] = defaultdict(list)
+    masked: set[str] = set()
+    unnamed = 0
+
+    def record(site, q, k, v, attn_mask, scale, is_causal):
+        nonlocal unnamed
+        if attn_mask is not None:
+            masked.add(site)
+        elif not site:
+            unnamed += 1
+        else:
+            recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=bool(is_causal),
+                                              scale=float(scale)))
+
+    with recording_attention(record):
+        yield recorded
+    for site in sorted(masked):
+        log.info("sparsec.tune: attention %s has a mask or bias; it stays dense", site or "?")
+    if unnamed:
+        log.warning("sparsec.tune: %d attention call(s) have no module path; they stay dense", unnamed)
+
+
 def record_attention(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[str, list[LayerSample]], list]:
     """Run `model` once through sparsec (dense, eager) and return (module path -> recorded calls,
     the GraphRecords of the compiled graphs). Calls with a mask or bias are not recorded."""
     from sparsec.backend import sparsec_backend
     from sparsec.dump import recording
-    from sparsec.ops import recording_attention
 
     inputs = _as_inputs(example_inputs)
-    recorded: dict[str, list[LayerSample]] = defaultdict(list)
-    masked: set[str] = set()
-
-    def record(site, q, k, v, attn_mask, scale, is_causal):
-        if attn_mask is not None:
-            masked.add(site)
-            return
-        recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=bool(is_causal), scale=float(scale)))
-
     backend = functools.partial(sparsec_backend, options={"inner": "eager"})
     torch._dynamo.reset()  # a fresh compile, so the recording graphs are the ones that run
     try:
-        with recording() as records, recording_attention(record), torch.no_grad():
+        with recording() as records, _recorded_samples() as recorded, torch.no_grad():
             torch.compile(model, backend=backend)(*inputs)
     finally:
         torch._dynamo.reset()
-    for site in sorted(masked):
-        log.info("sparsec.tune: attention %s has a mask or bias; it stays dense", site or "?")
-    unnamed = recorded.pop("", None)
-    if unnamed:
-        log.warning("sparsec.tune: %d attention call(s) have no module path; they stay dense", len(unnamed))
     return dict(recorded), list(records)
 
 
@@ -125,21 +139,13 @@ def tune_graph(aten_gm, params: dict[str, str], example_inputs: Sequence, config
 
     from sparsec.backend import sparsify_aten_graph
     from sparsec.dump import GraphRecord
-    from sparsec.ops import recording_attention
     from sparsec.tuning import tune_layers
 
     settings = dict(config.tune)
     dense = dataclasses.replace(config, tune=None, plan=None, attention_patterns=(), dump_dir=None)
     scratch = GraphRecord(index=-1, name="tune", dynamo_code="")
     rewritten = sparsify_aten_graph(copy.deepcopy(aten_gm), params, dense, scratch)
-    recorded: dict[str, list[LayerSample]] = defaultdict(list)
-
-    def record(site, q, k, v, attn_mask, scale, is_causal):
-        if attn_mask is None and site:
-            recorded[site].append(LayerSample(q.detach().clone(), k.detach().clone(), v.detach().clone(),
-                                              causal=bool(is_causal), scale=float(scale)))
-
-    with recording_attention(record), torch.no_grad():
+    with _recorded_samples() as recorded, torch.no_grad():
         rewritten(*example_inputs)
     target = settings.get("target", config.target)
     hardware = config.hardware() if target == "auto" else target

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from sparsec.attention_dispatch import causal_allowed
 from sparsec.patterns import Pattern, Skip, from_dict
 
 __all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "patterns_from_json",
@@ -66,12 +67,6 @@ def patterns_from_json(text: str) -> tuple[Pattern, ...]:
     return tuple(from_dict(d) for d in decoded)
 
 
-def _causal_keep(Sq: int, Sk: int, device: torch.device) -> torch.Tensor:
-    i = torch.arange(Sq, device=device)[:, None]
-    j = torch.arange(Sk, device=device)[None, :]
-    return j <= i + (Sk - Sq)
-
-
 def _mask_with_causal(attn_mask: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Fold the causal rule into a bool mask or an additive bias."""
     if attn_mask.dtype == torch.bool:
@@ -86,7 +81,7 @@ def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if is_causal and (attn_mask is not None or Sq != Sk):
-        keep = _causal_keep(Sq, Sk, q.device)
+        keep = causal_allowed(Sq, Sk, q.device)
         attn_mask = keep if attn_mask is None else _mask_with_causal(attn_mask, keep, q.dtype)
         is_causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
@@ -157,7 +152,7 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     scores = (q.to(dtype) @ k.transpose(-1, -2)) * scale
     keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
     if is_causal:
-        keep = _causal_keep(Sq, Sk, q.device)
+        keep = causal_allowed(Sq, Sk, q.device)
     skip = None
     if patterns:
         head_patterns = patterns_from_json(patterns)

@@ -59,3 +59,20 @@ def test_bad_patterns_and_backend_raise():
         sparsec.attention(q, q, q, P.BlockSparse(torch.ones(3, 3, dtype=torch.bool), 4))
     with pytest.raises(ValueError, match="unknown backend"):
         sparsec.attention(q, q, q, P.Dense(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend,tiles", [("cpu", (32, 16)), ("cpu", (128, 64)), ("masked", (64, 64)),
+                                           pytest.param("triton", (16, 32), marks=pytest.mark.triton)])
+def test_tiles_change_the_speed_not_the_result(backend, tiles):
+    q = torch.randn(1, 8, 45, 16)
+    k, v = torch.randn(1, 4, 45, 16), torch.randn(1, 4, 45, 16)
+    out = sparsec.attention(q, k, v, HEAD_MIX, causal=True, backend=backend, tiles=tiles)
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, HEAD_MIX, causal=True), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("tiles", [(48, 64), (8, 16), (64,), [64, 32, 16], (64.0, 32), (True, 32), "64x32"])
+def test_bad_tiles_are_named(tiles):
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="tiles must be"):
+        sparsec.attention(q, q, q, P.Dense(), backend="cpu", tiles=tiles)

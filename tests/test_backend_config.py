@@ -72,3 +72,12 @@ def test_the_entry_point_is_registered():
     names = {e.name: e.value for e in entry_points(group="torch_dynamo_backends")}
     assert names.get("sparsec") == "sparsec.backend:sparsec_backend"
     assert "sparsec" in torch._dynamo.list_backends()
+
+
+def test_plan_and_tune_exclude_each_other():
+    from sparsec.plan import Plan
+
+    plan = Plan(target="cpu", budget=0.02, model_fingerprint="x")
+    assert parse_options({"plan": plan}).plan is plan
+    with pytest.raises(ValueError, match="'plan' and 'tune' exclude each other"):
+        parse_options({"plan": plan, "tune": {"budget": 0.05}})
