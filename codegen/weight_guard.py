@@ -13,6 +13,9 @@ kernel never computes with a stale pack. When the changed weight no longer fits 
 pack function raises ValueError, e.g. pack_nm on a weight that is not N:M any more), `get`
 returns None and the caller runs the dense path until the weight changes again.
 
+A PackedWeight holds the weight's key and its pack, never the weight tensor itself, so a cache
+can keep it keyed weakly by the tensor and free it with the tensor (sparsec/linear_dispatch.py).
+
 Not detected (the price of an O(1) check): writes through `w.data` (a fresh version counter that
 is not the parameter's), and a new tensor that lands at the same address with the same version,
 shape and dtype as the old one. Use `invalidate()` after such changes.
@@ -44,7 +47,7 @@ def weight_key(weight: torch.Tensor) -> WeightKey:
 class PackedWeight(Generic[Packed]):
     """`pack(weight)`, cached for the weight's current key and rebuilt whenever the key changes."""
 
-    __slots__ = ("_pack", "_name", "_key", "_packed", "packs")
+    __slots__ = ("_pack", "_name", "_key", "_packed", "packs", "__weakref__")
 
     def __init__(self, pack: Callable[[torch.Tensor], Packed], name: str = "weight") -> None:
         if not callable(pack):

@@ -10,8 +10,8 @@ contiguous tensors; where the replaced node had another layout (SDPA on CPU retu
 in (B, S, H, D) memory order and the graph then views it as such), a permute -> clone -> permute
 restores the original strides so the nodes after it stay valid. New nodes get meta["val"] from
 the ops' fake implementations, as Inductor expects. A Linear op with a sparse kernel passes its
-choice (kernel, min_tokens, max_tokens) and a fresh site name, under which sparsec::linear keeps
-that layer's packed weight, to the op.
+choice (kernel, min_tokens, max_tokens) and a fresh site name (what sparsec::linear's log lines
+call the layer; its packed weight is kept by the weight tensor itself) to the op.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _call_for(op: Op, node: dict[str, fx.Node]) -> tuple[object, tuple]:
         return torch.ops.sparsec.attention.default, args
     if isinstance(op, Linear):
         args = (ref(op.x), ref(op.weight), ref(op.bias))
-        if op.kernel != "dense":  # the choice, and a site that keeps this layer's packed weight
+        if op.kernel != "dense":  # the choice, and a site naming the layer in logs
             site = linear_dispatch.new_site(op.module_path or op.result.name)
             args += (op.kernel, op.min_tokens, op.max_tokens, site)
         return torch.ops.sparsec.linear.default, args

@@ -7,11 +7,11 @@
         In --options JSON, a pattern is its dict form ({"type": "Window", "left": 64, "right": 0}),
         e.g. '{"attention_patterns": {"blocks.*.attn": {"type": "Window", "left": 4, "right": 0}}}'.
     sparsec tune module:factory [--target h100] [--budget 0.02] [--out plan.json] [--plot plan.png]
-                 [--measure]
+                 [--measure [--quick-measure]]
         Tune the factory's model on its example inputs (sparsec.tune, with a progress bar), print
         the plan's table and save it. --measure first calibrates the cost model on this machine's
         device (cost_models.fit.calibrate: time candidate kernels, fit, store the profile) and
-        tunes for that device.
+        tunes for that device instead of --target; --quick-measure times the small grid.
     sparsec demo [--inner eager|inductor]
         Run the tiny DiT demo (sparsec/demo.py).
 """
@@ -77,6 +77,8 @@ def _model_and_inputs(spec: str, command: str):
 def _tune(args: argparse.Namespace) -> int:
     from sparsec.model_tuning import tune
 
+    if args.quick_measure and not args.measure:
+        raise SystemExit("sparsec tune: --quick-measure only applies with --measure")
     model, example_inputs = _model_and_inputs(args.factory, "tune")
     target = args.target
     if args.measure:

@@ -4,11 +4,16 @@
 
 `kernel` is the IR Linear op's choice (passes/choose_linear_kernels.py): "dense", "bsrRxC",
 "nmN:M" or "semi2:4". A sparse kernel runs when the call's token count (x's leading dims) is in
-[min_tokens, max_tokens]; the weight is packed on the first such call and kept per `site` (one
-compiled Linear op) and executor in a PackedWeight (codegen/weight_guard.py), which compares the
-weight's (data_ptr, _version) on every call: an in-place change re-packs, and a weight that lost
-its structure (a group over n nonzeros for N:M, no zero block left for BSR) runs the dense GEMM
-until it changes again. Never a stale pack.
+[min_tokens, max_tokens]; the weight is packed on the first such call and kept per kernel and
+executor in a PackedWeight (codegen/weight_guard.py), which compares the weight's (data_ptr,
+_version) on every call: an in-place change re-packs, and a weight that lost its structure (a
+group over n nonzeros for N:M, no zero block left for BSR) runs the dense GEMM until it changes
+again. Never a stale pack.
+
+Packs are held weakly by their weight tensor: an entry goes when the tensor it was packed from is
+freed (the model deleted and its compiled graphs released), never earlier. Compiled Linear ops
+(`site`s, named in logs) that share a weight, such as the graphs of a recompiled model, share its
+pack instead of each packing it again.
 
 Executors (one place decides, `_executor`):
   - CUDA tensors: the Triton kernels (codegen/linear_triton.py); "semi2:4": torch's
@@ -32,11 +37,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsec.codegen.weight_guard import PackedWeight
 from sparsec.ir.ops import linear_kernel_format
 
-__all__ = ["BACKENDS", "kernel_calls", "linear", "new_site", "packed_weights"]
+__all__ = ["BACKENDS", "kernel_calls", "linear", "new_site", "packed_weight_count", "packed_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +50,25 @@ BACKENDS = ("auto", "triton", "cpu")
 _BACKEND_ENV = "SPARSEC_LINEAR_BACKEND"
 
 kernel_calls: Counter[str] = Counter()
-_packed: dict[tuple[str, str, str], PackedWeight] = {}  # (site, kernel, executor) -> packed weight
+# weight tensor -> {(kernel, executor): PackedWeight}. Keyed by the tensor object, weakly: the
+# values hold copies of the weight, never the tensor itself, or no entry would ever be freed.
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _site_numbers = itertools.count()
 
 
 def new_site(label: str) -> str:
-    """A process-unique site name for one compiled Linear op (its packed weight is cached by it)."""
+    """A process-unique site name for one compiled Linear op (log lines name it)."""
     return f"{label}#{next(_site_numbers)}"
 
 
-def packed_weights(site: str) -> dict[tuple[str, str], PackedWeight]:
-    """(kernel, executor) -> the PackedWeight of `site` (tests and logs read `.packs`)."""
-    return {key[1:]: packed for key, packed in _packed.items() if key[0] == site}
+def packed_weights(weight: torch.Tensor) -> dict[tuple[str, str], PackedWeight]:
+    """(kernel, executor) -> the PackedWeight kept for `weight` (tests and logs read `.packs`)."""
+    return dict(_packed.get(weight, {}))
+
+
+def packed_weight_count() -> int:
+    """How many weight tensors have packs alive now."""
+    return len(_packed)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "dense",
@@ -111,10 +124,10 @@ def _sparse(x, weight, bias, kernel: str, site: str) -> torch.Tensor | None:
     if reason is not None:
         log.debug("sparsec linear %s: %s; dense", site, reason)
         return None
-    key = (site, kernel, executor)
-    if key not in _packed:
-        _packed[key] = PackedWeight(_packer(kind, params, executor), name=f"weight of {site} ({kernel})")
-    packed = _packed[key].get(weight)
+    packs = _packed.setdefault(weight, {})
+    if (kernel, executor) not in packs:
+        packs[kernel, executor] = PackedWeight(_packer(kind, params, executor), name=f"weight of {site} ({kernel})")
+    packed = packs[kernel, executor].get(weight)
     if packed is None:
         return None
     run, name = _runner(kind, executor)

@@ -8,6 +8,8 @@ static and symbolic token counts, and the Triton kernels under TRITON_INTERPRET=
 from __future__ import annotations
 
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -146,6 +148,27 @@ def test_weights_changed_in_place_after_compiling(spec, inner):
         assert linear_dispatch.kernel_calls == {executor: 7, "dense": 1}
 
 
+@pytest.mark.parametrize("spec, inner", [("2:4", "eager"), ("block32", "inductor")])
+def test_packs_live_as_long_as_their_weights(spec, inner):
+    gc.collect()
+    before = linear_dispatch.packed_weight_count()
+    model, x = pruned(spec), torch.randn(2, 3, 128)
+    with torch.no_grad():
+        check(compiled(model, inner=inner)(x), model, x)
+        torch._dynamo.reset()  # a recompiled model: new sites, the same weights and packs
+        check(compiled(model, inner=inner)(x), model, x)
+    assert sparse_calls() == 4
+    packs = [packed for layer in (model.up, model.down)
+             for packed in linear_dispatch.packed_weights(layer.weight).values()]
+    assert [packed.packs for packed in packs] == [1, 1]
+    assert linear_dispatch.packed_weight_count() == before + 2
+    packs, model = [weakref.ref(packed) for packed in packs], None
+    torch._dynamo.reset()  # and whatever compiled graphs Dynamo still caches
+    gc.collect()
+    assert [packed() for packed in packs] == [None, None]
+    assert linear_dispatch.packed_weight_count() == before
+
+
 def test_off_never_runs_a_sparse_kernel():
     model, x = pruned("2:4"), torch.randn(2, 3, 128)
     with torch.no_grad(), recording() as records:
@@ -242,7 +265,11 @@ def test_the_op_dispatches_by_token_range_and_repacks_on_change():
     y = torch.ops.sparsec.linear(x_rows[3], weight, bias, "nm2:4", 2, 4, "unit-site")
     torch.testing.assert_close(y.double(), x_rows[3].double() @ weight.double().T + bias.double(),
                                atol=1e-5, rtol=1e-5)
-    assert linear_dispatch.packed_weights("unit-site")[("nm2:4", "cpu")].packs == 2
+    packed = linear_dispatch.packed_weights(weight)[("nm2:4", "cpu")]
+    assert packed.packs == 2
+    packed, weight = weakref.ref(packed), None
+    gc.collect()
+    assert packed() is None  # the pack went with its weight
 
 
 def test_the_op_keeps_its_fake_implementation_and_autograd():

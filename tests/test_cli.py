@@ -1,4 +1,4 @@
-"""The `sparsec` command line: `sparsec dump module:factory` and its errors."""
+"""The `sparsec` command line: `sparsec dump` / `sparsec tune` (with --measure) and their errors."""
 from __future__ import annotations
 
 import subprocess
@@ -63,3 +63,57 @@ def test_tune_saves_a_plan_for_the_factory_model(tmp_path, capsys):
 def test_tune_names_a_bad_budget(tmp_path):
     with pytest.raises(SystemExit, match="budget"):
         main(["tune", "sparsec.models.tiny_dit:tiny_dit", "--budget", "-1", "--out", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match="--quick-measure only applies with --measure"):
+        main(["tune", "sparsec.models.tiny_dit:tiny_dit", "--quick-measure", "--out", str(tmp_path / "p.json")])
+
+
+def test_tune_measure_calibrates_this_device_and_tunes_for_it(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from sparsec import tuning
+    from sparsec.codegen.tiles import AttentionTiles
+    from sparsec.cost_models import fit
+    from sparsec.cost_models.attention_cost import AttentionShape
+    from sparsec.cost_models.calibration import calibrated_profile_path
+    from sparsec.cost_models.hardware import HardwareProfile, get_profile, profile_for_device
+    from sparsec.cost_models.measure import candidate_grid, measurement_device
+    from sparsec.plan import Plan
+
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "cache"))  # never the user's stored profile
+    # The quick grid takes 25-45 s on 2 busy cores; three candidates at S=128 run the same path.
+    shape = AttentionShape(batch=1, num_heads=2, num_kv_heads=2, q_len=128, kv_len=128, head_dim=32,
+                           value_dim=32, dtype="f32", causal=False)
+    candidates = candidate_grid([shape], families=("dense", "window", "block_sparse"), densities=(0.25,),
+                                tiles=(AttentionTiles(64, 64),))
+    grids, profiles_used = [], []
+
+    def tiny_grid(device, quick=False):
+        grids.append(quick)
+        return candidates
+
+    def recorded_profile(target):
+        profiles_used.append(get_profile(target))
+        return profiles_used[-1]
+
+    monkeypatch.setattr(fit, "default_grid", tiny_grid)
+    monkeypatch.setattr(tuning, "get_profile", recorded_profile)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = profile_for_device(device).name
+    out = tmp_path / "plan.json"
+
+    assert main(["tune", "sparsec.models.tiny_dit:tiny_dit", "--budget", "0.05", "--measure", "--quick-measure",
+                 "--out", str(out)]) == 0
+
+    assert grids == [True]
+    stored = calibrated_profile_path(name)
+    assert stored.parent.parent == tmp_path / "cache" and stored.exists()
+    profile = HardwareProfile.from_json(stored.read_text())
+    assert profile.calibrated_from.startswith(f"measured on {measurement_device(device)}, ")
+    assert f"{len(candidates)} candidates" in profile.calibrated_from
+    assert profiles_used == [profile]  # the tuning priced with the profile just measured
+    plan = Plan.load(out)
+    assert plan.target == name and plan.budget == 0.05
+    assert {"blocks.0.attn", "blocks.1.attn"} <= set(plan.layers)
+    printed = capsys.readouterr().out
+    assert f"calibrated the cost model on {measurement_device(device)}" in printed
+    assert f"saved to {stored}" in printed and str(out) in printed
