@@ -18,6 +18,13 @@ one shape.
 and "search" are host work (cost-model pricing, knapsack, head groups); "fit" is both: sorts and
 scans of the statistics on their device, then building the patterns on the host (on a CPU run
 the first part dominates it). bench/tune.py reports the split.
+
+`measure_errors` replaces the measurement: a callable (MeasureErrors) given the layer's samples,
+its statistics and every head's candidate patterns (head order), returning one HeadCandidates
+per head. Its errors are taken as they are: the "measure" phase times the callable and no
+"verify" pass runs (a plan's error is then the sum of its heads' errors). bench/tune.py passes
+an error proxy read from the statistics, to time the host work at shapes whose attention the
+machine cannot run.
 """
 from __future__ import annotations
 
@@ -25,25 +32,31 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from sparsec.cost_models.attention_cost import AttentionShape
 from sparsec.cost_models.hardware import HardwareProfile, get_profile
-from sparsec.passes.attention_stats import LayerSample, sample_stats
+from sparsec.passes.attention_stats import AttentionStats, LayerSample, sample_stats
 from sparsec.passes.fit_candidates import (
-    DEFAULT_RECALLS, dense_outputs, error_backend, fit_candidates, measure_candidates,
+    DEFAULT_RECALLS, HeadCandidates, dense_outputs, error_backend, fit_candidates, measure_candidates,
 )
 from sparsec.passes.search_patterns import DEFAULT_BLOCK_SIZES, CostTable, search_layer, useful_candidates
 from sparsec.patterns import Pattern
 from sparsec.plan import LayerPlan, Plan
 
-__all__ = ["LayerSample", "tune_layers", "tune_layer"]
+__all__ = ["LayerSample", "MeasureErrors", "tune_layers", "tune_layer"]
 
 log = logging.getLogger(__name__)
 
 _DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+# measure_errors(samples, stats, head_patterns) -> one HeadCandidates per head, in head order:
+# head_patterns[h] are head h's candidates (Dense first), and its HeadCandidates gives a squared
+# output error for each pattern it lists, with the head's dense squared norm.
+MeasureErrors = Callable[[Sequence[LayerSample], AttentionStats, Sequence[tuple[Pattern, ...]]],
+                         Sequence[HeadCandidates]]
 
 
 def tune_layers(
@@ -57,20 +70,23 @@ def tune_layers(
     recalls: Sequence[float] = DEFAULT_RECALLS,
     backend: str | None = None,
     timings: dict[str, float] | None = None,
+    measure_errors: MeasureErrors | None = None,
 ) -> Plan:
     """A Plan for every recorded layer (module path -> its recorded calls), for `target`
     within `budget` (relative L2 error of each layer's attention output). `timings`, if given,
-    receives seconds per phase summed over the layers (see the module docstring)."""
+    receives seconds per phase summed over the layers; `measure_errors`, if given, replaces the
+    candidates' error measurement (see the module docstring)."""
     from tqdm.auto import tqdm
 
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget >= 0:
         raise ValueError(f"tune_layers: budget must be a non-negative number, got {budget!r}")
+    _check_measure_errors(measure_errors, "tune_layers")
     hardware = get_profile(target)
     costs = CostTable(hardware)
     layers = {}
     for path, samples in tqdm(recorded.items(), desc="sparsec tune", unit="layer", disable=not progress):
         layers[path] = tune_layer(samples, costs, budget=budget, block_sizes=block_sizes, recalls=recalls,
-                                  backend=backend, name=path, timings=timings)
+                                  backend=backend, name=path, timings=timings, measure_errors=measure_errors)
     return Plan(target=hardware.name, budget=float(budget), model_fingerprint=model_fingerprint, layers=layers)
 
 
@@ -84,8 +100,10 @@ def tune_layer(
     backend: str | None = None,
     name: str = "layer",
     timings: dict[str, float] | None = None,
+    measure_errors: MeasureErrors | None = None,
 ) -> LayerPlan:
-    """One layer's plan from its recorded calls."""
+    """One layer's plan from its recorded calls. `measure_errors`: see tune_layers."""
+    _check_measure_errors(measure_errors, "tune_layer")
     shape = _layer_shape(samples, name)
     started = time.perf_counter()
     phase = _Phases(timings, samples[0].q.device)
@@ -96,13 +114,16 @@ def tune_layer(
     with phase("prune"):
         fitted = useful_candidates(fitted, shape, costs, block_sizes)
     with phase("measure"):
-        dense = dense_outputs(samples, backend=backend)
-        candidates = measure_candidates(samples, fitted, backend=backend, dense=dense)
-    dense_norm2 = sum(c.dense_norm2 for c in candidates)
+        if measure_errors is None:
+            dense = dense_outputs(samples, backend=backend)
+            candidates = measure_candidates(samples, fitted, backend=backend, dense=dense)
 
-    def verify(patterns):
-        with phase("verify"):
-            return layer_squared_error(samples, patterns, backend=backend, dense=dense)
+            def verify(patterns):
+                with phase("verify"):
+                    return layer_squared_error(samples, patterns, backend=backend, dense=dense)
+        else:  # the hook's errors are the only ones there are: nothing to verify against
+            candidates, verify = _hooked_candidates(measure_errors(samples, stats, fitted), shape, name), None
+    dense_norm2 = sum(c.dense_norm2 for c in candidates)
 
     with phase("search", excluding="verify"):
         choice = search_layer(candidates, shape, costs, budget=budget, block_sizes=block_sizes, verify=verify)
@@ -158,6 +179,25 @@ class _Phases:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _check_measure_errors(measure_errors: MeasureErrors | None, caller: str) -> None:
+    if measure_errors is not None and not callable(measure_errors):
+        raise TypeError(f"{caller}: measure_errors must be a callable (samples, stats, head_patterns) -> "
+                        f"HeadCandidates per head, or None; got {type(measure_errors).__name__}")
+
+
+def _hooked_candidates(found: Sequence[HeadCandidates], shape: AttentionShape, name: str) -> list[HeadCandidates]:
+    """measure_errors' answer, checked: one HeadCandidates per head, an error for each pattern."""
+    found = list(found)
+    if len(found) != shape.num_heads or not all(isinstance(c, HeadCandidates) for c in found):
+        raise ValueError(f"tune: layer {name!r}: measure_errors must return one HeadCandidates per head "
+                         f"({shape.num_heads}), got {[type(c).__name__ for c in found]}")
+    for h, c in enumerate(found):
+        if len(c.squared_errors) != len(c.patterns):
+            raise ValueError(f"tune: layer {name!r}: measure_errors gave head {h} {len(c.squared_errors)} errors "
+                             f"for {len(c.patterns)} patterns")
+    return found
 
 
 def _stats_block(block_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sparsec import patterns as P
 from sparsec.codegen import attention_cpu
 from sparsec.codegen.attention_cpu import cpu_attention
+from strategies import PatternBounds, random_layout, skips, unions
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
@@ -54,8 +55,7 @@ def check(head_patterns, *, B=1, Hkv=None, Sq=37, Sk=37, D=16, Dv=None, causal=F
 
 
 def block_sparse(Sq, Sk, block, density=0.4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return P.BlockSparse(torch.rand(math.ceil(Sq / block[0]), math.ceil(Sk / block[1]), generator=g) < density, block)
+    return P.BlockSparse(random_layout(Sq, Sk, block, density, seed), block)
 
 
 FAMILIES = [
@@ -185,29 +185,13 @@ def test_bad_inputs_raise_clear_errors():
 
 # -- property test: random patterns, unions, shapes and tiles ------------------------------------
 
-small = st.integers(min_value=0, max_value=10)
-offsets = st.lists(st.integers(min_value=-30, max_value=30), min_size=1, max_size=3)
-column_ranges = st.lists(st.tuples(st.integers(0, 40), st.integers(1, 6)).map(lambda t: (t[0], t[0] + t[1])),
-                         min_size=1, max_size=3)
-simple_patterns = st.one_of(
-    st.just(P.Dense()),
-    st.builds(P.Window, small, small),
-    st.builds(P.MultiDiagonal, offsets, st.integers(0, 3)),
-    st.builds(P.Columns, column_ranges),
-    st.builds(P.AShape, small, small),
-    st.builds(P.VerticalSlash, column_ranges, offsets),
-)
+BOUNDS = PatternBounds(width=10, offset=30, max_offsets=3, column=40, column_width=6, block=8)
 
 
 @st.composite
 def head_pattern(draw, Sq, Sk):
-    if draw(st.integers(0, 9)) == 0:
-        return P.Skip(draw(st.sampled_from(["mean", "zero"])))
-    parts = draw(st.lists(simple_patterns, min_size=1, max_size=3))
-    if draw(st.booleans()):
-        block = (draw(st.integers(1, 8)), draw(st.integers(1, 8)))
-        parts.append(block_sparse(Sq, Sk, block, 0.3, seed=draw(st.integers(0, 999))))
-    return parts[0] if len(set(parts)) == 1 else P.Union(parts)
+    """Skip one head in ten, else a union of patterns (BlockSparse among them half the time)."""
+    return draw(skips if draw(st.integers(0, 9)) == 0 else unions(Sq, Sk, BOUNDS))
 
 
 @st.composite

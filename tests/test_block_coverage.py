@@ -14,6 +14,7 @@ from sparsec.codegen.block_coverage import (
     EMPTY, FULL, PARTIAL, block_coverage, coverage_by_rows, coverage_counts, coverage_counts_many, kept_pairs,
     kv_block_table, layout_tensor, row_intervals,
 )
+from strategies import PatternBounds, block_sparse, random_layout, simple_patterns, skips, unions
 
 
 def kept_mask(pattern, Sq, Sk, causal):
@@ -36,11 +37,6 @@ def reference_coverage(pattern, Sq, Sk, block_m, block_n, causal):
     cov[~tiles.any(dim=3).any(dim=1)] = EMPTY
     cov[(tiles | ~inside.view(nqb, block_m, nkb, block_n)).all(dim=3).all(dim=1)] = FULL
     return cov
-
-
-def random_layout(Sq, Sk, block, density, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(math.ceil(Sq / block[0]), math.ceil(Sk / block[1]), generator=g) < density
 
 
 FIXED = [
@@ -140,27 +136,13 @@ def test_cached_result_cannot_be_corrupted_by_callers():
 
 # -- property test: random patterns, shapes and tiles --------------------------------------------
 
-small = st.integers(min_value=0, max_value=12)
-offsets = st.lists(st.integers(min_value=-40, max_value=40), min_size=1, max_size=4)
-column_ranges = st.lists(st.tuples(st.integers(0, 50), st.integers(1, 8)).map(lambda t: (t[0], t[0] + t[1])), min_size=1, max_size=3)
-simple_patterns = st.one_of(
-    st.just(P.Dense()),
-    st.builds(P.Window, small, small),
-    st.builds(P.MultiDiagonal, offsets, st.integers(0, 3)),
-    st.builds(P.Columns, column_ranges),
-    st.builds(P.AShape, small, small),
-    st.builds(P.VerticalSlash, column_ranges, offsets),
-)
+BOUNDS = PatternBounds(width=12, offset=40, max_offsets=4, column=50, column_width=8, block=9)
 
 
 @st.composite
 def cases(draw):
     Sq, Sk = draw(st.integers(1, 48)), draw(st.integers(1, 48))
-    parts = draw(st.lists(simple_patterns, min_size=1, max_size=3))
-    if draw(st.booleans()):
-        block = (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
-        parts.append(P.BlockSparse(random_layout(Sq, Sk, block, 0.3, seed=draw(st.integers(0, 999))), block))
-    pattern = parts[0] if len(set(parts)) == 1 else P.Union(parts)
+    pattern = draw(unions(Sq, Sk, BOUNDS))
     tiles = (draw(st.sampled_from([1, 2, 4, 8, 16])), draw(st.sampled_from([1, 2, 4, 8, 16])))
     return pattern, Sq, Sk, tiles, draw(st.booleans())
 
@@ -180,17 +162,9 @@ def batches(draw):
     among them), counted together by coverage_counts_many."""
     Sq, Sk = draw(st.integers(1, 80)), draw(st.integers(1, 80))
     tiles = (draw(st.sampled_from([1, 2, 3, 8, 16])), draw(st.sampled_from([1, 2, 5, 8, 16])))
-    patterns = []
-    for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["simple", "union", "skip", "blocks at tile", "blocks"]))
-        if kind == "skip":
-            patterns.append(P.Skip(draw(st.sampled_from(["mean", "zero"]))))
-        elif kind.startswith("blocks"):
-            block = tiles if kind == "blocks at tile" else (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
-            patterns.append(P.BlockSparse(random_layout(Sq, Sk, block, draw(st.floats(0, 1)), seed=draw(st.integers(0, 999))), block))
-        else:
-            parts = draw(st.lists(simple_patterns, min_size=1, max_size=3 if kind == "union" else 1))
-            patterns.append(parts[0] if len(set(parts)) == 1 else P.Union(parts))
+    kinds = st.one_of(simple_patterns(BOUNDS), unions(Sq, Sk, BOUNDS, with_blocks=False), skips,
+                      block_sparse(Sq, Sk, BOUNDS, block=tiles), block_sparse(Sq, Sk, BOUNDS))
+    patterns = draw(st.lists(kinds, min_size=1, max_size=6))
     return patterns, Sq, Sk, tiles, draw(st.booleans())
 
 

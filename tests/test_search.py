@@ -13,11 +13,12 @@ from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.cost_models.attention_cost import AttentionShape
 from sparsec.cost_models.hardware import get_profile
+from sparsec.passes.attention_stats import AttentionStats
 from sparsec.passes.fit_candidates import HeadCandidates, measure_candidates
 from sparsec.passes.search_patterns import (
     DEFAULT_BLOCK_SIZES, CostTable, Option, head_groups, reexpress, search_layer, solve_knapsack, useful_candidates,
 )
-from sparsec.tuning import LayerSample, tune_layers
+from sparsec.tuning import LayerSample, tune_layer, tune_layers
 
 BUDGET = 0.02
 
@@ -241,6 +242,59 @@ def test_bad_recordings_are_named():
     with pytest.raises(ValueError, match="budget"):
         tune_layers({"a": [LayerSample(q, q, q)]}, budget=-0.1, progress=False)
     assert not math.isnan(BUDGET)
+
+
+# -- the measure_errors hook ----------------------------------------------------------------------
+
+
+def hooked_tune(sparse_error, timings=None):
+    """tune_layers on one planted layer whose measure_errors hook gives every sparse candidate
+    `sparse_error` (Dense 0): the layer plan, the recording and the hook's calls."""
+    layer = PlantedLayer(("band", "stripes", "frames", "uniform"), 512, 32, causal=True, frame=128, frame_decay=1.0)
+    recorded = {"attn": [LayerSample(*layer.sample(1, seed=0), causal=True)]}
+    calls = []
+
+    def measure_errors(samples, stats, head_patterns):
+        calls.append((samples, stats, head_patterns))
+        return [HeadCandidates(patterns=p, squared_errors=tuple(0.0 if c == P.Dense() else sparse_error for c in p),
+                               dense_norm2=1.0) for p in head_patterns]
+
+    plan = tune_layers(recorded, target="cpu", budget=BUDGET, progress=False, timings=timings,
+                       measure_errors=measure_errors)
+    return plan.layers["attn"], recorded, calls
+
+
+def test_measure_errors_hook_gets_each_heads_candidates():
+    timings = {}
+    _, recorded, calls = hooked_tune(0.0, timings)
+    assert len(calls) == 1  # one call per layer, all heads at once
+    samples, stats, head_patterns = calls[0]
+    assert samples is recorded["attn"]
+    assert isinstance(stats, AttentionStats) and stats.num_heads == 4 and stats.q_len == 512
+    assert len(head_patterns) == 4
+    assert all(isinstance(p, tuple) and p[0] == P.Dense() and len(p) > 1 for p in head_patterns)
+    assert "measure" in timings and "verify" not in timings  # the hook is timed; nothing to verify against
+
+
+def test_measure_errors_hook_drives_the_choice():
+    everything_fails, _, _ = hooked_tune(1e9)
+    assert all(p == P.Dense() for p in everything_fails.patterns)
+    assert everything_fails.error == 0.0 and everything_fails.sparse_seconds == everything_fails.dense_seconds
+    nothing_fails, _, calls = hooked_tune(0.0)
+    # Skip computes nothing: the cheapest candidate of every head here.
+    assert all(P.Skip("mean") in p for p in calls[0][2])
+    assert nothing_fails.patterns == (P.Skip("mean"),) * 4
+    assert nothing_fails.error == 0.0 and nothing_fails.sparse_seconds < nothing_fails.dense_seconds
+
+
+def test_bad_measure_errors_hook_is_named():
+    q = torch.randn(1, 2, 64, 8)
+    with pytest.raises(TypeError, match="measure_errors"):
+        tune_layers({"a": [LayerSample(q, q, q)]}, progress=False, measure_errors="proxy")
+    with pytest.raises(TypeError, match="measure_errors"):
+        tune_layer([LayerSample(q, q, q)], CostTable(get_profile("cpu")), budget=BUDGET, measure_errors=0.5)
+    with pytest.raises(ValueError, match="one HeadCandidates per head"):
+        tune_layers({"a": [LayerSample(q, q, q)]}, progress=False, measure_errors=lambda samples, stats, heads: [])
 
 
 # -- pricing for the search at scale ------------------------------------------------------------
