@@ -1,6 +1,7 @@
 """sparsec.patterns: masks follow the definitions, values are immutable, hashable and serialize."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -85,6 +86,87 @@ def test_patterns_are_immutable_and_hashable():
 def test_invalid_arguments_raise_clear_errors(bad):
     with pytest.raises((ValueError, TypeError)):
         bad()
+
+
+@pytest.mark.parametrize("layout, error, message", [
+    (torch.ones(2, 2, 2), ValueError, "non-empty 2-D tensor, got shape (2, 2, 2)"),
+    (torch.ones(0, 3), ValueError, "non-empty 2-D tensor, got shape (0, 3)"),
+    ([[0.5, 1.0]], ValueError, "must be boolean (or 0/1 integers)"),
+    ([[2, 0]], ValueError, "must be boolean (or 0/1 integers)"),
+    (["01", "2x"], ValueError, "may only hold '0' and '1'"),
+    ([[1, 0], [1]], TypeError, "must be a 2-D bool tensor or nested lists"),
+])
+def test_bad_block_layouts_are_named(layout, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        P.BlockSparse(layout, 4)
+
+
+@pytest.mark.parametrize("block, error, message", [
+    (0, ValueError, "BlockSparse bq must be >= 1, got 0"),
+    ((4, -2), ValueError, "BlockSparse bk must be >= 1, got -2"),
+    ((4,), TypeError, "must be an int or a (bq, bk) pair"),
+    ((4, 2.0), TypeError, "BlockSparse bk must be an int"),
+])
+def test_bad_block_sizes_are_named(block, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        P.BlockSparse([[1, 0]], block)
+
+
+def random_layout(shape, seed, density=0.4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) < density
+
+
+def row_strings(layout):
+    """The reference row text of a layout, cell by cell."""
+    return tuple("".join("1" if kept else "0" for kept in row) for row in layout.tolist())
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (17, 64), (40, 3)])
+def test_block_sparse_reads_every_layout_form(shape):
+    layout = random_layout(shape, seed=sum(shape))
+    forms = [layout, layout.to(torch.int64), layout.numpy(), layout.tolist(), list(row_strings(layout)),
+             layout.T.contiguous().T]  # column-major strides
+    for form in forms:
+        p = P.BlockSparse(form, (16, 8))
+        assert p.rows == row_strings(layout)
+        assert p.block == (16, 8)
+        assert torch.equal(p.mask(shape[0] * 16, shape[1] * 8),
+                           brute_mask(lambda i, j: bool(layout[i // 16, j // 8]), shape[0] * 16, shape[1] * 8))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (17, 64), (40, 3)])
+def test_trusted_block_sparse_is_the_validated_value(shape):
+    base = random_layout((2 * shape[0], 3 * shape[1]), seed=sum(shape))
+    strided = base[::2, 1::3]  # a view with strides, not contiguous
+    checked = P.BlockSparse(strided.contiguous(), (16, 8))
+    for layout in (strided, strided.contiguous(), strided.numpy(), strided.T.contiguous().T):
+        fast = P.BlockSparse.from_trusted_layout(layout, (16, 8))
+        assert type(fast) is P.BlockSparse
+        assert fast == checked and hash(fast) == hash(checked)
+        assert fast.rows == row_strings(strided) and fast.block == (16, 8)
+        assert fast.to_json() == checked.to_json()
+        again = P.from_json(fast.to_json())
+        assert again == fast and hash(again) == hash(fast)
+        assert torch.equal(fast.layout, strided)
+        assert {checked: "x"}[fast] == "x"
+
+
+def test_block_sparse_hash_is_cached_and_fields_are_frozen(monkeypatch):
+    layout = random_layout((6, 9), seed=7)
+    patterns = [P.BlockSparse(layout, (4, 2)), P.BlockSparse.from_trusted_layout(layout, (4, 2))]
+    expected = hash(P.BlockSparse(layout, (4, 2)))
+
+    def recomputed(self):
+        raise AssertionError("the hash of a BlockSparse was recomputed")
+
+    monkeypatch.setattr(P.BlockSparse, "_key", recomputed)  # what the hash would be computed from
+    for p in patterns:
+        assert hash(p) == expected and hash(p) == expected
+        for name, value in (("rows", ("1",)), ("block", (1, 1)), ("_hash", 0)):
+            with pytest.raises(AttributeError, match="immutable"):
+                setattr(p, name, value)
+    assert hash(patterns[0]) == expected
 
 
 def test_head_pattern_count_must_match():

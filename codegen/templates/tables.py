@@ -4,6 +4,10 @@ Per distinct pattern and query block: the partially covered key blocks (the kern
 the whole ones (no mask), each in ascending order, from block_coverage.block_coverage. A block the
 coverage calls full but that runs past Sk goes to the partial list: the kernel loads whole blocks
 without bounds checks.
+
+Built when a table-driven kernel launches (attention_triton caches them per launch group); in tuning
+that is every measurement round with BlockSparse candidates, each candidate once. The work per
+pattern is its block_coverage (memoized there); what follows is done for all patterns at once.
 """
 from __future__ import annotations
 
@@ -28,24 +32,21 @@ class BlockTables:
 
 def block_tables(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, block_n: int, causal: bool) -> BlockTables:
     """The tables of `patterns` (table t for patterns[t]) for BLOCK_M x BLOCK_N tiles."""
-    partial, full = [], []
-    for p in patterns:
-        coverage = block_coverage(p, Sq, Sk, block_m, block_n, causal)
-        past_end = (torch.arange(coverage.shape[1]) + 1) * block_n > Sk
-        whole = (coverage == FULL) & ~past_end
-        partial.append((coverage != EMPTY) & ~whole)
-        full.append(whole)
-    num_partial, partial_table = _compact(torch.stack(partial))
-    num_full, full_table = _compact(torch.stack(full))
-    return BlockTables(num_partial, partial_table, num_full, full_table)
+    coverage = torch.stack([block_coverage(p, Sq, Sk, block_m, block_n, causal) for p in patterns])
+    past_end = (torch.arange(coverage.shape[-1]) + 1) * block_n > Sk
+    whole = (coverage == FULL) & ~past_end
+    num_partial, partial = _compact((coverage != EMPTY) & ~whole)
+    num_full, full = _compact(whole)
+    return BlockTables(num_partial, partial, num_full, full)
 
 
 def _compact(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, nqb, nkb) bool -> counts (T, nqb) and the selected key block indices, ascending, padded
     with 0 to the largest count (at least 1 column, so the kernel never gets an empty tensor)."""
     counts = selected.sum(dim=-1)
-    width = max(1, int(counts.max()))
-    # A stable sort on "not selected" moves the selected blocks to the front in ascending order.
-    order = torch.sort((~selected).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
-    in_list = torch.arange(width) < counts[..., None]
-    return counts.to(torch.int32), torch.where(in_list, order, 0).to(torch.int32)
+    table = torch.zeros(*selected.shape[:-1], max(1, int(counts.max())), dtype=torch.int32)
+    # nonzero lists the selected blocks row by row, ascending; a block's slot is its rank in its row.
+    t, q, k = selected.nonzero(as_tuple=True)
+    slot = selected.cumsum(dim=-1, dtype=torch.int32)[t, q, k] - 1
+    table[t, q, slot] = k.to(torch.int32)
+    return counts.to(torch.int32), table
