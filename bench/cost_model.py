@@ -57,16 +57,24 @@ def held_out_predictions(report, works) -> np.ndarray:
     return predicted
 
 
-def candidate_table(report, held_out) -> Table:
+def read_fraction(work) -> float:
+    """What the kernels read, as a fraction of the dense work: key tiles (Triton), pairs (CPU executor)."""
+    visited = sum(float(launch.visited.sum()) for launch in work.launches)
+    if work.launches and work.launches[0].speed is not None:  # the cpu executor counts pairs
+        s = work.shape
+        return visited / (s.batch * s.num_heads * s.q_len * s.kv_len)
+    return visited / work.dense_blocks
+
+
+def candidate_table(report, held_out, works) -> Table:
     table = Table(title=f"Attention candidates on {report.device}")
-    for column in ("layer", "candidate", "density", "tiles visited", "measured ms", "before ms", "after ms",
+    for column in ("layer", "candidate", "density", "read", "measured ms", "before ms", "after ms",
                    "held-out ms"):
         table.add_column(column, justify="left" if column in ("layer", "candidate") else "right")
-    rows = zip(report.measurements, report.predicted_before, report.predicted_after, held_out)
-    for m, before, after, out in rows:
+    rows = zip(report.measurements, report.predicted_before, report.predicted_after, held_out, works)
+    for m, before, after, out, work in rows:
         c = m.candidate
-        work = candidate_work(c)
-        visited = sum(float(launch.visited.sum()) for launch in work.launches) / work.dense_blocks
+        visited = read_fraction(work)
         table.add_row(c.group, c.label, f"{c.density:.2f}", f"{visited:.2f}", f"{m.seconds * 1e3:.2f}",
                       f"{before * 1e3:.2f}", f"{after * 1e3:.2f}", f"{out * 1e3:.2f}")
     return table
@@ -127,13 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"timing {len(candidates)} candidates on {device} ...")
     report = calibrate(device, candidates=candidates, save=not args.no_save, statistic=args.statistic,
                        threads=args.threads if device.type == "cpu" else None)
-    works = [candidate_work(m.candidate) for m in report.measurements]
+    works = [candidate_work(m.candidate, report.profile.executor) for m in report.measurements]
     held_out = held_out_predictions(report, works)
     measured = [m.seconds for m in report.measurements]
     decisions = [m.candidate.decision for m in report.measurements]
     accuracies = {"before (published)": report.accuracy_before, "after (fitted)": report.accuracy_after,
                   "held-out layer shapes": model_accuracy(held_out, measured, decisions)}
-    console.print(candidate_table(report, held_out))
+    console.print(candidate_table(report, held_out, works))
     console.print(summary_table(accuracies, report.fit))
     command = [sys.executable, os.path.relpath(__file__), *argv]
     path = write_json(report, held_out, accuracies, args, command, args.output)

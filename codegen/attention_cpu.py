@@ -38,6 +38,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +48,7 @@ from sparsec.patterns import Dense, Pattern, Skip
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cpu_attention", "choose_blocks"]
+__all__ = ["cpu_attention", "choose_blocks", "query_rows_speed"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Gathered K and V of one call stay under this many bytes: bounds memory at long lengths.
@@ -168,6 +169,15 @@ def _choose_block_m(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> int:
         return min(candidates, key=lambda bm: _block_m_cost(lo, hi, Sq, Sk, bm))
 
 
+def query_rows_speed(rows):
+    """Relative per-pair speed of torch's fused CPU attention kernel on calls of `rows` query rows
+    (_QUERY_BLOCK_SPEED; 1.0 at 128): a float for an int, a float64 array for an array."""
+    sizes = np.array(sorted(_QUERY_BLOCK_SPEED))
+    speeds = np.array([_QUERY_BLOCK_SPEED[s] for s in sizes])
+    found = speeds[np.clip(np.searchsorted(sizes, rows, side="right") - 1, 0, None)]
+    return float(found) if np.ndim(rows) == 0 else found
+
+
 def _block_m_cost(lo: torch.Tensor, hi: torch.Tensor, Sq: int, Sk: int, bm: int) -> float:
     """Estimated time of a plan with query blocks of bm rows, in units of one (query, key) pair at
     block_m = 128: pairs read (bm x each block's key runs) over the kernel's speed at bm, plus
@@ -177,8 +187,7 @@ def _block_m_cost(lo: torch.Tensor, hi: torch.Tensor, Sq: int, Sk: int, bm: int)
                        F.pad(hi, (0, 0, 0, pad), value=0).view(-1, bm, hi.shape[1]), Sk)
     lengths = runs.lengths.sum(dim=1)
     gathered = int(lengths[runs.count > 1].sum())
-    speed = _QUERY_BLOCK_SPEED[max((b for b in _QUERY_BLOCK_SPEED if b <= bm), default=min(_QUERY_BLOCK_SPEED))]
-    return bm * int(lengths.sum()) / speed + _GATHER_PAIRS_PER_KEY * gathered
+    return bm * int(lengths.sum()) / query_rows_speed(bm) + _GATHER_PAIRS_PER_KEY * gathered
 
 
 def _block_intervals(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int):

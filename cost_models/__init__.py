@@ -82,7 +82,9 @@ def _attention_seconds(op, hardware: HardwareProfile, block_m: int | None, block
     shape = AttentionShape(batch=B, num_heads=Hq, num_kv_heads=Hkv, q_len=Sq, kv_len=Sk, head_dim=D,
                            value_dim=Dv, dtype=dtype, causal=op.causal)
     tiles = default_tiles(max(D, Dv), torch_dtype(dtype), Sq, Sk)
-    seconds = estimate_attention(patterns, shape, hardware, block_m=block_m or tiles.block_m,
+    # Without tiles from a plan the cpu executor picks its query block per pattern (block_m None).
+    default_m = None if hardware.executor == "cpu" else tiles.block_m
+    seconds = estimate_attention(patterns, shape, hardware, block_m=block_m or default_m,
                                  block_n=block_n or tiles.block_n).seconds
     if op.mask is not None:
         mask = op.mask.type

@@ -12,6 +12,12 @@ The model follows the kernels, not the FLOP count (ANCHORS.md lesson 4):
   - every launch pays the launch overhead, which is what makes head fusion worth it.
 Skip heads cost the V read (fill="mean") or nothing but the output write (fill="zero").
 
+A profile whose executor is "cpu" prices codegen/attention_cpu.py instead, which reads each query
+block's exact keys (no key tiles) as a few SDPA calls: counts come from
+codegen.attention_cpu_reads (pairs read, of which masked, keys gathered, calls), a pair costs
+the fp32 dot products and exponential at the kernel's speed for that many query rows, gathers
+cost their bytes at a copy speed, and every SDPA call pays call_overhead_s.
+
 For the search, which prices thousands of candidates per layer: pattern_counts counts many
 patterns' tiles at once, program_seconds prices them as arrays, head_seconds_many gives each a
 head's share of an all-heads launch, and makespan_estimate replaces the schedule simulation for
@@ -24,16 +30,20 @@ import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from sparsec.cost_models.hardware import HardwareProfile
+from sparsec.cost_models.hardware import EXECUTORS, HardwareProfile
 from sparsec.patterns import Pattern, Skip
 
-__all__ = ["AttentionShape", "AttentionEstimate", "AttentionWork", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
-           "attention_work", "estimate_attention", "head_groups_by_family", "head_seconds_many", "launch_seconds", "makespan_estimate",
-           "pattern_counts", "price_attention", "program_seconds", "skip_seconds"]
+__all__ = [
+    "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
+    "attention_work", "counts_seconds", "estimate_attention", "fixed_seconds", "head_groups_by_family",
+    "head_seconds_many", "head_share", "launch_seconds", "makespan_estimate", "pattern_counts", "price_attention",
+    "program_seconds", "skip_seconds",
+]
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 # Launches of at most this many programs are scheduled exactly by head_seconds_many (and by the
@@ -65,7 +75,7 @@ class AttentionEstimate:
     seconds: float
     launches: int
     visited_blocks: int          # (head, query block, key block) tiles computed, summed over the batch
-    partial_blocks: int          # of which needed the element mask
+    partial_blocks: int          # of which needed the element mask (cpu executor: both in (query, key) pairs)
     dense_blocks: int            # tiles a dense kernel would compute at the same tile size
 
     @property
@@ -86,16 +96,32 @@ def estimate_attention(
     shape: AttentionShape,
     hardware: HardwareProfile,
     *,
-    block_m: int = 128,
+    block_m: int | None = 128,
     block_n: int = 64,
     head_groups: dict[str, tuple[int, ...]] | None = None,
 ) -> AttentionEstimate:
     """Seconds for one call of sparsec.attention with these per-head patterns on `hardware`.
 
     `head_groups` maps a launch name to the heads it runs; by default one launch per family.
+    block_m None (cpu executor only): each pattern at the query block the executor picks for it.
     """
-    work = attention_work(head_patterns, shape, block_m=block_m, block_n=block_n, head_groups=head_groups)
+    work = attention_work(head_patterns, shape, block_m=block_m, block_n=block_n, head_groups=head_groups,
+                          executor=hardware.executor)
     return price_attention(work, hardware)
+
+
+class BlockCounts(NamedTuple):
+    """One head's programs (query blocks) for one pattern, float64 numpy (nqb,) each.
+    Triton: key tiles visited, of which partial, and 1 where the program loads Q and stores O.
+    cpu executor: (query, key) pairs read, of which masked, the same 0/1, keys gathered, the
+    kernel's relative speed at the call's query rows, and the pattern's SDPA calls."""
+
+    visited: np.ndarray
+    partial: np.ndarray
+    computed: np.ndarray
+    gathered: np.ndarray | None = None
+    speed: np.ndarray | None = None
+    calls: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +135,10 @@ class LaunchWork:
     computed: torch.Tensor              # float64 (programs,): 1 where the program loads Q and stores O,
                                         # 0 for a Skip head's program in a mixed launch (exits at once)
     skip_fills: tuple[str, ...] = ()    # set only for a launch of Skip heads: their fills
+    gathered: torch.Tensor | None = None  # cpu executor (see BlockCounts): keys gathered per program
+    speed: torch.Tensor | None = None     # cpu executor: kernel speed per program
+    calls: int = 0                        # cpu executor: SDPA calls of the launch
+    plans: int = 1                        # cpu executor: distinct patterns, each run on its own
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,25 +148,31 @@ class AttentionWork:
     computes the work of each candidate once and prices it for every trial set of coefficients."""
 
     shape: AttentionShape
-    block_m: int
+    block_m: int | None
     block_n: int
     launches: tuple[LaunchWork, ...]
 
     @property
     def dense_blocks(self) -> int:
         s = self.shape
-        return s.batch * s.num_heads * math.ceil(s.q_len / self.block_m) * math.ceil(s.kv_len / self.block_n)
+        return s.batch * s.num_heads * math.ceil(s.q_len / (self.block_m or 128)) * math.ceil(s.kv_len / self.block_n)
 
 
 def attention_work(
     head_patterns: tuple[Pattern, ...],
     shape: AttentionShape,
     *,
-    block_m: int = 128,
+    block_m: int | None = 128,
     block_n: int = 64,
     head_groups: dict[str, tuple[int, ...]] | None = None,
+    executor: str = "triton",
 ) -> AttentionWork:
-    """The tiles each launch visits for these per-head patterns (see estimate_attention)."""
+    """The tiles each launch visits for these per-head patterns (see estimate_attention), on the
+    Triton kernels or (executor "cpu") what the CPU executor reads."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"attention_work: executor must be one of {EXECUTORS}, got {executor!r}")
+    if block_m is None and executor != "cpu":
+        raise ValueError("attention_work: block_m None (the executor's own choice) is for the cpu executor only")
     if len(head_patterns) != shape.num_heads:
         raise ValueError(f"got {len(head_patterns)} patterns for {shape.num_heads} heads")
     groups = head_groups if head_groups is not None else head_groups_by_family(head_patterns)
@@ -150,8 +186,7 @@ def attention_work(
             launches.append(LaunchWork(heads=tuple(heads), visited=empty, partial=empty, computed=empty,
                                        skip_fills=tuple(p.fill for p in group_patterns)))
             continue
-        visited, partial, computed = _program_blocks(group_patterns, shape, block_m, block_n)
-        launches.append(LaunchWork(heads=tuple(heads), visited=visited, partial=partial, computed=computed))
+        launches.append(_launch_work(tuple(heads), group_patterns, shape, block_m, block_n, executor))
     return AttentionWork(shape=shape, block_m=block_m, block_n=block_n, launches=tuple(launches))
 
 
@@ -163,25 +198,34 @@ def price_attention(work: AttentionWork, hardware: HardwareProfile) -> Attention
             seconds += _skip_seconds(launch.skip_fills, work.shape, hardware)
             continue
         costs = _program_seconds(launch, work, hardware)
-        seconds += _schedule(costs, hardware) + hardware.launch_overhead_s
+        seconds += _schedule(costs, hardware) + fixed_seconds(hardware, plans=launch.plans, calls=launch.calls)
         visited += int(launch.visited.sum())
         partial += int(launch.partial.sum())
     return AttentionEstimate(seconds=seconds, launches=len(work.launches), visited_blocks=visited,
                              partial_blocks=partial, dense_blocks=work.dense_blocks)
 
 
-def _program_blocks(patterns, shape: AttentionShape, block_m: int, block_n: int):
-    """(visited, partial, computed) per program in grid order; Skip heads in a mixed launch
-    contribute programs that visit nothing and store nothing."""
-    counts = pattern_counts(dict.fromkeys(patterns), shape, block_m, block_n)
-    columns = [np.concatenate([counts[p][i] for p in patterns]) for i in range(3)]
-    return tuple(torch.from_numpy(np.tile(column, shape.batch)) for column in columns)
+def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_m: int | None, block_n: int,
+                 executor: str) -> LaunchWork:
+    """One launch's programs in grid order; Skip heads in a mixed launch contribute programs that
+    visit nothing and store nothing. The cpu executor plans each distinct pattern once for all
+    its heads, so each distinct pattern's calls count once."""
+    distinct = list(dict.fromkeys(patterns))
+    counts = pattern_counts(distinct, shape, block_m, block_n, executor=executor)
+    fields = ("visited", "partial", "computed") + (("gathered", "speed") if executor == "cpu" else ())
+    columns = {name: np.concatenate([getattr(counts[p], name) for p in patterns]) for name in fields}
+    columns = {name: torch.from_numpy(np.tile(column, shape.batch)) for name, column in columns.items()}
+    plans = sum(not isinstance(p, Skip) for p in distinct) if executor == "cpu" else 1
+    return LaunchWork(heads=heads, calls=sum(counts[p].calls for p in distinct), plans=plans, **columns)
 
 
-def pattern_counts(patterns, shape: AttentionShape, block_m: int, block_n: int) -> dict[Pattern, tuple[np.ndarray, ...]]:
-    """Per pattern, float64 numpy (visited, partial, computed) per query block of one head:
-    key blocks visited, of which partial, and 1 where the program loads Q and stores O (0 for
-    Skip). Counted for all patterns at once (block_coverage.coverage_counts_many)."""
+def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n: int, *,
+                   executor: str = "triton") -> dict[Pattern, BlockCounts]:
+    """Per pattern, its BlockCounts for one head. Triton: counted for all patterns at once
+    (block_coverage.coverage_counts_many); Skip heads' programs do nothing. cpu executor:
+    codegen.attention_cpu_reads, at block_m or (None) the executor's choice per pattern."""
+    if executor == "cpu":
+        return {p: _cpu_counts(p, shape, block_m) for p in dict.fromkeys(patterns)}
     from sparsec.codegen.block_coverage import coverage_counts_many
 
     patterns = list(dict.fromkeys(patterns))
@@ -189,14 +233,30 @@ def pattern_counts(patterns, shape: AttentionShape, block_m: int, block_n: int) 
     full, partial = full.astype(np.float64), partial.astype(np.float64)
     computed = np.ones(full.shape[1], dtype=np.float64)
     nothing = np.zeros(full.shape[1], dtype=np.float64)
-    return {p: (nothing, nothing, nothing) if isinstance(p, Skip) else (full[n] + partial[n], partial[n], computed)
-            for n, p in enumerate(patterns)}
+    return {p: BlockCounts(nothing, nothing, nothing) if isinstance(p, Skip) else
+            BlockCounts(full[n] + partial[n], partial[n], computed) for n, p in enumerate(patterns)}
+
+
+def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) -> BlockCounts:
+    from sparsec.codegen.attention_cpu import query_rows_speed
+    from sparsec.codegen.attention_cpu_reads import cpu_block_reads, executor_block_m
+
+    Sq, Sk, causal = shape.q_len, shape.kv_len, shape.causal
+    bm = block_m or executor_block_m(pattern, Sq, Sk, causal)
+    reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
+    rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
+    speed = query_rows_speed(reads.call_rows)
+    return BlockCounts(reads.keys * rows, reads.keys * rows * reads.masked, (reads.keys > 0).astype(np.float64),
+                       reads.gathered, speed, reads.calls)
 
 
 def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarray, shape: AttentionShape,
-                    block_m: int, block_n: int, hw: HardwareProfile) -> np.ndarray:
+                    block_m: int | None, block_n: int, hw: HardwareProfile, *, gathered: np.ndarray | None = None,
+                    speed: np.ndarray | None = None) -> np.ndarray:
     """Per-program seconds (float64 numpy, any shape): max(compute, K/V streaming) over the
-    blocks each program visits."""
+    blocks each program visits (BlockCounts' columns; gathered and speed for the cpu executor)."""
+    if hw.executor == "cpu":
+        return _cpu_program_seconds(visited, partial, computed, gathered, speed, shape, hw)
     bytes_per = _BYTES[shape.dtype]
     sm_flops = hw.flops(shape.dtype) * hw.matmul_efficiency / hw.sm_count
     sm_exp = hw.exp_per_s / hw.sm_count
@@ -208,15 +268,37 @@ def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarr
     block_bytes = block_n * (shape.head_dim + shape.value_dim) * bytes_per
     mask_seconds = pairs * hw.mask_cost_per_pair / sm_vector
     fixed_bytes = block_m * (shape.head_dim + shape.value_dim) * bytes_per  # Q in, O out
-    masked = np.where(partial > 0, visited, 0.0) if hw.masks_whole_query_block else partial
-    compute = visited * block_compute + masked * mask_seconds
+    compute = visited * block_compute + partial * mask_seconds
     memory = (visited * block_bytes + computed * fixed_bytes) / sm_bandwidth
     return np.maximum(compute, memory)
 
 
+def _cpu_program_seconds(pairs, masked, computed, gathered, speed, shape: AttentionShape,
+                         hw: HardwareProfile) -> np.ndarray:
+    """The cpu executor's query blocks: fp32 throughout (inputs are upcast), dots and exponentials
+    in sequence (no separate units to overlap), gathers copied on one thread."""
+    cores = hw.sm_count
+    width = shape.head_dim + shape.value_dim
+    pair_seconds = 2 * width / (hw.flops("f32") * hw.matmul_efficiency / cores) + cores / hw.exp_per_s
+    compute = pairs * pair_seconds / speed + masked * hw.mask_cost_per_pair * cores / hw.vector_flops
+    copies = gathered * width * 4 * cores / hw.gather_bytes_per_s  # one thread: the other cores wait
+    return compute + copies + computed * hw.block_overhead_s
+
+
+def counts_seconds(counts: BlockCounts, shape: AttentionShape, block_m: int | None, block_n: int,
+                   hw: HardwareProfile) -> np.ndarray:
+    """program_seconds of one pattern's BlockCounts."""
+    return program_seconds(counts.visited, counts.partial, counts.computed, shape, block_m, block_n, hw,
+                           gathered=counts.gathered, speed=counts.speed)
+
+
 def _program_seconds(launch: LaunchWork, work: AttentionWork, hw: HardwareProfile) -> np.ndarray:
+    extra = {"gathered": launch.gathered.numpy(), "speed": launch.speed.numpy()} if launch.speed is not None else {}
+    if hw.executor == "cpu" and not extra:
+        raise ValueError(f"profile {hw.name!r} prices the cpu executor, but this work was counted for the Triton "
+                         "kernels (attention_work(executor='cpu'))")
     return program_seconds(launch.visited.numpy(), launch.partial.numpy(), launch.computed.numpy(),
-                           work.shape, work.block_m, work.block_n, hw)
+                           work.shape, work.block_m, work.block_n, hw, **extra)
 
 
 def makespan_estimate(total: float, longest: float, hw: HardwareProfile) -> float:
@@ -227,41 +309,60 @@ def makespan_estimate(total: float, longest: float, hw: HardwareProfile) -> floa
     return max(longest, total / (hw.sm_count * hw.programs_per_sm) + longest / 2)
 
 
+def fixed_seconds(hardware: HardwareProfile, *, plans: int = 1, calls: int = 0) -> float:
+    """What a launch pays besides its programs: the launch overhead (the cpu executor: once for
+    each distinct pattern, which it plans and runs on its own) and the cpu executor's SDPA calls."""
+    return hardware.launch_overhead_s * plans + calls * hardware.call_overhead_s
+
+
+def head_share(launch: float, heads: int, hardware: HardwareProfile, *, calls: int = 0) -> float:
+    """A head's price from the seconds of a launch that runs its pattern on all `heads`: its share
+    of the programs, plus (cpu executor) the fixed costs of its own plan, since candidate patterns
+    fitted to one head are rarely another's (Triton: a group's launch pays them once, see
+    search_patterns.CostTable.layer_seconds)."""
+    fixed = fixed_seconds(hardware, calls=calls)
+    share = max(0.0, launch - fixed) / heads
+    return share + fixed if hardware.executor == "cpu" else share
+
+
 def launch_seconds(head_costs, shape: AttentionShape, hardware: HardwareProfile, *,
-                   exact_programs: int | None = None, totals=None) -> float:
+                   exact_programs: int | None = None, totals=None, calls: int = 0, plans: int = 1) -> float:
     """Seconds of one launch whose heads have per-query-block program costs `head_costs` (a list
     of (nqb,) arrays, one a head, in launch order), launch overhead included: price_attention's
     schedule (grid order: query blocks, heads, batch). With `exact_programs`, launches of more
     programs than that use makespan_estimate instead of the list schedule; `totals`, one
-    (sum, max) per head, saves reducing the costs again."""
+    (sum, max) per head, saves reducing the costs again. `calls` and `plans`: see fixed_seconds."""
     programs = shape.batch * sum(c.shape[0] for c in head_costs)
     if exact_programs is not None and programs > exact_programs:
         totals = totals or [(float(c.sum()), float(c.max())) for c in head_costs]
         seconds = makespan_estimate(shape.batch * sum(t for t, _ in totals), max(m for _, m in totals), hardware)
     else:
         seconds = _schedule(np.tile(np.concatenate(head_costs), shape.batch), hardware)
-    return seconds + hardware.launch_overhead_s
+    return seconds + fixed_seconds(hardware, plans=plans, calls=calls)
 
 
 def head_seconds_many(patterns, shape: AttentionShape, hardware: HardwareProfile, *, block_m: int, block_n: int,
                       exact_programs: int | None = EXACT_SCHEDULE_PROGRAMS) -> list[float]:
-    """Per pattern p, one head's share of a launch that runs p on every head of `shape`, launch
-    overhead excluded (what the search prices a head's option at): that of
-    estimate_attention((p,) * H, ..., head_groups={"all": heads}), less the overhead, over H.
-    Launches of more than `exact_programs` programs use makespan_estimate (a heap over SM slots
+    """Per pattern p, what the search prices a head's option at: head_share of
+    estimate_attention((p,) * H, ..., head_groups={"all": heads}) (Triton: less the launch
+    overhead, over H; the cpu executor: plus the fixed costs of the head's own plan). Launches of
+    more than `exact_programs` programs use makespan_estimate (a heap over SM slots
     costs ~0.3 us a program: too much for thousands of candidates at 16K)."""
     patterns = list(patterns)
     heads = shape.num_heads
-    counts = pattern_counts([p for p in patterns if not isinstance(p, Skip)], shape, block_m, block_n)
+    counts = pattern_counts([p for p in patterns if not isinstance(p, Skip)], shape, block_m, block_n,
+                            executor=hardware.executor)
     found = []
     for p in patterns:
-        if isinstance(p, Skip):
-            seconds = _skip_seconds((p.fill,) * heads, shape, hardware)
+        if isinstance(p, Skip):  # no kernel of its own to plan on the cpu executor either
+            seconds = max(0.0, _skip_seconds((p.fill,) * heads, shape, hardware) - hardware.launch_overhead_s) / heads
         else:
-            costs = program_seconds(*counts[p], shape, block_m, block_n, hardware)
+            costs = counts_seconds(counts[p], shape, block_m, block_n, hardware)
             seconds = launch_seconds([costs] * heads, shape, hardware, exact_programs=exact_programs,
-                                     totals=[(float(costs.sum()), float(costs.max()))] * heads)
-        found.append(max(0.0, seconds - hardware.launch_overhead_s) / heads)
+                                     totals=[(float(costs.sum()), float(costs.max()))] * heads,
+                                     calls=counts[p].calls)
+            seconds = head_share(seconds, heads, hardware, calls=counts[p].calls)
+        found.append(seconds)
     return found
 
 

@@ -33,13 +33,17 @@ from sparsec.cost_models.calibration import save_calibrated_profile
 from sparsec.cost_models.hardware import HardwareProfile, get_profile, profile_for_device
 from sparsec.cost_models.measure import Candidate, Measurement, default_grid, measure, measurement_device
 
-__all__ = ["BOUNDS", "FIT_PARAMETERS", "CalibrationReport", "FitResult", "calibrate", "candidate_work",
-           "fit_measurements", "fit_profile", "predict"]
+__all__ = ["BOUNDS", "CPU_FIT_PARAMETERS", "FIT_PARAMETERS", "CalibrationReport", "FitResult", "calibrate",
+           "candidate_work", "fit_measurements", "fit_parameters", "fit_profile", "predict"]
 
 log = logging.getLogger(__name__)
 
 FIT_PARAMETERS = ("matmul_efficiency", "memory_efficiency", "mask_cost_per_pair", "block_overhead_s",
                   "launch_overhead_s")
+# The cpu executor is compute-bound (no memory term), pays a pair's softmax apart from its dot
+# products (exp_per_s), and pays per SDPA call and per gathered key.
+CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "block_overhead_s", "launch_overhead_s",
+                      "call_overhead_s", "gather_bytes_per_s")
 # Physically meaningful ranges: efficiencies are fractions of a peak; costs are positive and finite.
 BOUNDS: dict[str, tuple[float, float]] = {
     "matmul_efficiency": (1e-3, 1.0),
@@ -47,15 +51,22 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "mask_cost_per_pair": (1e-2, 1e3),
     "block_overhead_s": (1e-10, 1e-2),
     "launch_overhead_s": (1e-7, 1e-1),
+    "call_overhead_s": (1e-8, 1e-1),
+    "gather_bytes_per_s": (1e6, 1e13),
     "exp_per_s": (1e6, 1e15),
     "vector_flops": (1e6, 1e16),
 }
 
 
-def candidate_work(candidate: Candidate) -> AttentionWork:
-    """The tiles a candidate's kernels visit (hardware independent)."""
-    return attention_work(candidate.head_patterns, candidate.shape,
-                          block_m=candidate.tiles.block_m, block_n=candidate.tiles.block_n)
+def fit_parameters(profile: HardwareProfile) -> tuple[str, ...]:
+    """The coefficients measured autotuning refits for `profile`'s executor."""
+    return CPU_FIT_PARAMETERS if profile.executor == "cpu" else FIT_PARAMETERS
+
+
+def candidate_work(candidate: Candidate, executor: str = "triton") -> AttentionWork:
+    """What a candidate's kernels on `executor` ("triton" or "cpu") do (coefficient independent)."""
+    return attention_work(candidate.head_patterns, candidate.shape, block_m=candidate.tiles.block_m,
+                          block_n=candidate.tiles.block_n, executor=executor)
 
 
 def predict(profile: HardwareProfile, works: Sequence[AttentionWork]) -> np.ndarray:
@@ -161,14 +172,15 @@ def fit_profile(
     works: Sequence[AttentionWork],
     measured_seconds: Sequence[float],
     *,
-    parameters: Sequence[str] = FIT_PARAMETERS,
+    parameters: Sequence[str] | None = None,
     prior_weight: float = 1e-5,
     max_iterations: int = 60,
     calibrated_from: str | None = None,
 ) -> FitResult:
-    """Refit `parameters` of `profile` so its predictions of `works` match `measured_seconds`.
-    `calibrated_from` is recorded on the fitted profile (what was measured, where, when)."""
-    parameters = tuple(parameters)
+    """Refit `parameters` (default: fit_parameters(profile)) of `profile` so its predictions of
+    `works` match `measured_seconds`. `calibrated_from` is recorded on the fitted profile (what
+    was measured, where, when)."""
+    parameters = tuple(parameters) if parameters is not None else fit_parameters(profile)
     measured = _check_inputs(profile, works, measured_seconds, parameters, prior_weight, max_iterations)
     objective = _Objective(profile, list(works), measured, parameters, prior_weight)
     start = objective.start
@@ -187,7 +199,7 @@ def fit_profile(
 
 def fit_measurements(profile: HardwareProfile, measurements: Sequence[Measurement], **options) -> FitResult:
     """fit_profile over measured candidates."""
-    works = [candidate_work(m.candidate) for m in measurements]
+    works = [candidate_work(m.candidate, profile.executor) for m in measurements]
     return fit_profile(profile, works, [m.seconds for m in measurements], **options)
 
 
@@ -216,7 +228,7 @@ def calibrate(
     candidates: Sequence[Candidate] | None = None,
     quick: bool = False,
     save: bool = True,
-    parameters: Sequence[str] = FIT_PARAMETERS,
+    parameters: Sequence[str] | None = None,
     threads: int | None = None,
     **measure_options,
 ) -> CalibrationReport:
@@ -231,7 +243,7 @@ def calibrate(
         base = base.replace(sm_count=threads)
     candidates = list(candidates) if candidates is not None else default_grid(device, quick=quick)
     measurements = measure(candidates, device, threads=threads, **measure_options)
-    works = [candidate_work(c) for c in candidates]
+    works = [candidate_work(c, base.executor) for c in candidates]
     measured = [m.seconds for m in measurements]
     groups = [c.decision for c in candidates]
     before = predict(base, works)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HardwareProfile", "PROFILES", "get_profile", "profile_for_device"]
+__all__ = ["EXECUTORS", "HardwareProfile", "PROFILES", "get_profile", "profile_for_device"]
+
+EXECUTORS = ("triton", "cpu")  # the attention kernels a profile can price
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,15 +35,22 @@ class HardwareProfile:
     matmul_efficiency: float = 0.5      # fraction of tensor_flops reached by attention/GEMM inner loops
     memory_efficiency: float = 0.8      # fraction of memory_bandwidth reached by streaming loads
     mask_cost_per_pair: float = 6.0     # vector FLOPs spent per masked (i, j) element of a partial block
-    block_overhead_s: float = 0.0       # fixed cost per visited key block (loop and pointer bookkeeping)
-    # Whether one partial tile makes a program mask all the tiles it visits: the Triton kernels mask
-    # only partial tiles; the CPU executor runs a query block's visited keys as one masked call.
-    masks_whole_query_block: bool = False
+    block_overhead_s: float = 0.0       # fixed cost per program (Triton: per visited key block; CPU: per query block)
+    # Which kernels the profile prices (attention_cost): "triton" (key tiles, partial tiles masked)
+    # or "cpu" (codegen/attention_cpu.py: a query block's exact keys, as SDPA calls).
+    executor: str = "triton"
+    call_overhead_s: float = 0.0        # cpu: fixed cost of one SDPA call of the executor's plan
+    gather_bytes_per_s: float = 2.5e9   # cpu: speed of copying gathered K/V rows (one thread)
     # Speed of the N:M linear kernel relative to the model above (which counts only the bytes it
     # reads): the CPU executor gathers kept values and measured 0.2-1.0x dense (bench/results/
     # linear_cpu_*.json), so on "cpu" it never beats dense.
     nm_kernel_efficiency: float = 1.0
     calibrated_from: str = field(default="published figures")
+
+    def __post_init__(self):
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"hardware profile {self.name!r}: executor must be one of {EXECUTORS}, "
+                             f"got {self.executor!r}")
 
     def flops(self, dtype: str) -> float:
         try:
@@ -59,6 +68,8 @@ class HardwareProfile:
     @staticmethod
     def from_json(text: str) -> HardwareProfile:
         data = json.loads(text)
+        if "masks_whole_query_block" in data:  # profiles stored before `executor` existed
+            data["executor"] = "cpu" if data.pop("masks_whole_query_block") else "triton"
         names = {f.name for f in dataclasses.fields(HardwareProfile)}
         unknown = set(data) - names
         if unknown:
@@ -87,14 +98,16 @@ PROFILES: dict[str, HardwareProfile] = {
         vector_flops=19.5 * TERA, exp_per_s=1.7 * TERA,
         memory_bandwidth=2.039 * TERA, shared_memory_per_sm=164 * 1024, l2_bytes=40 * 2**20,
         launch_overhead_s=5e-6, programs_per_sm=1, matmul_efficiency=0.6, block_overhead_s=40e-9),
-    # The 2-core machine sparsec's CPU executor runs on; refit by measured autotuning.
+    # The 2-core machine sparsec's CPU executor runs on; refit by measured autotuning. Its
+    # coefficients are rounded from a fit on that machine (bench/results/cost_model_cpu_*.json).
     "cpu": HardwareProfile(
         name="cpu", sm_count=2,
         tensor_flops={"f32": 100e9, "bf16": 30e9, "f16": 30e9},
-        vector_flops=20e9, exp_per_s=2e9,
+        vector_flops=20e9, exp_per_s=0.8e9,
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
-        launch_overhead_s=15e-6, programs_per_sm=1, matmul_efficiency=0.7, block_overhead_s=2e-6,
-        masks_whole_query_block=True, nm_kernel_efficiency=0.5),
+        launch_overhead_s=400e-6, programs_per_sm=1, matmul_efficiency=0.3, mask_cost_per_pair=7.0,
+        block_overhead_s=1e-6, executor="cpu", call_overhead_s=100e-6, gather_bytes_per_s=4.5e9,
+        nm_kernel_efficiency=0.5),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

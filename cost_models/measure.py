@@ -184,17 +184,28 @@ def _shape(S: int, *, heads: int, head_dim: int, dtype: str, causal: bool) -> At
 def default_grid(device: torch.device | str, *, quick: bool = False) -> list[Candidate]:
     """The calibration grid for `device`: GPU-sized layers on CUDA, small ones on a CPU."""
     if torch.device(device).type == "cuda":
-        lengths = (4096, 16384) if quick else (2048, 4096, 8192, 16384)
-        shapes = [_shape(S, heads=16, head_dim=d, dtype="bf16", causal=c)
-                  for S in lengths for d in (64, 128) for c in (False, True)]
         tiles = (AttentionTiles(128, 64, 4, 3), AttentionTiles(128, 128, 8, 3), AttentionTiles(64, 64, 4, 2))
+        if quick:  # ~50 candidates (each compiles its kernels): fits a short GPU lease
+            shapes = [_shape(8192, heads=16, head_dim=128, dtype="bf16", causal=c) for c in (False, True)]
+            return candidate_grid(shapes, densities=(0.1, 0.3), tiles=tiles[:2])
+        shapes = [_shape(S, heads=16, head_dim=d, dtype="bf16", causal=c)
+                  for S in (2048, 4096, 8192, 16384) for d in (64, 128) for c in (False, True)]
         return candidate_grid(shapes, tiles=tiles)
+    # Two head sizes: a pair's dot products scale with head_dim, its softmax does not. The executor
+    # reads exact keys (block_n is unused), so the tiles differ in block_m only; dense heads run one
+    # SDPA call whatever the tiles: timed once per shape.
     if quick:
-        shapes = [_shape(S, heads=4, head_dim=64, dtype="f32", causal=False) for S in (512, 1024)]
-        return candidate_grid(shapes, densities=(0.1, 0.3), tiles=(AttentionTiles(64, 64), AttentionTiles(128, 64)))
-    shapes = [_shape(S, heads=4, head_dim=64, dtype="f32", causal=c) for S, c in ((512, False), (1024, False),
-                                                                              (1024, True), (2048, False))]
-    return candidate_grid(shapes, tiles=(AttentionTiles(64, 64), AttentionTiles(128, 64), AttentionTiles(128, 128)))
+        shapes = [_shape(S, heads=4, head_dim=d, dtype="f32", causal=False) for S, d in ((512, 64), (1024, 64), (1024, 32))]
+        tiles = (AttentionTiles(64, 64), AttentionTiles(128, 64))
+        densities = (0.1, 0.3)
+    else:
+        shapes = [_shape(S, heads=4, head_dim=d, dtype="f32", causal=c) for S, d, c in
+                  ((512, 64, False), (1024, 64, False), (1024, 64, True), (2048, 64, False), (1024, 32, False))]
+        tiles = (AttentionTiles(64, 64), AttentionTiles(128, 64), AttentionTiles(256, 64))
+        densities = (0.1, 0.25, 0.5)
+    sparse = [f for f in FAMILIES if f != "dense"]
+    return (candidate_grid(shapes, families=("dense",), tiles=tiles[:1])
+            + candidate_grid(shapes, families=sparse, densities=densities, tiles=tiles))
 
 
 # -- timing -----------------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsec.cost_models.attention_cost import (
-    EXACT_SCHEDULE_PROGRAMS, AttentionShape, estimate_attention, launch_seconds, pattern_counts, program_seconds,
-    skip_seconds,
+    EXACT_SCHEDULE_PROGRAMS, AttentionShape, estimate_attention, head_share, launch_seconds, pattern_counts,
+    program_seconds, skip_seconds,
 )
 from sparsec.cost_models.hardware import HardwareProfile
 from sparsec.passes.fit_candidates import HeadCandidates
@@ -144,20 +144,25 @@ class CostTable:
         self._layouts += layouts
         computed = [p for p in missing if not isinstance(p, Skip)]
         if computed:
-            counts = pattern_counts(computed, shape, *tiles)
-            visited, partial, loads = (np.stack([counts[p][i] for p in computed]) for i in range(3))
-            costs = program_seconds(visited, partial, loads, shape, *tiles, self.hardware)  # (patterns, nqb)
+            counts = pattern_counts(computed, shape, *tiles, executor=self.hardware.executor)
+            names = ("visited", "partial", "computed")
+            if self.hardware.executor == "cpu":
+                names += ("gathered", "speed")
+            columns = [np.stack([getattr(counts[p], name) for p in computed]) for name in names]  # (patterns, nqb)
+            costs = program_seconds(*columns[:3], shape, *tiles, self.hardware, **dict(zip(names[3:], columns[3:])))
             for p, row, total, longest in zip(computed, costs, costs.sum(axis=1).tolist(), costs.max(axis=1).tolist()):
                 table.programs[p] = (row, (total, longest))
+                table.calls[p] = counts[p].calls
         heads, overhead = shape.num_heads, self.hardware.launch_overhead_s
         for p in missing:
             if isinstance(p, Skip):
                 seconds = skip_seconds((p.fill,) * heads, shape, self.hardware)
+                table.head[p] = max(0.0, seconds - overhead) / heads
             else:
                 costs, totals = table.programs[p]
                 seconds = launch_seconds([costs] * heads, shape, self.hardware, exact_programs=EXACT_SCHEDULE_PROGRAMS,
-                                         totals=[totals] * heads)
-            table.head[p] = max(0.0, seconds - overhead) / heads
+                                         totals=[totals] * heads, calls=table.calls[p])
+                table.head[p] = head_share(seconds, heads, self.hardware, calls=table.calls[p])
 
     def head_seconds(self, pattern: Pattern, shape: AttentionShape, tiles: tuple[int, int]) -> float:
         """One head's share of a launch that runs `pattern` on every head of the layer, launch
@@ -207,14 +212,17 @@ class CostTable:
                 self.prepare(patterns, shape, tiles)
                 nothing = (np.zeros(-(-shape.q_len // tiles[0])), (0.0, 0.0))  # a Skip head's programs exit at once
                 programs = [nothing if isinstance(p, Skip) else table.programs[p] for p in patterns]
+                distinct = [p for p in dict.fromkeys(patterns) if not isinstance(p, Skip)]
                 seconds = launch_seconds([c for c, _ in programs], shape, self.hardware,
-                                         exact_programs=EXACT_SCHEDULE_PROGRAMS, totals=[t for _, t in programs])
+                                         exact_programs=EXACT_SCHEDULE_PROGRAMS, totals=[t for _, t in programs],
+                                         calls=sum(table.calls[p] for p in distinct),
+                                         plans=len(distinct) if self.hardware.executor == "cpu" else 1)
             table.launches[patterns] = seconds
         return table.launches[patterns]
 
     def _forget_layouts(self) -> None:
         for table in self._tables.values():
-            for cache in (table.programs, table.head):
+            for cache in (table.programs, table.head, table.calls):
                 for p in [p for p in cache if isinstance(p, BlockSparse)]:
                     del cache[p]
             table.launches.clear()
@@ -227,6 +235,7 @@ class _Prices:
     """CostTable's caches for one (shape, tiles)."""
 
     programs: dict = field(default_factory=dict)   # pattern -> ((nqb,) seconds, (their sum, their max))
+    calls: dict = field(default_factory=dict)      # pattern -> the cpu executor's SDPA calls (0: Triton)
     head: dict = field(default_factory=dict)       # pattern -> head_seconds
     launches: dict = field(default_factory=dict)   # patterns of one launch -> seconds (search estimate)
     layers: dict = field(default_factory=dict)     # patterns of the layer -> exact seconds

@@ -87,6 +87,72 @@ def test_profiles_and_errors(tmp_path, monkeypatch):
         shape(64, dtype="f64")
 
 
+# -- the cpu executor's profile ---------------------------------------------------------------------
+
+
+def test_cpu_profile_prices_the_executor_reads():
+    from sparsec.codegen.attention_cpu_reads import cpu_block_reads
+    from sparsec.cost_models.attention_cost import attention_work, price_attention
+
+    hw = get_profile("cpu", calibrated=False)
+    assert hw.executor == "cpu"
+    s = shape(1024, heads=4, dtype="f32")
+    window = P.Window(100, 0)
+    work = attention_work((window,) * 4, s, block_m=64, executor="cpu")
+    reads = cpu_block_reads(window, 1024, 1024, 64, False)
+    (launch,) = work.launches
+    assert launch.visited.tolist() == (reads.keys * 64).tolist() * 4  # pairs, per head
+    assert launch.calls == reads.calls  # one plan for every head of the pattern
+    base = price_attention(work, hw).seconds
+    # Each coefficient moves the price the way its count says.
+    assert price_attention(work, hw.replace(call_overhead_s=hw.call_overhead_s + 1e-3)).seconds == pytest.approx(
+        base + reads.calls * 1e-3)
+    assert price_attention(work, hw.replace(matmul_efficiency=hw.matmul_efficiency / 2)).seconds > base
+    assert price_attention(work, hw.replace(mask_cost_per_pair=2 * hw.mask_cost_per_pair)).seconds > base
+    # Unmasked, ungathered key reads are cheaper than a masked band reading as many pairs.
+    layout = torch.eye(16, dtype=torch.bool)
+    blocks = estimate_attention((P.BlockSparse(layout, 64),) * 4, s, hw, block_m=64).seconds
+    band = estimate_attention((P.Window(63, 0),) * 4, s, hw, block_m=64).seconds
+    assert blocks < band
+    # Without tiles the estimate follows the executor's own query block choice.
+    from sparsec.codegen.attention_cpu_reads import executor_block_m
+    chosen = executor_block_m(window, 1024, 1024, False)
+    assert estimate_attention((window,) * 4, s, hw, block_m=None).seconds == pytest.approx(
+        estimate_attention((window,) * 4, s, hw, block_m=chosen).seconds)
+
+
+def test_cpu_short_sequences_pay_their_calls():
+    """At S = 512 on two cores the executor's fixed costs outweigh what a band saves on a few heads
+    (the tiny DiT demo measures sparse slower than dense there); at S = 4096 the band wins."""
+    hw = get_profile("cpu", calibrated=False)
+    for S, sparse_wins in ((256, False), (4096, True)):
+        s = shape(S, heads=2, dtype="f32")
+        dense = estimate_attention((P.Dense(),) * 2, s, hw, block_m=None).seconds
+        mixed = estimate_attention((P.Dense(), P.Window(S // 16, 0)), s, hw, block_m=None).seconds
+        assert (mixed < dense) == sparse_wins, S
+
+
+def test_executor_errors_and_old_profiles():
+    from sparsec.cost_models.attention_cost import attention_work, price_attention
+
+    s = shape(256, heads=2)
+    with pytest.raises(ValueError, match="executor must be one of"):
+        attention_work((P.Dense(),) * 2, s, executor="tpu")
+    with pytest.raises(ValueError, match="cpu executor only"):
+        attention_work((P.Dense(),) * 2, s, block_m=None)
+    with pytest.raises(ValueError, match="counted for the Triton kernels"):
+        price_attention(attention_work((P.Window(8, 0),) * 2, s), get_profile("cpu", calibrated=False))
+    with pytest.raises(ValueError, match="executor must be one of"):
+        get_profile("h100").replace(executor="gpu")
+    # Profiles stored before `executor` existed said masks_whole_query_block instead.
+    import json
+    for old, executor in ((True, "cpu"), (False, "triton")):
+        data = json.loads(get_profile("cpu", calibrated=False).to_json())
+        del data["executor"]
+        data["masks_whole_query_block"] = old
+        assert HardwareProfile.from_json(json.dumps(data)).executor == executor
+
+
 # -- batched per-head prices and the schedule estimate --------------------------------------------
 
 def list_schedule(costs, slots):
@@ -98,16 +164,22 @@ def list_schedule(costs, slots):
     return max(finish)
 
 
-def test_head_prices_are_a_launch_of_the_pattern_on_every_head_over_heads():
+@pytest.mark.parametrize("target", ["h100", "cpu"])
+def test_head_prices_are_a_launch_of_the_pattern_on_every_head_over_heads(target):
     from sparsec.cost_models.attention_cost import head_seconds_many
 
-    hw = get_profile("h100")
+    hw = get_profile(target, calibrated=False)
     s = shape(1024, heads=8, causal=True)
     patterns = [P.Dense(), P.Window(100, 0), P.Columns([(0, 16), (500, 530)]), P.Skip("mean"), P.AShape(32, 256)]
     prices = head_seconds_many(patterns, s, hw, block_m=64, block_n=32)  # 8 x 16 programs: exact
     for p, price in zip(patterns, prices):
         launch = estimate_attention((p,) * 8, s, hw, block_m=64, block_n=32, head_groups={"all": tuple(range(8))})
-        assert price == (launch.seconds - hw.launch_overhead_s) / 8
+        if target == "cpu" and not isinstance(p, P.Skip):  # a head pays its own plan's fixed costs
+            fixed = launch.seconds - estimate_attention((p,) * 8, s, hw.replace(launch_overhead_s=0.0, call_overhead_s=0.0),
+                                                        block_m=64, block_n=32).seconds
+            assert price == pytest.approx((launch.seconds - fixed) / 8 + fixed, rel=1e-12)
+        else:
+            assert price == pytest.approx((launch.seconds - hw.launch_overhead_s) / 8, rel=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])

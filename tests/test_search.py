@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from planted import EXPECTED_FAMILIES, PlantedLayer
+from planted import EXPECTED_FAMILIES, PlantedLayer, cheap_calls_cpu
 from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.cost_models.attention_cost import AttentionShape
@@ -172,7 +172,7 @@ def planted_layers():
 def tuned():
     layers = planted_layers()
     recorded = {name: [LayerSample(*layer.sample(1, seed=0), causal=layer.causal)] for name, layer in layers.items()}
-    return layers, tune_layers(recorded, target="cpu", budget=BUDGET, progress=False)
+    return layers, tune_layers(recorded, target=cheap_calls_cpu(), budget=BUDGET, progress=False)
 
 
 def test_planted_families_are_found(tuned):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsec
-from planted import EXPECTED_FAMILIES, PlantedLayer
+from planted import EXPECTED_FAMILIES, PlantedLayer, cheap_calls_cpu
 from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.config import SparsecUserError
@@ -68,7 +68,7 @@ def reference(plan: Plan | None, xs) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tuned() -> Plan:
-    return sparsec.tune(TwoLayers(), inputs(0), target="cpu", budget=BUDGET, progress=False)
+    return sparsec.tune(TwoLayers(), inputs(0), target=cheap_calls_cpu(), budget=BUDGET, progress=False)
 
 
 def test_tune_finds_planted_families(tuned):

@@ -1,0 +1,216 @@
+"""What the CPU attention executor reads per query block, for the cost model, without planning.
+
+The executor (codegen/attention_cpu.py) runs each query block of block_m rows on the union of its
+rows' key intervals, at key granularity, and groups blocks into SDPA calls. Its plan is exact but
+costs tens of milliseconds a pattern (it compares every block's mask); the search prices hundreds
+of candidates a layer. `cpu_block_reads` gives the same quantities from the per-row intervals
+alone, by one sort per block:
+
+  keys      keys the block's call reads: the union of its rows' intervals, grown to its bucket's
+            key count when the block joins a bucket (see below);
+  masked    1 where the call applies an element mask to the block (some real row keeps fewer
+            keys than the block reads);
+  gathered  keys copied for the block: its union when it is not one run and not the same keys as
+            the block before (blocks reading the same keys share one copy; one-run blocks are
+            strided views);
+  calls     SDPA calls of the plan, as the executor groups blocks: unmasked blocks of one key
+            count share a call, masked ones when at least _MIN_SHARED of them have that count
+            (bands: their masks are the same shifted); the rest form the executor's buckets.
+
+Dense heads without a causal offset are one direct SDPA call (`direct`): the executor does not
+plan them. Counts are per query block of one head; the cost model multiplies by heads and batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsec.codegen.attention_cpu import _MIN_SHARED, _buckets, choose_blocks
+from sparsec.codegen.block_coverage import _ends, _interval_form, row_intervals
+from sparsec.patterns import Dense, Pattern, Skip
+
+__all__ = ["BlockReads", "BlockUnions", "cpu_block_reads", "executor_block_m", "query_block_unions"]
+
+# Rows sorted at once: bounds the (rows, intervals) work arrays at long sequences.
+_ROW_CHUNK = 1 << 14
+# Odd multipliers of the block signature (a sum over the block's runs of a hash of each run's
+# ends, splitmix64's constants as int64): blocks with equal signatures read the same keys.
+_HASH_A, _HASH_B = 0x9E3779B97F4A7C15 - (1 << 64), 0x632BE59BD9B4E019
+_HASH_C, _HASH_D = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockReads:
+    """Per query block of one head (float64 numpy arrays, (nqb,)), and per head the plan's calls."""
+
+    keys: np.ndarray
+    masked: np.ndarray
+    gathered: np.ndarray
+    calls: int
+    # Query rows of the call that runs the block: blocks reading the same keys fold into one long
+    # query sequence (the kernel's speed depends on it); a direct call runs every row.
+    call_rows: np.ndarray
+    direct: bool = False  # one direct SDPA call over the whole sequence (dense heads)
+
+
+def executor_block_m(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> int:
+    """The query block size the executor picks for `pattern` when no tiles are given."""
+    return choose_blocks(pattern, Sq, Sk, causal)[0]
+
+
+def cpu_block_reads(pattern: Pattern, Sq: int, Sk: int, block_m: int, causal: bool) -> BlockReads:
+    """What the executor reads for `pattern` with query blocks of block_m rows (module docstring)."""
+    nqb = math.ceil(Sq / block_m)
+    if isinstance(pattern, Skip):
+        zeros = np.zeros(nqb)
+        return BlockReads(zeros, zeros, zeros, 0, zeros)
+    if isinstance(pattern, Dense) and (not causal or Sq == Sk):
+        return _direct(Sq, Sk, block_m, causal)
+    unions = query_block_unions(pattern, Sq, Sk, block_m, causal)
+    keys, signature = unions.keys, unions.signature
+    same_as_before = np.concatenate([[False], signature[1:] == signature[:-1]])
+    gathered = np.where((unions.runs > 1) & ~same_as_before, keys, 0).astype(np.float64)
+    keys, masked, gathered, calls = _grouped(keys, unions.masked, gathered, Sk, unions.masks_shift)
+    _, inverse, sharing = np.unique(signature, return_inverse=True, return_counts=True)
+    return BlockReads(keys, masked, gathered, calls, (sharing[inverse] * block_m).astype(np.float64))
+
+
+@dataclass(frozen=True, slots=True)
+class BlockUnions:
+    """Per query block (numpy (nqb,)): the union of its rows' kept keys (causal rule applied) as
+    a key count, its maximal runs (touching keys join), whether some real row keeps fewer keys
+    than the union (the executor masks the block), and a signature (blocks with equal unions have
+    equal signatures; different unions collide with probability ~2^-64)."""
+
+    keys: np.ndarray       # int64
+    runs: np.ndarray       # int64
+    masked: np.ndarray     # bool
+    signature: np.ndarray  # int64
+    # Bands and columns (no BlockSparse part): masks move with the block, so blocks reading as
+    # many keys mostly share one mask; a block layout's masks differ from block to block.
+    masks_shift: bool
+
+
+def query_block_unions(pattern: Pattern, Sq: int, Sk: int, block_m: int, causal: bool) -> BlockUnions:
+    """BlockUnions of `pattern` for query blocks of block_m rows: in closed form from the
+    pattern's bands and columns (block_coverage's interval form), O(blocks x parts); from every
+    row's intervals for patterns with a BlockSparse part."""
+    form = _interval_form(pattern, Sq, Sk)
+    if form is None:
+        return BlockUnions(*_block_unions_by_rows(pattern, Sq, Sk, block_m, causal), masks_shift=False)
+    return BlockUnions(*_block_unions(*form, Sq, Sk, block_m, causal), masks_shift=True)
+
+
+def _direct(Sq: int, Sk: int, block_m: int, causal: bool) -> BlockReads:
+    """SDPA on the whole sequence: every key, or (causal, Sq == Sk) the keys up to each block's last row."""
+    last_row = np.minimum(np.arange(1, math.ceil(Sq / block_m) + 1) * block_m, Sq)
+    keys = (np.minimum(last_row, Sk) if causal else np.full(last_row.shape, Sk)).astype(np.float64)
+    zeros = np.zeros_like(keys)
+    return BlockReads(keys, zeros, zeros, 1, np.full(keys.shape, float(Sq)), direct=True)
+
+
+def _block_unions(columns, bands, Sq: int, Sk: int, block_m: int, causal: bool):
+    """Per query block of a pattern with merged `columns` and `bands` (block_coverage's interval
+    form): keys in its rows' union, the union's runs, whether some real row keeps fewer keys than
+    that (masked), and a signature of the union (equal unions, equal signatures). The per-part
+    test of "every row keeps it" is exact for one part and conservative for several."""
+    r0 = torch.arange(0, Sq, block_m, dtype=torch.int64)[:, None]
+    r1 = (r0 + block_m).clamp(max=Sq) - 1
+    shift = Sk - Sq if causal else Sk  # row r keeps no key past r + shift
+    c_lo, c_hi = (t[None] for t in _ends(columns)) if columns else (torch.zeros(1, 0, dtype=torch.int64),) * 2
+    b_lo, b_hi = (t[None] for t in _ends(bands)) if bands else (torch.zeros(1, 0, dtype=torch.int64),) * 2
+    b_hi = b_hi.clamp(max=shift)
+    live = b_lo <= b_hi  # the causal limit can empty a band in every row
+    b_lo, b_hi = b_lo[live][None], b_hi[live][None]
+    # Union over the block's rows: a column up to the last row's causal limit; a band's shifts
+    # from the first row to the last (contiguous). Kept by every row: a column up to the first
+    # row's limit; a band's keys common to its first and last row.
+    union_lo = torch.cat([c_lo.expand(r0.shape[0], -1), r0 + b_lo], dim=1)
+    union_hi = torch.cat([torch.minimum(c_hi, r1 + shift), r1 + b_hi], dim=1)
+    common_lo = torch.cat([c_lo.expand(r0.shape[0], -1), r1 + b_lo], dim=1)
+    common_hi = torch.cat([torch.minimum(c_hi, r0 + shift), r0 + b_hi], dim=1)
+    keys, runs, signature = _runs(union_lo.clamp(min=0), union_hi.clamp(max=Sk - 1), Sk)
+    common, _, _ = _runs(common_lo.clamp(min=0), common_hi.clamp(max=Sk - 1), Sk)
+    return keys.numpy(), runs.numpy(), (common < keys).numpy(), signature.numpy()
+
+
+def _block_unions_by_rows(pattern: Pattern, Sq: int, Sk: int, block_m: int, causal: bool):
+    """_block_unions from every row's intervals (a sort of each block's rows' intervals)."""
+    lo, hi = (t.to(torch.int64) for t in row_intervals(pattern, Sq, Sk, causal))
+    row_keys = torch.cat([_runs(lo[c:c + _ROW_CHUNK], hi[c:c + _ROW_CHUNK], Sk)[0] for c in range(0, Sq, _ROW_CHUNK)])
+    nqb, n = math.ceil(Sq / block_m), lo.shape[1]
+    pad = nqb * block_m - Sq
+    lo = F.pad(lo, (0, 0, 0, pad), value=1).view(nqb, block_m * n)  # padding rows: empty intervals
+    hi = F.pad(hi, (0, 0, 0, pad), value=0).view(nqb, block_m * n)
+    step = max(1, _ROW_CHUNK // block_m)
+    parts = [_runs(lo[b:b + step], hi[b:b + step], Sk) for b in range(0, nqb, step)]
+    keys, runs, signature = (torch.cat([p[i] for p in parts]) for i in range(3))
+    row_keys = F.pad(row_keys, (0, pad), value=-1).view(nqb, block_m)  # padding rows never force a mask
+    masked = ((row_keys >= 0) & (row_keys < keys[:, None])).any(dim=1)
+    return keys.numpy(), runs.numpy(), masked.numpy(), signature.numpy()
+
+
+def _runs(lo: torch.Tensor, hi: torch.Tensor, Sk: int):
+    """(keys covered, maximal runs, signature) of each row's union of intervals (rows, n)."""
+    empty = lo > hi
+    lo, hi = lo.masked_fill(empty, Sk), hi.masked_fill(empty, -1)  # empties sort last, reach nothing
+    lo, order = lo.sort(dim=1)
+    reach = hi.gather(1, order).cummax(dim=1).values
+    before = F.pad(reach[:, :-1], (1, 0), value=-2)
+    starts = lo > before + 1  # a new run starts (touching intervals join); so does the first empty
+    run_first = torch.where(starts, lo, -1).cummax(dim=1).values
+    # A run ends before the next start or at the last interval; an empty's "run" starts at Sk,
+    # past everything it reaches, so it is none.
+    ends = F.pad(starts[:, 1:], (0, 1), value=True) & (run_first <= reach)
+    keys = torch.where(ends, reach - run_first + 1, 0).sum(dim=1)
+    signature = torch.where(ends, _mix((run_first + 1) * _HASH_A + (reach + 1) * _HASH_B), 0).sum(dim=1)
+    return keys, ends.sum(dim=1), signature
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A run's hash: splitmix64's finalizer on int64 (wrapping), so that sums over runs do not
+    collide the way sums of linear terms do."""
+    x = (x ^ (x >> 30)) * _HASH_C
+    x = (x ^ (x >> 27)) * _HASH_D
+    return x ^ (x >> 31)
+
+
+def _grouped(keys: np.ndarray, masked: np.ndarray, gathered: np.ndarray, Sk: int, masks_shift: bool):
+    """The executor's grouping of blocks into calls: (keys read after bucket growth, masked,
+    gathered, calls). Buckets follow attention_cpu._buckets; a bucket past _ALL_KEYS_RATIO of the
+    keys reads all of them as a view. With masks_shift (bands and columns: masks move with the
+    block, so blocks reading as many keys share a mask and a call) grown blocks mostly end up
+    reading the same keys (growth fills their gaps from the left) and share one copy; grown
+    block-layout rows stay apart."""
+    keys, masked, gathered = keys.astype(np.float64), masked.astype(np.float64), gathered.copy()
+    reading = np.flatnonzero(keys > 0)
+    if not reading.size:
+        return keys, masked, gathered, 0
+    calls, leftovers = 0, []
+    for flag, least in ((0.0, 2), (1.0, _MIN_SHARED if masks_shift else math.inf)):
+        members = reading[masked[reading] == flag]
+        _, inverse, sizes = np.unique(keys[members], return_inverse=True, return_counts=True)
+        calls += int((sizes >= least).sum())
+        leftovers += members[sizes[inverse] < least].tolist()
+    for bucket, length in _buckets(leftovers, keys[leftovers].astype(int).tolist(), Sk):
+        bucket = np.asarray(bucket)
+        grown = bucket[keys[bucket] < length]
+        keys[grown] = length
+        masked[grown] = 1.0  # the grown keys are masked out
+        if length == Sk:
+            gathered[bucket] = 0.0
+            calls += 1
+        elif grown.size and masks_shift:
+            gathered[grown] = 0.0
+            gathered[grown[0]] = length
+            calls += 2 if grown.size < bucket.size else 1
+        elif grown.size:  # grown layout rows stay apart: each gathered
+            gathered[grown] = length
+            calls += 1
+        else:
+            calls += 1
+    return keys, masked, gathered, calls
