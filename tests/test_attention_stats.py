@@ -10,10 +10,10 @@ import sparsec.passes.attention_stats as attention_stats_module
 from planted import PlantedLayer
 from sparsec.passes.attention_stats import LayerSample, attention_stats, combine_stats, pool_block_mass, sample_stats
 from sparsec.passes.fit_candidates import (
-    block_sparse, column_ranges, fit_block_sparse, fit_candidates, fit_columns, fit_head_patterns, fit_windows,
+    MAX_SELECTED_DENSITY, block_sparse, column_ranges, fit_block_sparse, fit_candidates, fit_columns, fit_head_patterns, fit_windows,
     frame_stride, sliding_max, snap_to_stride,
 )
-from sparsec.patterns import BlockSparse, Columns, MultiDiagonal, Skip, Window
+from sparsec.patterns import BlockSparse, Columns, MultiDiagonal, Skip, VerticalSlash, Window
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,11 +129,35 @@ def test_fitted_windows_and_columns_cover_their_share():
             narrower = Window(max(0, window.left - 1), window.right) if window.left else Window(0, max(0, window.right - 1))
             if narrower != window and h == 0:
                 assert float((probs[h] * narrower.mask(128, 128)).sum()) < target + 0.02
-            (cols,) = fit_columns(stats.column_mass[h], [target])
-            assert float((probs[h] * cols.mask(128, 128)).sum()) >= target - 1e-9
+            found = fit_columns(stats.column_mass[h], [target])
+            if found:
+                (cols,) = found
+                assert float((probs[h] * cols.mask(128, 128)).sum()) >= target - 1e-9
+                assert cols.density(128, 128) <= MAX_SELECTED_DENSITY
+            else:  # the heaviest columns holding the share are over half the keys: no candidate
+                covered = probs[h].sum(dim=0).sort(descending=True).values.cumsum(dim=0)
+                needed = int(torch.searchsorted(covered, torch.tensor(target - 1e-9, dtype=covered.dtype))) + 1
+                assert needed > MAX_SELECTED_DENSITY * 128, (h, target, needed)
     # the stripes head's columns at 0.99 are exactly its planted columns
     (cols,) = fit_columns(stats.column_mass[1], [0.99])
     assert cols == Columns(layer.stripe_columns(1))
+
+
+def test_mass_selected_candidates_stay_sparse():
+    """Columns, slashes and block layouts picked by a sample's attention mass are dropped when
+    they need over MAX_SELECTED_DENSITY of the keys: on a head of random attention they fit the
+    sample, not the head. The planted stripes and band heads keep theirs."""
+    layer = PlantedLayer(("band", "stripes", "random"), 256, 16, seed=5)
+    q, k, _ = layer.sample(1, 0)
+    stats = attention_stats(q, k, block=(32, 32))
+    candidates = fit_candidates(stats, tiles=[(32, 32)])
+    selected = (Columns, VerticalSlash, BlockSparse)
+    for h, head in enumerate(candidates):
+        for p in head:
+            if isinstance(p, selected):
+                assert p.density(256, 256) <= MAX_SELECTED_DENSITY + 1e-9, (h, p)
+    assert Columns(layer.stripe_columns(1)) in candidates[1]
+    assert any(isinstance(p, BlockSparse) for p in candidates[0])
 
 
 def test_frame_stride_found_from_diagonal_peaks():
