@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (the device tool's `run`), sized for a 15-minute lease (~9 minutes here):
+#   bash bench/gpu_session.sh
+# Installs sparsec over the machine's own torch and Triton (no network there: no dependencies are
+# fetched; the image has them all), checks the compiled CUDA kernels against the float64
+# references, then runs each benchmark at a lease-sized grid. Every step has its own time limit, so
+# one slow step does not cost the others. Results land in bench/results/ and, with a log, in $OUT
+# (what the device tool brings back); commit the JSON files from there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/sparsec_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_session.log"
+exec > >(tee -a "$LOG") 2>&1
+step() {  # step TITLE SECONDS COMMAND...
+    local title=$1 seconds=$2
+    shift 2
+    echo; echo "== $(date -u +%T) $title (limit ${seconds}s)"
+    timeout "$seconds" "$@"
+    echo "== exit $?"
+}
+
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: this script is for the lent GPU (see bench/README.md)"; exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 -m pip install --quiet --no-deps --no-build-isolation -e . || exit 3
+before=$(mktemp); ls bench/results > "$before"
+
+step "CUDA kernels vs float64 references" 150 \
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_triton.py tests/test_linear_kernels.py
+step "attention: S=8192, D=128, every family at 10/25/50%, vs SDPA and FlexAttention" 200 \
+    python3 bench/attention.py --device cuda --lengths 8192 --head-dims 128 --densities 0.1 0.25 0.5
+step "linear: BSR 64x64 / N:M / 2:4 vs dense" 80 \
+    python3 bench/linear.py --device cuda --shapes 4096x4096 4096x11008 --tokens 2048 8192 --densities 0.3 0.5 0.7
+step "cost model: quick GPU grid, fit, Spearman and regret" 100 \
+    python3 bench/cost_model.py --device cuda --quick --no-save
+step "tune: 2 layers x 24 heads at S=16K (extrapolated to 30 layers)" 60 \
+    python3 bench/tune.py --device cuda --layers 2 --heads 24 --seq 16384 --no-progress
+
+for f in $(ls bench/results | grep -vxF -f "$before"); do cp "bench/results/$f" "$OUT/"; done
+echo; echo "== new results:"; ls -la "$OUT"
