@@ -258,7 +258,8 @@ def _render(plan: Plan) -> str:
                   f"{len(plan.layers)} attention layers, model {plan.model_fingerprint}")
     for path, layer in plan.layers.items():
         group_of = {h: g for g, heads in enumerate(layer.head_groups) for h in heads}
-        table = Table(title=_layer_title(path, layer), title_justify="left")
+        console.print(_layer_title(path, layer))  # above the table: a title would wrap to its width
+        table = Table()
         for column in ("head", "pattern", "group", "density"):
             table.add_column(column)
         for h, p in enumerate(layer.patterns):
