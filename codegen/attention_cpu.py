@@ -26,17 +26,20 @@ Heads are batched: every (batch, kv head) with the same pattern is one batch row
 and the query heads of a kv head (GQA) are the call's heads dimension with K/V shared (SDPA's
 enable_gqa), so K and V are never copied per query head. Dense heads without a causal offset call
 SDPA directly; Skip heads are filled without reading K. Copies run on one thread and only the
-attention kernels on all (see _threads). Everything is computed in float32 (bf16 / fp16 inputs are
-upcast) and returned in q's dtype.
+attention kernels on all (see _threads). Fixed costs per call dominate at short lengths, so a
+call on views only is prepared once at planning (_Strided: a few views and the output copy per
+run), a pattern's consecutive heads are slices of the inputs (views for B = 1), and its output
+rows are written straight into the result when they are contiguous there. Everything is
+computed in float32 (bf16 / fp16 inputs are upcast; fp32 inputs are not copied) and returned in
+q's dtype.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -118,6 +121,24 @@ class _Runs:
 
 
 @dataclass(frozen=True, slots=True)
+class _Strided:
+    """A call whose query blocks, keys and outputs are all strided views (module docstring), in
+    the form that runs it with the fewest ops: `count` batches of `rows` query rows, batch t at
+    query row q_first + q_step * t, reading keys kv_first + kv_step * t + [0, length). A folded
+    call (consecutive blocks reading the same keys under no mask or a mask each) is one batch of
+    all its blocks' rows; its mask and empty rows are reshaped to match (views where they can be)."""
+
+    count: int
+    rows: int
+    q_first: int
+    q_step: int
+    kv_first: int
+    kv_step: int
+    mask: torch.Tensor | None  # (1 or count, 1, rows, length)
+    empty_rows: torch.Tensor | None  # (1 or count, 1, rows, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class _Call:
     """Query blocks that run in one SDPA call, each reading `length` keys."""
 
@@ -135,6 +156,7 @@ class _Call:
     # Masks past the plan's budget are rebuilt on every call from the blocks' intervals and runs
     # (lo, hi (1 or g, bm, n), runs): one block's for a shared mask.
     rebuild: tuple[torch.Tensor, torch.Tensor, _Runs] | None = None
+    strided: _Strided | None = None  # set when the call runs on strided views only (_strided)
 
     @property
     def shared_keys(self) -> bool:
@@ -403,6 +425,31 @@ def _same_keys(blocks: list[int], runs: list[list[tuple[int, int]]]) -> list[lis
     return shared + ([rest] if rest else [])
 
 
+def _folds(call: _Call, mask: torch.Tensor | None, g: int) -> bool:
+    """Whether a chunk of g of the call's blocks under `mask` folds into one query sequence
+    (_run_call): every block reads the same keys, under no mask or a mask each (not one shared)."""
+    return call.shared_keys and call.q_blocks.shape[0] > 1 and (mask is None or mask.shape[0] == g)
+
+
+def _strided(call: _Call, block_m: int) -> _Strided | None:
+    """The call as strided views (_Strided), or None when it gathers query blocks or keys,
+    rebuilds its masks, or folds blocks that are not consecutive."""
+    if call.q_affine is None or call.kv_affine is None or call.rebuild is not None:
+        return None
+    g = call.q_blocks.shape[0]
+    (q_first, q_step), (kv_first, kv_step) = call.q_affine, call.kv_affine
+    mask, empty = call.mask, call.empty_rows
+    if not _folds(call, mask, g):
+        return _Strided(g, block_m, q_first * block_m, q_step * block_m, kv_first, kv_step, mask, empty)
+    if q_step != 1:
+        return None
+    if mask is not None:
+        mask = mask.reshape(1, 1, g * block_m, call.length)
+    if empty is not None:
+        empty = empty.expand(g, -1, -1, -1).reshape(1, 1, g * block_m, 1)
+    return _Strided(1, g * block_m, q_first * block_m, 0, kv_first, 0, mask, empty)
+
+
 @functools.lru_cache(maxsize=64)
 def _plan(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int) -> _Plan:
     """The calls that compute `pattern` for query blocks of block_m rows (module docstring)."""
@@ -424,8 +471,9 @@ def _plan(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int) -> _Pl
             else:
                 index = blocks if per_block else blocks[:1]
                 rebuild = (lo[index], hi[index], block_runs if per_block else block_runs.select(slice(0, 1)))
-        return _Call(q_blocks=blocks, q_affine=_affine(blocks), length=length, mask=mask, empty_rows=empty,
+        call = _Call(q_blocks=blocks, q_affine=_affine(blocks), length=length, mask=mask, empty_rows=empty,
                      rebuild=rebuild, **_key_layout(block_runs))
+        return replace(call, strided=_strided(call, block_m))
 
     calls, leftovers = [], []
     for length in sorted(set(lengths.tolist()) - {0}):
@@ -450,22 +498,27 @@ def _plan(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int) -> _Pl
 # -- execution -----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _threads(count: int):
+class _threads:
     """Run torch ops inside with `count` intra-op threads. The executor copies (gathers, stores,
     dtype casts) run on one thread and only the attention kernels on all of them: on a busy
     2-core machine every OpenMP region waits for the scheduler to wake its second thread (measured
     7-8 ms for a 1 MB copy with 2 threads against 0.06 ms on one), which on a plan of a dozen calls
-    cost more than the copies themselves."""
-    previous = torch.get_num_threads()
-    if count == previous:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    cost more than the copies themselves. A class rather than a contextlib generator: it is
+    entered around every SDPA call, and costs a third as much."""
+
+    __slots__ = ("count", "previous")
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_num_threads()
+        if self.count != self.previous:
+            torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc) -> None:
+        if self.count != self.previous:
+            torch.set_num_threads(self.previous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,19 +533,18 @@ class _Operands:
     threads: int  # intra-op threads for the attention kernels
 
 
-def _block_view(rows: torch.Tensor, affine: tuple[int, int], start: int, g: int, length: int) -> torch.Tensor:
-    """(g, rows, length, D) view: block t reads rows[:, first + step * (start + t) + [0, length)]."""
-    first, step = affine
+def _rows_view(rows: torch.Tensor, count: int, length: int, first: int, step: int) -> torch.Tensor:
+    """(count, R, length, D) view of rows (R, S, D) contiguous: batch t is rows[:, first + step * t + [0, length)]."""
     R, S, D = rows.shape
-    return rows.as_strided((g, R, length, D), (step * D, S * D, D, 1),
-                           rows.storage_offset() + (first + step * start) * D)
+    return rows.as_strided((count, R, length, D), (step * D, S * D, D, 1), rows.storage_offset() + first * D)
 
 
 def _kv_operand(rows: torch.Tensor, call: _Call, chunk: slice, g: int) -> torch.Tensor:
     """(g, R, length, D) keys or values the chunk's blocks read: a view when the keys of each
     block are one run at evenly spaced starts, otherwise gathered."""
     if call.kv_affine is not None:
-        return _block_view(rows, call.kv_affine, chunk.start, g, call.length)
+        first, step = call.kv_affine
+        return _rows_view(rows, g, call.length, first + step * chunk.start, step)
     if call.kv_index.shape[0] == 1:  # the same keys for every block: one copy, broadcast
         return rows.index_select(1, call.kv_index[0])[None].expand(g, -1, -1, -1)
     index = call.kv_index[chunk]
@@ -503,7 +555,7 @@ def _q_operand(rows: torch.Tensor, call: _Call, chunk: slice, g: int, bm: int) -
     """(g, R * c, bm, D) query blocks of the chunk: a view when the blocks are evenly spaced."""
     if call.q_affine is not None:
         first, step = call.q_affine
-        return _block_view(rows, (first * bm, step * bm), chunk.start, g, bm)
+        return _rows_view(rows, g, bm, (first + step * chunk.start) * bm, step * bm)
     RC, S, D = rows.shape
     return rows.view(RC, S // bm, bm, D).index_select(1, call.q_blocks[chunk]).transpose(0, 1)
 
@@ -534,27 +586,34 @@ def _chunk_masks(call: _Call, chunk: slice, bm: int):
     return mask, empty
 
 
-def _attend(q, k, v, mask, scale: float, fold: bool, threads: int) -> torch.Tensor:
-    """SDPA of q (g, R * c, bm, D) on k, v (g, R, L, D) -> (g, R * c, bm, Dv). With `fold` (every
-    block reads the same keys, k broadcast over g, under one mask a block or none) the blocks are
-    folded into one long query sequence: torch's fused kernel splits queries in chunks of 256
-    from 768 query rows on (32 below 192), and reuses each K/V tile over a whole chunk."""
-    g, heads, bm, D = q.shape
-    gqa = {"enable_gqa": True} if heads != k.shape[1] else {}  # query heads of a kv head share its K/V
-    if fold:
-        folded = q.transpose(0, 1).reshape(1, heads, g * bm, D)
-        if mask is not None:
-            mask = mask.reshape(1, 1, g * bm, -1)
-        with _threads(threads):
-            o = F.scaled_dot_product_attention(folded, k[:1], v[:1], attn_mask=mask, scale=scale, **gqa)
-        return o.view(heads, g, bm, -1).transpose(0, 1)
+def _attend(q, k, v, mask, scale: float, threads: int) -> torch.Tensor:
+    """SDPA of q (g, R * c, M, D) on k, v (g or 1, R, L, D) -> (g, R * c, M, Dv), on `threads`
+    threads; the query heads of a kv head share its K/V (enable_gqa)."""
+    gqa = q.shape[1] != k.shape[1]
     with _threads(threads):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _run_strided(s: _Strided, length: int, ops: _Operands, scale: float) -> None:
+    """One call on strided views (_Strided): no copies but the output's."""
+    q = _rows_view(ops.q_rows, s.count, s.rows, s.q_first, s.q_step)
+    k = _rows_view(ops.k_rows, s.count, length, s.kv_first, s.kv_step)
+    v = _rows_view(ops.v_rows, s.count, length, s.kv_first, s.kv_step)
+    o = _attend(q, k, v, s.mask, scale, ops.threads)
+    if s.empty_rows is not None:  # rows with no kept key give 0 (SDPA's math path gives NaN)
+        o = o.masked_fill(s.empty_rows, 0.0)
+    _rows_view(ops.out_rows, s.count, s.rows, s.q_first, s.q_step).copy_(o)
 
 
 def _run_call(call: _Call, bm: int, ops: _Operands, scale: float) -> None:
     """One call's query blocks for every batch row, written into ops.out_rows; gathered calls run
-    in chunks whose K/V copies stay under _GATHER_BYTES."""
+    in chunks whose K/V copies stay under _GATHER_BYTES. With `fold` (every block reads the same
+    keys, broadcast over the blocks, under one mask a block or none) the blocks are folded into one
+    long query sequence: torch's fused kernel splits queries in chunks of 256 from 768 query rows
+    on (32 below 192), and reuses each K/V tile over a whole chunk."""
+    if call.strided is not None:
+        _run_strided(call.strided, call.length, ops, scale)
+        return
     g_total = call.q_blocks.shape[0]
     step = g_total
     if call.kv_index is not None and call.kv_index.shape[0] > 1:
@@ -562,20 +621,27 @@ def _run_call(call: _Call, bm: int, ops: _Operands, scale: float) -> None:
         step = max(1, _GATHER_BYTES // per_block)
     if call.rebuild is not None and call.rebuild[0].shape[0] > 1:
         step = min(step, max(1, _PLAN_CHUNK_PAIRS // (bm * call.length)))
-    fold = call.shared_keys and g_total > 1
     if call.shared_keys:  # read (or gathered) once for every chunk
         shared = _kv_operand(ops.k_rows, call, slice(0, 1), 1), _kv_operand(ops.v_rows, call, slice(0, 1), 1)
     for start in range(0, g_total, step):
         chunk = slice(start, min(g_total, start + step))
         g = chunk.stop - chunk.start
         q = _q_operand(ops.q_rows, call, chunk, g, bm)
-        if call.shared_keys:
+        mask, empty = _chunk_masks(call, chunk, bm)
+        fold = _folds(call, mask, g)
+        if fold:
+            heads, D = q.shape[1], q.shape[-1]
+            q = q.transpose(0, 1).reshape(1, heads, g * bm, D)
+            k, v = shared
+            if mask is not None:
+                mask = mask.reshape(1, 1, g * bm, -1)
+        elif call.shared_keys:
             k, v = (t.expand(g, -1, -1, -1) for t in shared)
         else:
             k, v = _kv_operand(ops.k_rows, call, chunk, g), _kv_operand(ops.v_rows, call, chunk, g)
-        mask, empty = _chunk_masks(call, chunk, bm)
-        # Blocks fold into one query sequence under no mask or a mask each, not one shared mask.
-        o = _attend(q, k, v, mask, scale, fold and (mask is None or mask.shape[0] == g), ops.threads)
+        o = _attend(q, k, v, mask, scale, ops.threads)
+        if fold:
+            o = o.view(heads, g, bm, -1).transpose(0, 1)
         if empty is not None:  # rows with no kept key give 0 (SDPA's math path gives NaN)
             o = o.masked_fill(empty, 0.0)
         _store(ops.out_rows, o, call, chunk, bm)
@@ -590,32 +656,65 @@ def _padded_rows(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.contiguous().view(B * H, S + pad, D)
 
 
-def _select_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
-    """x[:, heads] without a copy when heads are all of x's heads in order."""
-    return x if heads == list(range(x.shape[1])) else x.index_select(1, torch.tensor(heads))
+@dataclass(frozen=True, slots=True)
+class _HeadTable:
+    """Query heads of one pattern that run together: the i-th kv head of kv_heads serves the
+    i-th c query heads of q_heads (c each). Slices when the heads are consecutive (inputs and
+    output are then sliced: views for B = 1, no copies), else index tensors."""
+
+    q_heads: slice | torch.Tensor
+    kv_heads: slice | torch.Tensor
 
 
-def _sparse_heads(q, k, v, pattern: Pattern, table: torch.Tensor, causal: bool, scale: float,
-                  block_m: int | None, threads: int) -> torch.Tensor:
-    """(B, U * c, Sq, Dv) output of the query heads table (U, c) (row u: the heads of one kv head),
-    in the order of table.flatten()."""
+@functools.lru_cache(maxsize=256)
+def _head_index(heads: tuple[int, ...]) -> slice | torch.Tensor:
+    """heads as a slice when they are consecutive and ascending, else as an index tensor."""
+    first = heads[0]
+    return slice(first, first + len(heads)) if heads == tuple(range(first, first + len(heads))) else torch.tensor(heads)
+
+
+def _select_heads(x: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
+    """x[:, heads]: a view for a slice, a copy for an index tensor."""
+    return x[:, heads] if isinstance(heads, slice) else x.index_select(1, heads)
+
+
+def _store_heads(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor) -> None:
+    """out[:, heads] = rows."""
+    if isinstance(heads, slice):
+        out[:, heads] = rows
+    else:
+        out.index_copy_(1, heads, rows)
+
+
+def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, scale: float,
+                  block_m: int | None, threads: int, out: torch.Tensor) -> None:
+    """Writes the output of the query heads of `table` to out (B, Hq, Sq, Dv): straight into it
+    when its rows of those heads are one contiguous block and Sq needs no padding, else through
+    a padded buffer."""
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[-1]
     bm = block_m or choose_blocks(pattern, Sq, Sk, causal)[0]
     plan = _plan(pattern, Sq, Sk, causal, bm)
-    q_rows = _padded_rows(_select_heads(q, table.flatten().tolist()), bm)
-    kv_heads = (table[:, 0] // (Hq // k.shape[1])).tolist()
-    k_rows = _select_heads(k, kv_heads).contiguous().view(-1, Sk, k.shape[-1])
-    v_rows = _select_heads(v, kv_heads).contiguous().view(-1, Sk, Dv)
-    make = torch.zeros if plan.has_empty_blocks else torch.empty  # blocks that read no key: 0
-    out_rows = make(q_rows.shape[0], q_rows.shape[1], Dv, dtype=q.dtype)
+    q_rows = _padded_rows(_select_heads(q, table.q_heads), bm)
+    k_rows = _select_heads(k, table.kv_heads).contiguous().view(-1, Sk, k.shape[-1])
+    v_rows = _select_heads(v, table.kv_heads).contiguous().view(-1, Sk, Dv)
+    target = out[:, table.q_heads] if isinstance(table.q_heads, slice) else None
+    direct = target is not None and target.is_contiguous() and q_rows.shape[1] == Sq
+    if direct:
+        out_rows = target.view(q_rows.shape[0], Sq, Dv)
+        if plan.has_empty_blocks:  # blocks that read no key: 0
+            out_rows.zero_()
+    else:
+        make = torch.zeros if plan.has_empty_blocks else torch.empty
+        out_rows = make(q_rows.shape[0], q_rows.shape[1], Dv, dtype=out.dtype)
     ops = _Operands(q_rows, k_rows, v_rows, out_rows, threads)
     for call in plan.calls:
         _run_call(call, plan.block_m, ops, scale)
-    return out_rows.view(B, table.numel(), -1, Dv)[:, :, :Sq]
+    if not direct:
+        _store_heads(out, table.q_heads, out_rows.view(B, q_rows.shape[0] // B, -1, Dv)[:, :, :Sq])
 
 
-def _dense_heads(q, k, v, heads: list[int], causal: bool, scale: float, threads: int) -> torch.Tensor:
+def _dense_heads(q, k, v, heads: tuple[int, ...], causal: bool, scale: float, threads: int) -> torch.Tensor:
     """(B, len(heads), Sq, Dv): plain SDPA per kv head, K/V expanded over its query heads (no copy).
     Only for non-causal, or causal with Sq == Sk (SDPA's causal mask is aligned to the first query)."""
     B, Hq, Sq, _ = q.shape
@@ -625,8 +724,8 @@ def _dense_heads(q, k, v, heads: list[int], causal: bool, scale: float, threads:
         with _threads(threads):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
     if group == 1:  # some heads, no GQA: one call on those heads
-        index = torch.tensor(heads)
-        q, k, v = q.index_select(1, index), k.index_select(1, index), v.index_select(1, index)
+        index = _head_index(heads)
+        q, k, v = _select_heads(q, index), _select_heads(k, index), _select_heads(v, index)
         with _threads(threads):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     outs = []
@@ -640,19 +739,31 @@ def _dense_heads(q, k, v, heads: list[int], causal: bool, scale: float, threads:
     return out[:, [order.index(h) for h in heads]]
 
 
-def _by_kv_head(heads: list[int], group: int) -> dict[int, list[int]]:
+def _by_kv_head(heads: tuple[int, ...], group: int) -> dict[int, list[int]]:
     by_kv: dict[int, list[int]] = defaultdict(list)
     for h in heads:
         by_kv[h // group].append(h)
     return dict(by_kv)
 
 
-def _head_tables(heads: list[int], group: int) -> list[torch.Tensor]:
-    """Split heads into (U, c) tables where each of U kv heads has exactly c of the heads."""
+@functools.lru_cache(maxsize=256)
+def _head_tables(heads: tuple[int, ...], group: int) -> tuple[_HeadTable, ...]:
+    """Split heads (ascending) into tables where each of their kv heads has exactly c of the heads."""
     by_count: dict[int, list[list[int]]] = defaultdict(list)
     for members in _by_kv_head(heads, group).values():
         by_count[len(members)].append(members)
-    return [torch.tensor(tables) for tables in by_count.values()]
+    return tuple(_HeadTable(_head_index(tuple(h for members in tables for h in members)),
+                            _head_index(tuple(members[0] // group for members in tables)))
+                 for tables in by_count.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _heads_by_pattern(head_patterns: tuple[Pattern, ...]) -> tuple[tuple[Pattern, tuple[int, ...]], ...]:
+    """(pattern, its heads ascending) for each distinct pattern, in order of first use."""
+    by_pattern: dict[Pattern, list[int]] = defaultdict(list)
+    for h, p in enumerate(head_patterns):
+        by_pattern[p].append(h)
+    return tuple((p, tuple(heads)) for p, heads in by_pattern.items())
 
 
 def _check_inputs(q, k, v, head_patterns, scale) -> None:
@@ -704,26 +815,18 @@ def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int 
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    qf, kf, vf = q.float(), k.float(), v.float()  # fp32 accumulation for bf16 / fp16 too
-    by_pattern: dict[Pattern, list[int]] = defaultdict(list)
-    for h, p in enumerate(head_patterns):
-        by_pattern[p].append(h)
-    if len(by_pattern) == 1:
-        (pattern, heads), = by_pattern.items()
-        if isinstance(pattern, Dense) and (not causal or Sq == Sk):
-            return _dense_heads(qf, kf, vf, heads, causal, scale, threads).to(q.dtype)
-        if not isinstance(pattern, (Skip, Dense)) or (isinstance(pattern, Dense) and causal and Sq != Sk):
-            # one pattern on every head: the output rows are written in place, no reassembly
-            out = _sparse_heads(qf, kf, vf, pattern, torch.arange(Hq).view(Hkv, group), causal, scale, block_m, threads)
-            return out.to(q.dtype).contiguous()
+    qf, kf, vf = q.float(), k.float(), v.float()  # fp32 accumulation for bf16 / fp16 too (no-ops for fp32)
+    by_pattern = _heads_by_pattern(tuple(head_patterns))
+    if len(by_pattern) == 1 and isinstance(by_pattern[0][0], Dense) and (not causal or Sq == Sk):
+        return _dense_heads(qf, kf, vf, by_pattern[0][1], causal, scale, threads).to(q.dtype)
     out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=torch.float32)
-    for pattern, heads in by_pattern.items():
+    for pattern, heads in by_pattern:
         if isinstance(pattern, Skip):
             for h in heads:
                 out[:, h] = skip_fill(vf[:, h // group : h // group + 1], Sq, pattern.fill, causal)[:, 0]
         elif isinstance(pattern, Dense) and (not causal or Sq == Sk):
-            out[:, heads] = _dense_heads(qf, kf, vf, heads, causal, scale, threads)
+            _store_heads(out, _head_index(heads), _dense_heads(qf, kf, vf, heads, causal, scale, threads))
         else:
             for table in _head_tables(heads, group):
-                out[:, table.flatten()] = _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, threads)
+                _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, threads, out)
     return out.to(q.dtype)

@@ -128,6 +128,20 @@ def test_long_window_uses_strided_kv_and_shared_edges(causal):
     check([pattern] * 4, Hkv=2, Sq=301, Sk=301, causal=causal, block_m=32, block_n=16)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B", [1, 2])
+def test_pattern_heads_in_runs_and_interleaved(causal, B):
+    """Block-aligned lengths: a pattern's consecutive heads are slices of q, k, v and, for B = 1,
+    write straight into the output (zeroed first where blocks read no key: causal Columns rows
+    before key 40), without touching other heads; interleaved heads and kv heads with some of
+    their query heads go through copies."""
+    window, columns = P.Window(8, 8), P.Columns([(40, 48)])
+    assert any(c.strided is not None for c in attention_cpu._plan(window, 128, 128, causal, 16).calls)
+    check([window, window, columns, columns, P.Dense(), window], B=B, Hkv=3, Sq=128, Sk=128, causal=causal, block_m=16)
+    check([window, columns, window, columns], B=B, Sq=128, Sk=128, causal=causal, block_m=16)
+    check([columns, columns, window, window], B=B, Hkv=2, Sq=128, Sk=128, causal=causal)
+
+
 def test_block_sparse_runs_unmasked_and_reads_only_kept_keys():
     """Whole layout blocks need no mask, and each query block reads exactly its kept keys."""
     layout = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1], [0, 0, 0, 1]], dtype=torch.bool)
