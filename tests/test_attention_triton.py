@@ -112,6 +112,17 @@ def test_closed_form_family_matches_reference(family, causal):
     assert [launch.family for launch in counter.launches] == [family]
 
 
+@pytest.mark.parametrize("Sq, Sk, causal", [(1, 64, True), (8, 64, False), (70, 20, False)])
+def test_bands_wholly_past_the_keys_keep_nothing(Sq, Sk, causal):
+    """A band whose centre lies past every key (|o| > Sq + Sk, or o - width past Sk) keeps
+    nothing; clamping the centre to the reachable range once pulled it back onto the keys
+    (found by the dry run of the compiled-kernel checks, bench/cuda_check.py --smoke)."""
+    q, k, v = random_qkv(1, 4, 1, Sq, Sk, 16, seed=Sq + Sk)
+    heads = [P.MultiDiagonal([0, 100], 16), P.MultiDiagonal([-300, 300], 50),
+             P.Window(2, 0) | P.MultiDiagonal([100], 16), P.Columns([(0, 3)]) | P.MultiDiagonal([-90, 90], 20)]
+    check(q, k, v, heads, causal=causal)
+
+
 @needs_coverage
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("family", ["block_sparse", "union"])

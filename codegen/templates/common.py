@@ -324,8 +324,9 @@ def pad_rows(rows: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
 
 
 def clamp_offset(value: int, Sq: int, Sk: int) -> int:
-    """Clamp a diagonal offset or width: |j - i| < Sq + Sk always, so beyond that nothing changes,
-    and the kernel's int32 interval arithmetic stays far from overflow."""
+    """Clamp a band edge, a lone diagonal or a width: |j - i| < Sq + Sk always, so beyond that
+    nothing changes, and the kernel's int32 interval arithmetic stays far from overflow. Not a
+    band's centre: clamping o of o -/+ w moves its edges (multi_diagonal.pack)."""
     limit = Sq + Sk
     return max(-limit, min(limit, value))
 

@@ -33,9 +33,13 @@ for r in range(NUM_OFFSETS):
 def pack(patterns, Sq, Sk, layouts) -> PackedParams:
     count = max(len(p.offsets) for p in patterns)
     rows = []
+    reach = Sq + Sk  # |j - i| < reach
     for p in patterns:
-        offsets = [clamp_offset(o, Sq, Sk) for o in p.offsets]
-        rows.append([clamp_offset(p.width, Sq, Sk), *padded(offsets, count, offsets[-1])])
+        width = clamp_offset(p.width, Sq, Sk)
+        # A band's edges o -/+ width must stay out of reach when they were: clamp o past them,
+        # not to reach (that would pull a band lying wholly past the keys back onto them).
+        offsets = [max(-(reach + width), min(reach + width, o)) for o in p.offsets]
+        rows.append([width, *padded(offsets, count, offsets[-1])])
     return PackedParams(rows=pad_rows(rows), counts={"NUM_OFFSETS": count})
 
 

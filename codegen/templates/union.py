@@ -52,7 +52,7 @@ def part_intervals(part: Pattern, Sq: int, Sk: int) -> list[tuple[int, int, int,
     if isinstance(part, Window):
         return [_band(-off(part.left), off(part.right))]
     if isinstance(part, MultiDiagonal):
-        return [_band(off(o) - off(part.width), off(o) + off(part.width)) for o in part.offsets]
+        return [_band(off(o - part.width), off(o + part.width)) for o in part.offsets]  # edges clamped
     if isinstance(part, Columns):
         return _columns(part.ranges, Sk)
     if isinstance(part, AShape):
