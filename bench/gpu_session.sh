@@ -2,8 +2,8 @@
 # One call on a lent GPU (the device tool's `run`), sized for a 15-minute lease (~9 minutes here):
 #   bash bench/gpu_session.sh
 # Installs sparsec over the machine's own torch and Triton (no network there: no dependencies are
-# fetched; the image has them all), checks the compiled CUDA kernels against the float64
-# references, then runs each benchmark at a lease-sized grid. Every step has its own time limit, so
+# fetched; the image has them all), checks the compiled CUDA kernels against float64 references
+# (bench/cuda_check.py; the tests run the same kernels through Triton's interpreter), then runs each benchmark at a lease-sized grid. Every step has its own time limit, so
 # one slow step does not cost the others. Results land in bench/results/ and, with a log, in $OUT
 # (what the device tool brings back); commit the JSON files from there.
 set -uo pipefail
@@ -29,8 +29,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pip install --quiet --no-deps --no-build-isolation -e . || exit 3
 before=$(mktemp); ls bench/results > "$before"
 
-step "CUDA kernels vs float64 references" 150 \
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_triton.py tests/test_linear_kernels.py
+step "compiled CUDA kernels vs float64 references" 150 \
+    python3 bench/cuda_check.py
 step "attention: S=8192, D=128, every family at 10/25/50%, vs SDPA and FlexAttention" 200 \
     python3 bench/attention.py --device cuda --lengths 8192 --head-dims 128 --densities 0.1 0.25 0.5
 step "linear: BSR 64x64 / N:M / 2:4 vs dense" 80 \

@@ -1,0 +1,135 @@
+"""Correctness of the compiled CUDA kernels against float64 references: the first step of a GPU lease.
+
+    python3 bench/cuda_check.py          # one line a case; exit status 1 on any mismatch
+    python3 bench/cuda_check.py --smoke  # the same cases, tiny, through Triton's interpreter on CPU
+
+The tests run the same Triton kernels through Triton's interpreter on CPU tensors; this runs them
+compiled on the GPU, at sizes past one tile (odd lengths, GQA, causal, Sq != Sk, each dtype),
+with fresh random inputs, against references built here from the patterns' explicit masks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+if "--smoke" in sys.argv[1:]:  # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import sparsec  # noqa: E402
+from sparsec import patterns as P  # noqa: E402
+from sparsec.codegen.linear_triton import bsr_linear_triton, nm_linear_triton  # noqa: E402
+from sparsec.codegen.weight_packing import pack_bsr, pack_nm  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to max |reference|
+
+
+def reference_attention(q, k, v, patterns, causal: bool, scale: float) -> torch.Tensor:
+    """DESIGN.md's definition in float64 on the CPU: softmax over each head's kept keys; a row
+    with no kept key gives 0; Skip heads are not used here."""
+    q, k, v = (t.detach().double().cpu() for t in (q, k, v))
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool)
+    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
+    for h, p in enumerate(patterns):
+        kv = h // (Hq // Hkv)
+        keep = p.mask(Sq, Sk) & allowed
+        scores = (q[:, h] @ k[:, kv].transpose(-1, -2)) * scale
+        out[:, h] = torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1).nan_to_num(0.0) @ v[:, kv]
+    return out
+
+
+def attention_cases(Sq: int, Sk: int):
+    layout = torch.rand(math.ceil(Sq / 64), math.ceil(Sk / 64)) < 0.3
+    return [
+        ("dense", [P.Dense()]),
+        ("window", [P.Window(100, 0), P.Window(37, 12)]),
+        ("multi_diagonal", [P.MultiDiagonal([-256, 0, 256], 16)]),
+        ("columns", [P.Columns([(0, 40), (300, 333)])]),
+        ("a_shape", [P.AShape(16, 200)]),
+        ("vertical_slash", [P.VerticalSlash([(0, 8), (500, 520)], [0, -64, -300])]),
+        ("block_sparse", [P.BlockSparse(layout, 64)]),
+        ("union", [P.Window(50, 0) | P.Columns([(0, 32)])]),
+        ("mixed", [P.Dense(), P.Window(64, 0), P.Columns([(10, 90)]), P.BlockSparse(layout, 64)]),
+    ]
+
+
+def check_attention(device, shapes) -> list[tuple[str, float, bool]]:
+    results = []
+    # bf16 on every shape; fp16 and fp32 on one shape each (each case compiles its kernels)
+    for dtype, ((Sq, Sk), causal, (Hq, Hkv), D) in ([(torch.bfloat16, s) for s in shapes]
+                                                    + [(torch.float16, shapes[0]), (torch.float32, shapes[1])]):
+        for name, base in attention_cases(Sq, Sk):
+            label = f"attention {name:15s} {str(dtype)[6:]:9s} Sq={Sq} Sk={Sk} H={Hq}/{Hkv} D={D} causal={causal}"
+            patterns = (base * Hq)[:Hq]
+            q = torch.randn(2, Hq, Sq, D, device=device, dtype=dtype)
+            k = torch.randn(2, Hkv, Sk, D, device=device, dtype=dtype)
+            v = torch.randn(2, Hkv, Sk, D, device=device, dtype=dtype)
+            scale = 1 / math.sqrt(D)
+            results.append(_compare(label, lambda: sparsec.attention(q, k, v, patterns, causal=causal, scale=scale,
+                                                                     backend="triton"),
+                                    lambda: reference_attention(q, k, v, patterns, causal, scale), dtype))
+    return results
+
+
+def _compare(label: str, run, reference, dtype) -> tuple[str, float, bool]:
+    """(label, max error relative to max |reference|, passed); an exception fails the case."""
+    try:
+        out = run()
+        if out.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as error:  # report it and go on: the other cases still tell something
+        return f"{label}: {type(error).__name__}: {error}", math.inf, False
+    ref = reference()
+    error = float((out.double().cpu() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+    return label, error, bool(torch.isfinite(out).all()) and error <= TOLERANCE[dtype]
+
+
+def check_linear(device, shape) -> list[tuple[str, float, bool]]:
+    results = []
+    N, K, tokens = shape
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(tokens, K, device=device, dtype=dtype)
+        bias = torch.randn(N, device=device, dtype=dtype)
+        layout = torch.rand(N // 64, K // 64, device=device) < 0.5
+        w_bsr = torch.randn(N, K, device=device, dtype=dtype) * layout.repeat_interleave(64, 0).repeat_interleave(64, 1)
+        kept = torch.rand(N, K // 4, 4, device=device).argsort(dim=-1)[..., :2]
+        nm_mask = torch.zeros(N, K // 4, 4, dtype=torch.bool, device=device).scatter_(-1, kept, True).view(N, K)
+        w_nm = torch.randn(N, K, device=device, dtype=dtype) * nm_mask
+        for name, w, run in (("bsr 64x64", w_bsr, lambda: bsr_linear_triton(x, pack_bsr(w_bsr, (64, 64)), bias)),
+                             ("nm 2:4", w_nm, lambda: nm_linear_triton(x, pack_nm(w_nm, 2, 4), bias))):
+            reference = lambda w=w: x.double().cpu() @ w.double().cpu().T + bias.double().cpu()  # noqa: E731
+            results.append(_compare(f"linear {name:9s} {str(dtype)[6:]:9s} {tokens}x{K} -> {N}", run, reference, dtype))
+    return results
+
+
+def main() -> int:
+    smoke = "--smoke" in sys.argv[1:]
+    if smoke:  # the same cases, tiny, through Triton's interpreter on CPU: checks this script
+        device = torch.device("cpu")
+        shapes = [((70, 70), True, (2, 1), 16), ((33, 90), False, (2, 2), 16), ((1, 64), True, (2, 1), 16),
+                  ((40, 40), False, (1, 1), 32)]
+        linear = (128, 128, 20)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        shapes = [((1000, 1000), True, (8, 2), 128), ((777, 1301), False, (4, 4), 64), ((1, 1024), True, (4, 1), 64),
+                  ((640, 640), False, (2, 2), 80)]
+        linear = (1536, 1024, 1000)
+        print(f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}")
+    else:
+        print("cuda_check: no CUDA device here (this checks the compiled kernels on a GPU; --smoke: a tiny dry run)")
+        return 2
+    torch.manual_seed(0)
+    results = check_attention(device, shapes) + check_linear(device, linear)
+    for label, error, ok in results:
+        print(f"{'ok  ' if ok else 'FAIL'} {label}  max rel error {error:.2e}")
+    failed = sum(not ok for _, _, ok in results)
+    print(f"{failed} of {len(results)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
