@@ -244,7 +244,7 @@ def test_whole_blocks_in_window_and_columns():
 
 
 def pattern_strategy(Sq, Sk):
-    offset = st.integers(-Sk, Sk)
+    offset = st.integers(-(Sq + Sk + 10), Sq + Sk + 10)  # past every key too: bands that keep nothing
     column = st.tuples(st.integers(0, Sk), st.integers(1, 12)).map(lambda t: (t[0], t[0] + t[1]))
     simple = st.one_of(
         st.just(P.Dense()),
