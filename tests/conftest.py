@@ -13,13 +13,17 @@ os.environ.setdefault("SPARSEC_VERIFY", "1")  # verify the IR after every pass i
 
 
 def _interpreter_incompatibility() -> str | None:
-    """Why Triton's interpreter cannot run the attention kernels here, or None.
+    """Why the `triton` tests cannot run here, or None.
+
+    They build CPU tensors and run the kernels through Triton's interpreter, which is only set up
+    without a GPU (above): on a CUDA machine bench/cuda_check.py checks the compiled kernels.
 
     Triton 3.6's interpreter turns loop bounds computed from loaded scalars into Python ints with
     int(ndarray of shape (1,)), which numpy >= 2.3 refuses ("only 0-dimensional arrays can be
     converted to Python scalars"); compiled kernels on a GPU are not affected."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return None
+        return ("the triton tests run CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set "
+                "only without a GPU); on a GPU, bench/cuda_check.py checks the compiled kernels")
     import numpy
     import triton
 

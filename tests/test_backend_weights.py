@@ -225,6 +225,7 @@ def test_auto_with_dynamic_shapes_dispatches_by_the_crossover():
         assert 4 <= op.max_tokens < 256 and wins(op.max_tokens) and not wins(op.max_tokens + 1)
 
 
+@pytest.mark.triton
 def test_triton_kernels_run_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("SPARSEC_LINEAR_BACKEND", "triton")
     model = MLP(features=32, hidden=32).eval()
