@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.attention_cpu import _MIN_SHARED, _buckets, choose_blocks
-from sparsec.codegen.block_coverage import _ends, _interval_form, row_intervals
+from sparsec.codegen.block_coverage import _ends, _interval_form, _maximal_runs, row_intervals
 from sparsec.patterns import Dense, Pattern, Skip
 
 __all__ = ["BlockReads", "BlockUnions", "cpu_block_reads", "executor_block_m", "query_block_unions"]
@@ -155,20 +155,12 @@ def _block_unions_by_rows(pattern: Pattern, Sq: int, Sk: int, block_m: int, caus
 
 
 def _runs(lo: torch.Tensor, hi: torch.Tensor, Sk: int):
-    """(keys covered, maximal runs, signature) of each row's union of intervals (rows, n)."""
-    empty = lo > hi
-    lo, hi = lo.masked_fill(empty, Sk), hi.masked_fill(empty, -1)  # empties sort last, reach nothing
-    lo, order = lo.sort(dim=1)
-    reach = hi.gather(1, order).cummax(dim=1).values
-    before = F.pad(reach[:, :-1], (1, 0), value=-2)
-    starts = lo > before + 1  # a new run starts (touching intervals join); so does the first empty
-    run_first = torch.where(starts, lo, -1).cummax(dim=1).values
-    # A run ends before the next start or at the last interval; an empty's "run" starts at Sk,
-    # past everything it reaches, so it is none.
-    ends = F.pad(starts[:, 1:], (0, 1), value=True) & (run_first <= reach)
-    keys = torch.where(ends, reach - run_first + 1, 0).sum(dim=1)
-    signature = torch.where(ends, _mix((run_first + 1) * _HASH_A + (reach + 1) * _HASH_B), 0).sum(dim=1)
-    return keys, ends.sum(dim=1), signature
+    """(keys covered, maximal runs, signature) of each row's union of intervals (rows, n), from
+    block_coverage's maximal runs."""
+    run_first, run_last, is_run = _maximal_runs(lo, hi, Sk)
+    keys = torch.where(is_run, run_last - run_first + 1, 0).sum(dim=1)
+    signature = torch.where(is_run, _mix((run_first + 1) * _HASH_A + (run_last + 1) * _HASH_B), 0).sum(dim=1)
+    return keys, is_run.sum(dim=1), signature
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
