@@ -5,7 +5,8 @@
 
 The tests run the same Triton kernels through Triton's interpreter on CPU tensors; this runs them
 compiled on the GPU, at sizes past one tile (odd lengths, GQA, causal, Sq != Sk, each dtype),
-with fresh random inputs, against references built here from the patterns' explicit masks.
+with fresh random inputs, against the tests' float64 reference (tests/reference.py: the
+patterns' explicit masks).
 """
 from __future__ import annotations
 
@@ -18,28 +19,21 @@ if "--smoke" in sys.argv[1:]:  # before triton is imported
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
 import sparsec  # noqa: E402
 from sparsec import patterns as P  # noqa: E402
 from sparsec.codegen.linear_triton import bsr_linear_triton, nm_linear_triton  # noqa: E402
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm  # noqa: E402
+from reference import reference_attention  # noqa: E402  (tests/reference.py)
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to max |reference|
 
 
-def reference_attention(q, k, v, patterns, causal: bool, scale: float) -> torch.Tensor:
-    """DESIGN.md's definition in float64 on the CPU: softmax over each head's kept keys; a row
-    with no kept key gives 0; Skip heads are not used here."""
-    q, k, v = (t.detach().double().cpu() for t in (q, k, v))
-    B, Hq, Sq, _ = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    allowed = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool)
-    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
-    for h, p in enumerate(patterns):
-        kv = h // (Hq // Hkv)
-        keep = p.mask(Sq, Sk) & allowed
-        scores = (q[:, h] @ k[:, kv].transpose(-1, -2)) * scale
-        out[:, h] = torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1).nan_to_num(0.0) @ v[:, kv]
-    return out
+def reference(q, k, v, patterns, causal: bool, scale: float) -> torch.Tensor:
+    """The tests' float64 reference (tests/reference.py: explicit masks, no sparsec code), on the CPU."""
+    q, k, v = (t.detach().cpu() for t in (q, k, v))
+    return reference_attention(q, k, v, patterns, causal=causal, scale=scale)
 
 
 def attention_cases(Sq: int, Sk: int):
@@ -71,19 +65,19 @@ def check_attention(device, shapes) -> list[tuple[str, float, bool]]:
             scale = 1 / math.sqrt(D)
             results.append(_compare(label, lambda: sparsec.attention(q, k, v, patterns, causal=causal, scale=scale,
                                                                      backend="triton"),
-                                    lambda: reference_attention(q, k, v, patterns, causal, scale), dtype))
+                                    lambda: reference(q, k, v, patterns, causal, scale), dtype))
     return results
 
 
-def _compare(label: str, run, reference, dtype) -> tuple[str, float, bool]:
-    """(label, max error relative to max |reference|, passed); an exception fails the case."""
+def _compare(label: str, run, expected, dtype) -> tuple[str, float, bool]:
+    """(label, max error of run() relative to max |expected()|, passed); an exception fails the case."""
     try:
         out = run()
         if out.is_cuda:
             torch.cuda.synchronize()
     except Exception as error:  # report it and go on: the other cases still tell something
         return f"{label}: {type(error).__name__}: {error}", math.inf, False
-    ref = reference()
+    ref = expected()
     error = float((out.double().cpu() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
     return label, error, bool(torch.isfinite(out).all()) and error <= TOLERANCE[dtype]
 
@@ -101,8 +95,8 @@ def check_linear(device, shape) -> list[tuple[str, float, bool]]:
         w_nm = torch.randn(N, K, device=device, dtype=dtype) * nm_mask
         for name, w, run in (("bsr 64x64", w_bsr, lambda: bsr_linear_triton(x, pack_bsr(w_bsr, (64, 64)), bias)),
                              ("nm 2:4", w_nm, lambda: nm_linear_triton(x, pack_nm(w_nm, 2, 4), bias))):
-            reference = lambda w=w: x.double().cpu() @ w.double().cpu().T + bias.double().cpu()  # noqa: E731
-            results.append(_compare(f"linear {name:9s} {str(dtype)[6:]:9s} {tokens}x{K} -> {N}", run, reference, dtype))
+            expected = lambda w=w: x.double().cpu() @ w.double().cpu().T + bias.double().cpu()  # noqa: E731
+            results.append(_compare(f"linear {name:9s} {str(dtype)[6:]:9s} {tokens}x{K} -> {N}", run, expected, dtype))
     return results
 
 

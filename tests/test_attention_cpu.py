@@ -1,4 +1,5 @@
-"""codegen.attention_cpu.cpu_attention against a float64 reference built from pattern.mask()."""
+"""codegen.attention_cpu.cpu_attention against the float64 reference built from pattern.mask()
+(tests/reference.py)."""
 from __future__ import annotations
 
 import math
@@ -11,31 +12,10 @@ from hypothesis import strategies as st
 from sparsec import patterns as P
 from sparsec.codegen import attention_cpu
 from sparsec.codegen.attention_cpu import cpu_attention
+from reference import reference_attention
 from strategies import PatternBounds, random_layout, skips, unions
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-
-
-def reference(q, k, v, head_patterns, causal, scale):
-    """float64 attention with explicit masks, written from DESIGN.md's definition."""
-    B, Hq, Sq, _ = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    i, j = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
-    allowed = j <= i + (Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool)
-    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
-    for h, p in enumerate(head_patterns):
-        kv = h // (Hq // Hkv)
-        vh = v[:, kv].double()
-        if isinstance(p, P.Skip):
-            if p.fill == "mean":
-                weights = allowed.double() / allowed.sum(dim=1, keepdim=True).clamp(min=1)
-                out[:, h] = weights @ vh
-            continue
-        keep = p.mask(Sq, Sk) & allowed
-        scores = (q[:, h].double() @ k[:, kv].double().transpose(-1, -2)) * scale
-        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
-        out[:, h] = probs @ vh
-    return out
 
 
 def check(head_patterns, *, B=1, Hkv=None, Sq=37, Sk=37, D=16, Dv=None, causal=False, dtype=torch.float32,
@@ -50,7 +30,8 @@ def check(head_patterns, *, B=1, Hkv=None, Sq=37, Sk=37, D=16, Dv=None, causal=F
     out = cpu_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, block_m=block_m, block_n=block_n)
     assert out.dtype == dtype and out.shape == (B, Hq, Sq, Dv or D)
     tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.double(), reference(q, k, v, head_patterns, causal, scale), atol=tol, rtol=tol)
+    expected = reference_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
     return out
 
 
@@ -114,7 +95,7 @@ def test_skipped_key_blocks_are_never_read():
     poisoned_v[:, 0, 8:] = float("nan")
     poisoned_k[:, 1] = float("nan")  # a Skip head never reads K
     out = cpu_attention(q, poisoned_k, poisoned_v, patterns, causal=False, scale=0.25, block_m=16, block_n=8)
-    torch.testing.assert_close(out.double(), reference(q, k, v, patterns, False, 0.25), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, patterns, scale=0.25), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])

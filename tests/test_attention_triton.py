@@ -1,5 +1,6 @@
-"""The Triton attention kernels (through TRITON_INTERPRET=1 on CPU; see conftest.py), against a
-float64 reference built here from pattern.mask(). Shapes are tiny: the interpreter is slow."""
+"""The Triton attention kernels (through TRITON_INTERPRET=1 on CPU; see conftest.py), against the
+float64 reference built from pattern.mask() (tests/reference.py). Shapes are tiny: the
+interpreter is slow."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.codegen import attention_triton as at
 from sparsec.codegen import kernel_cache
@@ -24,29 +26,6 @@ needs_coverage = pytest.mark.skipif(
     reason="codegen/block_coverage.py (the block tables of block_sparse and union) is not there yet")
 
 
-def reference(q, k, v, head_patterns, *, causal, scale):
-    """DESIGN.md's definition in float64: softmax over each head's kept keys; empty rows give 0."""
-    B, Hq, Sq, _ = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    rows = torch.arange(Sq)[:, None]
-    allowed = (torch.arange(Sk)[None, :] <= rows + (Sk - Sq)) if causal else torch.ones(Sq, Sk, dtype=torch.bool)
-    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
-    for h, p in enumerate(head_patterns):
-        kv = h // (Hq // Hkv)
-        values = v[:, kv].double()
-        if isinstance(p, P.Skip):
-            if p.fill == "mean":
-                for i in range(Sq):
-                    if allowed[i].any():
-                        out[:, h, i] = values[:, allowed[i]].mean(dim=1)
-            continue
-        keep = p.mask(Sq, Sk) & allowed
-        scores = (q[:, h].double() @ k[:, kv].double().transpose(-1, -2)) * scale
-        probs = torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1).nan_to_num(0.0)
-        out[:, h] = probs @ values
-    return out
-
-
 def random_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float32, Dv=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Sq, D, generator=g).to(dtype)
@@ -59,7 +38,7 @@ def check(q, k, v, head_patterns, *, causal, tiles=TILES, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = at.triton_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, tiles=tiles)
     assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1])
-    expected = reference(q, k, v, head_patterns, causal=causal, scale=scale)
+    expected = reference_attention(q, k, v, head_patterns, causal=causal, scale=scale)
     tol = TOLERANCE[q.dtype]
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
     return out
@@ -165,7 +144,7 @@ def test_unneeded_key_blocks_are_never_read(family, causal):
     poisoned_k[:, :, unneeded_keys] = float("nan")
     poisoned_v[:, :, unneeded_keys] = float("nan")
     out = at.triton_attention(q, poisoned_k, poisoned_v, (pattern,), causal=causal, scale=0.25, tiles=TILES)
-    expected = reference(q, k, v, (pattern,), causal=causal, scale=0.25)
+    expected = reference_attention(q, k, v, (pattern,), causal=causal, scale=0.25)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
