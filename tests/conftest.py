@@ -4,12 +4,23 @@ TRITON_INTERPRET must be set before triton is first imported, so this happens at
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ.setdefault("SPARSEC_VERIFY", "1")  # verify the IR after every pass in tests
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests (pytestmark = pytest.mark.usefixtures("one_thread")):
+    the test machine's cores are shared, and torch's thread pool spins and slows small ops 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _interpreter_incompatibility() -> str | None:
@@ -37,8 +48,6 @@ def _interpreter_incompatibility() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     reason = _interpreter_incompatibility()
     if reason is None:
         return

@@ -15,14 +15,7 @@ from sparsec.passes.fit_candidates import (
 )
 from sparsec.patterns import BlockSparse, Columns, MultiDiagonal, Skip, VerticalSlash, Window
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared: torch's thread pool spins and slows small ops 100x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def explicit_probs(q, k, causal, scale=None):

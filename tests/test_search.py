@@ -20,16 +20,9 @@ from sparsec.passes.search_patterns import (
 )
 from sparsec.tuning import LayerSample, tune_layer, tune_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUDGET = 0.02
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared: torch's thread pool spins and slows small ops 100x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- knapsack ------------------------------------------------------------------------------------
