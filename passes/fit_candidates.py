@@ -41,8 +41,8 @@ from sparsec.patterns import (
 )
 
 __all__ = [
-    "DEFAULT_RECALLS", "MAX_SELECTED_DENSITY", "HeadCandidates", "block_sparse", "column_ranges", "error_backend", "fit_a_shapes",
-    "fit_a_shapes_many", "fit_block_sparse", "fit_block_sparse_many", "fit_candidates", "fit_columns",
+    "DEFAULT_RECALLS", "MAX_SELECTED_DENSITY", "HeadCandidates", "block_sparse", "column_ranges", "error_backend",
+    "fit_a_shapes", "fit_a_shapes_many", "fit_block_sparse", "fit_block_sparse_many", "fit_candidates", "fit_columns",
     "fit_columns_many", "fit_head_patterns", "fit_multi_diagonals", "fit_multi_diagonals_many",
     "fit_vertical_slashes", "fit_vertical_slashes_many", "fit_windows", "fit_windows_many", "frame_stride",
     "dense_outputs", "measure_candidates", "sliding_max", "snap_to_stride",
