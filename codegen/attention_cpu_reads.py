@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsec.codegen.attention_cpu import _MIN_SHARED, _buckets, choose_blocks
+from sparsec.codegen.attention_cpu_plan import _MIN_SHARED, _buckets, choose_blocks
 from sparsec.codegen.block_coverage import _ends, _interval_form, _maximal_runs, row_intervals
 from sparsec.patterns import Dense, Pattern, Skip
 
@@ -173,7 +173,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def _grouped(keys: np.ndarray, masked: np.ndarray, gathered: np.ndarray, Sk: int, masks_shift: bool):
     """The executor's grouping of blocks into calls: (keys read after bucket growth, masked,
-    gathered, calls). Buckets follow attention_cpu._buckets; a bucket past _ALL_KEYS_RATIO of the
+    gathered, calls). Buckets follow attention_cpu_plan._buckets; a bucket past _ALL_KEYS_RATIO of the
     keys reads all of them as a view. With masks_shift (bands and columns: masks move with the
     block, so blocks reading as many keys share a mask and a call) grown blocks mostly end up
     reading the same keys (growth fills their gaps from the left) and share one copy; grown

@@ -238,7 +238,7 @@ def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n
 
 
 def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) -> BlockCounts:
-    from sparsec.codegen.attention_cpu import query_rows_speed
+    from sparsec.codegen.attention_cpu_plan import query_rows_speed
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads, executor_block_m
 
     Sq, Sk, causal = shape.q_len, shape.kv_len, shape.causal

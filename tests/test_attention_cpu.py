@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsec import patterns as P
-from sparsec.codegen import attention_cpu
+from sparsec.codegen import attention_cpu, attention_cpu_plan
 from sparsec.codegen.attention_cpu import cpu_attention
 from reference import reference_attention
 from strategies import PatternBounds, random_layout, skips, unions
@@ -103,7 +103,7 @@ def test_long_window_uses_strided_kv_and_shared_edges(causal):
     """Lengths that exercise the strided (no-gather) K/V path, edge blocks extended to a shared key
     range under per-block masks, and odd tails."""
     pattern = P.Window(40, 40 if not causal else 0)
-    plan = attention_cpu._plan(pattern, 301, 301, causal, 32)
+    plan = attention_cpu_plan._plan(pattern, 301, 301, causal, 32)
     assert any(c.kv_affine is not None and c.kv_affine[1] > 0 for c in plan.calls)
     assert all(c.kv_index is None for c in plan.calls)  # nothing gathered for a band
     check([pattern] * 4, Hkv=2, Sq=301, Sk=301, causal=causal, block_m=32, block_n=16)
@@ -117,7 +117,7 @@ def test_pattern_heads_in_runs_and_interleaved(causal, B):
     before key 40), without touching other heads; interleaved heads and kv heads with some of
     their query heads go through copies."""
     window, columns = P.Window(8, 8), P.Columns([(40, 48)])
-    assert any(c.strided is not None for c in attention_cpu._plan(window, 128, 128, causal, 16).calls)
+    assert any(c.strided is not None for c in attention_cpu_plan._plan(window, 128, 128, causal, 16).calls)
     check([window, window, columns, columns, P.Dense(), window], B=B, Hkv=3, Sq=128, Sk=128, causal=causal, block_m=16)
     check([window, columns, window, columns], B=B, Sq=128, Sk=128, causal=causal, block_m=16)
     check([columns, columns, window, window], B=B, Hkv=2, Sq=128, Sk=128, causal=causal)
@@ -127,7 +127,7 @@ def test_block_sparse_runs_unmasked_and_reads_only_kept_keys():
     """Whole layout blocks need no mask, and each query block reads exactly its kept keys."""
     layout = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1], [0, 0, 0, 1]], dtype=torch.bool)
     pattern = P.BlockSparse(layout, (16, 16))
-    plan = attention_cpu._plan(pattern, 64, 64, False, 16)
+    plan = attention_cpu_plan._plan(pattern, 64, 64, False, 16)
     assert all(c.mask is None and c.rebuild is None for c in plan.calls)
     assert sum(c.q_blocks.numel() * c.length for c in plan.calls) == int(layout.sum()) * 16
     check([pattern] * 2, Sq=64, Sk=64, block_m=16)
@@ -151,17 +151,17 @@ def test_thread_count_is_restored():
 
 def test_plans_without_cached_masks_and_with_small_chunks(monkeypatch):
     """Past the mask budget masks are rebuilt per call; past the gather budget calls are chunked."""
-    monkeypatch.setattr(attention_cpu, "_PLAN_MASK_BYTES", 1)
+    monkeypatch.setattr(attention_cpu_plan, "_PLAN_MASK_BYTES", 1)
     monkeypatch.setattr(attention_cpu, "_GATHER_BYTES", 1)
-    monkeypatch.setattr(attention_cpu, "_PLAN_CHUNK_PAIRS", 1)
-    attention_cpu._plan.cache_clear()
+    monkeypatch.setattr(attention_cpu_plan, "_PLAN_CHUNK_PAIRS", 1)
+    attention_cpu_plan._plan.cache_clear()
     try:
         for causal in (False, True):
             check(MIX, Hkv=4, Sq=29, Sk=35, causal=causal, block_m=8, block_n=4)
             check([block_sparse(29, 35, (3, 7)), P.MultiDiagonal([-9, 9], 1)], Sq=29, Sk=35, causal=causal,
                   block_m=8, block_n=8)
     finally:
-        attention_cpu._plan.cache_clear()
+        attention_cpu_plan._plan.cache_clear()
 
 
 def test_bad_inputs_raise_clear_errors():

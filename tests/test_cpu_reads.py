@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsec import patterns as P
-from sparsec.codegen import attention_cpu
+from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_reads import cpu_block_reads, query_block_unions
 from sparsec.cost_models.measure import FAMILIES, pattern_at_density
 from strategies import PatternBounds, block_sparse, simple_patterns, unions
@@ -69,7 +69,7 @@ def test_block_unions_match_the_explicit_mask(case):
 
 
 def plan_totals(pattern, S, block_m, causal):
-    plan = attention_cpu._plan(pattern, S, S, causal, block_m)
+    plan = attention_cpu_plan._plan(pattern, S, S, causal, block_m)
     pairs = sum(c.q_blocks.shape[0] * c.length for c in plan.calls) * block_m
     return pairs, len(plan.calls)
 
