@@ -10,22 +10,25 @@ query blocks of block_m rows. Each call runs torch's fused CPU attention kernel 
     they share one mask;
   - otherwise the block's keys are gathered (index_select), a copy about 1/block_m of the work.
 
-A call whose mask keeps every pair runs unmasked. Query blocks and outputs are strided views when
-a call's blocks are evenly spaced. Heads are batched: every (batch, kv head) with the same pattern
-is one batch row of each call, and the query heads of a kv head (GQA) are the call's heads
-dimension with K/V shared (SDPA's enable_gqa), so K and V are never copied per query head. Dense
-heads without a causal offset call SDPA directly; Skip heads are filled without reading K. Copies
-run on one thread and only the attention kernels on all (codegen.cpu_threads). Fixed costs per
-call dominate at short lengths, so a call on views only is prepared once at planning, a
-pattern's consecutive heads are slices of the inputs (views for B = 1), and its output rows are
-written straight into the result when they are contiguous there. Everything is computed in
-float32 (bf16 / fp16 inputs are upcast; fp32 inputs are not copied) and returned in q's dtype.
+A call whose mask keeps every pair runs unmasked. Query blocks and outputs are strided views when a
+call's blocks are evenly spaced. A pattern of bands far apart may run as disjoint parts instead
+(codegen.attention_cpu_split decides): each part's plan runs as above, its calls also returning
+each row's log-sum-exp, and the parts' outputs are merged by it (_run_parts). Heads are batched:
+every (batch, kv head) with the same pattern is one batch row of each call, and the query heads of
+a kv head (GQA) are the call's heads dimension with K/V shared (SDPA's enable_gqa), so K and V are
+never copied per query head. Dense heads without a causal offset call SDPA directly; Skip heads are
+filled without reading K. Copies run on one thread and only the attention kernels on all
+(codegen.cpu_threads). Fixed costs per call dominate at short lengths, so a call on views only is
+prepared once at planning, a pattern's consecutive heads are slices of the inputs (views for B =
+1), and its output rows are written straight into the result when they are contiguous there.
+Everything is computed in float32 (bf16 / fp16 inputs are upcast; fp32 inputs are not copied) and
+returned in q's dtype.
 """
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from sparsec.attention_dispatch import skip_fill
 from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided, choose_blocks
+from sparsec.codegen.attention_cpu_split import choose_split
 from sparsec.codegen.cpu_threads import intra_op_threads
 from sparsec.patterns import Dense, Pattern, Skip
 
@@ -54,6 +58,9 @@ class _Operands:
     v_rows: torch.Tensor  # (R, Sk, Dv) contiguous
     out_rows: torch.Tensor  # (R * c, nqb * bm, Dv)
     threads: int  # intra-op threads for the attention kernels
+    # (R * c, nqb * bm, 1): each row's log-sum-exp of its scores (-inf: no kept key), for a
+    # pattern run as parts (_merge); None: not needed
+    lse_rows: torch.Tensor | None = None
 
 
 def _rows_view(rows: torch.Tensor, count: int, length: int, first: int, step: int) -> torch.Tensor:
@@ -109,12 +116,44 @@ def _chunk_masks(call: _Call, chunk: slice, bm: int):
     return mask, empty
 
 
-def _attend(q, k, v, mask, scale: float, threads: int) -> torch.Tensor:
-    """SDPA of q (g, R * c, M, D) on k, v (g or 1, R, L, D) -> (g, R * c, M, Dv), on `threads`
-    threads; the query heads of a kv head share its K/V (enable_gqa)."""
+def _attend(q, k, v, mask, scale: float, ops: _Operands) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDPA of q (g, R * c, M, D) on k, v (g or 1, R, L, D) -> (g, R * c, M, Dv), on ops.threads
+    threads; the query heads of a kv head share its K/V (enable_gqa). With ops.lse_rows, also
+    each row's log-sum-exp (g, R * c, M, 1) from the same fused kernel (its aten op returns it)."""
     gqa = q.shape[1] != k.shape[1]
-    with intra_op_threads(threads):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if ops.lse_rows is None:
+        with intra_op_threads(ops.threads):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa), None
+    if gqa and not _kernel_broadcasts_kv_heads():
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    if k.shape[0] != q.shape[0]:
+        k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+    with intra_op_threads(ops.threads):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                           scale=scale)
+    return o, lse.unsqueeze(-1)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_broadcasts_kv_heads() -> bool:
+    """Whether torch's fused CPU attention op takes fewer K/V heads than query heads (GQA) itself:
+    checked once on a tiny case against expanded K/V."""
+    q, kv = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    try:
+        found = op(q, kv, kv, 0.0, False)[0]
+    except RuntimeError:
+        return False
+    return torch.allclose(found, op(q, kv.expand(1, 2, 4, 8), kv.expand(1, 2, 4, 8), 0.0, False)[0])
+
+
+def _finish(o: torch.Tensor, lse: torch.Tensor | None, empty: torch.Tensor | None):
+    """Rows with no kept key give 0 and a log-sum-exp of -inf (the kernels give NaN or 0)."""
+    if empty is not None:
+        o = o.masked_fill(empty, 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(empty, float("-inf"))
+    return o, lse
 
 
 def _run_strided(s: _Strided, length: int, ops: _Operands, scale: float) -> None:
@@ -122,10 +161,10 @@ def _run_strided(s: _Strided, length: int, ops: _Operands, scale: float) -> None
     q = _rows_view(ops.q_rows, s.count, s.rows, s.q_first, s.q_step)
     k = _rows_view(ops.k_rows, s.count, length, s.kv_first, s.kv_step)
     v = _rows_view(ops.v_rows, s.count, length, s.kv_first, s.kv_step)
-    o = _attend(q, k, v, s.mask, scale, ops.threads)
-    if s.empty_rows is not None:  # rows with no kept key give 0 (SDPA's math path gives NaN)
-        o = o.masked_fill(s.empty_rows, 0.0)
+    o, lse = _finish(*_attend(q, k, v, s.mask, scale, ops), s.empty_rows)
     _rows_view(ops.out_rows, s.count, s.rows, s.q_first, s.q_step).copy_(o)
+    if lse is not None:
+        _rows_view(ops.lse_rows, s.count, s.rows, s.q_first, s.q_step).copy_(lse)
 
 
 def _run_call(call: _Call, bm: int, ops: _Operands, scale: float) -> None:
@@ -162,12 +201,42 @@ def _run_call(call: _Call, bm: int, ops: _Operands, scale: float) -> None:
             k, v = (t.expand(g, -1, -1, -1) for t in shared)
         else:
             k, v = _kv_operand(ops.k_rows, call, chunk, g), _kv_operand(ops.v_rows, call, chunk, g)
-        o = _attend(q, k, v, mask, scale, ops.threads)
+        o, lse = _attend(q, k, v, mask, scale, ops)
         if fold:
             o = o.view(heads, g, bm, -1).transpose(0, 1)
-        if empty is not None:  # rows with no kept key give 0 (SDPA's math path gives NaN)
-            o = o.masked_fill(empty, 0.0)
+            lse = None if lse is None else lse.view(heads, g, bm, 1).transpose(0, 1)
+        o, lse = _finish(o, lse, empty)
         _store(ops.out_rows, o, call, chunk, bm)
+        if lse is not None:
+            _store(ops.lse_rows, lse, call, chunk, bm)
+
+
+def _run_parts(plans, ops: _Operands, scale: float) -> None:
+    """A pattern run as disjoint parts (codegen.attention_cpu_split): each part's plan writes its
+    output and log-sum-exp, merged into ops.out_rows as they come (rows' softmax over the union of
+    the parts' keys). ops.out_rows holds the first part's output; later parts use one buffer."""
+    total = torch.full(ops.out_rows.shape[:2] + (1,), float("-inf"))
+    part_ops = replace(ops, lse_rows=total)
+    for n, plan in enumerate(plans):
+        if n == 1:
+            part_ops = replace(ops, out_rows=torch.empty_like(ops.out_rows), lse_rows=torch.empty_like(total))
+        if n >= 1:
+            part_ops.lse_rows.fill_(float("-inf"))
+            if plan.has_empty_blocks:
+                part_ops.out_rows.zero_()
+        for call in plan.calls:
+            _run_call(call, plan.block_m, part_ops, scale)
+        if n >= 1:
+            _merge(ops.out_rows, total, part_ops.out_rows, part_ops.lse_rows)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """out, lse (attention over some keys, rows' log-sum-exp) become attention over those keys and
+    the part's (disjoint from them), in place; rows with no key in either stay 0 with -inf."""
+    merged = torch.logaddexp(lse, part_lse)
+    shift = torch.where(torch.isfinite(merged), merged, 0.0)
+    out.mul_(torch.exp(lse - shift)).addcmul_(part, torch.exp(part_lse - shift))
+    lse.copy_(merged)
 
 
 def _padded_rows(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -196,6 +265,10 @@ def _head_index(heads: tuple[int, ...]) -> slice | torch.Tensor:
     return slice(first, first + len(heads)) if heads == tuple(range(first, first + len(heads))) else torch.tensor(heads)
 
 
+def _count(heads: slice | torch.Tensor) -> int:
+    return heads.stop - heads.start if isinstance(heads, slice) else heads.shape[0]
+
+
 def _select_heads(x: torch.Tensor, heads: slice | torch.Tensor) -> torch.Tensor:
     """x[:, heads]: a view for a slice, a copy for an index tensor."""
     return x[:, heads] if isinstance(heads, slice) else x.index_select(1, heads)
@@ -216,23 +289,27 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     a padded buffer."""
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[-1]
-    bm = block_m or choose_blocks(pattern, Sq, Sk, causal)[0]
-    plan = _plan(pattern, Sq, Sk, causal, bm)
+    bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=q.shape[0] * _count(table.q_heads),
+                             width=q.shape[-1] + Dv, threads=threads)
+    plans = [_plan(part, Sq, Sk, causal, bm) for part in parts]
     q_rows = _padded_rows(_select_heads(q, table.q_heads), bm)
     k_rows = _select_heads(k, table.kv_heads).contiguous().view(-1, Sk, k.shape[-1])
     v_rows = _select_heads(v, table.kv_heads).contiguous().view(-1, Sk, Dv)
     target = out[:, table.q_heads] if isinstance(table.q_heads, slice) else None
     direct = target is not None and target.is_contiguous() and q_rows.shape[1] == Sq
+    zeroed = any(plan.has_empty_blocks for plan in plans)  # blocks that read no key: 0
     if direct:
         out_rows = target.view(q_rows.shape[0], Sq, Dv)
-        if plan.has_empty_blocks:  # blocks that read no key: 0
+        if zeroed:
             out_rows.zero_()
     else:
-        make = torch.zeros if plan.has_empty_blocks else torch.empty
-        out_rows = make(q_rows.shape[0], q_rows.shape[1], Dv, dtype=out.dtype)
-    ops = _Operands(q_rows, k_rows, v_rows, out_rows, threads)
-    for call in plan.calls:
-        _run_call(call, plan.block_m, ops, scale)
+        out_rows = (torch.zeros if zeroed else torch.empty)(q_rows.shape[0], q_rows.shape[1], Dv, dtype=out.dtype)
+    if len(plans) == 1:
+        ops = _Operands(q_rows, k_rows, v_rows, out_rows, threads)
+        for call in plans[0].calls:
+            _run_call(call, bm, ops, scale)
+    else:
+        _run_parts(plans, _Operands(q_rows, k_rows, v_rows, out_rows, threads), scale)
     if not direct:
         _store_heads(out, table.q_heads, out_rows.view(B, q_rows.shape[0] // B, -1, Dv)[:, :, :Sq])
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsec.codegen.attention_cpu_plan import _MIN_SHARED, _buckets, choose_blocks
+from sparsec.codegen.attention_cpu_plan import _MIN_SHARED, _buckets
 from sparsec.codegen.block_coverage import _ends, _interval_form, _maximal_runs, row_intervals
 from sparsec.patterns import Dense, Pattern, Skip
 
-__all__ = ["BlockReads", "BlockUnions", "cpu_block_reads", "executor_block_m", "query_block_unions"]
+__all__ = ["BlockReads", "BlockUnions", "cpu_block_reads", "query_block_unions"]
 
 # Rows sorted at once: bounds the (rows, intervals) work arrays at long sequences.
 _ROW_CHUNK = 1 << 14
@@ -55,11 +55,6 @@ class BlockReads:
     # query sequence (the kernel's speed depends on it); a direct call runs every row.
     call_rows: np.ndarray
     direct: bool = False  # one direct SDPA call over the whole sequence (dense heads)
-
-
-def executor_block_m(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> int:
-    """The query block size the executor picks for `pattern` when no tiles are given."""
-    return choose_blocks(pattern, Sq, Sk, causal)[0]
 
 
 def cpu_block_reads(pattern: Pattern, Sq: int, Sk: int, block_m: int, causal: bool) -> BlockReads:

@@ -238,11 +238,32 @@ def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n
 
 
 def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) -> BlockCounts:
-    from sparsec.codegen.attention_cpu_plan import query_rows_speed
-    from sparsec.codegen.attention_cpu_reads import cpu_block_reads, executor_block_m
+    """The cpu executor's work for one head of `pattern`, run whole or as disjoint parts the way
+    the executor decides (codegen.attention_cpu_split.choose_split, for all heads and the batch
+    at once): a split pattern's parts add up, and merging each part after the first copies its
+    rows' outputs once more (priced as gathered keys of the same bytes)."""
+    from sparsec.codegen.attention_cpu_split import choose_split
 
     Sq, Sk, causal = shape.q_len, shape.kv_len, shape.causal
-    bm = block_m or executor_block_m(pattern, Sq, Sk, causal)
+    bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=shape.batch * shape.num_heads,
+                             width=shape.head_dim + shape.value_dim, threads=torch.get_num_threads())
+    counts = [_cpu_part_counts(part, Sq, Sk, bm, causal) for part in parts]
+    if len(counts) == 1:
+        return counts[0]
+    visited = sum(c.visited for c in counts)
+    slowed = sum(c.visited / c.speed for c in counts)
+    rows = np.minimum(bm, Sq - np.arange(visited.shape[0]) * bm)
+    merged_keys = (len(parts) - 1) * rows * 2 * shape.value_dim / (shape.head_dim + shape.value_dim)
+    return BlockCounts(visited, sum(c.partial for c in counts), sum(c.computed for c in counts),
+                       sum(c.gathered for c in counts) + merged_keys,
+                       np.divide(visited, slowed, out=np.ones_like(visited), where=slowed > 0),
+                       sum(c.calls for c in counts))
+
+
+def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> BlockCounts:
+    from sparsec.codegen.attention_cpu_plan import query_rows_speed
+    from sparsec.codegen.attention_cpu_reads import cpu_block_reads
+
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
     rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
     speed = query_rows_speed(reads.call_rows)

@@ -1,11 +1,12 @@
 """Analytic attention cost model: counts the tiles kernels visit, launches, waves and skips."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from sparsec import patterns as P
-from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
+from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention, pattern_counts
 from sparsec.cost_models.hardware import HardwareProfile, get_profile
 
 
@@ -115,8 +116,10 @@ def test_cpu_profile_prices_the_executor_reads():
     band = estimate_attention((P.Window(63, 0),) * 4, s, hw, block_m=64).seconds
     assert blocks < band
     # Without tiles the estimate follows the executor's own query block choice.
-    from sparsec.codegen.attention_cpu_reads import executor_block_m
-    chosen = executor_block_m(window, 1024, 1024, False)
+    from sparsec.codegen.attention_cpu_split import choose_split
+    chosen, parts = choose_split(window, 1024, 1024, False, rows=s.batch * s.num_heads, width=s.head_dim + s.value_dim,
+                                 threads=torch.get_num_threads())
+    assert parts == (window,)
     assert estimate_attention((window,) * 4, s, hw, block_m=None).seconds == pytest.approx(
         estimate_attention((window,) * 4, s, hw, block_m=chosen).seconds)
 
@@ -200,3 +203,20 @@ def test_makespan_estimate_is_close_to_the_list_schedule_on_long_launches(causal
     exact = _schedule(torch.tensor(costs, dtype=torch.float64), hw)
     assert exact == pytest.approx(list_schedule(costs, hw.sm_count), rel=1e-12)
     assert makespan_estimate(sum(costs), max(costs), hw) == pytest.approx(exact, rel=0.03)
+
+
+def test_cpu_prices_a_split_pattern_as_its_parts():
+    """Far bands at S = 4096 run as parts on the cpu executor (codegen.attention_cpu_split); the
+    estimate counts each part's pairs and calls, plus the merge's copies."""
+    from sparsec.codegen.attention_cpu_split import choose_split
+
+    s = shape(4096, heads=8, dtype="f32")
+    pattern = P.MultiDiagonal([-1024, -512, 0, 512, 1024], 48)
+    bm, parts = choose_split(pattern, 4096, 4096, False, rows=8, width=s.head_dim + s.value_dim,
+                             threads=torch.get_num_threads())
+    assert len(parts) == 5
+    whole = pattern_counts([pattern], s, None, 64, executor="cpu")[pattern]
+    each = pattern_counts(parts, s, bm, 64, executor="cpu")
+    assert whole.calls == sum(c.calls for c in each.values())
+    np.testing.assert_allclose(whole.visited, sum(c.visited for c in each.values()))
+    assert (whole.gathered > sum(c.gathered for c in each.values())).all()  # the merge's copies

@@ -1,0 +1,105 @@
+"""Patterns the CPU executor runs as disjoint parts merged by log-sum-exp
+(codegen/attention_cpu_split.py), against the float64 reference built from pattern.mask()."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsec import patterns as P
+from sparsec.codegen import attention_cpu
+from sparsec.codegen.attention_cpu import cpu_attention
+from sparsec.codegen.attention_cpu_split import band_parts, choose_split
+from reference import reference_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture
+def always_split(monkeypatch):
+    """The executor runs every pattern as its band_parts (short test sequences would not split:
+    the decision is tested at the lengths where it does)."""
+    monkeypatch.setattr(attention_cpu, "choose_split",
+                        lambda pattern, Sq, Sk, causal, block_m=None, **_: (block_m or 8, band_parts(pattern)))
+
+
+def check(head_patterns, *, B=1, Hkv=None, Sq=61, Sk=61, D=16, causal=False, dtype=torch.float32, block_m=None,
+          seed=0):
+    torch.manual_seed(seed)
+    Hq = len(head_patterns)
+    q = torch.randn(B, Hq, Sq, D, dtype=dtype)
+    k = torch.randn(B, Hkv or Hq, Sk, D, dtype=dtype)
+    v = torch.randn(B, Hkv or Hq, Sk, D, dtype=dtype)
+    scale = 1.0 / math.sqrt(D)
+    out = cpu_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, block_m=block_m)
+    expected = reference_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    return out
+
+
+def runs_split(pattern, S, *, rows=8, width=128) -> bool:
+    return len(choose_split(pattern, S, S, False, rows=rows, width=width, threads=2)[1]) > 1
+
+
+@given(offsets=st.lists(st.integers(-40, 40), min_size=1, max_size=6), width=st.integers(0, 5))
+@settings(max_examples=60, deadline=None)
+def test_band_parts_are_disjoint_and_cover_the_pattern(offsets, width):
+    pattern = P.MultiDiagonal(offsets, width)
+    parts = band_parts(pattern)
+    masks = torch.stack([part.mask(50, 57) for part in parts]).to(torch.int32)
+    assert torch.equal(masks.sum(dim=0) > 0, pattern.mask(50, 57))
+    assert int(masks.sum(dim=0).max()) <= 1  # disjoint
+    bands = [o for part in parts for o in part.offsets]
+    assert sorted(bands) == list(pattern.offsets)
+
+
+def test_touching_bands_stay_together_and_other_families_stay_whole():
+    assert band_parts(P.MultiDiagonal([0, 5], 2)) == (P.MultiDiagonal([0, 5], 2),)  # [-2, 2] and [3, 7] touch
+    assert band_parts(P.MultiDiagonal([0, 6, 30], 2)) == (P.MultiDiagonal([0], 2), P.MultiDiagonal([6], 2),
+                                                          P.MultiDiagonal([30], 2))
+    for pattern in (P.Window(3, 3), P.MultiDiagonal([4], 1), P.VerticalSlash([0], [0, -20]), P.Dense()):
+        assert band_parts(pattern) == (pattern,)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Sq,Sk", [(61, 61), (45, 70), (70, 33), (1, 40)])
+def test_split_patterns_match_the_reference(always_split, causal, Sq, Sk):
+    pattern = P.MultiDiagonal([-30, -12, -10, 0, 25], 2)
+    check([pattern] * 2, B=2, Sq=Sq, Sk=Sk, causal=causal, block_m=8)
+    check([pattern, P.Window(3, 0), pattern, pattern], Hkv=2, Sq=Sq, Sk=Sk, causal=causal, block_m=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_split_dtypes_and_gqa(always_split, dtype):
+    pattern = P.MultiDiagonal([-24, 0, 20], 1)
+    check([pattern] * 4, Hkv=1, Sq=64, Sk=64, dtype=dtype, block_m=16)
+
+
+def test_gqa_without_the_kernels_kv_broadcast(always_split, monkeypatch):
+    """Where torch's fused op wants as many K/V heads as query heads, K/V are repeated per head."""
+    monkeypatch.setattr(attention_cpu, "_kernel_broadcasts_kv_heads", lambda: False)
+    check([P.MultiDiagonal([-20, 0, 20], 1)] * 4, Hkv=2, Sq=48, Sk=48, block_m=16)
+
+
+def test_rows_with_no_key_in_any_part_are_zero(always_split):
+    """Causal: the band at +30 is all future keys, and the rows before key 0 of the band at -40
+    keep nothing but their own diagonal's neighbours; rows of a part with no key give -inf to the
+    merge, and rows with no key at all are 0."""
+    pattern = P.MultiDiagonal([-40, 30], 1)
+    out = check([pattern], causal=True, block_m=8)
+    assert torch.equal(out[0, 0, :39], torch.zeros(39, 16))
+    check([P.MultiDiagonal([-40, 0], 1)], Sq=20, Sk=61, causal=True, block_m=8)  # Sq < Sk: causal offset
+
+
+def test_long_sequences_split_far_bands_and_keep_wide_ones_whole():
+    """The decision at the executor's costs on 2 threads (bench: 8 heads, D = 64): video-like bands
+    at 10% density run as parts at S = 4096 (1.2x faster measured); bands wide enough that their
+    query blocks read overlapping keys (50%), and short sequences, run whole."""
+    assert runs_split(P.MultiDiagonal([-1024, -512, 0, 512, 1024], 48), 4096)
+    assert not runs_split(P.MultiDiagonal([-1024, -512, 0, 512, 1024], 242), 4096)
+    assert not runs_split(P.MultiDiagonal([-256, -128, 0, 128, 256], 30), 1024)  # fixed costs win
