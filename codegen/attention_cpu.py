@@ -12,7 +12,7 @@ query blocks of block_m rows. Each call runs torch's fused CPU attention kernel 
 
 A call whose mask keeps every pair runs unmasked. Query blocks and outputs are strided views when a
 call's blocks are evenly spaced. A pattern of bands far apart may run as disjoint parts instead
-(codegen.attention_cpu_split decides): each part's plan runs as above, its calls also returning
+(codegen.attention_cpu_choice decides): each part's plan runs as above, its calls also returning
 each row's log-sum-exp, and the parts' outputs are merged by it (_run_parts). Heads are batched:
 every (batch, kv head) with the same pattern is one batch row of each call, and the query heads of
 a kv head (GQA) are the call's heads dimension with K/V shared (SDPA's enable_gqa), so K and V are
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from sparsec.attention_dispatch import skip_fill
 from sparsec.codegen import attention_cpu_plan
-from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided, choose_blocks
-from sparsec.codegen.attention_cpu_split import choose_split
+from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
+from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided
 from sparsec.codegen.cpu_threads import intra_op_threads
 from sparsec.patterns import Dense, Pattern, Skip
 
@@ -212,7 +212,7 @@ def _run_call(call: _Call, bm: int, ops: _Operands, scale: float) -> None:
 
 
 def _run_parts(plans, ops: _Operands, scale: float) -> None:
-    """A pattern run as disjoint parts (codegen.attention_cpu_split): each part's plan writes its
+    """A pattern run as disjoint parts (codegen.attention_cpu_choice): each part's plan writes its
     output and log-sum-exp, merged into ops.out_rows as they come (rows' softmax over the union of
     the parts' keys). ops.out_rows holds the first part's output; later parts use one buffer."""
     total = torch.full(ops.out_rows.shape[:2] + (1,), float("-inf"))
@@ -283,14 +283,14 @@ def _store_heads(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Ten
 
 
 def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, scale: float,
-                  block_m: int | None, threads: int, out: torch.Tensor) -> None:
+                  block_m: int | None, split: bool | None, threads: int, out: torch.Tensor) -> None:
     """Writes the output of the query heads of `table` to out (B, Hq, Sq, Dv): straight into it
     when its rows of those heads are one contiguous block and Sq needs no padding, else through
     a padded buffer."""
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[-1]
     bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=q.shape[0] * _count(table.q_heads),
-                             width=q.shape[-1] + Dv, threads=threads)
+                             width=q.shape[-1] + Dv, threads=threads, split=split)
     plans = [_plan(part, Sq, Sk, causal, bm) for part in parts]
     q_rows = _padded_rows(_select_heads(q, table.q_heads), bm)
     k_rows = _select_heads(k, table.kv_heads).contiguous().view(-1, Sk, k.shape[-1])
@@ -397,21 +397,27 @@ def cpu_attention(
     scale: float,
     block_m: int | None = None,
     block_n: int | None = None,
+    split: bool | None = None,
 ) -> torch.Tensor:
     """Exact sparse attention on CPU (semantics of sparsec.attention, DESIGN.md): head h keeps the
     pairs of head_patterns[h] (and j <= i + Sk - Sq when causal); rows with no kept key are 0.
     block_m overrides the query block size chosen per pattern (choose_blocks); block_n is
-    accepted for the tiles API and unused (keys are read as exact runs, not tiles)."""
+    accepted for the tiles API and unused (keys are read as exact runs, not tiles). split
+    True / False runs patterns of bands far apart as parts / whole instead of as the estimate
+    decides (codegen.attention_cpu_choice; for benchmarks and tests: the result is the same)."""
     _check_inputs(q, k, v, head_patterns, scale)
+    if split not in (None, True, False):
+        raise ValueError(f"cpu_attention: split must be None, True or False, got {split!r}")
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"cpu_attention: {name} must be a positive int, got {value!r}")
     threads = torch.get_num_threads()
     with intra_op_threads(1):  # copies on one thread, attention kernels on all (see codegen.cpu_threads)
-        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, threads)
+        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, threads)
 
 
-def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int | None, threads: int) -> torch.Tensor:
+def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int | None, split: bool | None,
+               threads: int) -> torch.Tensor:
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -428,5 +434,5 @@ def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int 
             _store_heads(out, _head_index(heads), _dense_heads(qf, kf, vf, heads, causal, scale, threads))
         else:
             for table in _head_tables(heads, group):
-                _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, threads, out)
+                _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, split, threads, out)
     return out.to(q.dtype)

@@ -13,9 +13,8 @@ the bucket's count (masked) and the bucket runs as one call with a mask per bloc
 
 Each class or bucket is one call (_Call) reading each block's keys as one run sliding evenly
 with the block (a strided view), the same keys for every block (one view or copy, broadcast), or
-gathered keys; a call on views only is prepared once here (_Strided). block_m (choose_blocks) is
-the candidate with the least estimated work: pairs read over the kernel's measured speed at that
-many query rows, plus gathers.
+gathered keys; a call on views only is prepared once here (_Strided). The query block size is
+chosen by codegen/attention_cpu_choice.py.
 """
 from __future__ import annotations
 
@@ -25,17 +24,15 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.block_coverage import row_intervals
-from sparsec.codegen.cpu_threads import intra_op_threads
-from sparsec.patterns import Dense, Pattern, Skip
+from sparsec.patterns import Pattern
 
 log = logging.getLogger(__name__)
 
-__all__ = ["choose_blocks", "query_rows_speed"]
+__all__: list[str] = []  # the executor's internals: codegen/attention_cpu.py is the entry point
 
 # Cached masks of one plan stay under this; past it masks are rebuilt on every call instead.
 _PLAN_MASK_BYTES = 256 << 20
@@ -50,13 +47,6 @@ _BUCKET_RATIO = 0.75
 # A bucket that reads at least this fraction of all keys reads all of them: no gather, and its
 # blocks fold into one long query sequence.
 _ALL_KEYS_RATIO = 0.8
-# Per-pair speed of torch's fused CPU attention kernel by query rows per call (relative to 128),
-# measured at S = 4096, D = 64 with 2 threads: under 192 rows it splits queries by 32, and every
-# split reloads the K/V tiles; from 192 rows it splits by 64.
-_QUERY_BLOCK_SPEED = {32: 0.88, 64: 0.95, 128: 1.0, 256: 1.1}
-# Gathering one key (its K and V rows, fp32, D = 64) costs about as much as this many pairs
-# (measured: the copy itself is ~20, the smaller calls of shorter query blocks the rest).
-_GATHER_PAIRS_PER_KEY = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,44 +143,6 @@ class _Plan:
 
 
 # -- planning ------------------------------------------------------------------------------------
-
-
-def choose_blocks(pattern: Pattern, Sq: int, Sk: int, causal: bool = False) -> tuple[int, int]:
-    """(block_m, block_n) for `pattern`. Keys are read as exact runs, so only block_m matters
-    (block_n, for callers that share tiles with the Triton kernels, is min(128, Sk)): the query
-    block size with the least estimated work, see _block_m_cost."""
-    return _choose_block_m(pattern, Sq, Sk, bool(causal)), min(128, Sk)
-
-
-@functools.lru_cache(maxsize=256)
-def _choose_block_m(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> int:
-    if isinstance(pattern, (Dense, Skip)):
-        return min(128, Sq)
-    candidates = sorted({min(bm, Sq) for bm in _QUERY_BLOCK_SPEED})
-    with intra_op_threads(1):
-        lo, hi = row_intervals(pattern, Sq, Sk, causal)
-        return min(candidates, key=lambda bm: _block_m_cost(lo, hi, Sq, Sk, bm))
-
-
-def query_rows_speed(rows):
-    """Relative per-pair speed of torch's fused CPU attention kernel on calls of `rows` query rows
-    (_QUERY_BLOCK_SPEED; 1.0 at 128): a float for an int, a float64 array for an array."""
-    sizes = np.array(sorted(_QUERY_BLOCK_SPEED))
-    speeds = np.array([_QUERY_BLOCK_SPEED[s] for s in sizes])
-    found = speeds[np.clip(np.searchsorted(sizes, rows, side="right") - 1, 0, None)]
-    return float(found) if np.ndim(rows) == 0 else found
-
-
-def _block_m_cost(lo: torch.Tensor, hi: torch.Tensor, Sq: int, Sk: int, bm: int) -> float:
-    """Estimated time of a plan with query blocks of bm rows, in units of one (query, key) pair at
-    block_m = 128: pairs read (bm x each block's key runs) over the kernel's speed at bm, plus
-    the copy of the keys of blocks whose keys are not one run (gathered)."""
-    pad = -Sq % bm
-    runs = _block_runs(F.pad(lo, (0, 0, 0, pad), value=1).view(-1, bm, lo.shape[1]),
-                       F.pad(hi, (0, 0, 0, pad), value=0).view(-1, bm, hi.shape[1]), Sk)
-    lengths = runs.lengths.sum(dim=1)
-    gathered = int(lengths[runs.count > 1].sum())
-    return bm * int(lengths.sum()) / query_rows_speed(bm) + _GATHER_PAIRS_PER_KEY * gathered
 
 
 def _block_intervals(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int):

@@ -239,10 +239,10 @@ def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n
 
 def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) -> BlockCounts:
     """The cpu executor's work for one head of `pattern`, run whole or as disjoint parts the way
-    the executor decides (codegen.attention_cpu_split.choose_split, for all heads and the batch
+    the executor decides (codegen.attention_cpu_choice.choose_split, for all heads and the batch
     at once): a split pattern's parts add up, and merging each part after the first copies its
     rows' outputs once more (priced as gathered keys of the same bytes)."""
-    from sparsec.codegen.attention_cpu_split import choose_split
+    from sparsec.codegen.attention_cpu_choice import choose_split
 
     Sq, Sk, causal = shape.q_len, shape.kv_len, shape.causal
     bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=shape.batch * shape.num_heads,
@@ -261,7 +261,7 @@ def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) ->
 
 
 def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> BlockCounts:
-    from sparsec.codegen.attention_cpu_plan import query_rows_speed
+    from sparsec.codegen.attention_cpu_choice import query_rows_speed
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads
 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)

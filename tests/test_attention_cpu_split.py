@@ -1,5 +1,5 @@
 """Patterns the CPU executor runs as disjoint parts merged by log-sum-exp
-(codegen/attention_cpu_split.py), against the float64 reference built from pattern.mask()."""
+(codegen/attention_cpu_choice.py), against the float64 reference built from pattern.mask()."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sparsec import patterns as P
 from sparsec.codegen import attention_cpu
 from sparsec.codegen.attention_cpu import cpu_attention
-from sparsec.codegen.attention_cpu_split import band_parts, choose_split
+from sparsec.codegen.attention_cpu_choice import band_parts, choose_split
 from reference import reference_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,23 +20,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
-@pytest.fixture
-def always_split(monkeypatch):
-    """The executor runs every pattern as its band_parts (short test sequences would not split:
-    the decision is tested at the lengths where it does)."""
-    monkeypatch.setattr(attention_cpu, "choose_split",
-                        lambda pattern, Sq, Sk, causal, block_m=None, **_: (block_m or 8, band_parts(pattern)))
-
-
-def check(head_patterns, *, B=1, Hkv=None, Sq=61, Sk=61, D=16, causal=False, dtype=torch.float32, block_m=None,
+def check(head_patterns, *, B=1, Hkv=None, Sq=61, Sk=61, D=16, causal=False, dtype=torch.float32, block_m=8,
           seed=0):
+    """cpu_attention with every pattern of bands far apart run as parts (split=True: short test
+    sequences would not split by the estimate, which is tested at the lengths where they do)."""
     torch.manual_seed(seed)
     Hq = len(head_patterns)
     q = torch.randn(B, Hq, Sq, D, dtype=dtype)
     k = torch.randn(B, Hkv or Hq, Sk, D, dtype=dtype)
     v = torch.randn(B, Hkv or Hq, Sk, D, dtype=dtype)
     scale = 1.0 / math.sqrt(D)
-    out = cpu_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, block_m=block_m)
+    out = cpu_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, block_m=block_m, split=True)
     expected = reference_attention(q, k, v, head_patterns, causal=causal, scale=scale)
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     return out
@@ -68,25 +62,25 @@ def test_touching_bands_stay_together_and_other_families_stay_whole():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Sq,Sk", [(61, 61), (45, 70), (70, 33), (1, 40)])
-def test_split_patterns_match_the_reference(always_split, causal, Sq, Sk):
+def test_split_patterns_match_the_reference(causal, Sq, Sk):
     pattern = P.MultiDiagonal([-30, -12, -10, 0, 25], 2)
     check([pattern] * 2, B=2, Sq=Sq, Sk=Sk, causal=causal, block_m=8)
     check([pattern, P.Window(3, 0), pattern, pattern], Hkv=2, Sq=Sq, Sk=Sk, causal=causal, block_m=8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_split_dtypes_and_gqa(always_split, dtype):
+def test_split_dtypes_and_gqa(dtype):
     pattern = P.MultiDiagonal([-24, 0, 20], 1)
     check([pattern] * 4, Hkv=1, Sq=64, Sk=64, dtype=dtype, block_m=16)
 
 
-def test_gqa_without_the_kernels_kv_broadcast(always_split, monkeypatch):
+def test_gqa_without_the_kernels_kv_broadcast(monkeypatch):
     """Where torch's fused op wants as many K/V heads as query heads, K/V are repeated per head."""
     monkeypatch.setattr(attention_cpu, "_kernel_broadcasts_kv_heads", lambda: False)
     check([P.MultiDiagonal([-20, 0, 20], 1)] * 4, Hkv=2, Sq=48, Sk=48, block_m=16)
 
 
-def test_rows_with_no_key_in_any_part_are_zero(always_split):
+def test_rows_with_no_key_in_any_part_are_zero():
     """Causal: the band at +30 is all future keys, and the rows before key 0 of the band at -40
     keep nothing but their own diagonal's neighbours; rows of a part with no key give -inf to the
     merge, and rows with no key at all are 0."""
@@ -103,3 +97,15 @@ def test_long_sequences_split_far_bands_and_keep_wide_ones_whole():
     assert runs_split(P.MultiDiagonal([-1024, -512, 0, 512, 1024], 48), 4096)
     assert not runs_split(P.MultiDiagonal([-1024, -512, 0, 512, 1024], 242), 4096)
     assert not runs_split(P.MultiDiagonal([-256, -128, 0, 128, 256], 30), 1024)  # fixed costs win
+
+
+def test_forcing_the_way_gives_the_same_result_and_bad_values_are_refused():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    pattern = (P.MultiDiagonal([-25, 0, 25], 1),) * 2
+    assert len(choose_split(pattern[0], 40, 40, False, 8, split=True)[1]) == 3
+    assert choose_split(pattern[0], 40, 40, False, 8, split=False)[1] == pattern[:1]
+    parts, whole = (cpu_attention(q, k, v, pattern, causal=False, scale=0.3, block_m=8, split=s) for s in (True, False))
+    torch.testing.assert_close(parts, whole, atol=2e-6, rtol=2e-6)
+    with pytest.raises(ValueError, match="split must be None, True or False"):
+        cpu_attention(q, k, v, pattern, causal=False, scale=0.3, split="yes")

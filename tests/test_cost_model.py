@@ -116,7 +116,7 @@ def test_cpu_profile_prices_the_executor_reads():
     band = estimate_attention((P.Window(63, 0),) * 4, s, hw, block_m=64).seconds
     assert blocks < band
     # Without tiles the estimate follows the executor's own query block choice.
-    from sparsec.codegen.attention_cpu_split import choose_split
+    from sparsec.codegen.attention_cpu_choice import choose_split
     chosen, parts = choose_split(window, 1024, 1024, False, rows=s.batch * s.num_heads, width=s.head_dim + s.value_dim,
                                  threads=torch.get_num_threads())
     assert parts == (window,)
@@ -206,9 +206,9 @@ def test_makespan_estimate_is_close_to_the_list_schedule_on_long_launches(causal
 
 
 def test_cpu_prices_a_split_pattern_as_its_parts():
-    """Far bands at S = 4096 run as parts on the cpu executor (codegen.attention_cpu_split); the
+    """Far bands at S = 4096 run as parts on the cpu executor (codegen.attention_cpu_choice); the
     estimate counts each part's pairs and calls, plus the merge's copies."""
-    from sparsec.codegen.attention_cpu_split import choose_split
+    from sparsec.codegen.attention_cpu_choice import choose_split
 
     s = shape(4096, heads=8, dtype="f32")
     pattern = P.MultiDiagonal([-1024, -512, 0, 512, 1024], 48)

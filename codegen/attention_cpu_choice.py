@@ -1,0 +1,137 @@
+"""The CPU executor's choices for a pattern: the query block size, and whether bands far apart
+run whole or as disjoint parts merged by log-sum-exp.
+
+Query block size (choose_blocks): the candidate with the least estimated work, pairs read (block_m
+x the union of each block's rows' keys) over the fused kernel's measured speed at that many query
+rows, plus the keys gathered for blocks whose union is not one run. The unions come from
+codegen.attention_cpu_reads in closed form (no planning).
+
+Split (choose_split). A pattern of a few bands far apart (MultiDiagonal at frame strides) read
+whole makes each query block read the union of the bands' keys: several runs a block, gathered,
+under a mask as wide as the union. Run as parts, each band (or group of touching bands) is a plan
+of its own: one run a block, a strided view of K/V, a narrow mask shared by the interior blocks;
+the kernel returns each row's log-sum-exp, and the parts' outputs are merged by it (attention over
+disjoint key sets: out = sum_c exp(lse_c - lse) out_c with lse = logsumexp_c lse_c). The parts are
+exact: they keep disjoint key sets whose union is the pattern.
+
+Splitting pays the merge and one plan a part, and wins only when the whole plan reads the bands as
+separate runs: once the bands' reads overlap (wide bands, or dense), the whole plan reads fewer
+keys and its blocks fold into all-keys calls; at short lengths the parts' extra calls and rows cost
+more than they save. choose_split compares the two in estimated seconds: the executor's work
+estimate (_block_m_work), its SDPA calls (attention_cpu_reads), a cost per query row of each part,
+and the merges. Measured on 2 threads, S = 4096, 8 heads, D = 64, five bands: 1.3x (10%) and 1.45x
+(25%) faster split, and whole kept at 50% and at S = 1024 (bench/results/attention_cpu_*.json).
+bench/cpu_split.py times both ways over 48 cases (S 1024-4096, 4 or 8 heads, causal or not, 10-50%,
+1 or 2 threads): the chosen way is 2.2% slower than the faster one on average (always whole: 14.9%,
+always split: 7.6%); its misses are narrow causal bands at S <= 2048 (up to 39% on one thread),
+where the parts' many small kernel tasks cost more than the model's per-row term
+(bench/results/cpu_split_20261201_232159.json).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from sparsec.codegen.attention_cpu_reads import cpu_block_reads, query_block_unions
+from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip
+
+__all__ = ["band_parts", "choose_blocks", "choose_split", "query_rows_speed"]
+
+# Per-pair speed of torch's fused CPU attention kernel by query rows per call (relative to 128),
+# measured at S = 4096, D = 64 with 2 threads: under 192 rows it splits queries by 32, and every
+# split reloads the K/V tiles; from 192 rows it splits by 64.
+_QUERY_BLOCK_SPEED = {32: 0.88, 64: 0.95, 128: 1.0, 256: 1.1}
+# Gathering one key (its K and V rows, fp32, D = 64) costs about as much as this many pairs
+# (measured: the copy itself is ~20, the smaller calls of shorter query blocks the rest).
+_GATHER_PAIRS_PER_KEY = 40
+
+# What the decision prices, measured on the 2-core machine with torch's fused CPU kernel: a
+# (query, key) pair and a query row of a plan (the kernel's per-row softmax and output, the output
+# copy) at D + Dv = 128 on one thread (the kernel splits both over its threads), an SDPA call of
+# the executor (views, mask, output store), and a scale-and-add of one output element when a part
+# is merged (one thread).
+_PAIR_SECONDS = 9.4e-9
+_ROW_SECONDS = 0.25e-6
+_CALL_SECONDS = 100e-6
+_MERGE_SECONDS_PER_ELEMENT = 1.5e-9
+
+
+def choose_blocks(pattern: Pattern, Sq: int, Sk: int, causal: bool = False) -> tuple[int, int]:
+    """(block_m, block_n) for `pattern`. Keys are read as exact runs, so only block_m matters
+    (block_n, for callers that share tiles with the Triton kernels, is min(128, Sk)): the query
+    block size with the least estimated work (_block_m_work)."""
+    return _choose_block_m(pattern, Sq, Sk, bool(causal)), min(128, Sk)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_block_m(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> int:
+    if isinstance(pattern, (Dense, Skip)):
+        return min(128, Sq)
+    return min(_block_m_candidates(Sq), key=lambda bm: _block_m_work(pattern, Sq, Sk, bm, causal))
+
+
+def _block_m_candidates(Sq: int) -> list[int]:
+    return sorted({min(bm, Sq) for bm in _QUERY_BLOCK_SPEED})
+
+
+def query_rows_speed(rows):
+    """Relative per-pair speed of torch's fused CPU attention kernel on calls of `rows` query rows
+    (_QUERY_BLOCK_SPEED; 1.0 at 128): a float for an int, a float64 array for an array."""
+    sizes = np.array(sorted(_QUERY_BLOCK_SPEED))
+    speeds = np.array([_QUERY_BLOCK_SPEED[s] for s in sizes])
+    found = speeds[np.clip(np.searchsorted(sizes, rows, side="right") - 1, 0, None)]
+    return float(found) if np.ndim(rows) == 0 else found
+
+
+def _block_m_work(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> float:
+    """Estimated work of a plan with query blocks of bm rows, in (query, key) pairs at block_m =
+    128: pairs read (bm x each block's union of keys) over the kernel's speed at bm, plus the keys
+    of blocks whose union is not one run (gathered)."""
+    unions = query_block_unions(pattern, Sq, Sk, bm, causal)
+    gathered = int(unions.keys[unions.runs > 1].sum())
+    return bm * int(unions.keys.sum()) / query_rows_speed(bm) + _GATHER_PAIRS_PER_KEY * gathered
+
+
+def band_parts(pattern: Pattern) -> tuple[Pattern, ...]:
+    """The pattern as disjoint parts, each one run a row: a MultiDiagonal's groups of touching
+    bands (band o keeps j - i in [o - w, o + w]; bands closer than 2w + 2 touch or overlap and stay
+    together). Any other pattern, or bands that all touch: (pattern,)."""
+    if not isinstance(pattern, MultiDiagonal) or len(pattern.offsets) < 2:
+        return (pattern,)
+    groups: list[list[int]] = [[pattern.offsets[0]]]
+    for offset in pattern.offsets[1:]:
+        if offset - groups[-1][-1] <= 2 * pattern.width + 1:
+            groups[-1].append(offset)
+        else:
+            groups.append([offset])
+    return tuple(MultiDiagonal(group, pattern.width) for group in groups) if len(groups) > 1 else (pattern,)
+
+
+@functools.lru_cache(maxsize=256)
+def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int | None = None, *, rows: int = 1,
+                 width: int = 128, threads: int = 1, split: bool | None = None) -> tuple[int, tuple[Pattern, ...]]:
+    """(block_m, parts): the query block size and the parts the executor runs `pattern` as;
+    parts == (pattern,) runs it whole, at choose_blocks' query block. Split, the parts share the
+    query block with the least estimated time, and run so only when that beats the whole plan's
+    (module docstring). block_m, when given, is kept. rows: query heads x batch that run the
+    pattern together; width: D + Dv; threads: the attention kernels' intra-op threads. split
+    True / False forces the parts (when the pattern has several) or the whole plan."""
+    whole_bm = block_m or choose_blocks(pattern, Sq, Sk, causal)[0]
+    parts = band_parts(pattern)
+    if len(parts) == 1 or split is False:
+        return whole_bm, (pattern,)
+    pair_seconds = _PAIR_SECONDS * width / 128 / max(1, threads)
+    row_seconds = _ROW_SECONDS * width / 128 / max(1, threads)
+    merge_seconds = _MERGE_SECONDS_PER_ELEMENT * width / 2  # one row of Dv ~ width / 2
+
+    def seconds(option: tuple[Pattern, ...], bm: int) -> float:
+        work = sum(_block_m_work(part, Sq, Sk, bm, causal) for part in option) * rows * pair_seconds
+        calls = sum(cpu_block_reads(part, Sq, Sk, bm, causal).calls for part in option)
+        per_row = len(option) * row_seconds + (len(option) - 1) * merge_seconds
+        return work + calls * _CALL_SECONDS + rows * Sq * per_row
+
+    split_bm = min([block_m] if block_m else _block_m_candidates(Sq), key=lambda bm: seconds(parts, bm))
+    if split or seconds(parts, split_bm) < seconds((pattern,), whole_bm):
+        return split_bm, parts
+    return whole_bm, (pattern,)
