@@ -59,11 +59,7 @@ def held_out_predictions(report, works) -> np.ndarray:
 
 def read_fraction(work) -> float:
     """What the kernels read, as a fraction of the dense work: key tiles (Triton), pairs (CPU executor)."""
-    visited = sum(float(launch.visited.sum()) for launch in work.launches)
-    if work.launches and work.launches[0].speed is not None:  # the cpu executor counts pairs
-        s = work.shape
-        return visited / (s.batch * s.num_heads * s.q_len * s.kv_len)
-    return visited / work.dense_blocks
+    return sum(float(launch.visited.sum()) for launch in work.launches) / work.dense_blocks
 
 
 def candidate_table(report, held_out, works) -> Table:

@@ -76,7 +76,7 @@ class AttentionEstimate:
     launches: int
     visited_blocks: int          # (head, query block, key block) tiles computed, summed over the batch
     partial_blocks: int          # of which needed the element mask (cpu executor: both in (query, key) pairs)
-    dense_blocks: int            # tiles a dense kernel would compute at the same tile size
+    dense_blocks: int            # tiles a dense kernel would compute at the same tile size (cpu executor: pairs)
 
     @property
     def block_density(self) -> float:
@@ -151,11 +151,16 @@ class AttentionWork:
     block_m: int | None
     block_n: int
     launches: tuple[LaunchWork, ...]
+    executor: str = "triton"
 
     @property
     def dense_blocks(self) -> int:
+        """What a dense call would read in the units of the launches' `visited`: key tiles (Triton),
+        (query, key) pairs (the cpu executor)."""
         s = self.shape
-        return s.batch * s.num_heads * math.ceil(s.q_len / (self.block_m or 128)) * math.ceil(s.kv_len / self.block_n)
+        if self.executor == "cpu":
+            return s.batch * s.num_heads * s.q_len * s.kv_len
+        return s.batch * s.num_heads * math.ceil(s.q_len / self.block_m) * math.ceil(s.kv_len / self.block_n)
 
 
 def attention_work(
@@ -187,7 +192,7 @@ def attention_work(
                                        skip_fills=tuple(p.fill for p in group_patterns)))
             continue
         launches.append(_launch_work(tuple(heads), group_patterns, shape, block_m, block_n, executor))
-    return AttentionWork(shape=shape, block_m=block_m, block_n=block_n, launches=tuple(launches))
+    return AttentionWork(shape=shape, block_m=block_m, block_n=block_n, launches=tuple(launches), executor=executor)
 
 
 def price_attention(work: AttentionWork, hardware: HardwareProfile) -> AttentionEstimate:

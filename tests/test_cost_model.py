@@ -220,3 +220,15 @@ def test_cpu_prices_a_split_pattern_as_its_parts():
     assert whole.calls == sum(c.calls for c in each.values())
     np.testing.assert_allclose(whole.visited, sum(c.visited for c in each.values()))
     assert (whole.gathered > sum(c.gathered for c in each.values())).all()  # the merge's copies
+
+
+def test_cpu_block_density_is_the_read_fraction_of_dense_pairs():
+    """On the cpu executor work is counted in (query, key) pairs, and so is the dense reference:
+    a band reads its kept pairs plus its query blocks' overhang, Dense reads everything."""
+    hw = get_profile("cpu", calibrated=False)
+    s = shape(1024, heads=2, dtype="f32")
+    band = estimate_attention((P.Window(63, 64),) * 2, s, hw, block_m=64)
+    assert band.dense_blocks == 2 * 1024 * 1024
+    kept = 128 / 1024
+    assert kept < band.block_density < kept + 64 / 1024 + 0.01  # each row reads block_m - 1 keys more at most
+    assert estimate_attention((P.Dense(),) * 2, s, hw, block_m=64).block_density == pytest.approx(1.0)
