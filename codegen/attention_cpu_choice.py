@@ -6,13 +6,14 @@ x the union of each block's rows' keys) over the fused kernel's measured speed a
 rows, plus the keys gathered for blocks whose union is not one run. The unions come from
 codegen.attention_cpu_reads in closed form (no planning).
 
-Split (choose_split). A pattern of a few bands far apart (MultiDiagonal at frame strides) read
-whole makes each query block read the union of the bands' keys: several runs a block, gathered,
-under a mask as wide as the union. Run as parts, each band (or group of touching bands) is a plan
-of its own: one run a block, a strided view of K/V, a narrow mask shared by the interior blocks;
-the kernel returns each row's log-sum-exp, and the parts' outputs are merged by it (attention over
-disjoint key sets: out = sum_c exp(lse_c - lse) out_c with lse = logsumexp_c lse_c). The parts are
-exact: they keep disjoint key sets whose union is the pattern.
+Split (choose_split). A pattern of a few bands far apart (MultiDiagonal at frame strides, or a
+union of windows and diagonals) read whole makes each query block read the union of the bands'
+keys: several runs a block, gathered, under a mask as wide as the union. Run as parts, each band
+(or group of touching bands) is a plan of its own: one run a block, a strided view of K/V, a narrow
+mask shared by the interior blocks; the kernel returns each row's log-sum-exp, and the parts'
+outputs are merged by it (attention over disjoint key sets: out = sum_c exp(lse_c - lse) out_c with
+lse = logsumexp_c lse_c). The parts are exact: they keep disjoint key sets whose union is the
+pattern.
 
 Splitting pays the merge and one plan a part, and wins only when the whole plan reads the bands as
 separate runs: once the bands' reads overlap (wide bands, or dense), the whole plan reads fewer
@@ -34,7 +35,7 @@ import functools
 import numpy as np
 
 from sparsec.codegen.attention_cpu_reads import cpu_block_reads, query_block_unions
-from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip
+from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union, Window
 
 __all__ = ["band_parts", "choose_blocks", "choose_split", "query_rows_speed"]
 
@@ -94,18 +95,47 @@ def _block_m_work(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> 
 
 
 def band_parts(pattern: Pattern) -> tuple[Pattern, ...]:
-    """The pattern as disjoint parts, each one run a row: a MultiDiagonal's groups of touching
-    bands (band o keeps j - i in [o - w, o + w]; bands closer than 2w + 2 touch or overlap and stay
-    together). Any other pattern, or bands that all touch: (pattern,)."""
-    if not isinstance(pattern, MultiDiagonal) or len(pattern.offsets) < 2:
+    """The pattern as disjoint parts, each one run a row, when it is made of bands only (Window,
+    MultiDiagonal, and unions of them): its bands (a Window keeps j - i in [-left, right], band o of
+    a MultiDiagonal [o - w, o + w]) grouped where they touch or overlap, each group a part (a
+    MultiDiagonal's bands of one group stay one MultiDiagonal). Any other pattern, or bands that
+    all touch: (pattern,)."""
+    bands = _bands(pattern)
+    if bands is None:
         return (pattern,)
-    groups: list[list[int]] = [[pattern.offsets[0]]]
-    for offset in pattern.offsets[1:]:
-        if offset - groups[-1][-1] <= 2 * pattern.width + 1:
-            groups[-1].append(offset)
+    groups: list[list[tuple[int, int, Pattern]]] = []
+    for band in sorted(bands, key=lambda b: b[:2]):
+        if groups and band[0] <= max(last for _, last, _ in groups[-1]) + 1:
+            groups[-1].append(band)
         else:
-            groups.append([offset])
-    return tuple(MultiDiagonal(group, pattern.width) for group in groups) if len(groups) > 1 else (pattern,)
+            groups.append([band])
+    if len(groups) == 1:
+        return (pattern,)
+    return tuple(_group_pattern([p for _, _, p in group]) for group in groups)
+
+
+def _bands(pattern: Pattern) -> list[tuple[int, int, Pattern]] | None:
+    """(first, last offset j - i, the band as a pattern) of each band, or None when the pattern
+    keeps anything that is not a band."""
+    if isinstance(pattern, Window):
+        return [(-pattern.left, pattern.right, pattern)]
+    if isinstance(pattern, MultiDiagonal):
+        w = pattern.width
+        return [(o - w, o + w, MultiDiagonal([o], w)) for o in pattern.offsets]
+    if isinstance(pattern, Union):
+        found = [_bands(part) for part in pattern.parts]
+        return None if any(f is None for f in found) else [band for f in found for band in f]
+    return None
+
+
+def _group_pattern(bands: list[Pattern]) -> Pattern:
+    """One part from touching bands: one MultiDiagonal when they are diagonals of one width."""
+    if len(bands) == 1:
+        return bands[0]
+    widths = {b.width for b in bands if isinstance(b, MultiDiagonal)}
+    if all(isinstance(b, MultiDiagonal) for b in bands) and len(widths) == 1:
+        return MultiDiagonal([o for b in bands for o in b.offsets], widths.pop())
+    return Union(bands)
 
 
 @functools.lru_cache(maxsize=256)

@@ -40,23 +40,31 @@ def runs_split(pattern, S, *, rows=8, width=128) -> bool:
     return len(choose_split(pattern, S, S, False, rows=rows, width=width, threads=2)[1]) > 1
 
 
-@given(offsets=st.lists(st.integers(-40, 40), min_size=1, max_size=6), width=st.integers(0, 5))
-@settings(max_examples=60, deadline=None)
-def test_band_parts_are_disjoint_and_cover_the_pattern(offsets, width):
-    pattern = P.MultiDiagonal(offsets, width)
-    parts = band_parts(pattern)
-    masks = torch.stack([part.mask(50, 57) for part in parts]).to(torch.int32)
+bands = st.one_of(
+    st.builds(P.MultiDiagonal, st.lists(st.integers(-40, 40), min_size=1, max_size=6), st.integers(0, 5)),
+    st.builds(P.Window, st.integers(0, 6), st.integers(0, 6)),
+)
+
+
+@given(parts=st.lists(bands, min_size=1, max_size=3))
+@settings(max_examples=80, deadline=None)
+def test_band_parts_are_disjoint_and_cover_the_pattern(parts):
+    parts = list(dict.fromkeys(parts))
+    pattern = parts[0] if len(parts) == 1 else P.Union(parts)
+    found = band_parts(pattern)
+    masks = torch.stack([part.mask(50, 57) for part in found]).to(torch.int32)
     assert torch.equal(masks.sum(dim=0) > 0, pattern.mask(50, 57))
     assert int(masks.sum(dim=0).max()) <= 1  # disjoint
-    bands = [o for part in parts for o in part.offsets]
-    assert sorted(bands) == list(pattern.offsets)
 
 
 def test_touching_bands_stay_together_and_other_families_stay_whole():
     assert band_parts(P.MultiDiagonal([0, 5], 2)) == (P.MultiDiagonal([0, 5], 2),)  # [-2, 2] and [3, 7] touch
     assert band_parts(P.MultiDiagonal([0, 6, 30], 2)) == (P.MultiDiagonal([0], 2), P.MultiDiagonal([6], 2),
                                                           P.MultiDiagonal([30], 2))
-    for pattern in (P.Window(3, 3), P.MultiDiagonal([4], 1), P.VerticalSlash([0], [0, -20]), P.Dense()):
+    assert band_parts(P.Window(4, 4) | P.MultiDiagonal([-40, 5, 40], 1)) == (
+        P.MultiDiagonal([-40], 1), P.Window(4, 4) | P.MultiDiagonal([5], 1), P.MultiDiagonal([40], 1))
+    for pattern in (P.Window(3, 3), P.MultiDiagonal([4], 1), P.VerticalSlash([0], [0, -20]), P.Dense(),
+                    P.AShape(4, 8), P.Window(2, 2) | P.Columns([30])):
         assert band_parts(pattern) == (pattern,)
 
 
@@ -66,6 +74,7 @@ def test_split_patterns_match_the_reference(causal, Sq, Sk):
     pattern = P.MultiDiagonal([-30, -12, -10, 0, 25], 2)
     check([pattern] * 2, B=2, Sq=Sq, Sk=Sk, causal=causal, block_m=8)
     check([pattern, P.Window(3, 0), pattern, pattern], Hkv=2, Sq=Sq, Sk=Sk, causal=causal, block_m=8)
+    check([P.Window(5, 2) | P.MultiDiagonal([-33, 20], 1)] * 2, Sq=Sq, Sk=Sk, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
