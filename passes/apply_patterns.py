@@ -4,7 +4,9 @@ Where the patterns come from, per attention layer (by module path):
   1. the option `attention_patterns` (module path or glob -> one Pattern for every head, or one
      per query head; SparsecConfig.patterns_for decides which entry applies);
   2. else the option `plan`: the layer's LayerPlan gives one pattern per query head and the tiles
-     (block_m, block_n) the kernels run with.
+     (block_m, block_n) the kernels run with. A plan for the "cpu" target leaves them to the CPU
+     executor, which picks its query block per pattern (the search priced it so; there the
+     tiles are only its block layouts' granularity).
 The patterns land in the type of the score matrix, AttentionPatterns(...), and the tiles in
 Attention.tiles; the rewrite turns both into arguments of the custom op.
 
@@ -61,8 +63,20 @@ def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int
     if config.plan is not None and op.module_path in config.plan.layers:
         layer = config.plan.layers[op.module_path]
         _check_plan_layer(op, layer)
-        return layer.patterns, tuple(layer.tiles), "the plan"
+        return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan"
     return None
+
+
+def _plan_tiles(target: str, tiles) -> tuple[int, int] | None:
+    """A plan's tiles for the kernels: None (the executor's own choice) when the plan's target
+    prices the CPU executor (CostTable._block_m)."""
+    from sparsec.cost_models.hardware import get_profile
+
+    try:
+        executor = get_profile(target, calibrated=False).executor
+    except ValueError:  # a custom profile's name: its tiles are the kernels'
+        executor = "triton"
+    return None if executor == "cpu" else tuple(tiles)
 
 
 def _with_patterns(op: Attention, config: SparsecConfig) -> Op:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsec.cost_models.attention_cost import (
-    EXACT_SCHEDULE_PROGRAMS, AttentionShape, estimate_attention, head_share, launch_seconds, pattern_counts,
+    EXACT_SCHEDULE_PROGRAMS, AttentionShape, counts_seconds, estimate_attention, head_share, launch_seconds, pattern_counts,
     program_seconds, skip_seconds,
 )
 from sparsec.cost_models.hardware import HardwareProfile
@@ -144,14 +144,9 @@ class CostTable:
         self._layouts += layouts
         computed = [p for p in missing if not isinstance(p, Skip)]
         if computed:
-            counts = pattern_counts(computed, shape, *tiles, executor=self.hardware.executor)
-            names = ("visited", "partial", "computed")
-            if self.hardware.executor == "cpu":
-                names += ("gathered", "speed")
-            columns = [np.stack([getattr(counts[p], name) for p in computed]) for name in names]  # (patterns, nqb)
-            costs = program_seconds(*columns[:3], shape, *tiles, self.hardware, **dict(zip(names[3:], columns[3:])))
-            for p, row, total, longest in zip(computed, costs, costs.sum(axis=1).tolist(), costs.max(axis=1).tolist()):
-                table.programs[p] = (row, (total, longest))
+            counts = pattern_counts(computed, shape, self._block_m(tiles), tiles[1], executor=self.hardware.executor)
+            for p, row in zip(computed, self._program_costs(computed, counts, shape, tiles)):
+                table.programs[p] = (row, (float(row.sum()), float(row.max())))
                 table.calls[p] = counts[p].calls
         heads, overhead = shape.num_heads, self.hardware.launch_overhead_s
         for p in missing:
@@ -163,6 +158,15 @@ class CostTable:
                 seconds = launch_seconds([costs] * heads, shape, self.hardware, exact_programs=EXACT_SCHEDULE_PROGRAMS,
                                          totals=[totals] * heads, calls=table.calls[p])
                 table.head[p] = head_share(seconds, heads, self.hardware, calls=table.calls[p])
+
+    def _program_costs(self, patterns, counts, shape: AttentionShape, tiles: tuple[int, int]) -> list[np.ndarray]:
+        """Each pattern's per-query-block seconds: priced as one array on the Triton kernels (every
+        pattern has the tiles' query blocks); one by one on the cpu executor, whose query blocks
+        differ from pattern to pattern."""
+        if self.hardware.executor == "cpu":
+            return [counts_seconds(counts[p], shape, None, tiles[1], self.hardware) for p in patterns]
+        columns = [np.stack([getattr(counts[p], name) for p in patterns]) for name in ("visited", "partial", "computed")]
+        return list(program_seconds(*columns, shape, *tiles, self.hardware))
 
     def head_seconds(self, pattern: Pattern, shape: AttentionShape, tiles: tuple[int, int]) -> float:
         """One head's share of a launch that runs `pattern` on every head of the layer, launch
@@ -188,13 +192,18 @@ class CostTable:
                 if len(table.layers) > _MAX_LAUNCHES:
                     table.layers.clear()
                 groups = {str(g): g for g in head_groups(patterns)}
-                table.layers[key] = estimate_attention(key, shape, self.hardware, block_m=tiles[0], block_n=tiles[1],
-                                                       head_groups=groups).seconds
+                table.layers[key] = estimate_attention(key, shape, self.hardware, block_m=self._block_m(tiles),
+                                                       block_n=tiles[1], head_groups=groups).seconds
             return table.layers[key]
         seconds = 0.0
         for group in head_groups(patterns):
             seconds += self._launch(tuple(patterns[h] for h in group), shape, tiles, table)
         return seconds
+
+    def _block_m(self, tiles: tuple[int, int]) -> int | None:
+        """The query block the kernels run at `tiles`: the cpu executor picks its own per pattern (a
+        plan for it keeps the tiles only as its block layouts' granularity, see apply_patterns)."""
+        return None if self.hardware.executor == "cpu" else tiles[0]
 
     def _table(self, shape: AttentionShape, tiles: tuple[int, int]) -> _Prices:
         key = (shape, tuple(tiles))
