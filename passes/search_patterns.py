@@ -127,7 +127,7 @@ class CostTable:
 
     def __init__(self, hardware: HardwareProfile):
         self.hardware = hardware
-        self._tables: dict[tuple[AttentionShape, tuple[int, int]], _Prices] = {}
+        self._tables: dict[tuple[AttentionShape, tuple[int, int] | None], _Prices] = {}
         self._layouts = 0
 
     def prepare(self, patterns, shape: AttentionShape, tiles: tuple[int, int]) -> None:
@@ -206,7 +206,9 @@ class CostTable:
         return None if self.hardware.executor == "cpu" else tiles[0]
 
     def _table(self, shape: AttentionShape, tiles: tuple[int, int]) -> _Prices:
-        key = (shape, tuple(tiles))
+        """The caches for (shape, tiles); on the cpu executor prices do not depend on the tiles
+        (_block_m; block_n is unused there, a layout carries its own blocks): one for the shape."""
+        key = (shape, None if self.hardware.executor == "cpu" else tuple(tiles))
         if key not in self._tables:
             self._tables[key] = _Prices()
         return self._tables[key]
