@@ -19,14 +19,15 @@ Splitting pays the merge and one plan a part, and wins only when the whole plan 
 separate runs: once the bands' reads overlap (wide bands, or dense), the whole plan reads fewer
 keys and its blocks fold into all-keys calls; at short lengths the parts' extra calls and rows cost
 more than they save. choose_split compares the two in estimated seconds: the executor's work
-estimate (_block_m_work), its SDPA calls (attention_cpu_reads), a cost per query row of each part,
-and the merges. Measured on 2 threads, S = 4096, 8 heads, D = 64, five bands: 1.3x (10%) and 1.45x
-(25%) faster split, and whole kept at 50% and at S = 1024 (bench/results/attention_cpu_*.json).
-bench/cpu_split.py times both ways over 48 cases (S 1024-4096, 4 or 8 heads, causal or not, 10-50%,
-1 or 2 threads): the chosen way is 2.2% slower than the faster one on average (always whole: 14.9%,
-always split: 7.6%); its misses are narrow causal bands at S <= 2048 (up to 39% on one thread),
-where the parts' many small kernel tasks cost more than the model's per-row term
-(bench/results/cpu_split_20261201_232159.json).
+estimate (_block_m_reads: pairs, and gathers on one thread), its SDPA calls (attention_cpu_reads),
+a cost per query row of each part, and the merges. Measured on 2 threads, S = 4096, 8 heads, D =
+64, five bands: 1.3x (10%) and 1.45x (25%) faster split, and whole kept at 50% and at S = 1024
+(bench/results/attention_cpu_*.json). bench/cpu_split.py times both ways over 48 cases (S
+1024-4096, 4 or 8 heads, causal or not, 10-50%, 1 or 2 threads): the chosen way is 0.8% slower than
+the faster one on average, worst 14% (always whole: 16.3%, always split: 6.5%;
+bench/results/cpu_split_20261202_000138.json). Pricing gathers per thread count matters: with them
+at a fixed 40 pairs a key, one-thread runs chose whole too rarely and the mean was 2.2%
+(cpu_split_20261201_232159.json).
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ __all__ = ["band_parts", "choose_blocks", "choose_split", "query_rows_speed"]
 # measured at S = 4096, D = 64 with 2 threads: under 192 rows it splits queries by 32, and every
 # split reloads the K/V tiles; from 192 rows it splits by 64.
 _QUERY_BLOCK_SPEED = {32: 0.88, 64: 0.95, 128: 1.0, 256: 1.1}
-# Gathering one key (its K and V rows, fp32, D = 64) costs about as much as this many pairs
-# (measured: the copy itself is ~20, the smaller calls of shorter query blocks the rest).
+# Gathering one key (its K and V rows, fp32, D = 64) costs about as much as this many pairs on 2
+# threads (measured: the copy itself is ~20, the smaller calls of shorter query blocks the rest;
+# copies run on one thread, so choose_split scales it with the kernel's threads).
 _GATHER_PAIRS_PER_KEY = 40
 
 # What the decision prices, measured on the 2-core machine with torch's fused CPU kernel: a
@@ -87,11 +89,16 @@ def query_rows_speed(rows):
 
 def _block_m_work(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> float:
     """Estimated work of a plan with query blocks of bm rows, in (query, key) pairs at block_m =
-    128: pairs read (bm x each block's union of keys) over the kernel's speed at bm, plus the keys
-    of blocks whose union is not one run (gathered)."""
+    128 on 2 threads: _block_m_reads' pairs, plus its gathered keys at _GATHER_PAIRS_PER_KEY."""
+    pairs, gathered = _block_m_reads(pattern, Sq, Sk, bm, causal)
+    return pairs + _GATHER_PAIRS_PER_KEY * gathered
+
+
+def _block_m_reads(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> tuple[float, int]:
+    """(pairs read, bm x each block's union of keys, over the kernel's speed at bm; keys gathered:
+    those of blocks whose union is not one run) of a plan with query blocks of bm rows."""
     unions = query_block_unions(pattern, Sq, Sk, bm, causal)
-    gathered = int(unions.keys[unions.runs > 1].sum())
-    return bm * int(unions.keys.sum()) / query_rows_speed(bm) + _GATHER_PAIRS_PER_KEY * gathered
+    return bm * int(unions.keys.sum()) / query_rows_speed(bm), int(unions.keys[unions.runs > 1].sum())
 
 
 def band_parts(pattern: Pattern) -> tuple[Pattern, ...]:
@@ -153,10 +160,12 @@ def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int 
         return whole_bm, (pattern,)
     pair_seconds = _PAIR_SECONDS * width / 128 / max(1, threads)
     row_seconds = _ROW_SECONDS * width / 128 / max(1, threads)
+    gather_seconds = _GATHER_PAIRS_PER_KEY * _PAIR_SECONDS / 2 * width / 128  # copies run on one thread
     merge_seconds = _MERGE_SECONDS_PER_ELEMENT * width / 2  # one row of Dv ~ width / 2
 
     def seconds(option: tuple[Pattern, ...], bm: int) -> float:
-        work = sum(_block_m_work(part, Sq, Sk, bm, causal) for part in option) * rows * pair_seconds
+        reads = [_block_m_reads(part, Sq, Sk, bm, causal) for part in option]
+        work = rows * sum(pairs * pair_seconds + gathered * gather_seconds for pairs, gathered in reads)
         calls = sum(cpu_block_reads(part, Sq, Sk, bm, causal).calls for part in option)
         per_row = len(option) * row_seconds + (len(option) - 1) * merge_seconds
         return work + calls * _CALL_SECONDS + rows * Sq * per_row
