@@ -41,7 +41,7 @@ from sparsec.patterns import Pattern, Skip
 __all__ = [
     "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
     "attention_work", "counts_seconds", "estimate_attention", "fixed_seconds", "head_groups_by_family",
-    "head_seconds_many", "head_share", "launch_seconds", "makespan_estimate", "pattern_counts", "price_attention",
+    "head_price", "head_seconds_many", "head_share", "launch_seconds", "makespan_estimate", "pattern_counts", "price_attention",
     "program_seconds", "skip_seconds",
 ]
 
@@ -375,21 +375,30 @@ def head_seconds_many(patterns, shape: AttentionShape, hardware: HardwareProfile
     more than `exact_programs` programs use makespan_estimate (a heap over SM slots
     costs ~0.3 us a program: too much for thousands of candidates at 16K)."""
     patterns = list(patterns)
-    heads = shape.num_heads
     counts = pattern_counts([p for p in patterns if not isinstance(p, Skip)], shape, block_m, block_n,
                             executor=hardware.executor)
     found = []
     for p in patterns:
-        if isinstance(p, Skip):  # no kernel of its own to plan on the cpu executor either
-            seconds = max(0.0, _skip_seconds((p.fill,) * heads, shape, hardware) - hardware.launch_overhead_s) / heads
+        if isinstance(p, Skip):
+            found.append(head_price(p, shape, hardware))
         else:
             costs = counts_seconds(counts[p], shape, block_m, block_n, hardware)
-            seconds = launch_seconds([costs] * heads, shape, hardware, exact_programs=exact_programs,
-                                     totals=[(float(costs.sum()), float(costs.max()))] * heads,
-                                     calls=counts[p].calls)
-            seconds = head_share(seconds, heads, hardware, calls=counts[p].calls)
-        found.append(seconds)
+            found.append(head_price(p, shape, hardware, costs=costs, totals=(float(costs.sum()), float(costs.max())),
+                                    calls=counts[p].calls, exact_programs=exact_programs))
     return found
+
+
+def head_price(pattern: Pattern, shape: AttentionShape, hardware: HardwareProfile, *, costs=None, totals=None,
+               calls: int = 0, exact_programs: int | None = EXACT_SCHEDULE_PROGRAMS) -> float:
+    """A head's option price (head_seconds_many) from the pattern's per-query-block program costs
+    of one head (costs, totals = (sum, max), calls: counts_seconds / BlockCounts); a Skip head
+    needs none (no kernel of its own to plan on the cpu executor either)."""
+    heads = shape.num_heads
+    if isinstance(pattern, Skip):
+        return max(0.0, _skip_seconds((pattern.fill,) * heads, shape, hardware) - hardware.launch_overhead_s) / heads
+    seconds = launch_seconds([costs] * heads, shape, hardware, exact_programs=exact_programs, totals=[totals] * heads,
+                             calls=calls)
+    return head_share(seconds, heads, hardware, calls=calls)
 
 
 def _schedule(program_costs, hw: HardwareProfile) -> float:

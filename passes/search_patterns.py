@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsec.cost_models.attention_cost import (
-    EXACT_SCHEDULE_PROGRAMS, AttentionShape, counts_seconds, estimate_attention, head_share, launch_seconds, pattern_counts,
+    EXACT_SCHEDULE_PROGRAMS, AttentionShape, counts_seconds, estimate_attention, head_price, launch_seconds, pattern_counts,
     program_seconds, skip_seconds,
 )
 from sparsec.cost_models.hardware import HardwareProfile
@@ -117,7 +117,7 @@ class CostTable:
     Per (shape, tiles) and pattern it keeps the pattern's per-query-block program costs,
     computed for many patterns at once (`prepare`: all candidates of a layer at one tile size in
     one batch of block_coverage.coverage_counts_many). From them:
-      head_seconds   a head's option price (attention_cost.head_seconds_many);
+      head_seconds   a head's option price (attention_cost.head_price, as head_seconds_many);
       layer_seconds  the whole layer, one launch per family group; exact by default (the list
                      schedule, as estimate_attention), while the search passes exact=False:
                      launches over EXACT_SCHEDULE_PROGRAMS programs then use makespan_estimate,
@@ -148,16 +148,12 @@ class CostTable:
             for p, row in zip(computed, self._program_costs(computed, counts, shape, tiles)):
                 table.programs[p] = (row, (float(row.sum()), float(row.max())))
                 table.calls[p] = counts[p].calls
-        heads, overhead = shape.num_heads, self.hardware.launch_overhead_s
         for p in missing:
             if isinstance(p, Skip):
-                seconds = skip_seconds((p.fill,) * heads, shape, self.hardware)
-                table.head[p] = max(0.0, seconds - overhead) / heads
+                table.head[p] = head_price(p, shape, self.hardware)
             else:
                 costs, totals = table.programs[p]
-                seconds = launch_seconds([costs] * heads, shape, self.hardware, exact_programs=EXACT_SCHEDULE_PROGRAMS,
-                                         totals=[totals] * heads, calls=table.calls[p])
-                table.head[p] = head_share(seconds, heads, self.hardware, calls=table.calls[p])
+                table.head[p] = head_price(p, shape, self.hardware, costs=costs, totals=totals, calls=table.calls[p])
 
     def _program_costs(self, patterns, counts, shape: AttentionShape, tiles: tuple[int, int]) -> list[np.ndarray]:
         """Each pattern's per-query-block seconds: priced as one array on the Triton kernels (every
