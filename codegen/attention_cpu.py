@@ -215,19 +215,19 @@ def _run_parts(plans, ops: _Operands, scale: float) -> None:
     """A pattern run as disjoint parts (codegen.attention_cpu_choice): each part's plan writes its
     output and log-sum-exp, merged into ops.out_rows as they come (rows' softmax over the union of
     the parts' keys). ops.out_rows holds the first part's output; later parts use one buffer."""
+    first, *rest = plans
     total = torch.full(ops.out_rows.shape[:2] + (1,), float("-inf"))
-    part_ops = replace(ops, lse_rows=total)
-    for n, plan in enumerate(plans):
-        if n == 1:
-            part_ops = replace(ops, out_rows=torch.empty_like(ops.out_rows), lse_rows=torch.empty_like(total))
-        if n >= 1:
-            part_ops.lse_rows.fill_(float("-inf"))
-            if plan.has_empty_blocks:
-                part_ops.out_rows.zero_()
+    first_ops = replace(ops, lse_rows=total)
+    for call in first.calls:
+        _run_call(call, first.block_m, first_ops, scale)
+    part_ops = replace(ops, out_rows=torch.empty_like(ops.out_rows), lse_rows=torch.empty_like(total))
+    for plan in rest:
+        part_ops.lse_rows.fill_(float("-inf"))  # rows of blocks the part does not read
+        if plan.has_empty_blocks:
+            part_ops.out_rows.zero_()
         for call in plan.calls:
             _run_call(call, plan.block_m, part_ops, scale)
-        if n >= 1:
-            _merge(ops.out_rows, total, part_ops.out_rows, part_ops.lse_rows)
+        _merge(ops.out_rows, total, part_ops.out_rows, part_ops.lse_rows)
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
@@ -297,7 +297,7 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     v_rows = _select_heads(v, table.kv_heads).contiguous().view(-1, Sk, Dv)
     target = out[:, table.q_heads] if isinstance(table.q_heads, slice) else None
     direct = target is not None and target.is_contiguous() and q_rows.shape[1] == Sq
-    zeroed = any(plan.has_empty_blocks for plan in plans)  # blocks that read no key: 0
+    zeroed = plans[0].has_empty_blocks  # its blocks that read no key: 0 (later parts have their own buffer)
     if direct:
         out_rows = target.view(q_rows.shape[0], Sq, Dv)
         if zeroed:

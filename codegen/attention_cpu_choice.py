@@ -19,7 +19,7 @@ Splitting pays the merge and one plan a part, and wins only when the whole plan 
 separate runs: once the bands' reads overlap (wide bands, or dense), the whole plan reads fewer
 keys and its blocks fold into all-keys calls; at short lengths the parts' extra calls and rows cost
 more than they save. choose_split compares the two in estimated seconds: the executor's work
-estimate (_block_m_reads: pairs, and gathers on one thread), its SDPA calls (attention_cpu_reads),
+estimate (_union_reads: pairs, and gathers on one thread), its SDPA calls (attention_cpu_reads),
 a cost per query row of each part, and the merges. Measured on 2 threads, S = 4096, 8 heads, D =
 64, five bands: 1.3x (10%) and 1.45x (25%) faster split, and whole kept at 50% and at S = 1024
 (bench/results/attention_cpu_*.json). bench/cpu_split.py times both ways over 48 cases (S
@@ -35,7 +35,7 @@ import functools
 
 import numpy as np
 
-from sparsec.codegen.attention_cpu_reads import cpu_block_reads, query_block_unions
+from sparsec.codegen.attention_cpu_reads import BlockUnions, block_reads, query_block_unions
 from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union, Window
 
 __all__ = ["band_parts", "choose_blocks", "choose_split", "query_rows_speed"]
@@ -89,15 +89,14 @@ def query_rows_speed(rows):
 
 def _block_m_work(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> float:
     """Estimated work of a plan with query blocks of bm rows, in (query, key) pairs at block_m =
-    128 on 2 threads: _block_m_reads' pairs, plus its gathered keys at _GATHER_PAIRS_PER_KEY."""
-    pairs, gathered = _block_m_reads(pattern, Sq, Sk, bm, causal)
+    128 on 2 threads: _union_reads' pairs, plus its gathered keys at _GATHER_PAIRS_PER_KEY."""
+    pairs, gathered = _union_reads(query_block_unions(pattern, Sq, Sk, bm, causal), bm)
     return pairs + _GATHER_PAIRS_PER_KEY * gathered
 
 
-def _block_m_reads(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> tuple[float, int]:
+def _union_reads(unions: BlockUnions, bm: int) -> tuple[float, int]:
     """(pairs read, bm x each block's union of keys, over the kernel's speed at bm; keys gathered:
     those of blocks whose union is not one run) of a plan with query blocks of bm rows."""
-    unions = query_block_unions(pattern, Sq, Sk, bm, causal)
     return bm * int(unions.keys.sum()) / query_rows_speed(bm), int(unions.keys[unions.runs > 1].sum())
 
 
@@ -164,13 +163,16 @@ def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int 
     merge_seconds = _MERGE_SECONDS_PER_ELEMENT * width / 2  # one row of Dv ~ width / 2
 
     def seconds(option: tuple[Pattern, ...], bm: int) -> float:
-        reads = [_block_m_reads(part, Sq, Sk, bm, causal) for part in option]
-        work = rows * sum(pairs * pair_seconds + gathered * gather_seconds for pairs, gathered in reads)
-        calls = sum(cpu_block_reads(part, Sq, Sk, bm, causal).calls for part in option)
-        per_row = len(option) * row_seconds + (len(option) - 1) * merge_seconds
-        return work + calls * _CALL_SECONDS + rows * Sq * per_row
+        total = rows * Sq * (len(option) * row_seconds + (len(option) - 1) * merge_seconds)
+        for part in option:
+            unions = query_block_unions(part, Sq, Sk, bm, causal)  # pairs, gathers and calls from one count
+            pairs, gathered = _union_reads(unions, bm)
+            total += rows * (pairs * pair_seconds + gathered * gather_seconds)
+            total += block_reads(unions, Sk, bm).calls * _CALL_SECONDS
+        return total
 
-    split_bm = min([block_m] if block_m else _block_m_candidates(Sq), key=lambda bm: seconds(parts, bm))
-    if split or seconds(parts, split_bm) < seconds((pattern,), whole_bm):
+    split_seconds = {bm: seconds(parts, bm) for bm in ([block_m] if block_m else _block_m_candidates(Sq))}
+    split_bm = min(split_seconds, key=split_seconds.get)
+    if split or split_seconds[split_bm] < seconds((pattern,), whole_bm):
         return split_bm, parts
     return whole_bm, (pattern,)

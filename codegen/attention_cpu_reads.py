@@ -33,7 +33,7 @@ from sparsec.codegen.attention_cpu_plan import _MIN_SHARED, _buckets
 from sparsec.codegen.block_coverage import _ends, _interval_form, _maximal_runs, row_intervals
 from sparsec.patterns import Dense, Pattern, Skip
 
-__all__ = ["BlockReads", "BlockUnions", "cpu_block_reads", "query_block_unions"]
+__all__ = ["BlockReads", "BlockUnions", "block_reads", "cpu_block_reads", "query_block_unions"]
 
 # Rows sorted at once: bounds the (rows, intervals) work arrays at long sequences.
 _ROW_CHUNK = 1 << 14
@@ -65,7 +65,12 @@ def cpu_block_reads(pattern: Pattern, Sq: int, Sk: int, block_m: int, causal: bo
         return BlockReads(zeros, zeros, zeros, 0, zeros)
     if isinstance(pattern, Dense) and (not causal or Sq == Sk):
         return _direct(Sq, Sk, block_m, causal)
-    unions = query_block_unions(pattern, Sq, Sk, block_m, causal)
+    return block_reads(query_block_unions(pattern, Sq, Sk, block_m, causal), Sk, block_m)
+
+
+def block_reads(unions: BlockUnions, Sk: int, block_m: int) -> BlockReads:
+    """cpu_block_reads of a pattern (neither Skip nor a direct Dense) from its query_block_unions
+    at block_m."""
     keys, signature = unions.keys, unions.signature
     same_as_before = np.concatenate([[False], signature[1:] == signature[:-1]])
     gathered = np.where((unions.runs > 1) & ~same_as_before, keys, 0).astype(np.float64)
