@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,11 +26,12 @@ from sparsec.codegen import kernel_cache
 from sparsec.codegen.templates.tables import block_tables
 from sparsec.codegen.templates import FAMILY_TEMPLATES, LayoutBuffer, kernel_name, render
 from sparsec.codegen.templates.common import table_ids
+from sparsec.codegen.kernel_call import KernelCall
 from sparsec.codegen.tiles import AttentionTiles, default_tiles
 from sparsec.patterns import BlockSparse, Dense, Pattern, Skip, Union
 
 __all__ = [
-    "HeadGroup", "KernelLaunch", "add_launch_hook", "group_heads", "kernel_source", "pattern_family",
+    "HeadGroup", "KernelLaunch", "add_launch_hook", "group_heads", "kernel_call", "kernel_calls", "kernel_source", "pattern_family",
     "supports", "triton_attention",
 ]
 
@@ -95,10 +97,13 @@ def kernel_source(family: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _kernel_module(family: str):
+    return kernel_cache.load_source(kernel_source(family), f"attention_{family}")
+
+
 def _kernel(family: str):
     """The family's @triton.jit kernel (Triton then compiles one binary per constexpr combination)."""
-    module = kernel_cache.load_source(kernel_source(family), f"attention_{family}")
-    return getattr(module, kernel_name(family))
+    return getattr(_kernel_module(family), kernel_name(family))
 
 
 # -- what the kernels support ----------------------------------------------------------------
@@ -205,7 +210,35 @@ def triton_attention(
     return out
 
 
+def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_patterns: tuple[Pattern, ...], *,
+                 causal: bool, scale: float, tiles: AttentionTiles | None = None,
+                 interpreted: bool | None = None) -> list[KernelCall]:
+    """The launches `triton_attention` makes for these arguments (Skip heads make none), on any
+    device: codegen/triton_aot compiles them for a GPU from CPU tensors."""
+    reason = _tensor_reason(q, k, v) or _layout_reason(q, k, v) or _pattern_reason(q, k, head_patterns)
+    if reason is not None:
+        raise ValueError(f"kernel_calls: {reason}")
+    tiles = tiles or default_tiles(max(q.shape[3], v.shape[3]), q.dtype, q.shape[2], k.shape[2])
+    out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+    return [kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted)
+            for group in group_heads(head_patterns) if group.family != "skip"]
+
+
 def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles) -> None:
+    call = kernel_call(group, q, k, v, out, causal, scale, tiles)
+    launch = KernelLaunch(group.family, group.heads, call.grid, tiles)
+    for hook in list(_launch_hooks):
+        hook(launch)
+    log.debug("sparsec: launching %s", launch)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        call.launch(_kernel(group.family))
+
+
+def kernel_call(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles, *,
+                interpreted: bool | None = None) -> KernelCall:
+    """The launch of `group`'s kernel: grid, arguments, constexprs and tiles. `interpreted` (default:
+    TRITON_INTERPRET) picks the dot precision; codegen/triton_aot passes False to compile CPU-built
+    calls for a GPU."""
     B, Hq, Sq, D = q.shape
     Sk, Dv = k.shape[2], v.shape[3]
     template = FAMILY_TEMPLATES[group.family]
@@ -216,29 +249,25 @@ def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: A
     else:
         tables = (head_ids, head_ids, head_ids, head_ids, 1, 1)  # unread: the visit is closed-form
     grid = (-(-Sq // tiles.block_m), B * len(group.heads))
-    launch = KernelLaunch(group.family, group.heads, grid, tiles)
-    for hook in list(_launch_hooks):
-        hook(launch)
-    log.debug("sparsec: launching %s", launch)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _kernel(group.family)[grid](
-            q, k, v, out, head_ids, params, layouts, *tables,
+    args = (q, k, v, out, head_ids, params, layouts, *tables,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Sq, Sk, len(group.heads), Hq // k.shape[1], scale * LOG2E,
-            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_padded_dim(D), BLOCK_DV=_padded_dim(Dv),
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-            DOT_PRECISION=_dot_precision(q),
-            NUM_PARAMS=params.shape[1], **counts,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
+            Sq, Sk, len(group.heads), Hq // k.shape[1], scale * LOG2E)
+    kwargs = dict(
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_padded_dim(D), BLOCK_DV=_padded_dim(Dv),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=bool(causal),
+        DOT_PRECISION=_dot_precision(q.dtype, _interpreting() if interpreted is None else interpreted),
+        NUM_PARAMS=params.shape[1], **counts,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return KernelCall(Path(_kernel_module(group.family).__file__), kernel_name(group.family), grid, args, kwargs)
 
 
-def _dot_precision(q: torch.Tensor) -> str:
+def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
     """fp32: exact "ieee" dots, never tf32. fp16 / bf16: the tensor cores' own precision ("tf32" is
     only the name Triton's default carries; it has no effect on 16-bit inputs)."""
-    if q.dtype == torch.float32:
+    if dtype == torch.float32:
         return "ieee"
-    if q.dtype == torch.bfloat16 and not q.is_cuda:
+    if dtype == torch.bfloat16 and interpreted:
         return "upcast"  # the interpreter's bf16 dot is broken; see _dot in the kernel source
     return "tf32"
 

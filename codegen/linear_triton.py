@@ -20,15 +20,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from sparsec.codegen.kernel_call import KernelCall
 from sparsec.codegen.weight_packing import BSRWeight, NMWeight, SemiStructuredWeight
 
 __all__ = [
-    "ACTIVATIONS", "LinearTiles", "bsr_linear_triton", "default_tiles", "nm_linear_triton",
+    "ACTIVATIONS", "LinearTiles", "bsr_kernel_call", "bsr_linear_triton", "default_tiles", "nm_kernel_call",
+    "nm_linear_triton",
     "semi_structured_linear", "supports",
 ]
 
@@ -225,8 +228,8 @@ def _format_reason(weight: BSRWeight | NMWeight) -> str | None:
 # -- the calls -------------------------------------------------------------------------------------
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.bfloat16 and _interpreting():
+def _input_precision(dtype: torch.dtype, interpreted: bool) -> str:
+    if dtype == torch.bfloat16 and interpreted:
         return "upcast"  # the interpreter's bf16 dot is broken; see _dot
     # fp32 follows torch's own matmul setting, so a sparse layer matches the dense one it replaces.
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -247,37 +250,51 @@ def bsr_linear_triton(x: torch.Tensor, weight: BSRWeight, bias: torch.Tensor | N
                       activation: str = "none", tiles: LinearTiles | None = None) -> torch.Tensor:
     """activation(x @ W.T + bias) for a block-sparse W; x: (..., K) -> (..., N)."""
     x2, y, tiles = _prepare("bsr_linear_triton", x, weight, bias, activation, tiles)
-    (N, _), (bo, bi) = weight.shape, weight.block
     if x2.shape[0]:
-        grid = (triton.cdiv(x2.shape[0], tiles.block_m), N // bo)
-        _bsr_linear_kernel[grid](
-            x2, weight.crow_indices, weight.col_indices, weight.values, bias if bias is not None else y, y,
-            x2.shape[0], N, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
-            INPUT_PRECISION=_input_precision(x.dtype), BLOCK_M=tiles.block_m, BLOCK_N=bo, BLOCK_K=bi,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
-    return y.view(*x.shape[:-1], N)
+        bsr_kernel_call(x2, weight, bias, y, activation, tiles).launch(_bsr_linear_kernel)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def bsr_kernel_call(x2, weight: BSRWeight, bias, y, activation: str, tiles: LinearTiles, *,
+                    interpreted: bool | None = None) -> KernelCall:
+    """The launch of the BSR kernel for 2-D x2 into y (codegen/kernel_call); `interpreted`
+    (default: TRITON_INTERPRET) picks the dot precision the interpreter needs."""
+    (N, _), (bo, bi) = weight.shape, weight.block
+    return KernelCall(
+        Path(__file__), "_bsr_linear_kernel", (triton.cdiv(x2.shape[0], tiles.block_m), N // bo),
+        (x2, weight.crow_indices, weight.col_indices, weight.values, bias if bias is not None else y, y,
+         x2.shape[0], N, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1)),
+        dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
+             INPUT_PRECISION=_input_precision(x2.dtype, _interpreting() if interpreted is None else interpreted),
+             BLOCK_M=tiles.block_m, BLOCK_N=bo, BLOCK_K=bi, num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+    )
 
 
 def nm_linear_triton(x: torch.Tensor, weight: NMWeight, bias: torch.Tensor | None = None,
                      activation: str = "none", tiles: LinearTiles | None = None) -> torch.Tensor:
     """activation(x @ W.T + bias) for an N:M W in compressed form; x: (..., K) -> (..., N)."""
     x2, y, tiles = _prepare("nm_linear_triton", x, weight, bias, activation, tiles)
+    if x2.shape[0]:
+        nm_kernel_call(x2, weight, bias, y, activation, tiles).launch(_nm_linear_kernel)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def nm_kernel_call(x2, weight: NMWeight, bias, y, activation: str, tiles: LinearTiles, *,
+                   interpreted: bool | None = None) -> KernelCall:
+    """The launch of the N:M kernel for 2-D x2 into y (codegen/kernel_call); `interpreted`
+    (default: TRITON_INTERPRET) picks the dot precision the interpreter needs."""
     N, K = weight.shape
     # A K step covers whole groups and at least 16 inputs (tl.dot's minimum).
     block_g = max(1, max(tiles.block_k, _MIN_DOT) // weight.m)
-    if x2.shape[0]:
-        grid = (triton.cdiv(x2.shape[0], tiles.block_m), triton.cdiv(N, tiles.block_n))
-        _nm_linear_kernel[grid](
-            x2, weight.values, weight.indices, bias if bias is not None else y, y,
-            x2.shape[0], N, K, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
-            INPUT_PRECISION=_input_precision(x.dtype), KEEP=weight.n, GROUP=weight.m,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_G=block_g,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
-    return y.view(*x.shape[:-1], N)
+    return KernelCall(
+        Path(__file__), "_nm_linear_kernel", (triton.cdiv(x2.shape[0], tiles.block_m), triton.cdiv(N, tiles.block_n)),
+        (x2, weight.values, weight.indices, bias if bias is not None else y, y,
+         x2.shape[0], N, K, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1)),
+        dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
+             INPUT_PRECISION=_input_precision(x2.dtype, _interpreting() if interpreted is None else interpreted),
+             KEEP=weight.n, GROUP=weight.m, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_G=block_g,
+             num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+    )
 
 
 def semi_structured_linear(x: torch.Tensor, weight: SemiStructuredWeight, bias: torch.Tensor | None = None,

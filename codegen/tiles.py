@@ -1,11 +1,14 @@
 """Tile sizes of the attention kernels, and defaults that are good on H100.
 
 The kernels take BLOCK_M, BLOCK_N, num_warps and num_stages as arguments, so the cost model can
-choose them; `default_tiles` is the choice when nobody did. The fp16 / bf16 defaults are the
-configurations FlexAttention and FlashAttention-2 (Triton) ship for H100 forward:
-    head_dim <= 64: 128 x 128, 4 warps, 3 stages
-    head_dim 128:   128 x 64,  8 warps, 3 stages
-    head_dim 256:   64 x 64,   8 warps, 2 stages
+choose them; `default_tiles` is the choice when nobody did, `tiles_for` the warps and stages that go
+with a chosen (block_m, block_n). The fp16 / bf16 defaults are FlashAttention-2-style tiles, checked
+by compiling every family for sm_90 (codegen/triton_aot, tests/test_triton_aot.py,
+bench/results/compile_sm90_*.json) so that none needs more registers than a thread has:
+    head_dim <= 64: 128 x 64, 8 warps, 3 stages  (128 x 128 with 4 warps spilled 240-340 B a thread)
+    head_dim 128:   128 x 64, 8 warps, 3 stages
+    head_dim 256:   64 x 32,  4 warps, 2 stages  (64 x 64 with 8 warps spilled in the dense kernel)
+A 128-row block runs on 8 warps (two warpgroups of 64 rows each on Hopper); smaller ones on 4.
 fp32 tiles take twice the shared memory per element, so they are halved to fit in 228 KB.
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionTiles", "default_tiles"]
+__all__ = ["AttentionTiles", "default_tiles", "tiles_for"]
 
 _MIN_BLOCK = 16  # tl.dot needs every operand dimension >= 16
 
@@ -45,9 +48,9 @@ class AttentionTiles:
 
 # (largest head_dim, tiles) in increasing head_dim; head_dim is padded to a power of two first.
 _HALF_PRECISION = (
-    (64, AttentionTiles(128, 128, num_warps=4, num_stages=3)),
+    (64, AttentionTiles(128, 64, num_warps=8, num_stages=3)),
     (128, AttentionTiles(128, 64, num_warps=8, num_stages=3)),
-    (256, AttentionTiles(64, 64, num_warps=8, num_stages=2)),
+    (256, AttentionTiles(64, 32, num_warps=4, num_stages=2)),
 )
 _SINGLE_PRECISION = (
     (64, AttentionTiles(128, 64, num_warps=4, num_stages=3)),
@@ -59,18 +62,25 @@ _SINGLE_PRECISION = (
 def default_tiles(head_dim: int, dtype: torch.dtype, q_len: int | None = None, k_len: int | None = None) -> AttentionTiles:
     """H100-good tiles for `head_dim` and `dtype`, shrunk when the sequences are shorter than a tile
     (decode with q_len = 1 should not compute 128 padded rows)."""
+    tiles = _table_tiles(head_dim, dtype)
+    return tiles_for(_shrink_to(tiles.block_m, q_len), _shrink_to(tiles.block_n, k_len), head_dim, dtype)
+
+
+def tiles_for(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> AttentionTiles:
+    """(block_m, block_n) with the warps and stages that go with them: the default's stages, and
+    its warps for a block of at least the default's rows, else at most 4 (a warpgroup per 64 rows)."""
+    base = _table_tiles(head_dim, dtype)
+    warps = base.num_warps if block_m >= base.block_m else min(base.num_warps, 4)
+    return AttentionTiles(block_m, block_n, num_warps=warps, num_stages=base.num_stages)
+
+
+def _table_tiles(head_dim: int, dtype: torch.dtype) -> AttentionTiles:
     table = _SINGLE_PRECISION if dtype == torch.float32 else _HALF_PRECISION
     padded = max(_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
     for largest, tiles in table:
         if padded <= largest:
-            break
-    else:
-        raise ValueError(f"no attention tiles for head_dim {head_dim}: the kernels support head_dim <= 256")
-    block_m = _shrink_to(tiles.block_m, q_len)
-    block_n = _shrink_to(tiles.block_n, k_len)
-    if (block_m, block_n) == (tiles.block_m, tiles.block_n):
-        return tiles
-    return AttentionTiles(block_m, block_n, num_warps=min(tiles.num_warps, 4), num_stages=tiles.num_stages)
+            return tiles
+    raise ValueError(f"no attention tiles for head_dim {head_dim}: the kernels support head_dim <= 256")
 
 
 def _shrink_to(block: int, length: int | None) -> int:

@@ -184,7 +184,8 @@ def _shape(S: int, *, heads: int, head_dim: int, dtype: str, causal: bool) -> At
 def default_grid(device: torch.device | str, *, quick: bool = False) -> list[Candidate]:
     """The calibration grid for `device`: GPU-sized layers on CUDA, small ones on a CPU."""
     if torch.device(device).type == "cuda":
-        tiles = (AttentionTiles(128, 64, 4, 3), AttentionTiles(128, 128, 8, 3), AttentionTiles(64, 64, 4, 2))
+        # The kernels' own warps and stages for each (block_m, block_n) (codegen.tiles.tiles_for at bf16).
+        tiles = (AttentionTiles(128, 64, 8, 3), AttentionTiles(128, 128, 8, 3), AttentionTiles(64, 64, 4, 3))
         if quick:  # ~50 candidates (each compiles its kernels): fits a short GPU lease
             shapes = [_shape(8192, heads=16, head_dim=128, dtype="bf16", causal=c) for c in (False, True)]
             return candidate_grid(shapes, densities=(0.1, 0.3), tiles=tiles[:2])

@@ -10,7 +10,6 @@ This module validates the call and picks an executor; the kernels live in codege
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -129,16 +128,13 @@ def _choose_backend(q: torch.Tensor, backend: str | None) -> str:
 
 def _run_triton(q, k, v, head_patterns, causal, scale, tiles) -> torch.Tensor:
     from sparsec.codegen import attention_triton
-    from sparsec.codegen.tiles import default_tiles
+    from sparsec.codegen.tiles import tiles_for
 
     reason = attention_triton.supports(q, k, v, head_patterns)
     if reason is not None:
         log.info("sparsec.attention: Triton kernels cannot run this call (%s); using the masked dense path", reason)
         return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale)
-    chosen = None
-    if tiles is not None:
-        base = default_tiles(max(q.shape[-1], v.shape[-1]), q.dtype)
-        chosen = dataclasses.replace(base, block_m=tiles[0], block_n=tiles[1])
+    chosen = None if tiles is None else tiles_for(tiles[0], tiles[1], max(q.shape[-1], v.shape[-1]), q.dtype)
     return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale, tiles=chosen)
 
 

@@ -15,7 +15,7 @@ from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.codegen import attention_triton as at
 from sparsec.codegen import kernel_cache
-from sparsec.codegen.tiles import AttentionTiles, default_tiles
+from sparsec.codegen.tiles import AttentionTiles, default_tiles, tiles_for
 
 pytestmark = pytest.mark.triton
 
@@ -322,10 +322,15 @@ def test_supports_names_the_problem(monkeypatch):
 
 def test_tiles():
     assert default_tiles(128, torch.bfloat16) == AttentionTiles(128, 64, num_warps=8, num_stages=3)
-    assert default_tiles(64, torch.float16) == AttentionTiles(128, 128, num_warps=4, num_stages=3)
+    assert default_tiles(64, torch.float16) == AttentionTiles(128, 64, num_warps=8, num_stages=3)
     assert default_tiles(96, torch.bfloat16) == default_tiles(128, torch.bfloat16)
-    assert default_tiles(256, torch.bfloat16) == AttentionTiles(64, 64, num_warps=8, num_stages=2)
-    assert default_tiles(64, torch.bfloat16, q_len=1).block_m == 16
+    assert default_tiles(256, torch.bfloat16) == AttentionTiles(64, 32, num_warps=4, num_stages=2)
+    decode = default_tiles(64, torch.bfloat16, q_len=1)
+    assert (decode.block_m, decode.block_n, decode.num_warps) == (16, 64, 4)
+    # A plan's (block_m, block_n) keeps the default's stages; fewer rows than the default's run on 4 warps.
+    assert tiles_for(128, 32, 128, torch.bfloat16) == AttentionTiles(128, 32, num_warps=8, num_stages=3)
+    assert tiles_for(64, 64, 64, torch.bfloat16) == AttentionTiles(64, 64, num_warps=4, num_stages=3)
+    assert tiles_for(64, 64, 64, torch.float32) == AttentionTiles(64, 64, num_warps=4, num_stages=3)
     for bad in (dict(block_m=24, block_n=16), dict(block_m=8, block_n=16), dict(block_m=16, block_n=16, num_warps=3)):
         with pytest.raises(ValueError):
             AttentionTiles(**bad)

@@ -1,24 +1,25 @@
-"""Columns(ranges): vertical stripes j in [start, end). Params: (start_0, end_0, start_1, end_1, ...).
+"""Columns(ranges): vertical stripes j in [start, end).
+Params: (key map, start_0, end_0, start_1, end_1, ...).
 
 The ranges are sorted and disjoint (Columns merges them), so each range's blocks start where the
 previous ranges stopped. Heads with fewer ranges than the group's NUM_RANGES repeat their last one.
+The mask reads the key map (LayoutBuffer.key_bits: one byte per key) with one load instead of
+testing every range.
 """
 from __future__ import annotations
 
 from sparsec.codegen.templates.common import FamilyTemplate, PackedParams, pad_rows, padded
 
 KEEP = """
-keep = (j >= tl.load(params)) & (j < tl.load(params + 1))
-for r in tl.static_range(1, NUM_RANGES):
-    keep = keep | ((j >= tl.load(params + 2 * r)) & (j < tl.load(params + 2 * r + 1)))
-return keep
+# "& (i >= 0)" only broadcasts the (1, BLOCK_N) row of the key map to the tile.
+return (tl.load(LAYOUTS + tl.load(params) + j, mask=j < Sk, other=0) != 0) & (i >= 0)
 """
 
 VISIT = """
 visited = m_lo * 0  # blocks below this were visited by an earlier range
 for r in range(NUM_RANGES):
-    v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, tl.load(params + 2 * r), -NO_LIMIT,
-                                            tl.load(params + 2 * r + 1) - 1, causal_hi, Sk, BLOCK_N)
+    v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, tl.load(params + 1 + 2 * r), -NO_LIMIT,
+                                            tl.load(params + 2 + 2 * r) - 1, causal_hi, Sk, BLOCK_N)
     acc, m_i, l_i = _attend_span(acc, m_i, l_i, visited, v_lo, v_hi, f_lo, f_hi,
     $CONTEXT)
     visited = tl.maximum(visited, v_hi)
@@ -35,7 +36,7 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
     rows = []
     for p in patterns:
         ranges = column_ranges(p.ranges, Sk)
-        rows.append([x for r in padded(ranges, count, ranges[-1]) for x in r])
+        rows.append([layouts.key_bits(ranges, Sk)] + [x for r in padded(ranges, count, ranges[-1]) for x in r])
     return PackedParams(rows=pad_rows(rows), counts={"NUM_RANGES": count})
 
 

@@ -249,18 +249,32 @@ class LayoutBuffer:
 
     def __init__(self) -> None:
         self._parts: list[torch.Tensor] = [torch.zeros(1, dtype=torch.uint8)]
-        self._offsets: dict[BlockSparse, int] = {}
+        self._offsets: dict[object, int] = {}
         self._size = 1
 
     def entry(self, pattern: BlockSparse) -> tuple[int, int, int, int]:
         """(offset, bq, bk, columns) of the pattern's layout, adding it once."""
-        if pattern not in self._offsets:
-            flat = pattern.layout.to(torch.uint8).flatten()
-            self._offsets[pattern] = self._size
+        offset = self._add(pattern, lambda: pattern.layout.to(torch.uint8).flatten())
+        bq, bk = pattern.block
+        return (offset, bq, bk, pattern.layout_shape[1])
+
+    def key_bits(self, ranges: Sequence[tuple[int, int]], Sk: int) -> int:
+        """Offset of a per-key byte map (1 where one of the [start, end) `ranges` keeps key j, for
+        j < Sk), added once per (ranges, Sk): a kernel tests columns with one load, not a loop."""
+        def build() -> torch.Tensor:
+            bits = torch.zeros(Sk, dtype=torch.uint8)
+            for start, end in ranges:
+                bits[max(0, start):max(0, min(end, Sk))] = 1
+            return bits
+        return self._add(("key_bits", tuple(ranges), Sk), build)
+
+    def _add(self, key, build) -> int:
+        if key not in self._offsets:
+            flat = build()
+            self._offsets[key] = self._size
             self._parts.append(flat)
             self._size += flat.numel()
-        bq, bk = pattern.block
-        return (self._offsets[pattern], bq, bk, pattern.layout_shape[1])
+        return self._offsets[key]
 
     def tensor(self) -> torch.Tensor:
         return torch.cat(self._parts)

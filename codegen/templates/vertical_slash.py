@@ -1,9 +1,12 @@
 """VerticalSlash(columns, offsets): column ranges plus single diagonals j == i + o.
-Params: (start_0, end_0, ..., start_{R-1}, end_{R-1}, o_0, ..., o_{N-1}).
+Params: (key map, start_0, end_0, ..., start_{R-1}, end_{R-1}, o_0, ..., o_{N-1}).
 
 The columns are visited first, like Columns; then each diagonal's blocks, skipping the blocks the
 column pass already visited. Heads with fewer columns or offsets than the group's NUM_RANGES /
 NUM_OFFSETS are padded with entries that keep nothing: the column [0, 0) and the offset -NO_LIMIT.
+The key map (LayoutBuffer.key_bits: one byte per key, 1 in a column) answers "is key j a column"
+with one load: the mask and the "did the column pass visit this block" test need no loop over the
+ranges (a loop per masked block kept hundreds of values live, and ptxas spilled them).
 """
 from __future__ import annotations
 
@@ -13,42 +16,46 @@ from sparsec.codegen.templates.common import NO_LIMIT, FamilyTemplate, PackedPar
 HELPERS = '''
 
 @triton.jit
-def _outside_column_blocks(n, params, m_lo, m_hi, causal_hi, Sk, BLOCK_N: tl.constexpr, NUM_RANGES: tl.constexpr):
-    """Whether the column pass skipped key block n (so a diagonal must visit it)."""
-    outside = n >= 0
-    for r in tl.static_range(NUM_RANGES):
-        v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, tl.load(params + 2 * r), -NO_LIMIT,
-                                                tl.load(params + 2 * r + 1) - 1, causal_hi, Sk, BLOCK_N)
-        outside = outside & ((n < v_lo) | (n >= v_hi))
-    return outside
+def _column_free_block(n, LAYOUTS, key_bits, m_hi, causal_hi, Sk, BLOCK_N: tl.constexpr):
+    """Whether the column pass skipped key block n (so a diagonal must visit it): no key of the
+    block that the query block's last row may see is a column."""
+    offs = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    bits = tl.load(LAYOUTS + key_bits + offs, mask=(offs < Sk) & (offs <= m_hi + causal_hi), other=0)
+    return tl.max(bits, 0) == 0
 '''
 
 KEEP = """
-keep = (j >= tl.load(params)) & (j < tl.load(params + 1))
-for r in tl.static_range(1, NUM_RANGES):
-    keep = keep | ((j >= tl.load(params + 2 * r)) & (j < tl.load(params + 2 * r + 1)))
+# Column keys from the key map; "& (i >= 0)" only broadcasts the (1, BLOCK_N) row to the tile.
+keep = (tl.load(LAYOUTS + tl.load(params) + j, mask=j < Sk, other=0) != 0) & (i >= 0)
+# A loop, not unrolled (a head may have hundreds of diagonals); only the diagonals that cross this
+# tile touch the (BLOCK_M, BLOCK_N) mask, the others cost one scalar test each.
 diagonal = j - i
-for r in tl.static_range(NUM_OFFSETS):
-    keep = keep | (diagonal == tl.load(params + 2 * NUM_RANGES + r))
+lowest = tl.min(j) - tl.max(i)
+highest = tl.max(j) - tl.min(i)
+for r in range(NUM_OFFSETS):
+    offset = tl.load(params + 1 + 2 * NUM_RANGES + r)
+    if (offset >= lowest) & (offset <= highest):
+        keep = keep | (diagonal == offset)
 return keep
 """
 
 VISIT = """
+key_bits = tl.load(params)
 visited = m_lo * 0  # blocks below this were visited by an earlier range
 for r in range(NUM_RANGES):
-    v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, tl.load(params + 2 * r), -NO_LIMIT,
-                                            tl.load(params + 2 * r + 1) - 1, causal_hi, Sk, BLOCK_N)
+    v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, tl.load(params + 1 + 2 * r), -NO_LIMIT,
+                                            tl.load(params + 2 + 2 * r) - 1, causal_hi, Sk, BLOCK_N)
     acc, m_i, l_i = _attend_span(acc, m_i, l_i, visited, v_lo, v_hi, f_lo, f_hi,
     $CONTEXT)
     visited = tl.maximum(visited, v_hi)
 # Diagonals are sorted too: each starts where the previous stopped, minus blocks the columns took.
 visited = m_lo * 0
 for r in range(NUM_OFFSETS):
-    offset = tl.load(params + 2 * NUM_RANGES + r)
+    offset = tl.load(params + 1 + 2 * NUM_RANGES + r)
     v_lo, v_hi, f_lo, f_hi = _interval_span(m_lo, m_hi, 0, offset, NO_LIMIT, tl.minimum(offset, causal_hi),
                                             Sk, BLOCK_N)
     for n in range(tl.maximum(v_lo, visited), v_hi):
-        if _outside_column_blocks(n, params, m_lo, m_hi, causal_hi, Sk, BLOCK_N, NUM_RANGES):
+        if _column_free_block(n, LAYOUTS, key_bits, m_hi, causal_hi, Sk, BLOCK_N):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, n, True,
             $CONTEXT)
     visited = tl.maximum(visited, v_hi)
@@ -65,7 +72,7 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
     for p in patterns:
         ranges = padded(column_ranges(p.columns, Sk), num_ranges, _NO_COLUMN)
         offsets = padded([clamp_offset(o, Sq, Sk) for o in p.offsets], num_offsets, _NO_OFFSET)
-        rows.append([x for r in ranges for x in r] + offsets)
+        rows.append([layouts.key_bits(ranges, Sk)] + [x for r in ranges for x in r] + offsets)
     return PackedParams(rows=pad_rows(rows), counts={"NUM_RANGES": num_ranges, "NUM_OFFSETS": num_offsets})
 
 

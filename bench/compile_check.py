@@ -1,0 +1,162 @@
+"""Compile every Triton kernel ahead of time for a GPU that is not here, and report what it costs.
+
+    python bench/compile_check.py                       # H100 (sm_90): every attention family x
+                                                        # bf16/fp16 x head_dim 64/128/256 at the
+                                                        # default tiles, and the linear kernels
+    python bench/compile_check.py --quick               # bf16, head_dim 64 and 128, every family
+    python bench/compile_check.py --tiles 128x64x4x3 64x64x4x2 --families window --dtypes bf16
+
+For each launch, built exactly as the entry points build it for CUDA tensors (codegen/triton_aot),
+Triton's compiler and ptxas produce the sm_XX binary; the table shows its shared memory against the
+architecture's limit, registers and spilled bytes per thread, the matrix instructions (wgmma,
+mma.sync or none) and whether K/V loads are pipelined (cp.async), and the JSON under bench/results/
+keeps every figure. These are properties of the compiled code, not timings: they tell which tiles
+cannot launch (shared memory) or will run slowly (spills, no tensor cores, no pipelining) before a
+GPU is lent. Compiling takes ~3-10 s a kernel on 2 cores; fp32 (--dtypes fp32) takes minutes a
+kernel, because its exact dots run on CUDA cores and unroll into very large code.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sparsec.codegen import attention_triton, linear_triton
+from sparsec.codegen.tiles import AttentionTiles, default_tiles
+from sparsec.codegen.triton_aot import compile_calls, target_arch
+from sparsec.codegen.weight_packing import pack_bsr, pack_nm
+from sparsec.cost_models.measure import pattern_at_density, software_versions
+from sparsec.patterns import Columns, Window
+from sparsec.pruning import prune_mask
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAMILIES = ("dense", "window", "multi_diagonal", "columns", "a_shape", "vertical_slash", "block_sparse", "union")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SEQ = 1024      # compiled code does not depend on the lengths (runtime arguments); 16-divisible like real ones
+HEADS = 2
+
+
+def family_pattern(family: str, causal: bool):
+    if family == "union":
+        return Window(128, 0 if causal else 128) | Columns([(0, 64)])
+    return pattern_at_density(family, SEQ, 0.25, causal=causal)
+
+
+def parse_tiles(text: str) -> AttentionTiles:
+    try:
+        block_m, block_n, warps, stages = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--tiles takes BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 128x64x4x3), got {text!r}") from None
+    return AttentionTiles(block_m, block_n, num_warps=warps, num_stages=stages)
+
+
+def attention_cases(families, dtypes, head_dims, tiles_list, causal):
+    for family in families:
+        pattern = family_pattern(family, causal)
+        for dtype_name in dtypes:
+            for head_dim in head_dims:
+                dtype = DTYPES[dtype_name]
+                q, k, v = (torch.empty(1, HEADS, SEQ, head_dim, dtype=dtype) for _ in range(3))
+                for tiles in tiles_list or [default_tiles(head_dim, dtype)]:
+                    (call,) = attention_triton.kernel_calls(q, k, v, (pattern,) * HEADS, causal=causal,
+                                                             scale=head_dim ** -0.5, tiles=tiles, interpreted=False)
+                    yield {"kernel": "attention", "family": family, "dtype": dtype_name, "head_dim": head_dim,
+                           "tiles": [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages],
+                           "default_tiles": not tiles_list, "causal": causal}, call
+
+
+def linear_cases(dtypes, tokens: int = 2048, features: int = 1024):
+    generator = torch.Generator().manual_seed(0)
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        x = torch.empty(tokens, features, dtype=dtype)
+        y = torch.empty(tokens, features, dtype=dtype)
+        tiles = linear_triton.default_tiles(tokens)
+        layout = torch.rand(features // 64, features // 64, generator=generator) < 0.5
+        dense = torch.randn(features, features, generator=generator).to(dtype)
+        mask = layout.repeat_interleave(64, 0).repeat_interleave(64, 1)
+        bsr = pack_bsr(dense * mask, (64, 64))
+        call = linear_triton.bsr_kernel_call(x, bsr, None, y, "gelu", tiles, interpreted=False)
+        yield {"kernel": "bsr_linear", "dtype": dtype_name, "block": [64, 64], "tokens": tokens,
+               "tiles": [tiles.block_m, 64, tiles.num_warps, tiles.num_stages], "default_tiles": True}, call
+        nm = pack_nm(dense * prune_mask(dense.float(), "2:4"), 2, 4)
+        call = linear_triton.nm_kernel_call(x, nm, None, y, "none", tiles, interpreted=False)
+        yield {"kernel": "nm_linear", "dtype": dtype_name, "nm": [2, 4], "tokens": tokens,
+               "tiles": [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages], "default_tiles": True}, call
+
+
+def _short(problems: list[str]) -> str:
+    """Problems in a table cell: spills and shared memory as figures, errors by their first line."""
+    return "; ".join(p.splitlines()[0][:60] for p in problems) or "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="h100", help="h100, h200, a100 or sm_XX (default h100)")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=list(DTYPES))
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128, 256])
+    parser.add_argument("--tiles", nargs="+", type=parse_tiles, default=None,
+                        help="BLOCK_MxBLOCK_NxWARPSxSTAGES each (default: the default tiles of each head_dim and dtype)")
+    parser.add_argument("--no-causal", action="store_true", help="compile the non-causal kernels (default causal)")
+    parser.add_argument("--no-linear", action="store_true", help="skip the linear kernels")
+    parser.add_argument("--quick", action="store_true", help="bf16, head_dim 64 and 128, every family")
+    parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--output", default=None, help="JSON path (default: bench/results/compile_<arch>_<date>.json)")
+    args = parser.parse_args()
+    if args.quick:
+        args.dtypes, args.head_dims = ["bf16"], [64, 128]
+    arch = target_arch(args.target)
+
+    cases = list(attention_cases(args.families, args.dtypes, args.head_dims, args.tiles, not args.no_causal))
+    if not args.no_linear:
+        cases += list(linear_cases(args.dtypes))
+    console = Console(width=150)
+    console.print(f"compiling {len(cases)} kernels for sm_{arch} with {args.workers} worker(s)...")
+    reports = compile_calls([call for _, call in cases], arch, workers=args.workers)
+
+    table = Table(title=f"sparsec Triton kernels compiled for sm_{arch} (Triton {software_versions()['triton']})")
+    for column in ("kernel", "dtype", "D", "tiles m.n.w.s", "shared KB", "regs", "spill B", "mma", "async", "s", "problems"):
+        table.add_column(column)
+    rows = []
+    for (case, _), report in zip(cases, reports):
+        row = {**case, "shared_bytes": report.shared_bytes, "shared_limit": report.shared_limit,
+               "registers": report.registers, "spill_bytes": report.spill_bytes, "mma": report.mma,
+               "async_loads": report.async_loads, "compile_seconds": round(report.seconds, 2),
+               "problems": report.problems()}
+        rows.append(row)
+        name = case.get("family", case["kernel"])
+        table.add_row(name, case["dtype"], str(case.get("head_dim", "")), ".".join(map(str, case["tiles"])),
+                      f"{report.shared_bytes / 1024:.0f}", str(report.registers), str(report.spill_bytes),
+                      report.mma, "yes" if report.async_loads else "no", f"{report.seconds:.1f}",
+                      _short(report.problems()))
+    console.print(table)
+    bad = [r for r in rows if r["problems"]]
+    console.print(f"{len(rows) - len(bad)} of {len(rows)} kernels compile for sm_{arch} within its shared memory "
+                  f"and without spills; {len(bad)} with problems.")
+    if args.no_save:
+        return
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": "compile_check", "target": f"sm_{arch}", "device": "none (compiled ahead of time on CPU)",
+        "versions": software_versions(), "date": now.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": {"seq": SEQ, "heads": HEADS, "causal": not args.no_causal}, "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = Path(args.output) if args.output else RESULTS / f"compile_sm{arch}_{now:%Y%m%d_%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=1))
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
