@@ -43,6 +43,7 @@ __all__ = ["ARCHITECTURES", "AOTCompileError", "CompileReport", "compile_call", 
 ARCHITECTURES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _PROFILE_ARCH = {"a100": 80, "h100": 90, "h200": 90}
 _WORKER = "from sparsec.codegen.triton_aot import _worker; _worker()"
+_BUFFERS = re.compile(r"!ttg\.memdesc<(\d+)x\d+x\d+x")  # a leading stage dimension on a 2-D tile
 _RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -66,6 +67,8 @@ class CompileReport:
     seconds: float                   # compile time on this machine
     constexprs: dict = field(default_factory=dict)
     error: str | None = None         # why Triton or ptxas refused the kernel
+    pipeline_buffers: tuple[int, ...] = ()  # depths of the multi-buffered shared tiles, e.g. (2, 3)
+    async_copies: int = 0            # asynchronous global -> shared copies in the code (prologues included)
 
     @property
     def shared_limit(self) -> int:
@@ -194,6 +197,8 @@ def _compile_here(call: KernelCall, arch: int) -> CompileReport:
         num_stages=binary.metadata.num_stages, shared_bytes=int(binary.metadata.shared),
         registers=registers, spill_bytes=spills, mma=_mma_kind(ptx),
         async_loads=bool(re.search(r"cp\.async", ptx)), seconds=seconds, constexprs=constexprs,
+        pipeline_buffers=tuple(sorted({int(n) for n in _BUFFERS.findall(binary.asm.get("ttgir", ""))})),
+        async_copies=binary.asm.get("ttgir", "").count("ttg.async_copy_global_to_local"),
     )
 
 

@@ -336,3 +336,24 @@ def test_tiles():
             AttentionTiles(**bad)
     with pytest.raises(ValueError, match="head_dim"):
         default_tiles(512, torch.float16)
+
+
+@pytest.mark.parametrize("tiles", [TILES, AttentionTiles(16, 64, num_warps=1, num_stages=1),
+                                   AttentionTiles(32, 32, num_warps=1, num_stages=1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_diagonals_read_from_the_diagonal_bits(tiles, causal):
+    # Dozens of diagonals of both signs (some outside the matrix, some 32 apart so that a tile's
+    # rows read across word boundaries of the bit string), columns among them, Sq != Sk, odd sizes;
+    # two heads with different counts share the launch.
+    Sq, Sk = 45, 83
+    g = torch.Generator().manual_seed(int(causal) * 10 + tiles.block_n)
+    offsets = sorted(set(torch.randint(-Sq - 5, Sk + 5, (40,), generator=g).tolist()) | {-32, 0, 32, 64})
+    heads = (P.VerticalSlash([(3, 5), 40], offsets), P.VerticalSlash([], offsets[::3]))
+    q, k, v = random_qkv(1, 2, 2, Sq, Sk, 16, seed=tiles.block_n)
+    check(q, k, v, heads, causal=causal, tiles=tiles)
+    # The union kernel folds the same diagonals (and width-0 MultiDiagonal bands) into diagonal bits,
+    # columns into a key map, next to its bands and layouts.
+    layout = torch.rand(-(-Sq // 16), -(-Sk // 16), generator=g) < 0.3
+    unions = (P.Window(3, 0) | P.VerticalSlash([(3, 5), 40], offsets) | P.BlockSparse(layout, 16),
+              P.MultiDiagonal(offsets[::2], 0) | P.Columns([(10, 12)]))
+    check(q, k, v, unions, causal=causal, tiles=tiles)

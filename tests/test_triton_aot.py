@@ -33,7 +33,7 @@ def _ptxas_available() -> bool:
 pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="Triton without its NVIDIA backend and ptxas")
 
 S = 1024
-_SPILL_ALLOWANCE = {("vertical_slash", 64): 64, ("vertical_slash", 128): 256, ("block_sparse", 128): 768}  # bytes a thread
+_SPILL_ALLOWANCE = {("block_sparse", 128): 768}  # bytes a thread
 
 
 def _family_patterns(causal: bool):
@@ -44,9 +44,11 @@ def _family_patterns(causal: bool):
         "multi_diagonal": MultiDiagonal([-256, 0, 256], 16),
         "columns": Columns([(0, 32), (500, 520)]),
         "a_shape": AShape(64, 256),
-        "vertical_slash": VerticalSlash([0, 1, 2, 700], [-3, -100, -400, 0]),
+        # Hundreds of diagonals and columns: an unrolled test of each spilled kilobytes (and a union
+        # holding them took 200 s to compile); the key map and diagonal bits keep the mask small.
+        "vertical_slash": VerticalSlash([0, 1, 2, *range(300, 700, 4)], list(range(-S + 1, 1, 7))),
         "block_sparse": BlockSparse(layout, 64),
-        "union": Window(128, 0) | Columns([(0, 64)]),
+        "union": Window(128, 0) | Columns([(0, 64)]) | VerticalSlash(list(range(500, 900, 8)), list(range(-S + 1, 0, 5))),
     }
 
 
@@ -73,8 +75,7 @@ def test_every_family_compiles_for_h100_at_the_default_tiles_without_spills(head
         assert report.mma == "wgmma", (family, report.mma)  # bf16 dots on Hopper's tensor cores
         assert report.async_loads, family                  # K / V loads pipelined by cp.async
         if report.spill_bytes is not None:
-            # Two masks still spill a little at head_dim 128: the vertical-slash mask (diagonals
-            # tested in a loop; 2-3 KB before the key map) and the block layout's per-element lookup.
+            # The block layout's per-element lookup still spills a little at head_dim 128.
             allowed = _SPILL_ALLOWANCE.get((family, head_dim), 0)
             assert report.spill_bytes <= allowed, (family, report.spill_bytes, tiles)
 

@@ -8,11 +8,10 @@ testing every range.
 """
 from __future__ import annotations
 
-from sparsec.codegen.templates.common import FamilyTemplate, PackedParams, pad_rows, padded
+from sparsec.codegen.templates.common import KEY_HELPERS, FamilyTemplate, PackedParams, pad_rows, padded
 
 KEEP = """
-# "& (i >= 0)" only broadcasts the (1, BLOCK_N) row of the key map to the tile.
-return (tl.load(LAYOUTS + tl.load(params) + j, mask=j < Sk, other=0) != 0) & (i >= 0)
+return _key_map_keeps(LAYOUTS, tl.load(params), i, j, Sk)
 """
 
 VISIT = """
@@ -40,4 +39,5 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
     return PackedParams(rows=pad_rows(rows), counts={"NUM_RANGES": count})
 
 
-TEMPLATE = FamilyTemplate(family="columns", keep=KEEP, visit=VISIT, pack=pack, counts=("NUM_RANGES",))
+TEMPLATE = FamilyTemplate(family="columns", keep=KEEP, visit=VISIT, pack=pack, counts=("NUM_RANGES",),
+                          helpers=KEY_HELPERS)

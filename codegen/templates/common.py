@@ -205,6 +205,53 @@ $VISIT
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DIM_V))
 '''
 
+# Masks of columns and single diagonals without a loop over them (columns, vertical_slash, union).
+# Compiled for sm_90 (codegen/triton_aot), a test of every range or diagonal unrolled into the mask
+# spilled kilobytes of registers a thread, and a loop inside the mask stopped Triton from
+# pipelining the masked key loops; one load of a key map and a few shifts of a bit string do neither.
+KEY_HELPERS = '''
+
+@triton.jit
+def _key_map_keeps(LAYOUTS, key_map, i, j, Sk):
+    """Whether key j is kept by the per-key byte map at LAYOUTS + key_map (LayoutBuffer.key_bits);
+    "& (i >= 0)" only broadcasts the (1, BLOCK_N) row to the tile."""
+    return (tl.load(LAYOUTS + key_map + j, mask=j < Sk, other=0) != 0) & (i >= 0)
+
+
+@triton.jit
+def _diagonal_keeps(words, i, j, Sq):
+    """Whether j - i is one of the head's diagonals: bit j - i + Sq of the bit string packed in the
+    int32 `words` (diagonal_words). For row i and 32 keys from j0 + 32 c, the 64 bits from word
+    (j0 - i + Sq + 32 c) // 32 on, shifted, hold the row's 32 bits."""
+    j0 = tl.min(j)
+    column = j - j0
+    base = tl.maximum(j0 - i + Sq, 0)  # rows past Sq (padding, never stored) read from bit 0
+    keep = (column < 0) & (i < 0)
+    for c in tl.static_range((j.shape[1] + 31) // 32):
+        start = base + 32 * c
+        low = tl.load(words + start // 32).to(tl.int64) & 0xFFFFFFFF
+        high = tl.load(words + start // 32 + 1).to(tl.int64) & 0xFFFFFFFF
+        row_bits = (low | (high << 32)) >> (start % 32).to(tl.int64)
+        in_chunk = (column >= 32 * c) & (column < 32 * c + 32)
+        shift = tl.where(in_chunk, column - 32 * c, 0).to(tl.int64)
+        keep = keep | (in_chunk & (((row_bits >> shift) & 1) != 0))
+    return keep
+'''
+
+MAX_BLOCK_N = 256  # the largest key tile the diagonal words must cover past Sq + Sk
+
+
+def diagonal_words(offsets: Sequence[int], Sq: int, Sk: int) -> list[int]:
+    """Bit o + Sq set for each diagonal j - i = o that meets the Sq x Sk matrix, packed 32 to an
+    int32 word (as signed values), covering every bit a tile reads (< Sq + Sk + MAX_BLOCK_N + 32)."""
+    bits = torch.zeros((Sq + Sk + MAX_BLOCK_N + 64) // 32 * 32, dtype=torch.int64)
+    for o in offsets:
+        if -Sq < o < Sk:
+            bits[o + Sq] = 1
+    words = (bits.view(-1, 32) << torch.arange(32)).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).tolist()
+
+
 # Walks the kernel's block tables (block_sparse, union): the partial blocks of this query block
 # with the mask, then its whole blocks without. Row `table_row` of the tables.
 TABLE_HELPERS = '''

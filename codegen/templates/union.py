@@ -1,18 +1,22 @@
 """Union of patterns (p1 | p2 | ...): table-driven like BlockSparse; the element mask is the OR of
 the parts' masks. Every closed-form part becomes intervals j in [max(lo_c, i + lo_d),
 min(hi_c, i + hi_d)], every BlockSparse part a layout entry, so heads with different unions share
-one kernel. Params: (table, NUM_INTERVALS x (lo_c, lo_d, hi_c, hi_d), NUM_LAYOUTS x layout entry).
+one kernel. Column intervals go to a per-key map and single diagonals to diagonal bits
+(common.KEY_HELPERS): a union holding a VerticalSlash with hundreds of them would otherwise unroll
+one test each into the mask (compiled for sm_90: 200 s and ~7 KB of spilled registers a thread).
+Params: (table, key map, NUM_INTERVALS x (lo_c, lo_d, hi_c, hi_d), NUM_LAYOUTS x layout entry,
+diagonal bits); HAS_KEY_MAP / HAS_DIAGONALS say whether any head of the group has them.
 """
 from __future__ import annotations
 
 from sparsec.codegen.templates.columns import column_ranges
 from sparsec.codegen.templates.common import (
-    NO_LIMIT, TABLE_HELPERS, TABLE_VISIT, FamilyTemplate, LayoutBuffer, PackedParams, clamp_offset, pad_rows,
-    padded, table_ids,
+    KEY_HELPERS, NO_LIMIT, TABLE_HELPERS, TABLE_VISIT, FamilyTemplate, LayoutBuffer, PackedParams, clamp_offset,
+    diagonal_words, pad_rows, padded, table_ids,
 )
 from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, VerticalSlash, Window
 
-HELPERS = TABLE_HELPERS + '''
+HELPERS = TABLE_HELPERS + KEY_HELPERS + '''
 
 @triton.jit
 def _interval_keeps(interval, i, j):
@@ -25,11 +29,15 @@ def _interval_keeps(interval, i, j):
 '''
 
 KEEP = """
-keep = _interval_keeps(params + 1, i, j)
-for r in tl.static_range(1, NUM_INTERVALS):
-    keep = keep | _interval_keeps(params + 1 + 4 * r, i, j)
+keep = (i < 0) & (j < 0)
+for r in tl.static_range(NUM_INTERVALS):
+    keep = keep | _interval_keeps(params + 2 + 4 * r, i, j)
 for r in tl.static_range(NUM_LAYOUTS):
-    keep = keep | _layout_keeps(LAYOUTS, params + 1 + 4 * NUM_INTERVALS + 4 * r, i, j, Sq, Sk)
+    keep = keep | _layout_keeps(LAYOUTS, params + 2 + 4 * NUM_INTERVALS + 4 * r, i, j, Sq, Sk)
+if HAS_KEY_MAP:
+    keep = keep | _key_map_keeps(LAYOUTS, tl.load(params + 1), i, j, Sk)
+if HAS_DIAGONALS:
+    keep = keep | _diagonal_keeps(params + 2 + 4 * NUM_INTERVALS + 4 * NUM_LAYOUTS, i, j, Sq)
 return keep
 """
 
@@ -63,27 +71,41 @@ def part_intervals(part: Pattern, Sq: int, Sk: int) -> list[tuple[int, int, int,
 
 
 def _head_entries(pattern: Pattern, Sq: int, Sk: int, layouts: LayoutBuffer):
-    intervals, layout_entries = [], []
+    """(bands, layout entries, column ranges, diagonal offsets) of one head's union."""
+    bands, layout_entries, columns, diagonals = [], [], [], []
     for part in pattern.parts:
         if isinstance(part, BlockSparse):
             layout_entries.append(layouts.entry(part))
-        else:
-            intervals.extend(part_intervals(part, Sq, Sk))
-    return intervals, layout_entries
+            continue
+        for lo_c, lo_d, hi_c, hi_d in part_intervals(part, Sq, Sk):
+            if (lo_d, hi_d) == (-NO_LIMIT, NO_LIMIT):
+                columns.append((lo_c, hi_c + 1))
+            elif (lo_c, hi_c) == (-NO_LIMIT, NO_LIMIT) and lo_d == hi_d:
+                diagonals.append(lo_d)
+            else:
+                bands.append((lo_c, lo_d, hi_c, hi_d))
+    return bands, layout_entries, columns, diagonals
 
 
 def pack(patterns, Sq, Sk, layouts) -> PackedParams:
     _, tables = table_ids(patterns)
     entries = [_head_entries(p, Sq, Sk, layouts) for p in patterns]
-    num_intervals = max(1, max(len(i) for i, _ in entries))
-    num_layouts = max(len(lay) for _, lay in entries)
+    num_intervals = max(len(e[0]) for e in entries)
+    num_layouts = max(len(e[1]) for e in entries)
+    has_key_map = any(e[2] for e in entries)
+    has_diagonals = any(e[3] for e in entries)
     rows = []
-    for table, (intervals, layout_entries) in zip(tables, entries):
-        intervals = padded(intervals, num_intervals, _EMPTY_INTERVAL)
+    for table, (bands, layout_entries, columns, diagonals) in zip(tables, entries):
+        bands = padded(bands, num_intervals, _EMPTY_INTERVAL)
         layout_entries = padded(layout_entries, num_layouts, LayoutBuffer.EMPTY_ENTRY)
-        rows.append([table, *(x for e in intervals + layout_entries for x in e)])
-    return PackedParams(rows=pad_rows(rows), counts={"NUM_INTERVALS": num_intervals, "NUM_LAYOUTS": num_layouts})
+        key_map = layouts.key_bits(columns, Sk) if has_key_map else 0
+        words = diagonal_words(diagonals, Sq, Sk) if has_diagonals else []
+        rows.append([table, key_map, *(x for e in bands + layout_entries for x in e), *words])
+    counts = {"NUM_INTERVALS": num_intervals, "NUM_LAYOUTS": num_layouts,
+              "HAS_KEY_MAP": int(has_key_map), "HAS_DIAGONALS": int(has_diagonals)}
+    return PackedParams(rows=pad_rows(rows), counts=counts)
 
 
 TEMPLATE = FamilyTemplate(family="union", keep=KEEP, visit=TABLE_VISIT, pack=pack, helpers=HELPERS,
-                          counts=("NUM_INTERVALS", "NUM_LAYOUTS"), table_driven=True)
+                          counts=("NUM_INTERVALS", "NUM_LAYOUTS", "HAS_KEY_MAP", "HAS_DIAGONALS"),
+                          table_driven=True)

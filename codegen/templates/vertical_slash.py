@@ -1,19 +1,22 @@
 """VerticalSlash(columns, offsets): column ranges plus single diagonals j == i + o.
-Params: (key map, start_0, end_0, ..., start_{R-1}, end_{R-1}, o_0, ..., o_{N-1}).
+Params: (key map, start_0, end_0, ..., start_{R-1}, end_{R-1}, o_0, ..., o_{N-1}, diagonal bits).
 
 The columns are visited first, like Columns; then each diagonal's blocks, skipping the blocks the
 column pass already visited. Heads with fewer columns or offsets than the group's NUM_RANGES /
 NUM_OFFSETS are padded with entries that keep nothing: the column [0, 0) and the offset -NO_LIMIT.
 The key map (LayoutBuffer.key_bits: one byte per key, 1 in a column) answers "is key j a column"
 with one load: the mask and the "did the column pass visit this block" test need no loop over the
-ranges (a loop per masked block kept hundreds of values live, and ptxas spilled them).
+ranges; the diagonals' mask reads the diagonal bits (common.diagonal_words, _diagonal_keeps): a
+few integer operations a tile whatever the number of diagonals.
 """
 from __future__ import annotations
 
 from sparsec.codegen.templates.columns import column_ranges
-from sparsec.codegen.templates.common import NO_LIMIT, FamilyTemplate, PackedParams, clamp_offset, pad_rows, padded
+from sparsec.codegen.templates.common import (
+    KEY_HELPERS, NO_LIMIT, FamilyTemplate, PackedParams, clamp_offset, diagonal_words, pad_rows, padded,
+)
 
-HELPERS = '''
+HELPERS = KEY_HELPERS + '''
 
 @triton.jit
 def _column_free_block(n, LAYOUTS, key_bits, m_hi, causal_hi, Sk, BLOCK_N: tl.constexpr):
@@ -25,18 +28,8 @@ def _column_free_block(n, LAYOUTS, key_bits, m_hi, causal_hi, Sk, BLOCK_N: tl.co
 '''
 
 KEEP = """
-# Column keys from the key map; "& (i >= 0)" only broadcasts the (1, BLOCK_N) row to the tile.
-keep = (tl.load(LAYOUTS + tl.load(params) + j, mask=j < Sk, other=0) != 0) & (i >= 0)
-# A loop, not unrolled (a head may have hundreds of diagonals); only the diagonals that cross this
-# tile touch the (BLOCK_M, BLOCK_N) mask, the others cost one scalar test each.
-diagonal = j - i
-lowest = tl.min(j) - tl.max(i)
-highest = tl.max(j) - tl.min(i)
-for r in range(NUM_OFFSETS):
-    offset = tl.load(params + 1 + 2 * NUM_RANGES + r)
-    if (offset >= lowest) & (offset <= highest):
-        keep = keep | (diagonal == offset)
-return keep
+return (_key_map_keeps(LAYOUTS, tl.load(params), i, j, Sk)
+        | _diagonal_keeps(params + 1 + 2 * NUM_RANGES + NUM_OFFSETS, i, j, Sq))
 """
 
 VISIT = """
@@ -72,7 +65,8 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
     for p in patterns:
         ranges = padded(column_ranges(p.columns, Sk), num_ranges, _NO_COLUMN)
         offsets = padded([clamp_offset(o, Sq, Sk) for o in p.offsets], num_offsets, _NO_OFFSET)
-        rows.append([layouts.key_bits(ranges, Sk)] + [x for r in ranges for x in r] + offsets)
+        rows.append([layouts.key_bits(ranges, Sk)] + [x for r in ranges for x in r] + offsets
+                    + diagonal_words(p.offsets, Sq, Sk))
     return PackedParams(rows=pad_rows(rows), counts={"NUM_RANGES": num_ranges, "NUM_OFFSETS": num_offsets})
 
 
