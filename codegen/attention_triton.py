@@ -27,7 +27,7 @@ from sparsec.codegen.templates.tables import block_tables
 from sparsec.codegen.templates import FAMILY_TEMPLATES, LayoutBuffer, kernel_name, render
 from sparsec.codegen.templates.common import table_ids
 from sparsec.codegen.kernel_call import KernelCall
-from sparsec.codegen.tiles import AttentionTiles, default_tiles
+from sparsec.codegen.tiles import AttentionTiles, default_tiles, fit_stages, padded_head_dim
 from sparsec.patterns import BlockSparse, Dense, Pattern, Skip, Union
 
 __all__ = [
@@ -200,7 +200,7 @@ def triton_attention(
         raise TypeError(f"triton_attention: tiles must be AttentionTiles, got {type(tiles).__name__}")
     B, Hq, Sq, D = q.shape
     Sk, Dv = k.shape[2], v.shape[3]
-    tiles = tiles or default_tiles(max(D, Dv), q.dtype, Sq, Sk)
+    tiles = _fitted(tiles or default_tiles(max(D, Dv), q.dtype, Sq, Sk), q, D, Dv)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
     for group in group_heads(head_patterns):
         if group.family == "skip":
@@ -222,6 +222,20 @@ def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_pattern
     out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
     return [kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted)
             for group in group_heads(head_patterns) if group.family != "skip"]
+
+
+def _fitted(tiles: AttentionTiles, q: torch.Tensor, D: int, Dv: int) -> AttentionTiles:
+    """On a GPU, `tiles` with the pipeline stages its shared memory holds (fewer stages, never a
+    launch that fails for want of shared memory); an error when even one stage does not fit."""
+    if not q.is_cuda:
+        return tiles
+    props = torch.cuda.get_device_properties(q.device)
+    limit = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    fitted = fit_stages(tiles, D, q.dtype, limit, Dv)
+    if fitted is None:
+        raise ValueError(f"triton_attention: tiles {tiles} need more shared memory than the device's {limit} "
+                         f"bytes a block at head_dim {D}, {q.dtype}; choose smaller tiles")
+    return fitted
 
 
 def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles) -> None:
@@ -253,7 +267,7 @@ def kernel_call(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tile
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Sq, Sk, len(group.heads), Hq // k.shape[1], scale * LOG2E)
     kwargs = dict(
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=_padded_dim(D), BLOCK_DV=_padded_dim(Dv),
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=bool(causal),
         DOT_PRECISION=_dot_precision(q.dtype, _interpreting() if interpreted is None else interpreted),
         NUM_PARAMS=params.shape[1], **counts,
@@ -270,11 +284,6 @@ def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
     if dtype == torch.bfloat16 and interpreted:
         return "upcast"  # the interpreter's bf16 dot is broken; see _dot in the kernel source
     return "tf32"
-
-
-def _padded_dim(d: int) -> int:
-    """Head dims load into power-of-two tiles of at least 16 (tl.dot's minimum); the rest is masked."""
-    return max(16, 1 << (d - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=256)

@@ -13,11 +13,12 @@ fp32 tiles take twice the shared memory per element, so they are halved to fit i
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionTiles", "default_tiles", "tiles_for"]
+__all__ = ["AttentionTiles", "default_tiles", "fit_stages", "padded_head_dim", "shared_memory_bytes", "tiles_for"]
 
 _MIN_BLOCK = 16  # tl.dot needs every operand dimension >= 16
 
@@ -87,3 +88,29 @@ def _shrink_to(block: int, length: int | None) -> int:
     if length is None:
         return block
     return min(block, max(_MIN_BLOCK, 1 << (length - 1).bit_length()))
+
+
+def shared_memory_bytes(tiles: AttentionTiles, head_dim: int, dtype: torch.dtype, value_dim: int | None = None) -> int:
+    """Shared memory a launch at `tiles` needs, from above: the Q tile and, pipelined, num_stages + 1
+    K and V tiles (Triton buffers K and V num_stages deep; the table-driven kernels were seen keeping
+    one more), else one. Compiled for sm_90 (bench/results/compile_sm90_*.json) no family needed more."""
+    element = torch.empty((), dtype=dtype).element_size()
+    d, dv = padded_head_dim(head_dim), padded_head_dim(value_dim or head_dim)
+    buffers = tiles.num_stages + 1 if tiles.num_stages > 1 else 1
+    return element * (tiles.block_m * d + buffers * tiles.block_n * (d + dv))
+
+
+def fit_stages(tiles: AttentionTiles, head_dim: int, dtype: torch.dtype, limit: int,
+               value_dim: int | None = None) -> AttentionTiles | None:
+    """`tiles` with as many of its pipeline stages as fit in `limit` bytes of shared memory a block;
+    None when even one stage does not fit."""
+    for stages in range(tiles.num_stages, 0, -1):
+        fitted = tiles if stages == tiles.num_stages else dataclasses.replace(tiles, num_stages=stages)
+        if shared_memory_bytes(fitted, head_dim, dtype, value_dim) <= limit:
+            return fitted
+    return None
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dims load into power-of-two tiles of at least 16 (the kernels' BLOCK_D)."""
+    return max(_MIN_BLOCK, 1 << (d - 1).bit_length())

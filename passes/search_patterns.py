@@ -58,6 +58,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_SHARED_RESERVED_PER_BLOCK = 1024  # the driver keeps 1 KB of an SM's shared memory per block (H100: 227 of 228 KB)
 DEFAULT_BLOCK_SIZES = tuple((bm, bn) for bm in (64, 128) for bn in (32, 64, 128))
 BLOCK_SPARSE_MARGIN = 1.25
 # A sparse option must save this share of the head's dense cost: below it, the saving is within
@@ -464,6 +465,7 @@ def search_layer(
         raise ValueError(f"search_layer: budget must be >= 0, got {budget}")
     if not block_sizes:
         raise ValueError("search_layer: no block sizes to search")
+    block_sizes = launchable_block_sizes(block_sizes, shape, costs.hardware)
     dense = (Dense(),) * shape.num_heads
     dense_seconds, dense_tiles = min((costs.layer_seconds(dense, shape, t), t) for t in block_sizes)
     target = budget ** 2 * sum(c.dense_norm2 for c in candidates)
@@ -481,6 +483,30 @@ def search_layer(
         allowance *= 0.9 * target / measured
     return LayerChoice(patterns=dense, head_groups=(tuple(range(shape.num_heads)),), tiles=dense_tiles,
                        squared_error=0.0, seconds=dense_seconds, dense_seconds=dense_seconds)
+
+
+def launchable_block_sizes(block_sizes: Sequence[tuple[int, int]], shape: AttentionShape,
+                           hardware: HardwareProfile) -> list[tuple[int, int]]:
+    """The (block_m, block_n) whose kernels fit the target's shared memory a block for this head dim
+    and dtype with K and V still double-buffered (codegen.tiles.fit_stages: the launch drops stages
+    that do not fit), or if none does, at one stage; on the cpu executor all of them. A plan must
+    never pin tiles its GPU cannot launch (head_dim 256 at 128 x 128 needs 450 KB at 2 stages)."""
+    if hardware.executor == "cpu":
+        return [tuple(t) for t in block_sizes]
+    from sparsec.codegen.tiles import fit_stages, tiles_for
+    from sparsec.ir.types import torch_dtype
+
+    dtype = torch_dtype(shape.dtype)
+    limit = hardware.shared_memory_per_sm - _SHARED_RESERVED_PER_BLOCK
+    fitted = {tuple(t): fit_stages(tiles_for(t[0], t[1], shape.head_dim, dtype), shape.head_dim, dtype, limit,
+                                   shape.value_dim) for t in block_sizes}
+    pipelined = [t for t, tiles in fitted.items()  # still double-buffered, as the cost model assumes
+                 if tiles is not None and tiles.num_stages >= min(2, tiles_for(*t, shape.head_dim, dtype).num_stages)]
+    fitting = pipelined or [t for t, tiles in fitted.items() if tiles is not None]
+    if not fitting:
+        raise ValueError(f"search_layer: none of the block sizes {list(block_sizes)} fits the {limit} bytes of "
+                         f"shared memory a block on {hardware.name} at head_dim {shape.head_dim}, {shape.dtype}")
+    return fitting
 
 
 def _best_over_tiles(candidates, shape, costs, allowance, block_sizes, dense_seconds) -> LayerChoice | None:

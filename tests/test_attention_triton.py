@@ -15,7 +15,7 @@ from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.codegen import attention_triton as at
 from sparsec.codegen import kernel_cache
-from sparsec.codegen.tiles import AttentionTiles, default_tiles, tiles_for
+from sparsec.codegen.tiles import AttentionTiles, default_tiles, fit_stages, shared_memory_bytes, tiles_for
 
 pytestmark = pytest.mark.triton
 
@@ -331,6 +331,13 @@ def test_tiles():
     assert tiles_for(128, 32, 128, torch.bfloat16) == AttentionTiles(128, 32, num_warps=8, num_stages=3)
     assert tiles_for(64, 64, 64, torch.bfloat16) == AttentionTiles(64, 64, num_warps=4, num_stages=3)
     assert tiles_for(64, 64, 64, torch.float32) == AttentionTiles(64, 64, num_warps=4, num_stages=3)
+    # Shared memory: Q, and K and V buffered num_stages + 1 deep (one deep without pipelining).
+    big = AttentionTiles(128, 128, num_warps=8, num_stages=3)
+    assert shared_memory_bytes(big, 128, torch.bfloat16) == 2 * (128 * 128 + 4 * 128 * 256)
+    assert shared_memory_bytes(big, 80, torch.float16, value_dim=64) == 2 * (128 * 128 + 4 * 128 * (128 + 64))
+    assert fit_stages(big, 128, torch.bfloat16, 232448) == AttentionTiles(128, 128, num_warps=8, num_stages=2)
+    assert fit_stages(big, 64, torch.bfloat16, 232448) is big
+    assert fit_stages(big, 256, torch.float32, 232448) is None
     for bad in (dict(block_m=24, block_n=16), dict(block_m=8, block_n=16), dict(block_m=16, block_n=16, num_warps=3)):
         with pytest.raises(ValueError):
             AttentionTiles(**bad)
@@ -356,4 +363,21 @@ def test_many_diagonals_read_from_the_diagonal_bits(tiles, causal):
     layout = torch.rand(-(-Sq // 16), -(-Sk // 16), generator=g) < 0.3
     unions = (P.Window(3, 0) | P.VerticalSlash([(3, 5), 40], offsets) | P.BlockSparse(layout, 16),
               P.MultiDiagonal(offsets[::2], 0) | P.Columns([(10, 12)]))
+    check(q, k, v, unions, causal=causal, tiles=tiles)
+
+
+@pytest.mark.parametrize("tiles", [AttentionTiles(32, 64, num_warps=1, num_stages=1),
+                                   AttentionTiles(16, 16, num_warps=1, num_stages=1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_layouts_whose_blocks_do_not_match_the_tiles_read_their_bit_rows(tiles, causal):
+    # Layout blocks smaller than, larger than and not aligned with the tiles, with more than 32
+    # layout columns (a tile's columns then cross a word of the bit rows), odd lengths, Sq != Sk.
+    Sq, Sk = 77, 200
+    g = torch.Generator().manual_seed(tiles.block_n * 2 + int(causal))
+    blocks = [(16, 5), (24, 40), (7, 3)]
+    heads = tuple(P.BlockSparse(torch.rand(-(-Sq // bq), -(-Sk // bk), generator=g) < 0.4, (bq, bk))
+                  for bq, bk in blocks)
+    q, k, v = random_qkv(1, 3, 3, Sq, Sk, 16, seed=tiles.block_m)
+    check(q, k, v, heads, causal=causal, tiles=tiles)
+    unions = (heads[0] | P.Window(2, 2), heads[1] | heads[2], P.Columns([(0, 4)]) | heads[2])
     check(q, k, v, unions, causal=causal, tiles=tiles)

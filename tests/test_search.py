@@ -16,7 +16,8 @@ from sparsec.cost_models.hardware import get_profile
 from sparsec.passes.attention_stats import AttentionStats
 from sparsec.passes.fit_candidates import HeadCandidates, measure_candidates
 from sparsec.passes.search_patterns import (
-    DEFAULT_BLOCK_SIZES, CostTable, Option, head_groups, reexpress, search_layer, solve_knapsack, useful_candidates,
+    DEFAULT_BLOCK_SIZES, CostTable, Option, head_groups, launchable_block_sizes, reexpress, search_layer,
+    solve_knapsack, useful_candidates,
 )
 from sparsec.tuning import LayerSample, tune_layer, tune_layers
 
@@ -365,3 +366,21 @@ def test_tune_layers_reports_phase_timings():
                 progress=False, timings=timings, block_sizes=DEFAULT_BLOCK_SIZES[:2])
     assert set(timings) >= {"stats", "fit", "prune", "measure", "search"}
     assert all(t >= 0 for t in timings.values())
+
+
+def _shape(head_dim, dtype):
+    return AttentionShape(batch=1, num_heads=4, num_kv_heads=4, q_len=4096, kv_len=4096, head_dim=head_dim,
+                          value_dim=head_dim, dtype=dtype, causal=True)
+
+
+def test_a_gpu_plan_only_takes_tiles_its_shared_memory_holds_double_buffered():
+    # head_dim 256: Q 64 KB and K + V 128 KB a stage at 128 x 128; no GPU holds two stages of that.
+    h100 = launchable_block_sizes(DEFAULT_BLOCK_SIZES, _shape(256, "bf16"), get_profile("h100"))
+    assert (128, 128) not in h100 and (64, 128) not in h100 and (64, 32) in h100
+    assert set(launchable_block_sizes(DEFAULT_BLOCK_SIZES, _shape(64, "bf16"), get_profile("h100"))) == set(DEFAULT_BLOCK_SIZES)
+    # A100 has 163 KB a block, H100 227 KB.
+    assert (128, 64) not in launchable_block_sizes(DEFAULT_BLOCK_SIZES, _shape(256, "bf16"), get_profile("a100"))
+    # The CPU executor has no such limit.
+    assert set(launchable_block_sizes(DEFAULT_BLOCK_SIZES, _shape(256, "f32"), get_profile("cpu"))) == set(DEFAULT_BLOCK_SIZES)
+    with pytest.raises(ValueError, match="shared memory"):
+        launchable_block_sizes([(256, 256)], _shape(256, "f32"), get_profile("a100"))

@@ -3,7 +3,7 @@ Params: (key map, start_0, end_0, start_1, end_1, ...).
 
 The ranges are sorted and disjoint (Columns merges them), so each range's blocks start where the
 previous ranges stopped. Heads with fewer ranges than the group's NUM_RANGES repeat their last one.
-The mask reads the key map (LayoutBuffer.key_bits: one byte per key) with one load instead of
+The mask reads the key map (LayoutBuffer.key_bits: one int32 per key) with one load instead of
 testing every range.
 """
 from __future__ import annotations

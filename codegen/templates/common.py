@@ -213,7 +213,7 @@ KEY_HELPERS = '''
 
 @triton.jit
 def _key_map_keeps(LAYOUTS, key_map, i, j, Sk):
-    """Whether key j is kept by the per-key byte map at LAYOUTS + key_map (LayoutBuffer.key_bits);
+    """Whether key j is kept by the per-key map at LAYOUTS + key_map (LayoutBuffer.key_bits);
     "& (i >= 0)" only broadcasts the (1, BLOCK_N) row to the tile."""
     return (tl.load(LAYOUTS + key_map + j, mask=j < Sk, other=0) != 0) & (i >= 0)
 
@@ -248,8 +248,7 @@ def diagonal_words(offsets: Sequence[int], Sq: int, Sk: int) -> list[int]:
     for o in offsets:
         if -Sq < o < Sk:
             bits[o + Sq] = 1
-    words = (bits.view(-1, 32) << torch.arange(32)).sum(dim=1)
-    return torch.where(words >= 2**31, words - 2**32, words).tolist()
+    return _bit_words(bits, bits.numel() // 32).tolist()
 
 
 # Walks the kernel's block tables (block_sparse, union): the partial blocks of this query block
@@ -269,13 +268,24 @@ def _attend_table(acc, m_i, l_i, NUM_BLOCKS, BLOCKS, width, table_row, MASKED: t
 
 @triton.jit
 def _layout_keeps(LAYOUTS, layout, i, j, Sq, Sk):
-    """Whether a BlockSparse layout keeps (i, j); `layout` points at (offset, bq, bk, columns)."""
+    """Whether a BlockSparse layout keeps (i, j); `layout` points at (offset, bq, bk, words a row).
+
+    The layout is a bit string a row (LayoutBuffer.entry). A tile's keys meet at most
+    BLOCK_N / bk + 1 <= 17 layout columns from column j0 // bk on, so two words of row i // bq
+    hold them all: two loads a row and shifts, not a lookup per element (whose 64-bit addresses,
+    compiled for sm_90, spilled 544 B of registers a thread at head_dim 128).
+    """
     offset = tl.load(layout)
     bq = tl.load(layout + 1)
     bk = tl.load(layout + 2)
-    columns = tl.load(layout + 3)
-    bits = tl.load(LAYOUTS + offset + (i // bq) * columns + j // bk, mask=(i < Sq) & (j < Sk), other=0)
-    return bits != 0
+    words = tl.load(layout + 3)
+    first = tl.min(j) // bk
+    word = LAYOUTS + offset + (tl.minimum(i, Sq - 1) // bq) * words + first // 32
+    low = tl.load(word).to(tl.int64) & 0xFFFFFFFF
+    high = tl.load(word + 1).to(tl.int64) & 0xFFFFFFFF
+    row_bits = (low | (high << 32)) >> (first % 32).to(tl.int64)
+    keep = ((row_bits >> (j // bk - first).to(tl.int64)) & 1) != 0
+    return keep & (i < Sq) & (j < Sk)
 '''
 
 TABLE_VISIT = """
@@ -289,27 +299,32 @@ acc, m_i, l_i = _attend_table(acc, m_i, l_i, KV_NUM_FULL, KV_FULL, max_full, tab
 
 
 class LayoutBuffer:
-    """BlockSparse layouts of one launch, flattened into one uint8 buffer; byte 0 is a 0 that the
-    "no layout" entry (offset 0, huge blocks, 1 column) reads."""
+    """The int32 buffer of one launch (the kernels' LAYOUTS): BlockSparse layouts as bit strings,
+    one row of int32 words per layout row, and per-key column maps. Words 0 and 1 are 0: the
+    "no layout" entry (offset 0, huge blocks, 1 word a row) reads them."""
 
     EMPTY_ENTRY = (0, NO_LIMIT, NO_LIMIT, 1)
 
     def __init__(self) -> None:
-        self._parts: list[torch.Tensor] = [torch.zeros(1, dtype=torch.uint8)]
+        self._parts: list[torch.Tensor] = [torch.zeros(2, dtype=torch.int32)]
         self._offsets: dict[object, int] = {}
-        self._size = 1
+        self._size = 2
 
     def entry(self, pattern: BlockSparse) -> tuple[int, int, int, int]:
-        """(offset, bq, bk, columns) of the pattern's layout, adding it once."""
-        offset = self._add(pattern, lambda: pattern.layout.to(torch.uint8).flatten())
+        """(offset, bq, bk, words a row) of the pattern's layout bits, adding them once. Bit c of a
+        row is word c // 32, bit c % 32; a row keeps one word past its last bit, so a kernel may
+        always read two words from the one holding its first column."""
+        rows, columns = pattern.layout_shape
+        words = (columns - 1) // 32 + 2
+        offset = self._add(pattern, lambda: _bit_words(pattern.layout.to(torch.int64), words))
         bq, bk = pattern.block
-        return (offset, bq, bk, pattern.layout_shape[1])
+        return (offset, bq, bk, words)
 
     def key_bits(self, ranges: Sequence[tuple[int, int]], Sk: int) -> int:
-        """Offset of a per-key byte map (1 where one of the [start, end) `ranges` keeps key j, for
+        """Offset of a per-key map (1 where one of the [start, end) `ranges` keeps key j, for
         j < Sk), added once per (ranges, Sk): a kernel tests columns with one load, not a loop."""
         def build() -> torch.Tensor:
-            bits = torch.zeros(Sk, dtype=torch.uint8)
+            bits = torch.zeros(Sk, dtype=torch.int32)
             for start, end in ranges:
                 bits[max(0, start):max(0, min(end, Sk))] = 1
             return bits
@@ -325,6 +340,14 @@ class LayoutBuffer:
 
     def tensor(self) -> torch.Tensor:
         return torch.cat(self._parts)
+
+
+def _bit_words(bits: torch.Tensor, words: int) -> torch.Tensor:
+    """Rows of 0/1 values packed 32 to an int32 word (bit c in word c // 32 at c % 32), `words` a row;
+    flattened. Values as signed int32 (bit 31 set reads negative; the kernels mask to 32 bits)."""
+    padded = torch.nn.functional.pad(bits.reshape(-1, bits.shape[-1]), (0, words * 32 - bits.shape[-1]))
+    packed = (padded.view(padded.shape[0], words, 32) << torch.arange(32)).sum(dim=2)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).flatten()
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Params: (key map, start_0, end_0, ..., start_{R-1}, end_{R-1}, o_0, ..., o_{N-1}
 The columns are visited first, like Columns; then each diagonal's blocks, skipping the blocks the
 column pass already visited. Heads with fewer columns or offsets than the group's NUM_RANGES /
 NUM_OFFSETS are padded with entries that keep nothing: the column [0, 0) and the offset -NO_LIMIT.
-The key map (LayoutBuffer.key_bits: one byte per key, 1 in a column) answers "is key j a column"
+The key map (LayoutBuffer.key_bits: one int32 per key, 1 in a column) answers "is key j a column"
 with one load: the mask and the "did the column pass visit this block" test need no loop over the
 ranges; the diagonals' mask reads the diagonal bits (common.diagonal_words, _diagonal_keeps): a
 few integer operations a tile whatever the number of diagonals.
