@@ -7,8 +7,9 @@ by compiling every family for sm_90 (codegen/triton_aot, tests/test_triton_aot.p
 bench/results/compile_sm90_*.json) so that none needs more registers than a thread has:
     head_dim <= 64: 128 x 64, 8 warps, 3 stages  (128 x 128 with 4 warps spilled 240-340 B a thread)
     head_dim 128:   128 x 64, 8 warps, 3 stages
-    head_dim 256:   64 x 32,  4 warps, 2 stages  (64 x 64 with 8 warps spilled in the dense kernel)
-A 128-row block runs on 8 warps (two warpgroups of 64 rows each on Hopper); smaller ones on 4.
+    head_dim 256:   64 x 32,  8 warps, 2 stages  (64 x 64 with 8 warps spilled in the dense kernel,
+                                                  64 x 32 with 4 warps in four masked families)
+A block of the default's rows or more runs on the default's warps; smaller ones on at most 4.
 fp32 tiles take twice the shared memory per element, so they are halved to fit in 228 KB.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ class AttentionTiles:
 _HALF_PRECISION = (
     (64, AttentionTiles(128, 64, num_warps=8, num_stages=3)),
     (128, AttentionTiles(128, 64, num_warps=8, num_stages=3)),
-    (256, AttentionTiles(64, 32, num_warps=4, num_stages=2)),
+    (256, AttentionTiles(64, 32, num_warps=8, num_stages=2)),
 )
 _SINGLE_PRECISION = (
     (64, AttentionTiles(128, 64, num_warps=4, num_stages=3)),

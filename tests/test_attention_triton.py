@@ -324,7 +324,7 @@ def test_tiles():
     assert default_tiles(128, torch.bfloat16) == AttentionTiles(128, 64, num_warps=8, num_stages=3)
     assert default_tiles(64, torch.float16) == AttentionTiles(128, 64, num_warps=8, num_stages=3)
     assert default_tiles(96, torch.bfloat16) == default_tiles(128, torch.bfloat16)
-    assert default_tiles(256, torch.bfloat16) == AttentionTiles(64, 32, num_warps=4, num_stages=2)
+    assert default_tiles(256, torch.bfloat16) == AttentionTiles(64, 32, num_warps=8, num_stages=2)
     decode = default_tiles(64, torch.bfloat16, q_len=1)
     assert (decode.block_m, decode.block_n, decode.num_warps) == (16, 64, 4)
     # A plan's (block_m, block_n) keeps the default's stages; fewer rows than the default's run on 4 warps.
