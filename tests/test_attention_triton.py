@@ -364,6 +364,9 @@ def test_many_diagonals_read_from_the_diagonal_bits(tiles, causal):
     unions = (P.Window(3, 0) | P.VerticalSlash([(3, 5), 40], offsets) | P.BlockSparse(layout, 16),
               P.MultiDiagonal(offsets[::2], 0) | P.Columns([(10, 12)]))
     check(q, k, v, unions, causal=causal, tiles=tiles)
+    # MultiDiagonal's bands are diagonal bits too: many offsets, overlapping bands, a wide one.
+    bands = (P.MultiDiagonal(offsets, 2), P.MultiDiagonal(offsets[::5], 11))
+    check(q, k, v, bands, causal=causal, tiles=tiles)
 
 
 @pytest.mark.parametrize("tiles", [AttentionTiles(32, 64, num_warps=1, num_stages=1),

@@ -41,7 +41,7 @@ def _family_patterns(causal: bool):
     return {
         "dense": Dense(),
         "window": Window(200, 0 if causal else 200),
-        "multi_diagonal": MultiDiagonal([-256, 0, 256], 16),
+        "multi_diagonal": MultiDiagonal(list(range(-960, 1, 24)), 3),  # 41 bands: 5.4 KB spilled at 96 unrolled
         "columns": Columns([(0, 32), (500, 520)]),
         "a_shape": AShape(64, 256),
         # Hundreds of diagonals and columns: an unrolled test of each spilled kilobytes (and a union

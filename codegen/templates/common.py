@@ -205,7 +205,8 @@ $VISIT
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_dv[None, :] < HEAD_DIM_V))
 '''
 
-# Masks of columns and single diagonals without a loop over them (columns, vertical_slash, union).
+# Masks of columns and diagonals without a loop over them (columns, multi_diagonal, vertical_slash,
+# union).
 # Compiled for sm_90 (codegen/triton_aot), a test of every range or diagonal unrolled into the mask
 # spilled kilobytes of registers a thread, and a loop inside the mask stopped Triton from
 # pipelining the masked key loops; one load of a key map and a few shifts of a bit string do neither.
@@ -241,13 +242,15 @@ def _diagonal_keeps(words, i, j, Sq):
 MAX_BLOCK_N = 256  # the largest key tile the diagonal words must cover past Sq + Sk
 
 
-def diagonal_words(offsets: Sequence[int], Sq: int, Sk: int) -> list[int]:
-    """Bit o + Sq set for each diagonal j - i = o that meets the Sq x Sk matrix, packed 32 to an
-    int32 word (as signed values), covering every bit a tile reads (< Sq + Sk + MAX_BLOCK_N + 32)."""
+def diagonal_words(bands: Sequence[tuple[int, int]], Sq: int, Sk: int) -> list[int]:
+    """Bit d + Sq set for each diagonal j - i = d in one of the inclusive `bands` [lo, hi] (a single
+    diagonal o is (o, o)) that meets the Sq x Sk matrix, packed 32 to an int32 word (as signed
+    values), covering every bit a tile reads (< Sq + Sk + MAX_BLOCK_N + 32)."""
     bits = torch.zeros((Sq + Sk + MAX_BLOCK_N + 64) // 32 * 32, dtype=torch.int64)
-    for o in offsets:
-        if -Sq < o < Sk:
-            bits[o + Sq] = 1
+    for lo, hi in bands:
+        lo, hi = max(lo, -Sq + 1), min(hi, Sk - 1)
+        if lo <= hi:
+            bits[lo + Sq:hi + Sq + 1] = 1
     return _bit_words(bits, bits.numel() // 32).tolist()
 
 

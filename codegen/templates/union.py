@@ -1,9 +1,11 @@
 """Union of patterns (p1 | p2 | ...): table-driven like BlockSparse; the element mask is the OR of
 the parts' masks. Every closed-form part becomes intervals j in [max(lo_c, i + lo_d),
 min(hi_c, i + hi_d)], every BlockSparse part a layout entry, so heads with different unions share
-one kernel. Column intervals go to a per-key map and single diagonals to diagonal bits
-(common.KEY_HELPERS): a union holding a VerticalSlash with hundreds of them would otherwise unroll
-one test each into the mask (compiled for sm_90: 200 s and ~7 KB of spilled registers a thread).
+one kernel. Column intervals go to a per-key map and bands of diagonals (windows, multi-diagonal
+bands, slashes) to diagonal bits (common.KEY_HELPERS): a union holding a VerticalSlash with
+hundreds of them would otherwise unroll one test each into the mask (compiled for sm_90: 200 s and
+~7 KB of spilled registers a thread). Every closed-form part is one or the other today; the general
+intervals stay for any part that is neither.
 Params: (table, key map, NUM_INTERVALS x (lo_c, lo_d, hi_c, hi_d), NUM_LAYOUTS x layout entry,
 diagonal bits); HAS_KEY_MAP / HAS_DIAGONALS say whether any head of the group has them.
 """
@@ -71,7 +73,7 @@ def part_intervals(part: Pattern, Sq: int, Sk: int) -> list[tuple[int, int, int,
 
 
 def _head_entries(pattern: Pattern, Sq: int, Sk: int, layouts: LayoutBuffer):
-    """(bands, layout entries, column ranges, diagonal offsets) of one head's union."""
+    """(other intervals, layout entries, column ranges, diagonal bands) of one head's union."""
     bands, layout_entries, columns, diagonals = [], [], [], []
     for part in pattern.parts:
         if isinstance(part, BlockSparse):
@@ -80,8 +82,8 @@ def _head_entries(pattern: Pattern, Sq: int, Sk: int, layouts: LayoutBuffer):
         for lo_c, lo_d, hi_c, hi_d in part_intervals(part, Sq, Sk):
             if (lo_d, hi_d) == (-NO_LIMIT, NO_LIMIT):
                 columns.append((lo_c, hi_c + 1))
-            elif (lo_c, hi_c) == (-NO_LIMIT, NO_LIMIT) and lo_d == hi_d:
-                diagonals.append(lo_d)
+            elif (lo_c, hi_c) == (-NO_LIMIT, NO_LIMIT):
+                diagonals.append((lo_d, hi_d))  # a band of diagonals: windows, multi-diagonals, slashes
             else:
                 bands.append((lo_c, lo_d, hi_c, hi_d))
     return bands, layout_entries, columns, diagonals

@@ -66,7 +66,7 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
         ranges = padded(column_ranges(p.columns, Sk), num_ranges, _NO_COLUMN)
         offsets = padded([clamp_offset(o, Sq, Sk) for o in p.offsets], num_offsets, _NO_OFFSET)
         rows.append([layouts.key_bits(ranges, Sk)] + [x for r in ranges for x in r] + offsets
-                    + diagonal_words(p.offsets, Sq, Sk))
+                    + diagonal_words([(o, o) for o in p.offsets], Sq, Sk))
     return PackedParams(rows=pad_rows(rows), counts={"NUM_RANGES": num_ranges, "NUM_OFFSETS": num_offsets})
 
 
