@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 if "--smoke" in sys.argv[1:]:  # before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -51,11 +52,9 @@ def attention_cases(Sq: int, Sk: int):
     ]
 
 
-def check_attention(device, shapes) -> list[tuple[str, float, bool]]:
+def check_attention(device, cases) -> list[tuple[str, float, bool]]:
     results = []
-    # bf16 on every shape; fp16 and fp32 on one shape each (each case compiles its kernels)
-    for dtype, ((Sq, Sk), causal, (Hq, Hkv), D) in ([(torch.bfloat16, s) for s in shapes]
-                                                    + [(torch.float16, shapes[0]), (torch.float32, shapes[1])]):
+    for dtype, ((Sq, Sk), causal, (Hq, Hkv), D) in cases:
         for name, base in attention_cases(Sq, Sk):
             label = f"attention {name:15s} {str(dtype)[6:]:9s} Sq={Sq} Sk={Sk} H={Hq}/{Hkv} D={D} causal={causal}"
             patterns = (base * Hq)[:Hq]
@@ -70,16 +69,23 @@ def check_attention(device, shapes) -> list[tuple[str, float, bool]]:
 
 
 def _compare(label: str, run, expected, dtype) -> tuple[str, float, bool]:
-    """(label, max error of run() relative to max |expected()|, passed); an exception fails the case."""
+    """(label, max error of run() relative to max |expected()|, passed); an exception fails the case.
+    Printed at once: under a time limit, the cases that ran are in the log even if the rest do not."""
+    start = time.perf_counter()
     try:
         out = run()
         if out.is_cuda:
             torch.cuda.synchronize()
     except Exception as error:  # report it and go on: the other cases still tell something
-        return f"{label}: {type(error).__name__}: {error}", math.inf, False
-    ref = expected()
-    error = float((out.double().cpu() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
-    return label, error, bool(torch.isfinite(out).all()) and error <= TOLERANCE[dtype]
+        result = f"{label}: {type(error).__name__}: {error}", math.inf, False
+    else:
+        ref = expected()
+        error = float((out.double().cpu() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+        result = label, error, bool(torch.isfinite(out).all()) and error <= TOLERANCE[dtype]
+    label, error, ok = result
+    print(f"{'ok  ' if ok else 'FAIL'} {label}  max rel error {error:.2e}  ({time.perf_counter() - start:.1f} s, "
+          "compiling included)", flush=True)
+    return result
 
 
 def check_linear(device, shape) -> list[tuple[str, float, bool]]:
@@ -117,9 +123,11 @@ def main() -> int:
         print("cuda_check: no CUDA device here (this checks the compiled kernels on a GPU; --smoke: a tiny dry run)")
         return 2
     torch.manual_seed(0)
-    results = check_attention(device, shapes) + check_linear(device, linear)
-    for label, error, ok in results:
-        print(f"{'ok  ' if ok else 'FAIL'} {label}  max rel error {error:.2e}")
+    # bf16 on every shape, fp16 on one (each case compiles its kernels), the linear kernels, then fp32
+    # on one shape last: its exact dots run on CUDA cores and take the longest to compile.
+    half = [(torch.bfloat16, s) for s in shapes] + [(torch.float16, shapes[0])]
+    results = (check_attention(device, half) + check_linear(device, linear)
+               + check_attention(device, [(torch.float32, shapes[1])]))
     failed = sum(not ok for _, _, ok in results)
     print(f"{failed} of {len(results)} failed")
     return 1 if failed else 0

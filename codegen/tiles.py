@@ -10,7 +10,10 @@ bench/results/compile_sm90_*.json) so that none needs more registers than a thre
     head_dim 256:   64 x 32,  8 warps, 2 stages  (64 x 64 with 8 warps spilled in the dense kernel,
                                                   64 x 32 with 4 warps in four masked families)
 A block of the default's rows or more runs on the default's warps; smaller ones on at most 4.
-fp32 tiles take twice the shared memory per element, so they are halved to fit in 228 KB.
+fp32 runs exact ("ieee") dots on CUDA cores, whose operands live in registers: at head_dim 64,
+128 x 64 tiles spilled 2.4-7.3 KB a thread and took ~45 s to compile here, 64 x 32 spilled ~350 B;
+so fp32 tiles are 32 x 32 (head_dim <= 64) and 32 x 16 (128, 256), 4 warps, 2 stages: no spill in
+the dense and window kernels, 5-10 s to compile.
 """
 from __future__ import annotations
 
@@ -55,9 +58,9 @@ _HALF_PRECISION = (
     (256, AttentionTiles(64, 32, num_warps=8, num_stages=2)),
 )
 _SINGLE_PRECISION = (
-    (64, AttentionTiles(128, 64, num_warps=4, num_stages=3)),
-    (128, AttentionTiles(64, 64, num_warps=4, num_stages=2)),
-    (256, AttentionTiles(64, 32, num_warps=4, num_stages=1)),
+    (64, AttentionTiles(32, 32, num_warps=4, num_stages=2)),
+    (128, AttentionTiles(32, 16, num_warps=4, num_stages=2)),
+    (256, AttentionTiles(32, 16, num_warps=4, num_stages=2)),
 )
 
 

@@ -330,7 +330,8 @@ def test_tiles():
     # A plan's (block_m, block_n) keeps the default's stages; fewer rows than the default's run on 4 warps.
     assert tiles_for(128, 32, 128, torch.bfloat16) == AttentionTiles(128, 32, num_warps=8, num_stages=3)
     assert tiles_for(64, 64, 64, torch.bfloat16) == AttentionTiles(64, 64, num_warps=4, num_stages=3)
-    assert tiles_for(64, 64, 64, torch.float32) == AttentionTiles(64, 64, num_warps=4, num_stages=3)
+    assert tiles_for(64, 64, 64, torch.float32) == AttentionTiles(64, 64, num_warps=4, num_stages=2)
+    assert default_tiles(128, torch.float32) == AttentionTiles(32, 16, num_warps=4, num_stages=2)
     # Shared memory: Q, and K and V buffered num_stages + 1 deep (one deep without pipelining).
     big = AttentionTiles(128, 128, num_warps=8, num_stages=3)
     assert shared_memory_bytes(big, 128, torch.bfloat16) == 2 * (128 * 128 + 4 * 128 * 256)
