@@ -2,7 +2,7 @@
 
     python bench/compile_check.py                       # H100 (sm_90): every attention family x
                                                         # bf16/fp16 x head_dim 64/128/256 at the
-                                                        # default tiles, and the linear kernels
+                                                        # default tiles, and the linear kernels (~2 min)
     python bench/compile_check.py --quick               # bf16, head_dim 64 and 128, every family
     python bench/compile_check.py --tiles 128x64x4x3 64x64x4x2 --families window --dtypes bf16
 
@@ -12,8 +12,8 @@ architecture's limit, registers and spilled bytes per thread, the matrix instruc
 mma.sync or none) and whether K/V loads are pipelined (cp.async), and the JSON under bench/results/
 keeps every figure. These are properties of the compiled code, not timings: they tell which tiles
 cannot launch (shared memory) or will run slowly (spills, no tensor cores, no pipelining) before a
-GPU is lent. Compiling takes ~3-10 s a kernel on 2 cores; fp32 (--dtypes fp32) takes minutes a
-kernel, because its exact dots run on CUDA cores and unroll into very large code.
+GPU is lent. Compiling takes ~3-10 s a kernel on 2 cores (fp32, --dtypes fp32: 4-20 s; its exact
+dots run on CUDA cores).
 """
 from __future__ import annotations
 
