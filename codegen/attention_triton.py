@@ -229,13 +229,18 @@ def _fitted(tiles: AttentionTiles, q: torch.Tensor, D: int, Dv: int) -> Attentio
     launch that fails for want of shared memory); an error when even one stage does not fit."""
     if not q.is_cuda:
         return tiles
-    props = torch.cuda.get_device_properties(q.device)
-    limit = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    limit = _shared_memory_per_block(q.device)
     fitted = fit_stages(tiles, D, q.dtype, limit, Dv)
     if fitted is None:
         raise ValueError(f"triton_attention: tiles {tiles} need more shared memory than the device's {limit} "
                          f"bytes a block at head_dim {D}, {q.dtype}; choose smaller tiles")
     return fitted
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
 
 def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles) -> None:
@@ -269,19 +274,20 @@ def kernel_call(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tile
     kwargs = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=bool(causal),
-        DOT_PRECISION=_dot_precision(q.dtype, _interpreting() if interpreted is None else interpreted),
+        DOT_PRECISION=_dot_precision(q.dtype, interpreted),
         NUM_PARAMS=params.shape[1], **counts,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return KernelCall(Path(_kernel_module(group.family).__file__), kernel_name(group.family), grid, args, kwargs)
 
 
-def _dot_precision(dtype: torch.dtype, interpreted: bool) -> str:
+def _dot_precision(dtype: torch.dtype, interpreted: bool | None) -> str:
     """fp32: exact "ieee" dots, never tf32. fp16 / bf16: the tensor cores' own precision ("tf32" is
-    only the name Triton's default carries; it has no effect on 16-bit inputs)."""
+    only the name Triton's default carries; it has no effect on 16-bit inputs). `interpreted`
+    None: whether TRITON_INTERPRET is on."""
     if dtype == torch.float32:
         return "ieee"
-    if dtype == torch.bfloat16 and interpreted:
+    if dtype == torch.bfloat16 and (_interpreting() if interpreted is None else interpreted):
         return "upcast"  # the interpreter's bf16 dot is broken; see _dot in the kernel source
     return "tf32"
 

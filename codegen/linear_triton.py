@@ -228,8 +228,9 @@ def _format_reason(weight: BSRWeight | NMWeight) -> str | None:
 # -- the calls -------------------------------------------------------------------------------------
 
 
-def _input_precision(dtype: torch.dtype, interpreted: bool) -> str:
-    if dtype == torch.bfloat16 and interpreted:
+def _input_precision(dtype: torch.dtype, interpreted: bool | None) -> str:
+    """`interpreted` None: whether TRITON_INTERPRET is on."""
+    if dtype == torch.bfloat16 and (_interpreting() if interpreted is None else interpreted):
         return "upcast"  # the interpreter's bf16 dot is broken; see _dot
     # fp32 follows torch's own matmul setting, so a sparse layer matches the dense one it replaces.
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -265,7 +266,7 @@ def bsr_kernel_call(x2, weight: BSRWeight, bias, y, activation: str, tiles: Line
         (x2, weight.crow_indices, weight.col_indices, weight.values, bias if bias is not None else y, y,
          x2.shape[0], N, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1)),
         dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
-             INPUT_PRECISION=_input_precision(x2.dtype, _interpreting() if interpreted is None else interpreted),
+             INPUT_PRECISION=_input_precision(x2.dtype, interpreted),
              BLOCK_M=tiles.block_m, BLOCK_N=bo, BLOCK_K=bi, num_warps=tiles.num_warps, num_stages=tiles.num_stages),
     )
 
@@ -291,7 +292,7 @@ def nm_kernel_call(x2, weight: NMWeight, bias, y, activation: str, tiles: Linear
         (x2, weight.values, weight.indices, bias if bias is not None else y, y,
          x2.shape[0], N, K, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1)),
         dict(HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
-             INPUT_PRECISION=_input_precision(x2.dtype, _interpreting() if interpreted is None else interpreted),
+             INPUT_PRECISION=_input_precision(x2.dtype, interpreted),
              KEEP=weight.n, GROUP=weight.m, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_G=block_g,
              num_warps=tiles.num_warps, num_stages=tiles.num_stages),
     )

@@ -26,8 +26,8 @@ import pickle
 import re
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field

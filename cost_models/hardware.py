@@ -52,6 +52,12 @@ class HardwareProfile:
             raise ValueError(f"hardware profile {self.name!r}: executor must be one of {EXECUTORS}, "
                              f"got {self.executor!r}")
 
+    @property
+    def shared_memory_per_block(self) -> int:
+        """The most shared memory one block may use: the SM's, less the 1 KB the driver keeps per
+        block (H100: 227 of 228 KB; A100: 163 of 164 KB)."""
+        return self.shared_memory_per_sm - 1024
+
     def flops(self, dtype: str) -> float:
         try:
             return self.tensor_flops[dtype]

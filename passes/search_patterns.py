@@ -58,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SHARED_RESERVED_PER_BLOCK = 1024  # the driver keeps 1 KB of an SM's shared memory per block (H100: 227 of 228 KB)
 DEFAULT_BLOCK_SIZES = tuple((bm, bn) for bm in (64, 128) for bn in (32, 64, 128))
 BLOCK_SPARSE_MARGIN = 1.25
 # A sparse option must save this share of the head's dense cost: below it, the saving is within
@@ -497,12 +496,16 @@ def launchable_block_sizes(block_sizes: Sequence[tuple[int, int]], shape: Attent
     from sparsec.ir.types import torch_dtype
 
     dtype = torch_dtype(shape.dtype)
-    limit = hardware.shared_memory_per_sm - _SHARED_RESERVED_PER_BLOCK
-    fitted = {tuple(t): fit_stages(tiles_for(t[0], t[1], shape.head_dim, dtype), shape.head_dim, dtype, limit,
-                                   shape.value_dim) for t in block_sizes}
-    pipelined = [t for t, tiles in fitted.items()  # still double-buffered, as the cost model assumes
-                 if tiles is not None and tiles.num_stages >= min(2, tiles_for(*t, shape.head_dim, dtype).num_stages)]
-    fitting = pipelined or [t for t, tiles in fitted.items() if tiles is not None]
+    limit = hardware.shared_memory_per_block
+    pipelined, fitting = [], []
+    for block_m, block_n in block_sizes:
+        wanted = tiles_for(block_m, block_n, shape.head_dim, dtype)
+        fitted = fit_stages(wanted, shape.head_dim, dtype, limit, shape.value_dim)
+        if fitted is not None:
+            fitting.append((block_m, block_n))
+            if fitted.num_stages >= min(2, wanted.num_stages):  # still double-buffered, as the cost model assumes
+                pipelined.append((block_m, block_n))
+    fitting = pipelined or fitting
     if not fitting:
         raise ValueError(f"search_layer: none of the block sizes {list(block_sizes)} fits the {limit} bytes of "
                          f"shared memory a block on {hardware.name} at head_dim {shape.head_dim}, {shape.dtype}")

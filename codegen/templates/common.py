@@ -74,6 +74,15 @@ def _interval_span(m_lo, m_hi, lo_c, lo_d, hi_c, hi_d, Sk, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _bits_from(words, bit):
+    """The bit string packed 32 to an int32 word at `words`, from bit `bit` on, as int64: bits
+    bit .. bit + 32 at least (two words read; each masked to its 32 bits, as they are stored signed)."""
+    low = tl.load(words + bit // 32).to(tl.int64) & 0xFFFFFFFF
+    high = tl.load(words + bit // 32 + 1).to(tl.int64) & 0xFFFFFFFF
+    return (low | (high << 32)) >> (bit % 32).to(tl.int64)
+
+
+@triton.jit
 def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a tile, bounds-checking only the dimensions that can run past the tensor."""
     if CHECK_ROWS:
@@ -222,17 +231,14 @@ def _key_map_keeps(LAYOUTS, key_map, i, j, Sk):
 @triton.jit
 def _diagonal_keeps(words, i, j, Sq):
     """Whether j - i is one of the head's diagonals: bit j - i + Sq of the bit string packed in the
-    int32 `words` (diagonal_words). For row i and 32 keys from j0 + 32 c, the 64 bits from word
-    (j0 - i + Sq + 32 c) // 32 on, shifted, hold the row's 32 bits."""
+    int32 `words` (diagonal_words). For row i and 32 keys from j0 + 32 c, the bits from
+    j0 - i + Sq + 32 c on (_bits_from) hold the row's 32."""
     j0 = tl.min(j)
     column = j - j0
     base = tl.maximum(j0 - i + Sq, 0)  # rows past Sq (padding, never stored) read from bit 0
     keep = (column < 0) & (i < 0)
     for c in tl.static_range((j.shape[1] + 31) // 32):
-        start = base + 32 * c
-        low = tl.load(words + start // 32).to(tl.int64) & 0xFFFFFFFF
-        high = tl.load(words + start // 32 + 1).to(tl.int64) & 0xFFFFFFFF
-        row_bits = (low | (high << 32)) >> (start % 32).to(tl.int64)
+        row_bits = _bits_from(words, base + 32 * c)
         in_chunk = (column >= 32 * c) & (column < 32 * c + 32)
         shift = tl.where(in_chunk, column - 32 * c, 0).to(tl.int64)
         keep = keep | (in_chunk & (((row_bits >> shift) & 1) != 0))
@@ -283,10 +289,7 @@ def _layout_keeps(LAYOUTS, layout, i, j, Sq, Sk):
     bk = tl.load(layout + 2)
     words = tl.load(layout + 3)
     first = tl.min(j) // bk
-    word = LAYOUTS + offset + (tl.minimum(i, Sq - 1) // bq) * words + first // 32
-    low = tl.load(word).to(tl.int64) & 0xFFFFFFFF
-    high = tl.load(word + 1).to(tl.int64) & 0xFFFFFFFF
-    row_bits = (low | (high << 32)) >> (first % 32).to(tl.int64)
+    row_bits = _bits_from(LAYOUTS + offset + (tl.minimum(i, Sq - 1) // bq) * words, first)
     keep = ((row_bits >> (j // bk - first).to(tl.int64)) & 1) != 0
     return keep & (i < Sq) & (j < Sk)
 '''
