@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool's `run`, timeout_s 590), sized for a 15-minute lease (at most ~9 min):
+# One call on a lent GPU (the device tool's `run`, timeout_s 590), sized for a 15-minute lease (at most 9.5 min):
 #   bash bench/gpu_session.sh
 # Installs sparsec over the machine's own torch and Triton (no network there: no dependencies are
 # fetched; the image has them all), checks the compiled CUDA kernels against float64 references
@@ -13,9 +13,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu_session.log"
 exec > >(tee -a "$LOG") 2>&1
+# The whole script stays under DEADLINE seconds (the device call's limit is 590): a step gets its
+# own limit or what is left, and is skipped when under 20 s is left.
+DEADLINE=${SPARSEC_SESSION_SECONDS:-570}
 step() {  # step TITLE SECONDS COMMAND...
-    local title=$1 seconds=$2
+    local title=$1 seconds=$2 left=$((DEADLINE - SECONDS - 5))
     shift 2
+    if [ "$left" -lt 20 ]; then echo; echo "== skipped (${left}s left): $title"; return; fi
+    if [ "$left" -lt "$seconds" ]; then seconds=$left; fi
     echo; echo "== $(date -u +%T) $title (limit ${seconds}s)"
     timeout "$seconds" "$@"
     echo "== exit $?"
@@ -39,6 +44,8 @@ step "cost model: quick GPU grid, fit, Spearman and regret" 90 \
     python3 bench/cost_model.py --device cuda --quick --no-save
 step "tune: 2 layers x 24 heads at S=16K (extrapolated to 30 layers)" 60 \
     python3 bench/tune.py --device cuda --layers 2 --heads 24 --seq 16384 --no-progress
+step "end to end: positional DiT, 8K tokens, 2 blocks: tune, eager / Inductor / sparsec (whatever time is left)" 150 \
+    python3 bench/end_to_end.py --device cuda --frames 8 --depth 2 --no-progress
 
 for f in $(ls bench/results | grep -vxF -f "$before"); do cp "bench/results/$f" "$OUT/"; done
 echo; echo "== new results:"; ls -la "$OUT"

@@ -1,9 +1,16 @@
-"""Rewrite: IR -> FX. Each Attention / Linear op of the final IR becomes a call of the sparsec
-custom op (sparsec/ops.py) in a copy of the ATen graph it was lowered from; its matched nodes
-become dead and are removed (all dead side-effect-free nodes are); Opaque regions are the
-original nodes, untouched.
+"""Rewrite: IR -> FX. Each Attention / Linear op of the final IR that sparsec accelerates becomes
+a call of the sparsec custom op (sparsec/ops.py) in a copy of the ATen graph it was lowered from;
+its matched nodes become dead and are removed (all dead side-effect-free nodes are); Opaque
+regions are the original nodes, untouched.
 
-    rewrite_fx(gm, graph) -> GraphModule
+    rewrite_fx(gm, graph, rewrite_dense=False) -> GraphModule
+
+An op sparsec does not accelerate keeps its original nodes, so the inner compiler (Inductor) sees
+exactly the model's own graph there: an Attention op without patterns (or with Dense for every
+head) matched from an SDPA call, and a Linear op on the dense kernel. Hand-written attention
+(matmul-softmax-matmul) is replaced even when dense: the fused op is the acceleration.
+`rewrite_dense=True` replaces every op (sparsec.tune's recorder reads every layer's operands
+through sparsec::attention).
 
 IR values carry their FX node's name, so operands are found by name. The custom ops return
 contiguous tensors; where the replaced node had another layout (SDPA on CPU returns its output
@@ -16,6 +23,7 @@ call the layer; its packed weight is kept by the weight tensor itself) to the op
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch import fx
@@ -26,6 +34,7 @@ from sparsec import ops as sparsec_ops  # registers torch.ops.sparsec.*
 from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Attention, Linear, Op
 from sparsec.ir.types import AttentionPatterns
+from sparsec.patterns import Dense
 
 __all__ = ["rewrite_fx", "RewriteError"]
 
@@ -136,16 +145,38 @@ def remove_dead_nodes(graph: fx.Graph) -> int:
     return removed
 
 
-def rewrite_fx(gm: fx.GraphModule, graph: Graph) -> fx.GraphModule:
-    """A copy of `gm` in which the IR's Attention and Linear ops are sparsec custom-op calls."""
+def _is_sdpa(node: fx.Node) -> bool:
+    """An SDPA call's output: the op itself or item 0 of one of its overloads."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        node = node.args[0]
+    return node.op == "call_function" and "scaled_dot_product" in str(node.target)
+
+
+def accelerated(op: Op, original: fx.Node) -> bool:
+    """Whether sparsec's op does something the model's own nodes (under Inductor) would not."""
+    if isinstance(op, Linear):
+        return op.kernel != "dense"
+    sparsity = op.scores.sparsity
+    dense = not isinstance(sparsity, AttentionPatterns) or all(isinstance(p, Dense) for p in sparsity.patterns)
+    return not (dense and _is_sdpa(original))
+
+
+def rewrite_fx(gm: fx.GraphModule, graph: Graph, rewrite_dense: bool = False) -> fx.GraphModule:
+    """A copy of `gm` in which the IR's accelerated Attention and Linear ops (every one with
+    `rewrite_dense`) are sparsec custom-op calls."""
     rewritten = _copy(gm)
     node = {n.name: n for n in rewritten.graph.nodes}
-    replaced = 0
+    replaced = kept = 0
     for op in graph.ops_of((Attention, Linear)):
+        original = node.get(op.result.name)  # type: ignore[attr-defined]
+        if not rewrite_dense and original is not None and not accelerated(op, original):
+            kept += 1
+            continue
         _replace(rewritten.graph, op, node)
         replaced += 1
     remove_dead_nodes(rewritten.graph)
     rewritten.graph.lint()
     rewritten.recompile()
-    log.debug("graph %s: %d ops rewritten to sparsec custom ops", graph.name, replaced)
+    log.debug("graph %s: %d ops rewritten to sparsec custom ops, %d dense ones kept as they were",
+              graph.name, replaced, kept)
     return rewritten

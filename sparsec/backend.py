@@ -56,7 +56,7 @@ def sparsify_aten_graph(aten_gm: fx.GraphModule, params: dict[str, str], config:
     linear_matches = match_linear(aten_gm, params)
     ir = lower(aten_gm, attention_matches, linear_matches, params, name=record.name)
     _, record.stages = run_pipeline(ir, default_stages(config, weights), verify=config.verify)
-    rewritten = rewrite_fx(aten_gm, record.final_ir)
+    rewritten = rewrite_fx(aten_gm, record.final_ir, rewrite_dense=config.rewrite_dense)
     record.rewritten_code = rewritten.code
     return rewritten
 

@@ -13,12 +13,20 @@
         "target": "auto" | "h100" | ...,    # hardware the cost model prices (auto: this device)
         "weight_sparsity": "auto" | "off" | "always",  # sparse linear kernels where the cost model
                                             # says they win / never / wherever a weight has structure
+        "rewrite_dense": False,             # True: dense attention and linear layers run through
+                                            # sparsec's ops too (default: they stay the model's own ops)
     })
 
 An unknown key or a bad value raises at once (ValueError / TypeError naming the key and what is
 allowed); nothing is silently ignored. `attention_patterns` keys are tried in the order given,
 exact paths before globs, so a specific entry can override a broad glob. `attention_patterns`
 overrides `plan` for the layers it names; `plan` and `tune` exclude each other.
+
+What sparsec does not accelerate stays the model's own op: an SDPA call left dense and a linear
+layer left on the dense kernel keep their original nodes, so Inductor compiles them exactly as it
+would without sparsec (hand-written attention, matmul-softmax-matmul, is still replaced by the
+fused op: that is an acceleration). `rewrite_dense=True` routes every matched layer through
+sparsec's ops; sparsec.tune's recorder uses it to see every attention layer's operands.
 """
 from __future__ import annotations
 
@@ -56,6 +64,7 @@ class SparsecConfig:
     tune: tuple[tuple[str, Any], ...] | None = None   # sparsec.tune keyword arguments, or None
     target: str = "auto"
     weight_sparsity: str = "auto"
+    rewrite_dense: bool = False
 
     def __post_init__(self):
         if self.plan is not None and self.tune is not None:
@@ -96,9 +105,9 @@ def _parse_dump_dir(value: Any) -> str | None:
     return os.fspath(value) or None
 
 
-def _parse_verify(value: Any) -> bool:
+def _parse_flag(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"sparsec option 'verify' must be True or False, got {value!r}")
+        raise TypeError(f"sparsec option {key!r} must be True or False, got {value!r}")
     return value
 
 
@@ -174,13 +183,14 @@ def _parse_target(value: Any) -> str:
 _PARSERS = {
     "inner": lambda v: _parse_choice("inner", v, INNER_CHOICES),
     "dump_dir": _parse_dump_dir,
-    "verify": _parse_verify,
+    "verify": lambda v: _parse_flag("verify", v),
     "attention_patterns": _parse_attention_patterns,
     "fallback": lambda v: _parse_choice("fallback", v, FALLBACK_CHOICES),
     "plan": _parse_plan,
     "tune": _parse_tune,
     "target": _parse_target,
     "weight_sparsity": lambda v: _parse_choice("weight_sparsity", v, WEIGHT_SPARSITY_CHOICES),
+    "rewrite_dense": lambda v: _parse_flag("rewrite_dense", v),
 }
 
 

@@ -4,8 +4,8 @@
     print(plan); plan.save("plan.json")
     compiled = torch.compile(model, backend="sparsec", options={"plan": plan})
 
-The model is compiled with sparsec (dense, run eagerly) and run once on the example inputs under
-no_grad; every call of the sparsec::attention op hands its q, k, v to a recorder under the layer's
+The model is compiled with sparsec (dense, run eagerly, every layer through sparsec's ops: option
+rewrite_dense) and run once on the example inputs under no_grad; every call of the sparsec::attention op hands its q, k, v to a recorder under the layer's
 module path (sparsec.ops.recording_attention), so the tuner sees exactly the operands the
 compiled model computes, for models written any way the matchers understand. The recorded calls
 go to sparsec.tuning.tune_layers (calibration statistics -> candidates with measured errors ->
@@ -78,7 +78,7 @@ def record_attention(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[
     from sparsec.dump import recording
 
     inputs = _as_inputs(example_inputs)
-    backend = functools.partial(sparsec_backend, options={"inner": "eager"})
+    backend = functools.partial(sparsec_backend, options={"inner": "eager", "rewrite_dense": True})
     torch._dynamo.reset()  # a fresh compile, so the recording graphs are the ones that run
     try:
         with recording() as records, _recorded_samples() as recorded, torch.no_grad():
@@ -142,7 +142,7 @@ def tune_graph(aten_gm, params: dict[str, str], example_inputs: Sequence, config
     from sparsec.tuning import tune_layers
 
     settings = dict(config.tune)
-    dense = dataclasses.replace(config, tune=None, plan=None, attention_patterns=(), dump_dir=None)
+    dense = dataclasses.replace(config, tune=None, plan=None, attention_patterns=(), dump_dir=None, rewrite_dense=True)
     scratch = GraphRecord(index=-1, name="tune", dynamo_code="")
     rewritten = sparsify_aten_graph(copy.deepcopy(aten_gm), params, dense, scratch)
     with _recorded_samples() as recorded, torch.no_grad():

@@ -49,7 +49,7 @@ class Wrapper(nn.Module):
 
 
 def compiled(model, **options):
-    options = {"inner": "eager", "fallback": "raise", "verify": True, **options}
+    options = {"inner": "eager", "fallback": "raise", "verify": True, "rewrite_dense": True, **options}
     return torch.compile(model, backend=functools.partial(sparsec_backend, options=options))
 
 

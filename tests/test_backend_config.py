@@ -39,6 +39,7 @@ def test_exact_paths_win_over_globs():
     ({"inner": "tvm"}, ValueError, ["'inner'", "'inductor'", "'eager'"]),
     ({"fallback": "ignore"}, ValueError, ["'fallback'", "'raise'"]),
     ({"verify": "yes"}, TypeError, ["'verify'"]),
+    ({"rewrite_dense": 1}, TypeError, ["'rewrite_dense'", "True or False"]),
     ({"dump_dir": 3}, TypeError, ["'dump_dir'"]),
     ({"attention_patterns": [P.Dense()]}, TypeError, ["'attention_patterns'", "dict"]),
     ({"attention_patterns": {"a": "window"}}, TypeError, ["'a'", "Pattern"]),

@@ -117,7 +117,7 @@ def test_lowering_drops_overlapping_matches(captured, caplog):
 def test_rewrite_calls_the_custom_ops_and_computes_the_same(captured):
     ir = _lowered(captured)
     final, _ = run_pipeline(ir, default_stages(parse_options({})), verify=True)
-    rewritten = rewrite_fx(captured.gm, final)
+    rewritten = rewrite_fx(captured.gm, final, rewrite_dense=True)
     targets = [n.target for n in rewritten.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.sparsec.attention.default) == 1
     assert targets.count(torch.ops.sparsec.linear.default) == 2

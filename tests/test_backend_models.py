@@ -14,7 +14,9 @@ from sparsec.dump import recording
 from sparsec.ir.ops import Attention, Linear
 from tests import hf_models, models
 
-OPTIONS = {"inner": "eager", "fallback": "raise", "verify": True}
+# rewrite_dense: every layer through sparsec's ops, so the models exercise them (by default dense
+# SDPA calls and linears keep their nodes: test_dense_layers_keep_the_models_own_ops)
+OPTIONS = {"inner": "eager", "fallback": "raise", "verify": True, "rewrite_dense": True}
 
 
 def compile_and_compare(model, inputs, options=OPTIONS):
@@ -52,3 +54,39 @@ def test_library_models(name):
     model, inputs = hf_models.MODEL_FACTORIES[name]()
     records = compile_and_compare(model, inputs)
     assert op_counts(records) == hf_models.EXPECTED[name]
+
+
+def _code(records) -> str:
+    return "\n".join(r.rewritten_code for r in records)
+
+
+@pytest.mark.parametrize("name", ["gpt_sdpa", "gpt_manual"])
+def test_dense_layers_keep_the_models_own_ops(name):
+    """Without patterns or sparse weights nothing is accelerated: SDPA calls and linears stay the
+    model's nodes (Inductor compiles them as without sparsec), while hand-written attention is
+    still fused into sparsec::attention. The IR has every layer either way."""
+    model, inputs = models.MODEL_FACTORIES[name]()
+    records = compile_and_compare(model, inputs, options={**OPTIONS, "rewrite_dense": False})
+    assert op_counts(records) == models.EXPECTED[name]
+    code = _code(records)
+    assert "sparsec.linear" not in code and ("aten.addmm" in code or "aten.mm" in code)
+    fused = code.count("torch.ops.sparsec.attention.default(")
+    if name == "gpt_sdpa":
+        assert fused == 0 and "scaled_dot_product" in code
+    else:
+        assert fused == op_counts(records)[0] > 0
+
+
+def test_layers_with_patterns_are_rewritten_and_the_rest_kept():
+    from sparsec import patterns as P
+
+    model, inputs = models.MODEL_FACTORIES["gpt_sdpa"]()
+    records = compile_and_compare(model, inputs, options={**OPTIONS, "rewrite_dense": False,
+                                                          "attention_patterns": {"*": P.Dense()}})
+    assert "sparsec.attention" not in _code(records)  # Dense for every head: kept
+    with torch.no_grad(), recording() as records:
+        torch.compile(model, backend=functools.partial(sparsec_backend, options={
+            **OPTIONS, "rewrite_dense": False, "attention_patterns": {"*": P.Window(2, 0)}}))(*inputs)
+    code = _code(records)
+    assert code.count("torch.ops.sparsec.attention.default(") == op_counts(records)[0] > 0
+    assert "scaled_dot_product" not in code

@@ -19,7 +19,7 @@ def _compile_with_env_dump(monkeypatch, tmp_path):
     torch._dynamo.reset()  # the same model code compiled by an earlier test would be reused
     model, inputs = models.graph_break()
     with torch.no_grad():
-        torch.compile(model, backend="sparsec", options={"inner": "eager"})(*inputs)
+        torch.compile(model, backend="sparsec", options={"inner": "eager", "rewrite_dense": True})(*inputs)
 
 
 def test_dump_dir_has_a_folder_per_graph_with_every_stage(monkeypatch, tmp_path):

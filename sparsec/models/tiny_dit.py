@@ -9,12 +9,18 @@
 Video tokens are ordered frame by frame, so the same spatial position in neighbouring frames is
 `tokens_per_frame` apart: the stride at which MultiDiagonal patterns find temporal neighbours.
 
+`TinyDiTConfig.head_roles` gives self-attention heads positional roles (local, temporal, sink:
+sparsec/models/positional_heads.py), the structure trained video DiTs have and sparsec.tune finds;
+block b uses the roles rotated by b, so layers differ. Without roles (the default) attention is by
+content only, as in any random model.
+
 `Attention.head_patterns` (default None) makes the eager self-attention use explicit per-head
 pattern masks (sparsec.patterns .mask(), dense SDPA with a bool mask): the demo's eager reference
 for the sparse compiled model. Shapes are small enough to run in well under a second on CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,9 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsec.models.positional_heads import HEAD_ROLES, check_head_roles, positional_terms
 from sparsec.patterns import Pattern
 
-__all__ = ["TinyDiTConfig", "TinyDiT", "tiny_dit", "pattern_mask"]
+__all__ = ["TinyDiTConfig", "TinyDiT", "tiny_dit", "positional_dit", "with_roles", "example_inputs", "pattern_mask",
+           "POSITIONAL_ROLES"]
+
+POSITIONAL_ROLES = HEAD_ROLES[1:] + HEAD_ROLES[:1]  # local, temporal, sink, content
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,16 @@ class TinyDiTConfig:
     text_len: int = 16
     text_dim: int = 64
     mlp_ratio: int = 4
+    head_roles: tuple[str, ...] = ()  # per self-attention head: content / local / temporal / sink
+
+    def __post_init__(self):
+        object.__setattr__(self, "head_roles", tuple(self.head_roles))
+        check_head_roles(self.head_roles, self.heads, self.dim // self.heads)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(frames, rows, columns) of the patch grid."""
+        return self.frames, self.height // self.patch, self.width // self.patch
 
     @property
     def tokens_per_frame(self) -> int:
@@ -62,16 +82,24 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA (or explicit pattern masks, see module doc)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, roles: tuple[str, ...] = (), grid: tuple[int, int, int] = (1, 1, 1)):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.head_patterns: tuple[Pattern, ...] | None = None
+        self.roles = tuple(roles)
+        if self.roles:  # not in the state dict: a function of the config
+            terms = positional_terms(self.roles, *grid, dim // heads)
+            self.register_buffer("q_term", terms.q_term, persistent=False)
+            self.register_buffer("k_term", terms.k_term, persistent=False)
+            self.register_buffer("keep", terms.keep, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if self.roles:
+            q, k = q * self.keep + self.q_term, k * self.keep + self.k_term
         mask = None if self.head_patterns is None else pattern_mask(self.head_patterns, S, S).to(x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, S, D))
@@ -96,11 +124,13 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: TinyDiTConfig):
+    def __init__(self, config: TinyDiTConfig, index: int = 0):
         super().__init__()
         dim = config.dim
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.attn = Attention(dim, config.heads)
+        roles = config.head_roles
+        shift = index % len(roles) if roles else 0
+        self.attn = Attention(dim, config.heads, roles[shift:] + roles[:shift], config.grid)
         self.norm2 = nn.LayerNorm(dim)
         self.cross = CrossAttention(dim, config.text_dim, config.heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False)
@@ -132,7 +162,7 @@ class TinyDiT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, config.tokens, config.dim) * 0.02)
         self.t_embed = nn.Sequential(nn.Linear(config.dim, config.dim), nn.SiLU(), nn.Linear(config.dim, config.dim))
         self.text_pool = nn.Linear(config.text_dim, config.dim)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList([Block(config, b) for b in range(config.depth)])
         self.final_norm = nn.LayerNorm(config.dim, elementwise_affine=False)
         self.final_ada = nn.Linear(config.dim, 2 * config.dim)
         self.final = nn.Linear(config.dim, patch_dim)
@@ -151,7 +181,8 @@ class TinyDiT(nn.Module):
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(self.patchify(latents)) + self.pos
-        cond = self.t_embed(timestep_features(timestep, self.config.dim)) + self.text_pool(text.mean(dim=1))
+        features = timestep_features(timestep, self.config.dim).to(x.dtype)  # float32: cast to the model's dtype
+        cond = self.t_embed(features) + self.text_pool(text.mean(dim=1))
         for block in self.blocks:
             x = block(x, cond, text)
         shift, scale = self.final_ada(F.silu(cond)).chunk(2, dim=-1)
@@ -164,13 +195,31 @@ class TinyDiT(nn.Module):
             block.attn.head_patterns = head_patterns
 
 
+def example_inputs(config: TinyDiTConfig, batch: int = 1, seed: int = 1, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, timestep, text) drawn from `seed`: other seeds give fresh inputs of the same kind."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, config.in_channels, config.frames, config.height, config.width, generator=generator)
+    timestep = torch.randint(0, 1000, (batch,), generator=generator)
+    text = torch.randn(batch, config.text_len, config.text_dim, generator=generator)
+    return latents.to(device, dtype), timestep.to(device), text.to(device, dtype)
+
+
 def tiny_dit(config: TinyDiTConfig | None = None, batch: int = 1, seed: int = 0) -> tuple[TinyDiT, tuple]:
     """(model in eval mode, (latents, timestep, text)): fixed weights for a seed, fresh inputs."""
     config = config or TinyDiTConfig()
     torch.manual_seed(seed)
     model = TinyDiT(config).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    latents = torch.randn(batch, config.in_channels, config.frames, config.height, config.width, generator=generator)
-    timestep = torch.randint(0, 1000, (batch,), generator=generator)
-    text = torch.randn(batch, config.text_len, config.text_dim, generator=generator)
-    return model, (latents, timestep, text)
+    return model, example_inputs(config, batch, seed + 1)
+
+
+def with_roles(config: TinyDiTConfig, roles: tuple[str, ...] = POSITIONAL_ROLES) -> TinyDiTConfig:
+    """`config` whose self-attention heads take `roles` in turn (repeated to the number of heads)."""
+    return dataclasses.replace(config, head_roles=tuple(roles[h % len(roles)] for h in range(config.heads)))
+
+
+def positional_dit(config: TinyDiTConfig | None = None, batch: int = 1, seed: int = 0) -> tuple[TinyDiT, tuple]:
+    """tiny_dit with positional heads (local, temporal, sink, content in turn; default: 8 frames
+    of 16 x 16 patches, 2048 tokens): a model with the structure sparsec.tune looks for, e.g.
+    `sparsec tune sparsec.models.tiny_dit:positional_dit --target cpu`."""
+    return tiny_dit(with_roles(config or TinyDiTConfig(height=32, width=32)), batch, seed)
