@@ -74,6 +74,10 @@ def _summary(record: GraphRecord, hardware=None) -> list[str]:
                                                            ("opaque", Opaque))}
     lines = [f"{head}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
              + f"; stages: {', '.join(name for name, _ in record.stages)}"]
+    if record.rewritten_code:
+        fused = {kind: record.rewritten_code.count(f"torch.ops.sparsec.{kind}.default(") for kind in ("attention", "linear")}
+        lines.append("    run by sparsec's ops: " + ", ".join(f"{fused[k]} {k}" for k in fused)
+                     + "; the rest (dense) stay the model's own ops" * any(counts[k] > fused[k] for k in fused))
     lines += [_attention_line(op, hardware) for op in ir.ops_of(Attention)]
     if record.plan is not None:
         lines.append(f"    tuned plan: {len(record.plan.layers)} layer(s) (record.plan; plan.json in dumps)")

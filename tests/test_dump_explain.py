@@ -73,3 +73,12 @@ def test_explain_prices_each_attention_layer_on_the_target():
     expected = estimate(op, get_profile("h100")) * 1e6
     line = next(line for line in report.summary().splitlines() if op.module_path + ":" in line)
     assert f"est. on h100: dense" in line and f"-> {expected:.1f} us" in line
+
+
+def test_explain_says_which_layers_sparsec_runs():
+    model, inputs = models.gpt_sdpa()
+    dense = explain(model, *inputs, options={"inner": "eager"}).summary()
+    assert "run by sparsec's ops: 0 attention, 0 linear; the rest (dense) stay the model's own ops" in dense
+    patterned = explain(model, *inputs, options={"inner": "eager", "attention_patterns": {"blocks.*.attn": Window(2, 0)}})
+    attention_layers = len(patterned.graphs[0].final_ir.ops_of(Attention))
+    assert f"run by sparsec's ops: {attention_layers} attention, 0 linear" in patterned.summary()
