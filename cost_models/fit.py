@@ -240,7 +240,7 @@ def calibrate(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     base = get_profile(profile_for_device(device).name, calibrated=False)
     if threads is not None and device.type == "cpu":
-        base = base.replace(sm_count=threads)
+        base = base.with_cores(threads)
     candidates = list(candidates) if candidates is not None else default_grid(device, quick=quick)
     measurements = measure(candidates, device, threads=threads, **measure_options)
     works = [candidate_work(c, base.executor) for c in candidates]

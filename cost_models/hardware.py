@@ -68,6 +68,18 @@ class HardwareProfile:
     def replace(self, **changes) -> HardwareProfile:
         return dataclasses.replace(self, **changes)
 
+    def with_cores(self, cores: int) -> HardwareProfile:
+        """The same machine with `cores` cores at work ("cpu": torch's intra-op threads): the
+        throughput figures (matmul and vector FLOP/s, exponentials) are totals over sm_count cores
+        and scale with the count; memory bandwidth and one-thread copies do not."""
+        if cores < 1:
+            raise ValueError(f"hardware profile {self.name!r}: cores must be >= 1, got {cores}")
+        if cores == self.sm_count:
+            return self
+        scale = cores / self.sm_count
+        return self.replace(sm_count=cores, tensor_flops={k: v * scale for k, v in self.tensor_flops.items()},
+                            vector_flops=self.vector_flops * scale, exp_per_s=self.exp_per_s * scale)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -105,11 +117,13 @@ PROFILES: dict[str, HardwareProfile] = {
         memory_bandwidth=2.039 * TERA, shared_memory_per_sm=164 * 1024, l2_bytes=40 * 2**20,
         launch_overhead_s=5e-6, programs_per_sm=1, matmul_efficiency=0.6, block_overhead_s=40e-9),
     # The 2-core machine sparsec's CPU executor runs on; refit by measured autotuning. Its
-    # coefficients are rounded from a fit on that machine (bench/results/cost_model_cpu_*.json).
+    # coefficients are rounded from a fit on that machine at one thread (bench/results/
+    # cost_model_cpu_*.json); the throughput figures are totals for both cores (twice one core's).
+    # get_profile gives it for torch's current thread count (with_cores).
     "cpu": HardwareProfile(
         name="cpu", sm_count=2,
-        tensor_flops={"f32": 100e9, "bf16": 30e9, "f16": 30e9},
-        vector_flops=20e9, exp_per_s=0.8e9,
+        tensor_flops={"f32": 200e9, "bf16": 60e9, "f16": 60e9},
+        vector_flops=40e9, exp_per_s=1.6e9,
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
         launch_overhead_s=400e-6, programs_per_sm=1, matmul_efficiency=0.3, mask_cost_per_pair=7.0,
         block_overhead_s=1e-6, executor="cpu", call_overhead_s=100e-6, gather_bytes_per_s=4.5e9,
@@ -127,17 +141,21 @@ def _calibrated_path(name: str) -> Path:
 
 def get_profile(target: str | HardwareProfile, *, calibrated: bool = True) -> HardwareProfile:
     """The profile named `target` ("h100", "h200", "a100", "cpu"), refit from measurements when a
-    calibrated profile for it is stored on disk and `calibrated`."""
+    calibrated profile for it is stored on disk and `calibrated`. "cpu" describes this machine's
+    cores as torch uses them: its core count is torch.get_num_threads()."""
     if isinstance(target, HardwareProfile):
         return target
     key = _ALIASES.get(target.lower(), target.lower())
     if key not in PROFILES:
         raise ValueError(f"unknown hardware target {target!r}; known: {sorted(PROFILES)}")
+    profile = PROFILES[key]
     if calibrated:
         path = _calibrated_path(key)
         if path.exists():
-            return HardwareProfile.from_json(path.read_text())
-    return PROFILES[key]
+            profile = HardwareProfile.from_json(path.read_text())
+    if profile.executor == "cpu":  # a CPU plan is for this machine: its executor runs on torch's threads
+        profile = profile.with_cores(torch.get_num_threads())
+    return profile
 
 
 def profile_for_device(device: torch.device | str) -> HardwareProfile:

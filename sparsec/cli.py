@@ -12,8 +12,9 @@
         the plan's table and save it. --measure first calibrates the cost model on this machine's
         device (cost_models.fit.calibrate: time candidate kernels, fit, store the profile) and
         tunes for that device instead of --target; --quick-measure times the small grid.
-    sparsec demo [--inner eager|inductor]
-        Run the tiny DiT demo (sparsec/demo.py).
+    sparsec demo [--inner eager|inductor] [--no-tune]
+        Run the tiny DiT demo (sparsec/demo.py), then tune the model with positional heads and
+        run it with the plan (--no-tune: skip that part).
 """
 from __future__ import annotations
 
@@ -113,9 +114,11 @@ def _dump(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sparsec.demo import run_demo
+    from sparsec.demo import run_demo, run_tuned_demo
 
     run_demo(inner=args.inner, write=print)
+    if not args.no_tune:
+        run_tuned_demo(inner=args.inner, write=print)
     return 0
 
 
@@ -139,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.set_defaults(run=_tune)
     demo = commands.add_parser("demo", help="compile the bundled tiny DiT with sparse attention patterns")
     demo.add_argument("--inner", choices=("eager", "inductor"), default="eager")
+    demo.add_argument("--no-tune", action="store_true", help="skip tuning the model with positional heads")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -35,3 +35,19 @@ def test_demo_patterns_follow_the_frame_stride():
     patterns = demo_patterns(SMALL)
     assert len(patterns) == SMALL.heads
     assert SMALL.tokens_per_frame in patterns[1].offsets
+
+
+def test_tuned_demo_tunes_the_positional_model_and_reports_it():
+    from sparsec.demo import run_tuned_demo
+    from sparsec.patterns import Dense
+    from tests.planted import cheap_calls_cpu
+
+    config = TinyDiTConfig(frames=4, height=16, width=16, dim=64, heads=4, depth=1, text_len=4, text_dim=16)
+    lines: list[str] = []
+    result = run_tuned_demo(config, repeats=1, target=cheap_calls_cpu(), write=lines.append)
+    layer = result.plan.layers["blocks.0.attn"]
+    assert any(not isinstance(p, Dense) for p in layer.patterns)  # the positional heads are found
+    assert 0 < result.sparse_vs_dense < 0.1
+    assert set(result.timings) == {"sparsec dense", "sparsec tuned"}
+    text = "\n".join(lines)
+    assert "blocks.0.attn:" in text and "relative L2" in text

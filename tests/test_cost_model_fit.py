@@ -210,7 +210,9 @@ def test_fit_recovers_changed_coefficients_and_improves_ranking(synthetic_grid):
         assert result.after[name] == pytest.approx(getattr(truth, name), rel=0.15), name
     assert result.after["matmul_efficiency"] == pytest.approx(truth.matmul_efficiency, rel=0.02)
     for name in set(parameters) - set(CHANGED):  # unchanged in the truth: found where they were
-        assert result.after[name] == pytest.approx(getattr(base, name), rel=0.05), name
+        # (exponentials share the per-pair time with the dots, which the truth slows 1.7x: the
+        # fit trades a little of one for the other)
+        assert result.after[name] == pytest.approx(getattr(base, name), rel=0.08), name
     assert result.before == {name: getattr(base, name) for name in parameters}
     assert result.after == {name: getattr(result.profile, name) for name in parameters}
     assert result.rms_log_error_after < 0.02 < 0.2 < result.rms_log_error_before
@@ -319,12 +321,14 @@ def test_calibrate_stores_the_profile_that_get_profile_returns(tmp_path, monkeyp
     report = calibrate("cpu", candidates=candidates, save=True, threads=1, min_seconds=0.0, max_samples=3)
 
     assert Path(report.saved_to).parent.parent == tmp_path
-    stored = get_profile("cpu", calibrated=True)
-    assert stored == report.profile
+    assert report.profile.sm_count == 1  # timed with one thread: a one-core profile
+    stored = get_profile("cpu", calibrated=True)  # for torch's threads: per-core figures times the cores
+    threads = torch.get_num_threads()
+    assert stored == report.profile.with_cores(threads) and stored.sm_count == threads
+    assert stored.tensor_flops["f32"] == pytest.approx(report.profile.tensor_flops["f32"] * threads)
     assert profile_for_device("cpu") == stored
     assert stored.calibrated_from.startswith(f"measured on {measurement_device('cpu', threads=1)}")
     assert "1 thread," in stored.calibrated_from and "6 candidates" in stored.calibrated_from
-    assert stored.sm_count == 1  # timed with one thread: a one-core profile
     assert get_profile("cpu", calibrated=False) == published
     assert published.calibrated_from == "published figures"
 
@@ -333,7 +337,7 @@ def test_calibrate_stores_the_profile_that_get_profile_returns(tmp_path, monkeyp
     # Predictions are the analytic model's, on the published and the fitted profile.
     for m, before, after in zip(report.measurements, report.predicted_before, report.predicted_after):
         c = m.candidate
-        for profile, predicted in ((published.replace(sm_count=1), before), (stored, after)):
+        for profile, predicted in ((published.with_cores(1), before), (report.profile, after)):
             expected = estimate_attention(c.head_patterns, c.shape, profile, block_m=c.tiles.block_m,
                                           block_n=c.tiles.block_n).seconds
             assert predicted == pytest.approx(expected, rel=1e-12)
@@ -388,3 +392,23 @@ def test_bench_main_prints_and_records_every_figure(tmp_path, monkeypatch, capsy
         assert figures["mean_regret"] >= 0 and figures["max_regret"] >= figures["mean_regret"]
     assert set(data["coefficients"]["after"]) == set(CPU_FIT_PARAMETERS)
     assert data["fitted_profile"]["matmul_efficiency"] == data["coefficients"]["after"]["matmul_efficiency"]
+
+
+def test_with_cores_scales_the_throughput_figures_only():
+    cpu = PROFILES["cpu"]
+    one = cpu.with_cores(1)
+    assert one.sm_count == 1 and cpu.with_cores(cpu.sm_count) is cpu
+    for name in ("vector_flops", "exp_per_s"):
+        assert getattr(one, name) == pytest.approx(getattr(cpu, name) / cpu.sm_count)
+    assert one.tensor_flops == {k: pytest.approx(v / cpu.sm_count) for k, v in cpu.tensor_flops.items()}
+    for name in ("memory_bandwidth", "gather_bytes_per_s", "call_overhead_s", "launch_overhead_s", "matmul_efficiency"):
+        assert getattr(one, name) == getattr(cpu, name)
+    # a dense layer of many query blocks: one core takes about twice as long as two
+    layer = AttentionShape(batch=1, num_heads=4, num_kv_heads=4, q_len=2048, kv_len=2048, head_dim=64,
+                           value_dim=64, dtype="f32", causal=False)
+    one_core, two_cores = (estimate_attention((Dense(),) * 4, layer, p, block_m=None, block_n=64).seconds
+                           for p in (one, cpu.with_cores(2)))
+    assert one_core / two_cores == pytest.approx(2.0, rel=0.05)
+    assert get_profile("cpu", calibrated=False).sm_count == torch.get_num_threads()
+    with pytest.raises(ValueError, match="cores must be >= 1"):
+        cpu.with_cores(0)
