@@ -31,7 +31,14 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pip install --quiet --no-deps --no-build-isolation -e . || exit 3
+install() {  # editable into the machine's python; if its environment refuses, a copy on PYTHONPATH
+    python3 -m pip install --quiet --no-deps --no-build-isolation -e . && return 0
+    echo "editable install failed: installing a copy under /tmp/sparsec_site"
+    python3 -m pip install --quiet --no-deps --no-build-isolation --target /tmp/sparsec_site . || return 1
+    export PYTHONPATH=/tmp/sparsec_site${PYTHONPATH:+:$PYTHONPATH}
+}
+install || exit 3
+python3 -c "import sparsec, torch._dynamo as d; print('sparsec from', sparsec.__file__, '| backend registered:', 'sparsec' in d.list_backends())" || exit 3
 before=$(mktemp); ls bench/results > "$before"
 
 step "compiled CUDA kernels vs float64 references" 120 \
