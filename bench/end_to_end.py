@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -130,14 +131,14 @@ def print_table(result: dict, title: str) -> None:
               f"(mean over {len(attention)} layers); tuning took {result['tune_seconds']:.1f} s")
 
 
-def save(result: dict, args) -> Path:
+def save(result: dict, args, argv: list[str]) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     path = Path(args.output) if args.output else RESULTS / f"end_to_end_{args.device}_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in vars(args).items() if k not in ("output", "config")}
     record = {"benchmark": "end_to_end", "device": device_name(args.device), "device_type": args.device,
               "versions": software_versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "options": options, **result}
+              "command": " ".join([Path(sys.executable).name, os.path.relpath(__file__), *argv]), "options": options, **result}
     path.write_text(json.dumps(record, indent=1))
     return path
 
@@ -185,11 +186,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     result = run(args)
     print_table(result, f"end to end on {device_name(args.device)}, {args.dtype}, sparsec inner={args.inner}")
     if not args.no_save:
-        print(f"wrote {save(result, args)}")
+        print(f"wrote {save(result, args, argv)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""bench/end_to_end.py on a tiny positional DiT: every variant runs, the figures are consistent,
+the dense path equals eager, and the JSON records what the benchmark README promises. (The
+GPU session runs this script last; a crash there would cost the lease.)"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "end_to_end.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH.parent))  # it imports bench/attention.py's timing
+    spec = importlib.util.spec_from_file_location("bench_end_to_end", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_times_every_variant_and_records_it(bench, tmp_path, capsys):
+    output = tmp_path / "e2e.json"
+    bench.main(["--quick", "--frames", "2", "--patches", "8", "--dim", "64", "--depth", "1", "--min-seconds", "0",
+                "--no-progress", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "sparsec plan" in printed and "vs eager" in printed
+    data = json.loads(output.read_text())
+    assert data["benchmark"] == "end_to_end" and data["device_type"] == "cpu"
+    assert data["versions"]["torch"] == torch.__version__ and data["command"].endswith(str(output))
+    assert data["config"]["frames"] == 2 and data["config"]["head_roles"] == ["local", "temporal", "sink", "content"]
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"eager", "sparsec dense", "sparsec plan"}  # --quick leaves Inductor out
+    assert rows["eager"]["speedup_vs_eager"] == 1.0
+    for r in rows.values():
+        assert r["ms"] > 0 and r["first_call_s"] > 0 and r["speedup_vs_inductor"] is None
+        assert r["speedup_vs_eager"] == pytest.approx(rows["eager"]["ms"] / r["ms"])
+    assert rows["sparsec dense"]["rel_l2_error_vs_eager"] < 1e-6
+    assert rows["sparsec plan"]["rel_l2_error_vs_eager"] < 0.05
+    layers = {layer["layer"]: layer for layer in data["layers"]}
+    assert set(layers) == {"blocks.0.attn", "blocks.0.cross"}
+    assert all(0 < layer["density"] <= 1 and layer["error"] <= data["budget"] + 1e-9 for layer in layers.values())
+    assert data["tune_seconds"] > 0 and data["plan_target"] == "cpu"
+
+
+def test_bad_sizes_are_refused_by_name(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--dim", "32", "--heads", "4"])  # head_dim 8: no room for the features
+    assert "head_dim >= 14" in capsys.readouterr().err
