@@ -258,7 +258,7 @@ class _HeadTable:
     kv_heads: slice | torch.Tensor
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _head_index(heads: tuple[int, ...]) -> slice | torch.Tensor:
     """heads as a slice when they are consecutive and ascending, else as an index tensor."""
     first = heads[0]
@@ -346,7 +346,7 @@ def _by_kv_head(heads: tuple[int, ...], group: int) -> dict[int, list[int]]:
     return dict(by_kv)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _head_tables(heads: tuple[int, ...], group: int) -> tuple[_HeadTable, ...]:
     """Split heads (ascending) into tables where each of their kv heads has exactly c of the heads."""
     by_count: dict[int, list[list[int]]] = defaultdict(list)
@@ -357,7 +357,7 @@ def _head_tables(heads: tuple[int, ...], group: int) -> tuple[_HeadTable, ...]:
                  for tables in by_count.values())
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _heads_by_pattern(head_patterns: tuple[Pattern, ...]) -> tuple[tuple[Pattern, tuple[int, ...]], ...]:
     """(pattern, its heads ascending) for each distinct pattern, in order of first use."""
     by_pattern: dict[Pattern, list[int]] = defaultdict(list)

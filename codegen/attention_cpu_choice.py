@@ -67,7 +67,7 @@ def choose_blocks(pattern: Pattern, Sq: int, Sk: int, causal: bool = False) -> t
     return _choose_block_m(pattern, Sq, Sk, bool(causal)), min(128, Sk)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1 << 14)  # a model's patterns, and the tuner's candidates
 def _choose_block_m(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> int:
     if isinstance(pattern, (Dense, Skip)):
         return min(128, Sq)
@@ -144,7 +144,7 @@ def _group_pattern(bands: list[Pattern]) -> Pattern:
     return Union(bands)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1 << 14)
 def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int | None = None, *, rows: int = 1,
                  width: int = 128, threads: int = 1, split: bool | None = None) -> tuple[int, tuple[Pattern, ...]]:
     """(block_m, parts): the query block size and the parts the executor runs `pattern` as;

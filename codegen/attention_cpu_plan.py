@@ -18,7 +18,6 @@ chosen by codegen/attention_cpu_choice.py.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections import defaultdict
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.block_coverage import row_intervals
+from sparsec.codegen.bounded_cache import bytes_bounded_cache
 from sparsec.patterns import Pattern
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,8 @@ def _strided(call: _Call, block_m: int) -> _Strided | None:
     return _Strided(1, g * block_m, q_first * block_m, 0, kv_first, 0, mask, empty)
 
 
-@functools.lru_cache(maxsize=64)
+# Every plan of a model stays cached (a forward cycles through its layers; see bounded_cache)
+@bytes_bounded_cache(max_bytes=1 << 30)
 def _plan(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int) -> _Plan:
     """The calls that compute `pattern` for query blocks of block_m rows (module docstring)."""
     lo, hi = _block_intervals(pattern, Sq, Sk, causal, block_m)

@@ -23,6 +23,7 @@ import torch
 
 from sparsec.attention_dispatch import skip_fill
 from sparsec.codegen import kernel_cache
+from sparsec.codegen.bounded_cache import bytes_bounded_cache
 from sparsec.codegen.templates.tables import block_tables
 from sparsec.codegen.templates import FAMILY_TEMPLATES, LayoutBuffer, kernel_name, render
 from sparsec.codegen.templates.common import table_ids
@@ -292,7 +293,7 @@ def _dot_precision(dtype: torch.dtype, interpreted: bool | None) -> str:
     return "tf32"
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_bounded_cache(max_bytes=256 << 20)  # every layer's groups of a model, on the device
 def _group_params(family: str, heads: tuple[int, ...], patterns: tuple[Pattern, ...], Sq: int, Sk: int,
                   device: torch.device):
     """(head ids, per-head params, layouts buffer, constexpr counts) on `device`, built once per group."""
@@ -303,7 +304,7 @@ def _group_params(family: str, heads: tuple[int, ...], patterns: tuple[Pattern, 
     return head_ids, params, layouts.tensor().to(device), dict(packed.counts)
 
 
-@functools.lru_cache(maxsize=128)
+@bytes_bounded_cache(max_bytes=512 << 20)
 def _device_block_tables(patterns: tuple[Pattern, ...], Sq: int, Sk: int, block_m: int, block_n: int,
                          causal: bool, device: torch.device):
     """The block tables of `patterns` (block_tables.py) on `device`, with their widths."""

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sparsec.codegen.bounded_cache import bytes_bounded_cache
 from sparsec.patterns import (
     AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, Skip, Union, VerticalSlash, Window,
 )
@@ -85,7 +86,7 @@ def _diagonal(i: torch.Tensor, offsets: list[tuple[int, int]]) -> tuple[torch.Te
     return i[:, None] + ab[:, 0], i[:, None] + ab[:, 1]
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_bounded_cache(max_bytes=128 << 20)
 def _block_runs(pattern: BlockSparse) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layout row, the runs of kept blocks as inclusive key-block ranges, padded with empty
     runs (start 1, end 0): two (layout rows, max runs) index tensors."""
@@ -471,7 +472,7 @@ def _crossing_touched(layout: np.ndarray, r0, r1, c0, c1, bq: int, bk: int, shif
     return hit
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_bounded_cache(max_bytes=256 << 20)
 def _coverage(pattern: Pattern, Sq: int, Sk: int, block_m: int, block_n: int, causal: bool) -> torch.Tensor:
     if isinstance(pattern, Skip):
         return torch.zeros(math.ceil(Sq / block_m), math.ceil(Sk / block_n), dtype=torch.uint8)

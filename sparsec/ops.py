@@ -58,7 +58,7 @@ def patterns_to_json(head_patterns: tuple[Pattern, ...]) -> str:
     return json.dumps([p.to_dict() for p in head_patterns], separators=(",", ":"), sort_keys=True)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)  # one entry a layer
 def patterns_from_json(text: str) -> tuple[Pattern, ...]:
     """Inverse of patterns_to_json; cached because every call of the op parses its argument."""
     decoded = json.loads(text)
