@@ -12,6 +12,7 @@ codegen/kernel_cache.py; `kernel_source(family)` returns the text.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -85,10 +86,15 @@ def pattern_family(pattern: Pattern) -> str:
 
 def group_heads(head_patterns: Sequence[Pattern]) -> list[HeadGroup]:
     """The query heads of each family, families in order of first appearance."""
+    return list(_group_heads(tuple(head_patterns)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _group_heads(head_patterns: tuple[Pattern, ...]) -> tuple[HeadGroup, ...]:
     heads: dict[str, list[int]] = {}
     for h, p in enumerate(head_patterns):
         heads.setdefault(pattern_family(p), []).append(h)
-    return [HeadGroup(family, tuple(hs), tuple(head_patterns[h] for h in hs)) for family, hs in heads.items()]
+    return tuple(HeadGroup(family, tuple(hs), tuple(head_patterns[h] for h in hs)) for family, hs in heads.items())
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,6 +167,14 @@ def _layout_reason(q, k, v) -> str | None:
 def _pattern_reason(q, k, head_patterns) -> str | None:
     if len(head_patterns) != q.shape[1]:
         return f"{len(head_patterns)} patterns for {q.shape[1]} query heads"
+    if not all(isinstance(p, Pattern) for p in head_patterns):
+        h = next(h for h, p in enumerate(head_patterns) if not isinstance(p, Pattern))
+        return f"pattern of head {h} is {type(head_patterns[h]).__name__}, not a Pattern"
+    return _patterns_reason(tuple(head_patterns), q.shape[2], k.shape[2])
+
+
+@functools.lru_cache(maxsize=4096)  # checked once a layer, not on every call
+def _patterns_reason(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int) -> str | None:
     for h, p in enumerate(head_patterns):
         if not isinstance(p, Pattern):
             return f"pattern of head {h} is {type(p).__name__}, not a Pattern"
@@ -170,7 +184,7 @@ def _pattern_reason(q, k, head_patterns) -> str | None:
         for part in p.parts if isinstance(p, Union) else (p,):
             if isinstance(part, BlockSparse):
                 try:
-                    part.check_lengths(q.shape[2], k.shape[2])
+                    part.check_lengths(Sq, Sk)
                 except ValueError as e:
                     return f"head {h}: {e}"
     return None
@@ -258,24 +272,36 @@ def kernel_call(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tile
                 interpreted: bool | None = None) -> KernelCall:
     """The launch of `group`'s kernel: grid, arguments, constexprs and tiles. `interpreted` (default:
     TRITON_INTERPRET) picks the dot precision; codegen/triton_aot passes False to compile CPU-built
-    calls for a GPU."""
-    B, Hq, Sq, D = q.shape
-    Sk, Dv = k.shape[2], v.shape[3]
+    calls for a GPU. Everything but the four tensors comes from a cache (_call_template): a
+    compiled layer's launches are built once."""
+    template = _call_template(group, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(), k.stride(),
+                              v.stride(), out.stride(), q.dtype, q.device, bool(causal), float(scale), tiles,
+                              _interpreting() if interpreted is None else interpreted)
+    return dataclasses.replace(template, args=(q, k, v, out) + template.args[4:])
+
+
+@bytes_bounded_cache(max_bytes=256 << 20)  # holds the group's device tables (shared with their own caches)
+def _call_template(group: HeadGroup, q_shape, k_shape, v_shape, q_stride, k_stride, v_stride, out_stride, dtype,
+                   device: torch.device, causal: bool, scale: float, tiles: AttentionTiles,
+                   interpreted: bool) -> KernelCall:
+    """kernel_call with None in place of q, k, v and out."""
+    B, Hq, Sq, D = q_shape
+    Hkv, Sk, Dv = k_shape[1], k_shape[2], v_shape[3]
     template = FAMILY_TEMPLATES[group.family]
-    head_ids, params, layouts, counts = _group_params(group.family, group.heads, group.patterns, Sq, Sk, q.device)
+    head_ids, params, layouts, counts = _group_params(group.family, group.heads, group.patterns, Sq, Sk, device)
     if template.table_driven:
         distinct, _ = table_ids(group.patterns)
-        tables = _device_block_tables(distinct, Sq, Sk, tiles.block_m, tiles.block_n, causal, q.device)
+        tables = _device_block_tables(distinct, Sq, Sk, tiles.block_m, tiles.block_n, causal, device)
     else:
         tables = (head_ids, head_ids, head_ids, head_ids, 1, 1)  # unread: the visit is closed-form
     grid = (-(-Sq // tiles.block_m), B * len(group.heads))
-    args = (q, k, v, out, head_ids, params, layouts, *tables,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Sq, Sk, len(group.heads), Hq // k.shape[1], scale * LOG2E)
+    args = (None, None, None, None, head_ids, params, layouts, *tables,
+            *q_stride, *k_stride, *v_stride, *out_stride,
+            Sq, Sk, len(group.heads), Hq // Hkv, scale * LOG2E)
     kwargs = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=bool(causal),
-        DOT_PRECISION=_dot_precision(q.dtype, interpreted),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(dtype, interpreted),
         NUM_PARAMS=params.shape[1], **counts,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -10,6 +10,7 @@ This module validates the call and picks an executor; the kernels live in codege
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -51,8 +52,7 @@ def attention(
     _check_tensors(q, k, v)
     head_patterns = normalize_head_patterns(patterns, q.shape[1])
     Sq, Sk = q.shape[2], k.shape[2]
-    for h, p in enumerate(head_patterns):
-        _check_pattern_fits(p, h, Sq, Sk)
+    _check_patterns_fit(head_patterns, Sq, Sk)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
@@ -104,6 +104,12 @@ def _check_tiles(tiles) -> None:
         AttentionTiles(*tiles)
     except ValueError:
         raise ValueError(f"sparsec.attention: tiles must be (block_m, block_n), powers of two >= 16, got {tiles!r}") from None
+
+
+@functools.lru_cache(maxsize=4096)  # once a layer, not on every call (errors are not cached)
+def _check_patterns_fit(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int) -> None:
+    for h, p in enumerate(head_patterns):
+        _check_pattern_fits(p, h, Sq, Sk)
 
 
 def _check_pattern_fits(p: Pattern, head: int, Sq: int, Sk: int) -> None:

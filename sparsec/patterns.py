@@ -51,7 +51,7 @@ def _check_lengths(Sq: int, Sk: int) -> None:
 class Pattern:
     """Base of all patterns. Subclasses define `family`, `_key()`, `keep()` and `to_dict()`."""
 
-    __slots__ = ()
+    __slots__ = ("_hash_cache",)  # patterns key caches on every call of a compiled layer: hash once
     family: ClassVar[str]
 
     def _key(self) -> tuple:
@@ -96,7 +96,16 @@ class Pattern:
         return type(self) is type(other) and self._key() == other._key()  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self._key()))
+        try:
+            return self._hash_cache
+        except AttributeError:
+            value = hash((type(self).__name__, self._key()))
+            object.__setattr__(self, "_hash_cache", value)
+            return value
+
+    def __reduce__(self):
+        # Pickle (and deepcopy) the value, not the slots: a cached str hash is per process.
+        return (from_dict, (self.to_dict(),))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")

@@ -385,3 +385,21 @@ def test_layouts_whose_blocks_do_not_match_the_tiles_read_their_bit_rows(tiles, 
     check(q, k, v, heads, causal=causal, tiles=tiles)
     unions = (heads[0] | P.Window(2, 2), heads[1] | heads[2], P.Columns([(0, 4)]) | heads[2])
     check(q, k, v, unions, causal=causal, tiles=tiles)
+
+
+def test_a_layers_launch_is_built_once_and_takes_each_calls_tensors():
+    """kernel_call reuses the cached launch (grid, tables, strides, constexprs) of a layer and
+    puts the call's own q, k, v and out in it; other strides build another launch."""
+    patterns = (P.Window(3, 3), P.Window(5, 0))
+    group = at.group_heads(patterns)[0]
+    tiles = default_tiles(16, torch.float32, 40, 40)
+    make = lambda: [torch.randn(1, 2, 40, 16) for _ in range(4)]  # noqa: E731
+    first, second = make(), make()
+    a = at.kernel_call(group, *first, False, 0.25, tiles, interpreted=True)
+    b = at.kernel_call(group, *second, False, 0.25, tiles, interpreted=True)
+    assert all(x is y for x, y in zip(a.args[:4], first)) and all(x is y for x, y in zip(b.args[:4], second))
+    assert all(x is y for x, y in zip(a.args[4:], b.args[4:])) and a.grid == b.grid and a.kwargs == b.kwargs
+    q_t = torch.randn(1, 40, 2, 16).transpose(1, 2)  # the same shape, other strides
+    c = at.kernel_call(group, q_t, *second[1:], False, 0.25, tiles, interpreted=True)
+    assert c.args[0] is q_t and c.args[4:] != b.args[4:]
+    assert at.kernel_call(group, *second, False, 0.25, tiles, interpreted=False).kwargs["DOT_PRECISION"] == "ieee"

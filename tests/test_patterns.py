@@ -207,6 +207,21 @@ def test_json_round_trip(pattern):
     assert torch.equal(again.mask(9, 12), pattern.mask(9, 12))
 
 
+@settings(max_examples=40, deadline=None)
+@given(any_pattern)
+def test_pickle_and_copies_keep_the_value_and_its_hash(pattern):
+    """Patterns cache their hash; a pickle carries the value, not the cached hash (str hashes
+    differ between processes), and copies hash and compare as the original."""
+    import copy
+    import pickle
+
+    expected = hash(pattern)
+    for again in (pickle.loads(pickle.dumps(pattern)), copy.deepcopy(pattern), copy.copy(pattern)):
+        assert again == pattern and hash(again) == expected
+        assert torch.equal(again.mask(9, 12), pattern.mask(9, 12))
+    assert "_hash_cache" not in pickle.dumps(pattern).decode("latin-1")
+
+
 def test_from_dict_rejects_malformed():
     with pytest.raises(ValueError, match="unknown pattern type"):
         P.from_dict({"type": "Diagonal"})
