@@ -71,18 +71,22 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
         log.warning("sparsec.tune: %d attention call(s) have no module path; they stay dense", unnamed)
 
 
-def record_attention(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[str, list[LayerSample]], list]:
-    """Run `model` once through sparsec (dense, eager) and return (module path -> recorded calls,
-    the GraphRecords of the compiled graphs). Calls with a mask or bias are not recorded."""
+def record_attention(model: torch.nn.Module, example_inputs: Any,
+                     more_inputs: Sequence[Any] = ()) -> tuple[dict[str, list[LayerSample]], list]:
+    """Run `model` through sparsec (dense, eager) on `example_inputs` and each of `more_inputs`,
+    and return (module path -> recorded calls, the GraphRecords of the compiled graphs). Calls
+    with a mask or bias are not recorded."""
     from sparsec.backend import sparsec_backend
     from sparsec.dump import recording
 
-    inputs = _as_inputs(example_inputs)
+    runs = [_as_inputs(example_inputs), *(_as_inputs(more) for more in more_inputs)]
     backend = functools.partial(sparsec_backend, options={"inner": "eager", "rewrite_dense": True})
     torch._dynamo.reset()  # a fresh compile, so the recording graphs are the ones that run
     try:
         with recording() as records, _recorded_samples() as recorded, torch.no_grad():
-            torch.compile(model, backend=backend)(*inputs)
+            compiled = torch.compile(model, backend=backend)
+            for inputs in runs:
+                compiled(*inputs)
     finally:
         torch._dynamo.reset()
     return dict(recorded), list(records)
@@ -110,15 +114,22 @@ def tune(
     budget: float = 0.02,
     progress: bool = True,
     backend: str | None = None,
+    more_inputs: Sequence[Any] = (),
 ) -> Plan:
     """A Plan for `model` on `target`, each attention layer within `budget` (relative L2 error
-    of its output on `example_inputs`). `backend` forces sparsec.attention's backend for the
-    error measurements (default: Triton on CUDA, the CPU executor on CPU)."""
+    of its output on `example_inputs`). `more_inputs`: further calibration inputs, each like
+    example_inputs (e.g. other denoising timesteps, other prompts); the statistics and the
+    errors then cover all of them, so the budget holds on each layer's outputs over all the
+    inputs together. `backend` forces sparsec.attention's backend for the error measurements
+    (default: Triton on CUDA, the CPU executor on CPU)."""
     from sparsec.tuning import tune_layers
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"sparsec.tune: model must be a torch.nn.Module, got {type(model).__name__}")
-    recorded, records = record_attention(model, example_inputs)
+    if isinstance(more_inputs, torch.Tensor) or not isinstance(more_inputs, (tuple, list)):
+        raise TypeError("sparsec.tune: more_inputs must be a list of inputs, each a tensor or a tuple of the model's "
+                        f"positional inputs, got {type(more_inputs).__name__}")
+    recorded, records = record_attention(model, example_inputs, more_inputs)
     fallbacks = [r.fallback_reason for r in records if r.fallback_reason]
     if fallbacks:
         log.warning("sparsec.tune: %d graph(s) fell back and are not tuned: %s", len(fallbacks), fallbacks)

@@ -197,3 +197,28 @@ def test_tune_refuses_bad_arguments():
         sparsec.tune(TwoLayers(), {"q": 1})
     with pytest.raises(ValueError, match="budget"):
         sparsec.tune(TwoLayers(), inputs(0), target="cpu", budget=-1, progress=False)
+    with pytest.raises(TypeError, match="more_inputs"):
+        sparsec.tune(TwoLayers(), inputs(0), target="cpu", more_inputs=inputs(1)[0], progress=False)
+
+
+def test_more_inputs_are_recorded_and_the_budget_covers_them_all():
+    """Each further input adds a recorded call per layer; the plan's error is measured over all of
+    them: the exact masked output of every input, together, is within the budget of dense."""
+    from sparsec.model_tuning import record_attention
+
+    recorded, _ = record_attention(TwoLayers(), inputs(0), [inputs(1), inputs(2)])
+    assert {path: len(samples) for path, samples in recorded.items()} == {"layers.0": 3, "layers.1": 3}
+    assert not torch.equal(recorded["layers.0"][0].q, recorded["layers.0"][1].q)
+    plan = sparsec.tune(TwoLayers(), inputs(0), target=cheap_calls_cpu(), budget=BUDGET, progress=False,
+                        more_inputs=[inputs(1)])
+    for i, layer in enumerate(planted()):
+        path = f"layers.{i}"
+        assert plan.layers[path].error <= BUDGET + 1e-9
+        squared, norm = 0.0, 0.0
+        for xs in (inputs(0), inputs(1)):
+            q, k, v = xs[3 * i:3 * i + 3]
+            dense = reference_attention(q, k, v, [P.Dense()] * len(KINDS), causal=layer.causal)
+            sparse = reference_attention(q, k, v, plan.layers[path].patterns, causal=layer.causal)
+            squared += float((sparse - dense).square().sum())
+            norm += float(dense.square().sum())
+        assert (squared / norm) ** 0.5 == pytest.approx(plan.layers[path].error, rel=1e-3, abs=1e-6)
