@@ -4,6 +4,7 @@ its plan, against eager PyTorch and torch.compile (Inductor).
     python bench/end_to_end.py --quick          # CPU: 2048 tokens, sparsec run eagerly, < 2 minutes
     python bench/end_to_end.py --device cpu     # CPU: 2048 tokens, Inductor too
     python bench/end_to_end.py --device cuda    # GPU: 16 frames of 32 x 32 patches (16K tokens), bf16
+    python bench/end_to_end.py --prune block64:0.5   # the blocks' linear weights block-sparse too
 
 The model (sparsec.models.tiny_dit, random weights) has self-attention heads with positional roles
 (local, temporal, sink, content in turn, rotated per block: sparsec/models/positional_heads.py),
@@ -16,6 +17,10 @@ the structure trained video DiTs have. Steps:
   3. each variant's output against eager's on the fresh inputs: relative L2 error. The dense path
      must match eager to rounding; the plan's error is what its patterns cost end to end (its
      per-layer error on the calibration inputs is at most the budget).
+
+With --prune the blocks' linear layers are magnitude-pruned first (sparsec.prune: N:M or 64 x 64
+blocks at a density); every variant, eager included, runs the pruned model, and sparsec picks sparse
+linear kernels where its cost model says they win (the table's notes list the kernels chosen).
 
 Prints the plan's summary and a table of times, speedups over eager and over Inductor, errors and
 first-call (compile) times; writes JSON (device, versions, date, command, every figure) under
@@ -31,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +47,8 @@ from rich.table import Table
 import sparsec
 from sparsec.cost_models.hardware import profile_for_device
 from sparsec.cost_models.measure import software_versions
+from sparsec.dump import recording
+from sparsec.ir.ops import Linear
 from sparsec.models import TinyDiTConfig, example_inputs, tiny_dit, with_roles
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,6 +89,8 @@ def run(args) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
     config = with_roles(args.config)
     model, _ = tiny_dit(config)
+    if args.prune:  # the blocks' linear layers (the eager reference is the pruned model too)
+        sparsec.prune(model, args.prune, filter=lambda name, module: name.startswith("blocks."))
     model = model.to(device, dtype)
     calibration = example_inputs(config, seed=1, device=device, dtype=dtype)
     fresh = example_inputs(config, seed=2, device=device, dtype=dtype)
@@ -102,17 +112,22 @@ def run(args) -> dict:
     variants["sparsec plan"] = torch.compile(model, backend="sparsec", options={**inner, "plan": plan})
     with torch.no_grad():
         reference = model(*fresh)
-        first_s, errors = {}, {}
+        first_s, errors, linear_kernels = {}, {}, {}
         for name, variant in variants.items():
-            first_s[name] = _first_call_s(lambda: variant(*fresh), device)
+            with recording() as records:
+                first_s[name] = _first_call_s(lambda: variant(*fresh), device)
+            if name.startswith("sparsec"):
+                linear_kernels[name] = dict(Counter(op.kernel for r in records if r.final_ir is not None
+                                                    for op in r.final_ir.ops_of(Linear)))
             errors[name] = _rel_l2(variant(*fresh), reference)
         ms = _time_ms({name: (lambda v=variant: v(*fresh)) for name, variant in variants.items()}, device,
                       args.min_seconds)
     rows = [{"variant": name, "ms": ms[name], "speedup_vs_eager": ms["eager"] / ms[name],
              "speedup_vs_inductor": ms["inductor"] / ms[name] if "inductor" in ms else None,
-             "rel_l2_error_vs_eager": errors[name], "first_call_s": first_s[name]} for name in variants]
-    return {"config": dataclasses.asdict(config), "tune_seconds": tune_s, "plan_target": plan.target,
-            "budget": args.budget, "layers": _plan_summary(plan), "rows": rows}
+             "rel_l2_error_vs_eager": errors[name], "first_call_s": first_s[name],
+             "linear_kernels": linear_kernels.get(name)} for name in variants]
+    return {"config": dataclasses.asdict(config), "prune": args.prune, "tune_seconds": tune_s,
+            "plan_target": plan.target, "budget": args.budget, "layers": _plan_summary(plan), "rows": rows}
 
 
 def print_table(result: dict, title: str) -> None:
@@ -125,6 +140,9 @@ def print_table(result: dict, title: str) -> None:
                       "-" if versus is None else f"{versus:.2f}x", f"{r['rel_l2_error_vs_eager']:.2e}",
                       f"{r['first_call_s']:.1f}")
     Console(width=160).print(table)
+    for r in result["rows"]:
+        if r["linear_kernels"]:
+            print(f"{r['variant']}: linear layers by kernel {r['linear_kernels']}")
     attention = [layer for layer in result["layers"] if layer["q_len"] == layer["kv_len"]]
     if attention:
         print(f"self-attention kept {statistics.mean(layer['density'] for layer in attention):.1%} of the pairs "
@@ -143,6 +161,21 @@ def save(result: dict, args, argv: list[str]) -> Path:
     return path
 
 
+def _prune_spec(text: str):
+    """"2:4" -> "2:4"; "block64:0.5" -> {"block": (64, 64), "density": 0.5} (sparsec.prune's specs)."""
+    if text.startswith("block"):
+        size, _, density = text[len("block"):].partition(":")
+        try:
+            return {"block": (int(size), int(size)), "density": float(density)}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected blockB:D (e.g. block64:0.5), got {text!r}") from None
+    try:
+        sparsec.pruning.parse_spec(text)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU, 2048 tokens, sparsec inner eager, no Inductor")
@@ -154,6 +187,8 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--budget", type=float, default=0.02, help="sparsec.tune's per-layer error budget")
+    parser.add_argument("--prune", type=_prune_spec, default=None,
+                        help="prune the blocks' linear layers first: N:M (e.g. 2:4) or blockB:D (e.g. block64:0.5)")
     parser.add_argument("--inner", choices=("inductor", "eager"), default=None,
                         help="what runs sparsec's rewritten graphs (default inductor; eager with --quick)")
     parser.add_argument("--no-inductor", action="store_true", help="leave out the plain Inductor variant")

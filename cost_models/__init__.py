@@ -126,4 +126,6 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
     seconds = max(compute_s, memory_s)
     if isinstance(sparsity, NMSparse) and not semi_structured:
         seconds /= hardware.nm_kernel_efficiency
+    elif isinstance(sparsity, BlockSparse):
+        seconds /= hardware.bsr_kernel_efficiency
     return seconds + hardware.launch_overhead_s

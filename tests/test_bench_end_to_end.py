@@ -26,7 +26,7 @@ def bench():
 def test_quick_run_times_every_variant_and_records_it(bench, tmp_path, capsys):
     output = tmp_path / "e2e.json"
     bench.main(["--quick", "--frames", "2", "--patches", "8", "--dim", "64", "--depth", "1", "--min-seconds", "0",
-                "--no-progress", "--output", str(output)])
+                "--prune", "2:4", "--no-progress", "--output", str(output)])
     printed = capsys.readouterr().out
     assert "sparsec plan" in printed and "vs eager" in printed
     data = json.loads(output.read_text())
@@ -45,9 +45,18 @@ def test_quick_run_times_every_variant_and_records_it(bench, tmp_path, capsys):
     assert set(layers) == {"blocks.0.attn", "blocks.0.cross"}
     assert all(0 < layer["density"] <= 1 and layer["error"] <= data["budget"] + 1e-9 for layer in layers.values())
     assert data["tune_seconds"] > 0 and data["plan_target"] == "cpu"
+    # --prune: every variant runs the pruned model (sparsec matches eager above); the linear
+    # layers sparsec compiled, by the kernel it chose for each
+    assert data["prune"] == "2:4" and rows["eager"]["linear_kernels"] is None
+    linears = sum(rows["sparsec dense"]["linear_kernels"].values())
+    assert linears == sum(rows["sparsec plan"]["linear_kernels"].values()) >= 8
 
 
 def test_bad_sizes_are_refused_by_name(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--quick", "--dim", "32", "--heads", "4"])  # head_dim 8: no room for the features
     assert "head_dim >= 14" in capsys.readouterr().err
+    for spec in ("block64", "3:2"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--quick", "--prune", spec])
+    assert bench.parse_args(["--quick", "--prune", "block32:0.25"]).prune == {"block": (32, 32), "density": 0.25}
