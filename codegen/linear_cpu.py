@@ -6,7 +6,11 @@ a (bo, nnz_r * bi) panel, in ONE matmul: BLAS runs on dense panels and zero bloc
 x is transposed once, so the gather takes whole contiguous rows of x.T instead of strided
 columns of x (2-3x faster), and each product lands in a contiguous slice of y.T. The panels are
 packed once by `pack_block_rows`. (Batching the block rows that keep equally many blocks into
-one bmm was measured slower: CPU bmm does not beat a loop of mm calls of this size.)
+one bmm was measured slower: CPU bmm does not beat a loop of mm calls of this size.) For a few
+tokens (decode, <= _FEW_TOKENS) one call per block row costs more than the arithmetic, and torch's
+own BSR tensor (MKL's sparse kernels, one call) runs instead: measured on a 4608 x 1152 layer at
+1 token, 0.46 ms vs the panels' 2.06 ms at 10% blocks (dense 2.01 ms), 1.16 vs 2.83 ms at 30%;
+from 16 tokens the panels are as fast or faster (bench/linear.py).
 
 N:M (`nm_linear_cpu`): a tile of output features is expanded from the compressed layout into
 a cache-sized dense tile and multiplied with x by BLAS, the same scheme as the Triton N:M kernel
@@ -18,6 +22,7 @@ should keep N:M layers dense on CPU; the executor exists so such a plan still ru
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 _NM_TILE_ELEMENTS = 1 << 18  # dense weight rows expanded at once: 1 MB in fp32, stays in cache
+_FEW_TOKENS = 4  # up to this many tokens, block-sparse layers run on torch's BSR tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,9 @@ class BlockRows:
     block: tuple[int, int]
     row_inputs: tuple[torch.Tensor, ...]  # int64 (nnz_r * bi,): input features block row r reads
     row_panels: tuple[torch.Tensor, ...]  # (bo, nnz_r * bi) in the weight's dtype
+    # the same weight as torch's sparse BSR tensor, for a few tokens (square blocks, float32 /
+    # float64: what its CPU kernels take); None: the panels run every call
+    torch_bsr: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,7 +68,16 @@ def pack_block_rows(bsr: BSRWeight) -> BlockRows:
         cols = bsr.col_indices[start:end].long()
         inputs.append((cols[:, None] * bi + within_block).flatten())
         panels.append(bsr.values[start:end].permute(1, 0, 2).reshape(bo, (end - start) * bi).contiguous())
-    return BlockRows(bsr.shape, bsr.block, tuple(inputs), tuple(panels))
+    return BlockRows(bsr.shape, bsr.block, tuple(inputs), tuple(panels), _torch_bsr(bsr))
+
+
+def _torch_bsr(bsr: BSRWeight) -> torch.Tensor | None:
+    square = bsr.block[0] == bsr.block[1]  # MKL's sparse BSR kernels take square blocks only
+    if not square or bsr.values.dtype not in (torch.float32, torch.float64) or bsr.values.device.type != "cpu":
+        return None
+    with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta": known, and checked by tests
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_bsr_tensor(bsr.crow_indices.long(), bsr.col_indices.long(), bsr.values, size=bsr.shape)
 
 
 # -- checks and epilogue ---------------------------------------------------------------------------
@@ -105,6 +123,9 @@ def bsr_linear_cpu(x: torch.Tensor, weight: BlockRows, bias: torch.Tensor | None
     _check_call("bsr_linear_cpu", x, weight.shape, weight.dtype, bias, activation)
     N, K = weight.shape
     bo = weight.block[0]
+    if weight.torch_bsr is not None and x.numel() // K <= _FEW_TOKENS:
+        y = (weight.torch_bsr @ x.reshape(-1, K).t()).t().contiguous()
+        return apply_epilogue(y, bias, activation).view(*x.shape[:-1], N)
     x_t = x.reshape(-1, K).t().contiguous()  # (K, tokens): gathers take whole rows
     y_t = torch.empty(N, x_t.shape[1], dtype=x.dtype)
     for r, (inputs, panel) in enumerate(zip(weight.row_inputs, weight.row_panels)):

@@ -113,6 +113,19 @@ def test_bsr_cpu_matches_reference(dtype, with_bias, block):
     _assert_close(y, _reference(x, w, bias, "none"), dtype)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [(16, 16), (32, 16)])
+def test_bsr_cpu_decode_path_matches_reference(tokens, dtype, block):
+    """A few tokens run on torch's BSR tensor (square blocks, float32), more on the panels; both exact."""
+    torch.manual_seed(7)
+    w = _block_weight((128, 96), block, 0.3, dtype)
+    packed = pack_block_rows(pack_bsr(w, block))
+    assert (packed.torch_bsr is not None) == (dtype == torch.float32 and block[0] == block[1])
+    x, bias = _randn(1, tokens, 96, dtype=dtype), _randn(128, dtype=dtype)
+    _assert_close(bsr_linear_cpu(x, packed, bias, "relu"), _reference(x, w, bias, "relu"), dtype)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_cpu_epilogues(activation):
     torch.manual_seed(3)
