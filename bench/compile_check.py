@@ -5,6 +5,7 @@
                                                         # default tiles, and the linear kernels (~2 min)
     python bench/compile_check.py --quick               # bf16, head_dim 64 and 128, every family
     python bench/compile_check.py --tiles 128x64x4x3 64x64x4x2 --families window --dtypes bf16
+    python bench/compile_check.py --plan plan.json --dtypes bf16   # the launches a saved Plan makes
 
 For each launch, built exactly as the entry points build it for CUDA tensors (codegen/triton_aot),
 Triton's compiler and ptxas produce the sm_XX binary; the table shows its shared memory against the
@@ -92,6 +93,28 @@ def linear_cases(dtypes, tokens: int = 2048, features: int = 1024):
                "tiles": [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages], "default_tiles": True}, call
 
 
+def plan_cases(path: str, dtypes):
+    """The launches of every attention layer of a saved Plan (sparsec.tune), at its shapes and tiles."""
+    from sparsec.codegen.tiles import tiles_for
+    from sparsec.plan import Plan
+
+    plan = Plan.load(path)
+    for name, layer in plan.layers.items():
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            D = layer.head_dim
+            q = torch.empty(1, layer.num_heads, layer.q_len, D, dtype=dtype)
+            k, v = (torch.empty(1, layer.num_kv_heads, layer.kv_len, D, dtype=dtype) for _ in range(2))
+            tiles = tiles_for(*layer.tiles, D, dtype)
+            calls = attention_triton.kernel_calls(q, k, v, tuple(layer.patterns), causal=layer.causal,
+                                                  scale=D ** -0.5, tiles=tiles, interpreted=False)
+            for call in calls:
+                family = call.kernel.removeprefix("attention_").removesuffix("_kernel")
+                yield {"kernel": "attention", "layer": name, "family": family, "dtype": dtype_name, "head_dim": D,
+                       "tiles": [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages],
+                       "default_tiles": False, "causal": layer.causal}, call
+
+
 def _short(problems: list[str]) -> str:
     """Problems in a table cell: spills and shared memory as figures, errors by their first line."""
     return "; ".join(p.splitlines()[0][:60] for p in problems) or "-"
@@ -108,6 +131,8 @@ def main() -> None:
     parser.add_argument("--no-causal", action="store_true", help="compile the non-causal kernels (default causal)")
     parser.add_argument("--no-linear", action="store_true", help="skip the linear kernels")
     parser.add_argument("--quick", action="store_true", help="bf16, head_dim 64 and 128, every family")
+    parser.add_argument("--plan", default=None,
+                        help="compile the launches of this saved Plan's layers instead (with --dtypes; no linear kernels)")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--output", default=None, help="JSON path (default: bench/results/compile_<arch>_<date>.json)")
@@ -116,9 +141,12 @@ def main() -> None:
         args.dtypes, args.head_dims = ["bf16"], [64, 128]
     arch = target_arch(args.target)
 
-    cases = list(attention_cases(args.families, args.dtypes, args.head_dims, args.tiles, not args.no_causal))
-    if not args.no_linear:
-        cases += list(linear_cases(args.dtypes))
+    if args.plan:
+        cases = list(plan_cases(args.plan, args.dtypes))
+    else:
+        cases = list(attention_cases(args.families, args.dtypes, args.head_dims, args.tiles, not args.no_causal))
+        if not args.no_linear:
+            cases += list(linear_cases(args.dtypes))
     console = Console(width=150)
     console.print(f"compiling {len(cases)} kernels for sm_{arch} with {args.workers} worker(s)...")
     reports = compile_calls([call for _, call in cases], arch, workers=args.workers)
@@ -133,7 +161,7 @@ def main() -> None:
                "async_loads": report.async_loads, "compile_seconds": round(report.seconds, 2),
                "problems": report.problems()}
         rows.append(row)
-        name = case.get("family", case["kernel"])
+        name = f"{case['layer']}: {case['family']}" if "layer" in case else case.get("family", case["kernel"])
         table.add_row(name, case["dtype"], str(case.get("head_dim", "")), ".".join(map(str, case["tiles"])),
                       f"{report.shared_bytes / 1024:.0f}", str(report.registers), str(report.spill_bytes),
                       report.mma, "yes" if report.async_loads else "no", f"{report.seconds:.1f}",
@@ -149,7 +177,8 @@ def main() -> None:
         "benchmark": "compile_check", "target": f"sm_{arch}", "device": "none (compiled ahead of time on CPU)",
         "versions": software_versions(), "date": now.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "config": {"seq": SEQ, "heads": HEADS, "causal": not args.no_causal}, "rows": rows,
+        "config": {"plan": args.plan} if args.plan else {"seq": SEQ, "heads": HEADS, "causal": not args.no_causal},
+        "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = Path(args.output) if args.output else RESULTS / f"compile_sm{arch}_{now:%Y%m%d_%H%M%S}.json"

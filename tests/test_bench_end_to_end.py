@@ -60,3 +60,30 @@ def test_bad_sizes_are_refused_by_name(bench, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--quick", "--prune", spec])
     assert bench.parse_args(["--quick", "--prune", "block32:0.25"]).prune == {"block": (32, 32), "density": 0.25}
+
+
+def test_compile_check_builds_a_saved_plans_launches(tmp_path):
+    """bench/compile_check.py --plan: one launch per pattern family of each layer, at the layer's
+    shapes and the warps / stages tiles_for gives its tiles (compiling them is test_triton_aot's)."""
+    import sparsec
+    from sparsec import patterns as P
+    from sparsec.codegen.tiles import tiles_for
+    from sparsec.plan import LayerPlan
+
+    spec = importlib.util.spec_from_file_location("bench_compile_check", BENCH.parent / "compile_check.py")
+    compile_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compile_check)
+    layer = LayerPlan(patterns=(P.Window(8, 8), P.Dense(), P.Window(4, 0), P.Skip("mean")),
+                      head_groups=((0, 2), (1,), (3,)), tiles=(64, 32), error=0.01, dense_seconds=2e-3,
+                      sparse_seconds=1e-3, num_heads=4, num_kv_heads=2, q_len=300, kv_len=300, head_dim=64,
+                      dtype="bf16", causal=True)
+    path = tmp_path / "plan.json"
+    sparsec.Plan(target="h100", budget=0.02, model_fingerprint="x", layers={"blocks.0.attn": layer}).save(path)
+    cases = list(compile_check.plan_cases(str(path), ["bf16"]))
+    assert [c["family"] for c, _ in cases] == ["window", "dense"]  # Skip heads launch nothing
+    expected = tiles_for(64, 32, 64, torch.bfloat16)
+    for case, call in cases:
+        assert case["layer"] == "blocks.0.attn" and case["causal"] and case["head_dim"] == 64
+        assert case["tiles"] == [64, 32, expected.num_warps, expected.num_stages]
+        assert call.kwargs["BLOCK_M"] == 64 and call.kwargs["num_warps"] == expected.num_warps
+        assert call.args[0].shape == (1, 4, 300, 64) and call.args[1].shape == (1, 2, 300, 64)
