@@ -127,7 +127,8 @@ def run(args) -> dict:
              "rel_l2_error_vs_eager": errors[name], "first_call_s": first_s[name],
              "linear_kernels": linear_kernels.get(name)} for name in variants]
     return {"config": dataclasses.asdict(config), "prune": args.prune, "tune_seconds": tune_s,
-            "plan_target": plan.target, "budget": args.budget, "layers": _plan_summary(plan), "rows": rows}
+            "plan_target": plan.target, "budget": args.budget, "layers": _plan_summary(plan), "rows": rows,
+            "plan": plan.to_dict()}  # sparsec.Plan.from_dict(record["plan"]) gives it back
 
 
 def print_table(result: dict, title: str) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparsec
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "end_to_end.py"
 
 
@@ -45,6 +47,7 @@ def test_quick_run_times_every_variant_and_records_it(bench, tmp_path, capsys):
     assert set(layers) == {"blocks.0.attn", "blocks.0.cross"}
     assert all(0 < layer["density"] <= 1 and layer["error"] <= data["budget"] + 1e-9 for layer in layers.values())
     assert data["tune_seconds"] > 0 and data["plan_target"] == "cpu"
+    assert set(sparsec.Plan.from_dict(data["plan"]).layers) == set(layers)  # the whole plan travels
     # --prune: every variant runs the pruned model (sparsec matches eager above); the linear
     # layers sparsec compiled, by the kernel it chose for each
     assert data["prune"] == "2:4" and rows["eager"]["linear_kernels"] is None
@@ -65,7 +68,6 @@ def test_bad_sizes_are_refused_by_name(bench, capsys):
 def test_compile_check_builds_a_saved_plans_launches(tmp_path):
     """bench/compile_check.py --plan: one launch per pattern family of each layer, at the layer's
     shapes and the warps / stages tiles_for gives its tiles (compiling them is test_triton_aot's)."""
-    import sparsec
     from sparsec import patterns as P
     from sparsec.codegen.tiles import tiles_for
     from sparsec.plan import LayerPlan
