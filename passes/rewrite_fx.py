@@ -36,7 +36,7 @@ from sparsec.ir.ops import Attention, Linear, Op
 from sparsec.ir.types import AttentionPatterns
 from sparsec.patterns import Dense
 
-__all__ = ["rewrite_fx", "RewriteError"]
+__all__ = ["accelerated", "rewrite_fx", "RewriteError"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -5,8 +5,9 @@
     compiled = torch.compile(model, backend="sparsec", options={"plan": plan})
 
 The model is compiled with sparsec (dense, run eagerly, every layer through sparsec's ops: option
-rewrite_dense) and run once on the example inputs under no_grad; every call of the sparsec::attention op hands its q, k, v to a recorder under the layer's
-module path (sparsec.ops.recording_attention), so the tuner sees exactly the operands the
+rewrite_dense) and run under no_grad on the example inputs (and each of more_inputs); every call
+of the sparsec::attention op hands its q, k, v to a recorder under the layer's module path
+(sparsec.ops.recording_attention), so the tuner sees exactly the operands the
 compiled model computes, for models written any way the matchers understand. The recorded calls
 go to sparsec.tuning.tune_layers (calibration statistics -> candidates with measured errors ->
 cost-model search). Layers with a mask or bias are left dense (the pattern kernels take no
