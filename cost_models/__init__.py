@@ -16,6 +16,9 @@ One interface for every op (STYLE.md 7): `estimate(op, hardware) -> seconds`.
         kernel's rate, so the rate drops by min(1, sqrt(bo * bi) / 64): 16 x 16 blocks then win
         only below ~25% density, in line with the 70-86% sparsity crossovers reported for BSR
         matmuls (ANCHORS.md).
+        On the CPU executor (codegen/linear_cpu.py) the copies it makes are added, on one thread:
+        x transposed in, y out, and each block row's inputs gathered (none for decode-size calls,
+        which run on torch's BSR tensor).
       NMSparse(n, m): Triton has no sparse tensor-core dot, so the N:M kernel expands kept values
         to dense tiles in registers — dense arithmetic — but reads only `density` of the weight
         bytes plus one int8 position per kept value: a win where reading the weight dominates
@@ -100,6 +103,9 @@ def _linear_seconds(op, hardware: HardwareProfile) -> float:
     return estimate_linear_seconds(tokens, N, K, dtype, op.weight.type.sparsity, hardware, bias=op.bias is not None)
 
 
+_CPU_FEW_TOKENS = 4  # codegen.linear_cpu._FEW_TOKENS: up to this many tokens, torch's BSR tensor runs
+
+
 def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dtype: str, sparsity,
                             hardware: HardwareProfile, *, bias: bool = False, semi_structured: bool = False) -> float:
     """Seconds of y = x @ W.T (+ bias) for `tokens` rows on `hardware`, W's sparsity an ir.types
@@ -128,4 +134,9 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
         seconds /= hardware.nm_kernel_efficiency
     elif isinstance(sparsity, BlockSparse):
         seconds /= hardware.bsr_kernel_efficiency
+        if hardware.executor == "cpu" and M > _CPU_FEW_TOKENS:
+            # The CPU executor transposes x in and y out and gathers each block row's inputs
+            # (codegen/linear_cpu.py), copies on one thread; decode-size calls skip them.
+            copied = M * K + M * N + (N / sparsity.block[0]) * sparsity.density * K * M
+            seconds += 2 * copied * size / hardware.gather_bytes_per_s
     return seconds + hardware.launch_overhead_s

@@ -45,10 +45,10 @@ class HardwareProfile:
     # reads): the CPU executor gathers kept values and measured 0.2-1.0x dense (bench/results/
     # linear_cpu_*.json), so on "cpu" it never beats dense.
     nm_kernel_efficiency: float = 1.0
-    # The same for the block-sparse (BSR) kernel. The CPU executor runs one GEMM per block row on
-    # gathered inputs: measured (bench/linear.py, 2 threads) 0.3-0.46x of dense's speed per kept
-    # FLOP at 2048 tokens (128- to 4096-wide layers), 0.6-0.95x at 64-512 tokens; at 0.5, sparse
-    # is picked below about half density, where it wins at every token count measured.
+    # The same for the block-sparse (BSR) kernel's arithmetic (the CPU executor's copies, its
+    # transposes and gathers, are priced apart in estimate_linear_seconds; with them and 1.0 the
+    # choice matches bench/linear.py's CPU measurements in 23 of 27 cases, 2.4% slower than the
+    # best choice on average, where 0.5 without the copies missed 10 and lost 15%).
     bsr_kernel_efficiency: float = 1.0
     calibrated_from: str = field(default="published figures")
 
@@ -132,7 +132,7 @@ PROFILES: dict[str, HardwareProfile] = {
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
         launch_overhead_s=400e-6, programs_per_sm=1, matmul_efficiency=0.3, mask_cost_per_pair=7.0,
         block_overhead_s=1e-6, executor="cpu", call_overhead_s=100e-6, gather_bytes_per_s=4.5e9,
-        nm_kernel_efficiency=0.5, bsr_kernel_efficiency=0.5),
+        nm_kernel_efficiency=0.5),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

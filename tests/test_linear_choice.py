@@ -265,3 +265,21 @@ def test_verifier_checks_the_kernel_against_the_weight(weight, kernel, message):
     with pytest.raises(IRVerificationError) as info:
         verify(g)
     assert len(info.value.problems) == 1 and message in info.value.problems[0]
+
+
+def test_cpu_bsr_estimate_adds_the_executors_copies():
+    """The CPU executor transposes x and y and gathers each block row's inputs (one thread);
+    decode-size calls run on torch's BSR tensor and copy nothing."""
+    from sparsec.cost_models.hardware import get_profile
+
+    cpu = get_profile("cpu", calibrated=False)
+    without = cpu.replace(executor="triton")  # the same figures, no CPU executor
+    encoding = BlockSparse(block=(64, 64), density=0.5)
+    for tokens in (1, 4):
+        assert estimate_linear_seconds(tokens, 512, 256, "f32", encoding, cpu) == estimate_linear_seconds(
+            tokens, 512, 256, "f32", encoding, without)
+    M, N, K = 2048, 512, 256
+    copied = M * K + M * N + (N / 64) * 0.5 * K * M
+    extra = estimate_linear_seconds(M, N, K, "f32", encoding, cpu) - estimate_linear_seconds(M, N, K, "f32", encoding, without)
+    assert extra == pytest.approx(2 * copied * 4 / cpu.gather_bytes_per_s)
+    assert estimate_linear_seconds(M, N, K, "f32", DENSE, cpu) == estimate_linear_seconds(M, N, K, "f32", DENSE, without)
