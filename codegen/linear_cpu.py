@@ -7,7 +7,7 @@ x is transposed once, so the gather takes whole contiguous rows of x.T instead o
 columns of x (2-3x faster), and each product lands in a contiguous slice of y.T. The panels are
 packed once by `pack_block_rows`. (Batching the block rows that keep equally many blocks into
 one bmm was measured slower: CPU bmm does not beat a loop of mm calls of this size.) For a few
-tokens (decode, <= _FEW_TOKENS) one call per block row costs more than the arithmetic, and torch's
+tokens (decode, <= FEW_TOKENS) one call per block row costs more than the arithmetic, and torch's
 own BSR tensor (MKL's sparse kernels, one call) runs instead: measured on a 4608 x 1152 layer at
 1 token, 0.46 ms vs the panels' 2.06 ms at 10% blocks (dense 2.01 ms), 1.16 vs 2.83 ms at 30%;
 from 16 tokens the panels are as fast or faster (bench/linear.py).
@@ -30,13 +30,13 @@ import torch.nn.functional as F
 
 from sparsec.codegen.weight_packing import BSRWeight, NMWeight
 
-__all__ = ["ACTIVATIONS", "BlockRows", "apply_epilogue", "bsr_linear_cpu", "nm_linear_cpu", "pack_block_rows"]
+__all__ = ["ACTIVATIONS", "FEW_TOKENS", "BlockRows", "apply_epilogue", "bsr_linear_cpu", "nm_linear_cpu", "pack_block_rows"]
 
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("none", "relu", "gelu", "silu")
 _NM_TILE_ELEMENTS = 1 << 18  # dense weight rows expanded at once: 1 MB in fp32, stays in cache
-_FEW_TOKENS = 4  # up to this many tokens, block-sparse layers run on torch's BSR tensor
+FEW_TOKENS = 4  # up to this many tokens, block-sparse layers run on torch's BSR tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ def bsr_linear_cpu(x: torch.Tensor, weight: BlockRows, bias: torch.Tensor | None
     _check_call("bsr_linear_cpu", x, weight.shape, weight.dtype, bias, activation)
     N, K = weight.shape
     bo = weight.block[0]
-    if weight.torch_bsr is not None and x.numel() // K <= _FEW_TOKENS:
+    if weight.torch_bsr is not None and x.numel() // K <= FEW_TOKENS:
         y = (weight.torch_bsr @ x.reshape(-1, K).t()).t().contiguous()
         return apply_epilogue(y, bias, activation).view(*x.shape[:-1], N)
     x_t = x.reshape(-1, K).t().contiguous()  # (K, tokens): gathers take whole rows

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 
+from sparsec.codegen.linear_cpu import FEW_TOKENS
 from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
 from sparsec.cost_models.hardware import HardwareProfile, get_profile
 
@@ -103,9 +104,6 @@ def _linear_seconds(op, hardware: HardwareProfile) -> float:
     return estimate_linear_seconds(tokens, N, K, dtype, op.weight.type.sparsity, hardware, bias=op.bias is not None)
 
 
-_CPU_FEW_TOKENS = 4  # codegen.linear_cpu._FEW_TOKENS: up to this many tokens, torch's BSR tensor runs
-
-
 def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dtype: str, sparsity,
                             hardware: HardwareProfile, *, bias: bool = False, semi_structured: bool = False) -> float:
     """Seconds of y = x @ W.T (+ bias) for `tokens` rows on `hardware`, W's sparsity an ir.types
@@ -134,7 +132,7 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
         seconds /= hardware.nm_kernel_efficiency
     elif isinstance(sparsity, BlockSparse):
         seconds /= hardware.bsr_kernel_efficiency
-        if hardware.executor == "cpu" and M > _CPU_FEW_TOKENS:
+        if hardware.executor == "cpu" and M > FEW_TOKENS:
             # The CPU executor transposes x in and y out and gathers each block row's inputs
             # (codegen/linear_cpu.py), copies on one thread; decode-size calls skip them.
             copied = M * K + M * N + (N / sparsity.block[0]) * sparsity.density * K * M

@@ -343,10 +343,11 @@ class BlockSparse(Pattern):
 
     Stored as one '0'/'1' string per layout row. Layouts can be large (256 x 512 at S = 16K) and
     tuning builds thousands and keys dicts by them, so the rows are read from the tensor's bytes
-    in one pass and the hash is computed once, at construction (the value is immutable).
+    in one pass and the hash is computed once, at construction (the value is immutable; it goes
+    into the hash cache every Pattern has).
     `from_trusted_layout` is the internal fast path for layouts sparsec built itself."""
 
-    __slots__ = ("rows", "block", "_hash")
+    __slots__ = ("rows", "block")
     family = "block_sparse"
 
     def __init__(self, layout: Any, block: int | Sequence[int]):
@@ -375,10 +376,7 @@ class BlockSparse(Pattern):
 
     def _set(self, rows: tuple[str, ...], block: tuple[int, int]) -> None:
         self._init(rows=rows, block=block)
-        self._init(_hash=Pattern.__hash__(self))
-
-    def __hash__(self) -> int:
-        return self._hash
+        hash(self)  # computed now, into Pattern's hash cache: tuning keys dicts by these at once
 
     @property
     def layout(self) -> torch.Tensor:
