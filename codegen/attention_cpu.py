@@ -13,7 +13,10 @@ query blocks of block_m rows. Each call runs torch's fused CPU attention kernel 
 A call whose mask keeps every pair runs unmasked. Query blocks and outputs are strided views when a
 call's blocks are evenly spaced. A pattern of bands far apart may run as disjoint parts instead
 (codegen.attention_cpu_choice decides): each part's plan runs as above, its calls also returning
-each row's log-sum-exp, and the parts' outputs are merged by it (_run_parts). Heads are batched:
+each row's log-sum-exp, and the parts' outputs are merged by it (_run_parts). A pattern with a
+frame stride (a video model's temporal heads) may run in frame-transposed token order instead
+(codegen.frame_order; the same choice): q, k and v are gathered into that order, the renumbered
+pattern's plan runs as above, and the output is gathered back. Heads are batched:
 every (batch, kv head) with the same pattern is one batch row of each call, and the query heads of
 a kv head (GQA) are the call's heads dimension with K/V shared (SDPA's enable_gqa), so K and V are
 never copied per query head. Dense heads without a causal offset call SDPA directly; Skip heads are
@@ -38,6 +41,7 @@ from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
 from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided
 from sparsec.codegen.cpu_threads import intra_op_threads
+from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
 from sparsec.patterns import Dense, Pattern, Skip
 
 __all__ = ["cpu_attention", "choose_blocks"]
@@ -128,10 +132,15 @@ def _attend(q, k, v, mask, scale: float, ops: _Operands) -> tuple[torch.Tensor, 
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     if k.shape[0] != q.shape[0]:
         k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D < Dv:  # the op wants one head size: zero columns change no score (the scale is explicit)
+        q, k = F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D))
+    elif Dv < D:
+        v = F.pad(v, (0, D - Dv))
     with intra_op_threads(ops.threads):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                            scale=scale)
-    return o, lse.unsqueeze(-1)
+    return o[..., :Dv], lse.unsqueeze(-1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -283,19 +292,26 @@ def _store_heads(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Ten
 
 
 def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, scale: float,
-                  block_m: int | None, split: bool | None, threads: int, out: torch.Tensor) -> None:
+                  block_m: int | None, split: bool | None, frames: bool | None, threads: int,
+                  out: torch.Tensor) -> None:
     """Writes the output of the query heads of `table` to out (B, Hq, Sq, Dv): straight into it
-    when its rows of those heads are one contiguous block and Sq needs no padding, else through
-    a padded buffer."""
+    when its rows of those heads are one contiguous block in token order and Sq needs no padding,
+    else through a buffer (a padded one, or one in frame-transposed order: codegen.frame_order)."""
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[-1]
     bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=q.shape[0] * _count(table.q_heads),
-                             width=q.shape[-1] + Dv, threads=threads, split=split)
+                             width=q.shape[-1] + Dv, threads=threads, split=split, frames=frames)
     plans = [_plan(part, Sq, Sk, causal, bm) for part in parts]
-    q_rows = _padded_rows(_select_heads(q, table.q_heads), bm)
-    k_rows = _select_heads(k, table.kv_heads).contiguous().view(-1, Sk, k.shape[-1])
-    v_rows = _select_heads(v, table.kv_heads).contiguous().view(-1, Sk, Dv)
-    target = out[:, table.q_heads] if isinstance(table.q_heads, slice) else None
+    frame = parts[0].frame if isinstance(parts[0], FramesTransposed) else None
+    q_heads, k_heads, v_heads = (_select_heads(x, heads) for x, heads in
+                                 ((q, table.q_heads), (k, table.kv_heads), (v, table.kv_heads)))
+    if frame is not None:
+        order = natural_index(Sq, frame)
+        q_heads, k_heads, v_heads = (x.index_select(2, order) for x in (q_heads, k_heads, v_heads))
+    q_rows = _padded_rows(q_heads, bm)
+    k_rows = k_heads.contiguous().view(-1, Sk, k.shape[-1])
+    v_rows = v_heads.contiguous().view(-1, Sk, Dv)
+    target = out[:, table.q_heads] if isinstance(table.q_heads, slice) and frame is None else None
     direct = target is not None and target.is_contiguous() and q_rows.shape[1] == Sq
     zeroed = plans[0].has_empty_blocks  # its blocks that read no key: 0 (later parts have their own buffer)
     if direct:
@@ -311,7 +327,10 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     else:
         _run_parts(plans, _Operands(q_rows, k_rows, v_rows, out_rows, threads), scale)
     if not direct:
-        _store_heads(out, table.q_heads, out_rows.view(B, q_rows.shape[0] // B, -1, Dv)[:, :, :Sq])
+        rows = out_rows.view(B, q_rows.shape[0] // B, -1, Dv)[:, :, :Sq]
+        if frame is not None:
+            rows = rows.index_select(2, transposed_index(Sq, frame))
+        _store_heads(out, table.q_heads, rows)
 
 
 def _dense_heads(q, k, v, heads: tuple[int, ...], causal: bool, scale: float, threads: int) -> torch.Tensor:
@@ -398,26 +417,30 @@ def cpu_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     split: bool | None = None,
+    frames: bool | None = None,
 ) -> torch.Tensor:
     """Exact sparse attention on CPU (semantics of sparsec.attention, DESIGN.md): head h keeps the
     pairs of head_patterns[h] (and j <= i + Sk - Sq when causal); rows with no kept key are 0.
     block_m overrides the query block size chosen per pattern (choose_blocks); block_n is
     accepted for the tiles API and unused (keys are read as exact runs, not tiles). split
     True / False runs patterns of bands far apart as parts / whole instead of as the estimate
-    decides (codegen.attention_cpu_choice; for benchmarks and tests: the result is the same)."""
+    decides, and frames True / False runs patterns with a frame stride in frame-transposed /
+    natural token order (codegen.attention_cpu_choice; for benchmarks and tests: the result is
+    the same)."""
     _check_inputs(q, k, v, head_patterns, scale)
-    if split not in (None, True, False):
-        raise ValueError(f"cpu_attention: split must be None, True or False, got {split!r}")
+    for name, value in (("split", split), ("frames", frames)):
+        if value not in (None, True, False):
+            raise ValueError(f"cpu_attention: {name} must be None, True or False, got {value!r}")
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"cpu_attention: {name} must be a positive int, got {value!r}")
     threads = torch.get_num_threads()
     with intra_op_threads(1):  # copies on one thread, attention kernels on all (see codegen.cpu_threads)
-        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, threads)
+        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, frames, threads)
 
 
 def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int | None, split: bool | None,
-               threads: int) -> torch.Tensor:
+               frames: bool | None, threads: int) -> torch.Tensor:
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -434,5 +457,5 @@ def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int 
             _store_heads(out, _head_index(heads), _dense_heads(qf, kf, vf, heads, causal, scale, threads))
         else:
             for table in _head_tables(heads, group):
-                _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, split, threads, out)
+                _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, split, frames, threads, out)
     return out.to(q.dtype)

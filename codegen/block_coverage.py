@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from sparsec.codegen.bounded_cache import bytes_bounded_cache
+from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.patterns import (
     AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, Skip, Union, VerticalSlash, Window,
 )
@@ -59,6 +60,8 @@ _CELL_CHUNK = 1 << 22
 # Key positions in int32 halve the memory traffic; pattern constants are clamped to +-2^30 first
 # (far past any sequence length) so that row + constant cannot overflow.
 _INDEX = torch.int32
+# Kept keys renumbered at once for a FramesTransposed pattern (rows x Sk at most).
+_TRANSPOSED_KEYS = 1 << 22
 _FAR = 1 << 30
 _ONE = ord("1")
 
@@ -142,6 +145,8 @@ def _cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, 
 
 def _clipped_intervals(p: Pattern, i: torch.Tensor, Sq: int, Sk: int, causal: bool):
     """Intervals of rows `i` clipped to [0, Sk) and the causal limit; empty ones have lo > hi."""
+    if isinstance(p, FramesTransposed):
+        return _transposed_intervals(p, i, Sq, causal)
     lo, hi = _raw_intervals(p, i, Sq, Sk)
     lo = lo.clamp(min=0)
     hi = hi.clamp(max=Sk - 1)
@@ -154,7 +159,50 @@ def row_intervals(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[tor
     """(lo, hi): int32 (Sq, n) inclusive key intervals whose union is exactly what row i keeps
     (pattern, [0, Sk) and causal rule applied). Empty intervals have lo > hi."""
     _check_args(pattern, Sq, Sk, 1, 1)
+    if isinstance(pattern, FramesTransposed):  # built key by key: cached (block sizes, plan, cost model)
+        return _transposed_row_intervals(pattern, Sq, Sk, bool(causal))
     return _clipped_intervals(pattern, torch.arange(Sq, dtype=_INDEX), Sq, Sk, causal)
+
+
+@bytes_bounded_cache(max_bytes=256 << 20)
+def _transposed_row_intervals(pattern: FramesTransposed, Sq: int, Sk: int, causal: bool):
+    pattern.check_lengths(Sq, Sk)
+    parts = [_transposed_intervals(pattern, torch.arange(first, min(Sq, first + rows), dtype=_INDEX), Sq, causal)
+             for rows in [max(1, _TRANSPOSED_KEYS // Sq)] for first in range(0, Sq, rows)]
+    width = max(lo.shape[1] for lo, _ in parts)
+    pad = torch.nn.functional.pad
+    return (torch.cat([pad(lo, (0, width - lo.shape[1]), value=1) for lo, _ in parts]),  # empty: lo > hi
+            torch.cat([pad(hi, (0, width - hi.shape[1]), value=0) for _, hi in parts]))
+
+
+def _transposed_intervals(p: FramesTransposed, x: torch.Tensor, S: int, causal: bool):
+    """Clipped intervals of transposed rows x of p (codegen.frame_order): the base pattern's kept
+    keys of each row's natural row, renumbered, sorted and joined into maximal runs (rows, most
+    runs of a row); O(kept keys of the rows)."""
+    frames = p.check_lengths(S, S)
+    natural = (x.to(torch.int64) % frames) * p.frame + x.to(torch.int64) // frames
+    lo, hi = _clipped_intervals(p.base, natural.to(_INDEX), S, S, causal)
+    run_lo, run_hi, is_run = _maximal_runs(lo, hi, S)  # disjoint: every kept key once
+    lengths = torch.where(is_run, run_hi - run_lo + 1, 0).to(torch.int64).flatten()
+    row = torch.arange(x.shape[0]).repeat_interleave(lo.shape[1]).repeat_interleave(lengths)
+    first = run_lo.to(torch.int64).flatten().repeat_interleave(lengths)
+    within = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
+    key = first + within
+    moved = torch.sort(row * S + (key % p.frame) * frames + key // p.frame).values
+    row, key = moved // S, moved % S
+    starts = torch.ones_like(moved, dtype=torch.bool)
+    starts[1:] = (row[1:] != row[:-1]) | (key[1:] != key[:-1] + 1)
+    ends = torch.ones_like(starts)
+    ends[:-1] = starts[1:]
+    run_row = row[starts]
+    counts = torch.bincount(run_row, minlength=x.shape[0])
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    slot = torch.arange(run_row.shape[0]) - (torch.cumsum(counts, 0) - counts)[run_row]
+    out_lo = torch.ones(x.shape[0], width, dtype=_INDEX)  # empty: lo > hi
+    out_hi = torch.zeros(x.shape[0], width, dtype=_INDEX)
+    out_lo[run_row, slot] = key[starts].to(_INDEX)
+    out_hi[run_row, slot] = key[ends].to(_INDEX)
+    return out_lo, out_hi
 
 
 # -- coverage row by row ------------------------------------------------------------------------------------
@@ -283,7 +331,7 @@ def _parts(p: Pattern):
         if any(f is None for f in found):
             return None
         return [c for cols, _ in found for c in cols], [b for _, bands in found for b in bands]
-    if isinstance(p, BlockSparse):
+    if isinstance(p, (BlockSparse, FramesTransposed)):
         return None
     raise TypeError(f"block_coverage: no interval form for pattern type {type(p).__name__}")
 

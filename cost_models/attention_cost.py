@@ -248,19 +248,22 @@ def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) ->
     at once): a split pattern's parts add up, and merging each part after the first copies its
     rows' outputs once more (priced as gathered keys of the same bytes)."""
     from sparsec.codegen.attention_cpu_choice import choose_split
+    from sparsec.codegen.frame_order import FramesTransposed
 
     Sq, Sk, causal = shape.q_len, shape.kv_len, shape.causal
     bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=shape.batch * shape.num_heads,
                              width=shape.head_dim + shape.value_dim, threads=torch.get_num_threads())
     counts = [_cpu_part_counts(part, Sq, Sk, bm, causal) for part in parts]
+    rows = np.minimum(bm, Sq - np.arange(counts[0].visited.shape[0]) * bm)
+    # Frame-transposed order (codegen.frame_order): q and the output rows move once each, K and V once.
+    moved = rows + Sk / rows.shape[0] if isinstance(parts[0], FramesTransposed) else 0.0
     if len(counts) == 1:
-        return counts[0]
+        return counts[0]._replace(gathered=counts[0].gathered + moved)
     visited = sum(c.visited for c in counts)
     slowed = sum(c.visited / c.speed for c in counts)
-    rows = np.minimum(bm, Sq - np.arange(visited.shape[0]) * bm)
     merged_keys = (len(parts) - 1) * rows * 2 * shape.value_dim / (shape.head_dim + shape.value_dim)
     return BlockCounts(visited, sum(c.partial for c in counts), sum(c.computed for c in counts),
-                       sum(c.gathered for c in counts) + merged_keys,
+                       sum(c.gathered for c in counts) + merged_keys + moved,
                        np.divide(visited, slowed, out=np.ones_like(visited), where=slowed > 0),
                        sum(c.calls for c in counts))
 

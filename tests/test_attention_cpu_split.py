@@ -118,3 +118,17 @@ def test_forcing_the_way_gives_the_same_result_and_bad_values_are_refused():
     torch.testing.assert_close(parts, whole, atol=2e-6, rtol=2e-6)
     with pytest.raises(ValueError, match="split must be None, True or False"):
         cpu_attention(q, k, v, pattern, causal=False, scale=0.3, split="yes")
+
+
+@pytest.mark.parametrize("Dv", [8, 24])
+def test_parts_with_a_value_head_size_unlike_the_query_head_size(Dv):
+    """The fused op that returns the log-sum-exp takes one head size: the executor pads q and k or
+    v with zero columns (no score changes) and drops them from the output."""
+    torch.manual_seed(5)
+    pattern = P.MultiDiagonal([-30, 0, 30], 2)
+    q, k = torch.randn(2, 3, 61, 16), torch.randn(2, 3, 61, 16)
+    v = torch.randn(2, 3, 61, Dv)
+    out = cpu_attention(q, k, v, (pattern,) * 3, causal=True, scale=0.25, block_m=8, split=True)
+    expected = reference_attention(q, k, v, (pattern,) * 3, causal=True, scale=0.25)
+    assert out.shape == (2, 3, 61, Dv)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)

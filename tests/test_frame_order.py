@@ -1,0 +1,176 @@
+"""The CPU executor's frame-transposed token order (codegen/frame_order.py): the renumbered pattern,
+its row intervals, the parts it runs as, and cpu_attention in that order against the float64
+reference built from pattern.mask() in natural order."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsec import patterns as P
+from sparsec.codegen.attention_cpu import cpu_attention
+from sparsec.codegen.attention_cpu_choice import choose_split, frame_candidates, frame_parts
+from sparsec.codegen.block_coverage import kept_pairs, row_intervals
+from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
+from reference import reference_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def temporal(frame: int, frames: int, rows: tuple[int, ...] = (0,), width: int = 1) -> P.MultiDiagonal:
+    """Same position (and `rows` apart) in every other frame, as a tuned temporal head keeps."""
+    return P.MultiDiagonal([k * frame + r for k in range(-frames + 1, frames) for r in rows], width)
+
+
+def transposed_mask(pattern: P.Pattern, S: int, frame: int) -> torch.Tensor:
+    """The pattern's mask with tokens renumbered by hand: position p * T + f is token f * frame + p."""
+    T = S // frame
+    natural = torch.tensor([(x % T) * frame + x // T for x in range(S)])
+    return pattern.mask(S, S)[natural][:, natural]
+
+
+def mask_of_intervals(lo: torch.Tensor, hi: torch.Tensor, S: int) -> torch.Tensor:
+    j = torch.arange(S)
+    return ((j >= lo[..., None]) & (j <= hi[..., None])).any(dim=1)
+
+
+def test_indices_invert_each_other_and_put_each_position_of_a_frame_side_by_side():
+    natural, transposed = natural_index(12, 4), transposed_index(12, 4)
+    assert natural.tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]  # 3 frames of 4: position 0 of each, ...
+    assert torch.equal(natural[transposed], torch.arange(12))
+    assert torch.equal(transposed[natural], torch.arange(12))
+
+
+bases = st.one_of(
+    st.builds(P.MultiDiagonal, st.lists(st.integers(-40, 40), min_size=1, max_size=6), st.integers(0, 3)),
+    st.builds(P.Window, st.integers(0, 6), st.integers(0, 6)),
+    st.builds(P.VerticalSlash, st.lists(st.integers(0, 30), min_size=1, max_size=3),
+              st.lists(st.integers(-20, 20), min_size=1, max_size=3)),
+)
+
+
+@given(base=bases, frame=st.sampled_from([4, 6, 8, 12]), frames=st.integers(2, 5), causal=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_renumbered_pattern_and_its_row_intervals_match_the_permuted_mask(base, frame, frames, causal):
+    S = frame * frames
+    pattern = FramesTransposed(base, frame)
+    expected = transposed_mask(base, S, frame)
+    assert torch.equal(pattern.mask(S, S), expected)
+    if causal:
+        T = S // frame
+        natural = torch.tensor([(x % T) * frame + x // T for x in range(S)])
+        expected = expected & (natural[None, :] <= natural[:, None])
+    lo, hi = row_intervals(pattern, S, S, causal)
+    assert torch.equal(mask_of_intervals(lo, hi, S), expected)
+    assert kept_pairs(pattern, S, S, causal) == int(expected.sum())
+
+
+def test_renumbered_pattern_is_a_value_and_refuses_lengths_it_cannot_renumber():
+    pattern = FramesTransposed(temporal(8, 4), 8)
+    assert pattern == FramesTransposed(temporal(8, 4), 8) and hash(pattern) == hash(FramesTransposed(temporal(8, 4), 8))
+    assert pattern != FramesTransposed(temporal(8, 4), 16)
+    assert pickle.loads(pickle.dumps(pattern)) == pattern
+    assert "frame=8" in repr(pattern)
+    with pytest.raises(ValueError, match="Sq == Sk"):
+        pattern.mask(32, 40)
+    with pytest.raises(ValueError, match="multiple of the frame"):
+        pattern.mask(36, 36)
+    with pytest.raises(TypeError, match="Pattern"):
+        FramesTransposed("band", 8)
+    with pytest.raises(ValueError, match="frame"):
+        FramesTransposed(P.Dense(), 0)
+
+
+@given(frame=st.sampled_from([8, 12, 16]), frames=st.integers(2, 4),
+       rows=st.lists(st.integers(-5, 5), min_size=1, max_size=3), width=st.integers(0, 2),
+       extra=st.lists(st.integers(-30, 30), max_size=3))
+@settings(max_examples=60, deadline=None)
+def test_frame_parts_are_disjoint_and_cover_the_pattern(frame, frames, rows, width, extra):
+    S = frame * frames
+    pattern = P.MultiDiagonal(list(temporal(frame, frames, tuple(rows), width).offsets) + extra, width)
+    parts = frame_parts(pattern, frame)
+    assert all(isinstance(part, FramesTransposed) and part.frame == frame for part in parts)
+    masks = torch.stack([part.mask(S, S) for part in parts]).to(torch.int32)
+    assert torch.equal(masks.sum(dim=0) > 0, transposed_mask(pattern, S, frame))
+    assert int(masks.sum(dim=0).max()) <= 1  # disjoint: the log-sum-exp merge is exact
+
+
+def test_frame_parts_group_each_position_across_frames():
+    parts = frame_parts(temporal(16, 4, rows=(-4, 0, 4), width=1), 16)
+    assert len(parts) == 3
+    assert sorted(sorted({o % 16 for o in part.base.offsets}) for part in parts) == [[0], [4], [12]]
+
+
+def test_frame_candidates_find_the_frame_stride_and_ignore_other_patterns():
+    assert 64 in frame_candidates(temporal(64, 8, rows=(0,), width=2), 512, 512)
+    assert frame_candidates(temporal(64, 8), 512, 400) == ()  # cross-attention lengths
+    assert frame_candidates(temporal(64, 8), 500, 500) == ()  # 64 does not divide 500
+    assert frame_candidates(P.Window(8, 8), 512, 512) == ()
+    assert frame_candidates(P.AShape(4, 16), 512, 512) == ()
+    assert frame_candidates(P.MultiDiagonal([-64, 0, 64], 1), 512, 512) == (64,)
+
+
+def check(head_patterns, *, B=1, Hkv=None, S=48, D=16, causal=False, dtype=torch.float32, block_m=None,
+          split=None, seed=0):
+    """cpu_attention forced into frame-transposed order, against the reference in natural order."""
+    torch.manual_seed(seed)
+    Hq = len(head_patterns)
+    q = torch.randn(B, Hq, S, D, dtype=dtype)
+    k = torch.randn(B, Hkv or Hq, S, D, dtype=dtype)
+    v = torch.randn(B, Hkv or Hq, S, D + 8, dtype=dtype)
+    scale = 1.0 / math.sqrt(D)
+    out = cpu_attention(q, k, v, tuple(head_patterns), causal=causal, scale=scale, block_m=block_m, split=split,
+                        frames=True)
+    expected = reference_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("split", [None, True, False])
+def test_temporal_heads_in_transposed_order_match_the_reference(causal, split):
+    heads = [temporal(12, 4, rows=(0, 3), width=1), temporal(12, 4, rows=(-2,), width=0), P.Dense(),
+             temporal(12, 4, rows=(0,), width=2)]
+    check(heads, S=48, causal=causal, split=split, block_m=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_transposed_order_each_dtype_with_gqa_and_batch(dtype):
+    heads = [temporal(8, 5, rows=(0, 1), width=1)] * 2 + [temporal(8, 5, rows=(-3, 3), width=0)] * 2
+    check(heads, B=2, Hkv=2, S=40, dtype=dtype, seed=3)
+
+
+def test_rows_without_keys_are_zero_in_transposed_order():
+    # keys two frames ahead only: the last two frames' queries keep nothing
+    pattern = P.MultiDiagonal([16, 24], 0)
+    check([pattern, pattern], S=32, block_m=4)
+
+
+def test_forcing_the_order_gives_the_same_result_and_bad_values_are_refused():
+    torch.manual_seed(1)
+    heads = (temporal(16, 6, rows=(0,), width=1),) * 2
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    natural, transposed = (cpu_attention(q, k, v, heads, causal=False, scale=0.25, frames=f) for f in (False, True))
+    torch.testing.assert_close(natural, transposed, atol=2e-6, rtol=2e-5)
+    with pytest.raises(ValueError, match="frames must be None, True or False"):
+        cpu_attention(q, k, v, heads, causal=False, scale=0.25, frames="yes")
+
+
+def test_the_estimate_chooses_transposed_order_for_temporal_heads_only():
+    """At video lengths (8 frames of 16 x 16 patches) a temporal head reads far fewer keys
+    transposed; a local head (neighbours in its own frame) reads fewer in natural order."""
+    S, frame = 2048, 256
+    temporal_head = temporal(frame, 8, rows=(-16, 0, 16), width=2)
+    local_head = P.MultiDiagonal([-32, -16, -1, 0, 1, 16, 32], 1)
+    _, parts = choose_split(temporal_head, S, S, False, rows=4, width=64, threads=2)
+    assert all(isinstance(part, FramesTransposed) and part.frame == frame for part in parts)
+    _, parts = choose_split(local_head, S, S, False, rows=4, width=64, threads=2)
+    assert not any(isinstance(part, FramesTransposed) for part in parts)
+    _, parts = choose_split(temporal_head, S, S, False, rows=4, width=64, threads=2, frames=False)
+    assert not any(isinstance(part, FramesTransposed) for part in parts)
