@@ -45,7 +45,7 @@ from sparsec import patterns as P
 from sparsec.codegen.block_coverage import kept_pairs
 from sparsec.cost_models.measure import software_versions
 
-FAMILIES = ("window", "multi_diagonal", "columns", "a_shape", "vertical_slash", "block_sparse")
+FAMILIES = ("window", "multi_diagonal", "columns", "a_shape", "vertical_slash", "block_sparse", "temporal")
 GPU_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 CPU_LENGTHS = (1024, 2048, 4096)
 HEAD_DIMS = (64, 128)
@@ -123,6 +123,10 @@ def pattern_for_density(family: str, S: int, density: float, *, causal: bool = F
         return _closest(make, 2, 2 * S, S, density, causal)
     if family == "block_sparse":
         return _block_sparse_for_density(S, density, causal, seed)
+    if family == "temporal":  # a video DiT's temporal head: the same patch and its neighbours above and
+        side = max(1, math.isqrt(frame))  # below (frame = side x side patches) in every frame
+        offsets = [k * frame + r for k in range(-(S // frame) + 1, S // frame) for r in (-side, 0, side)]
+        return _closest(lambda w: P.MultiDiagonal(offsets, w), 0, max(1, side // 2), S, density, causal)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
@@ -266,6 +270,8 @@ def run_point(args, S: int, D: int, rows: list[dict]) -> None:
             kept = kept_pairs(pattern, S, S, args.causal)
             run_sparse = lambda: sparsec.attention(q, k, v, pattern, causal=args.causal, scale=scale)  # noqa: E731
             candidates = {"sdpa": _sdpa(q, k, v, args.causal, scale), "sparsec sparse": run_sparse}
+            if family == "temporal":  # the token order forced each way (the plain run lets sparsec choose)
+                candidates.update(_order_candidates(q, k, v, pattern, args, scale))
             notes = {}
             if args.device == "cuda" and not args.no_flex:
                 try:
@@ -274,10 +280,24 @@ def run_point(args, S: int, D: int, rows: list[dict]) -> None:
                     notes["flex_error"] = f"{type(e).__name__}: {e}"
             times = _time_ms(candidates, args.device, args.min_seconds)
             error = _check(q, k, v, pattern, args, scale, run_sparse) if S <= CHECK_MAX_LENGTH and not args.no_check else None
-            for name in ("sparsec sparse", "flex"):
+            for name in ("sparsec sparse", "sparsec natural order", "sparsec transposed order", "flex"):
                 if name in times:
                     rows.append(_row(args, S, D, family, pattern, kept / allowed, kept, name, times[name], times["sdpa"],
                                      target=target, max_rel_error=error if name == "sparsec sparse" else None, **notes))
+        if not args.no_save:
+            save(rows, args, complete=False)
+
+
+def _order_candidates(q, k, v, pattern, args, scale) -> dict[str, Callable]:
+    """sparsec's kernels (CUDA) or CPU executor with the frame-transposed token order forced off and on."""
+    heads = (pattern,) * q.shape[1]
+    if args.device == "cuda":
+        from sparsec.codegen.attention_triton import triton_attention as run
+    else:
+        from sparsec.codegen.attention_cpu import cpu_attention as run
+    return {f"sparsec {name} order": (lambda frames=frames: run(q, k, v, heads, causal=args.causal, scale=scale,
+                                                               frames=frames))
+            for name, frames in (("natural", False), ("transposed", True))}
 
 
 def _check(q, k, v, pattern, args, scale, run_sparse) -> float:
@@ -323,15 +343,19 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def save(rows: list[dict], args) -> Path:
+def save(rows: list[dict], args, complete: bool = True) -> Path:
+    """Write the rows so far (complete=False: after each family, so a run cut short by a time
+    limit keeps what it measured) to args.output, or a new dated path that becomes args.output."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     path = Path(args.output) if args.output else RESULTS / f"attention_{args.device}_{stamp}.json"
+    args.output = str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {key: value for key, value in vars(args).items() if key != "output"}
     record = {"benchmark": "attention", "device": device_name(args.device), "device_type": args.device,
               "versions": software_versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "config": config, "rows": rows}
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "complete": complete, "config": config,
+              "rows": rows}
     path.write_text(json.dumps(record, indent=1))
     return path
 
@@ -382,7 +406,8 @@ def parse_args(argv=None):
     parser.add_argument("--head-dims", nargs="+", type=int, default=None)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=None)
     parser.add_argument("--densities", nargs="+", type=float, default=None, help="target kept fractions")
-    parser.add_argument("--frame", type=int, default=None, help="multi_diagonal band spacing (default S // 8)")
+    parser.add_argument("--frame", type=int, default=None,
+                        help="multi_diagonal band spacing, temporal frame length (default S // 8)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=None, help="GQA: kv heads (default: --heads)")

@@ -34,11 +34,13 @@ from sparsec.codegen.tiles import AttentionTiles, default_tiles
 from sparsec.codegen.triton_aot import compile_calls, target_arch
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm
 from sparsec.cost_models.measure import pattern_at_density, software_versions
-from sparsec.patterns import Columns, Window
+from sparsec.codegen.frame_order import FramesTransposed
+from sparsec.patterns import Columns, MultiDiagonal, Window
 from sparsec.pruning import prune_mask
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FAMILIES = ("dense", "window", "multi_diagonal", "columns", "a_shape", "vertical_slash", "block_sparse", "union")
+FAMILIES = ("dense", "window", "multi_diagonal", "columns", "a_shape", "vertical_slash", "block_sparse", "union",
+            "frames_transposed")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SEQ = 1024      # compiled code does not depend on the lengths (runtime arguments); 16-divisible like real ones
 HEADS = 2
@@ -47,6 +49,8 @@ HEADS = 2
 def family_pattern(family: str, causal: bool):
     if family == "union":
         return Window(128, 0 if causal else 128) | Columns([(0, 64)])
+    if family == "frames_transposed":  # a temporal head: 16 frames of 64 tokens (8 x 8 patches)
+        return FramesTransposed(MultiDiagonal([k * 64 + r for k in range(-15, 16) for r in (-8, 0, 8)], 2), 64)
     return pattern_at_density(family, SEQ, 0.25, causal=causal)
 
 

@@ -65,7 +65,27 @@ def check_attention(device, cases) -> list[tuple[str, float, bool]]:
             results.append(_compare(label, lambda: sparsec.attention(q, k, v, patterns, causal=causal, scale=scale,
                                                                      backend="triton"),
                                     lambda: reference(q, k, v, patterns, causal, scale), dtype))
+        if Sq == Sk:
+            results.append(_check_transposed(device, dtype, Sq, causal, Hq, Hkv, D))
     return results
+
+
+def _check_transposed(device, dtype, S: int, causal: bool, Hq: int, Hkv: int, D: int) -> tuple[str, float, bool]:
+    """A temporal head (the same patch and the ones above and below in every frame) run in
+    frame-transposed token order (forced: the frames_transposed kernel and the gathers)."""
+    from sparsec.codegen.attention_triton import triton_attention
+
+    frames = next((t for t in (8, 7, 5, 4, 3, 2) if S % t == 0), 1)
+    frame = S // frames
+    side = max(1, math.isqrt(frame))
+    patterns = (P.MultiDiagonal([f * frame + r for f in range(1 - frames, frames) for r in (-side, 0, side)], 2),) * Hq
+    q = torch.randn(2, Hq, S, D, device=device, dtype=dtype)
+    k, v = (torch.randn(2, Hkv, S, D, device=device, dtype=dtype) for _ in range(2))
+    scale = 1 / math.sqrt(D)
+    label = (f"attention {'temporal (T)':15s} {str(dtype)[6:]:9s} S={S} ({frames} frames) H={Hq}/{Hkv} D={D} "
+             f"causal={causal}")
+    return _compare(label, lambda: triton_attention(q, k, v, patterns, causal=causal, scale=scale, frames=True),
+                    lambda: reference(q, k, v, patterns, causal, scale), dtype)
 
 
 def _compare(label: str, run, expected, dtype) -> tuple[str, float, bool]:

@@ -50,10 +50,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsec.codegen.attention_cpu_reads import BlockUnions, block_reads, query_block_unions
-from sparsec.codegen.frame_order import FramesTransposed
-from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union, Window
+from sparsec.codegen.frame_order import FramesTransposed, frame_candidates, pattern_bands
+from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union
 
-__all__ = ["band_parts", "choose_blocks", "choose_split", "frame_candidates", "frame_parts", "query_rows_speed"]
+__all__ = ["band_parts", "choose_blocks", "choose_split", "frame_parts", "query_rows_speed"]
 
 # Per-pair speed of torch's fused CPU attention kernel by query rows per call (relative to 128),
 # measured at S = 4096, D = 64 with 2 threads: under 192 rows it splits queries by 32, and every
@@ -73,9 +73,6 @@ _PAIR_SECONDS = 9.4e-9
 _ROW_SECONDS = 0.25e-6
 _CALL_SECONDS = 100e-6
 _MERGE_SECONDS_PER_ELEMENT = 1.5e-9
-# Frame strides priced per pattern for the frame-transposed order, and the shortest frame.
-_MAX_FRAMES = 2
-_MIN_FRAME = 8
 
 
 def choose_blocks(pattern: Pattern, Sq: int, Sk: int, causal: bool = False) -> tuple[int, int]:
@@ -124,11 +121,11 @@ def band_parts(pattern: Pattern) -> tuple[Pattern, ...]:
     a MultiDiagonal [o - w, o + w]) grouped where they touch or overlap, each group a part (a
     MultiDiagonal's bands of one group stay one MultiDiagonal). Any other pattern, or bands that
     all touch: (pattern,)."""
-    bands = _bands(pattern)
-    if bands is None:
+    found = pattern_bands(pattern)
+    if found is None:
         return (pattern,)
     groups: list[list[tuple[int, int, Pattern]]] = []
-    for band in sorted(bands, key=lambda b: b[:2]):
+    for band in sorted(found, key=lambda b: b[:2]):
         if groups and band[0] <= max(last for _, last, _ in groups[-1]) + 1:
             groups[-1].append(band)
         else:
@@ -136,20 +133,6 @@ def band_parts(pattern: Pattern) -> tuple[Pattern, ...]:
     if len(groups) == 1:
         return (pattern,)
     return tuple(_group_pattern([p for _, _, p in group]) for group in groups)
-
-
-def _bands(pattern: Pattern) -> list[tuple[int, int, Pattern]] | None:
-    """(first, last offset j - i, the band as a pattern) of each band, or None when the pattern
-    keeps anything that is not a band."""
-    if isinstance(pattern, Window):
-        return [(-pattern.left, pattern.right, pattern)]
-    if isinstance(pattern, MultiDiagonal):
-        w = pattern.width
-        return [(o - w, o + w, MultiDiagonal([o], w)) for o in pattern.offsets]
-    if isinstance(pattern, Union):
-        found = [_bands(part) for part in pattern.parts]
-        return None if any(f is None for f in found) else [band for f in found for band in f]
-    return None
 
 
 def _group_pattern(bands: list[Pattern]) -> Pattern:
@@ -242,31 +225,12 @@ def _best_option(pattern: Pattern, parts: tuple[Pattern, ...], costs: _Costs, bl
 # -- frame-transposed order -------------------------------------------------------------------------------------
 
 
-def frame_candidates(pattern: Pattern, Sq: int, Sk: int) -> tuple[int, ...]:
-    """Frame strides worth pricing for `pattern` (codegen.frame_order), best first, at most
-    _MAX_FRAMES: for self-attention of bands only, each band offset F that divides S (at least
-    two frames, at least _MIN_FRAME tokens) scored by the bands whose centre lies within F / 4
-    of a nonzero multiple of F; two such bands at least (otherwise there is nothing to gather)."""
-    bands = _bands(pattern)
-    if bands is None or Sq != Sk:
-        return ()
-    centres = [(first + last) / 2 for first, last, _ in bands]
-    scores = {}
-    for frame in {abs(round(c)) for c in centres}:
-        if frame < _MIN_FRAME or Sq % frame or Sq // frame < 2:
-            continue
-        near = sum(abs(c) >= frame / 2 and abs(c - round(c / frame) * frame) <= frame / 4 for c in centres)
-        if near >= 2:
-            scores[frame] = near
-    return tuple(sorted(scores, key=lambda f: (-scores[f], f))[:_MAX_FRAMES])
-
-
 def frame_parts(pattern: Pattern, frame: int) -> tuple[Pattern, ...]:
     """`pattern` (bands only) as disjoint parts in frame-transposed order: bands whose offsets
     lie near the same position in other frames (the same offset modulo the frame, within their
     widths) make one part, a run of keys across those frames; bands that overlap or touch stay
     in one part too, so the parts keep disjoint key sets. One part: (FramesTransposed(pattern),)."""
-    bands = sorted(_bands(pattern), key=lambda b: b[:2])
+    bands = sorted(pattern_bands(pattern), key=lambda b: b[:2])
     parent = list(range(len(bands)))
 
     def root(n: int) -> int:

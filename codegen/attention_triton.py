@@ -28,6 +28,9 @@ from sparsec.codegen.bounded_cache import bytes_bounded_cache
 from sparsec.codegen.templates.tables import block_tables
 from sparsec.codegen.templates import FAMILY_TEMPLATES, LayoutBuffer, kernel_name, render
 from sparsec.codegen.templates.common import table_ids
+from sparsec.codegen.templates.frames_transposed import base_bands
+from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
+from sparsec.codegen.triton_frame_order import choose_frame_order
 from sparsec.codegen.kernel_call import KernelCall
 from sparsec.codegen.tiles import AttentionTiles, default_tiles, fit_stages, padded_head_dim
 from sparsec.patterns import BlockSparse, Dense, Pattern, Skip, Union
@@ -179,6 +182,12 @@ def _patterns_reason(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int) -> st
         family = pattern_family(p)
         if family != "skip" and family not in FAMILY_TEMPLATES:
             return f"no Triton kernel for pattern family {family!r} (head {h})"
+        if isinstance(p, FramesTransposed):
+            try:
+                p.check_lengths(Sq, Sk)
+                base_bands(p, Sq, Sk)
+            except ValueError as e:
+                return f"head {h}: {e}"
         for part in p.parts if isinstance(p, Union) else (p,):
             if isinstance(part, BlockSparse):
                 try:
@@ -200,38 +209,71 @@ def triton_attention(
     causal: bool,
     scale: float,
     tiles: AttentionTiles | None = None,
+    frames: bool | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over each head's kept pairs (DESIGN.md), one launch per family.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv); any strides. `head_patterns` holds
     one Pattern per query head. Accumulates in fp32 and returns q's dtype, shape (B, Hq, Sq, Dv).
+    Heads with a frame stride may run in frame-transposed token order (codegen/
+    triton_frame_order.py decides; frames True / False forces it or the natural order; the result
+    is the same).
     """
     reason = supports(q, k, v, head_patterns)
     if reason is not None:
         raise ValueError(f"triton_attention: {reason}")
     if tiles is not None and not isinstance(tiles, AttentionTiles):
         raise TypeError(f"triton_attention: tiles must be AttentionTiles, got {type(tiles).__name__}")
+    if frames not in (None, True, False):
+        raise ValueError(f"triton_attention: frames must be None, True or False, got {frames!r}")
     B, Hq, Sq, D = q.shape
     Sk, Dv = k.shape[2], v.shape[3]
     tiles = _fitted(tiles or default_tiles(max(D, Dv), q.dtype, Sq, Sk), q, D, Dv)
+    head_patterns, frame = choose_frame_order(tuple(head_patterns), q.shape, k.shape, v.shape, q.dtype, causal,
+                                              tiles.block_m, tiles.block_n, _profile_name(q.device), frames)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+    reordered = _reordered(q, k, v, out, frame)
     for group in group_heads(head_patterns):
         if group.family == "skip":
             _fill_skip_heads(out, v, group, Hq // k.shape[1], causal)
+        elif group.family == "frames_transposed" and frame is not None:
+            _launch(group, *reordered, bool(causal), float(scale), tiles)
+            heads = torch.tensor(group.heads, device=q.device)
+            rows = reordered[3].index_select(1, heads).index_select(2, transposed_index(Sq, frame).to(q.device))
+            out.index_copy_(1, heads, rows)
         else:
             _launch(group, q, k, v, out, bool(causal), float(scale), tiles)
     return out
 
 
+def _reordered(q, k, v, out, frame: int | None):
+    """q, k, v gathered into frame-transposed order, and an output buffer, for the transposed heads."""
+    if frame is None:
+        return None
+    order = natural_index(q.shape[2], frame).to(q.device)
+    return (q.index_select(2, order), k.index_select(2, order), v.index_select(2, order), torch.empty_like(out))
+
+
+def _profile_name(device: torch.device) -> str:
+    """The cost-model profile the order is chosen for: the device's; under the interpreter (CPU
+    tensors) the H100's, as the kernels would run there."""
+    from sparsec.cost_models.hardware import profile_for_device
+
+    return profile_for_device(device).name if device.type == "cuda" else "h100"
+
+
 def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_patterns: tuple[Pattern, ...], *,
                  causal: bool, scale: float, tiles: AttentionTiles | None = None,
                  interpreted: bool | None = None) -> list[KernelCall]:
-    """The launches `triton_attention` makes for these arguments (Skip heads make none), on any
-    device: codegen/triton_aot compiles them for a GPU from CPU tensors."""
+    """The launches `triton_attention` makes for these arguments (Skip heads make none; heads in
+    frame-transposed order run on gathered copies of the same shapes), on any device:
+    codegen/triton_aot compiles them for a GPU from CPU tensors."""
     reason = _tensor_reason(q, k, v) or _layout_reason(q, k, v) or _pattern_reason(q, k, head_patterns)
     if reason is not None:
         raise ValueError(f"kernel_calls: {reason}")
     tiles = tiles or default_tiles(max(q.shape[3], v.shape[3]), q.dtype, q.shape[2], k.shape[2])
+    head_patterns, _ = choose_frame_order(tuple(head_patterns), q.shape, k.shape, v.shape, q.dtype, causal,
+                                          tiles.block_m, tiles.block_n, _profile_name(q.device))
     out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
     return [kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted)
             for group in group_heads(head_patterns) if group.family != "skip"]
@@ -291,7 +333,9 @@ def _call_template(group: HeadGroup, q_shape, k_shape, v_shape, q_stride, k_stri
         distinct, _ = table_ids(group.patterns)
         tables = _device_block_tables(distinct, Sq, Sk, tiles.block_m, tiles.block_n, causal, device)
     else:
-        tables = (head_ids, head_ids, head_ids, head_ids, 1, 1)  # unread: the visit is closed-form
+        tables = (head_ids,) * 5 + (1, 1)  # unread: the visit is closed-form
+    if template.block_masks:  # the precomputed masks hold the causal rule (in token order)
+        causal = False
     grid = (-(-Sq // tiles.block_m), B * len(group.heads))
     args = (None, None, None, None, head_ids, params, layouts, *tables,
             *q_stride, *k_stride, *v_stride, *out_stride,
@@ -334,7 +378,7 @@ def _device_block_tables(patterns: tuple[Pattern, ...], Sq: int, Sk: int, block_
     """The block tables of `patterns` (block_tables.py) on `device`, with their widths."""
     tables = block_tables(patterns, Sq, Sk, block_m, block_n, causal)
     return (tables.num_partial.to(device), tables.partial.to(device), tables.num_full.to(device),
-            tables.full.to(device), tables.partial.shape[-1], tables.full.shape[-1])
+            tables.full.to(device), tables.masks.to(device), tables.partial.shape[-1], tables.full.shape[-1])
 
 
 # -- Skip heads ------------------------------------------------------------------------------

@@ -183,13 +183,13 @@ def _transposed_intervals(p: FramesTransposed, x: torch.Tensor, S: int, causal: 
     natural = (x.to(torch.int64) % frames) * p.frame + x.to(torch.int64) // frames
     lo, hi = _clipped_intervals(p.base, natural.to(_INDEX), S, S, causal)
     run_lo, run_hi, is_run = _maximal_runs(lo, hi, S)  # disjoint: every kept key once
-    lengths = torch.where(is_run, run_hi - run_lo + 1, 0).to(torch.int64).flatten()
-    row = torch.arange(x.shape[0]).repeat_interleave(lo.shape[1]).repeat_interleave(lengths)
-    first = run_lo.to(torch.int64).flatten().repeat_interleave(lengths)
-    within = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
-    key = first + within
-    moved = torch.sort(row * S + (key % p.frame) * frames + key // p.frame).values
-    row, key = moved // S, moved % S
+    lengths = torch.where(is_run, run_hi - run_lo + 1, 0).flatten()
+    index = torch.int32 if x.shape[0] * S < _FAR else torch.int64  # int32 sorts faster
+    run = torch.repeat_interleave(torch.arange(lengths.shape[0], dtype=index), lengths.to(torch.int64))
+    before = (torch.cumsum(lengths, 0, dtype=index) - lengths)[run]
+    key = run_lo.flatten().to(index)[run] + torch.arange(run.shape[0], dtype=index) - before
+    moved = torch.sort((run // lo.shape[1]) * S + (key % p.frame) * frames + key // p.frame).values
+    row, key = (moved // S).to(torch.int64), moved % S
     starts = torch.ones_like(moved, dtype=torch.bool)
     starts[1:] = (row[1:] != row[:-1]) | (key[1:] != key[:-1] + 1)
     ends = torch.ones_like(starts)

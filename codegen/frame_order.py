@@ -20,9 +20,13 @@ import functools
 
 import torch
 
-from sparsec.patterns import Pattern, _check_int
+from sparsec.patterns import MultiDiagonal, Pattern, Union, Window, _check_int
 
-__all__ = ["FramesTransposed", "natural_index", "transposed_index"]
+__all__ = ["FramesTransposed", "pattern_bands", "frame_candidates", "natural_index", "transposed_index"]
+
+# Frame strides worth pricing per pattern, and the shortest frame.
+_MAX_FRAMES = 2
+_MIN_FRAME = 8
 
 
 class FramesTransposed(Pattern):
@@ -80,3 +84,39 @@ def transposed_index(length: int, frame: int) -> torch.Tensor:
     the output with it)."""
     i = torch.arange(length)
     return (i % frame) * (length // frame) + i // frame
+
+
+def pattern_bands(pattern: Pattern) -> list[tuple[int, int, Pattern]] | None:
+    """(first, last offset j - i, the band as a pattern) of each band, or None when the pattern
+    keeps anything that is not a band."""
+    if isinstance(pattern, Window):
+        return [(-pattern.left, pattern.right, pattern)]
+    if isinstance(pattern, MultiDiagonal):
+        w = pattern.width
+        return [(o - w, o + w, MultiDiagonal([o], w)) for o in pattern.offsets]
+    if isinstance(pattern, Union):
+        found = [pattern_bands(part) for part in pattern.parts]
+        return None if any(f is None for f in found) else [band for f in found for band in f]
+    return None
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def frame_candidates(pattern: Pattern, Sq: int, Sk: int) -> tuple[int, ...]:
+    """Frame strides worth pricing for `pattern` (codegen.frame_order), best first, at most
+    _MAX_FRAMES: for self-attention of bands only, each band offset and each gap between
+    neighbouring bands F that divides S (at least two frames, at least _MIN_FRAME tokens), scored
+    by the bands whose centre lies within F / 4 of a nonzero multiple of F; two such bands at
+    least (otherwise there is nothing to gather)."""
+    found = pattern_bands(pattern)
+    if found is None or Sq != Sk:
+        return ()
+    centres = sorted((first + last) / 2 for first, last, _ in found)
+    offsets = {abs(round(c)) for c in centres} | {round(b - a) for a, b in zip(centres, centres[1:])}
+    scores = {}
+    for frame in offsets:
+        if frame < _MIN_FRAME or Sq % frame or Sq // frame < 2:
+            continue
+        near = sum(abs(c) >= frame / 2 and abs(c - round(c / frame) * frame) <= frame / 4 for c in centres)
+        if near >= 2:
+            scores[frame] = near
+    return tuple(sorted(scores, key=lambda f: (-scores[f], f))[:_MAX_FRAMES])

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from sparsec import patterns as P
 from sparsec.codegen.attention_cpu import cpu_attention
-from sparsec.codegen.attention_cpu_choice import choose_split, frame_candidates, frame_parts
+from sparsec.codegen.attention_cpu_choice import choose_split, frame_parts
+from sparsec.codegen.frame_order import frame_candidates
 from sparsec.codegen.block_coverage import kept_pairs, row_intervals
 from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
 from reference import reference_attention

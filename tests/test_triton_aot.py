@@ -18,6 +18,7 @@ from sparsec.codegen import attention_triton, linear_triton
 from sparsec.codegen.kernel_call import KernelCall
 from sparsec.codegen.tiles import AttentionTiles, default_tiles, shared_memory_bytes
 from sparsec.codegen.triton_aot import ARCHITECTURES, AOTCompileError, compile_call, compile_calls, target_arch
+from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm
 from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal, VerticalSlash, Window
 
@@ -49,6 +50,9 @@ def _family_patterns(causal: bool):
         "vertical_slash": VerticalSlash([0, 1, 2, *range(300, 700, 4)], list(range(-S + 1, 1, 7))),
         "block_sparse": BlockSparse(layout, 64),
         "union": Window(128, 0) | Columns([(0, 64)]) | VerticalSlash(list(range(500, 900, 8)), list(range(-S + 1, 0, 5))),
+        # a temporal head in frame-transposed order: 16 frames of 64 tokens, 93 diagonals
+        "frames_transposed": FramesTransposed(MultiDiagonal([f * 64 + r for f in range(-15, 16) for r in (-8, 0, 8)], 2),
+                                              64),
     }
 
 

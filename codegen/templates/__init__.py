@@ -7,7 +7,7 @@ renderer. `render(family)` gives the readable source.
 from __future__ import annotations
 
 from sparsec.codegen.templates import (
-    a_shape, block_sparse, columns, dense, multi_diagonal, union, vertical_slash, window,
+    a_shape, block_sparse, columns, dense, frames_transposed, multi_diagonal, union, vertical_slash, window,
 )
 from sparsec.codegen.templates.common import FamilyTemplate, LayoutBuffer, PackedParams, kernel_name
 from sparsec.codegen.templates.common import render as _render
@@ -16,7 +16,7 @@ __all__ = ["FAMILY_TEMPLATES", "FamilyTemplate", "LayoutBuffer", "PackedParams",
 
 FAMILY_TEMPLATES: dict[str, FamilyTemplate] = {
     m.TEMPLATE.family: m.TEMPLATE
-    for m in (dense, window, multi_diagonal, columns, a_shape, vertical_slash, block_sparse, union)
+    for m in (dense, window, multi_diagonal, columns, a_shape, vertical_slash, block_sparse, union, frames_transposed)
 }
 
 

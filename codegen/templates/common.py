@@ -171,7 +171,7 @@ _KERNEL = '''
 @triton.jit
 def $KERNEL_NAME(
     Q, K, V, Out, HEAD_IDS, PARAMS, LAYOUTS,
-    KV_NUM_PARTIAL, KV_PARTIAL, KV_NUM_FULL, KV_FULL, max_partial, max_full,
+    KV_NUM_PARTIAL, KV_PARTIAL, KV_NUM_FULL, KV_FULL, BLOCK_MASKS, max_partial, max_full,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -379,6 +379,9 @@ class FamilyTemplate:
     counts: tuple[str, ...] = ()
     helpers: str = ""
     table_driven: bool = False
+    # Element masks of the partial blocks precomputed on the host (frames_transposed: the block
+    # tables' BLOCK_MASKS, which hold the causal rule too, so the launch passes CAUSAL=False).
+    block_masks: bool = False
 
 
 def kernel_name(family: str) -> str:

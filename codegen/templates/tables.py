@@ -1,4 +1,4 @@
-"""Block tables of the table-driven families (block_sparse, union), built on the host.
+"""Block tables of the table-driven families (block_sparse, union, frames_transposed), built on the host.
 
 Per distinct pattern and query block: the partially covered key blocks (the kernel masks them) and
 the whole ones (no mask), each in ascending order, from block_coverage.block_coverage. A block the
@@ -15,9 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from sparsec.codegen.block_coverage import EMPTY, FULL, block_coverage
+from sparsec.codegen.block_coverage import EMPTY, FULL, block_coverage, row_intervals
+from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.patterns import Pattern
+
+# (query block, slot, row, word, run) elements computed at once when building block masks.
+_MASK_CHUNK = 1 << 23
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,10 @@ class BlockTables:
     partial: torch.Tensor  # (T, nqb, width)
     num_full: torch.Tensor  # (T, nqb)
     full: torch.Tensor  # (T, nqb, width)
+    # The element masks of the partial blocks, for patterns whose kernel reads them (frames_transposed):
+    # (T, nqb, partial width, block_m, words a row) int32 flattened, bit c of a row's word c // 32
+    # keeping key c of the block (causal rule included); one 0 when no pattern needs them.
+    masks: torch.Tensor
 
 
 def block_tables(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, block_n: int, causal: bool) -> BlockTables:
@@ -37,7 +46,35 @@ def block_tables(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, bl
     whole = (coverage == FULL) & ~past_end
     num_partial, partial = _compact((coverage != EMPTY) & ~whole)
     num_full, full = _compact(whole)
-    return BlockTables(num_partial, partial, num_full, full)
+    masks = torch.zeros(1, dtype=torch.int32)
+    if any(isinstance(p, FramesTransposed) for p in patterns):
+        masks = torch.stack([_partial_masks(p, partial[t], num_partial[t], Sq, Sk, block_m, block_n, causal)
+                             for t, p in enumerate(patterns)]).flatten()
+    return BlockTables(num_partial, partial, num_full, full, masks)
+
+
+def _partial_masks(pattern: Pattern, partial: torch.Tensor, count: torch.Tensor, Sq: int, Sk: int, block_m: int,
+                   block_n: int, causal: bool) -> torch.Tensor:
+    """(nqb, width, block_m, words) int32: each listed partial block's element mask as bits, from the
+    pattern's exact row intervals (disjoint runs: a run's bits in a word are one range, and the
+    ranges of a row add up without overlapping). Rows past Sq and unlisted slots keep nothing."""
+    nqb, width = partial.shape
+    words = (block_n + 31) // 32
+    lo, hi = (t.to(torch.int64) for t in row_intervals(pattern, Sq, Sk, causal))
+    pad = nqb * block_m - Sq
+    lo = F.pad(lo, (0, 0, 0, pad), value=1).view(nqb, 1, block_m, 1, -1)  # padding rows: empty
+    hi = F.pad(hi, (0, 0, 0, pad), value=0).view(nqb, 1, block_m, 1, -1)
+    listed = torch.arange(width)[None, :] < count[:, None]
+    first = (partial.to(torch.int64) * block_n)[:, :, None, None, None] + 32 * torch.arange(words)[:, None]
+    step = max(1, _MASK_CHUNK // (width * block_m * words * lo.shape[-1]))  # query blocks at once
+    chunks = []
+    for b in range(0, nqb, step):
+        start = (lo[b:b + step] - first[b:b + step]).clamp(0, 32)  # a run's keys in the word: bits [start, end)
+        end = (hi[b:b + step] + 1 - first[b:b + step]).clamp(0, 32)
+        one = torch.ones_like(end)
+        chunks.append(torch.where(end > start, (one << end) - (one << start), 0).sum(dim=-1))
+    bits = torch.where(listed[:, :, None, None], torch.cat(chunks), 0)  # (nqb, width, block_m, words)
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)  # signed, as the kernel masks
 
 
 def _compact(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

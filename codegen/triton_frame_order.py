@@ -1,0 +1,87 @@
+"""Which heads the Triton kernels run in frame-transposed token order (codegen/frame_order.py).
+
+In token order a temporal head's kernel visits, per query block, a key block or two for each of
+its dozens of narrow diagonals (at S = 16K in frames of 1024, 128 x 64 tiles, a head keeping 1.5%
+of the pairs visits a quarter of the key blocks, by block_coverage); in frame-transposed order the
+same pairs lie in a few runs (a twentieth of the blocks). The frames_transposed kernel (codegen/templates/frames_transposed.py) walks
+the renumbered pattern's block tables; triton_attention gathers q, k and v into that order once a
+call, launches the transposed heads together, and gathers their outputs back.
+
+The choice is the cost model's. For each of the layer's most common frame strides, a head is
+transposed when it alone is cheaper so; the layer's patterns with those heads transposed, plus the
+gathers (q, k and v read and written once, the transposed heads' outputs once more, at the
+device's memory bandwidth), are priced against the patterns as they are, and the cheapest wins. `frames` True / False forces the transposed order
+(where a head has a frame stride) or the natural one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import Counter
+
+import torch
+
+from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
+from sparsec.patterns import Pattern
+
+__all__ = ["choose_frame_order"]
+
+_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# Frame strides priced a layer (the most common among its heads' candidates).
+_MAX_STRIDES = 3
+
+
+def choose_frame_order(head_patterns: tuple[Pattern, ...], q_shape, k_shape, v_shape, dtype: torch.dtype,
+                       causal: bool, block_m: int, block_n: int, hardware: str,
+                       frames: bool | None = None) -> tuple[tuple[Pattern, ...], int | None]:
+    """(the patterns to launch, the frame stride) — FramesTransposed for the heads run in that
+    order — or (head_patterns, None) when none is. `hardware`: the cost-model profile's name."""
+    return _choose(tuple(head_patterns), tuple(q_shape), tuple(k_shape), tuple(v_shape), dtype, bool(causal),
+                   block_m, block_n, hardware, frames)
+
+
+@functools.lru_cache(maxsize=4096)  # once a layer
+def _choose(head_patterns, q_shape, k_shape, v_shape, dtype, causal, block_m, block_n, hardware, frames):
+    Sq, Sk = q_shape[2], k_shape[2]
+    if frames is False or Sq != Sk or any(isinstance(p, FramesTransposed) for p in head_patterns):
+        return head_patterns, None  # (patterns already renumbered run as given, on the tensors as given)
+    candidates = [frame_candidates(p, Sq, Sk) for p in head_patterns]
+    strides = Counter(frame for found in candidates for frame in found)
+    if not strides:
+        return head_patterns, None
+    if frames:  # forced: the stride most heads have, for every head that has it
+        frame = strides.most_common(1)[0][0]
+        return tuple(FramesTransposed(p, frame) if frame in found else p
+                     for p, found in zip(head_patterns, candidates)), frame
+    from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
+    from sparsec.cost_models.hardware import get_profile
+
+    hw = get_profile(hardware)
+    shape = AttentionShape(batch=q_shape[0], num_heads=q_shape[1], num_kv_heads=k_shape[1], q_len=Sq, kv_len=Sk,
+                           head_dim=q_shape[3], value_dim=v_shape[3], dtype=_DTYPE_NAMES[dtype], causal=causal)
+    one_head = dataclasses.replace(shape, num_heads=1, num_kv_heads=1)
+
+    def seconds(patterns, shape=shape) -> float:
+        return estimate_attention(patterns, shape, hw, block_m=block_m, block_n=block_n).seconds
+
+    best = (seconds(head_patterns), head_patterns, None)
+    for frame, _ in strides.most_common(_MAX_STRIDES):
+        # a head moves when it alone runs faster transposed; then the layer, gathers included, decides
+        patterns = tuple(FramesTransposed(p, frame) if frame in found and
+                         seconds((FramesTransposed(p, frame),), one_head) < seconds((p,), one_head) else p
+                         for p, found in zip(head_patterns, candidates))
+        if patterns != head_patterns:
+            total = seconds(patterns) + _gather_seconds(patterns, q_shape, k_shape, v_shape, dtype, hw)
+            best = min(best, (total, patterns, frame), key=lambda option: option[0])
+    return best[1], best[2]
+
+
+def _gather_seconds(patterns, q_shape, k_shape, v_shape, dtype, hw) -> float:
+    """q, k and v gathered into transposed order, and the transposed heads' outputs back: each
+    element read and written once (plus the launches of the gathers)."""
+    transposed_heads = sum(isinstance(p, FramesTransposed) for p in patterns)
+    B, _, Sq, _ = q_shape
+    elements = (B * q_shape[1] * Sq * q_shape[3] + B * k_shape[1] * k_shape[2] * (k_shape[3] + v_shape[3])
+                + B * transposed_heads * Sq * v_shape[3])
+    moved_bytes = 2 * elements * torch.empty((), dtype=dtype).element_size()
+    return moved_bytes / (hw.memory_bandwidth * hw.memory_efficiency) + 4 * hw.launch_overhead_s
