@@ -238,8 +238,9 @@ def triton_attention(
             _fill_skip_heads(out, v, group, Hq // k.shape[1], causal)
         elif group.family == "frames_transposed" and frame is not None:
             _launch(group, *reordered, bool(causal), float(scale), tiles)
-            heads = torch.tensor(group.heads, device=q.device)
-            rows = reordered[3].index_select(1, heads).index_select(2, transposed_index(Sq, frame).to(q.device))
+            heads = _device_tensor(group.heads, q.device)
+            rows = reordered[3].index_select(1, heads).index_select(2, _device_index(transposed_index, Sq, frame,
+                                                                                     q.device))
             out.index_copy_(1, heads, rows)
         else:
             _launch(group, q, k, v, out, bool(causal), float(scale), tiles)
@@ -250,8 +251,19 @@ def _reordered(q, k, v, out, frame: int | None):
     """q, k, v gathered into frame-transposed order, and an output buffer, for the transposed heads."""
     if frame is None:
         return None
-    order = natural_index(q.shape[2], frame).to(q.device)
+    order = _device_index(natural_index, q.shape[2], frame, q.device)
     return (q.index_select(2, order), k.index_select(2, order), v.index_select(2, order), torch.empty_like(out))
+
+
+@functools.lru_cache(maxsize=256)
+def _device_index(index, length: int, frame: int, device: torch.device) -> torch.Tensor:
+    """natural_index / transposed_index on `device`, copied there once."""
+    return index(length, frame).to(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _device_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device)
 
 
 def _profile_name(device: torch.device) -> str:

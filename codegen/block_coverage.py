@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from sparsec.codegen.bounded_cache import bytes_bounded_cache
+from sparsec.codegen.frame_coverage import transposed_touched_tiles
 from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.patterns import (
     AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, Skip, Union, VerticalSlash, Window,
@@ -550,8 +551,9 @@ def coverage_counts_many(patterns, Sq: int, Sk: int, block_m: int, block_n: int,
     """(full, partial): int64 numpy (len(patterns), ceil(Sq / block_m)) FULL and PARTIAL key
     blocks per query block of each pattern, all counted at once. Interval families and
     BlockSparse at its own block size are counted per query block without building coverage
-    (O(query blocks x ranges) each, batched over the patterns; interval forms are cached); other
-    patterns count their coverage."""
+    (O(query blocks x ranges) each, batched over the patterns; interval forms are cached);
+    frame-transposed bands in closed form too, all touched tiles partial (codegen.frame_coverage);
+    other patterns count their coverage."""
     patterns = list(patterns)
     for p in patterns:
         _check_args(p, Sq, Sk, block_m, block_n)
@@ -568,6 +570,9 @@ def coverage_counts_many(patterns, Sq: int, Sk: int, block_m: int, block_n: int,
             aligned.append(n)
         elif not isinstance(p, BlockSparse) and (form := _interval_form(p, Sq, Sk)) is not None:
             forms.setdefault(form, []).append(n)
+        elif isinstance(p, FramesTransposed) and (
+                tiles := transposed_touched_tiles(p, Sq, Sk, block_m, block_n, causal)) is not None:
+            touched[n] = tiles  # every touched tile counted partial (codegen.frame_coverage)
         else:
             cov = _coverage(p, Sq, Sk, block_m, block_n, causal)
             full[n], touched[n] = (cov == FULL).sum(dim=1).numpy(), (cov != EMPTY).sum(dim=1).numpy()

@@ -3,15 +3,18 @@
 In token order a temporal head's kernel visits, per query block, a key block or two for each of
 its dozens of narrow diagonals (at S = 16K in frames of 1024, 128 x 64 tiles, a head keeping 1.5%
 of the pairs visits a quarter of the key blocks, by block_coverage); in frame-transposed order the
-same pairs lie in a few runs (a twentieth of the blocks). The frames_transposed kernel (codegen/templates/frames_transposed.py) walks
-the renumbered pattern's block tables; triton_attention gathers q, k and v into that order once a
-call, launches the transposed heads together, and gathers their outputs back.
+same pairs lie in a few runs (a twentieth of the blocks). The frames_transposed kernel
+(codegen/templates/frames_transposed.py) walks the renumbered pattern's block tables;
+triton_attention gathers q, k and v into that order once a call, launches the transposed heads
+together, and gathers their outputs back.
 
-The choice is the cost model's. For each of the layer's most common frame strides, a head is
-transposed when it alone is cheaper so; the layer's patterns with those heads transposed, plus the
-gathers (q, k and v read and written once, the transposed heads' outputs once more, at the
-device's memory bandwidth), are priced against the patterns as they are, and the cheapest wins. `frames` True / False forces the transposed order
-(where a head has a frame stride) or the natural one.
+The choice is the cost model's, for frame strides of at most BLOCK_N frames (a key tile then
+holds a patch's tokens in every frame, and codegen/frame_coverage.py counts the tiles in closed
+form). For each of the layer's most common frame strides, a head is transposed when it alone is
+cheaper so; the layer's patterns with those heads transposed, plus the gathers (q, k and v read
+and written once, the transposed heads' outputs once more, at the device's memory bandwidth), are
+priced against the patterns as they are, and the cheapest wins. `frames` True / False forces the
+transposed order (where a head has a frame stride) or the natural one.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
 from sparsec.patterns import Pattern
 
-__all__ = ["choose_frame_order"]
+__all__ = ["choose_frame_order", "priced_frame_order"]
 
 _DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Frame strides priced a layer (the most common among its heads' candidates).
@@ -32,31 +35,57 @@ _MAX_STRIDES = 3
 
 
 def choose_frame_order(head_patterns: tuple[Pattern, ...], q_shape, k_shape, v_shape, dtype: torch.dtype,
-                       causal: bool, block_m: int, block_n: int, hardware: str,
+                       causal: bool, block_m: int, block_n: int, hardware,
                        frames: bool | None = None) -> tuple[tuple[Pattern, ...], int | None]:
     """(the patterns to launch, the frame stride) — FramesTransposed for the heads run in that
-    order — or (head_patterns, None) when none is. `hardware`: the cost-model profile's name."""
-    return _choose(tuple(head_patterns), tuple(q_shape), tuple(k_shape), tuple(v_shape), dtype, bool(causal),
-                   block_m, block_n, hardware, frames)
+    order — or (head_patterns, None) when none is. `hardware`: a cost-model profile or its name."""
+    patterns, frame, _ = _choose(tuple(head_patterns), tuple(q_shape), tuple(k_shape), tuple(v_shape), dtype,
+                                 bool(causal), block_m, block_n, _hashable(hardware), frames)
+    return patterns, frame
+
+
+def priced_frame_order(head_patterns: tuple[Pattern, ...], shape, block_m: int, block_n: int,
+                       hardware) -> tuple[tuple[Pattern, ...], float]:
+    """For the cost model (cost_models.estimate): the patterns triton_attention launches for an
+    attention of `shape` (cost_models AttentionShape) and the seconds of its gathers (0 when no
+    head is transposed)."""
+    dtype = {name: dtype for dtype, name in _DTYPE_NAMES.items()}[shape.dtype]
+    q_shape = (shape.batch, shape.num_heads, shape.q_len, shape.head_dim)
+    k_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.head_dim)
+    v_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.value_dim)
+    patterns, _, gathers = _choose(tuple(head_patterns), q_shape, k_shape, v_shape, dtype, shape.causal, block_m,
+                                   block_n, _hashable(hardware), None)
+    return patterns, gathers
+
+
+def _hashable(hardware) -> str:
+    """A profile's name, or a profile object as its JSON text (its figures are dicts)."""
+    return hardware if isinstance(hardware, str) else hardware.to_json()
+
+
+def _profile(hardware: str):
+    from sparsec.cost_models.hardware import HardwareProfile, get_profile
+
+    return HardwareProfile.from_json(hardware) if hardware.lstrip().startswith("{") else get_profile(hardware)
 
 
 @functools.lru_cache(maxsize=4096)  # once a layer
 def _choose(head_patterns, q_shape, k_shape, v_shape, dtype, causal, block_m, block_n, hardware, frames):
     Sq, Sk = q_shape[2], k_shape[2]
     if frames is False or Sq != Sk or any(isinstance(p, FramesTransposed) for p in head_patterns):
-        return head_patterns, None  # (patterns already renumbered run as given, on the tensors as given)
-    candidates = [frame_candidates(p, Sq, Sk) for p in head_patterns]
+        return head_patterns, None, 0.0  # (patterns already renumbered run as given, on the tensors as given)
+    # strides whose frames fit a key tile (T <= BLOCK_N): priced in closed form (codegen.frame_coverage)
+    candidates = [tuple(f for f in frame_candidates(p, Sq, Sk) if Sq // f <= block_n) for p in head_patterns]
     strides = Counter(frame for found in candidates for frame in found)
     if not strides:
-        return head_patterns, None
+        return head_patterns, None, 0.0
     if frames:  # forced: the stride most heads have, for every head that has it
         frame = strides.most_common(1)[0][0]
         return tuple(FramesTransposed(p, frame) if frame in found else p
-                     for p, found in zip(head_patterns, candidates)), frame
+                     for p, found in zip(head_patterns, candidates)), frame, 0.0
     from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
-    from sparsec.cost_models.hardware import get_profile
 
-    hw = get_profile(hardware)
+    hw = _profile(hardware)
     shape = AttentionShape(batch=q_shape[0], num_heads=q_shape[1], num_kv_heads=k_shape[1], q_len=Sq, kv_len=Sk,
                            head_dim=q_shape[3], value_dim=v_shape[3], dtype=_DTYPE_NAMES[dtype], causal=causal)
     one_head = dataclasses.replace(shape, num_heads=1, num_kv_heads=1)
@@ -64,16 +93,16 @@ def _choose(head_patterns, q_shape, k_shape, v_shape, dtype, causal, block_m, bl
     def seconds(patterns, shape=shape) -> float:
         return estimate_attention(patterns, shape, hw, block_m=block_m, block_n=block_n).seconds
 
-    best = (seconds(head_patterns), head_patterns, None)
+    best = (seconds(head_patterns), head_patterns, None, 0.0)
     for frame, _ in strides.most_common(_MAX_STRIDES):
         # a head moves when it alone runs faster transposed; then the layer, gathers included, decides
         patterns = tuple(FramesTransposed(p, frame) if frame in found and
                          seconds((FramesTransposed(p, frame),), one_head) < seconds((p,), one_head) else p
                          for p, found in zip(head_patterns, candidates))
         if patterns != head_patterns:
-            total = seconds(patterns) + _gather_seconds(patterns, q_shape, k_shape, v_shape, dtype, hw)
-            best = min(best, (total, patterns, frame), key=lambda option: option[0])
-    return best[1], best[2]
+            gathers = _gather_seconds(patterns, q_shape, k_shape, v_shape, dtype, hw)
+            best = min(best, (seconds(patterns) + gathers, patterns, frame, gathers), key=lambda option: option[0])
+    return best[1:]
 
 
 def _gather_seconds(patterns, q_shape, k_shape, v_shape, dtype, hw) -> float:

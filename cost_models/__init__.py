@@ -37,7 +37,7 @@ from sparsec.codegen.linear_cpu import FEW_TOKENS
 from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
 from sparsec.cost_models.hardware import HardwareProfile, get_profile
 
-__all__ = ["estimate", "estimate_linear_seconds"]
+__all__ = ["estimate", "estimate_linear_seconds", "frame_transposed_heads", "transposed_heads"]
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 _FULL_RATE_TILE = 64      # dot tile edge at which tensor cores reach the dense GEMM's rate
@@ -72,7 +72,9 @@ def _dtype(what: str, dtype: str) -> str:
     return dtype
 
 
-def _attention_seconds(op, hardware: HardwareProfile, block_m: int | None, block_n: int | None) -> float:
+def _attention_problem(op, hardware: HardwareProfile, block_m: int | None, block_n: int | None):
+    """(head patterns, AttentionShape, block_m, block_n) of an Attention op, tiles defaulted as
+    the executor of `hardware` picks them."""
     from sparsec.codegen.tiles import default_tiles
     from sparsec.ir.types import AttentionPatterns, torch_dtype
     from sparsec.patterns import Dense
@@ -88,8 +90,53 @@ def _attention_seconds(op, hardware: HardwareProfile, block_m: int | None, block
     tiles = default_tiles(max(D, Dv), torch_dtype(dtype), Sq, Sk)
     # Without tiles from a plan the cpu executor picks its query block per pattern (block_m None).
     default_m = None if hardware.executor == "cpu" else tiles.block_m
-    seconds = estimate_attention(patterns, shape, hardware, block_m=block_m or default_m,
-                                 block_n=block_n or tiles.block_n).seconds
+    return tuple(patterns), shape, block_m or default_m, block_n or tiles.block_n
+
+
+def frame_transposed_heads(op, hardware: HardwareProfile | str, *, block_m: int | None = None,
+                           block_n: int | None = None) -> tuple[tuple[int, ...], int | None]:
+    """(heads, frame): the query heads of an Attention op that `hardware`'s executor runs in
+    frame-transposed token order (codegen/frame_order.py), and the frame length; ((), None) if none."""
+    hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
+    return transposed_heads(*_attention_problem(op, hardware, block_m, block_n), hardware)
+
+
+def transposed_heads(patterns, shape: AttentionShape, block_m: int | None, block_n: int,
+                     hardware: HardwareProfile | str) -> tuple[tuple[int, ...], int | None]:
+    """frame_transposed_heads of per-head `patterns` for an attention of `shape` (block_m None:
+    the cpu executor's own query blocks)."""
+    from sparsec.codegen.attention_cpu_choice import choose_split
+    from sparsec.codegen.frame_order import FramesTransposed
+
+    hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
+    patterns = tuple(patterns)
+    if hardware.executor == "cpu":
+        run = []
+        for p in patterns:
+            rows = shape.batch * patterns.count(p)
+            parts = choose_split(p, shape.q_len, shape.kv_len, shape.causal, block_m, rows=rows,
+                                 width=shape.head_dim + shape.value_dim, threads=hardware.sm_count)[1]
+            run.append(parts[0])
+    else:
+        from sparsec.codegen.tiles import default_tiles
+        from sparsec.codegen.triton_frame_order import priced_frame_order
+        from sparsec.ir.types import torch_dtype
+
+        block_m = block_m or default_tiles(max(shape.head_dim, shape.value_dim), torch_dtype(shape.dtype),
+                                           shape.q_len, shape.kv_len).block_m
+        run = priced_frame_order(patterns, shape, block_m, block_n, hardware)[0]
+    heads = tuple(h for h, p in enumerate(run) if isinstance(p, FramesTransposed))
+    return heads, (run[heads[0]].frame if heads else None)
+
+
+def _attention_seconds(op, hardware: HardwareProfile, block_m: int | None, block_n: int | None) -> float:
+    patterns, shape, block_m, block_n = _attention_problem(op, hardware, block_m, block_n)
+    gathers = 0.0
+    if hardware.executor != "cpu":  # as triton_attention runs them: temporal heads maybe frame-transposed
+        from sparsec.codegen.triton_frame_order import priced_frame_order
+
+        patterns, gathers = priced_frame_order(patterns, shape, block_m, block_n, hardware)
+    seconds = estimate_attention(patterns, shape, hardware, block_m=block_m, block_n=block_n).seconds + gathers
     if op.mask is not None:
         mask = op.mask.type
         mask_bytes = math.prod(_static_shape("mask", op.mask)) * (1 if mask.dtype == "bool" else _BYTES.get(mask.dtype, 4))

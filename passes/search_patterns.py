@@ -119,7 +119,9 @@ class CostTable:
     one batch of block_coverage.coverage_counts_many). From them:
       head_seconds   a head's option price (attention_cost.head_price, as head_seconds_many);
       layer_seconds  the whole layer, one launch per family group; exact by default (the list
-                     schedule, as estimate_attention), while the search passes exact=False:
+                     schedule, as estimate_attention; on the Triton kernels with the heads the
+                     kernels run in frame-transposed order as they run them), while the search
+                     passes exact=False:
                      launches over EXACT_SCHEDULE_PROGRAMS programs then use makespan_estimate,
                      and each launch is cached (a head-group merge changes two launches).
     BlockSparse layouts belong to one head of one layer and are large at long sequences: their
@@ -148,12 +150,35 @@ class CostTable:
             for p, row in zip(computed, self._program_costs(computed, counts, shape, tiles)):
                 table.programs[p] = (row, (float(row.sum()), float(row.max())))
                 table.calls[p] = counts[p].calls
+            self._price_transposed(computed, shape, tiles, table)
         for p in missing:
             if isinstance(p, Skip):
                 table.head[p] = head_price(p, shape, self.hardware)
             else:
                 costs, totals = table.programs[p]
                 table.head[p] = head_price(p, shape, self.hardware, costs=costs, totals=totals, calls=table.calls[p])
+
+    def _price_transposed(self, patterns, shape: AttentionShape, tiles: tuple[int, int], table: _Prices) -> None:
+        """On the Triton kernels, a pattern with a frame stride is priced in frame-transposed order
+        where that is cheaper, as triton_attention would run it (codegen/triton_frame_order.py;
+        strides of at most BLOCK_N frames, counted in closed form; the gathers, a few microseconds
+        a head, are left to the layer's exact price)."""
+        if self.hardware.executor == "cpu" or shape.q_len != shape.kv_len:
+            return
+        from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
+
+        moved = {}
+        for p in patterns:
+            frames = [f for f in frame_candidates(p, shape.q_len, shape.kv_len) if shape.q_len // f <= tiles[1]]
+            if frames:
+                moved[p] = FramesTransposed(p, frames[0])
+        if not moved:
+            return
+        transposed = list(moved.values())
+        counts = pattern_counts(transposed, shape, tiles[0], tiles[1], executor=self.hardware.executor)
+        for p, row in zip(moved, self._program_costs(transposed, counts, shape, tiles)):
+            if row.sum() < table.programs[p][1][0]:
+                table.programs[p] = (row, (float(row.sum()), float(row.max())))
 
     def _program_costs(self, patterns, counts, shape: AttentionShape, tiles: tuple[int, int]) -> list[np.ndarray]:
         """Each pattern's per-query-block seconds: priced as one array on the Triton kernels (every
@@ -187,14 +212,28 @@ class CostTable:
             if key not in table.layers:
                 if len(table.layers) > _MAX_LAUNCHES:
                     table.layers.clear()
-                groups = {str(g): g for g in head_groups(patterns)}
-                table.layers[key] = estimate_attention(key, shape, self.hardware, block_m=self._block_m(tiles),
-                                                       block_n=tiles[1], head_groups=groups).seconds
+                run, groups, gathers = self._dispatched(key, shape, tiles)
+                table.layers[key] = estimate_attention(run, shape, self.hardware, block_m=self._block_m(tiles),
+                                                       block_n=tiles[1], head_groups=groups).seconds + gathers
             return table.layers[key]
         seconds = 0.0
         for group in head_groups(patterns):
             seconds += self._launch(tuple(patterns[h] for h in group), shape, tiles, table)
         return seconds
+
+    def _dispatched(self, patterns: tuple[Pattern, ...], shape: AttentionShape, tiles: tuple[int, int]):
+        """(patterns, launch groups, extra seconds) of the layer as the kernels run it: on the
+        Triton kernels, heads the cost model runs in frame-transposed order (codegen/
+        triton_frame_order.py) are one launch of their own and the gathers cost their seconds."""
+        groups = head_groups(patterns)
+        if self.hardware.executor == "cpu":  # the executor's order is inside its head prices
+            return patterns, {str(g): g for g in groups}, 0.0
+        from sparsec.codegen.triton_frame_order import priced_frame_order
+
+        run, gathers = priced_frame_order(patterns, shape, tiles[0], tiles[1], self.hardware)
+        moved = tuple(h for h, (p, r) in enumerate(zip(patterns, run)) if p != r)
+        groups = [tuple(h for h in g if h not in moved) for g in groups] + [moved]
+        return run, {str(g): g for g in groups if g}, gathers
 
     def _block_m(self, tiles: tuple[int, int]) -> int | None:
         """The query block the kernels run at `tiles`: the cpu executor picks its own per pattern (a

@@ -131,6 +131,18 @@ class TunedDemoResult:
     tune_seconds: float
 
 
+def _order_note(layer, target) -> str:
+    """"; head 1 in frame-transposed order" for the heads the target's executor runs so."""
+    from sparsec.cost_models import transposed_heads
+    from sparsec.cost_models.attention_cost import AttentionShape
+
+    shape = AttentionShape(batch=1, num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads, q_len=layer.q_len,
+                           kv_len=layer.kv_len, head_dim=layer.head_dim, value_dim=layer.head_dim, dtype=layer.dtype,
+                           causal=layer.causal)
+    heads, _ = transposed_heads(layer.patterns, shape, None, layer.tiles[1], target)
+    return f"; head{'s' if len(heads) > 1 else ''} {', '.join(map(str, heads))} in frame-transposed order" if heads else ""
+
+
 def run_tuned_demo(config: TinyDiTConfig | None = None, inner: str = "eager", repeats: int = 3, budget: float = 0.02,
                    target="cpu", write: Callable[[str], None] = lambda line: None) -> TunedDemoResult:
     """Tune the model with positional heads, compile it with the plan, check it on a fresh input."""
@@ -155,7 +167,7 @@ def run_tuned_demo(config: TinyDiTConfig | None = None, inner: str = "eager", re
     for path, layer in plan.layers.items():
         if layer.q_len == layer.kv_len:
             heads = ", ".join(f"{type(p).__name__} {layer.density(h):.1%}" for h, p in enumerate(layer.patterns))
-            write(f"  {path}: {heads}; error {layer.error:.4f}, est. {layer.speedup:.2f}x")
+            write(f"  {path}: {heads}; error {layer.error:.4f}, est. {layer.speedup:.2f}x{_order_note(layer, target)}")
     write(f"tuned in {tune_seconds:.1f} s; on a fresh input the tuned output differs from dense by "
           f"{result.sparse_vs_dense:.4f} (relative L2)")
     write("CPU time per forward (median): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result.timings.items()))

@@ -46,7 +46,21 @@ def _estimates(op: Attention, hardware) -> str:
     except (ValueError, TypeError):
         return ""
     tiles = f", tiles {op.tiles[0]}x{op.tiles[1]}" if op.tiles else ""
-    return f"{tiles}; est. on {hardware.name}: dense {dense * 1e6:.1f} us -> {chosen * 1e6:.1f} us"
+    return (f"{tiles}; est. on {hardware.name}: dense {dense * 1e6:.1f} us -> {chosen * 1e6:.1f} us"
+            f"{_frame_order(op, hardware)}")
+
+
+def _frame_order(op: Attention, hardware) -> str:
+    """"; heads 1, 5 in frame-transposed order (frames of 256)" for the heads the executor runs
+    so (codegen/frame_order.py), "" for none."""
+    from sparsec.cost_models import frame_transposed_heads
+
+    heads, frame = frame_transposed_heads(op, hardware, block_m=op.tiles[0] if op.tiles else None,
+                                          block_n=op.tiles[1] if op.tiles else None)
+    if not heads:
+        return ""
+    names = ", ".join(map(str, heads))
+    return f"; head{'s' if len(heads) > 1 else ''} {names} in frame-transposed order (frames of {frame})"
 
 
 def _attention_line(op: Attention, hardware=None) -> str:

@@ -7,7 +7,7 @@ import torch
 from sparsec.explain import explain
 from sparsec.ir.ops import Attention
 from sparsec.ir.parser import parse_graph
-from sparsec.patterns import Window
+from sparsec.patterns import MultiDiagonal, Window
 from tests import models
 
 EXPECTED_FILES = ["0_dynamo_fx.py", "1_aten_fx.py", "2_ir_lower.txt", "3_ir_apply_patterns.txt",
@@ -82,3 +82,23 @@ def test_explain_says_which_layers_sparsec_runs():
     patterned = explain(model, *inputs, options={"inner": "eager", "attention_patterns": {"blocks.*.attn": Window(2, 0)}})
     attention_layers = len(patterned.graphs[0].final_ir.ops_of(Attention))
     assert f"run by sparsec's ops: {attention_layers} attention, 0 linear" in patterned.summary()
+
+
+def test_explain_names_the_heads_run_in_frame_transposed_order():
+    """A video DiT (8 frames of 16 x 16 patches) with a temporal pattern on every self-attention
+    head: on the cpu target the executor runs them in frame-transposed order, and explain says so;
+    a local window stays in token order."""
+    from sparsec.demo import DEMO_CONFIG
+    from sparsec.models import example_inputs, tiny_dit
+
+    model, _ = tiny_dit(DEMO_CONFIG)
+    frame = (DEMO_CONFIG.height // DEMO_CONFIG.patch) * (DEMO_CONFIG.width // DEMO_CONFIG.patch)
+    temporal = MultiDiagonal([k * frame + r for k in range(1 - DEMO_CONFIG.frames, DEMO_CONFIG.frames)
+                              for r in (-16, 0, 16)], 1)
+    inputs = example_inputs(DEMO_CONFIG, seed=4)
+    for pattern, expected in ((temporal, f"heads 0, 1, 2, 3 in frame-transposed order (frames of {frame})"),
+                              (Window(8, 8), None)):
+        report = explain(model, *inputs, options={"inner": "eager", "target": "cpu",
+                                                  "attention_patterns": {"blocks.*.attn": pattern}})
+        lines = [line for line in report.summary().splitlines() if ".attn:" in line]
+        assert lines and all((expected in line) if expected else ("frame-transposed" not in line) for line in lines)

@@ -175,3 +175,23 @@ def test_the_estimate_chooses_transposed_order_for_temporal_heads_only():
     assert not any(isinstance(part, FramesTransposed) for part in parts)
     _, parts = choose_split(temporal_head, S, S, False, rows=4, width=64, threads=2, frames=False)
     assert not any(isinstance(part, FramesTransposed) for part in parts)
+
+
+@given(base=bases, frame=st.sampled_from([8, 12, 16, 20]), frames=st.sampled_from([2, 3, 4, 8]),
+       block_m=st.sampled_from([8, 16, 32]), block_n=st.sampled_from([8, 16]), causal=st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_closed_form_tile_counts_match_the_exact_coverage(base, frame, frames, block_m, block_n, causal):
+    """codegen.frame_coverage counts the key tiles a renumbered pattern of bands touches without
+    its rows' intervals: exactly block_coverage's touched tiles (when the frames fit a key tile)."""
+    from sparsec.codegen.block_coverage import EMPTY, block_coverage
+    from sparsec.codegen.frame_coverage import transposed_touched_tiles
+
+    S = frame * frames
+    pattern = FramesTransposed(base, frame)
+    found = transposed_touched_tiles(pattern, S, S, block_m, block_n, causal)
+    keeps_columns = isinstance(base, P.VerticalSlash) and any(start < S for start, _ in base.columns)
+    if keeps_columns or frames > block_n:  # not bands only, or frames wider than a tile
+        assert found is None
+        return
+    exact = (block_coverage(pattern, S, S, block_m, block_n, causal) != EMPTY).sum(dim=1)
+    assert found.tolist() == exact.tolist()

@@ -125,3 +125,30 @@ def test_kernel_calls_compile_the_transposed_launches_a_call_makes(interpret):
     heads = (FramesTransposed(temporal(12, 4), 12), P.Window(2, 2))
     families = [c.kernel for c in attention_triton.kernel_calls(q, q, q, heads, causal=True, scale=0.25, tiles=TILES)]
     assert families == ["attention_frames_transposed_kernel", "attention_window_kernel"]
+
+
+def test_the_search_prices_temporal_heads_as_the_kernels_run_them():
+    """On a GPU profile the search's head price of a temporal head is its frame-transposed price
+    (cheaper there), a local head keeps its own; the exact layer price runs the transposed heads as
+    one launch and adds the gathers: between the transposed kernels alone and token order."""
+    from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention, head_seconds_many
+    from sparsec.cost_models.hardware import get_profile
+    from sparsec.passes.search_patterns import CostTable
+
+    S, hw, tiles = 16 * 1024, get_profile("h100"), (128, 64)
+    shape = AttentionShape(batch=1, num_heads=8, num_kv_heads=8, q_len=S, kv_len=S, head_dim=128, value_dim=128,
+                           dtype="bf16")
+    temporal_head = temporal(1024, 16, (-32, 0, 32), 2)
+    local_head = P.MultiDiagonal([-64, -32, -1, 0, 1, 32, 64], 1)
+    natural, transposed, local = head_seconds_many(
+        [temporal_head, FramesTransposed(temporal_head, 1024), local_head], shape, hw, block_m=128, block_n=64)
+    assert transposed < natural / 2
+    costs = CostTable(hw)
+    assert costs.head_prices([temporal_head, local_head], shape, tiles) == pytest.approx([transposed, local])
+    heads = (temporal_head, local_head) * 4
+    run = (FramesTransposed(temporal_head, 1024), local_head) * 4
+
+    def layer(patterns):
+        return estimate_attention(patterns, shape, hw, block_m=128, block_n=64).seconds
+
+    assert layer(run) < costs.layer_seconds(heads, shape, tiles) < layer(heads)
