@@ -232,27 +232,30 @@ def triton_attention(
     head_patterns, frame = choose_frame_order(tuple(head_patterns), q.shape, k.shape, v.shape, q.dtype, causal,
                                               tiles.block_m, tiles.block_n, _profile_name(q.device), frames)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
-    reordered = _reordered(q, k, v, out, frame)
     for group in group_heads(head_patterns):
         if group.family == "skip":
             _fill_skip_heads(out, v, group, Hq // k.shape[1], causal)
         elif group.family == "frames_transposed" and frame is not None:
-            _launch(group, *reordered, bool(causal), float(scale), tiles)
-            heads = _device_tensor(group.heads, q.device)
-            rows = reordered[3].index_select(1, heads).index_select(2, _device_index(transposed_index, Sq, frame,
-                                                                                     q.device))
-            out.index_copy_(1, heads, rows)
+            _launch_transposed(group, q, k, v, out, frame, bool(causal), float(scale), tiles)
         else:
             _launch(group, q, k, v, out, bool(causal), float(scale), tiles)
     return out
 
 
-def _reordered(q, k, v, out, frame: int | None):
-    """q, k, v gathered into frame-transposed order, and an output buffer, for the transposed heads."""
-    if frame is None:
-        return None
+def _launch_transposed(group: HeadGroup, q, k, v, out, frame: int, causal: bool, scale: float,
+                       tiles: AttentionTiles) -> None:
+    """The transposed heads: their q, and their kv heads' k and v (one a query head, so the launch
+    needs no GQA map), gathered into frame-transposed order; the outputs gathered back into `out`.
+    Only these heads' rows move (codegen/triton_frame_order.py prices exactly that)."""
+    heads = _device_tensor(group.heads, q.device)
+    kv_heads = _device_tensor(tuple(h // (q.shape[1] // k.shape[1]) for h in group.heads), q.device)
     order = _device_index(natural_index, q.shape[2], frame, q.device)
-    return (q.index_select(2, order), k.index_select(2, order), v.index_select(2, order), torch.empty_like(out))
+    q_t = q.index_select(1, heads).index_select(2, order)
+    k_t, v_t = (x.index_select(1, kv_heads).index_select(2, order) for x in (k, v))
+    out_t = torch.empty(q.shape[0], len(group.heads), q.shape[2], v.shape[3], dtype=out.dtype, device=out.device)
+    _launch(HeadGroup(group.family, tuple(range(len(group.heads))), group.patterns), q_t, k_t, v_t, out_t, causal,
+            scale, tiles)
+    out.index_copy_(1, heads, out_t.index_select(2, _device_index(transposed_index, q.shape[2], frame, q.device)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -278,17 +281,26 @@ def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_pattern
                  causal: bool, scale: float, tiles: AttentionTiles | None = None,
                  interpreted: bool | None = None) -> list[KernelCall]:
     """The launches `triton_attention` makes for these arguments (Skip heads make none; heads in
-    frame-transposed order run on gathered copies of the same shapes), on any device:
+    frame-transposed order run on gathered copies of their own rows), on any device:
     codegen/triton_aot compiles them for a GPU from CPU tensors."""
     reason = _tensor_reason(q, k, v) or _layout_reason(q, k, v) or _pattern_reason(q, k, head_patterns)
     if reason is not None:
         raise ValueError(f"kernel_calls: {reason}")
     tiles = tiles or default_tiles(max(q.shape[3], v.shape[3]), q.dtype, q.shape[2], k.shape[2])
-    head_patterns, _ = choose_frame_order(tuple(head_patterns), q.shape, k.shape, v.shape, q.dtype, causal,
-                                          tiles.block_m, tiles.block_n, _profile_name(q.device))
+    head_patterns, frame = choose_frame_order(tuple(head_patterns), q.shape, k.shape, v.shape, q.dtype, causal,
+                                              tiles.block_m, tiles.block_n, _profile_name(q.device))
     out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
-    return [kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted)
-            for group in group_heads(head_patterns) if group.family != "skip"]
+    calls = []
+    for group in group_heads(head_patterns):
+        if group.family == "frames_transposed" and frame is not None:  # as _launch_transposed runs it
+            n = len(group.heads)
+            q_t, k_t, v_t, out_t = (torch.empty(x.shape[0], n, *x.shape[2:], dtype=x.dtype, device=x.device)
+                                    for x in (q, k, v, out))
+            calls.append(kernel_call(HeadGroup(group.family, tuple(range(n)), group.patterns), q_t, k_t, v_t, out_t,
+                                     bool(causal), float(scale), tiles, interpreted=interpreted))
+        elif group.family != "skip":
+            calls.append(kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted))
+    return calls
 
 
 def _fitted(tiles: AttentionTiles, q: torch.Tensor, D: int, Dv: int) -> AttentionTiles:

@@ -5,15 +5,16 @@ its dozens of narrow diagonals (at S = 16K in frames of 1024, 128 x 64 tiles, a 
 of the pairs visits a quarter of the key blocks, by block_coverage); in frame-transposed order the
 same pairs lie in a few runs (a twentieth of the blocks). The frames_transposed kernel
 (codegen/templates/frames_transposed.py) walks the renumbered pattern's block tables;
-triton_attention gathers q, k and v into that order once a call, launches the transposed heads
+triton_attention gathers the transposed heads' q, k and v into that order, launches them
 together, and gathers their outputs back.
 
 The choice is the cost model's, for frame strides of at most BLOCK_N frames (a key tile then
 holds a patch's tokens in every frame, and codegen/frame_coverage.py counts the tiles in closed
 form). For each of the layer's most common frame strides, a head is transposed when it alone is
-cheaper so; the layer's patterns with those heads transposed, plus the gathers (q, k and v read
-and written once, the transposed heads' outputs once more, at the device's memory bandwidth), are
-priced against the patterns as they are, and the cheapest wins. `frames` True / False forces the
+cheaper so, its gathers included; the layer's patterns with those heads transposed, plus the gathers (each transposed
+head's q, k, v and output read and written once, at the device's memory bandwidth), are
+priced against the patterns as they are, and the cheapest wins. The gathers move only the
+transposed heads' rows, so a head's share of them is its own. `frames` True / False forces the
 transposed order (where a head has a frame stride) or the natural one.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
 from sparsec.patterns import Pattern
 
-__all__ = ["choose_frame_order", "priced_frame_order"]
+__all__ = ["choose_frame_order", "gather_seconds", "priced_frame_order"]
 
 _DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Frame strides priced a layer (the most common among its heads' candidates).
@@ -96,21 +97,36 @@ def _choose(head_patterns, q_shape, k_shape, v_shape, dtype, causal, block_m, bl
     best = (seconds(head_patterns), head_patterns, None, 0.0)
     for frame, _ in strides.most_common(_MAX_STRIDES):
         # a head moves when it alone runs faster transposed; then the layer, gathers included, decides
+        own_gathers = _gather_seconds(1, q_shape, k_shape, v_shape, dtype, hw)
         patterns = tuple(FramesTransposed(p, frame) if frame in found and
-                         seconds((FramesTransposed(p, frame),), one_head) < seconds((p,), one_head) else p
-                         for p, found in zip(head_patterns, candidates))
+                         seconds((FramesTransposed(p, frame),), one_head) + own_gathers < seconds((p,), one_head)
+                         else p for p, found in zip(head_patterns, candidates))
         if patterns != head_patterns:
             gathers = _gather_seconds(patterns, q_shape, k_shape, v_shape, dtype, hw)
             best = min(best, (seconds(patterns) + gathers, patterns, frame, gathers), key=lambda option: option[0])
     return best[1:]
 
 
-def _gather_seconds(patterns, q_shape, k_shape, v_shape, dtype, hw) -> float:
-    """q, k and v gathered into transposed order, and the transposed heads' outputs back: each
-    element read and written once (plus the launches of the gathers)."""
-    transposed_heads = sum(isinstance(p, FramesTransposed) for p in patterns)
-    B, _, Sq, _ = q_shape
-    elements = (B * q_shape[1] * Sq * q_shape[3] + B * k_shape[1] * k_shape[2] * (k_shape[3] + v_shape[3])
-                + B * transposed_heads * Sq * v_shape[3])
+def gather_seconds(shape, transposed_heads: int, hardware) -> float:
+    """The gathers of a layer of `shape` (cost_models AttentionShape) with that many heads
+    transposed (_gather_seconds)."""
+    from sparsec.cost_models.hardware import get_profile
+
+    dtype = {name: dtype for dtype, name in _DTYPE_NAMES.items()}[shape.dtype]
+    q_shape = (shape.batch, shape.num_heads, shape.q_len, shape.head_dim)
+    k_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.head_dim)
+    v_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.value_dim)
+    return _gather_seconds(transposed_heads, q_shape, k_shape, v_shape, dtype, get_profile(hardware))
+
+
+def _gather_seconds(transposed_heads, q_shape, k_shape, v_shape, dtype, hw) -> float:
+    """Each transposed head's q and its kv head's k and v gathered into transposed order, and its
+    output back (attention_triton._launch_transposed): each element read and written once, plus
+    the launches of the gathers. transposed_heads: a count, or the layer's patterns (its
+    FramesTransposed are counted)."""
+    if not isinstance(transposed_heads, int):
+        transposed_heads = sum(isinstance(p, FramesTransposed) for p in transposed_heads)
+    B, Sq, Sk = q_shape[0], q_shape[2], k_shape[2]
+    elements = B * transposed_heads * (Sq * (q_shape[3] + v_shape[3]) + Sk * (k_shape[3] + v_shape[3]))
     moved_bytes = 2 * elements * torch.empty((), dtype=dtype).element_size()
     return moved_bytes / (hw.memory_bandwidth * hw.memory_efficiency) + 4 * hw.launch_overhead_s

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RECALLS = (0.8, 0.9, 0.97, 0.99, 0.997, 0.999)
 MAX_RANGES = 32      # column ranges per Columns / VerticalSlash pattern (kernel parameter tables)
-MAX_OFFSETS = 32     # diagonals per MultiDiagonal / VerticalSlash pattern
+MAX_OFFSETS = 64     # diagonals per MultiDiagonal / VerticalSlash pattern
 # Guards float round-off when comparing covered mass to a share of a total.
 _EPS = 1e-12
 # Columns, slashes and block layouts are chosen by the calibration sample's attention mass. One

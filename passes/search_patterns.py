@@ -160,12 +160,14 @@ class CostTable:
 
     def _price_transposed(self, patterns, shape: AttentionShape, tiles: tuple[int, int], table: _Prices) -> None:
         """On the Triton kernels, a pattern with a frame stride is priced in frame-transposed order
-        where that is cheaper, as triton_attention would run it (codegen/triton_frame_order.py;
-        strides of at most BLOCK_N frames, counted in closed form; the gathers, a few microseconds
-        a head, are left to the layer's exact price)."""
+        where that is cheaper even with the layer's gathers paid for it alone, as triton_attention
+        would then run it (codegen/triton_frame_order.py; strides of at most BLOCK_N frames,
+        counted in closed form). The price itself leaves the gathers to the layer's exact price
+        (other heads may share them): a transposed price can only be cheaper than the head's run."""
         if self.hardware.executor == "cpu" or shape.q_len != shape.kv_len:
             return
         from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
+        from sparsec.codegen.triton_frame_order import gather_seconds
 
         moved = {}
         for p in patterns:
@@ -176,8 +178,10 @@ class CostTable:
             return
         transposed = list(moved.values())
         counts = pattern_counts(transposed, shape, tiles[0], tiles[1], executor=self.hardware.executor)
+        # the gathers in program-seconds: wall time over every SM slot
+        gathers = gather_seconds(shape, 1, self.hardware) * self.hardware.sm_count * self.hardware.programs_per_sm
         for p, row in zip(moved, self._program_costs(transposed, counts, shape, tiles)):
-            if row.sum() < table.programs[p][1][0]:
+            if row.sum() + gathers < table.programs[p][1][0]:
                 table.programs[p] = (row, (float(row.sum()), float(row.max())))
 
     def _program_costs(self, patterns, counts, shape: AttentionShape, tiles: tuple[int, int]) -> list[np.ndarray]:
