@@ -45,6 +45,7 @@ order (bench/results/cpu_frames_20261202_054728.json).
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -230,27 +231,22 @@ def frame_parts(pattern: Pattern, frame: int) -> tuple[Pattern, ...]:
     lie near the same position in other frames (the same offset modulo the frame, within their
     widths) make one part, a run of keys across those frames; bands that overlap or touch stay
     in one part too, so the parts keep disjoint key sets. One part: (FramesTransposed(pattern),)."""
-    bands = sorted(pattern_bands(pattern), key=lambda b: b[:2])
-    parent = list(range(len(bands)))
+    import networkx as nx
 
-    def root(n: int) -> int:
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
+    bands = sorted(pattern_bands(pattern), key=lambda b: b[:2])
 
     def residue(band) -> tuple[float, float]:
         shift = round((band[0] + band[1]) / 2 / frame) * frame
         return band[0] - shift, band[1] - shift
 
-    for a in range(len(bands)):
-        for b in range(a + 1, len(bands)):
-            (a0, a1), (b0, b1) = residue(bands[a]), residue(bands[b])
-            if (b0 <= a1 + 1 and a0 <= b1 + 1) or (bands[b][0] <= bands[a][1] + 1 and bands[a][0] <= bands[b][1] + 1):
-                parent[root(b)] = root(a)
-    groups: dict[int, list[Pattern]] = {}
-    for n, band in enumerate(bands):
-        groups.setdefault(root(n), []).append(band[2])
+    def touch(a, b) -> bool:
+        return b[0] <= a[1] + 1 and a[0] <= b[1] + 1
+
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(bands)))
+    graph.add_edges_from((a, b) for a, b in itertools.combinations(range(len(bands)), 2)
+                         if touch(residue(bands[a]), residue(bands[b])) or touch(bands[a], bands[b]))
+    groups = sorted(sorted(group) for group in nx.connected_components(graph))  # by first band, as given
     if len(groups) == 1:
         return (FramesTransposed(pattern, frame),)
-    return tuple(FramesTransposed(_group_pattern(group), frame) for group in groups.values())
+    return tuple(FramesTransposed(_group_pattern([bands[n][2] for n in group]), frame) for group in groups)

@@ -28,7 +28,7 @@ from sparsec.codegen.bounded_cache import bytes_bounded_cache
 from sparsec.codegen.templates.tables import block_tables
 from sparsec.codegen.templates import FAMILY_TEMPLATES, LayoutBuffer, kernel_name, render
 from sparsec.codegen.templates.common import table_ids
-from sparsec.codegen.templates.frames_transposed import base_bands
+from sparsec.codegen.frame_coverage import base_bands
 from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
 from sparsec.codegen.triton_frame_order import choose_frame_order
 from sparsec.codegen.kernel_call import KernelCall
@@ -185,9 +185,10 @@ def _patterns_reason(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int) -> st
         if isinstance(p, FramesTransposed):
             try:
                 p.check_lengths(Sq, Sk)
-                base_bands(p, Sq, Sk)
             except ValueError as e:
                 return f"head {h}: {e}"
+            if base_bands(p, Sq, Sk) is None:  # the order is chosen for bands only (frame_order)
+                return f"head {h}: the frames_transposed kernel runs bands only, not {p.base!r}"
         for part in p.parts if isinstance(p, Union) else (p,):
             if isinstance(part, BlockSparse):
                 try:
@@ -253,9 +254,13 @@ def _launch_transposed(group: HeadGroup, q, k, v, out, frame: int, causal: bool,
     q_t = q.index_select(1, heads).index_select(2, order)
     k_t, v_t = (x.index_select(1, kv_heads).index_select(2, order) for x in (k, v))
     out_t = torch.empty(q.shape[0], len(group.heads), q.shape[2], v.shape[3], dtype=out.dtype, device=out.device)
-    _launch(HeadGroup(group.family, tuple(range(len(group.heads))), group.patterns), q_t, k_t, v_t, out_t, causal,
-            scale, tiles)
+    _launch(_gathered_group(group), q_t, k_t, v_t, out_t, causal, scale, tiles)
     out.index_copy_(1, heads, out_t.index_select(2, _device_index(transposed_index, q.shape[2], frame, q.device)))
+
+
+def _gathered_group(group: HeadGroup) -> HeadGroup:
+    """`group` as it runs on its own gathered rows: heads 0 .. n - 1, each with its own kv head."""
+    return HeadGroup(group.family, tuple(range(len(group.heads))), group.patterns)
 
 
 @functools.lru_cache(maxsize=256)
@@ -296,8 +301,8 @@ def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_pattern
             n = len(group.heads)
             q_t, k_t, v_t, out_t = (torch.empty(x.shape[0], n, *x.shape[2:], dtype=x.dtype, device=x.device)
                                     for x in (q, k, v, out))
-            calls.append(kernel_call(HeadGroup(group.family, tuple(range(n)), group.patterns), q_t, k_t, v_t, out_t,
-                                     bool(causal), float(scale), tiles, interpreted=interpreted))
+            calls.append(kernel_call(_gathered_group(group), q_t, k_t, v_t, out_t, bool(causal), float(scale), tiles,
+                                     interpreted=interpreted))
         elif group.family != "skip":
             calls.append(kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted))
     return calls

@@ -168,8 +168,9 @@ def row_intervals(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[tor
 @bytes_bounded_cache(max_bytes=256 << 20)
 def _transposed_row_intervals(pattern: FramesTransposed, Sq: int, Sk: int, causal: bool):
     pattern.check_lengths(Sq, Sk)
+    rows = max(1, _TRANSPOSED_KEYS // Sq)
     parts = [_transposed_intervals(pattern, torch.arange(first, min(Sq, first + rows), dtype=_INDEX), Sq, causal)
-             for rows in [max(1, _TRANSPOSED_KEYS // Sq)] for first in range(0, Sq, rows)]
+             for first in range(0, Sq, rows)]
     width = max(lo.shape[1] for lo, _ in parts)
     pad = torch.nn.functional.pad
     return (torch.cat([pad(lo, (0, width - lo.shape[1]), value=1) for lo, _ in parts]),  # empty: lo > hi

@@ -23,7 +23,16 @@ import numpy as np
 
 from sparsec.codegen.frame_order import FramesTransposed
 
-__all__ = ["transposed_touched_tiles"]
+__all__ = ["base_bands", "transposed_touched_tiles"]
+
+
+def base_bands(pattern: FramesTransposed, Sq: int, Sk: int) -> tuple[tuple[int, int], ...] | None:
+    """The base pattern's bands (merged inclusive offsets j - i, clamped as block_coverage's
+    interval form has them), or None when it keeps anything else (columns, a block layout)."""
+    from sparsec.codegen.block_coverage import _interval_form
+
+    form = _interval_form(pattern.base, Sq, Sk)
+    return None if form is None or form[0] else form[1]
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -31,11 +40,9 @@ def transposed_touched_tiles(pattern: FramesTransposed, Sq: int, Sk: int, block_
                              causal: bool) -> np.ndarray | None:
     """int64 (ceil(Sq / block_m),): key tiles each query block touches; None when the base is not
     bands only or T > block_n (read-only array: cached)."""
-    from sparsec.codegen.block_coverage import _interval_form
-
     frames = pattern.check_lengths(Sq, Sk)
-    form = _interval_form(pattern.base, Sq, Sk)
-    if form is None or form[0] or frames > block_n:
+    bands = base_bands(pattern, Sq, Sk)
+    if bands is None or frames > block_n:
         return None
     S, F = Sq, pattern.frame
     nqb, nkb = math.ceil(S / block_m), math.ceil(S / block_n)
@@ -45,7 +52,7 @@ def transposed_touched_tiles(pattern: FramesTransposed, Sq: int, Sk: int, block_
     pa = np.maximum(-((f - x0) // frames), 0)  # ceil((x0 - f) / T)
     pb = np.minimum((x1 - f) // frames, F - 1)
     rows = pa <= pb  # (nqb, T): the block has rows of frame f
-    bands = np.array(form[1], dtype=np.int64).reshape(-1, 2)  # (n, 2) inclusive offsets j - i
+    bands = np.array(bands, dtype=np.int64).reshape(-1, 2)  # (n, 2) inclusive offsets j - i
     if causal:  # row i keeps [i + a, min(i + b, i)]: nothing when a > 0
         bands = bands[bands[:, 0] <= 0]
         bands[:, 1] = np.minimum(bands[:, 1], 0)

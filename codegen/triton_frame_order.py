@@ -28,7 +28,7 @@ import torch
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
 from sparsec.patterns import Pattern
 
-__all__ = ["choose_frame_order", "gather_seconds", "priced_frame_order"]
+__all__ = ["choose_frame_order", "gather_seconds", "kernel_frames", "priced_frame_order"]
 
 _DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Frame strides priced a layer (the most common among its heads' candidates).
@@ -43,6 +43,12 @@ def choose_frame_order(head_patterns: tuple[Pattern, ...], q_shape, k_shape, v_s
     patterns, frame, _ = _choose(tuple(head_patterns), tuple(q_shape), tuple(k_shape), tuple(v_shape), dtype,
                                  bool(causal), block_m, block_n, _hashable(hardware), frames)
     return patterns, frame
+
+
+def kernel_frames(pattern: Pattern, Sq: int, Sk: int, block_n: int) -> tuple[int, ...]:
+    """The frame strides of `pattern` the kernels consider (frame_candidates): those whose frames
+    fit a key tile (T <= BLOCK_N), priced in closed form (codegen.frame_coverage)."""
+    return tuple(f for f in frame_candidates(pattern, Sq, Sk) if Sq // f <= block_n)
 
 
 def priced_frame_order(head_patterns: tuple[Pattern, ...], shape, block_m: int, block_n: int,
@@ -75,8 +81,7 @@ def _choose(head_patterns, q_shape, k_shape, v_shape, dtype, causal, block_m, bl
     Sq, Sk = q_shape[2], k_shape[2]
     if frames is False or Sq != Sk or any(isinstance(p, FramesTransposed) for p in head_patterns):
         return head_patterns, None, 0.0  # (patterns already renumbered run as given, on the tensors as given)
-    # strides whose frames fit a key tile (T <= BLOCK_N): priced in closed form (codegen.frame_coverage)
-    candidates = [tuple(f for f in frame_candidates(p, Sq, Sk) if Sq // f <= block_n) for p in head_patterns]
+    candidates = [kernel_frames(p, Sq, Sk, block_n) for p in head_patterns]
     strides = Counter(frame for found in candidates for frame in found)
     if not strides:
         return head_patterns, None, 0.0

@@ -74,9 +74,8 @@ def _dtype(what: str, dtype: str) -> str:
 
 def _attention_problem(op, hardware: HardwareProfile, block_m: int | None, block_n: int | None):
     """(head patterns, AttentionShape, block_m, block_n) of an Attention op, tiles defaulted as
-    the executor of `hardware` picks them."""
-    from sparsec.codegen.tiles import default_tiles
-    from sparsec.ir.types import AttentionPatterns, torch_dtype
+    the executor of `hardware` picks them (_default_tiles)."""
+    from sparsec.ir.types import AttentionPatterns
     from sparsec.patterns import Dense
 
     (B, Hq, Sq, D), (_, Hkv, Sk, _), (_, _, _, Dv) = (_static_shape(n, getattr(op, n)) for n in ("q", "k", "v"))
@@ -87,10 +86,18 @@ def _attention_problem(op, hardware: HardwareProfile, block_m: int | None, block
         patterns = (Dense(),) * Hq
     shape = AttentionShape(batch=B, num_heads=Hq, num_kv_heads=Hkv, q_len=Sq, kv_len=Sk, head_dim=D,
                            value_dim=Dv, dtype=dtype, causal=op.causal)
-    tiles = default_tiles(max(D, Dv), torch_dtype(dtype), Sq, Sk)
-    # Without tiles from a plan the cpu executor picks its query block per pattern (block_m None).
-    default_m = None if hardware.executor == "cpu" else tiles.block_m
-    return tuple(patterns), shape, block_m or default_m, block_n or tiles.block_n
+    return (tuple(patterns), shape, *_default_tiles(shape, hardware, block_m, block_n))
+
+
+def _default_tiles(shape: AttentionShape, hardware: HardwareProfile, block_m: int | None,
+                   block_n: int | None) -> tuple[int | None, int]:
+    """(block_m, block_n), each the kernels' default where not given; without tiles from a plan
+    the cpu executor picks its query block per pattern (block_m None)."""
+    from sparsec.codegen.tiles import default_tiles
+    from sparsec.ir.types import torch_dtype
+
+    tiles = default_tiles(max(shape.head_dim, shape.value_dim), torch_dtype(shape.dtype), shape.q_len, shape.kv_len)
+    return block_m or (None if hardware.executor == "cpu" else tiles.block_m), block_n or tiles.block_n
 
 
 def frame_transposed_heads(op, hardware: HardwareProfile | str, *, block_m: int | None = None,
@@ -101,15 +108,16 @@ def frame_transposed_heads(op, hardware: HardwareProfile | str, *, block_m: int 
     return transposed_heads(*_attention_problem(op, hardware, block_m, block_n), hardware)
 
 
-def transposed_heads(patterns, shape: AttentionShape, block_m: int | None, block_n: int,
+def transposed_heads(patterns, shape: AttentionShape, block_m: int | None, block_n: int | None,
                      hardware: HardwareProfile | str) -> tuple[tuple[int, ...], int | None]:
-    """frame_transposed_heads of per-head `patterns` for an attention of `shape` (block_m None:
-    the cpu executor's own query blocks)."""
+    """frame_transposed_heads of per-head `patterns` for an attention of `shape` (tiles None:
+    as the executor picks them)."""
     from sparsec.codegen.attention_cpu_choice import choose_split
     from sparsec.codegen.frame_order import FramesTransposed
 
     hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
     patterns = tuple(patterns)
+    block_m, block_n = _default_tiles(shape, hardware, block_m, block_n)
     if hardware.executor == "cpu":
         run = []
         for p in patterns:
@@ -118,12 +126,8 @@ def transposed_heads(patterns, shape: AttentionShape, block_m: int | None, block
                                  width=shape.head_dim + shape.value_dim, threads=hardware.sm_count)[1]
             run.append(parts[0])
     else:
-        from sparsec.codegen.tiles import default_tiles
         from sparsec.codegen.triton_frame_order import priced_frame_order
-        from sparsec.ir.types import torch_dtype
 
-        block_m = block_m or default_tiles(max(shape.head_dim, shape.value_dim), torch_dtype(shape.dtype),
-                                           shape.q_len, shape.kv_len).block_m
         run = priced_frame_order(patterns, shape, block_m, block_n, hardware)[0]
     heads = tuple(h for h, p in enumerate(run) if isinstance(p, FramesTransposed))
     return heads, (run[heads[0]].frame if heads else None)

@@ -166,12 +166,12 @@ class CostTable:
         (other heads may share them): a transposed price can only be cheaper than the head's run."""
         if self.hardware.executor == "cpu" or shape.q_len != shape.kv_len:
             return
-        from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
-        from sparsec.codegen.triton_frame_order import gather_seconds
+        from sparsec.codegen.frame_order import FramesTransposed
+        from sparsec.codegen.triton_frame_order import gather_seconds, kernel_frames
 
         moved = {}
         for p in patterns:
-            frames = [f for f in frame_candidates(p, shape.q_len, shape.kv_len) if shape.q_len // f <= tiles[1]]
+            frames = kernel_frames(p, shape.q_len, shape.kv_len, tiles[1])
             if frames:
                 moved[p] = FramesTransposed(p, frames[0])
         if not moved:

@@ -55,8 +55,12 @@ def _frame_order(op: Attention, hardware) -> str:
     so (codegen/frame_order.py), "" for none."""
     from sparsec.cost_models import frame_transposed_heads
 
-    heads, frame = frame_transposed_heads(op, hardware, block_m=op.tiles[0] if op.tiles else None,
-                                          block_n=op.tiles[1] if op.tiles else None)
+    return order_note(*frame_transposed_heads(op, hardware, block_m=op.tiles[0] if op.tiles else None,
+                                              block_n=op.tiles[1] if op.tiles else None))
+
+
+def order_note(heads: tuple[int, ...], frame: int | None) -> str:
+    """"; heads 1, 5 in frame-transposed order (frames of 256)", or "" for no heads (also the demo's)."""
     if not heads:
         return ""
     names = ", ".join(map(str, heads))

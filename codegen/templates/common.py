@@ -353,7 +353,13 @@ def _bit_words(bits: torch.Tensor, words: int) -> torch.Tensor:
     flattened. Values as signed int32 (bit 31 set reads negative; the kernels mask to 32 bits)."""
     padded = torch.nn.functional.pad(bits.reshape(-1, bits.shape[-1]), (0, words * 32 - bits.shape[-1]))
     packed = (padded.view(padded.shape[0], words, 32) << torch.arange(32)).sum(dim=2)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).flatten()
+    return signed_words(packed).flatten()
+
+
+def signed_words(words: torch.Tensor) -> torch.Tensor:
+    """32-bit words held in int64 (0 .. 2**32 - 1) as int32 with the same bits (the kernels mask
+    each load back to its 32 bits)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ Params: (table,).
 """
 from __future__ import annotations
 
-from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.codegen.templates.common import _CONTEXT, TABLE_HELPERS, FamilyTemplate, PackedParams, pad_rows, table_ids
 
 KEEP = """
@@ -43,17 +42,6 @@ for t in range(0, tl.load(KV_NUM_PARTIAL + table_row)):
 acc, m_i, l_i = _attend_table(acc, m_i, l_i, KV_NUM_FULL, KV_FULL, max_full, table_row, False,
                               $CONTEXT)
 """
-
-
-def base_bands(pattern: FramesTransposed, Sq: int, Sk: int) -> tuple[tuple[int, int], ...]:
-    """The base pattern's bands (merged, inclusive offsets j - i); a clear error when it keeps
-    anything else (the order is chosen for bands only)."""
-    from sparsec.codegen.block_coverage import _interval_form
-
-    form = _interval_form(pattern.base, Sq, Sk)
-    if form is None or form[0]:
-        raise ValueError(f"the frames_transposed kernel runs bands only, not {pattern.base!r}")
-    return form[1]
 
 
 def pack(patterns, Sq, Sk, layouts) -> PackedParams:

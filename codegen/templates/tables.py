@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sparsec.codegen.block_coverage import EMPTY, FULL, block_coverage, row_intervals
 from sparsec.codegen.frame_order import FramesTransposed
+from sparsec.codegen.templates.common import signed_words
 from sparsec.patterns import Pattern
 
 # (query block, slot, row, word, run) elements computed at once when building block masks.
@@ -74,7 +75,7 @@ def _partial_masks(pattern: Pattern, partial: torch.Tensor, count: torch.Tensor,
         one = torch.ones_like(end)
         chunks.append(torch.where(end > start, (one << end) - (one << start), 0).sum(dim=-1))
     bits = torch.where(listed[:, :, None, None], torch.cat(chunks), 0)  # (nqb, width, block_m, words)
-    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)  # signed, as the kernel masks
+    return signed_words(bits)
 
 
 def _compact(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
