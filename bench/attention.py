@@ -343,20 +343,33 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def write_record(benchmark: str, device: str, fields: dict, *, output: str | None = None, name: str | None = None,
+                 command: list[str] | None = None) -> Path:
+    """A benchmark's JSON (every script's): benchmark, device, versions, date and command, then
+    `fields`, written to `output` or bench/results/<name or benchmark>_<date>.json."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    path = Path(output) if output else RESULTS / f"{name or benchmark}_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": benchmark, "device": device_name(device), "device_type": device,
+              "versions": software_versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, *(sys.argv if command is None else command)]), **fields}
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, as every GPU-or-CPU script takes them."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+
+
 def save(rows: list[dict], args, complete: bool = True) -> Path:
     """Write the rows so far (complete=False: after each family, so a run cut short by a time
     limit keeps what it measured) to args.output, or a new dated path that becomes args.output."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = Path(args.output) if args.output else RESULTS / f"attention_{args.device}_{stamp}.json"
-    args.output = str(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = {key: value for key, value in vars(args).items() if key != "output"}
-    record = {"benchmark": "attention", "device": device_name(args.device), "device_type": args.device,
-              "versions": software_versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "complete": complete, "config": config,
-              "rows": rows}
-    path.write_text(json.dumps(record, indent=1))
+    path = write_record("attention", args.device, {"complete": complete, "config": config, "rows": rows},
+                        output=args.output, name=f"attention_{args.device}")
+    args.output = str(path)
     return path
 
 
@@ -400,8 +413,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU, S=1024, D=64, every family at 25%%: < 1 minute")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    add_device_options(parser)
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help="sequence lengths S (Sq = Sk)")
     parser.add_argument("--head-dims", nargs="+", type=int, default=None)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=None)

@@ -20,8 +20,6 @@ Head kinds (W = patches a frame side, so r = +-W is the patch above / below):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import sys
 from pathlib import Path
@@ -32,13 +30,12 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import RESULTS, _time_ms, device_name  # noqa: E402
+from attention import _time_ms, device_name, write_record  # noqa: E402
 
 from sparsec import patterns as P  # noqa: E402
 from sparsec.codegen.attention_cpu import cpu_attention  # noqa: E402
 from sparsec.codegen.attention_cpu_choice import choose_split  # noqa: E402
 from sparsec.codegen.frame_order import FramesTransposed  # noqa: E402
-from sparsec.cost_models.measure import software_versions  # noqa: E402
 
 GEOMETRIES = ((8, 256), (16, 256), (4, 1024), (32, 64))  # (frames T, patches a frame F)
 KINDS = ("temporal", "same_patch", "near_frames", "local")
@@ -109,14 +106,8 @@ def main() -> None:
     worst = max(rows, key=lambda r: r["loss"])
     console.print(f"the choice: mean loss {100 * mean_loss:.1f}%, worst {100 * worst['loss']:.1f}% "
                   f"({worst['frames']} x {worst['frame']} {worst['kind']}, causal {worst['causal']})")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = Path(args.output) if args.output else RESULTS / f"cpu_frames_{stamp}.json"
-    record = {"benchmark": "cpu_frames", "device": device_name("cpu"), "versions": software_versions(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
-              "heads": HEADS, "head_dim": HEAD_DIM, "mean_loss": mean_loss, "rows": rows}
-    path.write_text(json.dumps(record, indent=1))
+    path = write_record("cpu_frames", "cpu", {"threads": args.threads, "heads": HEADS, "head_dim": HEAD_DIM,
+                                              "mean_loss": mean_loss, "rows": rows}, output=args.output)
     console.print(f"wrote {path}")
 
 

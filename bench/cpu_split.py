@@ -13,8 +13,6 @@ the mean loss of the choice against always whole and always split.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -23,11 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import RESULTS, _time_ms, device_name, pattern_for_density  # noqa: E402
+from attention import _time_ms, device_name, pattern_for_density, write_record  # noqa: E402
 
 from sparsec.codegen.attention_cpu import cpu_attention  # noqa: E402
 from sparsec.codegen.attention_cpu_choice import choose_split  # noqa: E402
-from sparsec.cost_models.measure import software_versions  # noqa: E402
 
 SHAPES = ((1024, 8), (2048, 4), (2048, 8), (4096, 4))  # (S, heads)
 DENSITIES = (0.1, 0.25, 0.5)
@@ -77,13 +74,7 @@ def main() -> None:
     summary = {key: sum(r[key] for r in rows) / len(rows) for key in ("loss", "loss_whole", "loss_split")}
     console.print(f"mean loss: the choice {100 * summary['loss']:.1f}%, always whole "
                   f"{100 * summary['loss_whole']:.1f}%, always split {100 * summary['loss_split']:.1f}%")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = Path(args.output) if args.output else RESULTS / f"cpu_split_{stamp}.json"
-    record = {"benchmark": "cpu_split", "device": device_name("cpu"), "versions": software_versions(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "mean_loss": summary, "rows": rows}
-    path.write_text(json.dumps(record, indent=1))
+    path = write_record("cpu_split", "cpu", {"mean_loss": summary, "rows": rows}, output=args.output)
     console.print(f"wrote {path}")
 
 

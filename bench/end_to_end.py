@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -46,16 +44,13 @@ from rich.table import Table
 
 import sparsec
 from sparsec.cost_models.hardware import profile_for_device
-from sparsec.cost_models.measure import software_versions
 from sparsec.dump import recording
 from sparsec.ir.ops import Linear
 from sparsec.models import TinyDiTConfig, example_inputs, tiny_dit, with_roles
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import _time_ms, device_name  # noqa: E402  (the same timing as the kernel benchmarks)
+from attention import DTYPES, _time_ms, add_device_options, device_name, write_record  # noqa: E402  (shared with the kernel benchmarks)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_CONFIG = TinyDiTConfig(frames=8, height=32, width=32, dim=128, heads=4, depth=2)  # 2048 tokens, head_dim 32
 GPU_CONFIG = TinyDiTConfig(frames=16, height=64, width=64, dim=1024, heads=16, depth=4, text_len=64,
                            text_dim=512)  # 16384 tokens, head_dim 64
@@ -151,15 +146,9 @@ def print_table(result: dict, title: str) -> None:
 
 
 def save(result: dict, args, argv: list[str]) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = Path(args.output) if args.output else RESULTS / f"end_to_end_{args.device}_{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in vars(args).items() if k not in ("output", "config")}
-    record = {"benchmark": "end_to_end", "device": device_name(args.device), "device_type": args.device,
-              "versions": software_versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, os.path.relpath(__file__), *argv]), "options": options, **result}
-    path.write_text(json.dumps(record, indent=1))
-    return path
+    return write_record("end_to_end", args.device, {"options": options, **result}, output=args.output,
+                        name=f"end_to_end_{args.device}", command=[os.path.relpath(__file__), *argv])
 
 
 def _prune_spec(text: str):
@@ -180,8 +169,7 @@ def _prune_spec(text: str):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU, 2048 tokens, sparsec inner eager, no Inductor")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    add_device_options(parser)
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--patches", type=int, default=None, help="patches per frame side (height = width = 2 x this)")
     parser.add_argument("--dim", type=int, default=None)
