@@ -8,7 +8,8 @@ every (T, F, kind, causal) times the executor in natural order (cpu_attention(fr
 in frame-transposed order (frames=True; codegen.frame_order), and torch's dense SDPA, alternating
 call by call, and records which order codegen.attention_cpu_choice.choose_split takes. Printed
 and saved (JSON under bench/results/): the times, each order's speedup over dense SDPA, the
-choice and its loss (its time over the faster order's, minus 1).
+choice and its loss (its time over the faster order's, minus 1), and the cost model's estimate of the
+chosen order (cost_models, profile "cpu") over its measured time.
 
 Head kinds (W = patches a frame side, so r = +-W is the patch above / below):
   temporal      the same patch and the ones above and below it in every frame (width 2): what
@@ -36,6 +37,8 @@ from sparsec import patterns as P  # noqa: E402
 from sparsec.codegen.attention_cpu import cpu_attention  # noqa: E402
 from sparsec.codegen.attention_cpu_choice import choose_split  # noqa: E402
 from sparsec.codegen.frame_order import FramesTransposed  # noqa: E402
+from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention  # noqa: E402
+from sparsec.cost_models.hardware import get_profile  # noqa: E402
 
 GEOMETRIES = ((8, 256), (16, 256), (4, 1024), (32, 64))  # (frames T, patches a frame F)
 KINDS = ("temporal", "same_patch", "near_frames", "local")
@@ -70,12 +73,16 @@ def measure_case(frames: int, frame: int, kind: str, causal: bool, threads: int,
     _, parts = choose_split(pattern, S, S, causal, rows=HEADS, width=2 * HEAD_DIM, threads=threads)
     chosen = "transposed" if isinstance(parts[0], FramesTransposed) else "natural"
     best = min(times["natural"], times["transposed"])
+    shape = AttentionShape(batch=1, num_heads=HEADS, num_kv_heads=HEADS, q_len=S, kv_len=S, head_dim=HEAD_DIM,
+                           value_dim=HEAD_DIM, dtype="f32", causal=causal)
+    estimated_ms = estimate_attention(patterns, shape, get_profile("cpu"), block_m=None).seconds * 1e3
     return {"threads": threads, "frames": frames, "frame": frame, "S": S, "kind": kind, "causal": causal,
             "density": pattern.density(S, S, causal=causal), "pattern": repr(pattern),
             "natural_ms": times["natural"], "transposed_ms": times["transposed"], "sdpa_ms": times["sdpa"],
             "natural_vs_sdpa": times["sdpa"] / times["natural"],
             "transposed_vs_sdpa": times["sdpa"] / times["transposed"],
-            "chosen": chosen, "chosen_parts": len(parts), "loss": times[chosen] / best - 1}
+            "chosen": chosen, "chosen_parts": len(parts), "loss": times[chosen] / best - 1,
+            "estimated_ms": estimated_ms, "estimated_vs_chosen": estimated_ms / times[chosen]}
 
 
 def main() -> None:
@@ -93,21 +100,28 @@ def main() -> None:
     table = Table(title=f"CPU executor: natural or frame-transposed order ({device_name('cpu')}, {args.threads} "
                         f"threads, {HEADS} heads, D={HEAD_DIM}, fp32)")
     for column in ("T x F", "kind", "causal", "density", "natural ms", "transposed ms", "SDPA ms",
-                   "natural vs SDPA", "transposed vs SDPA", "chosen", "loss"):
+                   "natural vs SDPA", "transposed vs SDPA", "chosen", "loss", "estimate / chosen"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(f"{r['frames']} x {r['frame']}", r["kind"], str(r["causal"]), f"{r['density']:.3f}",
                       f"{r['natural_ms']:.1f}", f"{r['transposed_ms']:.1f}", f"{r['sdpa_ms']:.1f}",
                       f"{r['natural_vs_sdpa']:.2f}x", f"{r['transposed_vs_sdpa']:.2f}x", r["chosen"],
-                      f"{100 * r['loss']:.1f}%")
+                      f"{100 * r['loss']:.1f}%", f"{r['estimated_vs_chosen']:.2f}")
     console = Console(width=170)
     console.print(table)
     mean_loss = sum(r["loss"] for r in rows) / len(rows)
     worst = max(rows, key=lambda r: r["loss"])
     console.print(f"the choice: mean loss {100 * mean_loss:.1f}%, worst {100 * worst['loss']:.1f}% "
                   f"({worst['frames']} x {worst['frame']} {worst['kind']}, causal {worst['causal']})")
+    log_errors = [math.log(r["estimated_vs_chosen"]) for r in rows]
+    estimate_error = {"geometric_mean_ratio": math.exp(sum(log_errors) / len(rows)),
+                      "rms_log_error": math.sqrt(sum(e * e for e in log_errors) / len(rows))}
+    console.print(f"the cost model (profile 'cpu') against the chosen order: estimate / measured "
+                  f"{estimate_error['geometric_mean_ratio']:.2f} (geometric mean), rms log error "
+                  f"{estimate_error['rms_log_error']:.2f}")
     path = write_record("cpu_frames", "cpu", {"threads": args.threads, "heads": HEADS, "head_dim": HEAD_DIM,
-                                              "mean_loss": mean_loss, "rows": rows}, output=args.output)
+                                              "mean_loss": mean_loss, "estimate_error": estimate_error,
+                                              "rows": rows}, output=args.output)
     console.print(f"wrote {path}")
 
 

@@ -15,7 +15,8 @@ Skip heads cost the V read (fill="mean") or nothing but the output write (fill="
 A profile whose executor is "cpu" prices codegen/attention_cpu.py instead, which reads each query
 block's exact keys (no key tiles) as a few SDPA calls: counts come from
 codegen.attention_cpu_reads (pairs read, of which masked, keys gathered, calls), a pair costs
-the fp32 dot products and exponential at the kernel's speed for that many query rows, gathers
+the fp32 dot products and exponential at the kernel's speed for that many query rows, a query
+row its softmax finish and output (row_overhead_s: what narrow patterns mostly pay), gathers
 cost their bytes at a copy speed, and every SDPA call pays call_overhead_s.
 
 For the search, which prices thousands of candidates per layer: pattern_counts counts many
@@ -113,8 +114,9 @@ def estimate_attention(
 class BlockCounts(NamedTuple):
     """One head's programs (query blocks) for one pattern, float64 numpy (nqb,) each.
     Triton: key tiles visited, of which partial, and 1 where the program loads Q and stores O.
-    cpu executor: (query, key) pairs read, of which masked, the same 0/1, keys gathered, the
-    kernel's relative speed at the call's query rows, and the pattern's SDPA calls."""
+    cpu executor: (query, key) pairs read, of which masked, query rows computed (each part's
+    rows: a split pattern computes a row once a part), keys gathered, the kernel's relative speed
+    at the call's query rows, and the pattern's SDPA calls."""
 
     visited: np.ndarray
     partial: np.ndarray
@@ -133,7 +135,8 @@ class LaunchWork:
     visited: torch.Tensor               # float64 (programs,)
     partial: torch.Tensor               # float64 (programs,)
     computed: torch.Tensor              # float64 (programs,): 1 where the program loads Q and stores O,
-                                        # 0 for a Skip head's program in a mixed launch (exits at once)
+                                        # 0 for a Skip head's program in a mixed launch (exits at once);
+                                        # cpu executor: the query rows it computes (BlockCounts)
     skip_fills: tuple[str, ...] = ()    # set only for a launch of Skip heads: their fills
     gathered: torch.Tensor | None = None  # cpu executor (see BlockCounts): keys gathered per program
     speed: torch.Tensor | None = None     # cpu executor: kernel speed per program
@@ -275,7 +278,7 @@ def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
     rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
     speed = query_rows_speed(reads.call_rows)
-    return BlockCounts(reads.keys * rows, reads.keys * rows * reads.masked, (reads.keys > 0).astype(np.float64),
+    return BlockCounts(reads.keys * rows, reads.keys * rows * reads.masked, rows * (reads.keys > 0),
                        reads.gathered, speed, reads.calls)
 
 
@@ -305,13 +308,14 @@ def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarr
 def _cpu_program_seconds(pairs, masked, computed, gathered, speed, shape: AttentionShape,
                          hw: HardwareProfile) -> np.ndarray:
     """The cpu executor's query blocks: fp32 throughout (inputs are upcast), dots and exponentials
-    in sequence (no separate units to overlap), gathers copied on one thread."""
+    in sequence (no separate units to overlap), gathers copied on one thread, and each query row a
+    part computes pays row_overhead_s."""
     cores = hw.sm_count
     width = shape.head_dim + shape.value_dim
     pair_seconds = 2 * width / (hw.flops("f32") * hw.matmul_efficiency / cores) + cores / hw.exp_per_s
     compute = pairs * pair_seconds / speed + masked * hw.mask_cost_per_pair * cores / hw.vector_flops
     copies = gathered * width * 4 * cores / hw.gather_bytes_per_s  # one thread: the other cores wait
-    return compute + copies + computed * hw.block_overhead_s
+    return compute + copies + computed * hw.row_overhead_s
 
 
 def counts_seconds(counts: BlockCounts, shape: AttentionShape, block_m: int | None, block_n: int,

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 FIT_PARAMETERS = ("matmul_efficiency", "memory_efficiency", "mask_cost_per_pair", "block_overhead_s",
                   "launch_overhead_s")
 # The cpu executor is compute-bound (no memory term), pays a pair's softmax apart from its dot
-# products (exp_per_s), and pays per SDPA call and per gathered key.
-CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "block_overhead_s", "launch_overhead_s",
+# products (exp_per_s), and pays per query row, per SDPA call and per gathered key.
+CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "row_overhead_s", "launch_overhead_s",
                       "call_overhead_s", "gather_bytes_per_s")
 # Physically meaningful ranges: efficiencies are fractions of a peak; costs are positive and finite.
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -50,6 +50,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "memory_efficiency": (1e-3, 1.0),
     "mask_cost_per_pair": (1e-2, 1e3),
     "block_overhead_s": (1e-10, 1e-2),
+    "row_overhead_s": (1e-10, 1e-4),
     "launch_overhead_s": (1e-7, 1e-1),
     "call_overhead_s": (1e-8, 1e-1),
     "gather_bytes_per_s": (1e6, 1e13),

@@ -35,12 +35,16 @@ class HardwareProfile:
     matmul_efficiency: float = 0.5      # fraction of tensor_flops reached by attention/GEMM inner loops
     memory_efficiency: float = 0.8      # fraction of memory_bandwidth reached by streaming loads
     mask_cost_per_pair: float = 6.0     # vector FLOPs spent per masked (i, j) element of a partial block
-    block_overhead_s: float = 0.0       # fixed cost per program (Triton: per visited key block; CPU: per query block)
+    block_overhead_s: float = 0.0       # Triton: fixed cost per visited key block of a program
     # Which kernels the profile prices (attention_cost): "triton" (key tiles, partial tiles masked)
     # or "cpu" (codegen/attention_cpu.py: a query block's exact keys, as SDPA calls).
     executor: str = "triton"
     call_overhead_s: float = 0.0        # cpu: fixed cost of one SDPA call of the executor's plan
     gather_bytes_per_s: float = 2.5e9   # cpu: speed of copying gathered K/V rows (one thread)
+    # cpu: what a query row costs a call beyond its pairs, on one core (the fused kernel's softmax
+    # finish and output row): ~200 ns of the 2-core machine's time, as much as ~40 pairs at D = 64,
+    # which is what narrow patterns (a few diagonals, frame-transposed heads) mostly pay.
+    row_overhead_s: float = 0.0
     # Speed of the N:M linear kernel relative to the model above (which counts only the bytes it
     # reads): the CPU executor gathers kept values and measured 0.2-1.0x dense (bench/results/
     # linear_cpu_*.json), so on "cpu" it never beats dense.
@@ -89,7 +93,8 @@ class HardwareProfile:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> HardwareProfile:
+    def from_json(text: str, *, base: HardwareProfile | None = None) -> HardwareProfile:
+        """The profile stored as `text`; fields it lacks (stored before they existed) are `base`'s."""
         data = json.loads(text)
         if "masks_whole_query_block" in data:  # profiles stored before `executor` existed
             data["executor"] = "cpu" if data.pop("masks_whole_query_block") else "triton"
@@ -97,7 +102,7 @@ class HardwareProfile:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"hardware profile JSON has unknown fields {sorted(unknown)}")
-        return HardwareProfile(**data)
+        return base.replace(**data) if base is not None else HardwareProfile(**data)
 
 
 TERA = 1e12
@@ -122,16 +127,18 @@ PROFILES: dict[str, HardwareProfile] = {
         memory_bandwidth=2.039 * TERA, shared_memory_per_sm=164 * 1024, l2_bytes=40 * 2**20,
         launch_overhead_s=5e-6, programs_per_sm=1, matmul_efficiency=0.6, block_overhead_s=40e-9),
     # The 2-core machine sparsec's CPU executor runs on; refit by measured autotuning. Its
-    # coefficients are rounded from a fit on that machine at one thread (bench/results/
-    # cost_model_cpu_*.json); the throughput figures are totals for both cores (twice one core's).
+    # coefficients are rounded from a fit on that machine at two threads, caches flushed before
+    # every call (bench/results/cost_model_cpu_20261202_081416.json, 438 candidates; the launch
+    # overhead held at 400 us: every candidate there runs one plan, so the fit cannot tell a plan's
+    # fixed cost from a call's cold start); the throughput figures are totals for both cores.
     # get_profile gives it for torch's current thread count (with_cores).
     "cpu": HardwareProfile(
         name="cpu", sm_count=2,
         tensor_flops={"f32": 200e9, "bf16": 60e9, "f16": 60e9},
         vector_flops=40e9, exp_per_s=1.6e9,
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
-        launch_overhead_s=400e-6, programs_per_sm=1, matmul_efficiency=0.3, mask_cost_per_pair=7.0,
-        block_overhead_s=1e-6, executor="cpu", call_overhead_s=100e-6, gather_bytes_per_s=4.5e9,
+        launch_overhead_s=400e-6, programs_per_sm=1, matmul_efficiency=0.28, mask_cost_per_pair=18.0,
+        row_overhead_s=0.45e-6, executor="cpu", call_overhead_s=130e-6, gather_bytes_per_s=3.3e9,
         nm_kernel_efficiency=0.5),
 }
 
@@ -157,7 +164,7 @@ def get_profile(target: str | HardwareProfile, *, calibrated: bool = True) -> Ha
     if calibrated:
         path = _calibrated_path(key)
         if path.exists():
-            profile = HardwareProfile.from_json(path.read_text())
+            profile = HardwareProfile.from_json(path.read_text(), base=profile)
     if profile.executor == "cpu":  # a CPU plan is for this machine: its executor runs on torch's threads
         profile = profile.with_cores(torch.get_num_threads())
     return profile

@@ -192,18 +192,20 @@ def default_grid(device: torch.device | str, *, quick: bool = False) -> list[Can
         shapes = [_shape(S, heads=16, head_dim=d, dtype="bf16", causal=c)
                   for S in (2048, 4096, 8192, 16384) for d in (64, 128) for c in (False, True)]
         return candidate_grid(shapes, tiles=tiles)
-    # Two head sizes: a pair's dot products scale with head_dim, its softmax does not. The executor
+    # Two head sizes: a pair's dot products scale with head_dim, its softmax does not; 3% density
+    # for narrow patterns, whose query rows cost more than their pairs (row_overhead_s). The executor
     # reads exact keys (block_n is unused), so the tiles differ in block_m only; dense heads run one
     # SDPA call whatever the tiles: timed once per shape.
     if quick:
         shapes = [_shape(S, heads=4, head_dim=d, dtype="f32", causal=False) for S, d in ((512, 64), (1024, 64), (1024, 32))]
         tiles = (AttentionTiles(64, 64), AttentionTiles(128, 64))
-        densities = (0.1, 0.3)
+        densities = (0.03, 0.1, 0.3)
     else:
         shapes = [_shape(S, heads=4, head_dim=d, dtype="f32", causal=c) for S, d, c in
-                  ((512, 64, False), (1024, 64, False), (1024, 64, True), (2048, 64, False), (1024, 32, False))]
+                  ((512, 64, False), (1024, 64, False), (1024, 64, True), (2048, 64, False), (1024, 32, False),
+                   (4096, 64, False))]
         tiles = (AttentionTiles(64, 64), AttentionTiles(128, 64), AttentionTiles(256, 64))
-        densities = (0.1, 0.25, 0.5)
+        densities = (0.03, 0.1, 0.25, 0.5)
     sparse = [f for f in FAMILIES if f != "dense"]
     return (candidate_grid(shapes, families=("dense",), tiles=tiles[:1])
             + candidate_grid(shapes, families=sparse, densities=densities, tiles=tiles))
@@ -265,10 +267,18 @@ def _runner(candidate: Candidate, device: torch.device, generator: torch.Generat
 _STATISTICS = {"median": statistics.median, "min": min}
 
 
+# Read through before every CPU sample, so each call starts with its inputs out of the caches, as
+# in a model, where other layers ran in between (triton.testing.do_bench clears the L2 likewise).
+# Read, not written: evicting dirty lines would bill the timed call for writing the buffer back.
+_CACHE_FLUSH_BYTES = 64 * 2**20
+
+
 def _time_cpu(fn: Callable[[], object], min_seconds: float, max_samples: int, statistic: str) -> tuple[float, int]:
     fn()  # warm-up: caches (block plans), first-touch allocations
+    flush = torch.ones(_CACHE_FLUSH_BYTES // 4, dtype=torch.float32)
     samples: list[float] = []
     while len(samples) < 3 or (sum(samples) < min_seconds and len(samples) < max_samples):
+        flush.sum()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)

@@ -104,12 +104,14 @@ def test_cpu_profile_prices_the_executor_reads():
     (launch,) = work.launches
     assert launch.visited.tolist() == (reads.keys * 64).tolist() * 4  # pairs, per head
     assert launch.calls == reads.calls  # one plan for every head of the pattern
+    assert launch.computed.sum() == 4 * 1024  # every query row of every head has keys
     base = price_attention(work, hw).seconds
     # Each coefficient moves the price the way its count says.
     assert price_attention(work, hw.replace(call_overhead_s=hw.call_overhead_s + 1e-3)).seconds == pytest.approx(
         base + reads.calls * 1e-3)
     assert price_attention(work, hw.replace(matmul_efficiency=hw.matmul_efficiency / 2)).seconds > base
     assert price_attention(work, hw.replace(mask_cost_per_pair=2 * hw.mask_cost_per_pair)).seconds > base
+    assert price_attention(work, hw.replace(row_overhead_s=2 * hw.row_overhead_s)).seconds > base
     # Unmasked, ungathered key reads are cheaper than a masked band reading as many pairs.
     layout = torch.eye(16, dtype=torch.bool)
     blocks = estimate_attention((P.BlockSparse(layout, 64),) * 4, s, hw, block_m=64).seconds
@@ -133,6 +135,44 @@ def test_cpu_short_sequences_pay_their_calls():
         dense = estimate_attention((P.Dense(),) * 2, s, hw, block_m=None).seconds
         mixed = estimate_attention((P.Dense(), P.Window(S // 16, 0)), s, hw, block_m=None).seconds
         assert (mixed < dense) == sparse_wins, S
+
+
+def test_cpu_rows_pay_beyond_their_pairs():
+    """Each query row a part of the plan computes costs row_overhead_s beyond its pairs (measured
+    ~200 ns on 2 cores, as much as ~40 pairs at D = 64); a pattern run in two parts computes a
+    row once a part that reads keys for it."""
+    from sparsec.codegen.attention_cpu_choice import choose_split
+
+    hw = get_profile("cpu", calibrated=False).with_cores(1)
+    flat = hw.replace(row_overhead_s=0.0)
+    s = shape(2048, heads=4, dtype="f32")
+
+    def rows_paid(pattern):
+        seconds = [estimate_attention((pattern,) * 4, s, profile, block_m=None).seconds for profile in (hw, flat)]
+        return (seconds[0] - seconds[1]) / hw.row_overhead_s
+
+    assert rows_paid(P.Window(7, 0)) == pytest.approx(4 * 2048, rel=1e-6)
+    two_bands = P.MultiDiagonal((0, 700), 60)  # the second band reads keys for rows < 1408 + 60 only
+    _, parts = choose_split(two_bands, 2048, 2048, False, rows=4, width=128, threads=1)
+    assert len(parts) == 2
+    assert 4 * (2048 + 1300) < rows_paid(two_bands) < 4 * (2048 + 1600)
+
+
+def test_stored_profiles_take_new_fields_from_the_built_in(tmp_path, monkeypatch):
+    import json
+
+    from sparsec.cost_models.calibration import calibrated_profile_path
+
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    published = get_profile("cpu", calibrated=False)
+    data = json.loads(published.replace(matmul_efficiency=0.2, calibrated_from="before rows").to_json())
+    del data["row_overhead_s"]  # stored before the field existed
+    path = calibrated_profile_path("cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+    stored = get_profile("cpu")
+    assert stored.matmul_efficiency == 0.2 and stored.calibrated_from == "before rows"
+    assert stored.row_overhead_s == published.row_overhead_s > 0
 
 
 def test_executor_errors_and_old_profiles():

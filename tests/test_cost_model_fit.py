@@ -187,7 +187,7 @@ def synthetic_grid():
     return candidates, [candidate_work(c, "cpu") for c in candidates]
 
 
-CHANGED = {"matmul_efficiency": 0.6, "launch_overhead_s": 3.0, "block_overhead_s": 20.0, "call_overhead_s": 3.0,
+CHANGED = {"matmul_efficiency": 0.6, "launch_overhead_s": 3.0, "row_overhead_s": 20.0, "call_overhead_s": 3.0,
            "mask_cost_per_pair": 4.0}
 
 
@@ -200,7 +200,7 @@ def test_fit_recovers_changed_coefficients_and_improves_ranking(synthetic_grid):
     base = PROFILES["cpu"]
     truth = changed_profile(base)
     measured = predict(truth, works)
-    # The decision here: which tiles for one pattern (tile choice is what block_overhead moves).
+    # The decision here: which tiles for one pattern (tile choice is what call and mask costs move).
     tile_choices = [(c.group, c.family, c.target_density) for c in candidates]
     parameters = fit_parameters(base)
     assert parameters == CPU_FIT_PARAMETERS and fit_parameters(PROFILES["h100"]) == FIT_PARAMETERS
