@@ -13,8 +13,12 @@ keep 2 random inputs of every 4. Candidates:
   CPU:  dense F.linear | sparsec BSR CPU executor | torch BSR (to_sparse_bsr @) | sparsec N:M CPU
 
 Every candidate's output is checked against dense once (max error relative to the output scale,
-recorded). Results: a rich table, and JSON under bench/results/ with the device, versions, date,
-command and every figure.
+recorded). For each weight and token count, sparsec's own choice (what passes/choose_linear_kernels
+takes with weight_sparsity="auto": the cost model, cost_models.estimate_linear_seconds on the
+device's profile, between dense and sparsec's kernels for the weight) is set against the measured
+fastest of the same options: right or not, and its loss (its time over the fastest, - 1).
+Results: rich tables, and JSON under bench/results/ with the device, versions, date, command and
+every figure.
 """
 from __future__ import annotations
 
@@ -32,14 +36,18 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.linear_cpu import bsr_linear_cpu, nm_linear_cpu, pack_block_rows
-from sparsec.cost_models.measure import software_versions
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm, pack_semi_structured, semi_structured_reason
+from sparsec.cost_models import estimate_linear_seconds
+from sparsec.cost_models.hardware import profile_for_device
+from sparsec.cost_models.measure import software_versions
+from sparsec.ir.types import DENSE, BlockSparse, NMSparse
 
 SHAPES = ((4096, 4096), (4096, 11008), (1152, 4608))
 GPU_TOKENS = (1, 16, 128, 512, 2048, 8192)
 CPU_TOKENS = (1, 16, 128, 512)  # larger token counts take minutes per point on a CPU
 DENSITIES = (0.1, 0.3, 0.5, 0.7)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COST_DTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}  # the cost model's dtype names
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -114,6 +122,17 @@ def two_four_weight(N: int, K: int, dtype, device) -> torch.Tensor:
     return (torch.randn(N, K) * mask).to(dtype=dtype, device=device)
 
 
+@dataclass
+class Choice:
+    shape: str
+    tokens: int
+    format: str
+    chosen: str            # the option the cost model picks: "dense" or a sparsec kernel
+    fastest: str           # the measured fastest of the same options
+    loss: float            # chosen's time over the fastest's, - 1
+    estimated_speedup: dict[str, float]  # each sparsec kernel: estimated dense time / its time
+
+
 # -- candidates --------------------------------------------------------------------------------------
 
 
@@ -184,17 +203,56 @@ def _measure(rows, shape, tokens, fmt, candidates, x, W, args):
                         f"dense {paired_dense_ms:.3f} ms alongside"))
 
 
-def run_shape(K: int, N: int, args, rows: list[Row]) -> None:
+# The kernels of a weight's format that sparsec itself can pick (the torch baselines are not its options),
+# and how the cost model prices each: (sparsity encoding, semi_structured).
+def _sparsec_options(fmt: str, density: float | None, block: int) -> dict[str, tuple[object, bool]]:
+    if fmt == "2:4":
+        nm = NMSparse(n=2, m=4, density=0.5)
+        return {"sparsec 2:4 (cpu)": (nm, False), "sparsec 2:4 (triton)": (nm, False),
+                "torch semi-structured 2:4": (nm, True)}
+    bsr = BlockSparse(block=(block, block), density=density)
+    return {"sparsec bsr (cpu)": (bsr, False), "sparsec bsr (triton)": (bsr, False)}
+
+
+def choose(rows: list[Row], shape: str, tokens: int, fmt: str, density: float | None, N: int, K: int,
+           args) -> Choice | None:
+    """The cost model's pick among dense and sparsec's kernels that ran for this point, against the
+    measured fastest of them (each at its time relative to dense measured alongside)."""
+    options = _sparsec_options(fmt, density, args.block)
+    measured = {r.candidate: 1.0 / r.speedup for r in rows
+                if r.shape == shape and r.tokens == tokens and r.format == fmt and r.speedup
+                and (r.candidate == "dense" or r.candidate in options)}
+    if len(measured) < 2:
+        return None
+    hardware, dtype = profile_for_device(args.device), COST_DTYPES[args.dtype]
+    dense_s = estimate_linear_seconds(tokens, N, K, dtype, DENSE, hardware)
+    estimated = {name: estimate_linear_seconds(tokens, N, K, dtype, sparsity, hardware, semi_structured=semi)
+                 for name, (sparsity, semi) in options.items() if name in measured}
+    best_sparse = min(estimated, key=estimated.get)
+    chosen = best_sparse if estimated[best_sparse] < dense_s else "dense"
+    fastest = min(measured, key=measured.get)
+    return Choice(shape, tokens, fmt, chosen, fastest, measured[chosen] / measured[fastest] - 1,
+                  {name: dense_s / seconds for name, seconds in estimated.items()})
+
+
+def run_shape(K: int, N: int, args, rows: list[Row], choices: list[Choice]) -> None:
     dtype, device = DTYPES[args.dtype], args.device
     shape = f"{K}x{N}"
     weights = {d: block_weight(N, K, args.block, d, dtype, device) for d in args.densities}
     two_four = two_four_weight(N, K, dtype, device)
     for tokens in args.tokens:
         x = torch.randn(tokens, K, dtype=dtype, device=device)
+        points = []
         for density, W in weights.items():
             fmt = f"bsr {args.block}x{args.block} @ {density:.2f}"
             _measure(rows, shape, tokens, fmt, _block_candidates(W, args.block, device), x, W, args)
+            points.append((fmt, density))
         _measure(rows, shape, tokens, "2:4", _two_four_candidates(two_four, device), x, two_four, args)
+        points.append(("2:4", None))
+        for fmt, density in points:
+            choice = choose(rows, shape, tokens, fmt, density, N, K, args)
+            if choice is not None:
+                choices.append(choice)
         print(f"  {shape} tokens={tokens} done", file=sys.stderr)
 
 
@@ -217,19 +275,43 @@ def print_table(rows: list[Row], title: str) -> None:
     Console(width=160).print(table)
 
 
+def print_choices(choices: list[Choice]) -> dict:
+    """The choice table and its summary (returned for the JSON)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sparsec's choice (cost model) against the measured fastest of the same options")
+    for column in ("shape", "tokens", "format", "chosen", "fastest", "loss", "estimated speedup"):
+        table.add_column(column, justify="right" if column in ("tokens", "loss") else "left")
+    for c in choices:
+        estimated = ", ".join(f"{name.split(' (')[0]} {speedup:.2f}x" for name, speedup in c.estimated_speedup.items())
+        table.add_row(c.shape, str(c.tokens), c.format, c.chosen, c.fastest, f"{100 * c.loss:.1f}%", estimated,
+                      style=None if c.chosen == c.fastest else "yellow")
+    console = Console(width=160)
+    console.print(table)
+    right = sum(c.chosen == c.fastest for c in choices)
+    summary = {"points": len(choices), "right": right,
+               "mean_loss": sum(c.loss for c in choices) / max(1, len(choices)),
+               "worst_loss": max((c.loss for c in choices), default=0.0)}
+    console.print(f"the choice: right in {right} of {len(choices)}, mean loss {100 * summary['mean_loss']:.1f}%, "
+                  f"worst {100 * summary['worst_loss']:.1f}%")
+    return summary
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def save(rows: list[Row], args) -> Path:
+def save(rows: list[Row], choices: list[Choice], summary: dict, args) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc)
     record = {
         "benchmark": "linear", "device": device_name(args.device), "device_type": args.device,
         **software_versions(),
         "date": stamp.isoformat(timespec="seconds"), "command": " ".join([sys.executable, *sys.argv]),
         "dtype": args.dtype, "block": args.block, "cpu_threads": torch.get_num_threads(), "results": [asdict(r) for r in rows],
+        "choice": summary, "choices": [asdict(c) for c in choices],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     quick = "_quick" if args.quick else ""
@@ -273,11 +355,13 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows: list[Row] = []
+    choices: list[Choice] = []
     for K, N in args.shapes:
-        run_shape(K, N, args, rows)
+        run_shape(K, N, args, rows, choices)
     print_table(rows, f"sparse linear, {args.dtype}, {device_name(args.device)}")
+    summary = print_choices(choices)
     if not args.no_save:
-        print(f"saved {save(rows, args)}", file=sys.stderr)
+        print(f"saved {save(rows, choices, summary, args)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,26 +16,24 @@ One interface for every op (STYLE.md 7): `estimate(op, hardware) -> seconds`.
         kernel's rate, so the rate drops by min(1, sqrt(bo * bi) / 64): 16 x 16 blocks then win
         only below ~25% density, in line with the 70-86% sparsity crossovers reported for BSR
         matmuls (ANCHORS.md).
-        On the CPU executor (codegen/linear_cpu.py) the copies it makes are added, on one thread:
-        x transposed in, y out, and each block row's inputs gathered (none for decode-size calls,
-        which run on torch's BSR tensor).
       NMSparse(n, m): Triton has no sparse tensor-core dot, so the N:M kernel expands kept values
         to dense tiles in registers — dense arithmetic — but reads only `density` of the weight
         bytes plus one int8 position per kept value: a win where reading the weight dominates
-        (few tokens). (The CPU executor halves the arithmetic but runs at GEMV speed: about the
-        same.)
+        (few tokens).
       Unstructured: no kernel exploits it, so it costs the dense GEMM.
     `semi_structured=True` prices a 2:4 NMSparse weight on torch's semi-structured kernels
     (cuSPARSELt / CUTLASS): sparse tensor cores do half the arithmetic at the dense rate, and the
     weight is half its values plus 2 bits of metadata per kept value.
+    On a "cpu" profile, linear layers are priced as torch's GEMM and codegen/linear_cpu.py spend
+    it instead, term by term (cost_models/linear_cost_cpu.py).
 """
 from __future__ import annotations
 
 import math
 
-from sparsec.codegen.linear_cpu import FEW_TOKENS
 from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
 from sparsec.cost_models.hardware import HardwareProfile, get_profile
+from sparsec.cost_models.linear_cost_cpu import cpu_linear_seconds
 
 __all__ = ["estimate", "estimate_linear_seconds", "frame_transposed_heads", "transposed_heads"]
 
@@ -163,6 +161,8 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
     from sparsec.ir.types import BlockSparse, NMSparse
 
     M, N, K, size = tokens, out_features, in_features, _BYTES[_dtype("linear", dtype)]
+    if hardware.executor == "cpu" and not semi_structured:
+        return cpu_linear_seconds(M, N, K, dtype, size, sparsity, hardware, bias=bias)
     flops, weight_bytes, rate = 2.0 * M * N * K, float(N * K * size), 1.0
     if semi_structured:
         if not (isinstance(sparsity, NMSparse) and sparsity.m == 4 and sparsity.n <= 2):
@@ -183,9 +183,4 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
         seconds /= hardware.nm_kernel_efficiency
     elif isinstance(sparsity, BlockSparse):
         seconds /= hardware.bsr_kernel_efficiency
-        if hardware.executor == "cpu" and M > FEW_TOKENS:
-            # The CPU executor transposes x in and y out and gathers each block row's inputs
-            # (codegen/linear_cpu.py), copies on one thread; decode-size calls skip them.
-            copied = M * K + M * N + (N / sparsity.block[0]) * sparsity.density * K * M
-            seconds += 2 * copied * size / hardware.gather_bytes_per_s
     return seconds + hardware.launch_overhead_s

@@ -45,15 +45,17 @@ class HardwareProfile:
     # finish and output row): ~200 ns of the 2-core machine's time, as much as ~40 pairs at D = 64,
     # which is what narrow patterns (a few diagonals, frame-transposed heads) mostly pay.
     row_overhead_s: float = 0.0
-    # Speed of the N:M linear kernel relative to the model above (which counts only the bytes it
-    # reads): the CPU executor gathers kept values and measured 0.2-1.0x dense (bench/results/
-    # linear_cpu_*.json), so on "cpu" it never beats dense.
+    # Speed of the N:M linear kernel relative to the model of it (cost_models: the bytes it reads;
+    # linear_cost_cpu: its expansion and arithmetic): the CPU executor measured 1.0-6x slower than
+    # dense (bench/results/linear_cpu_*.json), so on "cpu" it is priced never to beat dense.
     nm_kernel_efficiency: float = 1.0
-    # The same for the block-sparse (BSR) kernel's arithmetic (the CPU executor's copies, its
-    # transposes and gathers, are priced apart in estimate_linear_seconds; with them and 1.0 the
-    # choice matches bench/linear.py's CPU measurements in 23 of 27 cases, 2.4% slower than the
-    # best choice on average, where 0.5 without the copies missed 10 and lost 15%).
+    # The same for the block-sparse (BSR) kernel: Triton, its arithmetic; cpu, its reads of the
+    # kept blocks, at about half the dense GEMV's streaming speed (cost_models/linear_cost_cpu.py).
     bsr_kernel_efficiency: float = 1.0
+    # cpu (cost_models/linear_cost_cpu.py): BLAS's GEMM copies its weight into packed panels on
+    # every call of 2+ token rows, at this speed; and a GEMM call's fixed cost.
+    gemm_pack_bytes_per_s: float = 0.0
+    gemm_call_overhead_s: float = 0.0
     calibrated_from: str = field(default="published figures")
 
     def __post_init__(self):
@@ -139,7 +141,8 @@ PROFILES: dict[str, HardwareProfile] = {
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
         launch_overhead_s=400e-6, programs_per_sm=1, matmul_efficiency=0.28, mask_cost_per_pair=18.0,
         row_overhead_s=0.45e-6, executor="cpu", call_overhead_s=130e-6, gather_bytes_per_s=3.3e9,
-        nm_kernel_efficiency=0.5),
+        # linear layers: bench/results/linear_cpu_20261202_083016.json (linear_cost_cpu)
+        nm_kernel_efficiency=0.5, bsr_kernel_efficiency=0.5, gemm_pack_bytes_per_s=2.7e9, gemm_call_overhead_s=36e-6),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",
