@@ -39,8 +39,9 @@ from sparsec.codegen.linear_cpu import bsr_linear_cpu, nm_linear_cpu, pack_block
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm, pack_semi_structured, semi_structured_reason
 from sparsec.cost_models import estimate_linear_seconds
 from sparsec.cost_models.hardware import profile_for_device
-from sparsec.cost_models.measure import software_versions
+from sparsec.cost_models.measure import flush_cpu_caches, software_versions
 from sparsec.ir.types import DENSE, BlockSparse, NMSparse
+from sparsec.passes.choose_linear_kernels import SPARSE_MARGIN
 
 SHAPES = ((4096, 4096), (4096, 11008), (1152, 4608))
 GPU_TOKENS = (1, 16, 128, 512, 2048, 8192)
@@ -74,6 +75,7 @@ def _time_ms(fn, device: str, min_seconds: float) -> float:
     fn()  # warm up (and first-touch allocations)
     samples, spent = [], 0.0
     while spent < min_seconds or len(samples) < 3:
+        flush_cpu_caches()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
@@ -85,13 +87,15 @@ def _time_ms(fn, device: str, min_seconds: float) -> float:
 
 def _time_pair_ms(dense_fn, fn, device: str, min_seconds: float) -> tuple[float, float]:
     """(dense ms, candidate ms). On CPU the two alternate call by call, so load from other
-    processes on a shared machine hits both alike and their ratio stays meaningful."""
+    processes on a shared machine hits both alike and their ratio stays meaningful; every CPU
+    sample starts with the caches flushed (cost_models.measure.flush_cpu_caches), as in a model."""
     if device == "cuda":
         return _time_ms(dense_fn, device, min_seconds), _time_ms(fn, device, min_seconds)
     dense_fn(), fn()
     dense, sparse, spent = [], [], 0.0
     while spent < 2 * min_seconds or len(dense) < 5:
         for samples, f in ((dense, dense_fn), (sparse, fn)):
+            flush_cpu_caches()
             start = time.perf_counter()
             f()
             samples.append(time.perf_counter() - start)
@@ -229,7 +233,7 @@ def choose(rows: list[Row], shape: str, tokens: int, fmt: str, density: float | 
     estimated = {name: estimate_linear_seconds(tokens, N, K, dtype, sparsity, hardware, semi_structured=semi)
                  for name, (sparsity, semi) in options.items() if name in measured}
     best_sparse = min(estimated, key=estimated.get)
-    chosen = best_sparse if estimated[best_sparse] < dense_s else "dense"
+    chosen = best_sparse if estimated[best_sparse] < (1 - SPARSE_MARGIN) * dense_s else "dense"
     fastest = min(measured, key=measured.get)
     return Choice(shape, tokens, fmt, chosen, fastest, measured[chosen] / measured[fastest] - 1,
                   {name: dense_s / seconds for name, seconds in estimated.items()})

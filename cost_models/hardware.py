@@ -49,11 +49,13 @@ class HardwareProfile:
     # linear_cost_cpu: its expansion and arithmetic): the CPU executor measured 1.0-6x slower than
     # dense (bench/results/linear_cpu_*.json), so on "cpu" it is priced never to beat dense.
     nm_kernel_efficiency: float = 1.0
-    # The same for the block-sparse (BSR) kernel: Triton, its arithmetic; cpu, its reads of the
-    # kept blocks, at about half the dense GEMV's streaming speed (cost_models/linear_cost_cpu.py).
+    # The same for the block-sparse (BSR) kernel's arithmetic (cpu: and its reads of the kept
+    # blocks, which the panels' 64-row GEMMs run at 0.8 of the dense path's speeds).
     bsr_kernel_efficiency: float = 1.0
-    # cpu (cost_models/linear_cost_cpu.py): BLAS's GEMM copies its weight into packed panels on
-    # every call of 2+ token rows, at this speed; and a GEMM call's fixed cost.
+    # cpu (cost_models/linear_cost_cpu.py): the fraction of tensor_flops BLAS GEMMs reach in linear
+    # layers (0: matmul_efficiency), the speed at which a GEMM of 2+ token rows copies its weight
+    # into packed panels (on every call: weights are not prepacked), and one GEMM call's fixed cost.
+    gemm_efficiency: float = 0.0
     gemm_pack_bytes_per_s: float = 0.0
     gemm_call_overhead_s: float = 0.0
     calibrated_from: str = field(default="published figures")
@@ -141,8 +143,10 @@ PROFILES: dict[str, HardwareProfile] = {
         memory_bandwidth=15e9, shared_memory_per_sm=2 * 2**20, l2_bytes=32 * 2**20,
         launch_overhead_s=400e-6, programs_per_sm=1, matmul_efficiency=0.28, mask_cost_per_pair=18.0,
         row_overhead_s=0.45e-6, executor="cpu", call_overhead_s=130e-6, gather_bytes_per_s=3.3e9,
-        # linear layers: bench/results/linear_cpu_20261202_083016.json (linear_cost_cpu)
-        nm_kernel_efficiency=0.5, bsr_kernel_efficiency=0.5, gemm_pack_bytes_per_s=2.7e9, gemm_call_overhead_s=36e-6),
+        # linear layers: cost_models/linear_cost_cpu.py, fitted to bench/results/linear_cpu_20261202_083016.json
+        # and _091530.json
+        nm_kernel_efficiency=0.5, bsr_kernel_efficiency=0.8, gemm_efficiency=0.33, gemm_pack_bytes_per_s=3.4e9,
+        gemm_call_overhead_s=39e-6),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

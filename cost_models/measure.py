@@ -14,6 +14,7 @@ families x densities x tiles x shapes; `measure` runs each candidate on this mac
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import platform
@@ -29,7 +30,7 @@ from sparsec.cost_models.attention_cost import AttentionShape
 from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, VerticalSlash, Window
 
 __all__ = [
-    "FAMILIES", "Candidate", "Measurement", "candidate_grid", "default_grid", "measure",
+    "FAMILIES", "Candidate", "Measurement", "candidate_grid", "default_grid", "flush_cpu_caches", "measure",
     "kept_fraction", "measurement_device", "pattern_at_density", "software_versions",
 ]
 
@@ -273,12 +274,21 @@ _STATISTICS = {"median": statistics.median, "min": min}
 _CACHE_FLUSH_BYTES = 64 * 2**20
 
 
+@functools.lru_cache(maxsize=1)
+def _flush_buffer() -> torch.Tensor:
+    return torch.ones(_CACHE_FLUSH_BYTES // 4, dtype=torch.float32)
+
+
+def flush_cpu_caches() -> None:
+    """Evict the CPU caches (read a buffer larger than the last level): call before timing a sample."""
+    _flush_buffer().sum()
+
+
 def _time_cpu(fn: Callable[[], object], min_seconds: float, max_samples: int, statistic: str) -> tuple[float, int]:
     fn()  # warm-up: caches (block plans), first-touch allocations
-    flush = torch.ones(_CACHE_FLUSH_BYTES // 4, dtype=torch.float32)
     samples: list[float] = []
     while len(samples) < 3 or (sum(samples) < min_seconds and len(samples) < max_samples):
-        flush.sum()
+        flush_cpu_caches()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)

@@ -15,10 +15,15 @@ arithmetic). The option `weight_sparsity` decides:
 
     "off"     every Linear stays dense
     "always"  the cheapest candidate, whatever the dense GEMM costs
-    "auto"    a candidate only where it is strictly cheaper than the dense GEMM: at the op's
+    "auto"    a candidate only where it is cheaper than the dense GEMM by SPARSE_MARGIN: at the op's
               token count (x's leading dims) when it is static; when it is symbolic (dynamic
               shapes), over the token range [min_tokens, max_tokens] where it wins, found by
               searching the crossovers, and the op dispatches at run time by that range
+
+The margin (10%) keeps near-ties dense: within it the estimates cannot tell the kernels apart (the
+CPU linear model's rms log error is 0.2, and its misses were all near-ties, such as 50% blocks
+at one token: estimated 1.00x, measured dense 1-23% faster), and a sparse kernel, a custom op,
+also stops Inductor fusing the layer's neighbours into it.
 
 The choice is recorded on the op (kernel, min_tokens, max_tokens) and printed in the IR:
     %y: f32[s0, 128] = linear %x, %w, none {kernel = "nm2:4", max_tokens = 1536, module = "fc1"}
@@ -42,12 +47,13 @@ from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Linear, Op
 from sparsec.ir.types import DENSE, BlockSparse, NMSparse, is_static
 
-__all__ = ["choose_linear_kernels", "linear_candidates", "winning_tokens", "MAX_SEARCH_TOKENS"]
+__all__ = ["choose_linear_kernels", "linear_candidates", "winning_tokens", "MAX_SEARCH_TOKENS", "SPARSE_MARGIN"]
 
 log = logging.getLogger(__name__)
 
 PRICED_DTYPES = ("f32", "f16", "bf16")  # the dtypes the kernels and the cost model know
 MAX_SEARCH_TOKENS = 1 << 30  # a kernel that still wins here is taken as winning at any count
+SPARSE_MARGIN = 0.1  # "auto" takes a sparse kernel only where it is estimated this much faster than dense
 _MIN_BLOCK, _MAX_BLOCK, _MAX_GROUP, _SEMI_TILE = 16, 256, 64, 64
 
 Cost = Callable[[int], float]
@@ -134,11 +140,13 @@ def _last_winner(wins: Callable[[int], bool], lo: int, hi: int) -> int:
 
 
 def winning_tokens(sparse: Cost, dense: Cost) -> tuple[int, int | None] | None:
-    """(min_tokens, max_tokens) where sparse(t) < dense(t), max None for no upper bound; None if
-    it never wins. Both costs are maxima of linear functions of t, so the winning counts form one
-    range; it is found on powers of two up to MAX_SEARCH_TOKENS, its ends by bisection."""
+    """(min_tokens, max_tokens) where sparse(t) < (1 - SPARSE_MARGIN) * dense(t), max None for no
+    upper bound; None if it never wins. Both costs are sums and maxima of linear functions of t, so
+    the winning counts form one range; it is found on powers of two up to MAX_SEARCH_TOKENS, its
+    ends by bisection. (The CPU costs also step, at 2 tokens where dense turns GEMM and at
+    codegen.linear_cpu.FEW_TOKENS; a win lost and regained between two powers of two is not seen.)"""
     def wins(t: int) -> bool:
-        return sparse(t) < dense(t)
+        return sparse(t) < (1 - SPARSE_MARGIN) * dense(t)
 
     grid = [1 << i for i in range(MAX_SEARCH_TOKENS.bit_length())]
     first = next((i for i, t in enumerate(grid) if wins(t)), None)
@@ -168,7 +176,7 @@ def _choice(op: Linear, mode: str, hardware: HardwareProfile) -> tuple[str, int,
         best = min(candidates, key=lambda c: c.seconds(tokens))
         log.debug("linear %s: %s %.3g s vs dense %.3g s at %d tokens", op.module_path, best.kernel,
                   best.seconds(tokens), dense(tokens), tokens)
-        return (best.kernel, 0, None) if best.seconds(tokens) < dense(tokens) else ("dense", 0, None)
+        return (best.kernel, 0, None) if best.seconds(tokens) < (1 - SPARSE_MARGIN) * dense(tokens) else ("dense", 0, None)
     ranges = [(c, winning_tokens(c.seconds, dense)) for c in candidates]
     ranges = [(c, r) for c, r in ranges if r is not None]
     if not ranges:
