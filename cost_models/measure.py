@@ -30,7 +30,8 @@ from sparsec.cost_models.attention_cost import AttentionShape
 from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, VerticalSlash, Window
 
 __all__ = [
-    "FAMILIES", "Candidate", "Measurement", "candidate_grid", "default_grid", "flush_cpu_caches", "measure",
+    "FAMILIES", "MIXED_FAMILIES", "Candidate", "Measurement", "candidate_grid", "default_grid", "flush_cpu_caches",
+    "measure", "mixed_candidates",
     "kept_fraction", "measurement_device", "pattern_at_density", "software_versions",
 ]
 
@@ -177,6 +178,24 @@ def candidate_grid(
     return candidates
 
 
+# The families a "mixed" candidate gives its heads in turn: one distinct pattern a head, each its own plan
+# on the cpu executor (what launch_overhead_s prices there), where every other candidate runs one.
+MIXED_FAMILIES = ("window", "multi_diagonal", "columns", "block_sparse")
+
+
+def mixed_candidates(shapes: Iterable[AttentionShape], *, densities: Sequence[float], tiles: AttentionTiles,
+                     seed: int = 0) -> list[Candidate]:
+    """Per shape and density, one candidate whose heads take MIXED_FAMILIES in turn, each at the density."""
+    candidates = []
+    for shape in shapes:
+        for density in densities:
+            patterns = tuple(pattern_at_density(MIXED_FAMILIES[h % len(MIXED_FAMILIES)], shape.q_len, density,
+                                                causal=shape.causal, seed=seed) for h in range(shape.num_heads))
+            candidates.append(Candidate(family="mixed", target_density=density, shape=shape, tiles=tiles,
+                                        head_patterns=patterns))
+    return candidates
+
+
 def _shape(S: int, *, heads: int, head_dim: int, dtype: str, causal: bool) -> AttentionShape:
     return AttentionShape(batch=1, num_heads=heads, num_kv_heads=heads, q_len=S, kv_len=S,
                           head_dim=head_dim, value_dim=head_dim, dtype=dtype, causal=causal)
@@ -194,7 +213,8 @@ def default_grid(device: torch.device | str, *, quick: bool = False) -> list[Can
                   for S in (2048, 4096, 8192, 16384) for d in (64, 128) for c in (False, True)]
         return candidate_grid(shapes, tiles=tiles)
     # Two head sizes: a pair's dot products scale with head_dim, its softmax does not; 3% density
-    # for narrow patterns, whose query rows cost more than their pairs (row_overhead_s). The executor
+    # for narrow patterns, whose query rows cost more than their pairs (row_overhead_s); "mixed"
+    # candidates, a plan a head, so the fit can tell a plan's fixed cost from the rest. The executor
     # reads exact keys (block_n is unused), so the tiles differ in block_m only; dense heads run one
     # SDPA call whatever the tiles: timed once per shape.
     if quick:
@@ -209,7 +229,8 @@ def default_grid(device: torch.device | str, *, quick: bool = False) -> list[Can
         densities = (0.03, 0.1, 0.25, 0.5)
     sparse = [f for f in FAMILIES if f != "dense"]
     return (candidate_grid(shapes, families=("dense",), tiles=tiles[:1])
-            + candidate_grid(shapes, families=sparse, densities=densities, tiles=tiles))
+            + candidate_grid(shapes, families=sparse, densities=densities, tiles=tiles)
+            + mixed_candidates(shapes, densities=densities, tiles=tiles[1]))
 
 
 # -- timing -----------------------------------------------------------------------------------------

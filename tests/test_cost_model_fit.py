@@ -24,7 +24,8 @@ from sparsec.cost_models.fit import (
     predict)
 from sparsec.cost_models.hardware import PROFILES, get_profile, profile_for_device
 from sparsec.cost_models.measure import (
-    FAMILIES, Measurement, candidate_grid, kept_fraction, measure, measurement_device, pattern_at_density)
+    FAMILIES, MIXED_FAMILIES, Measurement, candidate_grid, default_grid, kept_fraction, measure, measurement_device,
+    mixed_candidates, pattern_at_density)
 from sparsec.patterns import Dense
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "cost_model.py"
@@ -171,6 +172,21 @@ def test_pattern_at_density_dense_and_bad_arguments():
             pattern_at_density("window", S, 0.3)
     with pytest.raises(ValueError, match="unknown families"):
         candidate_grid([shape(256)], families=("window", "stripes"))
+
+
+def test_mixed_candidates_run_a_plan_a_head_on_the_cpu_executor():
+    """The CPU grid's "mixed" candidates give each head its own family, so each head is its own
+    plan (what launch_overhead_s prices), where every other candidate runs one."""
+    s = shape(512, heads=4)
+    (candidate,) = mixed_candidates([s], densities=(0.1,), tiles=AttentionTiles(64, 64))
+    assert candidate.family == "mixed" and len(set(candidate.head_patterns)) == 4
+    for h, family in enumerate(MIXED_FAMILIES):
+        assert candidate.head_patterns[h] == pattern_at_density(family, 512, 0.1)
+    assert abs(candidate.density - 0.1) < 0.03
+    assert sum(launch.plans for launch in candidate_work(candidate, "cpu").launches) == 4
+    grid = default_grid("cpu", quick=True)
+    assert {c.family for c in grid} == set(FAMILIES) | {"mixed"}
+    assert all(c.family != "mixed" for c in default_grid("cuda", quick=True))
 
 
 # -- fit --------------------------------------------------------------------------------------------
