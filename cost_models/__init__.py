@@ -161,7 +161,10 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
     from sparsec.ir.types import BlockSparse, NMSparse
 
     M, N, K, size = tokens, out_features, in_features, _BYTES[_dtype("linear", dtype)]
-    if hardware.executor == "cpu" and not semi_structured:
+    if hardware.executor == "cpu":
+        if semi_structured:
+            raise ValueError(f"estimate_linear_seconds: torch's semi-structured kernels run on GPUs; profile "
+                             f"{hardware.name!r} prices the CPU executors")
         return cpu_linear_seconds(M, N, K, dtype, size, sparsity, hardware, bias=bias)
     flops, weight_bytes, rate = 2.0 * M * N * K, float(N * K * size), 1.0
     if semi_structured:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 __all__ = ["EXECUTORS", "HardwareProfile", "PROFILES", "get_profile", "profile_for_device"]
+
+log = logging.getLogger(__name__)
 
 EXECUTORS = ("triton", "cpu")  # the attention kernels a profile can price
 
@@ -46,7 +49,7 @@ class HardwareProfile:
     # which is what narrow patterns (a few diagonals, frame-transposed heads) mostly pay.
     row_overhead_s: float = 0.0
     # Speed of the N:M linear kernel relative to the model of it (cost_models: the bytes it reads;
-    # linear_cost_cpu: its expansion and arithmetic): the CPU executor measured 1.0-6x slower than
+    # linear_cost_cpu: its expansion and arithmetic): the CPU executor measured 1-6x slower than
     # dense (bench/results/linear_cpu_*.json), so on "cpu" it is priced never to beat dense.
     nm_kernel_efficiency: float = 1.0
     # The same for the block-sparse (BSR) kernel's arithmetic (cpu: and its reads of the kept
@@ -97,8 +100,7 @@ class HardwareProfile:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @staticmethod
-    def from_json(text: str, *, base: HardwareProfile | None = None) -> HardwareProfile:
-        """The profile stored as `text`; fields it lacks (stored before they existed) are `base`'s."""
+    def from_json(text: str) -> HardwareProfile:
         data = json.loads(text)
         if "masks_whole_query_block" in data:  # profiles stored before `executor` existed
             data["executor"] = "cpu" if data.pop("masks_whole_query_block") else "triton"
@@ -106,7 +108,7 @@ class HardwareProfile:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"hardware profile JSON has unknown fields {sorted(unknown)}")
-        return base.replace(**data) if base is not None else HardwareProfile(**data)
+        return HardwareProfile(**data)
 
 
 TERA = 1e12
@@ -172,10 +174,24 @@ def get_profile(target: str | HardwareProfile, *, calibrated: bool = True) -> Ha
     if calibrated:
         path = _calibrated_path(key)
         if path.exists():
-            profile = HardwareProfile.from_json(path.read_text(), base=profile)
+            profile = _stored_profile(path, profile)
     if profile.executor == "cpu":  # a CPU plan is for this machine: its executor runs on torch's threads
         profile = profile.with_cores(torch.get_num_threads())
     return profile
+
+
+def _stored_profile(path: Path, published: HardwareProfile) -> HardwareProfile:
+    """The calibrated profile at `path`, or `published` when it was stored by an older sparsec: one
+    that lacks fields the model now has was fitted to another model, so its coefficients would
+    mislead (a warning says to calibrate again)."""
+    text = path.read_text()
+    missing = sorted({f.name for f in dataclasses.fields(HardwareProfile)} - set(json.loads(text)) - {"executor"})
+    if missing:
+        log.warning("calibrated profile %s was stored before the cost model had %s: ignored, using the published "
+                    "%r profile; run `sparsec tune --measure` (or bench/cost_model.py) to calibrate again",
+                    path, ", ".join(missing), published.name)
+        return published
+    return HardwareProfile.from_json(text)
 
 
 def profile_for_device(device: torch.device | str) -> HardwareProfile:

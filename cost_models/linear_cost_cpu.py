@@ -8,7 +8,7 @@ linear_cpu_20261202_083016.json and _091530.json): rms log error 0.2.
   dense, 1 token     a GEMV: the weight streamed once.
   dense, 2+ tokens   a BLAS GEMM at gemm_efficiency of the f32 peak (~66 GF/s), which first copies
                      the weight into packed panels, on every call (the weight is not prepacked):
-                     7 ms of a 21 MB weight at 8 tokens, where the 1-token GEMV takes 2 ms.
+                     6-7 ms of a 21 MB weight at 8 tokens, where the 1-token GEMV takes 2 ms.
   block-sparse, up to FEW_TOKENS tokens
                      torch's BSR tensor (MKL's sparse kernels; square fp32 blocks, other weights
                      run the panels) streams the kept blocks at half the dense GEMV's speed.
@@ -19,7 +19,7 @@ linear_cpu_20261202_083016.json and _091530.json): rms log error 0.2.
                      thread).
   N:M                tiles of the weight expanded from the compressed layout (a copy of the dense
                      weight's bytes) and the dense arithmetic, at nm_kernel_efficiency (measured
-                     1.0-6x slower than dense: it never wins on CPU).
+                     1-6x slower than dense: it never wins on CPU).
 """
 from __future__ import annotations
 

@@ -20,10 +20,11 @@ arithmetic). The option `weight_sparsity` decides:
               shapes), over the token range [min_tokens, max_tokens] where it wins, found by
               searching the crossovers, and the op dispatches at run time by that range
 
-The margin (10%) keeps near-ties dense: within it the estimates cannot tell the kernels apart (the
-CPU linear model's rms log error is 0.2, and its misses were all near-ties, such as 50% blocks
-at one token: estimated 1.00x, measured dense 1-23% faster), and a sparse kernel, a custom op,
-also stops Inductor fusing the layer's neighbours into it.
+The margin (10%, on every target) keeps near-ties dense: within it the estimates cannot tell the
+kernels apart (the CPU linear model's rms log error is 0.2, and its misses were all near-ties,
+such as 50% blocks at one token: estimated 1.00x, measured dense 1-23% faster; no GPU figure
+has been measured yet), and a sparse kernel, a custom op, also stops Inductor fusing the
+layer's neighbours into it, on a GPU as on a CPU.
 
 The choice is recorded on the op (kernel, min_tokens, max_tokens) and printed in the IR:
     %y: f32[s0, 128] = linear %x, %w, none {kernel = "nm2:4", max_tokens = 1536, module = "fc1"}
@@ -70,7 +71,7 @@ def _power_of_two(n: int) -> bool:
 
 
 def _is_gpu(hardware: HardwareProfile) -> bool:
-    return hardware.name != "cpu"
+    return hardware.executor != "cpu"
 
 
 def _bsr_fits(block: tuple[int, int], shape: tuple) -> bool:
@@ -141,23 +142,31 @@ def _last_winner(wins: Callable[[int], bool], lo: int, hi: int) -> int:
 
 def winning_tokens(sparse: Cost, dense: Cost) -> tuple[int, int | None] | None:
     """(min_tokens, max_tokens) where sparse(t) < (1 - SPARSE_MARGIN) * dense(t), max None for no
-    upper bound; None if it never wins. Both costs are sums and maxima of linear functions of t, so
-    the winning counts form one range; it is found on powers of two up to MAX_SEARCH_TOKENS, its
-    ends by bisection. (The CPU costs also step, at 2 tokens where dense turns GEMM and at
-    codegen.linear_cpu.FEW_TOKENS; a win lost and regained between two powers of two is not seen.)"""
+    upper bound; None if it never wins. The costs are sums and maxima of linear functions of t
+    (the CPU's also step, at 2 tokens where dense turns GEMM and at codegen.linear_cpu.FEW_TOKENS),
+    so the winning counts form one range or a few: each run of winning powers of two up to
+    MAX_SEARCH_TOKENS, its ends found by bisection; of several ranges the best (_better_range),
+    since a layer dispatches by one."""
     def wins(t: int) -> bool:
         return sparse(t) < (1 - SPARSE_MARGIN) * dense(t)
 
     grid = [1 << i for i in range(MAX_SEARCH_TOKENS.bit_length())]
-    first = next((i for i, t in enumerate(grid) if wins(t)), None)
-    if first is None:
-        return None
-    last = first
-    while last + 1 < len(grid) and wins(grid[last + 1]):
-        last += 1
-    low = 0 if first == 0 else _first_winner(wins, grid[first - 1], grid[first])
-    high = None if last + 1 == len(grid) else _last_winner(wins, grid[last], grid[last + 1])
-    return low, high
+    won = [wins(t) for t in grid]
+    ranges = []
+    for first in (i for i in range(len(grid)) if won[i] and (i == 0 or not won[i - 1])):
+        last = first
+        while last + 1 < len(grid) and won[last + 1]:
+            last += 1
+        low = 0 if first == 0 else _first_winner(wins, grid[first - 1], grid[first])
+        high = None if last + 1 == len(grid) else _last_winner(wins, grid[last], grid[last + 1])
+        ranges.append((low, high))
+    return max(ranges, key=_better_range) if ranges else None
+
+
+def _better_range(token_range: tuple[int, int | None]) -> tuple:
+    """Sort key of winning token ranges: no upper bound beats any, then the higher end, then the lower start."""
+    low, high = token_range
+    return high is None, high or 0, -low
 
 
 # -- the choice ------------------------------------------------------------------------------------
@@ -181,8 +190,7 @@ def _choice(op: Linear, mode: str, hardware: HardwareProfile) -> tuple[str, int,
     ranges = [(c, r) for c, r in ranges if r is not None]
     if not ranges:
         return "dense", 0, None
-    # The widest range (no upper bound beats any), then the lowest start.
-    best, (low, high) = max(ranges, key=lambda cr: (cr[1][1] is None, cr[1][1] or 0, -cr[1][0]))
+    best, (low, high) = max(ranges, key=lambda cr: _better_range(cr[1]))
     return best.kernel, low, high
 
 

@@ -7,7 +7,7 @@ import torch
 
 from sparsec import patterns as P
 from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention, pattern_counts
-from sparsec.cost_models.hardware import HardwareProfile, get_profile
+from sparsec.cost_models.hardware import PROFILES, HardwareProfile, get_profile
 
 
 def shape(S, heads=4, causal=False, dtype="bf16", batch=1):
@@ -158,21 +158,22 @@ def test_cpu_rows_pay_beyond_their_pairs():
     assert 4 * (2048 + 1300) < rows_paid(two_bands) < 4 * (2048 + 1600)
 
 
-def test_stored_profiles_take_new_fields_from_the_built_in(tmp_path, monkeypatch):
+def test_stored_profiles_of_an_older_model_are_ignored_with_a_warning(tmp_path, monkeypatch, caplog):
     import json
+    import logging
 
-    from sparsec.cost_models.calibration import calibrated_profile_path
+    from sparsec.cost_models.calibration import calibrated_profile_path, save_calibrated_profile
 
     monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
     published = get_profile("cpu", calibrated=False)
-    data = json.loads(published.replace(matmul_efficiency=0.2, calibrated_from="before rows").to_json())
-    del data["row_overhead_s"]  # stored before the field existed
-    path = calibrated_profile_path("cpu")
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(data))
-    stored = get_profile("cpu")
-    assert stored.matmul_efficiency == 0.2 and stored.calibrated_from == "before rows"
-    assert stored.row_overhead_s == published.row_overhead_s > 0
+    save_calibrated_profile(PROFILES["cpu"].replace(matmul_efficiency=0.2, calibrated_from="now"))
+    assert get_profile("cpu").matmul_efficiency == 0.2  # a current one is taken
+    data = json.loads(PROFILES["cpu"].replace(matmul_efficiency=0.2, calibrated_from="before rows").to_json())
+    del data["row_overhead_s"]  # stored before the field existed: fitted to another model
+    calibrated_profile_path("cpu").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="sparsec"):
+        assert get_profile("cpu") == published
+    assert "row_overhead_s" in caplog.text and "calibrate again" in caplog.text
 
 
 def test_executor_errors_and_old_profiles():
