@@ -153,7 +153,7 @@ def test_cpu_rows_pay_beyond_their_pairs():
 
     assert rows_paid(P.Window(7, 0)) == pytest.approx(4 * 2048, rel=1e-6)
     two_bands = P.MultiDiagonal((0, 700), 60)  # the second band reads keys for rows < 1408 + 60 only
-    _, parts = choose_split(two_bands, 2048, 2048, False, rows=4, width=128, threads=1)
+    _, parts = choose_split(two_bands, 2048, 2048, False, rows=4, width=128, threads=torch.get_num_threads())
     assert len(parts) == 2
     assert 4 * (2048 + 1300) < rows_paid(two_bands) < 4 * (2048 + 1600)
 
