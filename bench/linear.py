@@ -40,15 +40,14 @@ from sparsec.codegen.weight_packing import pack_bsr, pack_nm, pack_semi_structur
 from sparsec.cost_models import estimate_linear_seconds
 from sparsec.cost_models.hardware import profile_for_device
 from sparsec.cost_models.measure import flush_cpu_caches, software_versions
-from sparsec.ir.types import DENSE, BlockSparse, NMSparse
-from sparsec.passes.choose_linear_kernels import SPARSE_MARGIN
+from sparsec.ir.types import DENSE, BlockSparse, NMSparse, dtype_name
+from sparsec.passes.choose_linear_kernels import beats_dense
 
 SHAPES = ((4096, 4096), (4096, 11008), (1152, 4608))
 GPU_TOKENS = (1, 16, 128, 512, 2048, 8192)
 CPU_TOKENS = (1, 16, 128, 512)  # larger token counts take minutes per point on a CPU
 DENSITIES = (0.1, 0.3, 0.5, 0.7)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COST_DTYPES = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}  # the cost model's dtype names
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -228,12 +227,12 @@ def choose(rows: list[Row], shape: str, tokens: int, fmt: str, density: float | 
                 and (r.candidate == "dense" or r.candidate in options)}
     if len(measured) < 2:
         return None
-    hardware, dtype = profile_for_device(args.device), COST_DTYPES[args.dtype]
+    hardware, dtype = profile_for_device(args.device), dtype_name(DTYPES[args.dtype])
     dense_s = estimate_linear_seconds(tokens, N, K, dtype, DENSE, hardware)
     estimated = {name: estimate_linear_seconds(tokens, N, K, dtype, sparsity, hardware, semi_structured=semi)
                  for name, (sparsity, semi) in options.items() if name in measured}
     best_sparse = min(estimated, key=estimated.get)
-    chosen = best_sparse if estimated[best_sparse] < (1 - SPARSE_MARGIN) * dense_s else "dense"
+    chosen = best_sparse if beats_dense(estimated[best_sparse], dense_s) else "dense"
     fastest = min(measured, key=measured.get)
     return Choice(shape, tokens, fmt, chosen, fastest, measured[chosen] / measured[fastest] - 1,
                   {name: dense_s / seconds for name, seconds in estimated.items()})

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from sparsec.codegen.weight_packing import BSRWeight, NMWeight
 
-__all__ = ["ACTIVATIONS", "FEW_TOKENS", "BlockRows", "apply_epilogue", "bsr_linear_cpu", "nm_linear_cpu", "pack_block_rows"]
+__all__ = ["ACTIVATIONS", "FEW_TOKENS", "BlockRows", "apply_epilogue", "bsr_linear_cpu", "nm_linear_cpu", "pack_block_rows",
+           "torch_bsr_takes"]
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,14 @@ def pack_block_rows(bsr: BSRWeight) -> BlockRows:
     return BlockRows(bsr.shape, bsr.block, tuple(inputs), tuple(panels), _torch_bsr(bsr))
 
 
+def torch_bsr_takes(block: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Whether torch's BSR tensor (MKL's sparse kernels) runs a weight of these blocks and dtype on
+    CPU: square blocks, float32 / float64 only. Such weights run on it for up to FEW_TOKENS tokens."""
+    return block[0] == block[1] and dtype in (torch.float32, torch.float64)
+
+
 def _torch_bsr(bsr: BSRWeight) -> torch.Tensor | None:
-    square = bsr.block[0] == bsr.block[1]  # MKL's sparse BSR kernels take square blocks only
-    if not square or bsr.values.dtype not in (torch.float32, torch.float64) or bsr.values.device.type != "cpu":
+    if not torch_bsr_takes(bsr.block, bsr.values.dtype) or bsr.values.device.type != "cpu":
         return None
     with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta": known, and checked by tests
         warnings.simplefilter("ignore", UserWarning)

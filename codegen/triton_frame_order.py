@@ -26,11 +26,11 @@ from collections import Counter
 import torch
 
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
+from sparsec.ir.types import dtype_name, torch_dtype
 from sparsec.patterns import Pattern
 
 __all__ = ["choose_frame_order", "gather_seconds", "kernel_frames", "priced_frame_order"]
 
-_DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Frame strides priced a layer (the most common among its heads' candidates).
 _MAX_STRIDES = 3
 
@@ -56,13 +56,16 @@ def priced_frame_order(head_patterns: tuple[Pattern, ...], shape, block_m: int, 
     """For the cost model (cost_models.estimate): the patterns triton_attention launches for an
     attention of `shape` (cost_models AttentionShape) and the seconds of its gathers (0 when no
     head is transposed)."""
-    dtype = {name: dtype for dtype, name in _DTYPE_NAMES.items()}[shape.dtype]
-    q_shape = (shape.batch, shape.num_heads, shape.q_len, shape.head_dim)
-    k_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.head_dim)
-    v_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.value_dim)
-    patterns, _, gathers = _choose(tuple(head_patterns), q_shape, k_shape, v_shape, dtype, shape.causal, block_m,
-                                   block_n, _hashable(hardware), None)
+    patterns, _, gathers = _choose(tuple(head_patterns), *_tensor_shapes(shape), torch_dtype(shape.dtype), shape.causal,
+                                   block_m, block_n, _hashable(hardware), None)
     return patterns, gathers
+
+
+def _tensor_shapes(shape) -> tuple[tuple[int, int, int, int], ...]:
+    """The q, k and v shapes of an attention of `shape` (cost_models AttentionShape)."""
+    return ((shape.batch, shape.num_heads, shape.q_len, shape.head_dim),
+            (shape.batch, shape.num_kv_heads, shape.kv_len, shape.head_dim),
+            (shape.batch, shape.num_kv_heads, shape.kv_len, shape.value_dim))
 
 
 def _hashable(hardware) -> str:
@@ -93,7 +96,7 @@ def _choose(head_patterns, q_shape, k_shape, v_shape, dtype, causal, block_m, bl
 
     hw = _profile(hardware)
     shape = AttentionShape(batch=q_shape[0], num_heads=q_shape[1], num_kv_heads=k_shape[1], q_len=Sq, kv_len=Sk,
-                           head_dim=q_shape[3], value_dim=v_shape[3], dtype=_DTYPE_NAMES[dtype], causal=causal)
+                           head_dim=q_shape[3], value_dim=v_shape[3], dtype=dtype_name(dtype), causal=causal)
     one_head = dataclasses.replace(shape, num_heads=1, num_kv_heads=1)
 
     def seconds(patterns, shape=shape) -> float:
@@ -117,11 +120,7 @@ def gather_seconds(shape, transposed_heads: int, hardware) -> float:
     transposed (_gather_seconds)."""
     from sparsec.cost_models.hardware import get_profile
 
-    dtype = {name: dtype for dtype, name in _DTYPE_NAMES.items()}[shape.dtype]
-    q_shape = (shape.batch, shape.num_heads, shape.q_len, shape.head_dim)
-    k_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.head_dim)
-    v_shape = (shape.batch, shape.num_kv_heads, shape.kv_len, shape.value_dim)
-    return _gather_seconds(transposed_heads, q_shape, k_shape, v_shape, dtype, get_profile(hardware))
+    return _gather_seconds(transposed_heads, *_tensor_shapes(shape), torch_dtype(shape.dtype), get_profile(hardware))
 
 
 def _gather_seconds(transposed_heads, q_shape, k_shape, v_shape, dtype, hw) -> float:

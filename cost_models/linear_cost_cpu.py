@@ -35,8 +35,8 @@ def cpu_linear_seconds(M: int, N: int, K: int, dtype: str, size: int, sparsity, 
                        bias: bool = False) -> float:
     """Seconds of y = x @ W.T (+ bias) for M token rows of an N x K weight (`size` bytes an element)
     whose sparsity is an ir.types encoding, on the CPU executors of `hw`."""
-    from sparsec.codegen.linear_cpu import FEW_TOKENS
-    from sparsec.ir.types import BlockSparse, NMSparse
+    from sparsec.codegen.linear_cpu import FEW_TOKENS, torch_bsr_takes
+    from sparsec.ir.types import BlockSparse, NMSparse, torch_dtype
 
     stream = hw.memory_bandwidth * hw.memory_efficiency
     gemm_rate = hw.flops(dtype) * (hw.gemm_efficiency or hw.matmul_efficiency)
@@ -45,7 +45,7 @@ def cpu_linear_seconds(M: int, N: int, K: int, dtype: str, size: int, sparsity, 
     if isinstance(sparsity, BlockSparse):
         bo, bi = sparsity.block
         kept = sparsity.density * (weight + N * K / (bo * bi) * _BLOCK_INDEX_BYTES)
-        if M <= FEW_TOKENS and bo == bi and dtype == "f32":  # torch's BSR tensor (codegen.linear_cpu)
+        if M <= FEW_TOKENS and torch_bsr_takes(sparsity.block, torch_dtype(dtype)):  # codegen.linear_cpu
             return fixed + kept / (stream * _TORCH_BSR_STREAM_SHARE)
         efficiency = hw.bsr_kernel_efficiency
         transposes = 2 * (M * K + M * N) * size / hw.gather_bytes_per_s  # read and written, strided

@@ -48,7 +48,8 @@ from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Linear, Op
 from sparsec.ir.types import DENSE, BlockSparse, NMSparse, is_static
 
-__all__ = ["choose_linear_kernels", "linear_candidates", "winning_tokens", "MAX_SEARCH_TOKENS", "SPARSE_MARGIN"]
+__all__ = ["beats_dense", "choose_linear_kernels", "linear_candidates", "winning_tokens", "MAX_SEARCH_TOKENS",
+           "SPARSE_MARGIN"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,12 @@ def _last_winner(wins: Callable[[int], bool], lo: int, hi: int) -> int:
     return lo
 
 
+def beats_dense(sparse_seconds: float, dense_seconds: float) -> bool:
+    """Whether "auto" takes a sparse kernel estimated at `sparse_seconds` over the dense GEMM's
+    `dense_seconds`: only SPARSE_MARGIN faster (module docstring)."""
+    return sparse_seconds < (1 - SPARSE_MARGIN) * dense_seconds
+
+
 def winning_tokens(sparse: Cost, dense: Cost) -> tuple[int, int | None] | None:
     """(min_tokens, max_tokens) where sparse(t) < (1 - SPARSE_MARGIN) * dense(t), max None for no
     upper bound; None if it never wins. The costs are sums and maxima of linear functions of t
@@ -148,7 +155,7 @@ def winning_tokens(sparse: Cost, dense: Cost) -> tuple[int, int | None] | None:
     MAX_SEARCH_TOKENS, its ends found by bisection; of several ranges the best (_better_range),
     since a layer dispatches by one."""
     def wins(t: int) -> bool:
-        return sparse(t) < (1 - SPARSE_MARGIN) * dense(t)
+        return beats_dense(sparse(t), dense(t))
 
     grid = [1 << i for i in range(MAX_SEARCH_TOKENS.bit_length())]
     won = [wins(t) for t in grid]
@@ -185,7 +192,7 @@ def _choice(op: Linear, mode: str, hardware: HardwareProfile) -> tuple[str, int,
         best = min(candidates, key=lambda c: c.seconds(tokens))
         log.debug("linear %s: %s %.3g s vs dense %.3g s at %d tokens", op.module_path, best.kernel,
                   best.seconds(tokens), dense(tokens), tokens)
-        return (best.kernel, 0, None) if best.seconds(tokens) < (1 - SPARSE_MARGIN) * dense(tokens) else ("dense", 0, None)
+        return (best.kernel, 0, None) if beats_dense(best.seconds(tokens), dense(tokens)) else ("dense", 0, None)
     ranges = [(c, winning_tokens(c.seconds, dense)) for c in candidates]
     ranges = [(c, r) for c, r in ranges if r is not None]
     if not ranges:
