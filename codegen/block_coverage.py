@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from sparsec.codegen.bounded_cache import bytes_bounded_cache
-from sparsec.codegen.frame_coverage import transposed_touched_tiles
+from sparsec.codegen.frame_coverage import transposed_band_intervals, transposed_touched_tiles
 from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.patterns import (
     AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, Skip, Union, VerticalSlash, Window,
@@ -167,10 +167,17 @@ def row_intervals(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[tor
 
 @bytes_bounded_cache(max_bytes=256 << 20)
 def _transposed_row_intervals(pattern: FramesTransposed, Sq: int, Sk: int, causal: bool):
+    """Each row's maximal runs: in closed form for a base of bands (frame_coverage), else key by key."""
     pattern.check_lengths(Sq, Sk)
-    rows = max(1, _TRANSPOSED_KEYS // Sq)
-    parts = [_transposed_intervals(pattern, torch.arange(first, min(Sq, first + rows), dtype=_INDEX), Sq, causal)
-             for first in range(0, Sq, rows)]
+    probe = transposed_band_intervals(pattern, torch.arange(1), Sq, causal)
+    if probe is None:
+        rows = max(1, _TRANSPOSED_KEYS // Sq)
+        parts = [_transposed_intervals(pattern, torch.arange(first, min(Sq, first + rows), dtype=_INDEX), Sq, causal)
+                 for first in range(0, Sq, rows)]
+    else:
+        rows = max(1, _TRANSPOSED_KEYS // max(1, probe[0].shape[1]))
+        parts = [_compact_runs(*transposed_band_intervals(pattern, torch.arange(first, min(Sq, first + rows)), Sq, causal), Sq)
+                 for first in range(0, Sq, rows)]
     width = max(lo.shape[1] for lo, _ in parts)
     pad = torch.nn.functional.pad
     return (torch.cat([pad(lo, (0, width - lo.shape[1]), value=1) for lo, _ in parts]),  # empty: lo > hi
@@ -180,7 +187,8 @@ def _transposed_row_intervals(pattern: FramesTransposed, Sq: int, Sk: int, causa
 def _transposed_intervals(p: FramesTransposed, x: torch.Tensor, S: int, causal: bool):
     """Clipped intervals of transposed rows x of p (codegen.frame_order): the base pattern's kept
     keys of each row's natural row, renumbered, sorted and joined into maximal runs (rows, most
-    runs of a row); O(kept keys of the rows)."""
+    runs of a row); O(kept keys of the rows). For bases that are not bands only (bands have
+    frame_coverage's closed form)."""
     frames = p.check_lengths(S, S)
     natural = (x.to(torch.int64) % frames) * p.frame + x.to(torch.int64) // frames
     lo, hi = _clipped_intervals(p.base, natural.to(_INDEX), S, S, causal)
@@ -204,6 +212,21 @@ def _transposed_intervals(p: FramesTransposed, x: torch.Tensor, S: int, causal: 
     out_hi = torch.zeros(x.shape[0], width, dtype=_INDEX)
     out_lo[run_row, slot] = key[starts].to(_INDEX)
     out_hi[run_row, slot] = key[ends].to(_INDEX)
+    return out_lo, out_hi
+
+
+def _compact_runs(lo: torch.Tensor, hi: torch.Tensor, Sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximal runs of intervals (lo, hi), first to last, as _INDEX (rows, most runs
+    of a row); empty slots lo > hi."""
+    run_lo, run_hi, is_run = _maximal_runs(lo, hi, Sk)
+    counts = is_run.sum(dim=1)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    row, column = torch.nonzero(is_run, as_tuple=True)
+    slot = torch.arange(row.shape[0]) - (torch.cumsum(counts, 0) - counts)[row]
+    out_lo = torch.ones(lo.shape[0], width, dtype=_INDEX)
+    out_hi = torch.zeros(lo.shape[0], width, dtype=_INDEX)
+    out_lo[row, slot] = run_lo[row, column].to(_INDEX)
+    out_hi[row, slot] = run_hi[row, column].to(_INDEX)
     return out_lo, out_hi
 
 

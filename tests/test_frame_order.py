@@ -51,6 +51,10 @@ def test_indices_invert_each_other_and_put_each_position_of_a_frame_side_by_side
 bases = st.one_of(
     st.builds(P.MultiDiagonal, st.lists(st.integers(-40, 40), min_size=1, max_size=6), st.integers(0, 3)),
     st.builds(P.Window, st.integers(0, 6), st.integers(0, 6)),
+    st.builds(P.Window, st.integers(0, 40), st.integers(0, 40)),  # wider than a frame: several frame steps
+    st.builds(lambda left, right, offsets, width: P.Window(left, right) | P.MultiDiagonal(offsets, width),
+              st.integers(0, 5), st.integers(0, 5), st.lists(st.integers(-60, 60), min_size=1, max_size=8),
+              st.integers(0, 4)),
     st.builds(P.VerticalSlash, st.lists(st.integers(0, 30), min_size=1, max_size=3),
               st.lists(st.integers(-20, 20), min_size=1, max_size=3)),
 )
