@@ -18,16 +18,14 @@ pattern.
 Splitting pays the merge and one plan a part, and wins only when the whole plan reads the bands as
 separate runs: once the bands' reads overlap (wide bands, or dense), the whole plan reads fewer
 keys and its blocks fold into all-keys calls; at short lengths the parts' extra calls and rows cost
-more than they save. choose_split compares the two in estimated seconds: the executor's work
-estimate (_union_reads: pairs, and gathers on one thread), its SDPA calls (attention_cpu_reads),
-a cost per query row of each part, and the merges. Measured on 2 threads, S = 4096, 8 heads, D =
-64, five bands: 1.3x (10%) and 1.45x (25%) faster split, and whole kept at 50% and at S = 1024
-(bench/results/attention_cpu_*.json). bench/cpu_split.py times both ways over 48 cases (S
-1024-4096, 4 or 8 heads, causal or not, 10-50%, 1 or 2 threads): the chosen way is 0.8% slower than
-the faster one on average, worst 14% (always whole: 16.3%, always split: 6.5%;
-bench/results/cpu_split_20261202_000138.json). Pricing gathers per thread count matters: with them
-at a fixed 40 pairs a key, one-thread runs chose whole too rarely and the mean was 2.2%
-(cpu_split_20261201_232159.json).
+more than they save. choose_split compares the two with the cost model's own estimate of the
+executor (cost_models.attention_cost.cpu_option_seconds, the cpu profile at the kernels' thread
+count, calibrated where a calibration is stored): pairs at the kernel's speed for the block's
+query rows, masked pairs, a cost per query row of each part, gathers copied on one thread, SDPA
+calls, and the merges. One source for the choice and for the estimates the tuner prices plans with:
+what the executor runs is the option the model thinks cheapest. bench/cpu_split.py times both ways
+over 48 cases (S 1024-4096, 4 or 8 heads, causal or not, 10-50%, 1 or 2 threads) and records the
+loss of the choice against the faster way.
 
 Order (also choose_split). A pattern of bands with a frame stride F (frame_candidates: bands near
 nonzero multiples of one of its offsets, which divides S) may run in frame-transposed token order
@@ -46,11 +44,10 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 
-from sparsec.codegen.attention_cpu_reads import BlockUnions, block_reads, query_block_unions
+from sparsec.codegen.attention_cpu_reads import BlockUnions, query_block_unions
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates, pattern_bands
 from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union
 
@@ -62,18 +59,8 @@ __all__ = ["band_parts", "choose_blocks", "choose_split", "frame_parts", "query_
 _QUERY_BLOCK_SPEED = {32: 0.88, 64: 0.95, 128: 1.0, 256: 1.1}
 # Gathering one key (its K and V rows, fp32, D = 64) costs about as much as this many pairs on 2
 # threads (measured: the copy itself is ~20, the smaller calls of shorter query blocks the rest;
-# copies run on one thread, so choose_split scales it with the kernel's threads).
+# copies run on one thread).
 _GATHER_PAIRS_PER_KEY = 40
-
-# What the decision prices, measured on the 2-core machine with torch's fused CPU kernel: a
-# (query, key) pair and a query row of a plan (the kernel's per-row softmax and output, the output
-# copy) at D + Dv = 128 on one thread (the kernel splits both over its threads), an SDPA call of
-# the executor (views, mask, output store), and a scale-and-add of one output element when a part
-# is merged (one thread).
-_PAIR_SECONDS = 9.4e-9
-_ROW_SECONDS = 0.25e-6
-_CALL_SECONDS = 100e-6
-_MERGE_SECONDS_PER_ELEMENT = 1.5e-9
 
 
 def choose_blocks(pattern: Pattern, Sq: int, Sk: int, causal: bool = False) -> tuple[int, int]:
@@ -166,46 +153,32 @@ def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int 
         return bm, parts
     options = [] if frames else [_best_option(pattern, band_parts(pattern), costs, block_m, split)]
     for frame in frame_strides:
-        seconds, bm, parts = _best_option(FramesTransposed(pattern, frame), frame_parts(pattern, frame), costs,
-                                          block_m, split)
-        options.append((seconds + costs.permutation_seconds(), bm, parts))
+        options.append(_best_option(FramesTransposed(pattern, frame), frame_parts(pattern, frame), costs, block_m,
+                                    split))
     _, bm, parts = min(options, key=lambda option: option[0])
     return bm, parts
 
 
-@dataclass(frozen=True, slots=True)
 class _Costs:
-    """What choose_split prices (module docstring), for one pattern's lengths and heads."""
+    """What choose_split prices (module docstring): the cost model's estimate of the executor
+    running an option for one pattern's lengths and heads, with the cpu profile (calibrated when
+    a calibration is stored) at the kernels' thread count."""
 
-    Sq: int
-    Sk: int
-    causal: bool
-    rows: int
-    width: int
-    threads: int
+    def __init__(self, Sq: int, Sk: int, causal: bool, rows: int, width: int, threads: int):
+        from sparsec.cost_models.attention_cost import AttentionShape
+        from sparsec.cost_models.hardware import get_profile
+
+        self.Sq, self.Sk, self.causal = Sq, Sk, causal
+        self.shape = AttentionShape(batch=1, num_heads=rows, num_kv_heads=rows, q_len=Sq, kv_len=Sk,
+                                    head_dim=width - width // 2, value_dim=width // 2, dtype="f32", causal=causal)
+        self.hardware = get_profile("cpu").with_cores(max(1, threads))
 
     def seconds(self, option: tuple[Pattern, ...], bm: int) -> float:
-        """Estimated seconds of running `option` (disjoint parts) at query blocks of bm rows."""
-        pair_seconds = _PAIR_SECONDS * self.width / 128 / max(1, self.threads)
-        row_seconds = _ROW_SECONDS * self.width / 128 / max(1, self.threads)
-        merge_seconds = _MERGE_SECONDS_PER_ELEMENT * self.width / 2  # one row of Dv ~ width / 2
-        total = self.rows * self.Sq * (len(option) * row_seconds + (len(option) - 1) * merge_seconds)
-        for part in option:
-            unions = query_block_unions(part, self.Sq, self.Sk, bm, self.causal)  # pairs, gathers, calls: one count
-            pairs, gathered = _union_reads(unions, bm)
-            total += self.rows * (pairs * pair_seconds + gathered * self.gather_seconds())
-            total += block_reads(unions, self.Sk, bm).calls * _CALL_SECONDS
-        return total
+        """Estimated seconds of running `option` (disjoint parts; FramesTransposed ones with the
+        permutations) at query blocks of bm rows."""
+        from sparsec.cost_models.attention_cost import cpu_option_seconds
 
-    def gather_seconds(self) -> float:
-        """One key (its K and V rows) copied: on one thread."""
-        return _GATHER_PAIRS_PER_KEY * _PAIR_SECONDS / 2 * self.width / 128
-
-    def permutation_seconds(self) -> float:
-        """q, k and v gathered into frame-transposed order and the output back: each row of the
-        pattern's heads copied about once a direction (K / V shared by GQA heads: counted per
-        query head, an upper bound)."""
-        return self.rows * (self.Sq + self.Sk) * self.gather_seconds()
+        return cpu_option_seconds(option, self.shape, bm, self.hardware)
 
 
 def _best_option(pattern: Pattern, parts: tuple[Pattern, ...], costs: _Costs, block_m: int | None,

@@ -41,7 +41,7 @@ from sparsec.patterns import Pattern, Skip
 
 __all__ = [
     "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
-    "attention_work", "counts_seconds", "estimate_attention", "fixed_seconds", "head_groups_by_family",
+    "attention_work", "counts_seconds", "cpu_option_counts", "cpu_option_seconds", "estimate_attention", "fixed_seconds", "head_groups_by_family",
     "head_price", "head_seconds_many", "head_share", "launch_seconds", "makespan_estimate", "pattern_counts", "price_attention",
     "program_seconds", "skip_seconds",
 ]
@@ -248,17 +248,26 @@ def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n
 def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) -> BlockCounts:
     """The cpu executor's work for one head of `pattern`, run whole or as disjoint parts the way
     the executor decides (codegen.attention_cpu_choice.choose_split, for all heads and the batch
-    at once): a split pattern's parts add up, and merging each part after the first copies its
-    rows' outputs once more (priced as gathered keys of the same bytes)."""
+    at once): cpu_option_counts of its choice."""
     from sparsec.codegen.attention_cpu_choice import choose_split
+
+    bm, parts = choose_split(pattern, shape.q_len, shape.kv_len, shape.causal, block_m,
+                             rows=shape.batch * shape.num_heads, width=shape.head_dim + shape.value_dim,
+                             threads=torch.get_num_threads())
+    return cpu_option_counts(parts, shape, bm)
+
+
+def cpu_option_counts(parts: tuple[Pattern, ...], shape: AttentionShape, block_m: int) -> BlockCounts:
+    """The cpu executor's work for one head run as `parts` (disjoint; one part: the pattern
+    whole) at query blocks of block_m rows: the parts' counts add up, merging each part after the
+    first copies its rows' outputs once more, and frame-transposed parts (codegen.frame_order)
+    move q and the output rows once each, K and V once (both priced as gathered keys of the same
+    bytes)."""
     from sparsec.codegen.frame_order import FramesTransposed
 
-    Sq, Sk, causal = shape.q_len, shape.kv_len, shape.causal
-    bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=shape.batch * shape.num_heads,
-                             width=shape.head_dim + shape.value_dim, threads=torch.get_num_threads())
+    Sq, Sk, causal, bm = shape.q_len, shape.kv_len, shape.causal, block_m
     counts = [_cpu_part_counts(part, Sq, Sk, bm, causal) for part in parts]
     rows = np.minimum(bm, Sq - np.arange(counts[0].visited.shape[0]) * bm)
-    # Frame-transposed order (codegen.frame_order): q and the output rows move once each, K and V once.
     moved = rows + Sk / rows.shape[0] if isinstance(parts[0], FramesTransposed) else 0.0
     if len(counts) == 1:
         return counts[0]._replace(gathered=counts[0].gathered + moved)
@@ -269,6 +278,18 @@ def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) ->
                        sum(c.gathered for c in counts) + merged_keys + moved,
                        np.divide(visited, slowed, out=np.ones_like(visited), where=slowed > 0),
                        sum(c.calls for c in counts))
+
+
+def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_m: int,
+                       hardware: HardwareProfile) -> float:
+    """Estimated seconds of the cpu executor running every head of `shape` as `parts` at query
+    blocks of block_m rows (cpu_option_counts, priced as a launch prices them, less the plan's
+    launch overhead, which every option pays once): what codegen.attention_cpu_choice compares."""
+    counts = cpu_option_counts(parts, shape, block_m)
+    programs = counts_seconds(counts, shape, None, min(128, shape.kv_len), hardware)
+    heads = shape.batch * shape.num_heads
+    return (makespan_estimate(heads * float(programs.sum()), float(programs.max(initial=0.0)), hardware)
+            + fixed_seconds(hardware, plans=0, calls=counts.calls))
 
 
 def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> BlockCounts:

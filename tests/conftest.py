@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is first imported, so this happens at conftest load.
 """
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ.setdefault("SPARSEC_VERIFY", "1")  # verify the IR after every pass in tests
+# Never the user's stored profiles or kernels: a calibrated "cpu" profile would change the
+# executor's choices (codegen.attention_cpu_choice prices them with it) and the tests' estimates.
+os.environ["SPARSEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsec-tests-")
 
 
 @pytest.fixture(scope="module")

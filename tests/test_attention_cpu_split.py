@@ -108,6 +108,34 @@ def test_long_sequences_split_far_bands_and_keep_wide_ones_whole():
     assert not runs_split(P.MultiDiagonal([-256, -128, 0, 128, 256], 30), 1024)  # fixed costs win
 
 
+@pytest.mark.parametrize("pattern, S", [
+    (P.MultiDiagonal([-1024, -512, 0, 512, 1024], 48), 4096),
+    (P.MultiDiagonal([-256, -128, 0, 128, 256], 30), 1024),
+    (P.MultiDiagonal([k * 128 for k in range(-7, 8)], 2), 1024),  # frame stride 128: transposed order
+    (P.Window(16, 16) | P.MultiDiagonal([-700, 700], 8), 2048),
+])
+def test_the_executor_runs_the_option_the_cost_model_prices_cheapest(pattern, S):
+    """choose_split takes the least of the cost model's own estimates (cpu_option_seconds with the
+    cpu profile at the kernels' threads): whole at choose_blocks' query block, or the parts at
+    any query block, in either token order."""
+    from sparsec.codegen.attention_cpu_choice import choose_blocks, frame_parts
+    from sparsec.codegen.frame_order import FramesTransposed, frame_candidates
+    from sparsec.cost_models.attention_cost import AttentionShape, cpu_option_seconds
+    from sparsec.cost_models.hardware import get_profile
+
+    shape = AttentionShape(batch=1, num_heads=8, num_kv_heads=8, q_len=S, kv_len=S, head_dim=64, value_dim=64,
+                           dtype="f32")
+    hardware = get_profile("cpu").with_cores(2)
+    options = [(choose_blocks(pattern, S, S)[0], (pattern,))]
+    options += [(bm, band_parts(pattern)) for bm in (32, 64, 128, 256)]
+    for frame in frame_candidates(pattern, S, S):
+        options.append((choose_blocks(FramesTransposed(pattern, frame), S, S)[0], (FramesTransposed(pattern, frame),)))
+        options += [(bm, frame_parts(pattern, frame)) for bm in (32, 64, 128, 256)]
+    bm, parts = choose_split(pattern, S, S, False, rows=8, width=128, threads=2)
+    chosen = cpu_option_seconds(parts, shape, bm, hardware)
+    assert chosen <= min(cpu_option_seconds(o, shape, b, hardware) for b, o in options) * (1 + 1e-9)
+
+
 def test_forcing_the_way_gives_the_same_result_and_bad_values_are_refused():
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
