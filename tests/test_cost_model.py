@@ -273,3 +273,18 @@ def test_cpu_block_density_is_the_read_fraction_of_dense_pairs():
     kept = 128 / 1024
     assert kept < band.block_density < kept + 64 / 1024 + 0.01  # each row reads block_m - 1 keys more at most
     assert estimate_attention((P.Dense(),) * 2, s, hw, block_m=64).block_density == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("capability, fitted_on", [("AVX2", "AVX2"), ("DEFAULT", "AVX2"), ("AVX512", "AVX512")])
+def test_the_published_cpu_profile_follows_the_instruction_set(monkeypatch, capability, fitted_on):
+    """torch's fused attention kernel is several times faster per pair with AVX-512: the published
+    "cpu" profile is the one fitted on a machine with the instruction set torch uses here."""
+    from sparsec.cost_models.hardware import PROFILES
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    profile = get_profile("cpu", calibrated=False).with_cores(PROFILES["cpu"].sm_count)
+    assert profile.name == "cpu" and profile.executor == "cpu"
+    assert (profile == PROFILES["cpu"]) == (fitted_on == "AVX2")
+    if fitted_on == "AVX512":
+        assert profile.matmul_efficiency > PROFILES["cpu"].matmul_efficiency
+        assert profile.row_overhead_s < PROFILES["cpu"].row_overhead_s
