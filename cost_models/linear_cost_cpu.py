@@ -2,7 +2,8 @@
 as codegen/linear_cpu.py and torch's dense GEMM spend it. Fitted (non-negative least squares of
 the relative error) on the 2-core machine to 144 timings of dense and block-sparse layers (128 x 384
 to 4096 x 4096 weights, 8-2048 tokens, 10-70% of 64 x 64 blocks; bench/results/
-linear_cpu_20261202_083016.json and _091530.json): rms log error 0.2.
+linear_cpu_20261202_083016.json and _091530.json): rms log error 0.2. The AVX-512 machine's
+profile has its own fit of the same terms (cost_models/hardware.py).
 
   every call         two GEMM calls' fixed cost (gemm_call_overhead_s each: dispatch, output).
   dense, 1 token     a GEMV: the weight streamed once.
