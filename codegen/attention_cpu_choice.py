@@ -38,7 +38,9 @@ least. bench/cpu_frames.py (4 heads, D = 64, 2 threads; video geometries 8 x 256
 tokens; temporal, same-patch, near-frame and in-frame local heads, causal or not): the choice is
 right in 31 of 32 cases (mean loss 0.2%, worst 6.1%); temporal heads run 2.3-7.0x faster than
 dense SDPA instead of 0.8-4.5x, same-patch heads up to 21x, and local heads stay in natural
-order (bench/results/cpu_frames_20261202_054728.json).
+order (bench/results/cpu_frames_20261202_054728.json, an AVX2 machine, with the former hand-set
+prices). On an AVX-512 machine with the cost model's prices: 30 of 32 right, mean loss 1.0%
+(cpu_frames_20261206_155507.json).
 """
 from __future__ import annotations
 
