@@ -170,7 +170,6 @@ class _Costs:
         from sparsec.cost_models.attention_cost import AttentionShape
         from sparsec.cost_models.hardware import get_profile
 
-        self.Sq, self.Sk, self.causal = Sq, Sk, causal
         self.shape = AttentionShape(batch=1, num_heads=rows, num_kv_heads=rows, q_len=Sq, kv_len=Sk,
                                     head_dim=width - width // 2, value_dim=width // 2, dtype="f32", causal=causal)
         self.hardware = get_profile("cpu").with_cores(max(1, threads))
@@ -187,10 +186,11 @@ def _best_option(pattern: Pattern, parts: tuple[Pattern, ...], costs: _Costs, bl
                  split: bool | None, priced: bool = True) -> tuple[float, int, tuple[Pattern, ...]]:
     """(seconds, block_m, parts) of the cheaper of running `pattern` whole and as `parts`.
     priced=False: seconds only where the choice needs them (0 for a pattern run whole)."""
-    whole_bm = block_m or choose_blocks(pattern, costs.Sq, costs.Sk, costs.causal)[0]
+    shape = costs.shape
+    whole_bm = block_m or choose_blocks(pattern, shape.q_len, shape.kv_len, shape.causal)[0]
     if len(parts) == 1 or split is False:
         return costs.seconds((pattern,), whole_bm) if priced else 0.0, whole_bm, (pattern,)
-    split_seconds = {bm: costs.seconds(parts, bm) for bm in ([block_m] if block_m else _block_m_candidates(costs.Sq))}
+    split_seconds = {bm: costs.seconds(parts, bm) for bm in ([block_m] if block_m else _block_m_candidates(shape.q_len))}
     split_bm = min(split_seconds, key=split_seconds.get)
     whole_seconds = costs.seconds((pattern,), whole_bm)
     if split or split_seconds[split_bm] < whole_seconds:

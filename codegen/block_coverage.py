@@ -204,29 +204,27 @@ def _transposed_intervals(p: FramesTransposed, x: torch.Tensor, S: int, causal: 
     starts[1:] = (row[1:] != row[:-1]) | (key[1:] != key[:-1] + 1)
     ends = torch.ones_like(starts)
     ends[:-1] = starts[1:]
-    run_row = row[starts]
-    counts = torch.bincount(run_row, minlength=x.shape[0])
-    width = max(1, int(counts.max())) if counts.numel() else 1
-    slot = torch.arange(run_row.shape[0]) - (torch.cumsum(counts, 0) - counts)[run_row]
-    out_lo = torch.ones(x.shape[0], width, dtype=_INDEX)  # empty: lo > hi
-    out_hi = torch.zeros(x.shape[0], width, dtype=_INDEX)
-    out_lo[run_row, slot] = key[starts].to(_INDEX)
-    out_hi[run_row, slot] = key[ends].to(_INDEX)
-    return out_lo, out_hi
+    return _packed_runs(row[starts], key[starts], key[ends], x.shape[0])
 
 
 def _compact_runs(lo: torch.Tensor, hi: torch.Tensor, Sk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's maximal runs of intervals (lo, hi), first to last, as _INDEX (rows, most runs
-    of a row); empty slots lo > hi."""
+    """Each row's maximal runs of intervals (lo, hi), first to last (_packed_runs)."""
     run_lo, run_hi, is_run = _maximal_runs(lo, hi, Sk)
-    counts = is_run.sum(dim=1)
+    row, column = torch.nonzero(is_run, as_tuple=True)  # row by row, runs in order
+    return _packed_runs(row, run_lo[row, column], run_hi[row, column], lo.shape[0])
+
+
+def _packed_runs(row: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+                 rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs [first, last] listed row by row (`row` ascending, a row's runs in order) as _INDEX
+    (rows, most runs of a row) tables; empty slots lo > hi."""
+    counts = torch.bincount(row, minlength=rows)
     width = max(1, int(counts.max())) if counts.numel() else 1
-    row, column = torch.nonzero(is_run, as_tuple=True)
     slot = torch.arange(row.shape[0]) - (torch.cumsum(counts, 0) - counts)[row]
-    out_lo = torch.ones(lo.shape[0], width, dtype=_INDEX)
-    out_hi = torch.zeros(lo.shape[0], width, dtype=_INDEX)
-    out_lo[row, slot] = run_lo[row, column].to(_INDEX)
-    out_hi[row, slot] = run_hi[row, column].to(_INDEX)
+    out_lo = torch.ones(rows, width, dtype=_INDEX)
+    out_hi = torch.zeros(rows, width, dtype=_INDEX)
+    out_lo[row, slot] = first.to(_INDEX)
+    out_hi[row, slot] = last.to(_INDEX)
     return out_lo, out_hi
 
 
