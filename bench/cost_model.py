@@ -1,9 +1,10 @@
-"""Cost-model accuracy: predicted against measured attention kernel times on the present device.
+"""Cost-model accuracy: predicted against measured attention kernel and linear layer times on the present device.
 
     python bench/cost_model.py --quick            # CPU: 2 shapes, < 1 minute
     python bench/cost_model.py                    # CUDA when present (else CPU): the full grid
     python bench/cost_model.py --statistic min    # CPU shared with other jobs: min of the runs
     python bench/cost_model.py --threads 2        # CPU: time with 2 torch threads (default 1)
+    python bench/cost_model.py --no-linear        # attention only
 
 Candidates are cost_models.measure.default_grid: families (dense, window, multi_diagonal, columns,
 a_shape, vertical_slash, block_sparse) x densities x tiles x layer shapes. Each is timed (Triton
@@ -16,7 +17,12 @@ kernels with do_bench on CUDA; the CPU executor, median or min of repeated runs,
 
 For each: Spearman rank correlation over every candidate, and the top-1 regret per decision
 (Candidate.decision: which family and tiles for one layer shape at one density; the measured time
-of the model's fastest pick over the measured fastest, - 1), mean and worst. Prints rich tables;
+of the model's fastest pick over the measured fastest, - 1), mean and worst.
+
+Linear layers (cost_models.linear_measure.linear_grid: dense, block-sparse at several densities and
+N:M, a few weight shapes and token counts, run through the compiled op) are timed too and fitted
+with the attention terms; for them, before and after: Spearman, and the compiler's sparse-or-dense
+choice on each sparse weight and token count (right or not, and its loss). Prints rich tables;
 writes JSON (device, versions, date, command, every figure) under bench/results/. The fitted
 profile is stored as the device's calibrated profile unless --no-save (SPARSEC_CACHE_DIR chooses
 where).
@@ -37,6 +43,7 @@ from rich.table import Table
 
 from sparsec.cost_models.accuracy import model_accuracy
 from sparsec.cost_models.fit import calibrate, candidate_work, fit_profile, predict
+from sparsec.cost_models.linear_measure import linear_grid
 from sparsec.cost_models.measure import default_grid, software_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,6 +94,37 @@ def summary_table(accuracies: dict, fit) -> Table:
     return table
 
 
+def linear_tables(report) -> list[Table]:
+    """The linear layers' times, and how well the published and the fitted profile choose."""
+    table = Table(title=f"Linear layers on {report.device}")
+    for column in ("layer", "kernel", "measured ms", "before ms", "after ms"):
+        table.add_column(column, justify="left" if column in ("layer", "kernel") else "right")
+    for m, before, after in zip(report.linear_measurements, report.linear_predicted_before,
+                                report.linear_predicted_after):
+        table.add_row(m.candidate.layer, m.candidate.label, f"{m.seconds * 1e3:.3f}", f"{before * 1e3:.3f}",
+                      f"{after * 1e3:.3f}")
+    summary = Table(title="Linear layers: the sparse-or-dense choice")
+    for column in ("profile", "Spearman", "choice right", "mean loss", "worst loss"):
+        summary.add_column(column, justify="left" if column == "profile" else "right")
+    for name, acc in (("before (published)", report.linear_accuracy_before),
+                      ("after (fitted)", report.linear_accuracy_after)):
+        summary.add_row(name, f"{acc.spearman:.3f}", f"{acc.right} of {acc.decisions}", f"{acc.mean_loss:.1%}",
+                        f"{acc.max_loss:.1%}")
+    return [table, summary]
+
+
+def linear_json(report) -> dict | None:
+    if not report.linear_measurements:
+        return None
+    rows = zip(report.linear_measurements, report.linear_predicted_before, report.linear_predicted_after)
+    return {"accuracy": {"before": report.linear_accuracy_before.as_dict(),
+                         "after": report.linear_accuracy_after.as_dict()},
+            "candidates": [{"out_features": m.candidate.out_features, "in_features": m.candidate.in_features,
+                            "tokens": m.candidate.tokens, "kernel": m.candidate.kernel, "density": m.candidate.density,
+                            "dtype": m.candidate.dtype, "measured_s": m.seconds, "samples": m.samples,
+                            "predicted_before_s": before, "predicted_after_s": after} for m, before, after in rows]}
+
+
 def write_json(report, held_out, accuracies, args, command: list[str], path: Path | None) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc)
     device_tag = "cuda" if "cpu:" not in report.device else "cpu"
@@ -108,7 +146,7 @@ def write_json(report, held_out, accuracies, args, command: list[str], path: Pat
             "coefficients": {"before": report.fit.before, "after": report.fit.after},
             "rms_log_error": {"before": report.fit.rms_log_error_before, "after": report.fit.rms_log_error_after},
             "fitted_profile": json.loads(report.profile.to_json()), "saved_to": report.saved_to,
-            "candidates": candidates}
+            "candidates": candidates, "linear": linear_json(report)}
     path.write_text(json.dumps(data, indent=1))
     return path
 
@@ -122,15 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads while timing (default 1: steady on shared cores)")
     parser.add_argument("--no-save", action="store_true", help="do not store the fitted profile")
+    parser.add_argument("--no-linear", action="store_true", help="time and fit attention kernels only")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: bench/results/...)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     console = Console(width=150)
     candidates = default_grid(device, quick=args.quick)
-    console.print(f"timing {len(candidates)} candidates on {device} ...")
-    report = calibrate(device, candidates=candidates, save=not args.no_save, statistic=args.statistic,
-                       threads=args.threads if device.type == "cpu" else None)
+    linear = [] if args.no_linear else linear_grid(device, quick=args.quick)
+    console.print(f"timing {len(candidates)} attention candidates and {len(linear)} linear layers on {device} ...")
+    report = calibrate(device, candidates=candidates, linear_candidates=linear, save=not args.no_save,
+                       statistic=args.statistic, threads=args.threads if device.type == "cpu" else None)
     works = [candidate_work(m.candidate, report.profile.executor) for m in report.measurements]
     held_out = held_out_predictions(report, works)
     measured = [m.seconds for m in report.measurements]
@@ -139,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
                   "held-out layer shapes": model_accuracy(held_out, measured, decisions)}
     console.print(candidate_table(report, held_out, works))
     console.print(summary_table(accuracies, report.fit))
+    if linear:
+        for table in linear_tables(report):
+            console.print(table)
     command = [sys.executable, os.path.relpath(__file__), *argv]
     path = write_json(report, held_out, accuracies, args, command, args.output)
     console.print(f"results: {path}" + (f"; calibrated profile: {report.saved_to}" if report.saved_to else ""))

@@ -39,6 +39,7 @@ from sparsec.codegen.linear_cpu import bsr_linear_cpu, nm_linear_cpu, pack_block
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm, pack_semi_structured, semi_structured_reason
 from sparsec.cost_models import estimate_linear_seconds
 from sparsec.cost_models.hardware import profile_for_device
+from sparsec.cost_models.linear_measure import block_weight, nm_weight
 from sparsec.cost_models.measure import flush_cpu_caches, software_versions
 from sparsec.ir.types import DENSE, BlockSparse, NMSparse, dtype_name
 from sparsec.passes.choose_linear_kernels import beats_dense
@@ -106,23 +107,6 @@ def _time_pair_ms(dense_fn, fn, device: str, min_seconds: float) -> tuple[float,
 
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-
-
-# -- weights -----------------------------------------------------------------------------------------
-
-
-def block_weight(N: int, K: int, block: int, density: float, dtype, device) -> torch.Tensor:
-    rows, cols = N // block, K // block
-    layout = torch.zeros(rows * cols, dtype=torch.bool)
-    layout[torch.randperm(rows * cols)[:max(1, round(density * rows * cols))]] = True
-    mask = layout.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
-    return (torch.randn(N, K) * mask).to(dtype=dtype, device=device)
-
-
-def two_four_weight(N: int, K: int, dtype, device) -> torch.Tensor:
-    kept = torch.rand(N, K // 4, 4).argsort(dim=-1)[..., :2]
-    mask = torch.zeros(N, K // 4, 4, dtype=torch.bool).scatter_(-1, kept, True).view(N, K)
-    return (torch.randn(N, K) * mask).to(dtype=dtype, device=device)
 
 
 @dataclass
@@ -241,8 +225,8 @@ def choose(rows: list[Row], shape: str, tokens: int, fmt: str, density: float | 
 def run_shape(K: int, N: int, args, rows: list[Row], choices: list[Choice]) -> None:
     dtype, device = DTYPES[args.dtype], args.device
     shape = f"{K}x{N}"
-    weights = {d: block_weight(N, K, args.block, d, dtype, device) for d in args.densities}
-    two_four = two_four_weight(N, K, dtype, device)
+    weights = {d: block_weight(N, K, (args.block, args.block), d, dtype, device) for d in args.densities}
+    two_four = nm_weight(N, K, 2, 4, dtype, device)
     for tokens in args.tokens:
         x = torch.randn(tokens, K, dtype=dtype, device=device)
         points = []

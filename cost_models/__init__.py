@@ -8,7 +8,9 @@ One interface for every op (STYLE.md 7): `estimate(op, hardware) -> seconds`.
     An explicit mask / bias operand is not something the pattern kernels take: such an op runs
     the dense path and also streams the mask.
   - ir.ops.Linear: a GEMM of 2 * M * N * K flops, M = tokens (x's leading dims), N x K = weight,
-    bound by the slower of arithmetic and memory traffic (x, weight, output, bias), plus a launch.
+    bound by the slower of arithmetic (at the profile's gemm_efficiency of its peak, or
+    matmul_efficiency where that is not set) and memory traffic (x, weight, output, bias), plus a
+    launch.
     Sparse weights, following the kernels sparsec has for them (codegen/linear_*.py):
       BlockSparse(block=(bo, bi), density): the BSR kernels visit only kept blocks, so arithmetic
         and weight bytes scale with density (block indices add 4 bytes a block). A program's dot
@@ -179,7 +181,7 @@ def estimate_linear_seconds(tokens: int, out_features: int, in_features: int, dt
     elif isinstance(sparsity, NMSparse):
         weight_bytes = sparsity.density * N * K * (size + _NM_INDEX_BYTES)
     traffic = weight_bytes + (M * K + M * N + (N if bias else 0)) * size
-    compute_s = flops / (hardware.flops(dtype) * hardware.matmul_efficiency * rate)
+    compute_s = flops / (hardware.flops(dtype) * (hardware.gemm_efficiency or hardware.matmul_efficiency) * rate)
     memory_s = traffic / (hardware.memory_bandwidth * hardware.memory_efficiency)
     seconds = max(compute_s, memory_s)
     if isinstance(sparsity, NMSparse) and not semi_structured:

@@ -9,11 +9,17 @@ ranking kernels needs — plus a weak pull of each coefficient towards its start
 (`prior_weight`), which keeps coefficients the measurements cannot see (memory bandwidth on a
 compute-bound grid, say) where they were instead of letting them drift.
 
+Linear layers are calibrated in the same fit (`calibrate` times cost_models.linear_measure's grid
+too): their terms (LINEAR_FIT_PARAMETERS: a dense GEMM's efficiency, the CPU's weight packing and
+call costs, the sparse kernels' efficiencies) are fitted together with the attention terms, since
+some coefficients (memory_efficiency on a GPU, gather_bytes_per_s on a CPU) price both.
+
 Coefficients are fitted in log space (they are positive and span decades) within `BOUNDS`, by
 Levenberg-Marquardt with a forward-difference Jacobian: the model has a max() of compute and memory
 time and a list scheduler, so it has no closed-form gradient, but it is piecewise smooth and has
-few coefficients. Each candidate's tile geometry (`AttentionWork`) is computed once; a trial set of
-coefficients only re-prices it.
+few coefficients. Each attention candidate's tile geometry (`AttentionWork`) is computed once; a
+trial set of coefficients only re-prices it (a linear candidate prices itself:
+LinearCandidate.seconds).
 """
 from __future__ import annotations
 
@@ -31,10 +37,13 @@ from sparsec.cost_models.accuracy import Accuracy, model_accuracy
 from sparsec.cost_models.attention_cost import AttentionWork, attention_work, price_attention
 from sparsec.cost_models.calibration import save_calibrated_profile
 from sparsec.cost_models.hardware import HardwareProfile, get_profile, profile_for_device
+from sparsec.cost_models.linear_measure import (LinearAccuracy, LinearCandidate, LinearMeasurement, linear_accuracy,
+                                                linear_grid, measure_linear)
 from sparsec.cost_models.measure import Candidate, Measurement, default_grid, measure, measurement_device
 
-__all__ = ["BOUNDS", "CPU_FIT_PARAMETERS", "FIT_PARAMETERS", "CalibrationReport", "FitResult", "calibrate",
-           "candidate_work", "fit_measurements", "fit_parameters", "fit_profile", "predict"]
+__all__ = ["BOUNDS", "CPU_FIT_PARAMETERS", "CPU_LINEAR_FIT_PARAMETERS", "FIT_PARAMETERS", "LINEAR_FIT_PARAMETERS",
+           "CalibrationReport", "FitResult", "calibrate", "candidate_work", "fit_measurements", "fit_parameters",
+           "fit_profile", "linear_fit_parameters", "predict"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,13 @@ FIT_PARAMETERS = ("matmul_efficiency", "memory_efficiency", "mask_cost_per_pair"
 # products (exp_per_s), and pays per query row, per SDPA call and per gathered key.
 CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "row_overhead_s", "launch_overhead_s",
                       "call_overhead_s", "gather_bytes_per_s")
+# Linear layers (cost_models/__init__.py, linear_cost_cpu.py): the dense GEMM's efficiency and the
+# sparse kernels' relative to the model of them; on a CPU also the GEMM's weight packing and call
+# costs, torch's BSR streaming share at a few tokens, and the streaming bandwidth (which the CPU's
+# attention model does not use).
+LINEAR_FIT_PARAMETERS = ("gemm_efficiency", "memory_efficiency", "bsr_kernel_efficiency", "nm_kernel_efficiency")
+CPU_LINEAR_FIT_PARAMETERS = LINEAR_FIT_PARAMETERS + ("gemm_pack_bytes_per_s", "gemm_call_overhead_s",
+                                                     "torch_bsr_stream_share")
 # Physically meaningful ranges: efficiencies are fractions of a peak; costs are positive and finite.
 BOUNDS: dict[str, tuple[float, float]] = {
     "matmul_efficiency": (1e-3, 1.0),
@@ -56,6 +72,13 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "gather_bytes_per_s": (1e6, 1e13),
     "exp_per_s": (1e6, 1e15),
     "vector_flops": (1e6, 1e16),
+    "gemm_efficiency": (1e-3, 1.0),
+    # relative to the model of the kernel, which may be pessimistic: above 1 is possible
+    "bsr_kernel_efficiency": (1e-3, 10.0),
+    "nm_kernel_efficiency": (1e-3, 10.0),
+    "torch_bsr_stream_share": (1e-3, 10.0),
+    "gemm_pack_bytes_per_s": (1e6, 1e13),
+    "gemm_call_overhead_s": (1e-8, 1e-1),
 }
 
 
@@ -64,15 +87,22 @@ def fit_parameters(profile: HardwareProfile) -> tuple[str, ...]:
     return CPU_FIT_PARAMETERS if profile.executor == "cpu" else FIT_PARAMETERS
 
 
+def linear_fit_parameters(profile: HardwareProfile) -> tuple[str, ...]:
+    """The linear-layer coefficients measured autotuning refits for `profile`'s executors."""
+    return CPU_LINEAR_FIT_PARAMETERS if profile.executor == "cpu" else LINEAR_FIT_PARAMETERS
+
+
 def candidate_work(candidate: Candidate, executor: str = "triton") -> AttentionWork:
     """What a candidate's kernels on `executor` ("triton" or "cpu") do (coefficient independent)."""
     return attention_work(candidate.head_patterns, candidate.shape, block_m=candidate.tiles.block_m,
                           block_n=candidate.tiles.block_n, executor=executor)
 
 
-def predict(profile: HardwareProfile, works: Sequence[AttentionWork]) -> np.ndarray:
-    """Predicted seconds of each work item on `profile`."""
-    return np.array([price_attention(w, profile).seconds for w in works], dtype=np.float64)
+def predict(profile: HardwareProfile, works: Sequence[AttentionWork | LinearCandidate]) -> np.ndarray:
+    """Predicted seconds of each work item (an attention candidate's work, or a linear candidate)
+    on `profile`."""
+    return np.array([price_attention(w, profile).seconds if isinstance(w, AttentionWork) else w.seconds(profile)
+                     for w in works], dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,7 +200,7 @@ def _levenberg_marquardt(objective: _Objective, x: np.ndarray, max_iterations: i
 
 def fit_profile(
     profile: HardwareProfile,
-    works: Sequence[AttentionWork],
+    works: Sequence[AttentionWork | LinearCandidate],
     measured_seconds: Sequence[float],
     *,
     parameters: Sequence[str] | None = None,
@@ -183,6 +213,8 @@ def fit_profile(
     was measured, where, when)."""
     parameters = tuple(parameters) if parameters is not None else fit_parameters(profile)
     measured = _check_inputs(profile, works, measured_seconds, parameters, prior_weight, max_iterations)
+    if "gemm_efficiency" in parameters and not profile.gemm_efficiency:  # 0: the same as matmul_efficiency
+        profile = profile.replace(gemm_efficiency=profile.matmul_efficiency)
     objective = _Objective(profile, list(works), measured, parameters, prior_weight)
     start = objective.start
     best, iterations = _levenberg_marquardt(objective, start, max_iterations)
@@ -217,50 +249,82 @@ class CalibrationReport:
     accuracy_after: Accuracy
     device: str                           # what was measured (measure.measurement_device)
     saved_to: str | None                  # the calibrated profile's file, when stored
+    # Linear layers, when they were measured too (the same for their candidates)
+    linear_measurements: tuple[LinearMeasurement, ...] = ()
+    linear_predicted_before: tuple[float, ...] = ()
+    linear_predicted_after: tuple[float, ...] = ()
+    linear_accuracy_before: LinearAccuracy | None = None
+    linear_accuracy_after: LinearAccuracy | None = None
 
     @property
     def profile(self) -> HardwareProfile:
         return self.fit.profile
+
+    def summary(self) -> str:
+        """One line: how well the fitted profile ranks (and chooses) what was measured."""
+        a = self.accuracy_after
+        text = (f"attention: {a.candidates} candidates, Spearman {a.spearman:.3f}, mean top-1 regret "
+                f"{a.mean_regret:.1%}")
+        linear = self.linear_accuracy_after
+        if linear is not None:
+            text += (f"; linear layers: {len(self.linear_measurements)} timings, Spearman {linear.spearman:.3f}, "
+                     f"sparse-or-dense choice right in {linear.right} of {linear.decisions} (mean loss "
+                     f"{linear.mean_loss:.1%})")
+        return text
 
 
 def calibrate(
     device: torch.device | str | None = None,
     *,
     candidates: Sequence[Candidate] | None = None,
+    linear_candidates: Sequence[LinearCandidate] | None = None,
     quick: bool = False,
     save: bool = True,
     parameters: Sequence[str] | None = None,
     threads: int | None = None,
     **measure_options,
 ) -> CalibrationReport:
-    """Measured autotuning: time `candidates` (default: measure.default_grid) on `device` (default:
-    CUDA when present, else CPU), fit the device's published profile to them, and store the fitted
-    profile (calibration.save_calibrated_profile, keyed by the profile's device name) so that
-    hardware.get_profile returns it from then on. `threads`: CPU timing with that many torch
+    """Measured autotuning: time `candidates` (default: measure.default_grid) and
+    `linear_candidates` (default: linear_measure.linear_grid; empty: attention only) on `device`
+    (default: CUDA when present, else CPU), fit the device's published profile to them (default
+    parameters: the attention terms, and the linear ones when linear layers were timed), and store
+    the fitted profile (calibration.save_calibrated_profile, keyed by the profile's device name) so
+    that hardware.get_profile returns it from then on. `threads`: CPU timing with that many torch
     threads (see measure.measure); the profile then has that many cores."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     base = get_profile(profile_for_device(device).name, calibrated=False)
     if threads is not None and device.type == "cpu":
         base = base.with_cores(threads)
     candidates = list(candidates) if candidates is not None else default_grid(device, quick=quick)
+    linear = list(linear_candidates) if linear_candidates is not None else linear_grid(device, quick=quick)
     measurements = measure(candidates, device, threads=threads, **measure_options)
+    linear_measurements = measure_linear(linear, device, threads=threads, **measure_options)
     works = [candidate_work(c, base.executor) for c in candidates]
     measured = [m.seconds for m in measurements]
-    groups = [c.decision for c in candidates]
-    before = predict(base, works)
+    linear_measured = [m.seconds for m in linear_measurements]
+    if parameters is None:
+        parameters = fit_parameters(base) + tuple(p for p in linear_fit_parameters(base) if linear
+                                                  and p not in fit_parameters(base))
+    result = fit_profile(base, works + linear, measured + linear_measured, parameters=parameters)
     where = measurement_device(device, threads=threads)
-    result = fit_profile(base, works, measured, parameters=parameters)
-    after = predict(result.profile, works)
+    before, after = (predict(p, works) for p in (base, result.profile))
+    groups = [c.decision for c in candidates]
     accuracy_before, accuracy_after = (model_accuracy(p, measured, groups) for p in (before, after))
+    linear_before, linear_after = (predict(p, linear) for p in (base, result.profile))
+    linear_accuracy_before, linear_accuracy_after = (
+        (linear_accuracy(linear, p, linear_measured) if linear else None) for p in (linear_before, linear_after))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    fitted = result.profile.replace(calibrated_from=(
-        f"measured on {where}, {stamp}: {len(candidates)} candidates, Spearman {accuracy_after.spearman:.3f}, "
-        f"mean top-1 regret {accuracy_after.mean_regret:.1%}"))
-    result = dataclasses.replace(result, profile=fitted)
-    saved_to = str(save_calibrated_profile(fitted)) if save else None
+    report = CalibrationReport(
+        fit=result, measurements=tuple(measurements), predicted_before=tuple(before.tolist()),
+        predicted_after=tuple(after.tolist()), accuracy_before=accuracy_before, accuracy_after=accuracy_after,
+        device=where, saved_to=None, linear_measurements=tuple(linear_measurements),
+        linear_predicted_before=tuple(linear_before.tolist()), linear_predicted_after=tuple(linear_after.tolist()),
+        linear_accuracy_before=linear_accuracy_before, linear_accuracy_after=linear_accuracy_after)
+    fitted = result.profile.replace(calibrated_from=f"measured on {where}, {stamp}: {report.summary()}")
+    report = dataclasses.replace(report, fit=dataclasses.replace(result, profile=fitted))
+    if save:
+        report = dataclasses.replace(report, saved_to=str(save_calibrated_profile(fitted)))
     log.info("calibrated %s on %s: Spearman %.3f -> %.3f, mean regret %.1f%% -> %.1f%%", base.name, where,
              accuracy_before.spearman, accuracy_after.spearman, 100 * accuracy_before.mean_regret,
              100 * accuracy_after.mean_regret)
-    return CalibrationReport(fit=result, measurements=tuple(measurements), predicted_before=tuple(before.tolist()),
-                             predicted_after=tuple(after.tolist()), accuracy_before=accuracy_before,
-                             accuracy_after=accuracy_after, device=where, saved_to=saved_to)
+    return report

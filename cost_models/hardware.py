@@ -55,12 +55,15 @@ class HardwareProfile:
     # The same for the block-sparse (BSR) kernel's arithmetic (cpu: and its reads of the kept
     # blocks, which the panels' 64-row GEMMs run at 0.8 of the dense path's speeds).
     bsr_kernel_efficiency: float = 1.0
-    # cpu (cost_models/linear_cost_cpu.py): the fraction of tensor_flops BLAS GEMMs reach in linear
-    # layers (0: matmul_efficiency), the speed at which a GEMM of 2+ token rows copies its weight
+    # The fraction of tensor_flops dense GEMMs reach in linear layers (0: matmul_efficiency); cpu
+    # (cost_models/linear_cost_cpu.py): the speed at which a GEMM of 2+ token rows copies its weight
     # into packed panels (on every call: weights are not prepacked), and one GEMM call's fixed cost.
     gemm_efficiency: float = 0.0
     gemm_pack_bytes_per_s: float = 0.0
     gemm_call_overhead_s: float = 0.0
+    # cpu: the share of the streaming bandwidth torch's BSR tensors (MKL's sparse kernels) reach
+    # reading a block-sparse weight at a few tokens (codegen.linear_cpu.FEW_TOKENS).
+    torch_bsr_stream_share: float = 0.5
     calibrated_from: str = field(default="published figures")
 
     def __post_init__(self):

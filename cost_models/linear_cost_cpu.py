@@ -12,7 +12,8 @@ profile has its own fit of the same terms (cost_models/hardware.py).
                      6-7 ms of a 21 MB weight at 8 tokens, where the 1-token GEMV takes 2 ms.
   block-sparse, up to FEW_TOKENS tokens
                      torch's BSR tensor (MKL's sparse kernels; square fp32 blocks, other weights
-                     run the panels) streams the kept blocks at half the dense GEMV's speed.
+                     run the panels) streams the kept blocks at torch_bsr_stream_share of the dense
+                     GEMV's speed (0.5 on the 2-core AVX2 machine: 5.6-6.5 GB/s against 10-14).
   block-sparse, more tokens
                      one mm call a block row on its panel of kept blocks, their bytes and their
                      arithmetic at bsr_kernel_efficiency (0.8) of the dense path's speeds (the
@@ -29,7 +30,6 @@ from sparsec.cost_models.hardware import HardwareProfile
 __all__ = ["cpu_linear_seconds"]
 
 _BLOCK_INDEX_BYTES = 4        # int32 column index per kept BSR block
-_TORCH_BSR_STREAM_SHARE = 0.5  # MKL's sparse BSR GEMV: 5.6-6.5 GB/s where the dense GEMV streams 10-14
 
 
 def cpu_linear_seconds(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw: HardwareProfile, *,
@@ -47,7 +47,7 @@ def cpu_linear_seconds(M: int, N: int, K: int, dtype: str, size: int, sparsity, 
         bo, bi = sparsity.block
         kept = sparsity.density * (weight + N * K / (bo * bi) * _BLOCK_INDEX_BYTES)
         if M <= FEW_TOKENS and torch_bsr_takes(sparsity.block, torch_dtype(dtype)):  # codegen.linear_cpu
-            return fixed + kept / (stream * _TORCH_BSR_STREAM_SHARE)
+            return fixed + kept / (stream * hw.torch_bsr_stream_share)
         efficiency = hw.bsr_kernel_efficiency
         transposes = 2 * (M * K + M * N) * size / hw.gather_bytes_per_s  # read and written, strided
         return (fixed + N / bo * hw.gemm_call_overhead_s + kept / (stream * efficiency)

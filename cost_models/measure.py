@@ -32,7 +32,7 @@ from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal,
 __all__ = [
     "FAMILIES", "MIXED_FAMILIES", "Candidate", "Measurement", "candidate_grid", "default_grid", "flush_cpu_caches",
     "measure", "mixed_candidates",
-    "kept_fraction", "measurement_device", "pattern_at_density", "software_versions",
+    "kept_fraction", "measurement_device", "pattern_at_density", "software_versions", "time_candidates",
 ]
 
 log = logging.getLogger(__name__)
@@ -340,33 +340,40 @@ def measure(
     is called after each candidate. `threads` (CPU) runs torch with that many threads meanwhile: on
     cores shared with other jobs, one thread times far more steadily than several, whose barrier
     waits stretch whenever one of them is descheduled."""
+    return time_candidates("measure", candidates, _runner, Measurement, device, min_seconds=min_seconds,
+                           max_samples=max_samples, statistic=statistic, threads=threads, seed=seed,
+                           progress=progress)
+
+
+def time_candidates(owner: str, candidates: Sequence, runner: Callable, record: Callable, device, *,
+                    min_seconds: float, max_samples: int, statistic: str, threads: int | None, seed: int,
+                    progress: Callable | None) -> list:
+    """measure's timing for any kind of candidate: runner(candidate, device, generator) -> the call
+    to time; record(candidate=, seconds=, samples=) -> what is returned for it. `owner` names the
+    caller in errors."""
     if statistic not in _STATISTICS:
-        raise ValueError(f"measure: statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
+        raise ValueError(f"{owner}: statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"measure: threads must be a positive int, got {threads!r}")
+        raise ValueError(f"{owner}: threads must be a positive int, got {threads!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"measure: can time on 'cpu' or 'cuda' devices, got {device}")
+        raise ValueError(f"{owner}: can time on 'cpu' or 'cuda' devices, got {device}")
+    generator = torch.Generator().manual_seed(seed)
     previous_threads = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
+    results = []
     try:
-        return _measure_all(candidates, device, min_seconds, max_samples, statistic, seed, progress)
+        for index, candidate in enumerate(candidates):
+            fn = runner(candidate, device, generator)
+            if device.type == "cuda":
+                seconds, samples = _time_cuda(fn)
+            else:
+                seconds, samples = _time_cpu(fn, min_seconds, max_samples, statistic)
+            results.append(record(candidate=candidate, seconds=seconds, samples=samples))
+            log.debug("%s: %s: %.3g s", owner, candidate, seconds)
+            if progress is not None:
+                progress(index + 1, len(candidates), results[-1])
     finally:
         torch.set_num_threads(previous_threads)
-
-
-def _measure_all(candidates, device, min_seconds, max_samples, statistic, seed, progress) -> list[Measurement]:
-    generator = torch.Generator().manual_seed(seed)
-    results = []
-    for index, candidate in enumerate(candidates):
-        fn = _runner(candidate, device, generator)
-        if device.type == "cuda":
-            seconds, samples = _time_cuda(fn)
-        else:
-            seconds, samples = _time_cpu(fn, min_seconds, max_samples, statistic)
-        results.append(Measurement(candidate=candidate, seconds=seconds, samples=samples))
-        log.debug("measured %s [%s]: %.3g s", candidate.label, candidate.group, seconds)
-        if progress is not None:
-            progress(index + 1, len(candidates), results[-1])
     return results

@@ -10,8 +10,9 @@
                  [--measure [--quick-measure]]
         Tune the factory's model on its example inputs (sparsec.tune, with a progress bar), print
         the plan's table and save it. --measure first calibrates the cost model on this machine's
-        device (cost_models.fit.calibrate: time candidate kernels, fit, store the profile) and
-        tunes for that device instead of --target; --quick-measure times the small grid.
+        device (cost_models.fit.calibrate: time candidate attention kernels and linear layers, fit,
+        store the profile, which the compiler's choices then use) and tunes for that device
+        instead of --target; --quick-measure times the small grids.
     sparsec demo [--inner eager|inductor] [--no-tune]
         Run the tiny DiT demo (sparsec/demo.py), then tune the model with positional heads and
         run it with the plan (--no-tune: skip that part).
@@ -87,8 +88,7 @@ def _tune(args: argparse.Namespace) -> int:
 
         report = calibrate(quick=args.quick_measure)
         target = report.fit.profile.name
-        print(f"calibrated the cost model on {report.device}: Spearman {report.accuracy_after.spearman:.3f}, "
-              f"mean top-1 regret {report.accuracy_after.mean_regret:.1%}; saved to {report.saved_to}")
+        print(f"calibrated the cost model on {report.device}: {report.summary()}; saved to {report.saved_to}")
     try:
         plan = tune(model, example_inputs, target=target, budget=args.budget, progress=True)
     except ValueError as e:

@@ -76,6 +76,7 @@ def test_tune_measure_calibrates_this_device_and_tunes_for_it(tmp_path, monkeypa
     from sparsec.cost_models.attention_cost import AttentionShape
     from sparsec.cost_models.calibration import calibrated_profile_path
     from sparsec.cost_models.hardware import HardwareProfile, get_profile, profile_for_device
+    from sparsec.cost_models.linear_measure import LinearCandidate
     from sparsec.cost_models.measure import candidate_grid, measurement_device
     from sparsec.plan import Plan
 
@@ -96,6 +97,9 @@ def test_tune_measure_calibrates_this_device_and_tunes_for_it(tmp_path, monkeypa
         return profiles_used[-1]
 
     monkeypatch.setattr(fit, "default_grid", tiny_grid)
+    linear = [LinearCandidate(out_features=64, in_features=128, tokens=8, kernel=kernel, density=density)
+              for kernel, density in (("dense", 1.0), ("bsr32x32", 0.25))]
+    monkeypatch.setattr(fit, "linear_grid", lambda device, quick=False: linear)
     monkeypatch.setattr(tuning, "get_profile", recorded_profile)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = profile_for_device(device).name
@@ -110,6 +114,7 @@ def test_tune_measure_calibrates_this_device_and_tunes_for_it(tmp_path, monkeypa
     profile = HardwareProfile.from_json(stored.read_text())
     assert profile.calibrated_from.startswith(f"measured on {measurement_device(device)}, ")
     assert f"{len(candidates)} candidates" in profile.calibrated_from
+    assert "linear layers: 2 timings" in profile.calibrated_from
     assert profiles_used == [profile]  # the tuning priced with the profile just measured
     plan = Plan.load(out)
     assert plan.target == name and plan.budget == 0.05

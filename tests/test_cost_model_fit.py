@@ -20,9 +20,10 @@ from sparsec.codegen.tiles import AttentionTiles
 from sparsec.cost_models.accuracy import model_accuracy, spearman, top1_regret
 from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
 from sparsec.cost_models.fit import (
-    BOUNDS, CPU_FIT_PARAMETERS, FIT_PARAMETERS, calibrate, candidate_work, fit_measurements, fit_parameters, fit_profile,
+    BOUNDS, CPU_FIT_PARAMETERS, CPU_LINEAR_FIT_PARAMETERS, FIT_PARAMETERS, calibrate, candidate_work, fit_measurements, fit_parameters, fit_profile,
     predict)
 from sparsec.cost_models.hardware import PROFILES, get_profile, profile_for_device
+from sparsec.cost_models.linear_measure import LinearCandidate
 from sparsec.cost_models.measure import (
     FAMILIES, MIXED_FAMILIES, Measurement, candidate_grid, default_grid, kept_fraction, measure, measurement_device,
     mixed_candidates, pattern_at_density)
@@ -334,7 +335,8 @@ def test_calibrate_stores_the_profile_that_get_profile_returns(tmp_path, monkeyp
     candidates = tiny_candidates()
     assert len(candidates) == 6
 
-    report = calibrate("cpu", candidates=candidates, save=True, threads=1, min_seconds=0.0, max_samples=3)
+    report = calibrate("cpu", candidates=candidates, linear_candidates=[], save=True, threads=1, min_seconds=0.0,
+                       max_samples=3)
 
     assert Path(report.saved_to).parent.parent == tmp_path
     assert report.profile.sm_count == 1  # timed with one thread: a one-core profile
@@ -366,7 +368,8 @@ def test_calibrate_stores_the_profile_that_get_profile_returns(tmp_path, monkeyp
 
 def test_calibrate_without_save_stores_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
-    report = calibrate("cpu", candidates=tiny_candidates()[:2], save=False, min_seconds=0.0, max_samples=3)
+    report = calibrate("cpu", candidates=tiny_candidates()[:2], linear_candidates=[], save=False, min_seconds=0.0,
+                       max_samples=3)
     assert report.saved_to is None
     assert not (tmp_path / "profiles").exists()
     assert get_profile("cpu") == get_profile("cpu", calibrated=False)
@@ -382,6 +385,9 @@ def test_bench_main_prints_and_records_every_figure(tmp_path, monkeypatch, capsy
     # The --quick grid takes ~45 s on 2 busy cores: two tiny layer shapes run the same path.
     candidates = tiny_candidates(lengths=(128, 256))
     monkeypatch.setattr(bench, "default_grid", lambda device, quick=False: candidates)
+    linear = [LinearCandidate(out_features=128, in_features=128, tokens=tokens, kernel=kernel, density=density)
+              for tokens in (1, 32) for kernel, density in (("dense", 1.0), ("bsr64x64", 0.5))]
+    monkeypatch.setattr(bench, "linear_grid", lambda device, quick=False: linear)
     monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "cache"))
     output = tmp_path / "cost_model.json"
 
@@ -406,8 +412,15 @@ def test_bench_main_prints_and_records_every_figure(tmp_path, monkeypatch, capsy
         assert figures["spearman"] == pytest.approx(reference_spearman(predicted, measured))
         assert set(figures["group_regrets"]) == {c["decision"] for c in data["candidates"]}
         assert figures["mean_regret"] >= 0 and figures["max_regret"] >= figures["mean_regret"]
-    assert set(data["coefficients"]["after"]) == set(CPU_FIT_PARAMETERS)
+    assert set(data["coefficients"]["after"]) == set(CPU_FIT_PARAMETERS) | set(CPU_LINEAR_FIT_PARAMETERS)
     assert data["fitted_profile"]["matmul_efficiency"] == data["coefficients"]["after"]["matmul_efficiency"]
+    assert "sparse-or-dense choice" in printed
+    rows = data["linear"]["candidates"]
+    assert [(r["tokens"], r["kernel"], r["density"]) for r in rows] == [(c.tokens, c.kernel, c.density) for c in linear]
+    assert all(r["measured_s"] > 0 and r["predicted_after_s"] > 0 for r in rows)
+    assert data["linear"]["accuracy"]["after"]["decisions"] == 2
+    assert data["linear"]["accuracy"]["after"]["spearman"] == pytest.approx(
+        reference_spearman([r["predicted_after_s"] for r in rows], [r["measured_s"] for r in rows]))
 
 
 def test_with_cores_scales_the_throughput_figures_only():
