@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from sparsec.codegen.attention_cpu_plan import _MIN_SHARED, _buckets
 from sparsec.codegen.block_coverage import _ends, _interval_form, _maximal_runs, row_intervals
+from sparsec.codegen.frame_coverage import transposed_block_intervals, transposed_row_keys
+from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.patterns import Dense, Pattern, Skip
 
 __all__ = ["BlockReads", "BlockUnions", "block_reads", "cpu_block_reads", "query_block_unions"]
@@ -99,15 +101,19 @@ class BlockUnions:
 @functools.lru_cache(maxsize=4096)
 def query_block_unions(pattern: Pattern, Sq: int, Sk: int, block_m: int, causal: bool) -> BlockUnions:
     """BlockUnions of `pattern` for query blocks of block_m rows: in closed form from the
-    pattern's bands and columns (block_coverage's interval form), O(blocks x parts); from every
-    row's intervals for patterns with a BlockSparse part. Cached (read-only arrays): the block
+    pattern's bands and columns (block_coverage's interval form), O(blocks x parts), or for bands
+    in frame-transposed order (codegen.frame_coverage); from every row's intervals for patterns
+    with a BlockSparse part and other renumbered ones. Cached (read-only arrays): the block
     size choice, the split choice (at every thread count and head count) and the cost model ask
     for the same unions; tuning a 2048-token layer asked ~2x over."""
     form = _interval_form(pattern, Sq, Sk)
-    if form is None:
-        unions = BlockUnions(*_block_unions_by_rows(pattern, Sq, Sk, block_m, causal), masks_shift=False)
-    else:
+    if form is not None:
         unions = BlockUnions(*_block_unions(*form, Sq, Sk, block_m, causal), masks_shift=True)
+    elif isinstance(pattern, FramesTransposed) and (
+            found := _transposed_block_unions(pattern, Sq, block_m, causal)) is not None:
+        unions = BlockUnions(*found, masks_shift=False)
+    else:
+        unions = BlockUnions(*_block_unions_by_rows(pattern, Sq, Sk, block_m, causal), masks_shift=False)
     for array in (unions.keys, unions.runs, unions.masked, unions.signature):
         array.setflags(write=False)
     return unions
@@ -155,9 +161,32 @@ def _block_unions_by_rows(pattern: Pattern, Sq: int, Sk: int, block_m: int, caus
     lo = F.pad(lo, (0, 0, 0, pad), value=1).view(nqb, block_m * n)  # padding rows: empty intervals
     hi = F.pad(hi, (0, 0, 0, pad), value=0).view(nqb, block_m * n)
     step = max(1, _ROW_CHUNK // block_m)
-    parts = [_runs(lo[b:b + step], hi[b:b + step], Sk) for b in range(0, nqb, step)]
-    keys, runs, signature = (torch.cat([p[i] for p in parts]) for i in range(3))
-    row_keys = F.pad(row_keys, (0, pad), value=-1).view(nqb, block_m)  # padding rows never force a mask
+    return _chunked_unions(((lo[b:b + step], hi[b:b + step]) for b in range(0, nqb, step)), row_keys, block_m, Sk)
+
+
+def _transposed_block_unions(pattern: FramesTransposed, S: int, block_m: int, causal: bool):
+    """_block_unions of a FramesTransposed pattern of bands (None for other bases) without its
+    rows' intervals: codegen.frame_coverage gives each block's union as a few intervals a (d, k
+    range), and each row's key count, in closed form."""
+    row_keys = transposed_row_keys(pattern, S, causal)
+    if row_keys is None:
+        return None
+    x0 = torch.arange(0, S, block_m)
+    x1 = (x0 + block_m).clamp(max=S) - 1
+    step = max(1, _ROW_CHUNK // block_m)
+    chunks = (transposed_block_intervals(pattern, x0[b:b + step], x1[b:b + step], S, causal)
+              for b in range(0, x0.shape[0], step))
+    return _chunked_unions(chunks, row_keys, block_m, S)
+
+
+def _chunked_unions(chunks, row_keys: torch.Tensor, block_m: int, Sk: int):
+    """(keys, runs, masked, signature) numpy (blocks,), as _block_unions has them, from int64
+    (lo, hi) (blocks, n) intervals whose union is each block's, chunk by chunk of blocks, and
+    every row's key count (a block is masked when one of its rows keeps fewer keys than the
+    union; padding rows past the last never force a mask)."""
+    parts = [_runs(lo, hi, Sk) for lo, hi in chunks]
+    keys, runs, signature = (torch.cat([part[i] for part in parts]) for i in range(3))
+    row_keys = F.pad(row_keys, (0, keys.shape[0] * block_m - row_keys.shape[0]), value=-1).view(-1, block_m)
     masked = ((row_keys >= 0) & (row_keys < keys[:, None])).any(dim=1)
     return keys.numpy(), runs.numpy(), masked.numpy(), signature.numpy()
 

@@ -1,4 +1,5 @@
-"""Key blocks a FramesTransposed pattern of bands touches, per query block, in closed form.
+"""What a FramesTransposed pattern of bands keeps, in closed form: the key tiles each query block
+touches, each row's key intervals and key count, and each query block's union of keys.
 
 block_coverage computes a renumbered pattern's tiles from every row's intervals (below): right
 for the block tables of a launch, too slow for the cost model, which prices every head of a layer
@@ -22,6 +23,16 @@ bands it is a few ranges of k. So row x keeps, for each (d, k range), the interv
 k0, q * T + f + k1] clipped to the T frames (nothing when q leaves [0, frame)): O(rows x (d, k
 range) pairs) with no sort, where renumbering key by key costs O(kept pairs) and a sort (a temporal
 head at S = 16K in frames of 1024: 0.35-0.7 s, against 20-100 ms here).
+
+The CPU executor's cost model needs each query block's union, not its rows'
+(transposed_block_intervals). For one (d, k range), the rows of one position in frames f0..f1
+keep intervals that move one key a frame: together [q * T + f0 + k0, q * T + f1 + k1], clipped.
+When the range holds frame step 0 (k0 <= 0 <= k1), a position's last row keeps up to key q * T +
+T - 1 and the next position's first row from (q + 1) * T, so all the block's rows keep one
+interval. A block's union is then O(ranges x (1 + the positions it holds, for ranges without step
+0)) intervals, where its rows' are O(block_m x ranges). transposed_row_keys counts each row's keys
+(whether a block is masked) from prefix sums over the (d, k ranges) ordered by d: O(T x ranges +
+S), where the rows' intervals cost O(S x ranges).
 """
 from __future__ import annotations
 
@@ -33,7 +44,10 @@ import torch
 
 from sparsec.codegen.frame_order import FramesTransposed
 
-__all__ = ["base_bands", "transposed_band_intervals", "transposed_touched_tiles"]
+__all__ = [
+    "base_bands", "transposed_band_intervals", "transposed_block_intervals", "transposed_row_keys",
+    "transposed_touched_tiles",
+]
 
 
 def base_bands(pattern: FramesTransposed, Sq: int, Sk: int) -> tuple[tuple[int, int], ...] | None:
@@ -95,17 +109,75 @@ def transposed_band_intervals(pattern: FramesTransposed, x: torch.Tensor, S: int
     `x` of `pattern` keep (the causal rule in natural order, as FramesTransposed has it), sorted
     and disjoint (touching ones not joined; empty ones lo > hi); None when the base is not bands
     only (module docstring)."""
+    ranges = _pattern_ranges(pattern, S, causal)
+    if ranges is None:
+        return None
+    x = x.to(torch.int64)
+    return _rows_intervals(x, x, *ranges, S // pattern.frame, S)
+
+
+def transposed_block_intervals(pattern: FramesTransposed, x0: torch.Tensor, x1: torch.Tensor, S: int,
+                               causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """int64 (lo, hi) (blocks, m): inclusive intervals of transposed keys whose union is what rows
+    x0..x1 of each block keep together (they may overlap; empty ones lo > hi); None when the base
+    is not bands only. A (d, k range) holding frame step 0 gives one interval a block, any other
+    one a position of the block (module docstring)."""
+    ranges = _pattern_ranges(pattern, S, causal)
+    if ranges is None:
+        return None
+    d, k0, k1 = ranges
+    frames = S // pattern.frame
+    x0, x1 = x0.to(torch.int64)[:, None], x1.to(torch.int64)[:, None]
+    spread = x1 // frames - x0 // frames
+    p = x0 // frames + torch.arange(int(spread.max()) + 1 if spread.numel() else 1)  # (blocks, positions)
+    first, last = torch.maximum(x0, p * frames), torch.minimum(x1, p * frames + frames - 1)  # past x1: first > last
+    joined = (k0 <= 0) & (k1 >= 0)
+    apart = _rows_intervals(first, last, d[~joined], k0[~joined], k1[~joined], frames, S)
+    whole = _rows_intervals(x0, x1, d[joined], k0[joined], k1[joined], frames, S)
+    return tuple(torch.cat([a.flatten(1), w.flatten(1)], dim=1) for a, w in zip(apart, whole))
+
+
+def _rows_intervals(first: torch.Tensor, last: torch.Tensor, d: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
+                    frames: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) (*first.shape, ranges): per (d, k range), one interval holding what rows
+    first..last keep there, exact for the rows of one position or a range holding frame step 0
+    (module docstring); lo > hi when they keep nothing (so when first > last). Row p * T + f keeps
+    [q * T + f + k0, q * T + f + k1] clipped to the T frames, q = p + d, and nothing when q leaves
+    [0, frame): a row with q < 0 ends below key 0 and one with q >= frame starts at S or later, so
+    clipping the first row's start and the last row's end to [0, S) is exact (with step 0, the
+    first row with q = 0 keeps key 0 and the last with q = frame - 1 keeps key S - 1)."""
+    first_frame, last_frame = (first % frames)[..., None], (last % frames)[..., None]
+    lo = first[..., None] - first_frame + d * frames + (first_frame + k0).clamp(min=0)
+    hi = last[..., None] - last_frame + d * frames + (last_frame + k1).clamp(max=frames - 1)
+    return lo.clamp(min=0), hi.clamp(max=S - 1)
+
+
+def transposed_row_keys(pattern: FramesTransposed, S: int, causal: bool) -> torch.Tensor | None:
+    """int64 (S,): how many keys each row of `pattern` keeps (causal rule included); None when the
+    base is not bands only. Row p * T + f keeps min(f + k1, T - 1) - max(f + k0, 0) + 1 keys (when
+    positive) of each (d, k range) with 0 <= p + d < frame, and the ranges are disjoint: per
+    frame f, prefix sums over the ranges (ordered by d) give a row's total as one difference."""
+    ranges = _pattern_ranges(pattern, S, causal)
+    if ranges is None:
+        return None
+    d, k0, k1 = (r.numpy() for r in ranges)
+    frames = S // pattern.frame
+    f = np.arange(frames)[:, None]
+    kept = np.clip(np.minimum(f + k1, frames - 1) - np.maximum(f + k0, 0) + 1, 0, None)  # (T, ranges)
+    prefix = np.pad(kept.cumsum(axis=1), ((0, 0), (1, 0)))
+    p, f = np.divmod(np.arange(S), frames)
+    first, last = np.searchsorted(d, -p, side="left"), np.searchsorted(d, pattern.frame - 1 - p, side="right")
+    return torch.from_numpy(prefix[f, last] - prefix[f, first])
+
+
+def _pattern_ranges(pattern: FramesTransposed, S: int, causal: bool) -> tuple[torch.Tensor, ...] | None:
+    """_frame_ranges of the pattern's bands as int64 tensors (d, k0, k1); None when the base is not
+    bands only."""
     frames = pattern.check_lengths(S, S)
     bands = base_bands(pattern, S, S)
     if bands is None:
         return None
-    d, k0, k1 = (torch.from_numpy(column) for column in _frame_ranges(bands, pattern.frame, frames, causal))
-    x = x.to(torch.int64)
-    f, p = (x % frames)[:, None], (x // frames)[:, None]
-    q = p + d
-    first, last = (f + k0).clamp(min=0), (f + k1).clamp(max=frames - 1)
-    valid = (q >= 0) & (q < pattern.frame) & (first <= last)
-    return torch.where(valid, q * frames + first, 1), torch.where(valid, q * frames + last, 0)
+    return tuple(torch.from_numpy(column) for column in _frame_ranges(bands, pattern.frame, frames, causal))
 
 
 @functools.lru_cache(maxsize=1 << 10)

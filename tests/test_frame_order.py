@@ -36,6 +36,16 @@ def transposed_mask(pattern: P.Pattern, S: int, frame: int) -> torch.Tensor:
     return pattern.mask(S, S)[natural][:, natural]
 
 
+def kept_mask(base: P.Pattern, S: int, frame: int, causal: bool) -> torch.Tensor:
+    """transposed_mask with the causal rule, which FramesTransposed applies in natural order."""
+    mask = transposed_mask(base, S, frame)
+    if causal:
+        T = S // frame
+        natural = torch.tensor([(x % T) * frame + x // T for x in range(S)])
+        mask &= natural[None, :] <= natural[:, None]
+    return mask
+
+
 def mask_of_intervals(lo: torch.Tensor, hi: torch.Tensor, S: int) -> torch.Tensor:
     j = torch.arange(S)
     return ((j >= lo[..., None]) & (j <= hi[..., None])).any(dim=1)
@@ -65,15 +75,56 @@ bases = st.one_of(
 def test_renumbered_pattern_and_its_row_intervals_match_the_permuted_mask(base, frame, frames, causal):
     S = frame * frames
     pattern = FramesTransposed(base, frame)
-    expected = transposed_mask(base, S, frame)
-    assert torch.equal(pattern.mask(S, S), expected)
-    if causal:
-        T = S // frame
-        natural = torch.tensor([(x % T) * frame + x // T for x in range(S)])
-        expected = expected & (natural[None, :] <= natural[:, None])
+    assert torch.equal(pattern.mask(S, S), transposed_mask(base, S, frame))
+    expected = kept_mask(base, S, frame, causal)
     lo, hi = row_intervals(pattern, S, S, causal)
     assert torch.equal(mask_of_intervals(lo, hi, S), expected)
     assert kept_pairs(pattern, S, S, causal) == int(expected.sum())
+
+
+@given(base=bases, frame=st.sampled_from([4, 6, 8, 12]), frames=st.integers(2, 8),
+       block_m=st.sampled_from([1, 3, 8, 16, 32]), causal=st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_closed_form_block_unions_match_the_mask_and_the_rows(base, frame, frames, block_m, causal):
+    """The cost model's per-query-block unions of a renumbered pattern of bands, in closed form
+    (codegen.frame_coverage): keys, runs and masked as the explicit mask has them, each row's key
+    count too, and everything (signatures included) as the general path from every row's
+    intervals gives it."""
+    from sparsec.codegen.attention_cpu_reads import _block_unions_by_rows, _transposed_block_unions
+    from sparsec.codegen.frame_coverage import transposed_row_keys
+
+    S = frame * frames
+    pattern = FramesTransposed(base, frame)
+    found = _transposed_block_unions(pattern, S, block_m, causal)
+    if isinstance(base, P.VerticalSlash) and any(start < S for start, _ in base.columns):
+        assert found is None  # not bands only: the general path
+        return
+    mask = kept_mask(base, S, frame, causal)
+    assert transposed_row_keys(pattern, S, causal).tolist() == mask.sum(dim=1).tolist()
+    keys, runs, masked, _ = found
+    for b, r0 in enumerate(range(0, S, block_m)):
+        rows = mask[r0:r0 + block_m]
+        union = rows.any(dim=0)
+        starts = torch.diff(union.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8)) == 1
+        expected = (int(union.sum()), int(starts.sum()), bool((rows.sum(dim=1) < union.sum()).any()))
+        assert (int(keys[b]), int(runs[b]), bool(masked[b])) == expected, (b, pattern)
+    for closed_form, by_rows in zip(found, _block_unions_by_rows(pattern, S, S, block_m, causal)):
+        assert closed_form.tolist() == by_rows.tolist()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_closed_form_block_unions_match_the_rows_at_video_lengths(causal):
+    """A window with diagonals a frame and two apart (8 frames of 512), whole and as its frame
+    parts, at every query block size the executor tries: the same unions as from every row."""
+    from sparsec.codegen.attention_cpu_reads import _block_unions_by_rows, _transposed_block_unions
+
+    S, frame = 4096, 512
+    base = P.Window(16, 16) | P.MultiDiagonal([-2 * frame, -frame, frame, 2 * frame], 8)
+    for pattern in (FramesTransposed(base, frame), *frame_parts(base, 2 * frame)):
+        for block_m in (32, 64, 128, 256):
+            found = _transposed_block_unions(pattern, S, block_m, causal)
+            for closed_form, by_rows in zip(found, _block_unions_by_rows(pattern, S, S, block_m, causal)):
+                assert closed_form.tolist() == by_rows.tolist(), (pattern, block_m)
 
 
 def test_renumbered_pattern_is_a_value_and_refuses_lengths_it_cannot_renumber():
