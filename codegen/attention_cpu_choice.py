@@ -1,10 +1,10 @@
 """The CPU executor's choices for a pattern: the query block size, whether bands far apart run
 whole or as disjoint parts merged by log-sum-exp, and in which token order.
 
-Query block size (choose_blocks): the candidate with the least estimated work, pairs read (block_m
-x the union of each block's rows' keys) over the fused kernel's measured speed at that many query
-rows, plus the keys gathered for blocks whose union is not one run. The unions come from
-codegen.attention_cpu_reads in closed form (no planning).
+Query block size: the candidate (32 to 256 rows) with the least estimated time, by the cost model
+as below: pairs read (block_m x the union of each block's rows' keys, from
+codegen.attention_cpu_reads in closed form, no planning) at the fused kernel's speed for that many
+query rows, masked pairs, gathered keys, query rows and calls.
 
 Split (choose_split). A pattern of a few bands far apart (MultiDiagonal at frame strides, or a
 union of windows and diagonals) read whole makes each query block read the union of the bands'
@@ -47,62 +47,28 @@ from __future__ import annotations
 import functools
 import itertools
 
-import numpy as np
-
-from sparsec.codegen.attention_cpu_reads import BlockUnions, query_block_unions
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates, pattern_bands
 from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union
 
-__all__ = ["band_parts", "choose_blocks", "choose_split", "frame_parts", "query_rows_speed"]
+__all__ = ["band_parts", "choose_blocks", "choose_split", "frame_parts"]
 
-# Per-pair speed of torch's fused CPU attention kernel by query rows per call (relative to 128),
-# measured at S = 4096, D = 64 with 2 threads: under 192 rows it splits queries by 32, and every
-# split reloads the K/V tiles; from 192 rows it splits by 64.
-_QUERY_BLOCK_SPEED = {32: 0.88, 64: 0.95, 128: 1.0, 256: 1.1}
-# Gathering one key (its K and V rows, fp32, D = 64) costs about as much as this many pairs on 2
-# threads (measured: the copy itself is ~20, the smaller calls of shorter query blocks the rest;
-# copies run on one thread).
-_GATHER_PAIRS_PER_KEY = 40
+# The query block sizes the executor considers (torch's fused kernel splits a call's queries by 32
+# below 192 rows, by 64 from there: cost_models.attention_cost.query_rows_speed).
+_BLOCK_M_CANDIDATES = (32, 64, 128, 256)
 
 
 def choose_blocks(pattern: Pattern, Sq: int, Sk: int, causal: bool = False) -> tuple[int, int]:
-    """(block_m, block_n) for `pattern`. Keys are read as exact runs, so only block_m matters
-    (block_n, for callers that share tiles with the Triton kernels, is min(128, Sk)): the query
-    block size with the least estimated work (_block_m_work)."""
-    return _choose_block_m(pattern, Sq, Sk, bool(causal)), min(128, Sk)
-
-
-@functools.lru_cache(maxsize=1 << 14)  # a model's patterns, and the tuner's candidates
-def _choose_block_m(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> int:
+    """(block_m, block_n) for `pattern` run whole in natural order, one head on one thread. Keys
+    are read as exact runs, so only block_m matters (block_n, for callers that share tiles with the
+    Triton kernels, is min(128, Sk)): the query block size the cost model prices least
+    (choose_split with split and frames off)."""
     if isinstance(pattern, (Dense, Skip)):
-        return min(128, Sq)
-    return min(_block_m_candidates(Sq), key=lambda bm: _block_m_work(pattern, Sq, Sk, bm, causal))
+        return min(128, Sq), min(128, Sk)
+    return choose_split(pattern, Sq, Sk, bool(causal), split=False, frames=False)[0], min(128, Sk)
 
 
 def _block_m_candidates(Sq: int) -> list[int]:
-    return sorted({min(bm, Sq) for bm in _QUERY_BLOCK_SPEED})
-
-
-def query_rows_speed(rows):
-    """Relative per-pair speed of torch's fused CPU attention kernel on calls of `rows` query rows
-    (_QUERY_BLOCK_SPEED; 1.0 at 128): a float for an int, a float64 array for an array."""
-    sizes = np.array(sorted(_QUERY_BLOCK_SPEED))
-    speeds = np.array([_QUERY_BLOCK_SPEED[s] for s in sizes])
-    found = speeds[np.clip(np.searchsorted(sizes, rows, side="right") - 1, 0, None)]
-    return float(found) if np.ndim(rows) == 0 else found
-
-
-def _block_m_work(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> float:
-    """Estimated work of a plan with query blocks of bm rows, in (query, key) pairs at block_m =
-    128 on 2 threads: _union_reads' pairs, plus its gathered keys at _GATHER_PAIRS_PER_KEY."""
-    pairs, gathered = _union_reads(query_block_unions(pattern, Sq, Sk, bm, causal), bm)
-    return pairs + _GATHER_PAIRS_PER_KEY * gathered
-
-
-def _union_reads(unions: BlockUnions, bm: int) -> tuple[float, int]:
-    """(pairs read, bm x each block's union of keys, over the kernel's speed at bm; keys gathered:
-    those of blocks whose union is not one run) of a plan with query blocks of bm rows."""
-    return bm * int(unions.keys.sum()) / query_rows_speed(bm), int(unions.keys[unions.runs > 1].sum())
+    return sorted({min(bm, Sq) for bm in _BLOCK_M_CANDIDATES})
 
 
 def band_parts(pattern: Pattern) -> tuple[Pattern, ...]:
@@ -140,9 +106,9 @@ def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int 
                  width: int = 128, threads: int = 1, split: bool | None = None,
                  frames: bool | None = None) -> tuple[int, tuple[Pattern, ...]]:
     """(block_m, parts): the query block size and the parts the executor runs `pattern` as;
-    parts == (pattern,) runs it whole, at choose_blocks' query block. Split, the parts share the
-    query block with the least estimated time, and run so only when that beats the whole plan's
-    (module docstring). Parts that are FramesTransposed run in frame-transposed token order
+    parts == (pattern,) runs it whole. Whole or split, the query block is the one with the least
+    estimated time, and the parts run only when their estimate beats the whole plan's (module
+    docstring). Parts that are FramesTransposed run in frame-transposed token order
     (codegen.frame_order), chosen when its estimate, permutations included, is the least.
     block_m, when given, is kept. rows: query heads x batch that run the pattern together; width:
     D + Dv; threads: the attention kernels' intra-op threads. split True / False forces the
@@ -184,17 +150,18 @@ class _Costs:
 
 def _best_option(pattern: Pattern, parts: tuple[Pattern, ...], costs: _Costs, block_m: int | None,
                  split: bool | None, priced: bool = True) -> tuple[float, int, tuple[Pattern, ...]]:
-    """(seconds, block_m, parts) of the cheaper of running `pattern` whole and as `parts`.
-    priced=False: seconds only where the choice needs them (0 for a pattern run whole)."""
-    shape = costs.shape
-    whole_bm = block_m or choose_blocks(pattern, shape.q_len, shape.kv_len, shape.causal)[0]
+    """(seconds, block_m, parts) of the cheaper of running `pattern` whole and as `parts`, each at
+    its cheapest query block (block_m, when given). priced=False: seconds only where the choice
+    needs them (0 when there is nothing to choose)."""
+    candidates = [block_m] if block_m else _block_m_candidates(costs.shape.q_len)
+    if len(candidates) == 1 and (len(parts) == 1 or split is False) and not priced:
+        return 0.0, candidates[0], (pattern,)
+    whole_seconds, whole_bm = min((costs.seconds((pattern,), bm), bm) for bm in candidates)
     if len(parts) == 1 or split is False:
-        return costs.seconds((pattern,), whole_bm) if priced else 0.0, whole_bm, (pattern,)
-    split_seconds = {bm: costs.seconds(parts, bm) for bm in ([block_m] if block_m else _block_m_candidates(shape.q_len))}
-    split_bm = min(split_seconds, key=split_seconds.get)
-    whole_seconds = costs.seconds((pattern,), whole_bm)
-    if split or split_seconds[split_bm] < whole_seconds:
-        return split_seconds[split_bm], split_bm, parts
+        return whole_seconds, whole_bm, (pattern,)
+    split_seconds, split_bm = min((costs.seconds(parts, bm), bm) for bm in candidates)
+    if split or split_seconds < whole_seconds:
+        return split_seconds, split_bm, parts
     return whole_seconds, whole_bm, (pattern,)
 
 

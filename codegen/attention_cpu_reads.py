@@ -77,9 +77,8 @@ def block_reads(unions: BlockUnions, Sk: int, block_m: int) -> BlockReads:
     keys, signature = unions.keys, unions.signature
     same_as_before = np.concatenate([[False], signature[1:] == signature[:-1]])
     gathered = np.where((unions.runs > 1) & ~same_as_before, keys, 0).astype(np.float64)
-    keys, masked, gathered, calls = _grouped(keys, unions.masked, gathered, Sk, unions.masks_shift)
-    _, inverse, sharing = np.unique(signature, return_inverse=True, return_counts=True)
-    return BlockReads(keys, masked, gathered, calls, (sharing[inverse] * block_m).astype(np.float64))
+    keys, masked, gathered, calls, folded = _grouped(keys, unions.masked, gathered, signature, Sk, unions.masks_shift)
+    return BlockReads(keys, masked, gathered, calls, (folded * block_m).astype(np.float64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,23 +207,31 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 31)
 
 
-def _grouped(keys: np.ndarray, masked: np.ndarray, gathered: np.ndarray, Sk: int, masks_shift: bool):
+def _grouped(keys: np.ndarray, masked: np.ndarray, gathered: np.ndarray, signature: np.ndarray, Sk: int,
+             masks_shift: bool):
     """The executor's grouping of blocks into calls: (keys read after bucket growth, masked,
-    gathered, calls). Buckets follow attention_cpu_plan._buckets; a bucket past _ALL_KEYS_RATIO of the
-    keys reads all of them as a view. With masks_shift (bands and columns: masks move with the
-    block, so blocks reading as many keys share a mask and a call) grown blocks mostly end up
-    reading the same keys (growth fills their gaps from the left) and share one copy; grown
-    block-layout rows stay apart."""
+    gathered, calls, folded). Buckets follow attention_cpu_plan._buckets; a bucket past
+    _ALL_KEYS_RATIO of the keys reads all of them as a view. With masks_shift (bands and columns:
+    masks move with the block, so blocks reading as many keys share a mask and a call) grown blocks
+    mostly end up reading the same keys (growth fills their gaps from the left) and share one copy;
+    grown block-layout rows stay apart. folded: how many blocks run as one query sequence with
+    each block, which the executor does when every block of the call reads the same keys (a
+    call of blocks with different keys runs each block on its own rows)."""
     keys, masked, gathered = keys.astype(np.float64), masked.astype(np.float64), gathered.copy()
+    folded = np.ones(keys.shape[0])
     reading = np.flatnonzero(keys > 0)
     if not reading.size:
-        return keys, masked, gathered, 0
+        return keys, masked, gathered, 0, folded
     calls, leftovers = 0, []
     for flag, least in ((0.0, 2), (1.0, _MIN_SHARED if masks_shift else math.inf)):
         members = reading[masked[reading] == flag]
         _, inverse, sizes = np.unique(keys[members], return_inverse=True, return_counts=True)
         calls += int((sizes >= least).sum())
         leftovers += members[sizes[inverse] < least].tolist()
+        for call in range(sizes.size):
+            blocks = members[inverse == call]
+            if sizes[call] >= least and (signature[blocks] == signature[blocks[0]]).all():
+                folded[blocks] = blocks.size
     for bucket, length in _buckets(leftovers, keys[leftovers].astype(int).tolist(), Sk):
         bucket = np.asarray(bucket)
         grown = bucket[keys[bucket] < length]
@@ -232,14 +239,16 @@ def _grouped(keys: np.ndarray, masked: np.ndarray, gathered: np.ndarray, Sk: int
         masked[grown] = 1.0  # the grown keys are masked out
         if length == Sk:
             gathered[bucket] = 0.0
+            folded[bucket] = bucket.size
             calls += 1
         elif grown.size and masks_shift:
             gathered[grown] = 0.0
             gathered[grown[0]] = length
+            folded[grown] = grown.size
             calls += 2 if grown.size < bucket.size else 1
         elif grown.size:  # grown layout rows stay apart: each gathered
             gathered[grown] = length
             calls += 1
         else:
             calls += 1
-    return keys, masked, gathered, calls
+    return keys, masked, gathered, calls, folded

@@ -15,7 +15,9 @@ Skip heads cost the V read (fill="mean") or nothing but the output write (fill="
 A profile whose executor is "cpu" prices codegen/attention_cpu.py instead, which reads each query
 block's exact keys (no key tiles) as a few SDPA calls: counts come from
 codegen.attention_cpu_reads (pairs read, of which masked, keys gathered, calls), a pair costs
-the fp32 dot products and exponential at the kernel's speed for that many query rows, a query
+the fp32 dot products and exponential at the kernel's speed for that many query rows
+(query_rows_speed, by the profile's query_rows_exponent: torch's kernel splits a call's queries in
+chunks that grow with them), a query
 row its softmax finish and output (row_overhead_s: what narrow patterns mostly pay), gathers
 cost their bytes at a copy speed, and every SDPA call pays call_overhead_s.
 
@@ -43,7 +45,7 @@ __all__ = [
     "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
     "attention_work", "counts_seconds", "cpu_option_counts", "cpu_option_seconds", "estimate_attention", "fixed_seconds", "head_groups_by_family",
     "head_price", "head_seconds_many", "head_share", "launch_seconds", "makespan_estimate", "pattern_counts", "price_attention",
-    "program_seconds", "skip_seconds",
+    "program_seconds", "query_rows_speed", "skip_seconds",
 ]
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
@@ -115,14 +117,15 @@ class BlockCounts(NamedTuple):
     """One head's programs (query blocks) for one pattern, float64 numpy (nqb,) each.
     Triton: key tiles visited, of which partial, and 1 where the program loads Q and stores O.
     cpu executor: (query, key) pairs read, of which masked, query rows computed (each part's
-    rows: a split pattern computes a row once a part), keys gathered, the kernel's relative speed
-    at the call's query rows, and the pattern's SDPA calls."""
+    rows: a split pattern computes a row once a part), keys gathered, the query rows of the call
+    that runs the block (blocks folded into one call count together; a pattern split in parts:
+    their geometric mean weighted by pairs), and the pattern's SDPA calls."""
 
     visited: np.ndarray
     partial: np.ndarray
     computed: np.ndarray
     gathered: np.ndarray | None = None
-    speed: np.ndarray | None = None
+    call_rows: np.ndarray | None = None
     calls: int = 0
 
 
@@ -139,7 +142,7 @@ class LaunchWork:
                                         # cpu executor: the query rows it computes (BlockCounts)
     skip_fills: tuple[str, ...] = ()    # set only for a launch of Skip heads: their fills
     gathered: torch.Tensor | None = None  # cpu executor (see BlockCounts): keys gathered per program
-    speed: torch.Tensor | None = None     # cpu executor: kernel speed per program
+    call_rows: torch.Tensor | None = None  # cpu executor: query rows of each program's call
     calls: int = 0                        # cpu executor: SDPA calls of the launch
     plans: int = 1                        # cpu executor: distinct patterns, each run on its own
 
@@ -220,7 +223,7 @@ def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_
     its heads, so each distinct pattern's calls count once."""
     distinct = list(dict.fromkeys(patterns))
     counts = pattern_counts(distinct, shape, block_m, block_n, executor=executor)
-    fields = ("visited", "partial", "computed") + (("gathered", "speed") if executor == "cpu" else ())
+    fields = ("visited", "partial", "computed") + (("gathered", "call_rows") if executor == "cpu" else ())
     columns = {name: np.concatenate([getattr(counts[p], name) for p in patterns]) for name in fields}
     columns = {name: torch.from_numpy(np.tile(column, shape.batch)) for name, column in columns.items()}
     plans = sum(not isinstance(p, Skip) for p in distinct) if executor == "cpu" else 1
@@ -272,12 +275,11 @@ def cpu_option_counts(parts: tuple[Pattern, ...], shape: AttentionShape, block_m
     if len(counts) == 1:
         return counts[0]._replace(gathered=counts[0].gathered + moved)
     visited = sum(c.visited for c in counts)
-    slowed = sum(c.visited / c.speed for c in counts)
+    log_rows = sum(c.visited * np.log(c.call_rows) for c in counts)
     merged_keys = (len(parts) - 1) * rows * 2 * shape.value_dim / (shape.head_dim + shape.value_dim)
+    call_rows = np.exp(np.divide(log_rows, visited, out=np.zeros_like(visited), where=visited > 0))
     return BlockCounts(visited, sum(c.partial for c in counts), sum(c.computed for c in counts),
-                       sum(c.gathered for c in counts) + merged_keys + moved,
-                       np.divide(visited, slowed, out=np.ones_like(visited), where=slowed > 0),
-                       sum(c.calls for c in counts))
+                       sum(c.gathered for c in counts) + merged_keys + moved, call_rows, sum(c.calls for c in counts))
 
 
 def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_m: int,
@@ -293,23 +295,21 @@ def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_
 
 
 def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> BlockCounts:
-    from sparsec.codegen.attention_cpu_choice import query_rows_speed
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads
 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
     rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
-    speed = query_rows_speed(reads.call_rows)
     return BlockCounts(reads.keys * rows, reads.keys * rows * reads.masked, rows * (reads.keys > 0),
-                       reads.gathered, speed, reads.calls)
+                       reads.gathered, np.maximum(reads.call_rows, 1.0), reads.calls)
 
 
 def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarray, shape: AttentionShape,
                     block_m: int | None, block_n: int, hw: HardwareProfile, *, gathered: np.ndarray | None = None,
-                    speed: np.ndarray | None = None) -> np.ndarray:
+                    call_rows: np.ndarray | None = None) -> np.ndarray:
     """Per-program seconds (float64 numpy, any shape): max(compute, K/V streaming) over the
-    blocks each program visits (BlockCounts' columns; gathered and speed for the cpu executor)."""
+    blocks each program visits (BlockCounts' columns; gathered and call_rows for the cpu executor)."""
     if hw.executor == "cpu":
-        return _cpu_program_seconds(visited, partial, computed, gathered, speed, shape, hw)
+        return _cpu_program_seconds(visited, partial, computed, gathered, call_rows, shape, hw)
     bytes_per = _BYTES[shape.dtype]
     sm_flops = hw.flops(shape.dtype) * hw.matmul_efficiency / hw.sm_count
     sm_exp = hw.exp_per_s / hw.sm_count
@@ -326,7 +326,7 @@ def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarr
     return np.maximum(compute, memory)
 
 
-def _cpu_program_seconds(pairs, masked, computed, gathered, speed, shape: AttentionShape,
+def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: AttentionShape,
                          hw: HardwareProfile) -> np.ndarray:
     """The cpu executor's query blocks: fp32 throughout (inputs are upcast), dots and exponentials
     in sequence (no separate units to overlap), gathers copied on one thread, and each query row a
@@ -334,20 +334,34 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, speed, shape: Attent
     cores = hw.sm_count
     width = shape.head_dim + shape.value_dim
     pair_seconds = 2 * width / (hw.flops("f32") * hw.matmul_efficiency / cores) + cores / hw.exp_per_s
-    compute = pairs * pair_seconds / speed + masked * hw.mask_cost_per_pair * cores / hw.vector_flops
+    compute = (pairs * pair_seconds / query_rows_speed(call_rows, hw)
+               + masked * hw.mask_cost_per_pair * cores / hw.vector_flops)
     copies = gathered * width * 4 * cores / hw.gather_bytes_per_s  # one thread: the other cores wait
     return compute + copies + computed * hw.row_overhead_s
+
+
+# torch's fused CPU attention kernel splits a call's queries in chunks of 32 rows below 192 rows, 64
+# below 768 and 256 from there on: its per-pair speed grows with the rows up to 768.
+_FULL_SPEED_ROWS = 768
+
+
+def query_rows_speed(call_rows, hw: HardwareProfile):
+    """Per-pair speed of torch's fused CPU attention kernel on calls of `call_rows` query rows,
+    relative to 128 rows: (rows / 128) ** hw.query_rows_exponent, rows capped at _FULL_SPEED_ROWS
+    (a float for a number, an array for an array)."""
+    return (np.minimum(call_rows, _FULL_SPEED_ROWS) / 128.0) ** hw.query_rows_exponent
 
 
 def counts_seconds(counts: BlockCounts, shape: AttentionShape, block_m: int | None, block_n: int,
                    hw: HardwareProfile) -> np.ndarray:
     """program_seconds of one pattern's BlockCounts."""
     return program_seconds(counts.visited, counts.partial, counts.computed, shape, block_m, block_n, hw,
-                           gathered=counts.gathered, speed=counts.speed)
+                           gathered=counts.gathered, call_rows=counts.call_rows)
 
 
 def _program_seconds(launch: LaunchWork, work: AttentionWork, hw: HardwareProfile) -> np.ndarray:
-    extra = {"gathered": launch.gathered.numpy(), "speed": launch.speed.numpy()} if launch.speed is not None else {}
+    extra = ({"gathered": launch.gathered.numpy(), "call_rows": launch.call_rows.numpy()}
+             if launch.call_rows is not None else {})
     if hw.executor == "cpu" and not extra:
         raise ValueError(f"profile {hw.name!r} prices the cpu executor, but this work was counted for the Triton "
                          "kernels (attention_work(executor='cpu'))")

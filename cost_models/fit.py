@@ -50,9 +50,10 @@ log = logging.getLogger(__name__)
 FIT_PARAMETERS = ("matmul_efficiency", "memory_efficiency", "mask_cost_per_pair", "block_overhead_s",
                   "launch_overhead_s")
 # The cpu executor is compute-bound (no memory term), pays a pair's softmax apart from its dot
-# products (exp_per_s), and pays per query row, per SDPA call and per gathered key.
+# products (exp_per_s), and pays per query row, per SDPA call and per gathered key; its kernel's
+# speed grows with a call's query rows (query_rows_exponent).
 CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "row_overhead_s", "launch_overhead_s",
-                      "call_overhead_s", "gather_bytes_per_s")
+                      "call_overhead_s", "gather_bytes_per_s", "query_rows_exponent")
 # Linear layers (cost_models/__init__.py, linear_cost_cpu.py): the dense GEMM's efficiency and the
 # sparse kernels' relative to the model of them; on a CPU also the GEMM's weight packing and call
 # costs, torch's BSR streaming share at a few tokens, and the streaming bandwidth (which the CPU's
@@ -72,6 +73,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "gather_bytes_per_s": (1e6, 1e13),
     "exp_per_s": (1e6, 1e15),
     "vector_flops": (1e6, 1e16),
+    "query_rows_exponent": (1e-3, 1.0),
     "gemm_efficiency": (1e-3, 1.0),
     # relative to the model of the kernel, which may be pessimistic: above 1 is possible
     "bsr_kernel_efficiency": (1e-3, 10.0),

@@ -48,6 +48,11 @@ class HardwareProfile:
     # finish and output row): ~200 ns of the 2-core machine's time, as much as ~40 pairs at D = 64,
     # which is what narrow patterns (a few diagonals, frame-transposed heads) mostly pay.
     row_overhead_s: float = 0.0
+    # cpu: how torch's fused attention kernel's per-pair speed grows with a call's query rows (it
+    # splits them in larger chunks): speed ~ (rows / 128) ** query_rows_exponent, up to 768 rows
+    # (cost_models.attention_cost.query_rows_speed). 0.1 on the 2-core AVX2 machine (32 rows at
+    # 0.88 of 128's speed, 256 at 1.1).
+    query_rows_exponent: float = 0.1
     # Speed of the N:M linear kernel relative to the model of it (cost_models: the bytes it reads;
     # linear_cost_cpu: its expansion and arithmetic): the CPU executor measured 1-6x slower than
     # dense (bench/results/linear_cpu_*.json), so on "cpu" it is priced never to beat dense.
@@ -164,13 +169,18 @@ PROFILES: dict[str, HardwareProfile] = {
 # log error 0.117, Spearman 0.993), linear terms (and the streaming bandwidth) by least squares of
 # the log error on bench/results/linear_cpu_20261206_160126.json (135 timings, rms log error 1.42 ->
 # 0.27; fitted without the 4096 x 4096 layer, the choice there is right in 18 of 20 points, mean
-# loss 3.5%). A stored calibration replaces either.
+# loss 3.5%). torch's BSR tensors stream a block-sparse weight at a few tokens at 0.18 of the dense
+# GEMV's speed there (the AVX2 machine: 0.5), fitted by `bench/cost_model.py` with the linear grid
+# (cost_model_cpu_20261206_201452.json: with it, the sparse-or-dense choice is right in 94 of 100
+# layers and token counts, mean loss 1.2%, where the profile without it got 90, 4.4%). A stored
+# calibration replaces either.
 _CPU_BY_CAPABILITY = {
     "AVX512": PROFILES["cpu"].replace(
         tensor_flops={**PROFILES["cpu"].tensor_flops, "f32": 400e9}, memory_bandwidth=44e9,
         matmul_efficiency=0.5, exp_per_s=1.2e11, mask_cost_per_pair=4.1, row_overhead_s=0.15e-6,
         launch_overhead_s=170e-6, call_overhead_s=21e-6, gather_bytes_per_s=6.3e9,
-        gemm_efficiency=0.84, gemm_pack_bytes_per_s=28e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44),
+        gemm_efficiency=0.84, gemm_pack_bytes_per_s=28e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44,
+        torch_bsr_stream_share=0.18),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

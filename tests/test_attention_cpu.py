@@ -133,12 +133,17 @@ def test_block_sparse_runs_unmasked_and_reads_only_kept_keys():
     check([pattern] * 2, Sq=64, Sk=64, block_m=16)
 
 
-def test_choose_blocks_fits_the_query_block_to_the_pattern():
-    """Narrow bands get short query blocks (less of each band edge is computed and masked), dense
-    and wide patterns long ones; block_m never exceeds Sq."""
+def test_choose_blocks_takes_the_query_block_the_cost_model_prices_least():
+    """The query block is the candidate the cost model (one head, one thread) prices least: narrow
+    bands get short ones (less of each band edge is computed and masked); block_m never exceeds Sq."""
+    from sparsec.codegen.attention_cpu_choice import _Costs
+
     narrow = P.MultiDiagonal([-512, 0, 512], 2)
     assert attention_cpu.choose_blocks(narrow, 2048, 2048)[0] <= 64
-    assert attention_cpu.choose_blocks(P.Window(900, 900), 2048, 2048)[0] >= 128
+    costs = _Costs(2048, 2048, False, 1, 128, 1)
+    for pattern in (narrow, P.Window(900, 900), P.AShape(64, 256), P.Columns([(0, 40), (700, 760)])):
+        chosen = attention_cpu.choose_blocks(pattern, 2048, 2048)[0]
+        assert costs.seconds((pattern,), chosen) == min(costs.seconds((pattern,), bm) for bm in (32, 64, 128, 256))
     assert attention_cpu.choose_blocks(P.Window(3, 3), 20, 20)[0] <= 20
 
 

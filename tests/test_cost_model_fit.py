@@ -205,7 +205,7 @@ def synthetic_grid():
 
 
 CHANGED = {"matmul_efficiency": 0.6, "launch_overhead_s": 3.0, "row_overhead_s": 20.0, "call_overhead_s": 3.0,
-           "mask_cost_per_pair": 4.0}
+           "mask_cost_per_pair": 4.0, "query_rows_exponent": 2.0}
 
 
 def changed_profile(base):
