@@ -174,9 +174,13 @@ PROFILES: dict[str, HardwareProfile] = {
 # (cost_model_cpu_20261206_201452.json: with it, the sparse-or-dense choice is right in 94 of 100
 # layers and token counts, mean loss 1.2%, where the profile without it got 90, 4.4%). A stored
 # calibration replaces either.
+# Half-precision GEMMs there (F.linear, 2 threads, 512-2048 tokens, 1024-4096 features): fp16 at
+# fp32's speed (270-310 GF/s: converted, no AMX-FP16), bf16 on AMX tiles at 1.6-2.1 TF/s; bf16
+# without AMX is set at fp32's peak (not measured: AVX-512 cores convert it at worst).
+_AMX_BF16_FLOPS = 2.2e12
 _CPU_BY_CAPABILITY = {
     "AVX512": PROFILES["cpu"].replace(
-        tensor_flops={**PROFILES["cpu"].tensor_flops, "f32": 400e9}, memory_bandwidth=44e9,
+        tensor_flops={"f32": 400e9, "bf16": 400e9, "f16": 340e9}, memory_bandwidth=44e9,
         matmul_efficiency=0.5, exp_per_s=1.2e11, mask_cost_per_pair=4.1, row_overhead_s=0.15e-6,
         launch_overhead_s=170e-6, call_overhead_s=21e-6, gather_bytes_per_s=6.3e9,
         gemm_efficiency=0.84, gemm_pack_bytes_per_s=28e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44,
@@ -212,8 +216,13 @@ def get_profile(target: str | HardwareProfile, *, calibrated: bool = True) -> Ha
 
 
 def _published_cpu() -> HardwareProfile:
-    """The published "cpu" profile for the instruction set torch's CPU kernels use here."""
-    return _CPU_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), PROFILES["cpu"])
+    """The published "cpu" profile for the instruction set torch's CPU kernels use here, with
+    AMX's bf16 GEMM peak where the cores have AMX tiles (_AMX_BF16_FLOPS)."""
+    profile = _CPU_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), PROFILES["cpu"])
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is not None and amx():
+        profile = profile.replace(tensor_flops={**profile.tensor_flops, "bf16": _AMX_BF16_FLOPS})
+    return profile
 
 
 def _stored_profile(path: Path, published: HardwareProfile) -> HardwareProfile:

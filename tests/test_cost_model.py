@@ -282,9 +282,15 @@ def test_the_published_cpu_profile_follows_the_instruction_set(monkeypatch, capa
     from sparsec.cost_models.hardware import PROFILES
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     profile = get_profile("cpu", calibrated=False).with_cores(PROFILES["cpu"].sm_count)
     assert profile.name == "cpu" and profile.executor == "cpu"
     assert (profile == PROFILES["cpu"]) == (fitted_on == "AVX2")
     if fitted_on == "AVX512":
         assert profile.matmul_efficiency > PROFILES["cpu"].matmul_efficiency
         assert profile.row_overhead_s < PROFILES["cpu"].row_overhead_s
+    # AMX tiles run bf16 GEMMs several times faster than the vector units: only that figure changes
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    with_amx = get_profile("cpu", calibrated=False).with_cores(PROFILES["cpu"].sm_count)
+    assert with_amx.tensor_flops["bf16"] > 4 * profile.tensor_flops["bf16"]
+    assert with_amx.replace(tensor_flops=profile.tensor_flops) == profile
