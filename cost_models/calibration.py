@@ -23,9 +23,15 @@ def calibrated_profile_path(name: str) -> Path:
 
 
 def save_calibrated_profile(profile: HardwareProfile) -> Path:
+    """Store `profile` as its device's calibrated profile. The CPU executor's choices, cached per
+    pattern and shape, were priced with the profile before: they are forgotten, so that this
+    process (e.g. `sparsec tune --measure`, which tunes right after calibrating) uses the new one."""
+    from sparsec.codegen.attention_cpu_choice import choose_split
+
     path = calibrated_profile_path(profile.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(profile.to_json())
     tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    choose_split.cache_clear()
     return path

@@ -441,3 +441,22 @@ def test_with_cores_scales_the_throughput_figures_only():
     assert get_profile("cpu", calibrated=False).sm_count == torch.get_num_threads()
     with pytest.raises(ValueError, match="cores must be >= 1"):
         cpu.with_cores(0)
+
+
+def test_a_stored_calibration_reaches_executor_choices_made_before(tmp_path, monkeypatch):
+    """The CPU executor caches its choices per pattern and shape: storing a calibrated profile
+    forgets them, so a process that calibrates and then runs (sparsec tune --measure) uses it."""
+    from sparsec.codegen.attention_cpu_choice import choose_split
+    from sparsec.cost_models.calibration import save_calibrated_profile
+    from sparsec.patterns import MultiDiagonal
+
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    choice = (MultiDiagonal([-1024, -512, 0, 512, 1024], 48), 4096, 4096, False)
+    options = {"rows": 8, "width": 128, "threads": 2, "frames": False}
+    assert len(choose_split(*choice, **options)[1]) == 5  # far bands: run as parts
+    try:
+        # A query row that costs a millisecond: parts compute every row once each, so whole is cheaper.
+        save_calibrated_profile(get_profile("cpu", calibrated=False).replace(row_overhead_s=1e-3))
+        assert len(choose_split(*choice, **options)[1]) == 1
+    finally:
+        choose_split.cache_clear()  # no choice priced with that profile outlives the test
