@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.codegen.attention_cpu_plan import _MIN_SHARED, _buckets
-from sparsec.codegen.block_coverage import _ends, _interval_form, _maximal_runs, row_intervals
+from sparsec.codegen.block_coverage import (_block_runs, _ends, _interval_form, _maximal_runs, layout_tensor,
+                                            row_intervals)
 from sparsec.codegen.frame_coverage import transposed_block_intervals, transposed_row_keys
 from sparsec.codegen.frame_order import FramesTransposed
-from sparsec.patterns import Dense, Pattern, Skip
+from sparsec.patterns import BlockSparse, Dense, Pattern, Skip
 
 __all__ = ["BlockReads", "BlockUnions", "block_reads", "cpu_block_reads", "query_block_unions"]
 
@@ -100,14 +101,17 @@ class BlockUnions:
 @functools.lru_cache(maxsize=4096)
 def query_block_unions(pattern: Pattern, Sq: int, Sk: int, block_m: int, causal: bool) -> BlockUnions:
     """BlockUnions of `pattern` for query blocks of block_m rows: in closed form from the
-    pattern's bands and columns (block_coverage's interval form), O(blocks x parts), or for bands
-    in frame-transposed order (codegen.frame_coverage); from every row's intervals for patterns
-    with a BlockSparse part and other renumbered ones. Cached (read-only arrays): the block
-    size choice, the split choice (at every thread count and head count) and the cost model ask
-    for the same unions; tuning a 2048-token layer asked ~2x over."""
+    pattern's bands and columns (block_coverage's interval form), O(blocks x parts), for a lone
+    BlockSparse from its layout rows, or for bands in frame-transposed order
+    (codegen.frame_coverage); from every row's intervals for unions with a BlockSparse part and
+    other renumbered patterns. Cached (read-only arrays): the block size choice, the split choice
+    (at every thread count and head count) and the cost model ask for the same unions; tuning a
+    2048-token layer asked ~2x over."""
     form = _interval_form(pattern, Sq, Sk)
     if form is not None:
         unions = BlockUnions(*_block_unions(*form, Sq, Sk, block_m, causal), masks_shift=True)
+    elif isinstance(pattern, BlockSparse):
+        unions = BlockUnions(*_layout_block_unions(pattern, Sq, Sk, block_m, causal), masks_shift=False)
     elif isinstance(pattern, FramesTransposed) and (
             found := _transposed_block_unions(pattern, Sq, block_m, causal)) is not None:
         unions = BlockUnions(*found, masks_shift=False)
@@ -161,6 +165,58 @@ def _block_unions_by_rows(pattern: Pattern, Sq: int, Sk: int, block_m: int, caus
     hi = F.pad(hi, (0, 0, 0, pad), value=0).view(nqb, block_m * n)
     step = max(1, _ROW_CHUNK // block_m)
     return _chunked_unions(((lo[b:b + step], hi[b:b + step]) for b in range(0, nqb, step)), row_keys, block_m, Sk)
+
+
+def _layout_block_unions(pattern: BlockSparse, Sq: int, Sk: int, block_m: int, causal: bool):
+    """_block_unions of a lone BlockSparse without its rows' intervals: a block's union is that of
+    the few layout rows it spans (_layout_block_intervals), and each row's key count a prefix sum
+    over its layout row (_layout_row_keys). Work O(blocks x layout rows spanned x runs a layout
+    row) where the row path's is O(Sq x runs), sorted."""
+    pattern.check_lengths(Sq, Sk)
+    bq = pattern.block[0]
+    x0 = torch.arange(0, Sq, block_m, dtype=torch.int64)
+    x1 = (x0 + block_m).clamp(max=Sq) - 1
+    step = max(1, _ROW_CHUNK // (int((x1 // bq - x0 // bq).max()) + 1))
+    chunks = (_layout_block_intervals(pattern, x0[b:b + step], x1[b:b + step], Sq, Sk, causal)
+              for b in range(0, x0.shape[0], step))
+    return _chunked_unions(chunks, _layout_row_keys(pattern, Sq, Sk, causal), block_m, Sk)
+
+
+def _layout_block_intervals(pattern: BlockSparse, x0: torch.Tensor, x1: torch.Tensor, Sq: int, Sk: int,
+                            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (lo, hi) (blocks, layout rows spanned x runs): intervals whose union is what rows
+    x0..x1 of each block keep together. Every row of a layout row keeps its runs of kept key
+    blocks, cut at the row's causal limit, so the layout row's last row in the block keeps what
+    all of them do: its runs cut at that row's limit. Blocks spanning fewer layout rows than the
+    most repeat their last one (the union is unchanged)."""
+    bq, bk = pattern.block
+    starts, ends = (t.to(torch.int64) for t in _block_runs(pattern))  # padding runs: start 1, end 0
+    spans = int((x1 // bq - x0 // bq).max()) + 1
+    row = torch.minimum(x0[:, None] // bq + torch.arange(spans), (x1 // bq)[:, None])  # (blocks, spans)
+    lo = starts[row] * bk  # (blocks, spans, runs); the layout's width keeps every start below Sk
+    hi = ((ends[row] + 1) * bk - 1).clamp(max=Sk - 1)
+    if causal:
+        last = torch.minimum(x1[:, None], row * bq + bq - 1)
+        hi = torch.minimum(hi, (last + (Sk - Sq))[..., None])
+    return lo.flatten(1), hi.flatten(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_row_keys(pattern: BlockSparse, Sq: int, Sk: int, causal: bool) -> torch.Tensor:
+    """int64 (Sq,): how many keys each row of a lone BlockSparse keeps: its layout row's kept keys
+    up to its limit (Sk - 1, or i + Sk - Sq under the causal rule), a prefix sum over the key
+    blocks before the limit's block plus the part of that block up to the limit. Cached (not to
+    be written): the search asks for every candidate at several block sizes in a row."""
+    bq, bk = pattern.block
+    layout = layout_tensor(pattern).to(torch.int64)
+    first_key = torch.arange(layout.shape[1], dtype=torch.int64) * bk
+    widths = (first_key + bk).clamp(max=Sk) - first_key  # the last key block may be cut by Sk
+    before = F.pad((layout * widths).cumsum(dim=1), (1, 0))  # kept keys in key blocks < c
+    rows = torch.arange(Sq, dtype=torch.int64)
+    limit = (rows + (Sk - Sq)).clamp(max=Sk - 1) if causal else torch.full((Sq,), Sk - 1, dtype=torch.int64)
+    cut, layout_row = limit.clamp(min=0) // bk, rows // bq
+    keys = before[layout_row, cut] + layout[layout_row, cut] * (limit - first_key[cut] + 1)
+    return torch.where(limit >= 0, keys, 0)
 
 
 def _transposed_block_unions(pattern: FramesTransposed, S: int, block_m: int, causal: bool):

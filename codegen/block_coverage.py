@@ -97,15 +97,9 @@ def _block_runs(pattern: BlockSparse) -> tuple[torch.Tensor, torch.Tensor]:
     layout = layout_tensor(pattern)
     padded = torch.nn.functional.pad(layout.to(torch.int8), (1, 1))
     steps = padded[:, 1:] - padded[:, :-1]
-    starts = [torch.nonzero(row == 1).flatten() for row in steps]
-    ends = [torch.nonzero(row == -1).flatten() - 1 for row in steps]
-    width = max(1, max(len(s) for s in starts))
-    start_table = torch.ones(layout.shape[0], width, dtype=_INDEX)
-    end_table = torch.zeros(layout.shape[0], width, dtype=_INDEX)
-    for r, (s, e) in enumerate(zip(starts, ends)):
-        start_table[r, : len(s)] = s
-        end_table[r, : len(e)] = e
-    return start_table, end_table
+    row, start = torch.nonzero(steps == 1, as_tuple=True)  # row by row, runs in order
+    end = torch.nonzero(steps == -1, as_tuple=True)[1] - 1  # a row ends as many runs as it starts
+    return _packed_runs(row, start, end, layout.shape[0])
 
 
 def _block_sparse(p: BlockSparse, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from sparsec import patterns as P
 from sparsec.codegen import attention_cpu_plan
-from sparsec.codegen.attention_cpu_reads import cpu_block_reads, query_block_unions
+from sparsec.codegen.attention_cpu_reads import _block_unions_by_rows, cpu_block_reads, query_block_unions
 from sparsec.cost_models.measure import FAMILIES, pattern_at_density
 from strategies import PatternBounds, block_sparse, simple_patterns, unions
 
@@ -66,6 +67,29 @@ def test_block_unions_match_the_explicit_mask(case):
         for b in range(a):
             same = torch.equal(reference[a][3], reference[b][3])
             assert (found.signature[a] == found.signature[b]) == same, (a, b, pattern)
+
+
+@st.composite
+def layout_cases(draw):
+    """A lone BlockSparse at lengths that need not be multiples of its blocks, and a block_m that
+    need not be one either."""
+    Sq, Sk = draw(st.integers(1, 120)), draw(st.integers(1, 120))
+    pattern = draw(block_sparse(Sq, Sk, BOUNDS))
+    return pattern, Sq, Sk, draw(st.integers(1, 40)), draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(layout_cases())
+def test_layout_unions_match_the_row_path(case):
+    """A lone BlockSparse's unions come from its layout rows in closed form: the same arrays as
+    the union of every row's intervals gives, element for element."""
+    pattern, Sq, Sk, block_m, causal = case
+    found = query_block_unions(pattern, Sq, Sk, block_m, causal)
+    by_rows = _block_unions_by_rows(pattern, Sq, Sk, block_m, causal)
+    for closed_form, reference in zip((found.keys, found.runs, found.masked, found.signature), by_rows):
+        assert closed_form.dtype == reference.dtype
+        np.testing.assert_array_equal(closed_form, reference)
+    assert not found.masks_shift
 
 
 def plan_totals(pattern, S, block_m, causal):
