@@ -287,7 +287,8 @@ def calibrate(
     **measure_options,
 ) -> CalibrationReport:
     """Measured autotuning: time `candidates` (default: measure.default_grid) and
-    `linear_candidates` (default: linear_measure.linear_grid; empty: attention only) on `device`
+    `linear_candidates` (default: linear_measure.linear_grid; empty: attention only; a kernel the
+    device cannot run is left out with a warning) on `device`
     (default: CUDA when present, else CPU), fit the device's published profile to them (default
     parameters: the attention terms, and the linear ones when linear layers were timed), and store
     the fitted profile (calibration.save_calibrated_profile, keyed by the profile's device name) so
@@ -300,7 +301,8 @@ def calibrate(
     candidates = list(candidates) if candidates is not None else default_grid(device, quick=quick)
     linear = list(linear_candidates) if linear_candidates is not None else linear_grid(device, quick=quick)
     measurements = measure(candidates, device, threads=threads, **measure_options)
-    linear_measurements = measure_linear(linear, device, threads=threads, **measure_options)
+    linear_measurements = measure_linear(linear, device, threads=threads, skip_unsupported=True, **measure_options)
+    linear = [m.candidate for m in linear_measurements]  # less any kernel this device cannot run
     works = [candidate_work(c, base.executor) for c in candidates]
     measured = [m.seconds for m in measurements]
     linear_measured = [m.seconds for m in linear_measurements]

@@ -6,8 +6,8 @@ for a weight of a given structure: "dense" (torch's GEMM), "bsrRxC" at a kept-bl
 runs each candidate through sparsec.linear_dispatch.linear, the op a compiled model calls (so the
 weight is packed once, on a warm-up call, as at a model's first step), and times it as
 cost_models.measure times attention (CPU: caches flushed before every sample; CUDA: do_bench). A
-sparse candidate whose kernel did not run (fell back to dense) is an error, never a mislabelled
-time.
+sparse candidate whose kernel did not run (fell back to dense) is an error, or for calibration left
+out with a warning, never a mislabelled time.
 
 A candidate is also the work the fit prices (`seconds(profile)`: cost_models.estimate_linear_seconds),
 and `linear_accuracy` scores the decision the compiler makes with it (passes/choose_linear_kernels:
@@ -15,6 +15,8 @@ the layer's sparse kernel or dense, at each token count) against the measured ti
 """
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ from sparsec.cost_models.hardware import HardwareProfile
 from sparsec.cost_models.measure import time_candidates
 from sparsec.ir.ops import linear_kernel_format
 from sparsec.ir.types import DENSE, BlockSparse, NMSparse
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LinearAccuracy", "LinearCandidate", "LinearMeasurement", "block_weight", "linear_accuracy",
            "linear_grid", "measure_linear", "nm_weight"]
@@ -155,9 +159,11 @@ class LinearMeasurement:
     samples: int
 
 
-def _runner(candidate: LinearCandidate, device: torch.device, generator: torch.Generator) -> Callable[[], torch.Tensor]:
+def _runner(candidate: LinearCandidate, device: torch.device, generator: torch.Generator,
+            skip_unsupported: bool = False) -> Callable[[], torch.Tensor] | None:
     """The compiled model's call for the candidate, after one warm-up call that packs the weight and
-    checks that the candidate's kernel (not the dense fallback) ran."""
+    checks that the candidate's kernel (not the dense fallback) ran: an error when it did not, or
+    with skip_unsupported a warning and None (the candidate is left out)."""
     from sparsec import linear_dispatch
 
     W = _weight(candidate, device, generator)
@@ -166,8 +172,12 @@ def _runner(candidate: LinearCandidate, device: torch.device, generator: torch.G
     dense_before = linear_dispatch.kernel_calls["dense"]
     linear_dispatch.linear(x, W, None, kernel=kernel, site="calibration")
     if kernel != "dense" and linear_dispatch.kernel_calls["dense"] != dense_before:
-        raise RuntimeError(f"measure_linear: the {kernel} kernel did not run for {candidate.layer} on {device} "
-                           "(it fell back to dense: see the sparsec.linear_dispatch debug log)")
+        reason = (f"the {kernel} kernel did not run for {candidate.layer} on {device} (it fell back to dense: "
+                  "see the sparsec.linear_dispatch debug log)")
+        if not skip_unsupported:
+            raise RuntimeError(f"measure_linear: {reason}")
+        log.warning("measure_linear: %s; left out", reason)
+        return None
     return lambda: linear_dispatch.linear(x, W, None, kernel=kernel, site="calibration")
 
 
@@ -181,10 +191,14 @@ def measure_linear(
     threads: int | None = None,
     seed: int = 0,
     progress: Callable[[int, int, LinearMeasurement], None] | None = None,
+    skip_unsupported: bool = False,
 ) -> list[LinearMeasurement]:
     """Seconds of one call of each candidate on `device` (default: CUDA when present, else CPU),
-    timed as cost_models.measure.measure times attention (the same options)."""
-    return time_candidates("measure_linear", candidates, _runner, LinearMeasurement, device,
+    timed as cost_models.measure.measure times attention (the same options). A candidate whose
+    kernel falls back to dense here (torch's semi-structured kernels on a GPU without them, say)
+    is an error, or with skip_unsupported left out with a warning."""
+    runner = functools.partial(_runner, skip_unsupported=skip_unsupported)
+    return time_candidates("measure_linear", candidates, runner, LinearMeasurement, device,
                            min_seconds=min_seconds, max_samples=max_samples, statistic=statistic, threads=threads,
                            seed=seed, progress=progress)
 

@@ -349,8 +349,8 @@ def time_candidates(owner: str, candidates: Sequence, runner: Callable, record: 
                     min_seconds: float, max_samples: int, statistic: str, threads: int | None, seed: int,
                     progress: Callable | None) -> list:
     """measure's timing for any kind of candidate: runner(candidate, device, generator) -> the call
-    to time; record(candidate=, seconds=, samples=) -> what is returned for it. `owner` names the
-    caller in errors."""
+    to time, or None to leave the candidate out (the runner says why); record(candidate=,
+    seconds=, samples=) -> what is returned for it. `owner` names the caller in errors."""
     if statistic not in _STATISTICS:
         raise ValueError(f"{owner}: statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -366,6 +366,8 @@ def time_candidates(owner: str, candidates: Sequence, runner: Callable, record: 
     try:
         for index, candidate in enumerate(candidates):
             fn = runner(candidate, device, generator)
+            if fn is None:
+                continue
             if device.type == "cuda":
                 seconds, samples = _time_cuda(fn)
             else:

@@ -6,6 +6,7 @@ The fit is checked on synthetic times priced with linear coefficients changed by
 which it must find again; weights are checked by counting their zero blocks and groups; the choice
 score against a hand-computed case.
 """
+import logging
 import math
 
 import numpy as np
@@ -107,11 +108,17 @@ def test_measure_linear_times_the_compiled_op_and_restores_threads():
     assert ran["bsr_linear_cpu"] >= 2 * 4 and ran["nm_linear_cpu"] >= 2 * 4  # warm-up and 3 samples a count
 
 
-def test_measure_linear_refuses_to_time_a_kernel_that_fell_back_to_dense():
+def test_measure_linear_refuses_to_time_a_kernel_that_fell_back_to_dense(caplog):
     # A weight with no zero block: the block-sparse pack refuses it and the op runs dense.
     full = LinearCandidate(out_features=128, in_features=128, tokens=8, kernel="bsr64x64", density=1.0)
     with pytest.raises(RuntimeError, match="did not run"):
         measure_linear([full], "cpu", min_seconds=0.0, max_samples=3)
+    # calibration leaves such a kernel out (a device without it), and says so
+    dense = LinearCandidate(out_features=128, in_features=128, tokens=8, kernel="dense")
+    with caplog.at_level(logging.WARNING, logger="sparsec.cost_models.linear_measure"):
+        kept = measure_linear([full, dense], "cpu", min_seconds=0.0, max_samples=3, skip_unsupported=True)
+    assert [m.candidate for m in kept] == [dense]
+    assert "bsr64x64 kernel did not run" in caplog.text and "left out" in caplog.text
     with pytest.raises(ValueError, match="statistic"):
         measure_linear([], "cpu", statistic="mean")
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
@@ -184,10 +191,11 @@ def test_calibrate_times_linear_layers_too_and_stores_their_terms(tmp_path, monk
                                                head_dim=32, value_dim=32, dtype="f32", causal=False)],
                                families=("dense", "window"), densities=(0.25,), tiles=(AttentionTiles(64, 64),))
     linear = grid(shapes=((128, 256),), tokens=(1, 16, 128), densities=(0.25,), extra=())
-    report = calibrate("cpu", candidates=attention, linear_candidates=linear, threads=1, min_seconds=0.0,
-                       max_samples=3)
+    unsupported = LinearCandidate(out_features=128, in_features=256, tokens=16, kernel="bsr64x64", density=1.0)
+    report = calibrate("cpu", candidates=attention, linear_candidates=linear + [unsupported], threads=1,
+                       min_seconds=0.0, max_samples=3)
     published = get_profile("cpu", calibrated=False).with_cores(1)
-    assert [m.candidate for m in report.linear_measurements] == linear
+    assert [m.candidate for m in report.linear_measurements] == linear  # the one that runs dense left out
     assert set(CPU_LINEAR_FIT_PARAMETERS) <= set(report.fit.after)
     for m, before, after in zip(report.linear_measurements, report.linear_predicted_before,
                                 report.linear_predicted_after):
