@@ -284,10 +284,10 @@ def _grouped(keys: np.ndarray, masked: np.ndarray, gathered: np.ndarray, signatu
         _, inverse, sizes = np.unique(keys[members], return_inverse=True, return_counts=True)
         calls += int((sizes >= least).sum())
         leftovers += members[sizes[inverse] < least].tolist()
-        for call in range(sizes.size):
-            blocks = members[inverse == call]
-            if sizes[call] >= least and (signature[blocks] == signature[blocks[0]]).all():
-                folded[blocks] = blocks.size
+        # a call folds when its blocks all read the same keys: one distinct signature
+        distinct = np.bincount(np.unique(np.stack([inverse, signature[members]]), axis=1)[0], minlength=sizes.size)
+        folds = (sizes >= least) & (distinct == 1)
+        folded[members] = np.where(folds[inverse], sizes[inverse], 1)
     for bucket, length in _buckets(leftovers, keys[leftovers].astype(int).tolist(), Sk):
         bucket = np.asarray(bucket)
         grown = bucket[keys[bucket] < length]

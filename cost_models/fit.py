@@ -307,8 +307,7 @@ def calibrate(
     measured = [m.seconds for m in measurements]
     linear_measured = [m.seconds for m in linear_measurements]
     if parameters is None:
-        parameters = fit_parameters(base) + tuple(p for p in linear_fit_parameters(base) if linear
-                                                  and p not in fit_parameters(base))
+        parameters = tuple(dict.fromkeys(fit_parameters(base) + (linear_fit_parameters(base) if linear else ())))
     result = fit_profile(base, works + linear, measured + linear_measured, parameters=parameters)
     where = measurement_device(device, threads=threads)
     before, after = (predict(p, works) for p in (base, result.profile))
