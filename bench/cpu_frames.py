@@ -70,7 +70,7 @@ def measure_case(frames: int, frame: int, kind: str, causal: bool, threads: int,
             for order, flag in (("natural", False), ("transposed", True))}
     ways["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     times = _time_ms(ways, "cpu", min_seconds)
-    _, parts = choose_split(pattern, S, S, causal, rows=HEADS, width=2 * HEAD_DIM, threads=threads)
+    _, parts = choose_split(pattern, S, S, causal, rows=HEADS, width=2 * HEAD_DIM, threads=threads, native=False)
     chosen = "transposed" if isinstance(parts[0], FramesTransposed) else "natural"
     best = min(times["natural"], times["transposed"])
     shape = AttentionShape(batch=1, num_heads=HEADS, num_kv_heads=HEADS, q_len=S, kv_len=S, head_dim=HEAD_DIM,

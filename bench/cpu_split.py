@@ -38,7 +38,7 @@ def measure_case(S: int, heads: int, causal: bool, density: float, threads: int,
     scale = HEAD_DIM ** -0.5
     times = _time_ms({way: (lambda split=split: cpu_attention(q, k, v, patterns, causal=causal, scale=scale, split=split))
                       for way, split in (("whole", False), ("split", True))}, "cpu", min_seconds)
-    _, parts = choose_split(pattern, S, S, causal, rows=heads, width=2 * HEAD_DIM, threads=threads)
+    _, parts = choose_split(pattern, S, S, causal, rows=heads, width=2 * HEAD_DIM, threads=threads, native=False)
     chosen = "split" if len(parts) > 1 else "whole"
     best = min(times.values())
     return {"threads": threads, "S": S, "heads": heads, "causal": causal, "density": density, "pattern": repr(pattern),

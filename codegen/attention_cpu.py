@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from sparsec.attention_dispatch import skip_fill
 from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
+from sparsec.codegen.attention_cpu_native import Intervals, run_intervals
 from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided
 from sparsec.codegen.cpu_threads import intra_op_threads
 from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
@@ -292,7 +293,7 @@ def _store_heads(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Ten
 
 
 def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, scale: float,
-                  block_m: int | None, split: bool | None, frames: bool | None, threads: int,
+                  block_m: int | None, split: bool | None, frames: bool | None, native: bool | None, threads: int,
                   out: torch.Tensor) -> None:
     """Writes the output of the query heads of `table` to out (B, Hq, Sq, Dv): straight into it
     when its rows of those heads are one contiguous block in token order and Sq needs no padding,
@@ -300,7 +301,12 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     B, Hq, Sq, _ = q.shape
     Sk, Dv = k.shape[2], v.shape[-1]
     bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=q.shape[0] * _count(table.q_heads),
-                             width=q.shape[-1] + Dv, threads=threads, split=split, frames=frames)
+                             width=q.shape[-1] + Dv, threads=threads, split=split, frames=frames, native=native)
+    if isinstance(parts[0], Intervals):
+        heads = table.q_heads
+        heads = list(range(Hq)[heads]) if isinstance(heads, slice) else heads.tolist()
+        run_intervals(q.contiguous(), k.contiguous(), v.contiguous(), out, heads, pattern, causal, scale, threads)
+        return
     plans = [_plan(part, Sq, Sk, causal, bm) for part in parts]
     frame = parts[0].frame if isinstance(parts[0], FramesTransposed) else None
     q_heads, k_heads, v_heads = (_select_heads(x, heads) for x, heads in
@@ -418,6 +424,7 @@ def cpu_attention(
     block_n: int | None = None,
     split: bool | None = None,
     frames: bool | None = None,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """Exact sparse attention on CPU (semantics of sparsec.attention, DESIGN.md): head h keeps the
     pairs of head_patterns[h] (and j <= i + Sk - Sq when causal); rows with no kept key are 0.
@@ -425,10 +432,11 @@ def cpu_attention(
     accepted for the tiles API and unused (keys are read as exact runs, not tiles). split
     True / False runs patterns of bands far apart as parts / whole instead of as the estimate
     decides, and frames True / False runs patterns with a frame stride in frame-transposed /
-    natural token order (codegen.attention_cpu_choice; for benchmarks and tests: the result is
-    the same)."""
+    natural token order, and native True / False runs patterns of a few key intervals a row with
+    the native interval kernel (where it is built) / torch's kernel (codegen.attention_cpu_choice;
+    for benchmarks and tests: the result is the same)."""
     _check_inputs(q, k, v, head_patterns, scale)
-    for name, value in (("split", split), ("frames", frames)):
+    for name, value in (("split", split), ("frames", frames), ("native", native)):
         if value not in (None, True, False):
             raise ValueError(f"cpu_attention: {name} must be None, True or False, got {value!r}")
     for name, value in (("block_m", block_m), ("block_n", block_n)):
@@ -436,11 +444,11 @@ def cpu_attention(
             raise ValueError(f"cpu_attention: {name} must be a positive int, got {value!r}")
     threads = torch.get_num_threads()
     with intra_op_threads(1):  # copies on one thread, attention kernels on all (see codegen.cpu_threads)
-        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, frames, threads)
+        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, frames, native, threads)
 
 
 def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int | None, split: bool | None,
-               frames: bool | None, threads: int) -> torch.Tensor:
+               frames: bool | None, native: bool | None, threads: int) -> torch.Tensor:
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -457,5 +465,5 @@ def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int 
             _store_heads(out, _head_index(heads), _dense_heads(qf, kf, vf, heads, causal, scale, threads))
         else:
             for table in _head_tables(heads, group):
-                _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, split, frames, threads, out)
+                _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, split, frames, native, threads, out)
     return out.to(q.dtype)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import itertools
 
+from sparsec.codegen.attention_cpu_native import Intervals, interval_pieces, native_block_m, native_kernel
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates, pattern_bands
 from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union
 
@@ -104,30 +105,58 @@ def _group_pattern(bands: list[Pattern]) -> Pattern:
     return Union(bands)
 
 
-@functools.lru_cache(maxsize=1 << 14)
 def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int | None = None, *, rows: int = 1,
-                 width: int = 128, threads: int = 1, split: bool | None = None,
-                 frames: bool | None = None) -> tuple[int, tuple[Pattern, ...]]:
+                 width: int = 128, threads: int = 1, split: bool | None = None, frames: bool | None = None,
+                 native: bool | None = None) -> tuple[int, tuple[Pattern, ...]]:
     """(block_m, parts): the query block size and the parts the executor runs `pattern` as;
     parts == (pattern,) runs it whole. Whole or split, the query block is the one with the least
     estimated time, and the parts run only when their estimate beats the whole plan's (module
     docstring). Parts that are FramesTransposed run in frame-transposed token order
-    (codegen.frame_order), chosen when its estimate, permutations included, is the least.
-    block_m, when given, is kept. rows: query heads x batch that run the pattern together; width:
-    D + Dv; threads: the attention kernels' intra-op threads. split True / False forces the
-    parts (when the pattern has several) or the whole plan; frames True / False forces the
-    transposed order (when the pattern has a frame stride) or the natural one."""
+    (codegen.frame_order), chosen when its estimate, permutations included, is the least; one
+    part Intervals(pattern) runs it with the native interval kernel (codegen.attention_cpu_native;
+    block_m is then its tile height), chosen the same way where the kernel is built and the
+    pattern has its form. block_m, when given, is kept. rows: query heads x batch that run the
+    pattern together; width: D + Dv; threads: the attention kernels' intra-op threads. split
+    True / False forces the parts (when the pattern has several) or the whole plan; frames True /
+    False forces the transposed order (when the pattern has a frame stride) or the natural one;
+    native True / False forces the native kernel (where it can run) or torch's. Forcing block_m,
+    split or frames runs torch's kernel unless native is True. Cached (_choose_split; its
+    cache_clear is this function's)."""
+    if native is not False and native_kernel() is None:
+        native = False
+    return _choose_split(pattern, Sq, Sk, causal, block_m, rows=rows, width=width, threads=threads, split=split,
+                         frames=frames, native=native)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int | None, *, rows: int, width: int,
+                  threads: int, split: bool | None, frames: bool | None,
+                  native: bool | None) -> tuple[int, tuple[Pattern, ...]]:
     costs = _Costs(Sq, Sk, causal, rows, width, threads)
+    offer_native = native is True or (native is None and block_m is None and split is None and frames is None)
+    if offer_native and interval_pieces(pattern, Sq, Sk, causal) is not None:
+        native_option = (costs.seconds((Intervals(pattern),), native_block_m(Sq)), native_block_m(Sq),
+                         (Intervals(pattern),))
+        if native:
+            return native_option[1:]
+    else:
+        native_option = None
     frame_strides = () if frames is False else frame_candidates(pattern, Sq, Sk)
     if not frame_strides:  # frames forced on a pattern without a frame stride: the natural order
-        _, bm, parts = _best_option(pattern, band_parts(pattern), costs, block_m, split, priced=False)
-        return bm, parts
-    options = [] if frames else [_best_option(pattern, band_parts(pattern), costs, block_m, split)]
-    for frame in frame_strides:
-        options.append(_best_option(FramesTransposed(pattern, frame), frame_parts(pattern, frame), costs, block_m,
-                                    split))
+        options = [_best_option(pattern, band_parts(pattern), costs, block_m, split, priced=native_option is not None)]
+    else:
+        options = [] if frames else [_best_option(pattern, band_parts(pattern), costs, block_m, split)]
+        for frame in frame_strides:
+            options.append(_best_option(FramesTransposed(pattern, frame), frame_parts(pattern, frame), costs, block_m,
+                                        split))
+    if native_option is not None:
+        options.append(native_option)
     _, bm, parts = min(options, key=lambda option: option[0])
     return bm, parts
+
+
+choose_split.cache_clear = _choose_split.cache_clear  # type: ignore[attr-defined]
+choose_split.cache_info = _choose_split.cache_info  # type: ignore[attr-defined]
 
 
 class _Costs:

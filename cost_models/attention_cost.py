@@ -295,7 +295,12 @@ def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_
 
 
 def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> BlockCounts:
+    from sparsec.codegen.attention_cpu_native import Intervals, native_counts
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads
+
+    if isinstance(pattern, Intervals):  # one call of the native kernel, its tiles as query blocks
+        pairs, masked, rows = native_counts(pattern.pattern, Sq, Sk, causal)
+        return BlockCounts(pairs, masked, rows, np.zeros_like(pairs), np.full(pairs.shape, NATIVE_CALL_ROWS), 1)
 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
     rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
@@ -334,11 +339,17 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: At
     cores = hw.sm_count
     width = shape.head_dim + shape.value_dim
     pair_seconds = 2 * width / (hw.flops("f32") * hw.matmul_efficiency / cores) + cores / hw.exp_per_s
-    compute = (pairs * pair_seconds / query_rows_speed(call_rows, hw)
+    native = call_rows == NATIVE_CALL_ROWS
+    speed = np.where(native, hw.native_pair_speed, query_rows_speed(np.where(native, 128.0, call_rows), hw))
+    compute = (pairs * pair_seconds / speed
                + masked * hw.mask_cost_per_pair * cores / hw.vector_flops)
     copies = gathered * width * 4 * cores / hw.gather_bytes_per_s  # one thread: the other cores wait
     return compute + copies + computed * hw.row_overhead_s
 
+
+# call_rows of the cpu executor's native interval kernel (codegen/attention_cpu_native.py), which
+# runs at hw.native_pair_speed instead of query_rows_speed.
+NATIVE_CALL_ROWS = 0.0
 
 # torch's fused CPU attention kernel splits a call's queries in chunks of 32 rows below 192 rows, 64
 # below 768 and 256 from there on: its per-pair speed grows with the rows up to 768.

@@ -69,6 +69,9 @@ class HardwareProfile:
     # cpu: the share of the streaming bandwidth torch's BSR tensors (MKL's sparse kernels) reach
     # reading a block-sparse weight at a few tokens (codegen.linear_cpu.FEW_TOKENS).
     torch_bsr_stream_share: float = 0.5
+    # cpu: per-pair speed of the native interval kernel (codegen/attention_cpu_native.py: BLAS GEMMs
+    # on 256-row tiles, its own vectorized softmax) relative to torch's fused kernel at 128 rows.
+    native_pair_speed: float = 1.0
     calibrated_from: str = field(default="published figures")
 
     def __post_init__(self):
@@ -157,7 +160,10 @@ PROFILES: dict[str, HardwareProfile] = {
         # linear layers: cost_models/linear_cost_cpu.py, fitted to bench/results/linear_cpu_20261202_083016.json
         # and _091530.json
         nm_kernel_efficiency=0.5, bsr_kernel_efficiency=0.8, gemm_efficiency=0.33, gemm_pack_bytes_per_s=3.4e9,
-        gemm_call_overhead_s=39e-6),
+        gemm_call_overhead_s=39e-6,
+        # the native interval kernel: fitted on the AVX-512 machine (S = 4096, 8 heads: windows,
+        # a causal window, A-shape, bands; predictions within 0.8-1.1x); not measured on AVX2
+        native_pair_speed=0.85),
 }
 
 # The published "cpu" profile by the instruction set torch's CPU kernels use

@@ -27,6 +27,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def torch_kernel_only(monkeypatch):
+    """The CPU executor without its native interval kernel (SPARSEC_CPU_NATIVE=0): for tests of
+    the choices among torch SDPA plans (block size, parts, frame order)."""
+    monkeypatch.setenv("SPARSEC_CPU_NATIVE", "0")
+
+
 def _interpreter_incompatibility() -> str | None:
     """Why the `triton` tests cannot run here, or None.
 

@@ -37,7 +37,7 @@ def check(head_patterns, *, B=1, Hkv=None, Sq=61, Sk=61, D=16, causal=False, dty
 
 
 def runs_split(pattern, S, *, rows=8, width=128) -> bool:
-    return len(choose_split(pattern, S, S, False, rows=rows, width=width, threads=2)[1]) > 1
+    return len(choose_split(pattern, S, S, False, rows=rows, width=width, threads=2, native=False)[1]) > 1
 
 
 bands = st.one_of(

@@ -91,7 +91,7 @@ def test_profiles_and_errors(tmp_path, monkeypatch):
 # -- the cpu executor's profile ---------------------------------------------------------------------
 
 
-def test_cpu_profile_prices_the_executor_reads():
+def test_cpu_profile_prices_the_executor_reads(torch_kernel_only):
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads
     from sparsec.cost_models.attention_cost import attention_work, price_attention
 
@@ -137,7 +137,7 @@ def test_cpu_short_sequences_pay_their_calls():
         assert (mixed < dense) == sparse_wins, S
 
 
-def test_cpu_rows_pay_beyond_their_pairs():
+def test_cpu_rows_pay_beyond_their_pairs(torch_kernel_only):
     """Each query row a part of the plan computes costs row_overhead_s beyond its pairs (measured
     ~200 ns on 2 cores, as much as ~40 pairs at D = 64); a pattern run in two parts computes a
     row once a part that reads keys for it."""
@@ -246,7 +246,7 @@ def test_makespan_estimate_is_close_to_the_list_schedule_on_long_launches(causal
     assert makespan_estimate(sum(costs), max(costs), hw) == pytest.approx(exact, rel=0.03)
 
 
-def test_cpu_prices_a_split_pattern_as_its_parts():
+def test_cpu_prices_a_split_pattern_as_its_parts(torch_kernel_only):
     """Far bands at S = 4096 run as parts on the cpu executor (codegen.attention_cpu_choice); the
     estimate counts each part's pairs and calls, plus the merge's copies."""
     from sparsec.codegen.attention_cpu_choice import choose_split

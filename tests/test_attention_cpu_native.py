@@ -1,0 +1,179 @@
+"""The CPU executor's native interval kernel (codegen/attention_cpu_native.py): exact against a
+float64 reference built from explicit masks, its operands (interval_pieces) and work counts
+(native_counts) against brute force, the cost model's choice of it, and the fallback to torch's
+kernel where it cannot be built."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsec.patterns as P
+from sparsec.codegen import native_build
+from sparsec.codegen.attention_cpu import cpu_attention
+from sparsec.codegen.attention_cpu_choice import choose_split
+from sparsec.codegen.attention_cpu_native import (NATIVE_SUB_M, Intervals, interval_pieces, native_block_m,
+                                                  native_counts, native_kernel)
+
+pytestmark = pytest.mark.skipif(native_kernel() is None, reason="native kernel not built: "
+                                + native_build.native_status("interval_attention"))
+
+
+def allowed(pattern, Sq, Sk, causal):
+    keep = pattern.mask(Sq, Sk)
+    if causal:
+        keep = keep & (torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq))
+    return keep
+
+
+def reference(q, k, v, pattern, causal, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed(pattern, q.shape[2], k.shape[2], causal), -math.inf)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v  # a row with no key gives 0
+
+
+CASES = [  # pattern, Sq, Sk, causal
+    (P.Window(548, 548), 1100, 1100, False),
+    (P.Window(300, 0), 700, 700, True),
+    (P.Window(5, 7), 100, 100, False),
+    (P.Window(20, 20), 257, 300, True),  # Sq != Sk, causal offset
+    (P.AShape(16, 64), 777, 777, True),
+    (P.MultiDiagonal([-128, 0, 128], 8), 512, 512, False),
+    (P.Columns([(0, 10), (50, 70)]), 300, 400, True),
+    (P.Window(40, 0) | P.Columns([(100, 140)]), 600, 600, True),
+    (P.Dense(), 333, 500, True),
+    (P.VerticalSlash([(0, 4), (90, 95)], [0, -7]), 257, 257, True),
+    (P.Columns([(200, 210)]), 64, 256, True),  # early rows keep no key: 0
+    (P.Window(3, 3), 1, 9, False),  # Sq = 1
+]
+
+
+@pytest.mark.parametrize("pattern, Sq, Sk, causal", CASES, ids=[f"{c[0]!r}-{c[1]}x{c[2]}-{c[3]}" for c in CASES])
+def test_native_kernel_matches_the_masked_reference(pattern, Sq, Sk, causal):
+    B, Hq, Hkv, D, Dv = 2, 4, 2, 32, 48  # GQA, Dv != D
+    q, k, v = torch.randn(B, Hq, Sq, D), torch.randn(B, Hkv, Sk, D), torch.randn(B, Hkv, Sk, Dv)
+    out = cpu_attention(q, k, v, (pattern,) * Hq, causal=causal, scale=0.2, native=True)
+    torch.testing.assert_close(out.double(), reference(q, k, v, pattern, causal, 0.2), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_kernel_per_head_patterns_and_dtypes(dtype):
+    """Heads of several patterns (some native, a BlockSparse and a Skip through torch's path),
+    non-contiguous inputs, each dtype."""
+    S, D = 300, 64
+    layout = torch.rand(math.ceil(S / 32), math.ceil(S / 32)) < 0.3
+    patterns = (P.Window(30, 30), P.BlockSparse(layout, 32), P.AShape(8, 40), P.Window(30, 30))
+    q, k, v = (torch.randn(1, S, 4, D).transpose(1, 2).to(dtype) for _ in range(3))
+    out = cpu_attention(q, k, v, patterns, causal=True, scale=D ** -0.5, native=True)
+    assert out.dtype == dtype
+    for h, pattern in enumerate(patterns):
+        expected = reference(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], pattern, True, D ** -0.5)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[:, h:h + 1].double(), expected, atol=tol, rtol=tol)
+
+
+bands = st.one_of(
+    st.builds(P.Window, st.integers(0, 90), st.integers(0, 90)),
+    st.builds(P.MultiDiagonal, st.lists(st.integers(-120, 120), min_size=1, max_size=4), st.integers(0, 12)),
+    st.builds(P.AShape, st.integers(1, 40), st.integers(0, 60)),
+    st.builds(lambda a, w: P.Columns([(a, a + w)]), st.integers(0, 150), st.integers(1, 30)),
+)
+patterns_st = st.one_of(bands, st.tuples(bands, bands).filter(lambda ab: ab[0] != ab[1]).map(lambda ab: ab[0] | ab[1]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(pattern=patterns_st, Sq=st.integers(1, 300), extra=st.integers(0, 60), causal=st.booleans())
+def test_interval_pieces_are_disjoint_monotone_and_exact(pattern, Sq, extra, causal):
+    Sk = Sq + extra
+    pieces = interval_pieces(pattern, Sq, Sk, causal)
+    if pieces is None:
+        return
+    lo, hi = (torch.from_numpy(x.astype(np.int64)) for x in pieces)
+    assert ((lo >= 0) & (lo <= Sk) & (hi >= -1) & (hi <= Sk - 1) & (hi >= lo - 1)).all()
+    assert (lo.diff(dim=1) >= 0).all() and (hi.diff(dim=1) >= 0).all()
+    keys = torch.arange(Sk)
+    inside = (keys[None, None, :] >= lo[:, :, None]) & (keys[None, None, :] <= hi[:, :, None])  # (P, Sq, Sk)
+    assert (inside.sum(0) <= 1).all()  # disjoint
+    assert torch.equal(inside.any(0), allowed(pattern, Sq, Sk, causal))
+
+
+def simulated_counts(pattern, Sq, Sk, causal):
+    """The kernel's loops (interval_attention.cpp) run in Python: pairs and masked pairs per tile."""
+    lo, hi = interval_pieces(pattern, Sq, Sk, causal)
+    T, t = native_block_m(Sq), NATIVE_SUB_M
+    pairs, masked = [], []
+    for a in range(0, Sq, T):
+        R, p_all, p_masked = min(T, Sq - a), 0, 0
+        for plo, phi in zip(lo, hi):
+            l, h = plo[a:a + R], phi[a:a + R]
+            mid0, mid1 = l[R - 1], h[0] + 1
+            middle = mid1 - mid0 >= t
+            for s0 in range(0, R, t):
+                n = min(t, R - s0)
+                if middle:
+                    width = max(0, mid0 - l[s0]) + max(0, h[s0 + n - 1] + 1 - mid1)
+                else:
+                    kept = [r for r in range(s0, s0 + n) if h[r] >= l[r]]
+                    width = h[kept[-1]] + 1 - l[kept[0]] if kept else 0
+                p_masked += n * width
+            p_all += R * (mid1 - mid0) if middle else 0
+        pairs.append(p_all + p_masked)
+        masked.append(p_masked)
+    return pairs, masked
+
+
+@pytest.mark.parametrize("pattern, Sq, Sk, causal", CASES[:10])
+def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
+    pairs, masked, rows = native_counts(pattern, Sq, Sk, causal)
+    expected_pairs, expected_masked = simulated_counts(pattern, Sq, Sk, causal)
+    assert pairs.tolist() == expected_pairs and masked.tolist() == expected_masked
+    assert rows.sum() == Sq
+    assert pairs.sum() >= allowed(pattern, Sq, Sk, causal).sum()  # every kept pair is computed
+
+
+def test_the_cost_model_takes_the_native_kernel_for_a_wide_window_only_where_it_pays():
+    """A 25% window at S = 4096 (8 heads, 2 threads): the native kernel (measured ~3x dense SDPA
+    on the AVX-512 machine, against ~2.2x through torch's kernel); never for BlockSparse, nor
+    when the block size, split or order is forced, nor when disabled."""
+    window = P.Window(548, 548)
+    bm, parts = choose_split(window, 4096, 4096, False, rows=8, width=128, threads=2)
+    assert parts == (Intervals(window),) and bm == native_block_m(4096)
+    assert choose_split(window, 4096, 4096, False, 64, rows=8, width=128, threads=2) == (64, (window,))
+    assert not isinstance(choose_split(window, 4096, 4096, False, rows=8, width=128, threads=2,
+                                       native=False)[1][0], Intervals)
+    layout = torch.eye(64, dtype=torch.bool)
+    assert not isinstance(choose_split(P.BlockSparse(layout, 64), 4096, 4096, False, rows=8, width=128,
+                                       threads=2, native=True)[1][0], Intervals)
+
+
+def test_without_the_native_kernel_the_executor_runs_torchs(monkeypatch, tmp_path):
+    """No compiler: load_native warns once and returns None, the choice never names the native
+    kernel, and the result is still exact. SPARSEC_CPU_NATIVE=0 disables it the same way."""
+    window = P.Window(20, 20)
+    q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
+    expected = reference(q, k, v, window, False, 0.25)
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    native_build._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+            assert native_kernel() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            assert native_kernel() is None
+        assert "no C++ compiler" in native_build.native_status("interval_attention")
+        assert not isinstance(choose_split(window, 200, 200, False, rows=2, width=32)[1][0], Intervals)
+        out = cpu_attention(q, k, v, (window,) * 2, causal=False, scale=0.25, native=True)
+        torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    finally:
+        native_build._load.cache_clear()
+    monkeypatch.setenv("SPARSEC_CPU_NATIVE", "0")
+    assert native_kernel() is None and native_build.native_status("interval_attention") == "disabled"
