@@ -1,5 +1,10 @@
 """CPU executor for per-head sparse attention that reads only the keys each query block needs.
 
+A pattern that keeps a few key intervals a row (windows, bands, A-shapes, column runs) runs on the
+native interval kernel (codegen/attention_cpu_native.py) where it is built and the cost model
+prices it below torch's kernel (codegen.attention_cpu_choice): one call for all its heads, GQA
+mapped inside, no copies. Otherwise:
+
 The plan of a pattern (codegen/attention_cpu_plan.py) lists the SDPA calls that compute it for
 query blocks of block_m rows. Each call runs torch's fused CPU attention kernel (SDPA) over
 (blocks x heads):

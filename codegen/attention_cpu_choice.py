@@ -1,5 +1,11 @@
-"""The CPU executor's choices for a pattern: the query block size, whether bands far apart run
-whole or as disjoint parts merged by log-sum-exp, and in which token order.
+"""The CPU executor's choices for a pattern: the native interval kernel or torch's, and on torch's
+the query block size, whether bands far apart run whole or as disjoint parts merged by
+log-sum-exp, and in which token order.
+
+Native (choose_split). A pattern with the interval form (codegen.attention_cpu_native.
+interval_pieces: at most 8 disjoint pieces a row) may run on sparsec's own kernel, priced by the
+same model (its tiles' pairs at the profile's native_pair_speed, its masked band edges at
+native_mask_cost_per_pair): bench/cpu_native.py times both over 108 band cases.
 
 Query block size: the candidate (32 to 256 rows) with the least estimated time, by the cost model
 as below: pairs read (block_m x the union of each block's rows' keys, from

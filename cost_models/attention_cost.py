@@ -177,9 +177,11 @@ def attention_work(
     block_n: int = 64,
     head_groups: dict[str, tuple[int, ...]] | None = None,
     executor: str = "triton",
+    native: bool | None = None,
 ) -> AttentionWork:
     """The tiles each launch visits for these per-head patterns (see estimate_attention), on the
-    Triton kernels or (executor "cpu") what the CPU executor reads."""
+    Triton kernels or (executor "cpu") what the CPU executor reads; native (cpu): as
+    cpu_attention's, forces the native interval kernel on or off (None: the executor's choice)."""
     if executor not in EXECUTORS:
         raise ValueError(f"attention_work: executor must be one of {EXECUTORS}, got {executor!r}")
     if block_m is None and executor != "cpu":
@@ -197,7 +199,7 @@ def attention_work(
             launches.append(LaunchWork(heads=tuple(heads), visited=empty, partial=empty, computed=empty,
                                        skip_fills=tuple(p.fill for p in group_patterns)))
             continue
-        launches.append(_launch_work(tuple(heads), group_patterns, shape, block_m, block_n, executor))
+        launches.append(_launch_work(tuple(heads), group_patterns, shape, block_m, block_n, executor, native))
     return AttentionWork(shape=shape, block_m=block_m, block_n=block_n, launches=tuple(launches), executor=executor)
 
 
@@ -217,12 +219,12 @@ def price_attention(work: AttentionWork, hardware: HardwareProfile) -> Attention
 
 
 def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_m: int | None, block_n: int,
-                 executor: str) -> LaunchWork:
+                 executor: str, native: bool | None = None) -> LaunchWork:
     """One launch's programs in grid order; Skip heads in a mixed launch contribute programs that
     visit nothing and store nothing. The cpu executor plans each distinct pattern once for all
     its heads, so each distinct pattern's calls count once."""
     distinct = list(dict.fromkeys(patterns))
-    counts = pattern_counts(distinct, shape, block_m, block_n, executor=executor)
+    counts = pattern_counts(distinct, shape, block_m, block_n, executor=executor, native=native)
     fields = ("visited", "partial", "computed") + (("gathered", "call_rows") if executor == "cpu" else ())
     columns = {name: np.concatenate([getattr(counts[p], name) for p in patterns]) for name in fields}
     columns = {name: torch.from_numpy(np.tile(column, shape.batch)) for name, column in columns.items()}
@@ -231,12 +233,13 @@ def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_
 
 
 def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n: int, *,
-                   executor: str = "triton") -> dict[Pattern, BlockCounts]:
+                   executor: str = "triton", native: bool | None = None) -> dict[Pattern, BlockCounts]:
     """Per pattern, its BlockCounts for one head. Triton: counted for all patterns at once
     (block_coverage.coverage_counts_many); Skip heads' programs do nothing. cpu executor:
-    codegen.attention_cpu_reads, at block_m or (None) the executor's choice per pattern."""
+    codegen.attention_cpu_reads, at block_m or (None) the executor's choice per pattern (native:
+    see attention_work)."""
     if executor == "cpu":
-        return {p: _cpu_counts(p, shape, block_m) for p in dict.fromkeys(patterns)}
+        return {p: _cpu_counts(p, shape, block_m, native) for p in dict.fromkeys(patterns)}
     from sparsec.codegen.block_coverage import coverage_counts_many
 
     patterns = list(dict.fromkeys(patterns))
@@ -248,7 +251,7 @@ def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n
             BlockCounts(full[n] + partial[n], partial[n], computed) for n, p in enumerate(patterns)}
 
 
-def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) -> BlockCounts:
+def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None, native: bool | None = None) -> BlockCounts:
     """The cpu executor's work for one head of `pattern`, run whole or as disjoint parts the way
     the executor decides (codegen.attention_cpu_choice.choose_split, for all heads and the batch
     at once): cpu_option_counts of its choice."""
@@ -256,7 +259,7 @@ def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None) ->
 
     bm, parts = choose_split(pattern, shape.q_len, shape.kv_len, shape.causal, block_m,
                              rows=shape.batch * shape.num_heads, width=shape.head_dim + shape.value_dim,
-                             threads=torch.get_num_threads())
+                             threads=torch.get_num_threads(), native=native)
     return cpu_option_counts(parts, shape, bm)
 
 
@@ -341,8 +344,9 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: At
     pair_seconds = 2 * width / (hw.flops("f32") * hw.matmul_efficiency / cores) + cores / hw.exp_per_s
     native = call_rows == NATIVE_CALL_ROWS
     speed = np.where(native, hw.native_pair_speed, query_rows_speed(np.where(native, 128.0, call_rows), hw))
+    mask_cost = np.where(native, hw.native_mask_cost_per_pair, hw.mask_cost_per_pair)
     compute = (pairs * pair_seconds / speed
-               + masked * hw.mask_cost_per_pair * cores / hw.vector_flops)
+               + masked * mask_cost * cores / hw.vector_flops)
     copies = gathered * width * 4 * cores / hw.gather_bytes_per_s  # one thread: the other cores wait
     return compute + copies + computed * hw.row_overhead_s
 

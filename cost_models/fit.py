@@ -53,7 +53,8 @@ FIT_PARAMETERS = ("matmul_efficiency", "memory_efficiency", "mask_cost_per_pair"
 # products (exp_per_s), and pays per query row, per SDPA call and per gathered key; its kernel's
 # speed grows with a call's query rows (query_rows_exponent).
 CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "row_overhead_s", "launch_overhead_s",
-                      "call_overhead_s", "gather_bytes_per_s", "query_rows_exponent", "native_pair_speed")
+                      "call_overhead_s", "gather_bytes_per_s", "query_rows_exponent", "native_pair_speed",
+                      "native_mask_cost_per_pair")
 # Linear layers (cost_models/__init__.py, linear_cost_cpu.py): the dense GEMM's efficiency and the
 # sparse kernels' relative to the model of them; on a CPU also the GEMM's weight packing and call
 # costs, torch's BSR streaming share at a few tokens, and the streaming bandwidth (which the CPU's
@@ -80,6 +81,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "nm_kernel_efficiency": (1e-3, 10.0),
     "torch_bsr_stream_share": (1e-3, 10.0),
     "native_pair_speed": (1e-2, 100.0),
+    "native_mask_cost_per_pair": (1e-2, 1e3),
     "gemm_pack_bytes_per_s": (1e6, 1e13),
     "gemm_call_overhead_s": (1e-8, 1e-1),
 }
@@ -97,6 +99,8 @@ def linear_fit_parameters(profile: HardwareProfile) -> tuple[str, ...]:
 
 def candidate_work(candidate: Candidate, executor: str = "triton") -> AttentionWork:
     """What a candidate's kernels on `executor` ("triton" or "cpu") do (coefficient independent)."""
+    if candidate.native and executor == "cpu":  # the native kernel picks its own tiles
+        return attention_work(candidate.head_patterns, candidate.shape, block_m=None, executor=executor, native=True)
     return attention_work(candidate.head_patterns, candidate.shape, block_m=candidate.tiles.block_m,
                           block_n=candidate.tiles.block_n, executor=executor)
 

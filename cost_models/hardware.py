@@ -70,8 +70,11 @@ class HardwareProfile:
     # reading a block-sparse weight at a few tokens (codegen.linear_cpu.FEW_TOKENS).
     torch_bsr_stream_share: float = 0.5
     # cpu: per-pair speed of the native interval kernel (codegen/attention_cpu_native.py: BLAS GEMMs
-    # on 256-row tiles, its own vectorized softmax) relative to torch's fused kernel at 128 rows.
+    # on 256-row tiles, its own vectorized softmax) relative to torch's fused kernel at 128 rows, and
+    # what its masked pairs (band edges, on 32-row sub-tiles: shorter GEMMs) cost beyond that, in
+    # vector FLOPs a pair as mask_cost_per_pair.
     native_pair_speed: float = 1.0
+    native_mask_cost_per_pair: float = 16.0
     calibrated_from: str = field(default="published figures")
 
     def __post_init__(self):
@@ -161,9 +164,9 @@ PROFILES: dict[str, HardwareProfile] = {
         # and _091530.json
         nm_kernel_efficiency=0.5, bsr_kernel_efficiency=0.8, gemm_efficiency=0.33, gemm_pack_bytes_per_s=3.4e9,
         gemm_call_overhead_s=39e-6,
-        # the native interval kernel: fitted on the AVX-512 machine (S = 4096, 8 heads: windows,
-        # a causal window, A-shape, bands; predictions within 0.8-1.1x); not measured on AVX2
-        native_pair_speed=0.85),
+        # the native interval kernel: not measured on AVX2 (its speed relative to torch's kernel
+        # taken as on the AVX-512 machine, below)
+        native_pair_speed=1.23, native_mask_cost_per_pair=17.5),
 }
 
 # The published "cpu" profile by the instruction set torch's CPU kernels use
@@ -171,9 +174,12 @@ PROFILES: dict[str, HardwareProfile] = {
 # AMD EPYC); on a 2-thread AVX-512 Xeon (with AMX) torch's fused attention kernel runs ~3.5x faster
 # and its dense GEMM ~5x, and that profile's estimates are 3.7x too high (rms log error 1.3 on
 # attention, 1.4 on linear layers). The AVX512 one is fitted there: fp32 peak 400 GF/s for two
-# cores; attention terms from bench/results/cost_model_cpu_20261206_141633.json (462 candidates, rms
-# log error 0.117, Spearman 0.993), linear terms (and the streaming bandwidth) by least squares of
-# the log error on bench/results/linear_cpu_20261206_160126.json (135 timings, rms log error 1.42 ->
+# cores; attention terms from bench/results/cost_model_cpu_20261206_220148.json (534 candidates, 72
+# of them on the native interval kernel, 2 threads; rms log error 0.113, Spearman 0.994; with them
+# the executor's choice between the native kernel and torch's is right in 108 of 108 cases of
+# bench/results/cpu_native_20261206_215645.json, and its block and split choices replay as before:
+# mean loss 2.4% and 1.2% on cpu_blocks_20261206_204804 and cpu_split_20261206_205637), linear
+# terms (and the streaming bandwidth) by least squares of the log error on bench/results/linear_cpu_20261206_160126.json (135 timings, rms log error 1.42 ->
 # 0.27; fitted without the 4096 x 4096 layer, the choice there is right in 18 of 20 points, mean
 # loss 3.5%). torch's BSR tensors stream a block-sparse weight at a few tokens at 0.18 of the dense
 # GEMV's speed there (the AVX2 machine: 0.5), fitted by `bench/cost_model.py` with the linear grid
@@ -187,8 +193,9 @@ _AMX_BF16_FLOPS = 2.2e12
 _CPU_BY_CAPABILITY = {
     "AVX512": PROFILES["cpu"].replace(
         tensor_flops={"f32": 400e9, "bf16": 400e9, "f16": 340e9}, memory_bandwidth=44e9,
-        matmul_efficiency=0.5, exp_per_s=1.2e11, mask_cost_per_pair=4.1, row_overhead_s=0.15e-6,
-        launch_overhead_s=170e-6, call_overhead_s=21e-6, gather_bytes_per_s=6.3e9,
+        matmul_efficiency=0.41, exp_per_s=9.9e10, mask_cost_per_pair=7.0, row_overhead_s=0.19e-6,
+        launch_overhead_s=280e-6, call_overhead_s=55e-6, gather_bytes_per_s=4.5e9, query_rows_exponent=0.124,
+        native_pair_speed=1.23, native_mask_cost_per_pair=17.5,
         gemm_efficiency=0.84, gemm_pack_bytes_per_s=28e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44,
         torch_bsr_stream_share=0.18),
 }

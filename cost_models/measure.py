@@ -126,6 +126,9 @@ class Candidate:
     head_patterns: tuple[Pattern, ...]
     shape: AttentionShape
     tiles: AttentionTiles
+    # CPU: run by the executor's native interval kernel (codegen/attention_cpu_native.py; tiles
+    # unused) instead of torch's kernel at tiles.block_m
+    native: bool = False
 
     @property
     def group(self) -> str:
@@ -144,7 +147,7 @@ class Candidate:
     @property
     def label(self) -> str:
         density = "" if self.family == "dense" else f"@{self.target_density:.2f}"
-        return f"{self.family}{density} {self.tiles.block_m}x{self.tiles.block_n}"
+        return f"{self.family}{density} " + ("native" if self.native else f"{self.tiles.block_m}x{self.tiles.block_n}")
 
     @property
     def density(self) -> float:
@@ -160,8 +163,10 @@ def candidate_grid(
     densities: Sequence[float] = (0.1, 0.25, 0.5),
     tiles: Sequence[AttentionTiles] = (AttentionTiles(64, 64), AttentionTiles(128, 64)),
     seed: int = 0,
+    native: bool = False,
 ) -> list[Candidate]:
-    """families x densities x tiles x shapes; "dense" once per tile and shape."""
+    """families x densities x tiles x shapes; "dense" once per tile and shape. native: CPU
+    candidates run by the native interval kernel (one per family and density: pass one tile)."""
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"candidate_grid: unknown families {sorted(unknown)}; known: {FAMILIES}")
@@ -174,7 +179,7 @@ def candidate_grid(
                 pattern = pattern_at_density(family, shape.q_len, density, causal=shape.causal, seed=seed)
                 for t in tiles:
                     candidates.append(Candidate(family=family, target_density=density, shape=shape, tiles=t,
-                                                head_patterns=(pattern,) * shape.num_heads))
+                                                head_patterns=(pattern,) * shape.num_heads, native=native))
     return candidates
 
 
@@ -194,6 +199,11 @@ def mixed_candidates(shapes: Iterable[AttentionShape], *, densities: Sequence[fl
             candidates.append(Candidate(family="mixed", target_density=density, shape=shape, tiles=tiles,
                                         head_patterns=patterns))
     return candidates
+
+
+# The families whose patterns the CPU executor's native interval kernel runs (a few key intervals a
+# row): the CPU grid times them through it too.
+NATIVE_FAMILIES = ("window", "multi_diagonal", "a_shape")
 
 
 def _shape(S: int, *, heads: int, head_dim: int, dtype: str, causal: bool) -> AttentionShape:
@@ -230,6 +240,7 @@ def default_grid(device: torch.device | str, *, quick: bool = False) -> list[Can
     sparse = [f for f in FAMILIES if f != "dense"]
     return (candidate_grid(shapes, families=("dense",), tiles=tiles[:1])
             + candidate_grid(shapes, families=sparse, densities=densities, tiles=tiles)
+            + candidate_grid(shapes, families=NATIVE_FAMILIES, densities=densities, tiles=tiles[-1:], native=True)
             + mixed_candidates(shapes, densities=densities, tiles=tiles[1]))
 
 
@@ -282,6 +293,8 @@ def _runner(candidate: Candidate, device: torch.device, generator: torch.Generat
         return lambda: triton_attention(q, k, v, patterns, causal=causal, scale=scale, tiles=tiles)
     from sparsec.codegen.attention_cpu import cpu_attention
 
+    if candidate.native:
+        return lambda: cpu_attention(q, k, v, patterns, causal=causal, scale=scale, native=True)
     return lambda: cpu_attention(q, k, v, patterns, causal=causal, scale=scale,
                                  block_m=tiles.block_m, block_n=tiles.block_n)
 

@@ -177,3 +177,20 @@ def test_without_the_native_kernel_the_executor_runs_torchs(monkeypatch, tmp_pat
         native_build._load.cache_clear()
     monkeypatch.setenv("SPARSEC_CPU_NATIVE", "0")
     assert native_kernel() is None and native_build.native_status("interval_attention") == "disabled"
+
+
+def test_calibration_times_and_prices_native_candidates():
+    """The CPU calibration grid runs band families through the native kernel too, and their
+    predictions move with the native terms only (what lets `calibrate` fit them)."""
+    from sparsec.cost_models.fit import candidate_work, predict
+    from sparsec.cost_models.hardware import get_profile
+    from sparsec.cost_models.measure import NATIVE_FAMILIES, default_grid
+
+    natives = [c for c in default_grid("cpu", quick=True) if c.native]
+    assert {c.family for c in natives} == set(NATIVE_FAMILIES) and all("native" in c.label for c in natives)
+    hw = get_profile("cpu", calibrated=False)
+    work = candidate_work(next(c for c in natives if c.family == "window" and c.target_density >= 0.1), "cpu")
+    base = predict(hw, [work])[0]
+    assert predict(hw.replace(native_pair_speed=2 * hw.native_pair_speed), [work])[0] < base
+    assert predict(hw.replace(native_mask_cost_per_pair=2 * hw.native_mask_cost_per_pair), [work])[0] > base
+    assert predict(hw.replace(query_rows_exponent=2 * hw.query_rows_exponent), [work])[0] == base

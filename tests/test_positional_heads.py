@@ -104,7 +104,7 @@ def test_the_model_runs_in_bfloat16():
 
 
 def test_tune_finds_the_planted_heads():
-    """Positional heads get sparse patterns, content heads stay dense, and the tuned model's
+    """Positional heads get sparse patterns, content heads stay (nearly) dense, and the tuned model's
     output on fresh inputs stays close to the dense one."""
     from tests.planted import cheap_calls_cpu
 
@@ -114,8 +114,8 @@ def test_tune_finds_the_planted_heads():
     layer = plan.layers["blocks.0.attn"]
     for role, pattern in zip(model.blocks[0].attn.roles, layer.patterns):
         density = pattern.density(config.tokens, config.tokens)
-        if role == "content":
-            assert isinstance(pattern, sparsec.patterns.Dense)
+        if role == "content":  # dense, or a band keeping most keys (the native CPU kernel runs it a
+            assert density > 0.6, (role, pattern)  # little faster than dense SDPA, within the budget)
         else:
             assert density < 0.35, (role, pattern)
     fresh = example_inputs(config, seed=11)
