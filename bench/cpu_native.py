@@ -1,12 +1,12 @@
-"""The CPU executor's native interval kernel against torch's SDPA-based plans, and dense SDPA.
+"""The CPU executor's native kernels against torch's SDPA-based plans, and dense SDPA.
 
-    python bench/cpu_native.py                 # the grid below on 2 and 1 threads (108 cases): a few minutes
+    python bench/cpu_native.py                 # the grid below on 2 and 1 threads (144 cases): a few minutes
     python bench/cpu_native.py --quick         # S = 2048, 8 heads, 2 threads, window and multi_diagonal: ~15 s
 
 For every (threads, S, heads, causal, family, density) (bench/attention.py's pattern_for_density,
-families whose patterns keep a few key intervals a row, head_dim 64, fp32, batch 1, one pattern
-for all heads; a case whose pattern codegen.attention_cpu_native.interval_pieces cannot run is
-skipped), times dense SDPA (F.scaled_dot_product_attention(is_causal=causal)), the executor
+families whose patterns keep a few key intervals a row, and block-sparse layouts; head_dim 64,
+fp32, batch 1, one pattern for all heads; a case whose pattern codegen.attention_cpu_native.native_form
+cannot run is skipped), times dense SDPA (F.scaled_dot_product_attention(is_causal=causal)), the executor
 forced onto torch's plans (cpu_attention(native=False): its own choice among them) and forced
 onto the native kernel (native=True), alternating call by call, and records which way
 codegen.attention_cpu_choice.choose_split takes for that pattern run by that many heads on that
@@ -33,7 +33,7 @@ from attention import _time_ms, device_name, pattern_for_density, write_record  
 
 from sparsec.codegen.attention_cpu import cpu_attention  # noqa: E402
 from sparsec.codegen.attention_cpu_choice import choose_split  # noqa: E402
-from sparsec.codegen.attention_cpu_native import Intervals, interval_pieces, native_kernel  # noqa: E402
+from sparsec.codegen.attention_cpu_native import Native, native_form, native_kernel  # noqa: E402
 
 HEAD_DIM = 64
 WITHIN = 0.015  # a choice this close to the faster way counts as right (timing noise)
@@ -44,15 +44,15 @@ def grid(quick: bool) -> tuple[tuple, tuple, tuple]:
     """((S, heads), ...), families, densities."""
     if quick:
         return ((2048, 8),), ("window", "multi_diagonal"), (0.1, 0.25)
-    return ((1024, 8), (2048, 8), (4096, 4)), ("window", "a_shape", "multi_diagonal"), (0.1, 0.25, 0.5)
+    return ((1024, 8), (2048, 8), (4096, 4)), ("window", "a_shape", "multi_diagonal", "block_sparse"), (0.1, 0.25, 0.5)
 
 
 def measure_case(S: int, heads: int, causal: bool, family: str, density: float, threads: int,
                  min_seconds: float) -> dict | None:
     """The case's row, or None when its pattern cannot run natively."""
     pattern = pattern_for_density(family, S, density, causal=causal)
-    pieces = interval_pieces(pattern, S, S, causal)
-    if pieces is None:
+    form = native_form(pattern, S, S, causal)
+    if form is None:
         return None
     q, k, v = (torch.randn(1, heads, S, HEAD_DIM) for _ in range(3))
     patterns = (pattern,) * heads
@@ -62,10 +62,10 @@ def measure_case(S: int, heads: int, causal: bool, family: str, density: float, 
                                                                    native=native))
                          for way, native in (("torch", False), ("native", True))}}, "cpu", min_seconds)
     _, parts = choose_split(pattern, S, S, causal, None, rows=heads, width=2 * HEAD_DIM, threads=threads)
-    chosen = "native" if isinstance(parts[0], Intervals) else "torch"
+    chosen = "native" if isinstance(parts[0], Native) else "torch"
     best = min(times["torch"], times["native"])
     return {"threads": threads, "S": S, "heads": heads, "causal": causal, "family": family, "density": density,
-            "kept": pattern.density(S, S, causal=causal), "pattern": repr(pattern), "pieces": int(pieces[0].shape[0]),
+            "kept": pattern.density(S, S, causal=causal), "pattern": repr(pattern), "form": form,
             "sdpa_ms": times["sdpa"], "torch_ms": times["torch"], "native_ms": times["native"], "chosen": chosen,
             "loss": times[chosen] / best - 1, "loss_native": times["native"] / best - 1,
             "loss_torch": times["torch"] / best - 1, "speedup_native": times["sdpa"] / times["native"],

@@ -1,8 +1,8 @@
 """CPU executor for per-head sparse attention that reads only the keys each query block needs.
 
-A pattern that keeps a few key intervals a row (windows, bands, A-shapes, column runs) runs on the
-native interval kernel (codegen/attention_cpu_native.py) where it is built and the cost model
-prices it below torch's kernel (codegen.attention_cpu_choice): one call for all its heads, GQA
+A pattern that keeps a few key intervals a row (windows, bands, A-shapes, column runs), or a
+BlockSparse layout, runs on a native kernel (codegen/attention_cpu_native.py) where it is built
+and the cost model prices it below torch's kernel (codegen.attention_cpu_choice): one call for all its heads, GQA
 mapped inside, no copies. Otherwise:
 
 The plan of a pattern (codegen/attention_cpu_plan.py) lists the SDPA calls that compute it for
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from sparsec.attention_dispatch import skip_fill
 from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
-from sparsec.codegen.attention_cpu_native import Intervals, run_intervals
+from sparsec.codegen.attention_cpu_native import Native, run_native
 from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided
 from sparsec.codegen.cpu_threads import intra_op_threads
 from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
@@ -307,10 +307,10 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     Sk, Dv = k.shape[2], v.shape[-1]
     bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=q.shape[0] * _count(table.q_heads),
                              width=q.shape[-1] + Dv, threads=threads, split=split, frames=frames, native=native)
-    if isinstance(parts[0], Intervals):
+    if isinstance(parts[0], Native):
         heads = table.q_heads
         heads = list(range(Hq)[heads]) if isinstance(heads, slice) else heads.tolist()
-        run_intervals(q.contiguous(), k.contiguous(), v.contiguous(), out, heads, pattern, causal, scale, threads)
+        run_native(q.contiguous(), k.contiguous(), v.contiguous(), out, heads, pattern, causal, scale, threads)
         return
     plans = [_plan(part, Sq, Sk, causal, bm) for part in parts]
     frame = parts[0].frame if isinstance(parts[0], FramesTransposed) else None
@@ -437,8 +437,8 @@ def cpu_attention(
     accepted for the tiles API and unused (keys are read as exact runs, not tiles). split
     True / False runs patterns of bands far apart as parts / whole instead of as the estimate
     decides, and frames True / False runs patterns with a frame stride in frame-transposed /
-    natural token order, and native True / False runs patterns of a few key intervals a row with
-    the native interval kernel (where it is built) / torch's kernel (codegen.attention_cpu_choice;
+    natural token order, and native True / False runs patterns of a few key intervals a row and
+    block-sparse layouts on the native kernels (where they are built) / torch's kernel (codegen.attention_cpu_choice;
     for benchmarks and tests: the result is the same)."""
     _check_inputs(q, k, v, head_patterns, scale)
     for name, value in (("split", split), ("frames", frames), ("native", native)):

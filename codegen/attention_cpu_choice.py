@@ -3,9 +3,10 @@ the query block size, whether bands far apart run whole or as disjoint parts mer
 log-sum-exp, and in which token order.
 
 Native (choose_split). A pattern with the interval form (codegen.attention_cpu_native.
-interval_pieces: at most 8 disjoint pieces a row) may run on sparsec's own kernel, priced by the
-same model (its tiles' pairs at the profile's native_pair_speed, its masked band edges at
-native_mask_cost_per_pair): bench/cpu_native.py times both over 108 band cases.
+interval_pieces: at most 8 disjoint pieces a row), or a BlockSparse layout (block_runs), may run
+on sparsec's own kernels, priced by the same model (their tiles' pairs at the profile's
+native_pair_speed, masked pairs at native_mask_cost_per_pair): bench/cpu_native.py times both
+ways.
 
 Query block size: the candidate (32 to 256 rows) with the least estimated time, by the cost model
 as below: pairs read (block_m x the union of each block's rows' keys, from
@@ -56,7 +57,7 @@ from __future__ import annotations
 import functools
 import itertools
 
-from sparsec.codegen.attention_cpu_native import Intervals, interval_pieces, native_block_m, native_kernel
+from sparsec.codegen.attention_cpu_native import Native, native_block_m, native_form, native_kernel
 from sparsec.codegen.frame_order import FramesTransposed, frame_candidates, pattern_bands
 from sparsec.patterns import Dense, MultiDiagonal, Pattern, Skip, Union
 
@@ -119,9 +120,9 @@ def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int 
     estimated time, and the parts run only when their estimate beats the whole plan's (module
     docstring). Parts that are FramesTransposed run in frame-transposed token order
     (codegen.frame_order), chosen when its estimate, permutations included, is the least; one
-    part Intervals(pattern) runs it with the native interval kernel (codegen.attention_cpu_native;
-    block_m is then its tile height), chosen the same way where the kernel is built and the
-    pattern has its form. block_m, when given, is kept. rows: query heads x batch that run the
+    part Native(pattern) runs it on a native kernel (codegen.attention_cpu_native; block_m is
+    then its tile height), chosen the same way where the kernels are built and the pattern has
+    their form (a few key intervals a row, or a BlockSparse layout). block_m, when given, is kept. rows: query heads x batch that run the
     pattern together; width: D + Dv; threads: the attention kernels' intra-op threads. split
     True / False forces the parts (when the pattern has several) or the whole plan; frames True /
     False forces the transposed order (when the pattern has a frame stride) or the natural one;
@@ -140,9 +141,9 @@ def _choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int
                   native: bool | None) -> tuple[int, tuple[Pattern, ...]]:
     costs = _Costs(Sq, Sk, causal, rows, width, threads)
     offer_native = native is True or (native is None and block_m is None and split is None and frames is None)
-    if offer_native and interval_pieces(pattern, Sq, Sk, causal) is not None:
-        native_option = (costs.seconds((Intervals(pattern),), native_block_m(Sq)), native_block_m(Sq),
-                         (Intervals(pattern),))
+    if offer_native and native_form(pattern, Sq, Sk, causal) is not None:
+        bm = native_block_m(pattern, Sq)
+        native_option = (costs.seconds((Native(pattern),), bm), bm, (Native(pattern),))
         if native:
             return native_option[1:]
     else:

@@ -1,4 +1,5 @@
-"""The CPU executor's native kernel for patterns that keep a few key intervals per row.
+"""The CPU executor's native kernels: patterns that keep a few key intervals per row, and
+block-sparse layouts.
 
 Windows, bands, diagonals, sinks and column runs (and unions and causal cuts of them) keep, in
 every row, a few intervals of keys whose ends never move left from one row to the next. For
@@ -10,11 +11,14 @@ element mask. torch's kernel, called per query block, pays both ways: a short bl
 fraction of its speed, a tall one reads block_m - 1 keys a row beyond the band. At S = 4096, 8
 heads, a 25% window runs ~3x faster than dense SDPA here against ~2.2x through SDPA calls.
 
-interval_pieces() turns a pattern into the kernel's operands: per piece, each row's first and
-last key, the pieces made disjoint row by row (a band less the columns before it, etc.), every
-end non-decreasing over rows. native_counts() is the work the kernel does, in the cost model's
-terms (codegen.attention_cpu_choice prices it against the SDPA plans with the same model and
-runs the cheaper). run_intervals() calls the kernel.
+A BlockSparse layout runs on the same file's block-runs kernel: a query tile per layout row (its
+block height), its kept key blocks joined into runs, all computed unmasked but where the causal
+limit cuts them.
+
+Native(pattern) is choose_split's option for either (native_form says which, or None).
+interval_pieces() and block_runs() build the kernels' operands; native_counts() is the work a
+kernel does, in the cost model's terms (codegen.attention_cpu_choice prices it against the SDPA
+plans with the same model and runs the cheaper); run_native() calls the kernel.
 """
 from __future__ import annotations
 
@@ -28,10 +32,10 @@ import torch
 
 from sparsec.codegen.block_coverage import _interval_form
 from sparsec.codegen.native_build import load_native
-from sparsec.patterns import Pattern
+from sparsec.patterns import BlockSparse, Pattern
 
-__all__ = ["Intervals", "NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "interval_pieces", "native_block_m",
-           "native_counts", "native_kernel", "run_intervals"]
+__all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "block_runs", "interval_pieces",
+           "native_block_m", "native_counts", "native_form", "native_kernel", "run_native"]
 
 NATIVE_BLOCK_M = 256  # query rows a tile computes its common keys for
 NATIVE_SUB_M = 32     # query rows a tile's band edges are computed for at a time
@@ -42,31 +46,81 @@ _LIBRARY = "interval_attention"
 
 
 @dataclass(frozen=True, slots=True)
-class Intervals:
-    """choose_split's option "run `pattern` with the native interval kernel" (one part)."""
+class Native:
+    """choose_split's option "run `pattern` on a native kernel" (one part)."""
 
     pattern: Pattern
 
     def __repr__(self) -> str:
-        return f"Intervals({self.pattern!r})"
+        return f"Native({self.pattern!r})"
 
 
-def native_kernel():
-    """The kernel's C function (ctypes), or None where it cannot be built (codegen.native_build)."""
+_POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {  # the entry points of interval_attention.cpp: (q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, heads, ...)
+    "sparsec_interval_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64,
+                                                                 ctypes.c_float] + [_I64] * 4,
+    "sparsec_block_runs_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64] + [_POINTER] * 5
+                                    + [ctypes.c_float] + [_I64] * 3,
+}
+
+
+def native_kernel(name: str = "sparsec_interval_attention"):
+    """The kernel entry point `name` (ctypes), or None where the library cannot be built
+    (codegen.native_build)."""
     library = load_native(_LIBRARY)
     if library is None:
         return None
-    kernel = library.sparsec_interval_attention
+    kernel = getattr(library, name)
     if kernel.argtypes is None:
-        pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-        kernel.argtypes = [pointer] * 4 + [i64] * 7 + [pointer, i64, pointer, pointer, i64, ctypes.c_float] + [i64] * 4
+        kernel.argtypes = _SIGNATURES[name]
         kernel.restype = ctypes.c_int
     return kernel
 
 
-def native_block_m(Sq: int) -> int:
-    """The tile height for Sq query rows: NATIVE_BLOCK_M, or Sq rounded up to sub-tiles."""
+def native_form(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> str | None:
+    """"intervals", "blocks" (a BlockSparse) or None: which native kernel can run `pattern`."""
+    if isinstance(pattern, BlockSparse):
+        return "blocks"
+    return "intervals" if interval_pieces(pattern, Sq, Sk, causal) is not None else None
+
+
+def native_block_m(pattern: Pattern, Sq: int) -> int:
+    """The kernel's query tile height: a BlockSparse's block height, else NATIVE_BLOCK_M (or Sq
+    rounded up to sub-tiles)."""
+    if isinstance(pattern, BlockSparse):
+        return pattern.block[0]
     return min(NATIVE_BLOCK_M, math.ceil(Sq / NATIVE_SUB_M) * NATIVE_SUB_M)
+
+
+def _row_limits(Sq: int, Sk: int, causal: bool) -> np.ndarray:
+    """Each row's last key allowed by the causal rule (Sk - 1 without it), int64 (may be < 0)."""
+    rows = np.arange(Sq, dtype=np.int64)
+    return np.minimum(rows + (Sk - Sq), Sk - 1) if causal else np.full(Sq, Sk - 1, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=1024)
+def block_runs(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
+    """(run_ptr int64 (tiles + 1), run_lo, run_hi int32 (runs)): the runs of consecutive kept key
+    blocks of each layout row (query tile), in keys (inclusive, clipped to Sk and to the tile's
+    last row's causal limit; runs past it dropped). Read-only (cached)."""
+    bq, bk = pattern.block
+    layout = pattern.layout.numpy()
+    if layout.shape != (math.ceil(Sq / bq), math.ceil(Sk / bk)):
+        raise ValueError(f"BlockSparse layout {tuple(layout.shape)} does not fit Sq={Sq}, Sk={Sk} at blocks {bq}x{bk}")
+    edges = np.diff(np.pad(layout.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+    tile, first = np.nonzero(edges == 1)   # runs start where a kept block follows a dropped one
+    _, past = np.nonzero(edges == -1)      # and end before a dropped block (row-major: same order)
+    lo, hi = first * bk, np.minimum(past * bk, Sk) - 1
+    last_row = np.minimum((tile + 1) * bq, Sq) - 1
+    hi = np.minimum(hi, _row_limits(Sq, Sk, causal)[last_row])
+    live = hi >= lo
+    tile, lo, hi = tile[live], lo[live], hi[live]
+    run_ptr = np.zeros(layout.shape[0] + 1, dtype=np.int64)
+    np.add.at(run_ptr, tile + 1, 1)
+    arrays = (np.cumsum(run_ptr), lo.astype(np.int32), hi.astype(np.int32))
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
 
 
 @functools.lru_cache(maxsize=1024)
@@ -106,11 +160,32 @@ def interval_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[n
 
 
 def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pairs, masked, rows), float64 per query tile of native_block_m(Sq) rows: the (query, key)
-    pairs the kernel computes for one head (masked: of which under the element mask) and the
-    tile's rows, following the kernel's loops (interval_attention.cpp). Needs interval_pieces."""
+    """(pairs, masked, rows), float64 per query tile of native_block_m rows: the (query, key)
+    pairs the native kernel computes for one head (masked: of which under the element mask) and
+    the tile's rows, following the kernel's loops (interval_attention.cpp). Needs native_form."""
+    if isinstance(pattern, BlockSparse):
+        return _block_counts(pattern, Sq, Sk, causal)
+    return _interval_counts(pattern, Sq, Sk, causal)
+
+
+def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
+    run_ptr, lo, hi = (a.astype(np.int64) for a in block_runs(pattern, Sq, Sk, causal))
+    T, n = pattern.block[0], NATIVE_BLOCK_N
+    tiles = run_ptr.shape[0] - 1
+    tile = np.repeat(np.arange(tiles), np.diff(run_ptr))
+    rows = np.minimum(T, Sq - np.arange(tiles) * T)
+    first_limit = _row_limits(Sq, Sk, causal)[tile * T]
+    keys = hi + 1 - lo
+    before = first_limit + 1 - lo  # keys of the run up to the tile's first row's limit
+    masked_from = np.where(before > 0, lo + n * (np.maximum(before, 0) // n), lo)  # first masked chunk
+    masked = np.where(hi > first_limit, hi + 1 - np.minimum(masked_from, hi + 1), 0)
+    per_tile = lambda x: np.bincount(tile, weights=x, minlength=tiles) * rows  # noqa: E731
+    return per_tile(keys.astype(np.float64)), per_tile(masked.astype(np.float64)), rows.astype(np.float64)
+
+
+def _interval_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool):
     lo, hi = interval_pieces(pattern, Sq, Sk, causal)
-    T, t = native_block_m(Sq), NATIVE_SUB_M
+    T, t = native_block_m(pattern, Sq), NATIVE_SUB_M
     tiles = math.ceil(Sq / T)
     pad = tiles * T - Sq
     lo = np.pad(lo.astype(np.int64), ((0, 0), (0, pad)), mode="edge").reshape(lo.shape[0], tiles, T)
@@ -149,18 +224,28 @@ def _last_true(flags: np.ndarray, n: np.ndarray) -> np.ndarray:
     return flags.shape[-1] - 1 - np.argmax(live[..., ::-1], axis=-1)
 
 
-def run_intervals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, q_heads: list[int],
-                  pattern: Pattern, causal: bool, scale: float, threads: int) -> None:
-    """Writes heads q_heads of out (B, Hq, Sq, Dv) with `pattern`: q, k, v and out contiguous
-    float32 (B, H, S, D); K/V head of query head h: h // (Hq // Hkv)."""
+def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, q_heads: list[int],
+               pattern: Pattern, causal: bool, scale: float, threads: int) -> None:
+    """Writes heads q_heads of out (B, Hq, Sq, Dv) with `pattern` (native_form not None): q, k, v
+    and out contiguous float32 (B, H, S, D); K/V head of query head h: h // (Hq // Hkv)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    lo, hi = interval_pieces(pattern, Sq, Sk, causal)
     heads = torch.tensor(q_heads, dtype=torch.int32)
-    kernel = native_kernel()
-    status = kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Sq, Sk, D, Dv,
-                    heads.data_ptr(), len(q_heads), lo.ctypes.data, hi.ctypes.data, lo.shape[0], scale,
-                    native_block_m(Sq), NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
+    shapes = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Sq, Sk, D, Dv,
+              heads.data_ptr(), len(q_heads))
+    if isinstance(pattern, BlockSparse):
+        run_ptr, lo, hi = block_runs(pattern, Sq, Sk, causal)
+        row_lo = np.zeros(Sq, dtype=np.int32)
+        row_hi = _row_limits(Sq, Sk, causal).clip(min=-1).astype(np.int32)
+        status = native_kernel("sparsec_block_runs_attention")(
+            *shapes, run_ptr.ctypes.data, lo.ctypes.data, hi.ctypes.data, row_lo.ctypes.data, row_hi.ctypes.data,
+            scale, pattern.block[0], NATIVE_BLOCK_N, threads)
+        detail = f"{lo.shape[0]} runs"
+    else:
+        lo, hi = interval_pieces(pattern, Sq, Sk, causal)
+        status = native_kernel()(*shapes, lo.ctypes.data, hi.ctypes.data, lo.shape[0], scale,
+                                 native_block_m(pattern, Sq), NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
+        detail = f"{lo.shape[0]} pieces"
     if status != 0:
-        raise RuntimeError(f"sparsec's native interval kernel refused its arguments (q {tuple(q.shape)}, "
-                           f"k {tuple(k.shape)}, {lo.shape[0]} pieces)")
+        raise RuntimeError(f"sparsec's native attention kernel refused its arguments (q {tuple(q.shape)}, "
+                           f"k {tuple(k.shape)}, {detail})")

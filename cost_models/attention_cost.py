@@ -298,10 +298,10 @@ def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_
 
 
 def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> BlockCounts:
-    from sparsec.codegen.attention_cpu_native import Intervals, native_counts
+    from sparsec.codegen.attention_cpu_native import Native, native_counts
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads
 
-    if isinstance(pattern, Intervals):  # one call of the native kernel, its tiles as query blocks
+    if isinstance(pattern, Native):  # one call of a native kernel, its tiles as query blocks
         pairs, masked, rows = native_counts(pattern.pattern, Sq, Sk, causal)
         return BlockCounts(pairs, masked, rows, np.zeros_like(pairs), np.full(pairs.shape, NATIVE_CALL_ROWS), 1)
 

@@ -126,8 +126,8 @@ class Candidate:
     head_patterns: tuple[Pattern, ...]
     shape: AttentionShape
     tiles: AttentionTiles
-    # CPU: run by the executor's native interval kernel (codegen/attention_cpu_native.py; tiles
-    # unused) instead of torch's kernel at tiles.block_m
+    # CPU: run by the executor's native kernels (codegen/attention_cpu_native.py; tiles unused)
+    # instead of torch's kernel at tiles.block_m
     native: bool = False
 
     @property
@@ -201,9 +201,9 @@ def mixed_candidates(shapes: Iterable[AttentionShape], *, densities: Sequence[fl
     return candidates
 
 
-# The families whose patterns the CPU executor's native interval kernel runs (a few key intervals a
-# row): the CPU grid times them through it too.
-NATIVE_FAMILIES = ("window", "multi_diagonal", "a_shape")
+# The families whose patterns the CPU executor's native kernels run (a few key intervals a row, or
+# a block layout): the CPU grid times them through them too.
+NATIVE_FAMILIES = ("window", "multi_diagonal", "a_shape", "block_sparse")
 
 
 def _shape(S: int, *, heads: int, head_dim: int, dtype: str, causal: bool) -> AttentionShape:

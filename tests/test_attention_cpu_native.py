@@ -17,7 +17,7 @@ import sparsec.patterns as P
 from sparsec.codegen import native_build
 from sparsec.codegen.attention_cpu import cpu_attention
 from sparsec.codegen.attention_cpu_choice import choose_split
-from sparsec.codegen.attention_cpu_native import (NATIVE_SUB_M, Intervals, interval_pieces, native_block_m,
+from sparsec.codegen.attention_cpu_native import (NATIVE_SUB_M, Native, interval_pieces, native_block_m,
                                                   native_counts, native_kernel)
 
 pytestmark = pytest.mark.skipif(native_kernel() is None, reason="native kernel not built: "
@@ -52,6 +52,21 @@ CASES = [  # pattern, Sq, Sk, causal
     (P.VerticalSlash([(0, 4), (90, 95)], [0, -7]), 257, 257, True),
     (P.Columns([(200, 210)]), 64, 256, True),  # early rows keep no key: 0
     (P.Window(3, 3), 1, 9, False),  # Sq = 1
+]
+
+
+def random_blocks(Sq, Sk, bq, bk, density, generator=None):
+    layout = torch.rand(math.ceil(Sq / bq), math.ceil(Sk / bk), generator=generator) < density
+    return P.BlockSparse(layout, (bq, bk))
+
+
+torch.manual_seed(0)
+CASES += [
+    (random_blocks(300, 300, 32, 32, 0.3), 300, 300, True),
+    (random_blocks(200, 333, 64, 16, 0.4), 200, 333, True),  # bq != bk, Sq != Sk, partial blocks
+    (random_blocks(257, 257, 16, 64, 0.5), 257, 257, False),
+    (random_blocks(1100, 1100, 128, 128, 0.6), 1100, 1100, False),  # runs longer than a GEMM chunk
+    (P.BlockSparse(torch.zeros(4, 4, dtype=torch.bool), 32), 128, 128, False),  # keeps nothing: 0
 ]
 
 
@@ -104,10 +119,39 @@ def test_interval_pieces_are_disjoint_monotone_and_exact(pattern, Sq, extra, cau
     assert torch.equal(inside.any(0), allowed(pattern, Sq, Sk, causal))
 
 
+def simulated_block_counts(pattern, Sq, Sk, causal):
+    """The block-runs kernel's loops run in Python, from the layout: pairs and masked pairs per tile."""
+    bq, bk = pattern.block
+    limit = [min(i + Sk - Sq, Sk - 1) if causal else Sk - 1 for i in range(Sq)]
+    pairs, masked = [], []
+    for t, row in enumerate(pattern.layout.tolist()):
+        a, R = t * bq, min(bq, Sq - t * bq)
+        p_all = p_masked = 0
+        c = 0
+        while c < len(row):
+            if not row[c]:
+                c += 1
+                continue
+            end = c
+            while end < len(row) and row[end]:
+                end += 1
+            k0, k1 = c * bk, min(min(end * bk, Sk) - 1, limit[a + R - 1]) + 1
+            for chunk in range(k0, k1, 512):
+                C = min(512, k1 - chunk)
+                p_all += R * C
+                p_masked += R * C if chunk + C - 1 > limit[a] else 0
+            c = end
+        pairs.append(p_all)
+        masked.append(p_masked)
+    return pairs, masked
+
+
 def simulated_counts(pattern, Sq, Sk, causal):
     """The kernel's loops (interval_attention.cpp) run in Python: pairs and masked pairs per tile."""
+    if isinstance(pattern, P.BlockSparse):
+        return simulated_block_counts(pattern, Sq, Sk, causal)
     lo, hi = interval_pieces(pattern, Sq, Sk, causal)
-    T, t = native_block_m(Sq), NATIVE_SUB_M
+    T, t = native_block_m(pattern, Sq), NATIVE_SUB_M
     pairs, masked = [], []
     for a in range(0, Sq, T):
         R, p_all, p_masked = min(T, Sq - a), 0, 0
@@ -129,7 +173,7 @@ def simulated_counts(pattern, Sq, Sk, causal):
     return pairs, masked
 
 
-@pytest.mark.parametrize("pattern, Sq, Sk, causal", CASES[:10])
+@pytest.mark.parametrize("pattern, Sq, Sk, causal", CASES[:10] + CASES[-5:])
 def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
     pairs, masked, rows = native_counts(pattern, Sq, Sk, causal)
     expected_pairs, expected_masked = simulated_counts(pattern, Sq, Sk, causal)
@@ -140,17 +184,16 @@ def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
 
 def test_the_cost_model_takes_the_native_kernel_for_a_wide_window_only_where_it_pays():
     """A 25% window at S = 4096 (8 heads, 2 threads): the native kernel (measured ~3x dense SDPA
-    on the AVX-512 machine, against ~2.2x through torch's kernel); never for BlockSparse, nor
-    when the block size, split or order is forced, nor when disabled."""
+    on the AVX-512 machine, against ~2.2x through torch's kernel); never for a pattern without
+    the native forms, nor when the block size, split or order is forced, nor when disabled."""
     window = P.Window(548, 548)
     bm, parts = choose_split(window, 4096, 4096, False, rows=8, width=128, threads=2)
-    assert parts == (Intervals(window),) and bm == native_block_m(4096)
+    assert parts == (Native(window),) and bm == native_block_m(window, 4096)
     assert choose_split(window, 4096, 4096, False, 64, rows=8, width=128, threads=2) == (64, (window,))
     assert not isinstance(choose_split(window, 4096, 4096, False, rows=8, width=128, threads=2,
-                                       native=False)[1][0], Intervals)
-    layout = torch.eye(64, dtype=torch.bool)
-    assert not isinstance(choose_split(P.BlockSparse(layout, 64), 4096, 4096, False, rows=8, width=128,
-                                       threads=2, native=True)[1][0], Intervals)
+                                       native=False)[1][0], Native)
+    columns = P.Columns([(c, c + 2) for c in range(0, 4096, 128)])  # 32 runs: no native form
+    assert choose_split(columns, 4096, 4096, False, rows=8, width=128, threads=2, native=True)[1] == (columns,)
 
 
 def test_without_the_native_kernel_the_executor_runs_torchs(monkeypatch, tmp_path):
@@ -170,7 +213,7 @@ def test_without_the_native_kernel_the_executor_runs_torchs(monkeypatch, tmp_pat
             warnings.simplefilter("error")  # said once
             assert native_kernel() is None
         assert "no C++ compiler" in native_build.native_status("interval_attention")
-        assert not isinstance(choose_split(window, 200, 200, False, rows=2, width=32)[1][0], Intervals)
+        assert not isinstance(choose_split(window, 200, 200, False, rows=2, width=32)[1][0], Native)
         out = cpu_attention(q, k, v, (window,) * 2, causal=False, scale=0.25, native=True)
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
     finally:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sparsec.codegen.attention_cpu_choice import choose_split
-from sparsec.codegen.attention_cpu_native import Intervals, interval_pieces, native_kernel
+from sparsec.codegen.attention_cpu_native import Native, native_form, native_kernel
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "cpu_native.py"
 
@@ -41,9 +41,9 @@ def test_bench_main_records_three_ways_the_choice_its_loss_and_speedups(tmp_path
         assert all(ms > 0 for ms in times.values())
         pattern = bench.pattern_for_density("window", 256, 0.25, causal=r["causal"])
         assert r["pattern"] == repr(pattern) and r["kept"] == pytest.approx(pattern.density(256, 256, causal=r["causal"]))
-        assert r["pieces"] == interval_pieces(pattern, 256, 256, r["causal"])[0].shape[0]
+        assert r["form"] == native_form(pattern, 256, 256, r["causal"]) == "intervals"
         _, parts = choose_split(pattern, 256, 256, r["causal"], None, rows=2, width=128, threads=1)
-        assert r["chosen"] == ("native" if isinstance(parts[0], Intervals) else "torch")
+        assert r["chosen"] == ("native" if isinstance(parts[0], Native) else "torch")
         best = min(times["torch"], times["native"])
         assert r["loss"] == pytest.approx(times[r["chosen"]] / best - 1)
         assert r["loss_native"] == pytest.approx(times["native"] / best - 1)
@@ -68,5 +68,5 @@ def test_bench_skips_a_pattern_without_the_interval_form(tmp_path, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     pattern = bench.pattern_for_density("columns", 256, 0.25)
-    assert interval_pieces(pattern, 256, 256, False) is None
+    assert native_form(pattern, 256, 256, False) is None
     assert bench.measure_case(256, 2, False, "columns", 0.25, 1, 0.001) is None

@@ -1,5 +1,6 @@
-// sparsec's native CPU attention kernel for patterns whose kept keys, row by row, are a few
-// intervals (bands, windows, sinks, column runs): codegen/attention_cpu_native.py builds and calls it.
+// sparsec's native CPU attention kernels: for patterns whose kept keys, row by row, are a few
+// intervals (bands, windows, sinks, column runs), and for block-sparse layouts (key runs per query
+// tile). codegen/native_build.py builds this file; codegen/attention_cpu_native.py calls it.
 //
 // Row i of a query head keeps keys lo[p][i] .. hi[p][i] (inclusive) of every piece p. The pieces
 // are disjoint in every row, and each piece's bounds never decrease from one row to the next, so
@@ -164,42 +165,93 @@ void attend_piece(Tile& t, int R, const int32_t* lo, const int32_t* hi, int sub_
   if (middle) attend_range(t, 0, R, mid0, mid1, lo, hi, false, block_n);
 }
 
+struct Problem {  // the tensors and shapes both entry points share
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  int64_t B, Hq, Hkv, Sq, Sk, D, Dv;
+  const int32_t* q_heads;
+  int64_t num_heads;
+  float scale;
+
+  bool valid() const {
+    return B >= 1 && Hq >= 1 && Hkv >= 1 && Hq % Hkv == 0 && Sq >= 1 && Sk >= 1 && D >= 1 && Dv >= 1 &&
+           num_heads >= 1 && Sq <= INT32_MAX && Sk <= INT32_MAX && D <= INT32_MAX && Dv <= INT32_MAX;
+  }
+};
+
+// Runs body(tile state, tile index, first row, rows) for every (batch, listed head, query tile of
+// block_m rows) on `threads` threads, then writes each row's output (0 for a row that kept no key).
+template <typename Body>
+void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t threads, Body body) {
+  const int64_t group = p.Hq / p.Hkv, tiles = (p.Sq + block_m - 1) / block_m;
+  const int64_t jobs = p.B * p.num_heads * tiles;
+#pragma omp parallel num_threads((int)threads)
+  {
+    std::vector<float> max(block_m), sum(block_m), acc(block_m * p.Dv), s(block_m * block_n);
+#pragma omp for schedule(dynamic)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t tile = job % tiles, bh = job / tiles, b = bh / p.num_heads, h = p.q_heads[bh % p.num_heads];
+      const int64_t a = tile * block_m;
+      const int R = (int)std::min<int64_t>(block_m, p.Sq - a);
+      const int64_t kv = b * p.Hkv + h / group;
+      Tile t{p.q + ((b * p.Hq + h) * p.Sq + a) * p.D, p.k + kv * p.Sk * p.D, p.v + kv * p.Sk * p.Dv, (int)p.D,
+             (int)p.Dv, p.scale, max.data(), sum.data(), acc.data(), s.data()};
+      std::fill(max.begin(), max.begin() + R, -INFINITY);
+      std::fill(sum.begin(), sum.begin() + R, 0.0f);
+      std::fill(acc.begin(), acc.begin() + (int64_t)R * p.Dv, 0.0f);
+      body(t, tile, a, R);
+      float* o = p.out + ((b * p.Hq + h) * p.Sq + a) * p.Dv;
+      for (int r = 0; r < R; ++r) {
+        const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
+        for (int64_t d = 0; d < p.Dv; ++d) o[r * p.Dv + d] = acc[r * p.Dv + d] * inv;
+      }
+    }
+  }
+}
+
 }  // namespace
 
-// Returns 0, or 1 when an argument is out of range (nothing is written then).
+// Pieces of key intervals a row (module comment). Returns 0, or 1 when an argument is out of range
+// (nothing is written then).
 extern "C" int sparsec_interval_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const int32_t* lo, const int32_t* hi, int64_t pieces,
     float scale, int64_t block_m, int64_t sub_m, int64_t block_n, int64_t threads) {
-  if (B < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || Sq < 1 || Sk < 1 || D < 1 || Dv < 1 || num_heads < 1 ||
-      pieces < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m || block_n < 1 || threads < 1 ||
-      Sq > INT32_MAX || Sk > INT32_MAX || D > INT32_MAX || Dv > INT32_MAX)
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
+  if (!p.valid() || pieces < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m || block_n < 1 || threads < 1)
     return 1;
-  const int64_t group = Hq / Hkv, tiles = (Sq + block_m - 1) / block_m;
-  const int64_t jobs = B * num_heads * tiles;
-#pragma omp parallel num_threads((int)threads)
-  {
-    std::vector<float> max(block_m), sum(block_m), acc(block_m * Dv), s(block_m * block_n);
-#pragma omp for schedule(dynamic)
-    for (int64_t job = 0; job < jobs; ++job) {
-      const int64_t tile = job % tiles, bh = job / tiles, b = bh / num_heads, h = q_heads[bh % num_heads];
-      const int64_t a = tile * block_m;
-      const int R = (int)std::min<int64_t>(block_m, Sq - a);
-      const int64_t kv = b * Hkv + h / group;
-      Tile t{q + ((b * Hq + h) * Sq + a) * D, k + kv * Sk * D, v + kv * Sk * Dv, (int)D, (int)Dv, scale,
-             max.data(), sum.data(), acc.data(), s.data()};
-      std::fill(max.begin(), max.begin() + R, -INFINITY);
-      std::fill(sum.begin(), sum.begin() + R, 0.0f);
-      std::fill(acc.begin(), acc.begin() + (int64_t)R * Dv, 0.0f);
-      for (int64_t p = 0; p < pieces; ++p)
-        attend_piece(t, R, lo + p * Sq + a, hi + p * Sq + a, (int)sub_m, (int)block_n);
-      float* o = out + ((b * Hq + h) * Sq + a) * Dv;
-      for (int r = 0; r < R; ++r) {
-        const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
-        for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] = acc[r * Dv + d] * inv;
+  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R) {
+    for (int64_t piece = 0; piece < pieces; ++piece)
+      attend_piece(t, R, lo + piece * Sq + a, hi + piece * Sq + a, (int)sub_m, (int)block_n);
+  });
+  return 0;
+}
+
+// Key runs a query tile: every row of tile `i` (rows i * block_m ...) keeps keys run_lo[r] ..
+// run_hi[r] (inclusive) of runs r = run_ptr[i] .. run_ptr[i + 1] - 1, except those past its own
+// limit row_hi[row] (the causal rule; Sk - 1 without it), non-decreasing over rows: a block-sparse
+// layout at its block size. A run's chunks past the tile's first row's limit run under the mask.
+extern "C" int sparsec_block_runs_attention(
+    const float* q, const float* k, const float* v, float* out,
+    int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
+    const int32_t* q_heads, int64_t num_heads, const int64_t* run_ptr, const int32_t* run_lo,
+    const int32_t* run_hi, const int32_t* row_lo, const int32_t* row_hi, float scale, int64_t block_m,
+    int64_t block_n, int64_t threads) {
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
+  if (!p.valid() || block_m < 1 || block_n < 1 || threads < 1) return 1;
+  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t tile, int64_t a, int R) {
+    const int32_t* lo = row_lo + a;
+    const int32_t* hi = row_hi + a;
+    for (int64_t r = run_ptr[tile]; r < run_ptr[tile + 1]; ++r) {
+      const int k1 = std::min(run_hi[r], hi[R - 1]) + 1;  // no row of the tile reads past this
+      for (int c = run_lo[r]; c < k1; c += (int)block_n) {
+        const int C = std::min((int)block_n, k1 - c);
+        attend(t, 0, R, c, C, lo, hi, c + C - 1 > hi[0]);
       }
     }
-  }
+  });
   return 0;
 }
