@@ -7,7 +7,8 @@
     python bench/cost_model.py --no-linear        # attention only
 
 Candidates are cost_models.measure.default_grid: families (dense, window, multi_diagonal, columns,
-a_shape, vertical_slash, block_sparse) x densities x tiles x layer shapes. Each is timed (Triton
+a_shape, vertical_slash, block_sparse) x densities x tiles x layer shapes (on CPU the band and
+block families also through the executor's native kernels: "native" in the JSON). Each is timed (Triton
 kernels with do_bench on CUDA; the CPU executor, median or min of repeated runs, on CPU), then:
 
   before     the published profile's predictions
@@ -136,7 +137,7 @@ def write_json(report, held_out, accuracies, args, command: list[str], path: Pat
         candidates.append({"group": c.group, "decision": c.decision, "family": c.family,
                            "target_density": c.target_density, "density": c.density,
                            "patterns": [p.to_dict() for p in set(c.head_patterns)],
-                           "block_m": c.tiles.block_m, "block_n": c.tiles.block_n,
+                           "block_m": c.tiles.block_m, "block_n": c.tiles.block_n, "native": c.native,
                            "measured_s": m.seconds, "samples": m.samples, "predicted_before_s": before,
                            "predicted_after_s": after, "predicted_held_out_s": float(out)})
     data = {"benchmark": "cost_model", "device": report.device, "versions": software_versions(),

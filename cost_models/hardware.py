@@ -177,7 +177,10 @@ PROFILES: dict[str, HardwareProfile] = {
 # cores; attention terms from bench/results/cost_model_cpu_20261206_220148.json (534 candidates, 72
 # of them on the native interval kernel, 2 threads; rms log error 0.113, Spearman 0.994; with them
 # the executor's choice between the native kernel and torch's is right in 108 of 108 cases of
-# bench/results/cpu_native_20261206_215645.json, and its block and split choices replay as before:
+# bench/results/cpu_native_20261206_215645.json; with block-sparse layouts on the native kernels
+# too, 142 of 144 in cpu_native_20261206_222834.json, and the profile fits a later grid with them
+# at rms log error 0.131 (cost_model_cpu_20261206_223100.json: a refit moves no term by more than
+# 10%); its block and split choices replay as before:
 # mean loss 2.4% and 1.2% on cpu_blocks_20261206_204804 and cpu_split_20261206_205637), linear
 # terms (and the streaming bandwidth) by least squares of the log error on bench/results/linear_cpu_20261206_160126.json (135 timings, rms log error 1.42 ->
 # 0.27; fitted without the 4096 x 4096 layer, the choice there is right in 18 of 20 points, mean
