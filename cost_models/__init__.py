@@ -36,8 +36,10 @@ import math
 from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
 from sparsec.cost_models.hardware import HardwareProfile, get_profile
 from sparsec.cost_models.linear_cost_cpu import cpu_linear_seconds
+from sparsec.patterns import Pattern
 
-__all__ = ["estimate", "estimate_linear_seconds", "frame_transposed_heads", "transposed_heads"]
+__all__ = ["estimate", "estimate_linear_seconds", "frame_transposed_heads", "native_heads", "native_kernel_heads",
+           "transposed_heads"]
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 _FULL_RATE_TILE = 64      # dot tile edge at which tensor cores reach the dense GEMM's rate
@@ -112,25 +114,50 @@ def transposed_heads(patterns, shape: AttentionShape, block_m: int | None, block
                      hardware: HardwareProfile | str) -> tuple[tuple[int, ...], int | None]:
     """frame_transposed_heads of per-head `patterns` for an attention of `shape` (tiles None:
     as the executor picks them)."""
-    from sparsec.codegen.attention_cpu_choice import choose_split
     from sparsec.codegen.frame_order import FramesTransposed
 
     hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
     patterns = tuple(patterns)
     block_m, block_n = _default_tiles(shape, hardware, block_m, block_n)
     if hardware.executor == "cpu":
-        run = []
-        for p in patterns:
-            rows = shape.batch * patterns.count(p)
-            parts = choose_split(p, shape.q_len, shape.kv_len, shape.causal, block_m, rows=rows,
-                                 width=shape.head_dim + shape.value_dim, threads=hardware.sm_count)[1]
-            run.append(parts[0])
+        run = _cpu_runs(patterns, shape, block_m, hardware)
     else:
         from sparsec.codegen.triton_frame_order import priced_frame_order
 
         run = priced_frame_order(patterns, shape, block_m, block_n, hardware)[0]
     heads = tuple(h for h, p in enumerate(run) if isinstance(p, FramesTransposed))
     return heads, (run[heads[0]].frame if heads else None)
+
+
+def native_kernel_heads(op, hardware: HardwareProfile | str, *, block_m: int | None = None,
+                        block_n: int | None = None) -> tuple[int, ...]:
+    """The query heads of an Attention op that `hardware`'s executor runs on the native CPU
+    kernels (codegen/attention_cpu_native.py); () if none."""
+    hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
+    patterns, shape, block_m, _ = _attention_problem(op, hardware, block_m, block_n)
+    return native_heads(patterns, shape, block_m, hardware)
+
+
+def native_heads(patterns, shape: AttentionShape, block_m: int | None, hardware: HardwareProfile | str) -> tuple[int, ...]:
+    """The query heads of per-head `patterns` that the cpu executor runs on its native kernels
+    (codegen/attention_cpu_native.py); () for another executor."""
+    from sparsec.codegen.attention_cpu_native import Native
+
+    hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
+    if hardware.executor != "cpu":
+        return ()
+    patterns = tuple(patterns)
+    block_m, _ = _default_tiles(shape, hardware, block_m, None)
+    return tuple(h for h, part in enumerate(_cpu_runs(patterns, shape, block_m, hardware)) if isinstance(part, Native))
+
+
+def _cpu_runs(patterns: tuple[Pattern, ...], shape: AttentionShape, block_m: int | None,
+              hardware: HardwareProfile) -> list:
+    """Per head, the first part the cpu executor runs its pattern as (codegen.attention_cpu_choice)."""
+    from sparsec.codegen.attention_cpu_choice import choose_split
+
+    return [choose_split(p, shape.q_len, shape.kv_len, shape.causal, block_m, rows=shape.batch * patterns.count(p),
+                         width=shape.head_dim + shape.value_dim, threads=hardware.sm_count)[1][0] for p in patterns]
 
 
 def _attention_seconds(op, hardware: HardwareProfile, block_m: int | None, block_n: int | None) -> float:

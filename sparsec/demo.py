@@ -133,15 +133,16 @@ class TunedDemoResult:
 
 def _order_note(layer, target) -> str:
     """"; head 1 in frame-transposed order (frames of 256)" for the heads the target's executor
-    runs so (sparsec.explain's note)."""
-    from sparsec.cost_models import transposed_heads
+    runs so, and "; head 0 on the native CPU kernels" (sparsec.explain's notes)."""
+    from sparsec.cost_models import native_heads, transposed_heads
     from sparsec.cost_models.attention_cost import AttentionShape
-    from sparsec.explain import order_note
+    from sparsec.explain import native_note, order_note
 
     shape = AttentionShape(batch=1, num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads, q_len=layer.q_len,
                            kv_len=layer.kv_len, head_dim=layer.head_dim, value_dim=layer.head_dim, dtype=layer.dtype,
                            causal=layer.causal)
-    return order_note(*transposed_heads(layer.patterns, shape, None, layer.tiles[1], target))
+    return (order_note(*transposed_heads(layer.patterns, shape, None, layer.tiles[1], target))
+            + native_note(native_heads(layer.patterns, shape, None, target)))
 
 
 def run_tuned_demo(config: TinyDiTConfig | None = None, inner: str = "eager", repeats: int = 3, budget: float = 0.02,

@@ -52,11 +52,20 @@ def _estimates(op: Attention, hardware) -> str:
 
 def _frame_order(op: Attention, hardware) -> str:
     """"; heads 1, 5 in frame-transposed order (frames of 256)" for the heads the executor runs
-    so (codegen/frame_order.py), "" for none."""
-    from sparsec.cost_models import frame_transposed_heads
+    so (codegen/frame_order.py), and "; heads 0, 2 on the native CPU kernels" for those the cpu
+    executor runs on them (codegen/attention_cpu_native.py); "" for none."""
+    from sparsec.cost_models import frame_transposed_heads, native_kernel_heads
 
-    return order_note(*frame_transposed_heads(op, hardware, block_m=op.tiles[0] if op.tiles else None,
-                                              block_n=op.tiles[1] if op.tiles else None))
+    block_m, block_n = (op.tiles[0], op.tiles[1]) if op.tiles else (None, None)
+    return (order_note(*frame_transposed_heads(op, hardware, block_m=block_m, block_n=block_n))
+            + native_note(native_kernel_heads(op, hardware, block_m=block_m, block_n=block_n)))
+
+
+def native_note(heads: tuple[int, ...]) -> str:
+    """"; heads 0, 2 on the native CPU kernels", or "" for no heads."""
+    if not heads:
+        return ""
+    return f"; head{'s' if len(heads) > 1 else ''} {', '.join(map(str, heads))} on the native CPU kernels"
 
 
 def order_note(heads: tuple[int, ...], frame: int | None) -> str:

@@ -237,3 +237,23 @@ def test_calibration_times_and_prices_native_candidates():
     assert predict(hw.replace(native_pair_speed=2 * hw.native_pair_speed), [work])[0] < base
     assert predict(hw.replace(native_mask_cost_per_pair=2 * hw.native_mask_cost_per_pair), [work])[0] > base
     assert predict(hw.replace(query_rows_exponent=2 * hw.query_rows_exponent), [work])[0] == base
+
+
+def test_explain_names_the_heads_on_the_native_kernels(monkeypatch):
+    """explain's attention line says which heads the cpu executor runs natively, and none once the
+    native kernels are disabled."""
+    from sparsec import explain
+    from sparsec.demo import DEMO_CONFIG
+    from sparsec.models import example_inputs, tiny_dit
+
+    model, _ = tiny_dit(DEMO_CONFIG)
+    inputs = example_inputs(DEMO_CONFIG, seed=4)
+    options = {"inner": "eager", "target": "cpu", "attention_patterns": {"blocks.*.attn": P.Window(256, 256)}}
+
+    def attention_lines():
+        report = explain(model, *inputs, options=options)
+        return [line for line in report.summary().splitlines() if ".attn:" in line]
+
+    assert all(line.endswith("heads 0, 1, 2, 3 on the native CPU kernels") for line in attention_lines())
+    monkeypatch.setenv("SPARSEC_CPU_NATIVE", "0")
+    assert all("native" not in line for line in attention_lines())
