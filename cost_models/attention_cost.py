@@ -127,6 +127,7 @@ class BlockCounts(NamedTuple):
     gathered: np.ndarray | None = None
     call_rows: np.ndarray | None = None
     calls: int = 0
+    native: bool = False  # cpu executor: run on a native kernel (its plan pays native_overhead_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +146,7 @@ class LaunchWork:
     call_rows: torch.Tensor | None = None  # cpu executor: query rows of each program's call
     calls: int = 0                        # cpu executor: SDPA calls of the launch
     plans: int = 1                        # cpu executor: distinct patterns, each run on its own
+    native_plans: int = 0                 # cpu executor: of those, run on a native kernel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,7 +213,8 @@ def price_attention(work: AttentionWork, hardware: HardwareProfile) -> Attention
             seconds += _skip_seconds(launch.skip_fills, work.shape, hardware)
             continue
         costs = _program_seconds(launch, work, hardware)
-        seconds += _schedule(costs, hardware) + fixed_seconds(hardware, plans=launch.plans, calls=launch.calls)
+        seconds += _schedule(costs, hardware) + fixed_seconds(hardware, plans=launch.plans - launch.native_plans,
+                                                              calls=launch.calls, native_plans=launch.native_plans)
         visited += int(launch.visited.sum())
         partial += int(launch.partial.sum())
     return AttentionEstimate(seconds=seconds, launches=len(work.launches), visited_blocks=visited,
@@ -229,7 +232,8 @@ def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_
     columns = {name: np.concatenate([getattr(counts[p], name) for p in patterns]) for name in fields}
     columns = {name: torch.from_numpy(np.tile(column, shape.batch)) for name, column in columns.items()}
     plans = sum(not isinstance(p, Skip) for p in distinct) if executor == "cpu" else 1
-    return LaunchWork(heads=heads, calls=sum(counts[p].calls for p in distinct), plans=plans, **columns)
+    return LaunchWork(heads=heads, calls=sum(counts[p].calls for p in distinct), plans=plans,
+                      native_plans=sum(counts[p].native for p in distinct), **columns)
 
 
 def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n: int, *,
@@ -289,12 +293,14 @@ def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_
                        hardware: HardwareProfile) -> float:
     """Estimated seconds of the cpu executor running every head of `shape` as `parts` at query
     blocks of block_m rows (cpu_option_counts, priced as a launch prices them, less the plan's
-    launch overhead, which every option pays once): what codegen.attention_cpu_choice compares."""
+    launch overhead, which every option on torch's kernel pays once; a native one pays its own
+    instead): what codegen.attention_cpu_choice compares."""
     counts = cpu_option_counts(parts, shape, block_m)
     programs = counts_seconds(counts, shape, None, min(128, shape.kv_len), hardware)
     heads = shape.batch * shape.num_heads
+    native = (hardware.native_overhead_s - hardware.launch_overhead_s) if counts.native else 0.0
     return (makespan_estimate(heads * float(programs.sum()), float(programs.max(initial=0.0)), hardware)
-            + fixed_seconds(hardware, plans=0, calls=counts.calls))
+            + fixed_seconds(hardware, plans=0, calls=counts.calls) + native)
 
 
 def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) -> BlockCounts:
@@ -303,7 +309,8 @@ def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) 
 
     if isinstance(pattern, Native):  # one call of a native kernel, its tiles as query blocks
         pairs, masked, rows = native_counts(pattern.pattern, Sq, Sk, causal)
-        return BlockCounts(pairs, masked, rows, np.zeros_like(pairs), np.full(pairs.shape, NATIVE_CALL_ROWS), 1)
+        return BlockCounts(pairs, masked, rows, np.zeros_like(pairs), np.full(pairs.shape, NATIVE_CALL_ROWS),
+                           native=True)
 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
     rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
@@ -392,36 +399,40 @@ def makespan_estimate(total: float, longest: float, hw: HardwareProfile) -> floa
     return max(longest, total / (hw.sm_count * hw.programs_per_sm) + longest / 2)
 
 
-def fixed_seconds(hardware: HardwareProfile, *, plans: int = 1, calls: int = 0) -> float:
+def fixed_seconds(hardware: HardwareProfile, *, plans: int = 1, calls: int = 0, native_plans: int = 0) -> float:
     """What a launch pays besides its programs: the launch overhead (the cpu executor: once for
-    each distinct pattern, which it plans and runs on its own) and the cpu executor's SDPA calls."""
-    return hardware.launch_overhead_s * plans + calls * hardware.call_overhead_s
+    each distinct pattern, which it plans and runs on its own), the cpu executor's SDPA calls, and
+    its native kernels' calls (native_overhead_s each, in place of a plan's launch overhead)."""
+    return (hardware.launch_overhead_s * plans + calls * hardware.call_overhead_s
+            + native_plans * hardware.native_overhead_s)
 
 
-def head_share(launch: float, heads: int, hardware: HardwareProfile, *, calls: int = 0) -> float:
+def head_share(launch: float, heads: int, hardware: HardwareProfile, *, calls: int = 0, native: bool = False) -> float:
     """A head's price from the seconds of a launch that runs its pattern on all `heads`: its share
     of the programs, plus (cpu executor) the fixed costs of its own plan, since candidate patterns
     fitted to one head are rarely another's (Triton: a group's launch pays them once, see
     search_patterns.CostTable.layer_seconds)."""
-    fixed = fixed_seconds(hardware, calls=calls)
+    fixed = fixed_seconds(hardware, plans=0 if native else 1, calls=calls, native_plans=int(native))
     share = max(0.0, launch - fixed) / heads
     return share + fixed if hardware.executor == "cpu" else share
 
 
 def launch_seconds(head_costs, shape: AttentionShape, hardware: HardwareProfile, *,
-                   exact_programs: int | None = None, totals=None, calls: int = 0, plans: int = 1) -> float:
+                   exact_programs: int | None = None, totals=None, calls: int = 0, plans: int = 1,
+                   native_plans: int = 0) -> float:
     """Seconds of one launch whose heads have per-query-block program costs `head_costs` (a list
     of (nqb,) arrays, one a head, in launch order), launch overhead included: price_attention's
     schedule (grid order: query blocks, heads, batch). With `exact_programs`, launches of more
     programs than that use makespan_estimate instead of the list schedule; `totals`, one
-    (sum, max) per head, saves reducing the costs again. `calls` and `plans`: see fixed_seconds."""
+    (sum, max) per head, saves reducing the costs again. `calls`, `plans` (torch's kernel) and
+    `native_plans`: see fixed_seconds."""
     programs = shape.batch * sum(c.shape[0] for c in head_costs)
     if exact_programs is not None and programs > exact_programs:
         totals = totals or [(float(c.sum()), float(c.max())) for c in head_costs]
         seconds = makespan_estimate(shape.batch * sum(t for t, _ in totals), max(m for _, m in totals), hardware)
     else:
         seconds = _schedule(np.tile(np.concatenate(head_costs), shape.batch), hardware)
-    return seconds + fixed_seconds(hardware, plans=plans, calls=calls)
+    return seconds + fixed_seconds(hardware, plans=plans, calls=calls, native_plans=native_plans)
 
 
 def head_seconds_many(patterns, shape: AttentionShape, hardware: HardwareProfile, *, block_m: int, block_n: int,
@@ -441,12 +452,12 @@ def head_seconds_many(patterns, shape: AttentionShape, hardware: HardwareProfile
         else:
             costs = counts_seconds(counts[p], shape, block_m, block_n, hardware)
             found.append(head_price(p, shape, hardware, costs=costs, totals=(float(costs.sum()), float(costs.max())),
-                                    calls=counts[p].calls, exact_programs=exact_programs))
+                                    calls=counts[p].calls, native=counts[p].native, exact_programs=exact_programs))
     return found
 
 
 def head_price(pattern: Pattern, shape: AttentionShape, hardware: HardwareProfile, *, costs=None, totals=None,
-               calls: int = 0, exact_programs: int | None = EXACT_SCHEDULE_PROGRAMS) -> float:
+               calls: int = 0, native: bool = False, exact_programs: int | None = EXACT_SCHEDULE_PROGRAMS) -> float:
     """A head's option price (head_seconds_many) from the pattern's per-query-block program costs
     of one head (costs, totals = (sum, max), calls: counts_seconds / BlockCounts); a Skip head
     needs none (no kernel of its own to plan on the cpu executor either)."""
@@ -454,8 +465,8 @@ def head_price(pattern: Pattern, shape: AttentionShape, hardware: HardwareProfil
     if isinstance(pattern, Skip):
         return max(0.0, _skip_seconds((pattern.fill,) * heads, shape, hardware) - hardware.launch_overhead_s) / heads
     seconds = launch_seconds([costs] * heads, shape, hardware, exact_programs=exact_programs, totals=[totals] * heads,
-                             calls=calls)
-    return head_share(seconds, heads, hardware, calls=calls)
+                             calls=calls, plans=0 if native else 1, native_plans=int(native))
+    return head_share(seconds, heads, hardware, calls=calls, native=native)
 
 
 def _schedule(program_costs, hw: HardwareProfile) -> float:

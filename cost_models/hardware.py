@@ -75,6 +75,13 @@ class HardwareProfile:
     # vector FLOPs a pair as mask_cost_per_pair.
     native_pair_speed: float = 1.0
     native_mask_cost_per_pair: float = 16.0
+    # cpu: what a pattern run on a native kernel pays once (its operands, cached, and one call), in
+    # place of launch_overhead_s, which plans and runs SDPA calls. 100 us: measured on the AVX-512
+    # machine (4 heads of 64 tokens: ~100-125 us, the plan on torch's kernel ~160 us). A fit on
+    # cache-flushed timings takes 221 us but picks worse: top-1 regret 9.8% against 5.5% on
+    # bench/results/cost_model_cpu_20261206_225318.json (with the launch overhead instead: 11.9%
+    # on cost_model_cpu_20261206_223100.json).
+    native_overhead_s: float = 100e-6
     calibrated_from: str = field(default="published figures")
 
     def __post_init__(self):

@@ -150,13 +150,15 @@ class CostTable:
             for p, row in zip(computed, self._program_costs(computed, counts, shape, tiles)):
                 table.programs[p] = (row, (float(row.sum()), float(row.max())))
                 table.calls[p] = counts[p].calls
+                table.native[p] = counts[p].native
             self._price_transposed(computed, shape, tiles, table)
         for p in missing:
             if isinstance(p, Skip):
                 table.head[p] = head_price(p, shape, self.hardware)
             else:
                 costs, totals = table.programs[p]
-                table.head[p] = head_price(p, shape, self.hardware, costs=costs, totals=totals, calls=table.calls[p])
+                table.head[p] = head_price(p, shape, self.hardware, costs=costs, totals=totals, calls=table.calls[p],
+                                           native=table.native[p])
 
     def _price_transposed(self, patterns, shape: AttentionShape, tiles: tuple[int, int], table: _Prices) -> None:
         """On the Triton kernels, a pattern with a frame stride is priced in frame-transposed order
@@ -266,13 +268,15 @@ class CostTable:
                 seconds = launch_seconds([c for c, _ in programs], shape, self.hardware,
                                          exact_programs=EXACT_SCHEDULE_PROGRAMS, totals=[t for _, t in programs],
                                          calls=sum(table.calls[p] for p in distinct),
-                                         plans=len(distinct) if self.hardware.executor == "cpu" else 1)
+                                         plans=(sum(not table.native[p] for p in distinct)
+                                                if self.hardware.executor == "cpu" else 1),
+                                         native_plans=sum(table.native[p] for p in distinct))
             table.launches[patterns] = seconds
         return table.launches[patterns]
 
     def _forget_layouts(self) -> None:
         for table in self._tables.values():
-            for cache in (table.programs, table.head, table.calls):
+            for cache in (table.programs, table.head, table.calls, table.native):
                 for p in [p for p in cache if isinstance(p, BlockSparse)]:
                     del cache[p]
             table.launches.clear()
@@ -286,6 +290,7 @@ class _Prices:
 
     programs: dict = field(default_factory=dict)   # pattern -> ((nqb,) seconds, (their sum, their max))
     calls: dict = field(default_factory=dict)      # pattern -> the cpu executor's SDPA calls (0: Triton)
+    native: dict = field(default_factory=dict)     # pattern -> run on the cpu executor's native kernels
     head: dict = field(default_factory=dict)       # pattern -> head_seconds
     launches: dict = field(default_factory=dict)   # patterns of one launch -> seconds (search estimate)
     layers: dict = field(default_factory=dict)     # patterns of the layer -> exact seconds

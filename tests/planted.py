@@ -122,4 +122,5 @@ def cheap_calls_cpu():
     fixed costs weigh more), so the searches see the same prices everywhere."""
     from sparsec.cost_models.hardware import PROFILES
 
-    return PROFILES["cpu"].with_cores(torch.get_num_threads()).replace(launch_overhead_s=20e-6, call_overhead_s=5e-6)
+    return PROFILES["cpu"].with_cores(torch.get_num_threads()).replace(launch_overhead_s=20e-6, call_overhead_s=5e-6,
+                                                                       native_overhead_s=20e-6)
