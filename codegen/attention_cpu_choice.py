@@ -141,6 +141,8 @@ def _choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int
                   native: bool | None) -> tuple[int, tuple[Pattern, ...]]:
     costs = _Costs(Sq, Sk, causal, rows, width, threads)
     offer_native = native is True or (native is None and block_m is None and split is None and frames is None)
+    if isinstance(pattern, Dense) and (not causal or Sq == Sk):
+        offer_native = False  # the executor runs it with one SDPA call (codegen.attention_cpu._dense_heads)
     if offer_native and native_form(pattern, Sq, Sk, causal) is not None:
         bm = native_block_m(pattern, Sq)
         native_option = (costs.seconds((Native(pattern),), bm), bm, (Native(pattern),))

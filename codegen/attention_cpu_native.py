@@ -32,7 +32,7 @@ import torch
 
 from sparsec.codegen.block_coverage import _interval_form
 from sparsec.codegen.native_build import load_native
-from sparsec.patterns import BlockSparse, Pattern
+from sparsec.patterns import BlockSparse, Pattern, Skip
 
 __all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "block_runs", "interval_pieces",
            "native_block_m", "native_counts", "native_form", "native_kernel", "run_native"]
@@ -81,6 +81,8 @@ def native_form(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> str | None:
     """"intervals", "blocks" (a BlockSparse) or None: which native kernel can run `pattern`."""
     if isinstance(pattern, BlockSparse):
         return "blocks"
+    if isinstance(pattern, Skip):
+        return None
     return "intervals" if interval_pieces(pattern, Sq, Sk, causal) is not None else None
 
 

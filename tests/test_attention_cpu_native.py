@@ -18,7 +18,7 @@ from sparsec.codegen import native_build
 from sparsec.codegen.attention_cpu import cpu_attention
 from sparsec.codegen.attention_cpu_choice import choose_split
 from sparsec.codegen.attention_cpu_native import (NATIVE_SUB_M, Native, interval_pieces, native_block_m,
-                                                  native_counts, native_kernel)
+                                                  native_counts, native_form, native_kernel)
 
 pytestmark = pytest.mark.skipif(native_kernel() is None, reason="native kernel not built: "
                                 + native_build.native_status("interval_attention"))
@@ -192,6 +192,11 @@ def test_the_cost_model_takes_the_native_kernel_for_a_wide_window_only_where_it_
     assert choose_split(window, 4096, 4096, False, 64, rows=8, width=128, threads=2) == (64, (window,))
     assert not isinstance(choose_split(window, 4096, 4096, False, rows=8, width=128, threads=2,
                                        native=False)[1][0], Native)
+    # Dense heads the executor runs with one SDPA call are priced so (a causal one with Sq != Sk may
+    # run natively); Skip heads never run a kernel
+    assert choose_split(P.Dense(), 2048, 16, False, rows=4, width=64, threads=2)[1] == (P.Dense(),)
+    assert choose_split(P.Dense(), 2048, 2048, True, rows=4, width=64, threads=2)[1] == (P.Dense(),)
+    assert native_form(P.Skip("mean"), 64, 64, False) is None
     columns = P.Columns([(c, c + 2) for c in range(0, 4096, 128)])  # 32 runs: no native form
     assert choose_split(columns, 4096, 4096, False, rows=8, width=128, threads=2, native=True)[1] == (columns,)
 
