@@ -32,7 +32,7 @@ import torch
 
 from sparsec.codegen.block_coverage import _interval_form
 from sparsec.codegen.native_build import load_native
-from sparsec.patterns import BlockSparse, Pattern, Skip
+from sparsec.patterns import BlockSparse, Pattern, Skip, VerticalSlash
 
 __all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "block_runs", "interval_pieces",
            "native_block_m", "native_counts", "native_form", "native_kernel", "run_native"]
@@ -61,6 +61,9 @@ _SIGNATURES = {  # the entry points of interval_attention.cpp: (q, k, v, out, B,
                                                                  ctypes.c_float] + [_I64] * 4,
     "sparsec_block_runs_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64] + [_POINTER] * 5
                                     + [ctypes.c_float] + [_I64] * 3,
+    "sparsec_column_slash_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64,
+                                                                     _POINTER, _POINTER, _I64, _POINTER, _POINTER,
+                                                                     ctypes.c_float] + [_I64] * 4,
 }
 
 
@@ -78,11 +81,14 @@ def native_kernel(name: str = "sparsec_interval_attention"):
 
 
 def native_form(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> str | None:
-    """"intervals", "blocks" (a BlockSparse) or None: which native kernel can run `pattern`."""
+    """"intervals", "blocks" (a BlockSparse), "slashes" (a VerticalSlash) or None: which native
+    kernel can run `pattern`."""
     if isinstance(pattern, BlockSparse):
         return "blocks"
     if isinstance(pattern, Skip):
         return None
+    if isinstance(pattern, VerticalSlash):
+        return "slashes"
     return "intervals" if interval_pieces(pattern, Sq, Sk, causal) is not None else None
 
 
@@ -161,13 +167,49 @@ def interval_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[n
     return lo, hi
 
 
-def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pairs, masked, rows), float64 per query tile of native_block_m rows: the (query, key)
-    pairs the native kernel computes for one head (masked: of which under the element mask) and
-    the tile's rows, following the kernel's loops (interval_attention.cpp). Needs native_form."""
+def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool):
+    """(pairs, masked, rows, fetched), float64 per query tile of native_block_m rows: the
+    (query, key) pairs the native kernel computes for one head (masked: of which under the element
+    mask; fetched: of which it reads key by key, a vertical-slash's slashes) and the tile's rows,
+    following the kernel's loops (interval_attention.cpp). Needs native_form."""
     if isinstance(pattern, BlockSparse):
-        return _block_counts(pattern, Sq, Sk, causal)
-    return _interval_counts(pattern, Sq, Sk, causal)
+        return (*_block_counts(pattern, Sq, Sk, causal), None)
+    if isinstance(pattern, VerticalSlash):
+        return _slash_counts(pattern, Sq, Sk, causal)
+    return (*_interval_counts(*interval_pieces(pattern, Sq, Sk, causal), Sq, native_block_m(pattern, Sq)), None)
+
+
+@functools.lru_cache(maxsize=256)
+def column_slashes(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
+    """(columns int64, count int32 (Sq), offsets int32, row_hi int32 (Sq), is_column uint8 (Sk)): the
+    column keys (sorted), how many of them each row's causal limit allows, the slash offsets that
+    reach some key, each row's limit, and which keys are columns. Read-only (cached)."""
+    columns = np.unique(np.concatenate([np.arange(a, min(b, Sk)) for a, b in pattern.columns] + [np.zeros(0, int)]))
+    limit = _row_limits(Sq, Sk, causal)
+    count = np.searchsorted(columns, limit, side="right").astype(np.int32)
+    offsets = np.array([o for o in pattern.offsets if -Sq < o < Sk], dtype=np.int32)
+    is_column = np.zeros(Sk, dtype=np.uint8)
+    is_column[columns] = 1
+    arrays = (columns.astype(np.int64), count, offsets, limit.clip(min=-1).astype(np.int32), is_column)
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+def _slash_counts(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
+    columns, count, offsets, row_hi, is_column = column_slashes(pattern, Sq, Sk, causal)
+    T = native_block_m(pattern, Sq)
+    count = count.astype(np.int64)
+    pairs, masked, rows = _interval_counts(np.zeros((1, Sq), dtype=np.int64), count[None] - 1, Sq, T)
+    rows_index = np.arange(Sq)
+    fetched = np.zeros(Sq, dtype=np.float64)
+    for o in offsets.tolist():
+        j = rows_index + o
+        ok = (j >= 0) & (j <= row_hi)
+        ok[ok] &= is_column[j[ok]] == 0
+        fetched += ok
+    per_tile = np.add.reduceat(fetched, np.arange(0, Sq, T))
+    return pairs + per_tile, masked, rows, per_tile
 
 
 def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
@@ -185,9 +227,9 @@ def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
     return per_tile(keys.astype(np.float64)), per_tile(masked.astype(np.float64)), rows.astype(np.float64)
 
 
-def _interval_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool):
-    lo, hi = interval_pieces(pattern, Sq, Sk, causal)
-    T, t = native_block_m(pattern, Sq), NATIVE_SUB_M
+def _interval_counts(lo: np.ndarray, hi: np.ndarray, Sq: int, T: int):
+    """native_counts' (pairs, masked, rows) of pieces (lo, hi) (interval_pieces' form) at tiles of T rows."""
+    t = NATIVE_SUB_M
     tiles = math.ceil(Sq / T)
     pad = tiles * T - Sq
     lo = np.pad(lo.astype(np.int64), ((0, 0), (0, pad)), mode="edge").reshape(lo.shape[0], tiles, T)
@@ -243,6 +285,15 @@ def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
             *shapes, run_ptr.ctypes.data, lo.ctypes.data, hi.ctypes.data, row_lo.ctypes.data, row_hi.ctypes.data,
             scale, pattern.block[0], NATIVE_BLOCK_N, threads)
         detail = f"{lo.shape[0]} runs"
+    elif isinstance(pattern, VerticalSlash):
+        columns, count, offsets, row_hi, is_column = column_slashes(pattern, Sq, Sk, causal)
+        index = torch.tensor(columns)
+        kc, vc = (x.index_select(2, index).contiguous() if columns.size else x for x in (k, v))
+        status = native_kernel("sparsec_column_slash_attention")(
+            *shapes, kc.data_ptr(), vc.data_ptr(), columns.size, count.ctypes.data, offsets.ctypes.data, offsets.size,
+            row_hi.ctypes.data, is_column.ctypes.data, scale, native_block_m(pattern, Sq), NATIVE_SUB_M,
+            NATIVE_BLOCK_N, threads)
+        detail = f"{columns.size} columns, {offsets.size} slashes"
     else:
         lo, hi = interval_pieces(pattern, Sq, Sk, causal)
         status = native_kernel()(*shapes, lo.ctypes.data, hi.ctypes.data, lo.shape[0], scale,

@@ -308,9 +308,9 @@ def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) 
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads
 
     if isinstance(pattern, Native):  # one call of a native kernel, its tiles as query blocks
-        pairs, masked, rows = native_counts(pattern.pattern, Sq, Sk, causal)
-        return BlockCounts(pairs, masked, rows, np.zeros_like(pairs), np.full(pairs.shape, NATIVE_CALL_ROWS),
-                           native=True)
+        pairs, masked, rows, fetched = native_counts(pattern.pattern, Sq, Sk, causal)
+        fetched = np.zeros_like(pairs) if fetched is None else fetched  # keys read one by one: in `gathered`
+        return BlockCounts(pairs, masked, rows, fetched, np.full(pairs.shape, NATIVE_CALL_ROWS), native=True)
 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
     rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
@@ -354,7 +354,9 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: At
     mask_cost = np.where(native, hw.native_mask_cost_per_pair, hw.mask_cost_per_pair)
     compute = (pairs * pair_seconds / speed
                + masked * mask_cost * cores / hw.vector_flops)
-    copies = gathered * width * 4 * cores / hw.gather_bytes_per_s  # one thread: the other cores wait
+    # gathered keys: copied on one thread while the other cores wait; on a native kernel, keys read
+    # one by one for a row (a vertical-slash's slashes), native_fetch_seconds each on its core
+    copies = np.where(native, gathered * hw.native_fetch_seconds, gathered * width * 4 * cores / hw.gather_bytes_per_s)
     return compute + copies + computed * hw.row_overhead_s
 
 

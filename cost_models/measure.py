@@ -203,7 +203,7 @@ def mixed_candidates(shapes: Iterable[AttentionShape], *, densities: Sequence[fl
 
 # The families whose patterns the CPU executor's native kernels run (a few key intervals a row, or
 # a block layout): the CPU grid times them through them too.
-NATIVE_FAMILIES = ("window", "multi_diagonal", "a_shape", "block_sparse")
+NATIVE_FAMILIES = ("window", "multi_diagonal", "a_shape", "block_sparse", "vertical_slash")
 
 
 def _shape(S: int, *, heads: int, head_dim: int, dtype: str, causal: bool) -> AttentionShape:

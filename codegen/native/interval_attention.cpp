@@ -1,6 +1,6 @@
 // sparsec's native CPU attention kernels: for patterns whose kept keys, row by row, are a few
-// intervals (bands, windows, sinks, column runs), and for block-sparse layouts (key runs per query
-// tile). codegen/native_build.py builds this file; codegen/attention_cpu_native.py calls it.
+// intervals (bands, windows, sinks, column runs), for block-sparse layouts (key runs per query
+// tile), and for vertical-slash patterns (gathered columns, slashes key by key). codegen/native_build.py builds this file; codegen/attention_cpu_native.py calls it.
 //
 // Row i of a query head keeps keys lo[p][i] .. hi[p][i] (inclusive) of every piece p. The pieces
 // are disjoint in every row, and each piece's bounds never decrease from one row to the next, so
@@ -165,7 +165,47 @@ void attend_piece(Tile& t, int R, const int32_t* lo, const int32_t* hi, int sub_
   if (middle) attend_range(t, 0, R, mid0, mid1, lo, hi, false, block_n);
 }
 
-struct Problem {  // the tensors and shapes both entry points share
+// Row `row` of the tile against keys j = i + offsets[n] (i its query index) that the causal limit
+// allows and that are not columns (is_column[j]: those are read with the gathered columns): their
+// K and V rows read one by one, the scores folded into the row's online softmax. For a few keys a
+// row, where tiles would compute a block of keys per row kept.
+void attend_slashes(Tile& t, int row, int64_t i, const int32_t* offsets, int64_t count, int64_t limit,
+                    const uint8_t* is_column, float* scores, int32_t* keys) {
+  const float* q = t.q + (int64_t)row * t.D;
+  int n = 0;
+  for (int64_t o = 0; o < count; ++o) {
+    const int64_t j = i + offsets[o];
+    if (j < 0 || j > limit || is_column[j]) continue;
+    const float* k = t.k + j * t.D;
+    v16 dot{};
+    int d = 0;
+    for (; d + kLanes <= t.D; d += kLanes) dot += load(q + d) * load(k + d);
+    float s = 0.0f;
+    for (int l = 0; l < kLanes; ++l) s += dot[l];
+    for (; d < t.D; ++d) s += q[d] * k[d];
+    scores[n] = s * t.scale;
+    keys[n++] = (int32_t)j;
+  }
+  if (n == 0) return;
+  const float old_max = t.max[row];
+  const float new_max = std::max(old_max, row_max(scores, n));
+  const float kept = exp_sum(scores, n, new_max);
+  float* acc = t.acc + (int64_t)row * t.Dv;
+  if (old_max != -INFINITY && old_max != new_max) {
+    const float c = std::exp(old_max - new_max);
+    t.sum[row] *= c;
+    for (int d = 0; d < t.Dv; ++d) acc[d] *= c;
+  }
+  t.sum[row] += kept;
+  t.max[row] = new_max;
+  for (int m = 0; m < n; ++m) {
+    const float* v = t.v + (int64_t)keys[m] * t.Dv;
+    const float p = scores[m];
+    for (int d = 0; d < t.Dv; ++d) acc[d] += p * v[d];
+  }
+}
+
+struct Problem {  // the tensors and shapes the entry points share
   const float* q;
   const float* k;
   const float* v;
@@ -252,6 +292,40 @@ extern "C" int sparsec_block_runs_attention(
         attend(t, 0, R, c, C, lo, hi, c + C - 1 > hi[0]);
       }
     }
+  });
+  return 0;
+}
+
+// Columns and slashes (MInference's vertical-slash): row i keeps the gathered columns kc / vc
+// (B, Hkv, columns, D), their first count[i] (those the causal limit allows: non-decreasing),
+// computed as a piece of the interval kernel over them; and keys i + offsets[n] up to row_hi[i]
+// that are not columns (attend_slashes). Tiles of block_m rows, edges per sub_m rows.
+extern "C" int sparsec_column_slash_attention(
+    const float* q, const float* k, const float* v, float* out,
+    int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
+    const int32_t* q_heads, int64_t num_heads, const float* kc, const float* vc, int64_t columns,
+    const int32_t* count, const int32_t* offsets, int64_t num_offsets, const int32_t* row_hi,
+    const uint8_t* is_column, float scale, int64_t block_m, int64_t sub_m, int64_t block_n, int64_t threads) {
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
+  if (!p.valid() || columns < 0 || num_offsets < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m ||
+      block_n < 1 || threads < 1)
+    return 1;
+  std::vector<int32_t> zeros(Sq, 0), last(Sq);
+  for (int64_t i = 0; i < Sq; ++i) last[i] = count[i] - 1;
+  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int32_t> keys;
+    scores.resize(num_offsets + 1);
+    keys.resize(num_offsets + 1);
+    if (columns > 0) {
+      const int64_t kv = (t.k - k) / (Sk * D);  // this tile's (batch, kv head) row of K
+      Tile c = t;
+      c.k = kc + kv * columns * D;
+      c.v = vc + kv * columns * Dv;
+      attend_piece(c, R, zeros.data() + a, last.data() + a, (int)sub_m, (int)block_n);
+    }
+    for (int r = 0; r < R; ++r)
+      attend_slashes(t, r, a + r, offsets, num_offsets, row_hi[a + r], is_column, scores.data(), keys.data());
   });
   return 0;
 }
