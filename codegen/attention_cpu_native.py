@@ -1,5 +1,5 @@
-"""The CPU executor's native kernels: patterns that keep a few key intervals per row, and
-block-sparse layouts.
+"""The CPU executor's native kernels: patterns that keep a few key intervals per row,
+block-sparse layouts and vertical-slash.
 
 Windows, bands, diagonals, sinks and column runs (and unions and causal cuts of them) keep, in
 every row, a few intervals of keys whose ends never move left from one row to the next. For
@@ -13,10 +13,11 @@ heads, a 25% window runs ~3x faster than dense SDPA here against ~2.2x through S
 
 A BlockSparse layout runs on the same file's block-runs kernel: a query tile per layout row (its
 block height), its kept key blocks joined into runs, all computed unmasked but where the causal
-limit cuts them.
+limit cuts them. A VerticalSlash runs on its column-slash kernel: its columns gathered once and
+computed as one interval piece over them, its slashes read key by key for each row.
 
-Native(pattern) is choose_split's option for either (native_form says which, or None).
-interval_pieces() and block_runs() build the kernels' operands; native_counts() is the work a
+Native(pattern) is choose_split's option for any of them (native_form says which, or None).
+interval_pieces(), block_runs() and column_slashes() build the kernels' operands; native_counts() is the work a
 kernel does, in the cost model's terms (codegen.attention_cpu_choice prices it against the SDPA
 plans with the same model and runs the cheaper); run_native() calls the kernel.
 """
@@ -59,7 +60,7 @@ _POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # the entry points of interval_attention.cpp: (q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, heads, ...)
     "sparsec_interval_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64,
                                                                  ctypes.c_float] + [_I64] * 4,
-    "sparsec_block_runs_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64] + [_POINTER] * 5
+    "sparsec_block_runs_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64] + [_POINTER] * 4
                                     + [ctypes.c_float] + [_I64] * 3,
     "sparsec_column_slash_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64,
                                                                      _POINTER, _POINTER, _I64, _POINTER, _POINTER,
@@ -143,7 +144,7 @@ def interval_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[n
         return None
     columns, bands = form
     rows = np.arange(Sq, dtype=np.int64)
-    limit = rows + (Sk - Sq) if causal else np.full(Sq, Sk - 1, dtype=np.int64)
+    limit = _row_limits(Sq, Sk, causal)
     raw = ([(np.full(Sq, c0, dtype=np.int64), np.full(Sq, c1, dtype=np.int64)) for c0, c1 in columns]
            + [(rows + a, rows + b) for a, b in bands])
     pieces: list[tuple[np.ndarray, np.ndarray]] = []
@@ -279,11 +280,10 @@ def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
               heads.data_ptr(), len(q_heads))
     if isinstance(pattern, BlockSparse):
         run_ptr, lo, hi = block_runs(pattern, Sq, Sk, causal)
-        row_lo = np.zeros(Sq, dtype=np.int32)
         row_hi = _row_limits(Sq, Sk, causal).clip(min=-1).astype(np.int32)
         status = native_kernel("sparsec_block_runs_attention")(
-            *shapes, run_ptr.ctypes.data, lo.ctypes.data, hi.ctypes.data, row_lo.ctypes.data, row_hi.ctypes.data,
-            scale, pattern.block[0], NATIVE_BLOCK_N, threads)
+            *shapes, run_ptr.ctypes.data, lo.ctypes.data, hi.ctypes.data, row_hi.ctypes.data, scale, pattern.block[0],
+            NATIVE_BLOCK_N, threads)
         detail = f"{lo.shape[0]} runs"
     elif isinstance(pattern, VerticalSlash):
         columns, count, offsets, row_hi, is_column = column_slashes(pattern, Sq, Sk, causal)

@@ -108,6 +108,22 @@ struct Tile {  // one query tile of one head: operands and its rows' online-soft
   float* s;     // (rows, block_n) scratch
 };
 
+// Folds scores s[0 .. n) of row `row` into its online softmax: s becomes their weights exp(s - max)
+// at the row's new maximum; the row's sum and accumulated output are rescaled to it.
+void fold_row(Tile& t, int row, float* s, int n) {
+  const float old_max = t.max[row];
+  const float new_max = std::max(old_max, row_max(s, n));
+  const float kept = exp_sum(s, n, new_max);
+  if (old_max != -INFINITY && old_max != new_max) {
+    const float c = std::exp(old_max - new_max);
+    t.sum[row] *= c;
+    float* o = t.acc + (int64_t)row * t.Dv;
+    for (int d = 0; d < t.Dv; ++d) o[d] *= c;
+  }
+  t.sum[row] += kept;
+  t.max[row] = new_max;
+}
+
 // Rows [r0, r0 + R) of the tile against keys [k0, k0 + C). masked: row r keeps only
 // [lo[r], hi[r]] of them (lo / hi relative to the tile's first row).
 void attend(Tile& t, int r0, int R, int k0, int C, const int32_t* lo, const int32_t* hi, bool masked) {
@@ -125,18 +141,7 @@ void attend(Tile& t, int r0, int R, int k0, int C, const int32_t* lo, const int3
       std::fill(s, s + a, 0.0f);
       std::fill(s + b, s + C, 0.0f);
     }
-    const int row = r0 + r;
-    const float old_max = t.max[row];
-    const float new_max = std::max(old_max, row_max(s + a, b - a));
-    const float kept = exp_sum(s + a, b - a, new_max);
-    if (old_max != -INFINITY && old_max != new_max) {
-      const float c = std::exp(old_max - new_max);
-      t.sum[row] *= c;
-      float* o = t.acc + (int64_t)row * t.Dv;
-      for (int d = 0; d < t.Dv; ++d) o[d] *= c;
-    }
-    t.sum[row] += kept;
-    t.max[row] = new_max;
+    fold_row(t, r0 + r, s + a, b - a);
   }
   accumulate(R, t.Dv, C, t.s, C, t.v + (int64_t)k0 * t.Dv, t.Dv, t.acc + (int64_t)r0 * t.Dv, t.Dv);
 }
@@ -187,17 +192,8 @@ void attend_slashes(Tile& t, int row, int64_t i, const int32_t* offsets, int64_t
     keys[n++] = (int32_t)j;
   }
   if (n == 0) return;
-  const float old_max = t.max[row];
-  const float new_max = std::max(old_max, row_max(scores, n));
-  const float kept = exp_sum(scores, n, new_max);
+  fold_row(t, row, scores, n);
   float* acc = t.acc + (int64_t)row * t.Dv;
-  if (old_max != -INFINITY && old_max != new_max) {
-    const float c = std::exp(old_max - new_max);
-    t.sum[row] *= c;
-    for (int d = 0; d < t.Dv; ++d) acc[d] *= c;
-  }
-  t.sum[row] += kept;
-  t.max[row] = new_max;
   for (int m = 0; m < n; ++m) {
     const float* v = t.v + (int64_t)keys[m] * t.Dv;
     const float p = scores[m];
@@ -221,8 +217,9 @@ struct Problem {  // the tensors and shapes the entry points share
   }
 };
 
-// Runs body(tile state, tile index, first row, rows) for every (batch, listed head, query tile of
-// block_m rows) on `threads` threads, then writes each row's output (0 for a row that kept no key).
+// Runs body(tile state, tile index, first row, rows, kv) for every (batch, listed head, query tile
+// of block_m rows) on `threads` threads (kv: the head's (batch, kv head) row of K and V), then
+// writes each row's output (0 for a row that kept no key).
 template <typename Body>
 void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t threads, Body body) {
   const int64_t group = p.Hq / p.Hkv, tiles = (p.Sq + block_m - 1) / block_m;
@@ -241,7 +238,7 @@ void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t t
       std::fill(max.begin(), max.begin() + R, -INFINITY);
       std::fill(sum.begin(), sum.begin() + R, 0.0f);
       std::fill(acc.begin(), acc.begin() + (int64_t)R * p.Dv, 0.0f);
-      body(t, tile, a, R);
+      body(t, tile, a, R, kv);
       float* o = p.out + ((b * p.Hq + h) * p.Sq + a) * p.Dv;
       for (int r = 0; r < R; ++r) {
         const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
@@ -263,7 +260,7 @@ extern "C" int sparsec_interval_attention(
   const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
   if (!p.valid() || pieces < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m || block_n < 1 || threads < 1)
     return 1;
-  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R) {
+  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R, int64_t) {
     for (int64_t piece = 0; piece < pieces; ++piece)
       attend_piece(t, R, lo + piece * Sq + a, hi + piece * Sq + a, (int)sub_m, (int)block_n);
   });
@@ -278,12 +275,13 @@ extern "C" int sparsec_block_runs_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const int64_t* run_ptr, const int32_t* run_lo,
-    const int32_t* run_hi, const int32_t* row_lo, const int32_t* row_hi, float scale, int64_t block_m,
-    int64_t block_n, int64_t threads) {
+    const int32_t* run_hi, const int32_t* row_hi, float scale, int64_t block_m, int64_t block_n,
+    int64_t threads) {
   const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
   if (!p.valid() || block_m < 1 || block_n < 1 || threads < 1) return 1;
-  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t tile, int64_t a, int R) {
-    const int32_t* lo = row_lo + a;
+  const std::vector<int32_t> zeros(Sq, 0);  // rows keep every key of a run up to their limit
+  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t tile, int64_t a, int R, int64_t) {
+    const int32_t* lo = zeros.data() + a;
     const int32_t* hi = row_hi + a;
     for (int64_t r = run_ptr[tile]; r < run_ptr[tile + 1]; ++r) {
       const int k1 = std::min(run_hi[r], hi[R - 1]) + 1;  // no row of the tile reads past this
@@ -312,13 +310,12 @@ extern "C" int sparsec_column_slash_attention(
     return 1;
   std::vector<int32_t> zeros(Sq, 0), last(Sq);
   for (int64_t i = 0; i < Sq; ++i) last[i] = count[i] - 1;
-  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R) {
+  for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R, int64_t kv) {
     thread_local std::vector<float> scores;
     thread_local std::vector<int32_t> keys;
     scores.resize(num_offsets + 1);
     keys.resize(num_offsets + 1);
     if (columns > 0) {
-      const int64_t kv = (t.k - k) / (Sk * D);  // this tile's (batch, kv head) row of K
       Tile c = t;
       c.k = kc + kv * columns * D;
       c.v = vc + kv * columns * Dv;
