@@ -2,22 +2,18 @@
 choose_split's answer computed here."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench_module import load_bench
 from sparsec.codegen.attention_cpu_choice import _block_m_candidates, choose_split
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "cpu_blocks.py"
 
 
 def test_bench_main_records_every_block_the_choice_and_its_loss(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_cpu_blocks", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("cpu_blocks")
     monkeypatch.setattr(bench, "grid", lambda quick: (((256, 2),), ("window",), (0.25,)))
     output = tmp_path / "cpu_blocks.json"
     threads_before = torch.get_num_threads()

@@ -2,24 +2,20 @@
 choose_split's answer computed here."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench_module import load_bench
 from sparsec.codegen.attention_cpu_choice import choose_split
 from sparsec.codegen.attention_cpu_native import Native, native_form, native_kernel
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "cpu_native.py"
 
 
 @pytest.mark.skipif(native_kernel() is None, reason="the native interval kernel is not built here")
 def test_bench_main_records_three_ways_the_choice_its_loss_and_speedups(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_cpu_native", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("cpu_native")
     monkeypatch.setattr(bench, "grid", lambda quick: (((256, 2),), ("window",), (0.25,)))
     output = tmp_path / "cpu_native.json"
     threads_before = torch.get_num_threads()
@@ -64,9 +60,7 @@ def test_bench_main_records_three_ways_the_choice_its_loss_and_speedups(tmp_path
 
 
 def test_bench_skips_a_pattern_without_the_interval_form(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_cpu_native", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("cpu_native")
     pattern = bench.pattern_for_density("columns", 256, 0.25)
     assert native_form(pattern, 256, 256, False) is None
     assert bench.measure_case(256, 2, False, "columns", 0.25, 1, 0.001) is None

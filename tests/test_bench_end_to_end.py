@@ -3,25 +3,21 @@ the dense path equals eager, and the JSON records what the benchmark README prom
 GPU session runs this script last; a crash there would cost the lease.)"""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench_module import BENCH_DIR, load_bench
 import sparsec
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "end_to_end.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH.parent))  # it imports bench/attention.py's timing
-    spec = importlib.util.spec_from_file_location("bench_end_to_end", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH_DIR))  # it imports bench/attention.py's timing
+    module = load_bench("end_to_end")
     return module
 
 
@@ -72,9 +68,7 @@ def test_compile_check_builds_a_saved_plans_launches(tmp_path):
     from sparsec.codegen.tiles import tiles_for
     from sparsec.plan import LayerPlan
 
-    spec = importlib.util.spec_from_file_location("bench_compile_check", BENCH.parent / "compile_check.py")
-    compile_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compile_check)
+    compile_check = load_bench("compile_check")
     layer = LayerPlan(patterns=(P.Window(8, 8), P.Dense(), P.Window(4, 0), P.Skip("mean")),
                       head_groups=((0, 2), (1,), (3,)), tiles=(64, 32), error=0.01, dense_seconds=2e-3,
                       sparse_seconds=1e-3, num_heads=4, num_kv_heads=2, q_len=300, kv_len=300, head_dim=64,

@@ -6,7 +6,6 @@ kept fractions from explicit masks. The fit is checked on synthetic measurements
 coefficients changed by known factors, which it must find again.
 """
 import datetime
-import importlib.util
 import json
 import math
 import random
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench_module import load_bench
 from sparsec.codegen.tiles import AttentionTiles
 from sparsec.cost_models.accuracy import model_accuracy, spearman, top1_regret
 from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention
@@ -29,7 +29,6 @@ from sparsec.cost_models.measure import (
     mixed_candidates, pattern_at_density)
 from sparsec.patterns import Dense
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "cost_model.py"
 
 
 def shape(S, *, heads=4, head_dim=64, causal=False):
@@ -379,9 +378,7 @@ def test_calibrate_without_save_stores_nothing(tmp_path, monkeypatch):
 
 
 def test_bench_main_prints_and_records_every_figure(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_cost_model", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("cost_model")
     # The --quick grid takes ~45 s on 2 busy cores: two tiny layer shapes run the same path.
     candidates = tiny_candidates(lengths=(128, 256))
     monkeypatch.setattr(bench, "default_grid", lambda device, quick=False: candidates)
