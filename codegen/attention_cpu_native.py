@@ -14,7 +14,9 @@ heads, a 25% window runs ~3x faster than dense SDPA here against ~2.2x through S
 A BlockSparse layout runs on the same file's block-runs kernel: a query tile per layout row (its
 block height), its kept key blocks joined into runs, all computed unmasked but where the causal
 limit cuts them. A VerticalSlash runs on its column-slash kernel: its columns gathered once and
-computed as one interval piece over them, its slashes read key by key for each row.
+computed as one interval piece over them, its slashes SLASH_LANES rows at a time (those rows'
+keys on a slash are consecutive rows of K and V: one vector of scores, the softmax on all rows at
+once).
 
 Native(pattern) is choose_split's option for any of them (native_form says which, or None).
 interval_pieces(), block_runs() and column_slashes() build the kernels' operands; native_counts() is the work a
@@ -35,12 +37,13 @@ from sparsec.codegen.block_coverage import _interval_form
 from sparsec.codegen.native_build import load_native
 from sparsec.patterns import BlockSparse, Pattern, Skip, VerticalSlash
 
-__all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "block_runs", "interval_pieces",
+__all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "SLASH_LANES", "block_runs", "interval_pieces",
            "native_block_m", "native_counts", "native_form", "native_kernel", "run_native"]
 
 NATIVE_BLOCK_M = 256  # query rows a tile computes its common keys for
 NATIVE_SUB_M = 32     # query rows a tile's band edges are computed for at a time
 NATIVE_BLOCK_N = 512  # keys a GEMM reads at a time
+SLASH_LANES = 16      # rows the column-slash kernel computes a slash for at a time (its vector width)
 # More pieces than this and the tiles' per-piece edges cost more than gathering: not offered.
 _MAX_PIECES = 8
 _LIBRARY = "interval_attention"
@@ -62,9 +65,8 @@ _SIGNATURES = {  # the entry points of interval_attention.cpp: (q, k, v, out, B,
                                                                  ctypes.c_float] + [_I64] * 4,
     "sparsec_block_runs_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64] + [_POINTER] * 4
                                     + [ctypes.c_float] + [_I64] * 3,
-    "sparsec_column_slash_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64,
-                                                                     _POINTER, _POINTER, _I64, _POINTER, _POINTER,
-                                                                     ctypes.c_float] + [_I64] * 4,
+    "sparsec_column_slash_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64]
+                                      + [_POINTER] * 3 + [_I64, _POINTER, ctypes.c_float] + [_I64] * 4,
 }
 
 
@@ -171,7 +173,7 @@ def interval_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[n
 def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool):
     """(pairs, masked, rows, fetched), float64 per query tile of native_block_m rows: the
     (query, key) pairs the native kernel computes for one head (masked: of which under the element
-    mask; fetched: of which it reads key by key, a vertical-slash's slashes) and the tile's rows,
+    mask; fetched: the lanes of a vertical-slash's slashes, not in pairs) and the tile's rows,
     following the kernel's loops (interval_attention.cpp). Needs native_form."""
     if isinstance(pattern, BlockSparse):
         return (*_block_counts(pattern, Sq, Sk, causal), None)
@@ -182,35 +184,44 @@ def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool):
 
 @functools.lru_cache(maxsize=256)
 def column_slashes(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
-    """(columns int64, count int32 (Sq), offsets int32, row_hi int32 (Sq), is_column uint8 (Sk)): the
-    column keys (sorted), how many of them each row's causal limit allows, the slash offsets that
-    reach some key, each row's limit, and which keys are columns. Read-only (cached)."""
+    """(columns int64, count int32 (Sq), offsets int32, row_hi int32 (Sq), skip uint8 (Sk + 2 *
+    SLASH_LANES)): the column keys (sorted), how many of them each row's causal limit allows, the
+    slash offsets that reach some key (sorted), each row's limit, and the keys the slashes pass
+    over: key j at j + SLASH_LANES, 1 for a column (read with the columns) and for the padding.
+    Read-only (cached)."""
     columns = np.unique(np.concatenate([np.arange(a, min(b, Sk)) for a, b in pattern.columns] + [np.zeros(0, int)]))
     limit = _row_limits(Sq, Sk, causal)
     count = np.searchsorted(columns, limit, side="right").astype(np.int32)
     offsets = np.array([o for o in pattern.offsets if -Sq < o < Sk], dtype=np.int32)
-    is_column = np.zeros(Sk, dtype=np.uint8)
-    is_column[columns] = 1
-    arrays = (columns.astype(np.int64), count, offsets, limit.clip(min=-1).astype(np.int32), is_column)
+    skip = np.ones(Sk + 2 * SLASH_LANES, dtype=np.uint8)
+    skip[SLASH_LANES:SLASH_LANES + Sk] = 0
+    skip[columns + SLASH_LANES] = 1
+    arrays = (columns.astype(np.int64), count, offsets, limit.clip(min=-1).astype(np.int32), skip)
     for array in arrays:
         array.setflags(write=False)
     return arrays
 
 
 def _slash_counts(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
-    columns, count, offsets, row_hi, is_column = column_slashes(pattern, Sq, Sk, causal)
+    """The column-slash kernel's counts: its columns as one interval piece over them; `fetched`,
+    SLASH_LANES a group of that many rows and a slash it computes (one where some row keeps a key
+    that is no column), apart from `pairs`."""
+    columns, count, offsets, row_hi, skip = column_slashes(pattern, Sq, Sk, causal)
     T = native_block_m(pattern, Sq)
     count = count.astype(np.int64)
     pairs, masked, rows = _interval_counts(np.zeros((1, Sq), dtype=np.int64), count[None] - 1, Sq, T)
-    rows_index = np.arange(Sq)
-    fetched = np.zeros(Sq, dtype=np.float64)
-    for o in offsets.tolist():
-        j = rows_index + o
-        ok = (j >= 0) & (j <= row_hi)
-        ok[ok] &= is_column[j[ok]] == 0
-        fetched += ok
-    per_tile = np.add.reduceat(fetched, np.arange(0, Sq, T))
-    return pairs + per_tile, masked, rows, per_tile
+    L = SLASH_LANES
+    groups = math.ceil(Sq / L)
+    rows_index = np.arange(groups * L, dtype=np.int64)
+    limit = np.pad(row_hi.astype(np.int64), (0, groups * L - Sq), constant_values=-1)
+    visited = np.zeros(groups, dtype=np.float64)
+    for chunk in range(0, offsets.size, 256):  # (rows, offsets) flags a chunk at a time
+        j = rows_index[:, None] + offsets[None, chunk:chunk + 256]
+        keep = (j <= limit[:, None]) & (skip[np.clip(j + L, 0, Sk + 2 * L - 1)] == 0)
+        visited += keep.reshape(groups, L, -1).any(1).sum(1)
+    group_tile = (np.arange(groups) * L) // T
+    fetched = np.bincount(group_tile, weights=visited * L, minlength=pairs.shape[0])
+    return pairs, masked, rows, fetched
 
 
 def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
@@ -286,13 +297,12 @@ def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
             NATIVE_BLOCK_N, threads)
         detail = f"{lo.shape[0]} runs"
     elif isinstance(pattern, VerticalSlash):
-        columns, count, offsets, row_hi, is_column = column_slashes(pattern, Sq, Sk, causal)
+        columns, count, offsets, row_hi, skip = column_slashes(pattern, Sq, Sk, causal)
         index = torch.tensor(columns)
         kc, vc = (x.index_select(2, index).contiguous() if columns.size else x for x in (k, v))
         status = native_kernel("sparsec_column_slash_attention")(
-            *shapes, kc.data_ptr(), vc.data_ptr(), columns.size, count.ctypes.data, offsets.ctypes.data, offsets.size,
-            row_hi.ctypes.data, is_column.ctypes.data, scale, native_block_m(pattern, Sq), NATIVE_SUB_M,
-            NATIVE_BLOCK_N, threads)
+            *shapes, kc.data_ptr(), vc.data_ptr(), columns.size, count.ctypes.data, skip.ctypes.data, offsets.ctypes.data, offsets.size, row_hi.ctypes.data, scale,
+            native_block_m(pattern, Sq), NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
         detail = f"{columns.size} columns, {offsets.size} slashes"
     else:
         lo, hi = interval_pieces(pattern, Sq, Sk, causal)

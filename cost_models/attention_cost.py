@@ -309,7 +309,7 @@ def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) 
 
     if isinstance(pattern, Native):  # one call of a native kernel, its tiles as query blocks
         pairs, masked, rows, fetched = native_counts(pattern.pattern, Sq, Sk, causal)
-        fetched = np.zeros_like(pairs) if fetched is None else fetched  # keys read one by one: in `gathered`
+        fetched = np.zeros_like(pairs) if fetched is None else fetched  # slash lanes: in `gathered`
         return BlockCounts(pairs, masked, rows, fetched, np.full(pairs.shape, NATIVE_CALL_ROWS), native=True)
 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
@@ -355,7 +355,7 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: At
     compute = (pairs * pair_seconds / speed
                + masked * mask_cost * cores / hw.vector_flops)
     # gathered keys: copied on one thread while the other cores wait; on a native kernel, keys read
-    # one by one for a row (a vertical-slash's slashes), native_fetch_seconds each on its core
+    # SLASH_LANES rows at a time (a vertical-slash's slashes: their lanes), native_fetch_seconds each on its core
     copies = np.where(native, gathered * hw.native_fetch_seconds, gathered * width * 4 * cores / hw.gather_bytes_per_s)
     return compute + copies + computed * hw.row_overhead_s
 

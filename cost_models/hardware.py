@@ -82,10 +82,11 @@ class HardwareProfile:
     # bench/results/cost_model_cpu_20261206_225318.json (with the launch overhead instead: 11.9%
     # on cost_model_cpu_20261206_223100.json).
     native_overhead_s: float = 100e-6
-    # cpu: what a key the native kernel reads for one row alone (a vertical-slash's slash) costs
-    # beyond its pair, on one core: ~22 ns on the AVX-512 machine (S = 4096, 8 heads, 10% density:
-    # 66.6 ms measured for 4.3M such pairs and 9.2M in tiles)
-    native_fetch_seconds: float = 22e-9
+    # cpu: what a lane of a vertical-slash's slash costs the native kernel on one core (16 rows
+    # against a slash's 16 consecutive keys at a time, apart from the tiles' pairs): 7.2 ns on the
+    # AVX-512 machine, least squares over 48 timings (S 1024-4096, 5-50% density, causal or not,
+    # with and without columns, 2 threads; each within 6.0-9.8 ns); not measured on AVX2
+    native_fetch_seconds: float = 7.2e-9
     calibrated_from: str = field(default="published figures")
 
     def __post_init__(self):

@@ -122,6 +122,25 @@ def test_interval_pieces_are_disjoint_monotone_and_exact(pattern, Sq, extra, cau
     assert torch.equal(inside.any(0), allowed(pattern, Sq, Sk, causal))
 
 
+vertical_slashes = st.builds(
+    P.VerticalSlash,
+    st.lists(st.integers(0, 120).flatmap(lambda a: st.tuples(st.just(a), st.integers(a + 1, a + 12))), max_size=3),
+    st.lists(st.integers(-140, 60), min_size=1, max_size=12))
+
+
+@settings(max_examples=30, deadline=None)
+@given(pattern=vertical_slashes, Sq=st.integers(1, 140), extra=st.integers(-20, 40), causal=st.booleans(),
+       dims=st.sampled_from([(16, 16), (5, 7), (64, 3), (1, 1)]))
+def test_slash_kernel_matches_the_masked_reference(pattern, Sq, extra, causal, dims):
+    """Slashes 16 rows at a time: groups cut by the tile's end, keys off either end of K and
+    cut by the causal limit, keys that are also columns, head dims that are no multiple of 4."""
+    Sk = max(1, Sq + extra)
+    D, Dv = dims
+    q, k, v = torch.randn(1, 2, Sq, D), torch.randn(1, 1, Sk, D), torch.randn(1, 1, Sk, Dv)
+    out = cpu_attention(q, k, v, (pattern,) * 2, causal=causal, scale=0.3, native=True)
+    torch.testing.assert_close(out.double(), reference(q, k, v, pattern, causal, 0.3), atol=2e-5, rtol=2e-5)
+
+
 def simulated_block_counts(pattern, Sq, Sk, causal):
     """The block-runs kernel's loops run in Python, from the layout: pairs and masked pairs per tile."""
     bq, bk = pattern.block
@@ -151,14 +170,20 @@ def simulated_block_counts(pattern, Sq, Sk, causal):
 
 def simulated_slash_counts(pattern, Sq, Sk, causal):
     """The column-slash kernel: its columns as one piece of the interval kernel over the gathered
-    columns (their count by the causal limit), plus one pair per kept key that is no column."""
+    columns (their count by the causal limit); apart, 16 lanes for each group of 16 rows and slash
+    where some row of the group keeps the slash's key and it is no column."""
     keep = allowed(pattern, Sq, Sk, causal)
     is_column = allowed(P.Columns(pattern.columns), Sq, Sk, causal) if pattern.columns else torch.zeros_like(keep)
     count = is_column.sum(1).numpy()
-    fetched = (keep & ~is_column).sum(1).numpy()
     pairs, masked = simulated_counts(None, Sq, Sk, causal, pieces=(np.zeros((1, Sq), int), count[None] - 1))
     T = native_block_m(pattern, Sq)
-    return [p + int(fetched[a:a + T].sum()) for p, a in zip(pairs, range(0, Sq, T))], masked
+    slash_only = keep & ~is_column
+    fetched = [0] * len(pairs)
+    for g in range(0, Sq, 16):
+        for o in pattern.offsets:
+            if any(0 <= i + o < Sk and slash_only[i, i + o] for i in range(g, min(g + 16, Sq))):
+                fetched[g // T] += 16
+    return pairs, masked, fetched
 
 
 def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
@@ -166,7 +191,7 @@ def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
     if isinstance(pattern, P.BlockSparse):
         return simulated_block_counts(pattern, Sq, Sk, causal)
     if isinstance(pattern, P.VerticalSlash):
-        return simulated_slash_counts(pattern, Sq, Sk, causal)
+        return simulated_slash_counts(pattern, Sq, Sk, causal)[:2]
     lo, hi = pieces if pieces is not None else interval_pieces(pattern, Sq, Sk, causal)
     T, t = (native_block_m(pattern, Sq) if pattern is not None else min(256, -(-Sq // 32) * 32)), NATIVE_SUB_M
     pairs, masked = [], []
@@ -192,11 +217,16 @@ def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
 
 @pytest.mark.parametrize("pattern, Sq, Sk, causal", CASES[:10] + CASES[-8:])
 def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
-    pairs, masked, rows, _ = native_counts(pattern, Sq, Sk, causal)
+    pairs, masked, rows, fetched = native_counts(pattern, Sq, Sk, causal)
     expected_pairs, expected_masked = simulated_counts(pattern, Sq, Sk, causal)
     assert pairs.tolist() == expected_pairs and masked.tolist() == expected_masked
     assert rows.sum() == Sq
-    assert pairs.sum() >= allowed(pattern, Sq, Sk, causal).sum()  # every kept pair is computed
+    if isinstance(pattern, P.VerticalSlash):
+        assert fetched.tolist() == simulated_slash_counts(pattern, Sq, Sk, causal)[2]
+    else:
+        assert fetched is None
+    computed = pairs.sum() + (0 if fetched is None else fetched.sum())
+    assert computed >= allowed(pattern, Sq, Sk, causal).sum()  # every kept pair is computed
 
 
 def test_the_cost_model_takes_the_native_kernel_for_a_wide_window_only_where_it_pays():

@@ -1,6 +1,6 @@
 // sparsec's native CPU attention kernels: for patterns whose kept keys, row by row, are a few
 // intervals (bands, windows, sinks, column runs), for block-sparse layouts (key runs per query
-// tile), and for vertical-slash patterns (gathered columns, slashes key by key). codegen/native_build.py builds this file; codegen/attention_cpu_native.py calls it.
+// tile), and for vertical-slash patterns (gathered columns; slashes 16 rows at a time). codegen/native_build.py builds this file; codegen/attention_cpu_native.py calls it.
 //
 // Row i of a query head keeps keys lo[p][i] .. hi[p][i] (inclusive) of every piece p. The pieces
 // are disjoint in every row, and each piece's bounds never decrease from one row to the next, so
@@ -170,34 +170,180 @@ void attend_piece(Tile& t, int R, const int32_t* lo, const int32_t* hi, int sub_
   if (middle) attend_range(t, 0, R, mid0, mid1, lo, hi, false, block_n);
 }
 
-// Row `row` of the tile against keys j = i + offsets[n] (i its query index) that the causal limit
-// allows and that are not columns (is_column[j]: those are read with the gathered columns): their
-// K and V rows read one by one, the scores folded into the row's online softmax. For a few keys a
-// row, where tiles would compute a block of keys per row kept.
-void attend_slashes(Tile& t, int row, int64_t i, const int32_t* offsets, int64_t count, int64_t limit,
-                    const uint8_t* is_column, float* scores, int32_t* keys) {
-  const float* q = t.q + (int64_t)row * t.D;
-  int n = 0;
-  for (int64_t o = 0; o < count; ++o) {
-    const int64_t j = i + offsets[o];
-    if (j < 0 || j > limit || is_column[j]) continue;
-    const float* k = t.k + j * t.D;
-    v16 dot{};
-    int d = 0;
-    for (; d + kLanes <= t.D; d += kLanes) dot += load(q + d) * load(k + d);
-    float s = 0.0f;
-    for (int l = 0; l < kLanes; ++l) s += dot[l];
-    for (; d < t.D; ++d) s += q[d] * k[d];
-    scores[n] = s * t.scale;
-    keys[n++] = (int32_t)j;
+// Lane l of the result: the sum of the 16 lanes of r[bit_reversed(l)] (a transposing tree of
+// shuffles and adds: 16 horizontal sums for the price of about two).
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi16{__VA_ARGS__})
+#endif
+inline v16 halves8(v16 a, v16 b) {
+  return SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline v16 halves4(v16 a, v16 b) {
+  return SHUFFLE(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         SHUFFLE(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline v16 halves2(v16 a, v16 b) {
+  return SHUFFLE(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         SHUFFLE(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline v16 halves1(v16 a, v16 b) {
+  return SHUFFLE(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         SHUFFLE(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+#undef SHUFFLE
+constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+inline v16 lane_sums(const v16* r) {
+  v16 x[8], y[4];
+  for (int i = 0; i < 8; ++i) x[i] = halves8(r[2 * i], r[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) y[i] = halves4(x[2 * i], x[2 * i + 1]);
+  return halves1(halves2(y[0], y[1]), halves2(y[2], y[3]));
+}
+
+// Per-lane products of q[0 .. D) and k[0 .. D) summed over 16-lane chunks (lane_sums finishes
+// the dot product); the tail past the last whole chunk is added into lane 0.
+inline v16 row_products(const float* q, const float* k, int D) {
+  v16 a{}, b{};
+  int d = 0;
+  for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
+    a += load(q + d) * load(k + d);
+    b += load(q + d + kLanes) * load(k + d + kLanes);
   }
-  if (n == 0) return;
-  fold_row(t, row, scores, n);
-  float* acc = t.acc + (int64_t)row * t.Dv;
+  for (; d + kLanes <= D; d += kLanes) a += load(q + d) * load(k + d);
+  for (; d < D; ++d) a[0] += q[d] * k[d];
+  return a + b;
+}
+
+constexpr int kChunk = 8;  // 16-lane accumulators weighted_rows keeps in registers
+
+// out[0 .. C * kLanes) = sum over slashes s of p[s * kLanes] * v[first[s] * ld ...] (p: one lane
+// of the scores; a zero weight, a masked lane, is skipped: its key may lie outside V).
+template <int C>
+void weighted_rows(const float* p, const int64_t* first, int count, const float* v, int64_t ld, float* out) {
+  v16 a[C] = {};
+  for (int s = 0; s < count; ++s) {
+    const float w = p[s * kLanes];
+    if (w == 0.0f) continue;
+    const float* row = v + first[s] * ld;
+    const v16 ws = splat(w);
+    for (int c = 0; c < C; ++c) a[c] += ws * load(row + c * kLanes);
+  }
+  for (int c = 0; c < C; ++c) store(out + c * kLanes, a[c]);
+}
+
+// The same for `width` values (no more than kChunk * kLanes), any width.
+void weighted_rows(const float* p, const int64_t* first, int count, const float* v, int64_t ld, int width,
+                   float* out) {
+  switch (width) {
+    case 1 * kLanes: return weighted_rows<1>(p, first, count, v, ld, out);
+    case 2 * kLanes: return weighted_rows<2>(p, first, count, v, ld, out);
+    case 3 * kLanes: return weighted_rows<3>(p, first, count, v, ld, out);
+    case 4 * kLanes: return weighted_rows<4>(p, first, count, v, ld, out);
+    case 6 * kLanes: return weighted_rows<6>(p, first, count, v, ld, out);
+    case 8 * kLanes: return weighted_rows<8>(p, first, count, v, ld, out);
+  }
+  std::fill(out, out + width, 0.0f);
+  for (int s = 0; s < count; ++s) {
+    const float w = p[s * kLanes];
+    if (w == 0.0f) continue;
+    const float* row = v + first[s] * ld;
+    for (int d = 0; d < width; ++d) out[d] += w * row[d];
+  }
+}
+
+// A vertical-slash's slashes (offsets o: row i keeps key i + o), kLanes rows at a time: rows
+// i0 .. i0 + 15 of a slash keep the consecutive keys i0 + o .. i0 + o + 15, 16 rows of K and of V
+// that lie together in memory. Their 16 scores are one vector (lane_sums of the rows' products),
+// the online softmax runs on all 16 rows at once, and the products go row by row into the
+// group's accumulators. skip (Sk + 2 kLanes flags, key j at j + kLanes): 1 for a column (read
+// with the gathered columns) and for the padding either side.
+struct Slashes {
+  const uint8_t* skip;
+  const int32_t* offsets;  // sorted
+  int64_t count;
+  const int32_t* row_hi;   // each row's causal limit (Sk - 1 without it)
+  int64_t Sk;
+};
+
+struct SlashScratch {  // one thread's buffers for attend_slash_group
+  std::vector<float> q, scores, acc;
+  std::vector<int64_t> first;
+  void size(int64_t D, int64_t Dv, int64_t count) {
+    q.resize(D * kLanes);
+    acc.resize(Dv * kLanes);
+    scores.resize(count * kLanes);
+    first.resize(count);
+  }
+};
+
+typedef uint8_t vu16 __attribute__((vector_size(16)));
+
+// Rows g0 .. g0 + n - 1 of the tile (n <= kLanes; absolute rows i0 ...) against every slash.
+void attend_slash_group(Tile& t, int g0, int n, int64_t i0, const Slashes& sl, SlashScratch& w) {
+  const int64_t hi_max = sl.row_hi[i0 + n - 1];  // limits never decrease
+  if (hi_max < 0) return;
+  const int D = t.D, Dv = t.Dv;
+  float* q = w.q.data();  // the rows, scaled; rows past n read 0
+  for (int m = 0; m < kLanes; ++m)
+    for (int d = 0; d < D; ++d) q[m * D + d] = m < n ? t.q[(int64_t)(g0 + m) * D + d] * t.scale : 0.0f;
+  vi16 lane, limit;
+  for (int m = 0; m < kLanes; ++m) {
+    lane[m] = m;
+    limit[m] = m < n ? sl.row_hi[i0 + m] : -1;
+  }
+  int used = 0;
+  v16 dots[kLanes];
+  for (int64_t s = 0; s < sl.count; ++s) {
+    const int64_t j0 = i0 + sl.offsets[s];  // lane m's key: j0 + m
+    if (j0 <= -kLanes || j0 >= sl.Sk || j0 > hi_max) continue;
+    vu16 flags;
+    std::memcpy(&flags, sl.skip + j0 + kLanes, sizeof flags);
+    const vi16 keep = (__builtin_convertvector(flags, vi16) == 0) & (lane + (int32_t)j0 <= limit);
+    bool any = false;
+    for (int m = 0; m < kLanes; ++m) any |= keep[m] != 0;
+    if (!any) continue;
+    for (int p = 0; p < kLanes; ++p) {
+      const int m = kBitReversed[p];
+      const float* k = t.k + std::min(std::max<int64_t>(j0 + m, 0), sl.Sk - 1) * D;  // a masked lane reads a real row
+      dots[p] = row_products(q + m * D, k, D);
+    }
+    store(w.scores.data() + used * kLanes, keep ? lane_sums(dots) : splat(-INFINITY));
+    w.first[used++] = j0;
+  }
+  if (used == 0) return;
+  // The online softmax, every lane (row) at once: fold the slashes' scores in at the new maxima.
+  v16 old_max = splat(-INFINITY), old_sum{}, top = splat(-INFINITY);
   for (int m = 0; m < n; ++m) {
-    const float* v = t.v + (int64_t)keys[m] * t.Dv;
-    const float p = scores[m];
-    for (int d = 0; d < t.Dv; ++d) acc[d] += p * v[d];
+    old_max[m] = t.max[g0 + m];
+    old_sum[m] = t.sum[g0 + m];
+  }
+  for (int s = 0; s < used; ++s) top = vmax(top, load(w.scores.data() + s * kLanes));
+  const v16 new_max = vmax(old_max, top), none = splat(-INFINITY);
+  const v16 shift = new_max > none ? new_max : splat(0.0f);
+  v16 total{};
+  for (int s = 0; s < used; ++s) {
+    float* p = w.scores.data() + s * kLanes;
+    const v16 x = load(p);
+    const v16 e = x > none ? exp_nonpositive(x - shift) : splat(0.0f);  // a masked lane weighs exactly 0
+    store(p, e);
+    total += e;
+  }
+  const v16 rescale = old_max > none ? exp_nonpositive(old_max - shift) : splat(0.0f);
+  // Products, row by row, its accumulators in registers a head dim's 16 lanes at a time.
+  float* acc = w.acc.data();
+  for (int m = 0; m < n; ++m)
+    for (int d0 = 0; d0 < Dv; d0 += kChunk * kLanes)
+      weighted_rows(w.scores.data() + m, w.first.data(), used, t.v + (int64_t)m * Dv + d0, Dv,
+                    std::min(kChunk * kLanes, Dv - d0), acc + m * Dv + d0);
+  for (int m = 0; m < n; ++m) {
+    float* o = t.acc + (int64_t)(g0 + m) * Dv;
+    const float c = rescale[m];
+    for (int d = 0; d < Dv; ++d) o[d] = o[d] * c + acc[m * Dv + d];
+    t.sum[g0 + m] = old_sum[m] * c + total[m];
+    t.max[g0 + m] = new_max[m];
   }
 }
 
@@ -296,14 +442,16 @@ extern "C" int sparsec_block_runs_attention(
 
 // Columns and slashes (MInference's vertical-slash): row i keeps the gathered columns kc / vc
 // (B, Hkv, columns, D), their first count[i] (those the causal limit allows: non-decreasing),
-// computed as a piece of the interval kernel over them; and keys i + offsets[n] up to row_hi[i]
-// that are not columns (attend_slashes). Tiles of block_m rows, edges per sub_m rows.
+// computed as a piece of the interval kernel over them (tiles of block_m rows, edges per sub_m
+// rows); and keys i + offsets[n] up to row_hi[i] that are not columns, kLanes rows at a time
+// (attend_slash_group); skip (Sk + 2 kLanes): 1 for a column and for the padding.
 extern "C" int sparsec_column_slash_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const float* kc, const float* vc, int64_t columns,
-    const int32_t* count, const int32_t* offsets, int64_t num_offsets, const int32_t* row_hi,
-    const uint8_t* is_column, float scale, int64_t block_m, int64_t sub_m, int64_t block_n, int64_t threads) {
+    const int32_t* count, const uint8_t* skip, const int32_t* offsets,
+    int64_t num_offsets, const int32_t* row_hi, float scale, int64_t block_m, int64_t sub_m, int64_t block_n,
+    int64_t threads) {
   const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
   if (!p.valid() || columns < 0 || num_offsets < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m ||
       block_n < 1 || threads < 1)
@@ -311,18 +459,17 @@ extern "C" int sparsec_column_slash_attention(
   std::vector<int32_t> zeros(Sq, 0), last(Sq);
   for (int64_t i = 0; i < Sq; ++i) last[i] = count[i] - 1;
   for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R, int64_t kv) {
-    thread_local std::vector<float> scores;
-    thread_local std::vector<int32_t> keys;
-    scores.resize(num_offsets + 1);
-    keys.resize(num_offsets + 1);
+    thread_local SlashScratch scratch;
+    scratch.size(D, Dv, num_offsets);
     if (columns > 0) {
       Tile c = t;
       c.k = kc + kv * columns * D;
       c.v = vc + kv * columns * Dv;
       attend_piece(c, R, zeros.data() + a, last.data() + a, (int)sub_m, (int)block_n);
     }
-    for (int r = 0; r < R; ++r)
-      attend_slashes(t, r, a + r, offsets, num_offsets, row_hi[a + r], is_column, scores.data(), keys.data());
+    const Slashes slashes{skip, offsets, num_offsets, row_hi, Sk};
+    for (int g = 0; g < R; g += kLanes)
+      attend_slash_group(t, g, std::min(kLanes, R - g), a + g, slashes, scratch);
   });
   return 0;
 }
