@@ -1,10 +1,11 @@
 """The CPU executor's native kernels against torch's SDPA-based plans, and dense SDPA.
 
-    python bench/cpu_native.py                 # the grid below on 2 and 1 threads (180 cases): ~5 minutes
+    python bench/cpu_native.py                 # the grid below on 2 and 1 threads (252 cases): ~7 minutes
     python bench/cpu_native.py --quick         # S = 2048, 8 heads, 2 threads, window and multi_diagonal: ~15 s
 
 For every (threads, S, heads, causal, family, density) (bench/attention.py's pattern_for_density,
-families whose patterns keep a few key intervals a row, block-sparse layouts and vertical-slash; head_dim 64,
+families whose patterns keep a few key intervals a row, block-sparse layouts, vertical-slash, and temporal
+heads and column runs (more pieces than the interval kernel takes: on the slash kernel); head_dim 64,
 fp32, batch 1, one pattern for all heads; a case whose pattern codegen.attention_cpu_native.native_form
 cannot run is skipped), times dense SDPA (F.scaled_dot_product_attention(is_causal=causal)), the executor
 forced onto torch's plans (cpu_attention(native=False): its own choice among them) and forced
@@ -44,8 +45,8 @@ def grid(quick: bool) -> tuple[tuple, tuple, tuple]:
     """((S, heads), ...), families, densities."""
     if quick:
         return ((2048, 8),), ("window", "multi_diagonal"), (0.1, 0.25)
-    return (((1024, 8), (2048, 8), (4096, 4)), ("window", "a_shape", "multi_diagonal", "block_sparse", "vertical_slash"),
-            (0.1, 0.25, 0.5))
+    return (((1024, 8), (2048, 8), (4096, 4)), ("window", "a_shape", "multi_diagonal", "block_sparse", "vertical_slash",
+                                                "temporal", "columns"), (0.1, 0.25, 0.5))
 
 
 def measure_case(S: int, heads: int, causal: bool, family: str, density: float, threads: int,

@@ -18,6 +18,10 @@ computed as one interval piece over them, its slashes SLASH_LANES rows at a time
 keys on a slash are consecutive rows of K and V: one vector of scores, the softmax on all rows at
 once).
 
+Patterns of columns and bands in more pieces than the interval kernel takes (a video model's
+temporal head: diagonals at every frame stride; columns in many runs) run on the column-slash
+kernel as the VerticalSlash that keeps the same keys (slash_form).
+
 Native(pattern) is choose_split's option for any of them (native_form says which, or None).
 interval_pieces(), block_runs() and column_slashes() build the kernels' operands; native_counts() is the work a
 kernel does, in the cost model's terms (codegen.attention_cpu_choice prices it against the SDPA
@@ -38,14 +42,16 @@ from sparsec.codegen.native_build import load_native
 from sparsec.patterns import BlockSparse, Pattern, Skip, VerticalSlash
 
 __all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "SLASH_LANES", "block_runs", "interval_pieces",
-           "native_block_m", "native_counts", "native_form", "native_kernel", "run_native"]
+           "native_block_m", "native_counts", "native_form", "native_kernel", "run_native", "slash_form"]
 
 NATIVE_BLOCK_M = 256  # query rows a tile computes its common keys for
 NATIVE_SUB_M = 32     # query rows a tile's band edges are computed for at a time
 NATIVE_BLOCK_N = 512  # keys a GEMM reads at a time
 SLASH_LANES = 16      # rows the column-slash kernel computes a slash for at a time (its vector width)
-# More pieces than this and the tiles' per-piece edges cost more than gathering: not offered.
+# More pieces than this and the tiles' per-piece edges cost more than gathering: not offered (a
+# pattern of columns and bands runs on the column-slash kernel instead, up to _MAX_SLASHES offsets).
 _MAX_PIECES = 8
+_MAX_SLASHES = 2048
 _LIBRARY = "interval_attention"
 
 
@@ -84,15 +90,35 @@ def native_kernel(name: str = "sparsec_interval_attention"):
 
 
 def native_form(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> str | None:
-    """"intervals", "blocks" (a BlockSparse), "slashes" (a VerticalSlash) or None: which native
-    kernel can run `pattern`."""
+    """"intervals", "blocks" (a BlockSparse), "slashes" (a VerticalSlash, or columns and bands in
+    more pieces than the interval kernel takes: slash_form) or None: which native kernel can run
+    `pattern`."""
     if isinstance(pattern, BlockSparse):
         return "blocks"
     if isinstance(pattern, Skip):
         return None
     if isinstance(pattern, VerticalSlash):
         return "slashes"
-    return "intervals" if interval_pieces(pattern, Sq, Sk, causal) is not None else None
+    if interval_pieces(pattern, Sq, Sk, causal) is not None:
+        return "intervals"
+    return "slashes" if slash_form(pattern, Sq, Sk) is not None else None
+
+
+@functools.lru_cache(maxsize=1024)
+def slash_form(pattern: Pattern, Sq: int, Sk: int) -> VerticalSlash | None:
+    """`pattern` as a VerticalSlash that keeps the same keys at Sq x Sk: its columns, and each of
+    its bands offset by offset (a temporal head's many frame diagonals, columns in many runs).
+    None for a pattern that is not made of columns and bands, or whose bands hold more than
+    _MAX_SLASHES offsets."""
+    if isinstance(pattern, VerticalSlash):
+        return pattern
+    form = _interval_form(pattern, Sq, Sk)
+    if form is None:
+        return None
+    columns, bands = form
+    if sum(b + 1 - a for a, b in bands) > _MAX_SLASHES or not (columns or bands):
+        return None
+    return VerticalSlash([(lo, hi + 1) for lo, hi in columns], [o for a, b in bands for o in range(a, b + 1)])
 
 
 def native_block_m(pattern: Pattern, Sq: int) -> int:
@@ -177,8 +203,8 @@ def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool):
     following the kernel's loops (interval_attention.cpp). Needs native_form."""
     if isinstance(pattern, BlockSparse):
         return (*_block_counts(pattern, Sq, Sk, causal), None)
-    if isinstance(pattern, VerticalSlash):
-        return _slash_counts(pattern, Sq, Sk, causal)
+    if native_form(pattern, Sq, Sk, causal) == "slashes":
+        return _slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)
     return (*_interval_counts(*interval_pieces(pattern, Sq, Sk, causal), Sq, native_block_m(pattern, Sq)), None)
 
 
@@ -296,13 +322,14 @@ def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
             *shapes, run_ptr.ctypes.data, lo.ctypes.data, hi.ctypes.data, row_hi.ctypes.data, scale, pattern.block[0],
             NATIVE_BLOCK_N, threads)
         detail = f"{lo.shape[0]} runs"
-    elif isinstance(pattern, VerticalSlash):
-        columns, count, offsets, row_hi, skip = column_slashes(pattern, Sq, Sk, causal)
+    elif native_form(pattern, Sq, Sk, causal) == "slashes":
+        columns, count, offsets, row_hi, skip = column_slashes(slash_form(pattern, Sq, Sk), Sq, Sk, causal)
         index = torch.tensor(columns)
         kc, vc = (x.index_select(2, index).contiguous() if columns.size else x for x in (k, v))
         status = native_kernel("sparsec_column_slash_attention")(
-            *shapes, kc.data_ptr(), vc.data_ptr(), columns.size, count.ctypes.data, skip.ctypes.data, offsets.ctypes.data, offsets.size, row_hi.ctypes.data, scale,
-            native_block_m(pattern, Sq), NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
+            *shapes, kc.data_ptr(), vc.data_ptr(), columns.size, count.ctypes.data, skip.ctypes.data,
+            offsets.ctypes.data, offsets.size, row_hi.ctypes.data, scale, native_block_m(pattern, Sq), NATIVE_SUB_M,
+            NATIVE_BLOCK_N, threads)
         detail = f"{columns.size} columns, {offsets.size} slashes"
     else:
         lo, hi = interval_pieces(pattern, Sq, Sk, causal)

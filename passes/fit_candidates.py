@@ -58,7 +58,8 @@ _EPS = 1e-12
 # Columns, slashes and block layouts are chosen by the calibration sample's attention mass. One
 # that needs more than this share of the keys to reach its recall says the head has no such
 # structure: the pick fits the sample, not the head (measured: a head of random attention took an
-# 84%-dense Columns at 3% error in-sample and gave 14% on fresh inputs), for less than 2x.
+# 84%-dense Columns at 3% error in-sample and gave 14% on fresh inputs), for less than 2x. It
+# bounds the columns kept after bridging gaps (column_ranges) as well as those chosen.
 MAX_SELECTED_DENSITY = 0.5
 
 
@@ -337,8 +338,12 @@ def fit_columns(cols: torch.Tensor, targets: Sequence[float]) -> list[Columns]:
 def fit_columns_many(cols: torch.Tensor, targets: torch.Tensor) -> list[list[Columns]]:
     """The heaviest key columns at each target, for every head: cols (H, Sk), targets (H, T)."""
     limit = MAX_SELECTED_DENSITY * cols.shape[1]
-    return [[Columns(_ranges(np.sort(c))) for c in head if c is not None and c.size <= limit]
-            for head in _heaviest(cols, targets)]
+    found = []
+    for head in _heaviest(cols, targets):
+        ranges = [_ranges(np.sort(c)) for c in head if c is not None and c.size <= limit]
+        # the limit holds for the kept columns too: bridging gaps to MAX_RANGES ranges adds some
+        found.append([Columns(r) for r in ranges if sum(end - start for start, end in r) <= limit])
+    return found
 
 
 def fit_vertical_slashes(cols: torch.Tensor, diag: torch.Tensor, Sq: int, targets: Sequence[float]) -> list[VerticalSlash]:
@@ -357,7 +362,10 @@ def fit_vertical_slashes_many(cols: torch.Tensor, diag: torch.Tensor, Sq: int, t
                 continue
             columns = chosen[chosen < Sk]
             offsets = (chosen[chosen >= Sk] - Sk - (Sq - 1))[:MAX_OFFSETS].tolist()
-            patterns.append(VerticalSlash(_ranges(np.sort(columns)) if columns.size else [], offsets))
+            ranges = _ranges(np.sort(columns)) if columns.size else []
+            if sum(end - start for start, end in ranges) + len(offsets) > MAX_SELECTED_DENSITY * Sk:  # bridged
+                continue
+            patterns.append(VerticalSlash(ranges, offsets))
         found.append(patterns)
     return found
 

@@ -18,7 +18,7 @@ from sparsec.codegen import native_build
 from sparsec.codegen.attention_cpu import cpu_attention
 from sparsec.codegen.attention_cpu_choice import choose_split
 from sparsec.codegen.attention_cpu_native import (NATIVE_SUB_M, Native, interval_pieces, native_block_m,
-                                                  native_counts, native_form, native_kernel)
+                                                  native_counts, native_form, native_kernel, slash_form)
 
 pytestmark = pytest.mark.skipif(native_kernel() is None, reason="native kernel not built: "
                                 + native_build.native_status("interval_attention"))
@@ -70,6 +70,10 @@ CASES += [
     (P.VerticalSlash([(c, c + 1) for c in range(0, 600, 7)], list(range(-590, 40, 9))), 600, 600, True),
     (P.VerticalSlash([(3, 4)], [-1000, 0, 5]), 300, 340, True),  # a slash that reaches no key
     (P.VerticalSlash([], [0, -1, -2]), 100, 100, False),
+    # more pieces than the interval kernel takes: on the slash kernel as the same keys (slash_form)
+    (P.MultiDiagonal([f * 40 + r for f in range(-6, 7) for r in (-6, 0, 6)], 2), 260, 260, True),  # temporal
+    (P.Columns([(c, c + 3) for c in range(0, 300, 20)]), 300, 310, False),  # 15 column runs
+    (P.Window(8, 8) | P.MultiDiagonal([-150, -100, -50, 50, 100, 150], 4) | P.Columns([(0, 2)]), 220, 200, True),
 ]
 
 
@@ -190,8 +194,8 @@ def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
     """The kernel's loops (interval_attention.cpp) run in Python: pairs and masked pairs per tile."""
     if isinstance(pattern, P.BlockSparse):
         return simulated_block_counts(pattern, Sq, Sk, causal)
-    if isinstance(pattern, P.VerticalSlash):
-        return simulated_slash_counts(pattern, Sq, Sk, causal)[:2]
+    if pattern is not None and native_form(pattern, Sq, Sk, causal) == "slashes":  # slash_form: checked apart
+        return simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[:2]
     lo, hi = pieces if pieces is not None else interval_pieces(pattern, Sq, Sk, causal)
     T, t = (native_block_m(pattern, Sq) if pattern is not None else min(256, -(-Sq // 32) * 32)), NATIVE_SUB_M
     pairs, masked = [], []
@@ -221,8 +225,8 @@ def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
     expected_pairs, expected_masked = simulated_counts(pattern, Sq, Sk, causal)
     assert pairs.tolist() == expected_pairs and masked.tolist() == expected_masked
     assert rows.sum() == Sq
-    if isinstance(pattern, P.VerticalSlash):
-        assert fetched.tolist() == simulated_slash_counts(pattern, Sq, Sk, causal)[2]
+    if native_form(pattern, Sq, Sk, causal) == "slashes":
+        assert fetched.tolist() == simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[2]
     else:
         assert fetched is None
     computed = pairs.sum() + (0 if fetched is None else fetched.sum())
@@ -244,8 +248,25 @@ def test_the_cost_model_takes_the_native_kernel_for_a_wide_window_only_where_it_
     assert choose_split(P.Dense(), 2048, 16, False, rows=4, width=64, threads=2)[1] == (P.Dense(),)
     assert choose_split(P.Dense(), 2048, 2048, True, rows=4, width=64, threads=2)[1] == (P.Dense(),)
     assert native_form(P.Skip("mean"), 64, 64, False) is None
-    columns = P.Columns([(c, c + 2) for c in range(0, 4096, 128)])  # 32 runs: no native form
-    assert choose_split(columns, 4096, 4096, False, rows=8, width=128, threads=2, native=True)[1] == (columns,)
+    mixed = P.Window(4, 4) | P.BlockSparse(torch.ones(4, 4, dtype=torch.bool), 16)  # no native form
+    assert native_form(mixed, 64, 64, False) is None
+    assert choose_split(mixed, 64, 64, False, rows=8, width=128, threads=2, native=True)[1] == (mixed,)
+
+
+def test_slash_form_keeps_the_same_keys():
+    """Columns and bands beyond the interval kernel's pieces run on the slash kernel as a
+    VerticalSlash with exactly their kept keys; bands of more than _MAX_SLASHES offsets do not."""
+    temporal = P.MultiDiagonal([f * 64 + r for f in range(-15, 16) for r in (-8, 0, 8)], 2)
+    for Sq, Sk in ((1024, 1024), (700, 1024), (1024, 600)):
+        assert interval_pieces(temporal, Sq, Sk, True) is None
+        assert native_form(temporal, Sq, Sk, True) == "slashes"
+        slashes = slash_form(temporal, Sq, Sk)
+        assert torch.equal(slashes.mask(Sq, Sk), temporal.mask(Sq, Sk))
+    runs = P.Columns([(c, c + 5) for c in range(0, 1000, 50)])
+    assert slash_form(runs, 1000, 1000).offsets == () and torch.equal(slash_form(runs, 1000, 1000).mask(1000, 1000),
+                                                                       runs.mask(1000, 1000))
+    wide = P.MultiDiagonal([k * 500 for k in range(-8, 9)], 200)  # 17 bands of 201 offsets
+    assert slash_form(wide, 4096, 4096) is None and native_form(wide, 4096, 4096, False) is None
 
 
 def test_without_the_native_kernel_the_executor_runs_torchs(monkeypatch, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import sparsec.patterns as P
 from bench_module import load_bench
 from sparsec.codegen.attention_cpu_choice import choose_split
 from sparsec.codegen.attention_cpu_native import Native, native_form, native_kernel
@@ -59,8 +60,9 @@ def test_bench_main_records_three_ways_the_choice_its_loss_and_speedups(tmp_path
     assert summary["worst_loss"] == max(r["loss"] for r in rows)
 
 
-def test_bench_skips_a_pattern_without_the_interval_form(tmp_path, monkeypatch):
+def test_bench_skips_a_pattern_no_native_kernel_runs(monkeypatch):
     bench = load_bench("cpu_native")
-    pattern = bench.pattern_for_density("columns", 256, 0.25)
-    assert native_form(pattern, 256, 256, False) is None
-    assert bench.measure_case(256, 2, False, "columns", 0.25, 1, 0.001) is None
+    mixed = P.Window(4, 4) | P.BlockSparse(torch.ones(16, 16, dtype=torch.bool), 16)
+    monkeypatch.setattr(bench, "pattern_for_density", lambda *args, **kwargs: mixed)
+    assert native_form(mixed, 256, 256, False) is None
+    assert bench.measure_case(256, 2, False, "window", 0.25, 1, 0.001) is None

@@ -1,6 +1,7 @@
 // sparsec's native CPU attention kernels: for patterns whose kept keys, row by row, are a few
 // intervals (bands, windows, sinks, column runs), for block-sparse layouts (key runs per query
-// tile), and for vertical-slash patterns (gathered columns; slashes 16 rows at a time). codegen/native_build.py builds this file; codegen/attention_cpu_native.py calls it.
+// tile), and for vertical-slash patterns (gathered columns; slashes 16 rows at a time).
+// codegen/native_build.py builds this file; codegen/attention_cpu_native.py calls it.
 //
 // Row i of a query head keeps keys lo[p][i] .. hi[p][i] (inclusive) of every piece p. The pieces
 // are disjoint in every row, and each piece's bounds never decrease from one row to the next, so
