@@ -51,6 +51,7 @@ def check(head_patterns, *, B=1, Hkv=None, S=48, D=16, Dv=16, causal=False, dtyp
     return launches
 
 
+@pytest.mark.triton  # runs the kernels through the interpreter (tests/conftest.py)
 @pytest.mark.parametrize("causal", [False, True])
 def test_temporal_heads_run_transposed_in_one_launch_and_match_the_reference(interpret, causal):
     heads = [temporal(12, 4, (0, 3), 1), P.Window(3, 3), temporal(12, 4, (-2,), 0), temporal(12, 4, (0,), 2)]
@@ -59,18 +60,21 @@ def test_temporal_heads_run_transposed_in_one_launch_and_match_the_reference(int
     assert len(transposed) == 1 and len(transposed[0].heads) == 3  # heads 0, 2, 3, on their gathered rows
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_transposed_order_with_gqa_batch_and_value_width(interpret, dtype):
     heads = [temporal(8, 5, (0, 1), 1)] * 2 + [temporal(8, 5, (-3, 3), 0)] * 2
     check(heads, B=2, Hkv=2, S=40, Dv=24, dtype=dtype, causal=True, seed=2)
 
 
+@pytest.mark.triton
 def test_tiles_larger_than_a_frame_and_query_blocks_past_the_end(interpret):
     # 6 frames of 10 tokens: 60 rows in query blocks of 32 (the last one half padding), keys in 32s
     heads = [temporal(10, 6, (0, 2), 1)] * 2
     check(heads, S=60, tiles=AttentionTiles(32, 32, num_warps=4, num_stages=1), seed=4)
 
 
+@pytest.mark.triton
 def test_rows_without_keys_are_zero(interpret):
     heads = [P.MultiDiagonal([16, 24], 0)] * 2  # the last two frames' queries keep nothing
     check(heads, S=32)
