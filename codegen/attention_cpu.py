@@ -310,7 +310,8 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     if isinstance(parts[0], Native):
         heads = table.q_heads
         heads = list(range(Hq)[heads]) if isinstance(heads, slice) else heads.tolist()
-        run_native(q.contiguous(), k.contiguous(), v.contiguous(), out, heads, pattern, causal, scale, threads)
+        run_native(q.contiguous(), k.contiguous(), v.contiguous(), out, heads, parts[0].pattern, causal, scale,
+                   threads)  # the pattern, or the VerticalSlash with its keys (narrow bands run faster as slashes)
         return
     plans = [_plan(part, Sq, Sk, causal, bm) for part in parts]
     frame = parts[0].frame if isinstance(parts[0], FramesTransposed) else None

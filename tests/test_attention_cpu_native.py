@@ -253,6 +253,20 @@ def test_the_cost_model_takes_the_native_kernel_for_a_wide_window_only_where_it_
     assert choose_split(mixed, 64, 64, False, rows=8, width=128, threads=2, native=True)[1] == (mixed,)
 
 
+def test_narrow_bands_run_as_slashes():
+    """A band of a few keys a row runs on the slash kernel (measured: a causal 3-key band at
+    S = 4096, 8 heads, 1.7 ms against 3.5 ms in the interval kernel's tiles); a wide one stays on
+    the tiles. Either way the result is exact."""
+    narrow, wide = P.Window(2, 0), P.Window(300, 300)
+    assert choose_split(narrow, 4096, 4096, True, rows=8, width=128, threads=2)[1] == (
+        Native(P.VerticalSlash([], [-2, -1, 0])),)
+    assert choose_split(wide, 4096, 4096, False, rows=8, width=128, threads=2)[1] == (Native(wide),)
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    for pattern in (narrow, P.Window(5, 3) | P.Columns([(0, 2)])):
+        out = cpu_attention(q, k, v, (pattern,) * 2, causal=True, scale=0.3)
+        torch.testing.assert_close(out.double(), reference(q, k, v, pattern, True, 0.3), atol=2e-5, rtol=2e-5)
+
+
 def test_slash_form_keeps_the_same_keys():
     """Columns and bands beyond the interval kernel's pieces run on the slash kernel as a
     VerticalSlash with exactly their kept keys; bands of more than _MAX_SLASHES offsets do not."""
