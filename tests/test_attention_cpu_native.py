@@ -18,7 +18,8 @@ from sparsec.codegen import native_build
 from sparsec.codegen.attention_cpu import cpu_attention
 from sparsec.codegen.attention_cpu_choice import choose_split
 from sparsec.codegen.attention_cpu_native import (NATIVE_SUB_M, Native, interval_pieces, native_block_m,
-                                                  native_counts, native_form, native_kernel, slash_form)
+                                                  native_counts, native_form, native_kernel, run_native,
+                                                  slash_form)
 
 pytestmark = pytest.mark.skipif(native_kernel() is None, reason="native kernel not built: "
                                 + native_build.native_status("interval_attention"))
@@ -79,10 +80,16 @@ CASES += [
 
 @pytest.mark.parametrize("pattern, Sq, Sk, causal", CASES, ids=[f"{c[0]!r}-{c[1]}x{c[2]}-{c[3]}" for c in CASES])
 def test_native_kernel_matches_the_masked_reference(pattern, Sq, Sk, causal):
+    """Through the executor (which may run a narrow band as slashes) and on the kernel of the
+    pattern's own form (native_form: the interval kernel for bands)."""
     B, Hq, Hkv, D, Dv = 2, 4, 2, 32, 48  # GQA, Dv != D
     q, k, v = torch.randn(B, Hq, Sq, D), torch.randn(B, Hkv, Sk, D), torch.randn(B, Hkv, Sk, Dv)
+    expected = reference(q, k, v, pattern, causal, 0.2)
     out = cpu_attention(q, k, v, (pattern,) * Hq, causal=causal, scale=0.2, native=True)
-    torch.testing.assert_close(out.double(), reference(q, k, v, pattern, causal, 0.2), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    own = torch.full((B, Hq, Sq, Dv), math.nan)
+    run_native(q, k, v, own, list(range(Hq)), pattern, causal, 0.2, threads=2)
+    torch.testing.assert_close(own.double(), expected, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
