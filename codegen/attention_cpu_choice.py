@@ -124,10 +124,11 @@ def choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int 
     then its tile height; for narrow bands the part may be Native(the VerticalSlash with the
     same keys), their slash kernel), chosen the same way where the kernels are built and the
     pattern has their form (native_form). block_m, when given, is kept. rows: query heads x
-    batch that run the pattern together; width: D + Dv; threads: the attention kernels' intra-op threads. split
-    True / False forces the parts (when the pattern has several) or the whole plan; frames True /
-    False forces the transposed order (when the pattern has a frame stride) or the natural one;
-    native True / False forces the native kernel (where it can run) or torch's. Forcing block_m,
+    batch that run the pattern together; width: D + Dv; threads: the attention kernels'
+    intra-op threads. split True / False forces the parts (when the pattern has several) or the
+    whole plan; frames True / False forces the transposed order (when the pattern has a frame
+    stride) or the natural one; native True / False forces the native kernel (where it can run)
+    or torch's. Forcing block_m,
     split or frames runs torch's kernel unless native is True. Cached (_choose_split; its
     cache_clear is this function's)."""
     if native is not False and native_kernel() is None:
@@ -145,8 +146,9 @@ def _choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int
     if isinstance(pattern, Dense) and (not causal or Sq == Sk):
         offer_native = False  # the executor runs it with one SDPA call (codegen.attention_cpu._dense_heads)
     if offer_native and native_form(pattern, Sq, Sk, causal) is not None:
-        native_option = min(((costs.seconds((part,), bm), bm, (part,)) for part in _native_parts(pattern, Sq, Sk, causal)
-                             for bm in (native_block_m(part.pattern, Sq),)), key=lambda option: option[0])
+        options = [(part, native_block_m(part.pattern, Sq)) for part in _native_parts(pattern, Sq, Sk, causal)]
+        native_option = min(((costs.seconds((part,), bm), bm, (part,)) for part, bm in options),
+                            key=lambda option: option[0])
         if native:
             return native_option[1:]
     else:

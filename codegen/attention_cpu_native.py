@@ -229,9 +229,9 @@ def column_slashes(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
 
 
 def _slash_counts(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
-    """The column-slash kernel's counts: its columns as one interval piece over them; `fetched`,
-    SLASH_LANES a group of that many rows and a slash it computes (one where some row keeps a key
-    that is no column), apart from `pairs`."""
+    """The column-slash kernel's counts: its columns as one interval piece over them (pairs,
+    masked, rows), and `fetched`: SLASH_LANES lanes for every group of SLASH_LANES rows and slash
+    it computes (those where some row of the group keeps the slash's key and it is no column)."""
     columns, count, offsets, row_hi, skip = column_slashes(pattern, Sq, Sk, causal)
     T = native_block_m(pattern, Sq)
     count = count.astype(np.int64)
