@@ -337,13 +337,14 @@ def fit_columns(cols: torch.Tensor, targets: Sequence[float]) -> list[Columns]:
 
 def fit_columns_many(cols: torch.Tensor, targets: torch.Tensor) -> list[list[Columns]]:
     """The heaviest key columns at each target, for every head: cols (H, Sk), targets (H, T)."""
-    limit = MAX_SELECTED_DENSITY * cols.shape[1]
-    found = []
-    for head in _heaviest(cols, targets):
-        ranges = [_ranges(np.sort(c)) for c in head if c is not None and c.size <= limit]
-        # the limit holds for the kept columns too: bridging gaps to MAX_RANGES ranges adds some
-        found.append([Columns(r) for r in ranges if sum(end - start for start, end in r) <= limit])
-    return found
+    limit = MAX_SELECTED_DENSITY * cols.shape[1]  # on the columns kept after bridging (never fewer than chosen)
+    return [[Columns(r) for r in (_ranges(np.sort(c)) for c in head if c is not None) if _kept_keys(r) <= limit]
+            for head in _heaviest(cols, targets)]
+
+
+def _kept_keys(ranges: Sequence[tuple[int, int]]) -> int:
+    """How many keys [start, end) ranges keep."""
+    return sum(end - start for start, end in ranges)
 
 
 def fit_vertical_slashes(cols: torch.Tensor, diag: torch.Tensor, Sq: int, targets: Sequence[float]) -> list[VerticalSlash]:
@@ -363,7 +364,7 @@ def fit_vertical_slashes_many(cols: torch.Tensor, diag: torch.Tensor, Sq: int, t
             columns = chosen[chosen < Sk]
             offsets = (chosen[chosen >= Sk] - Sk - (Sq - 1))[:MAX_OFFSETS].tolist()
             ranges = _ranges(np.sort(columns)) if columns.size else []
-            if sum(end - start for start, end in ranges) + len(offsets) > MAX_SELECTED_DENSITY * Sk:  # bridged
+            if _kept_keys(ranges) + len(offsets) > MAX_SELECTED_DENSITY * Sk:  # and once gaps are bridged
                 continue
             patterns.append(VerticalSlash(ranges, offsets))
         found.append(patterns)

@@ -235,7 +235,7 @@ void weighted_rows(const float* p, const int64_t* first, int count, const float*
   for (int c = 0; c < C; ++c) store(out + c * kLanes, a[c]);
 }
 
-// The same for `width` values (no more than kChunk * kLanes), any width.
+// The same for `width` values (no more than kChunk * kLanes), any width (multiples of 16 in registers).
 void weighted_rows(const float* p, const int64_t* first, int count, const float* v, int64_t ld, int width,
                    float* out) {
   switch (width) {
@@ -243,7 +243,9 @@ void weighted_rows(const float* p, const int64_t* first, int count, const float*
     case 2 * kLanes: return weighted_rows<2>(p, first, count, v, ld, out);
     case 3 * kLanes: return weighted_rows<3>(p, first, count, v, ld, out);
     case 4 * kLanes: return weighted_rows<4>(p, first, count, v, ld, out);
+    case 5 * kLanes: return weighted_rows<5>(p, first, count, v, ld, out);
     case 6 * kLanes: return weighted_rows<6>(p, first, count, v, ld, out);
+    case 7 * kLanes: return weighted_rows<7>(p, first, count, v, ld, out);
     case 8 * kLanes: return weighted_rows<8>(p, first, count, v, ld, out);
   }
   std::fill(out, out + width, 0.0f);
