@@ -47,7 +47,7 @@ from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
 from sparsec.codegen.attention_cpu_native import Native, run_native
 from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided
 from sparsec.codegen.cpu_threads import intra_op_threads
-from sparsec.codegen.frame_order import FramesTransposed, natural_index, transposed_index
+from sparsec.codegen.frame_order import FramesTransposed, natural_rows, transposed_rows
 from sparsec.patterns import Dense, Pattern, Skip
 
 __all__ = ["cpu_attention", "choose_blocks"]
@@ -297,6 +297,17 @@ def _store_heads(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Ten
         out.index_copy_(1, heads, rows)
 
 
+def _store_natural(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, frame: int) -> None:
+    """out[:, heads] = rows (B, n, S, Dv) in frame-transposed order, put back in natural order:
+    one copy for consecutive heads."""
+    natural = natural_rows(rows, frame)  # (B, n, frames, frame, Dv)
+    if isinstance(heads, slice):
+        target = out[:, heads]
+        target.view(natural.shape).copy_(natural)
+    else:
+        out.index_copy_(1, heads, natural.reshape(rows.shape))
+
+
 def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, scale: float,
                   block_m: int | None, split: bool | None, frames: bool | None, native: bool | None, threads: int,
                   out: torch.Tensor) -> None:
@@ -307,6 +318,9 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     Sk, Dv = k.shape[2], v.shape[-1]
     bm, parts = choose_split(pattern, Sq, Sk, causal, block_m, rows=q.shape[0] * _count(table.q_heads),
                              width=q.shape[-1] + Dv, threads=threads, split=split, frames=frames, native=native)
+    if isinstance(parts[0], Native) and isinstance(parts[0].pattern, FramesTransposed):
+        _native_transposed_heads(q, k, v, parts[0].pattern, table, causal, scale, threads, out)
+        return
     if isinstance(parts[0], Native):
         heads = table.q_heads
         heads = list(range(Hq)[heads]) if isinstance(heads, slice) else heads.tolist()
@@ -318,8 +332,7 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     q_heads, k_heads, v_heads = (_select_heads(x, heads) for x, heads in
                                  ((q, table.q_heads), (k, table.kv_heads), (v, table.kv_heads)))
     if frame is not None:
-        order = natural_index(Sq, frame)
-        q_heads, k_heads, v_heads = (x.index_select(2, order) for x in (q_heads, k_heads, v_heads))
+        q_heads, k_heads, v_heads = (transposed_rows(x, frame) for x in (q_heads, k_heads, v_heads))
     q_rows = _padded_rows(q_heads, bm)
     k_rows = k_heads.contiguous().view(-1, Sk, k.shape[-1])
     v_rows = v_heads.contiguous().view(-1, Sk, Dv)
@@ -341,8 +354,21 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
     if not direct:
         rows = out_rows.view(B, q_rows.shape[0] // B, -1, Dv)[:, :, :Sq]
         if frame is not None:
-            rows = rows.index_select(2, transposed_index(Sq, frame))
-        _store_heads(out, table.q_heads, rows)
+            _store_natural(out, table.q_heads, rows, frame)
+        else:
+            _store_heads(out, table.q_heads, rows)
+
+
+def _native_transposed_heads(q, k, v, pattern: FramesTransposed, table: _HeadTable, causal: bool, scale: float,
+                             threads: int, out: torch.Tensor) -> None:
+    """The heads of `table` on the native interval kernel in frame-transposed order: their q and
+    their kv heads' k and v gathered into that order (each kv head serves the next c query heads,
+    as the kernel's GQA map reads them), the output gathered back into out."""
+    q_t, k_t, v_t = (transposed_rows(_select_heads(x, heads), pattern.frame) for x, heads in
+                     ((q, table.q_heads), (k, table.kv_heads), (v, table.kv_heads)))
+    out_t = torch.empty(*q_t.shape[:3], v.shape[-1], dtype=out.dtype)
+    run_native(q_t, k_t, v_t, out_t, list(range(q_t.shape[1])), pattern, causal, scale, threads)
+    _store_natural(out, table.q_heads, out_t, pattern.frame)
 
 
 def _dense_heads(q, k, v, heads: tuple[int, ...], causal: bool, scale: float, threads: int) -> torch.Tensor:

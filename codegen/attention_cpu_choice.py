@@ -5,8 +5,9 @@ log-sum-exp, and in which token order.
 Native (choose_split). A pattern with the interval form (codegen.attention_cpu_native.
 interval_pieces: at most 8 disjoint pieces a row), or a BlockSparse layout (block_runs), may run
 on sparsec's own kernels, priced by the same model (their tiles' pairs at the profile's
-native_pair_speed, masked pairs at native_mask_cost_per_pair): bench/cpu_native.py times both
-ways.
+native_pair_speed, masked pairs at native_mask_cost_per_pair, a vertical-slash's lanes at
+native_lane_seconds): bench/cpu_native.py times both ways. A pattern of bands with a frame stride
+is also priced on the interval kernel in frame-transposed order (below), permutations included.
 
 Query block size: the candidate (32 to 256 rows) with the least estimated time, by the cost model
 as below: pairs read (block_m x the union of each block's rows' keys, from
@@ -145,15 +146,16 @@ def _choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int
     offer_native = native is True or (native is None and block_m is None and split is None and frames is None)
     if isinstance(pattern, Dense) and (not causal or Sq == Sk):
         offer_native = False  # the executor runs it with one SDPA call (codegen.attention_cpu._dense_heads)
-    if offer_native and native_form(pattern, Sq, Sk, causal) is not None:
-        options = [(part, native_block_m(part.pattern, Sq)) for part in _native_parts(pattern, Sq, Sk, causal)]
-        native_option = min(((costs.seconds((part,), bm), bm, (part,)) for part, bm in options),
+    frame_strides = () if frames is False else frame_candidates(pattern, Sq, Sk)
+    native_parts = _native_parts(pattern, Sq, Sk, causal, frame_strides, frames) if offer_native else []
+    if native_parts:
+        native_option = min(((costs.seconds((part,), bm), bm, (part,)) for part, bm in
+                             ((part, native_block_m(part.pattern, Sq)) for part in native_parts)),
                             key=lambda option: option[0])
         if native:
             return native_option[1:]
     else:
         native_option = None
-    frame_strides = () if frames is False else frame_candidates(pattern, Sq, Sk)
     if not frame_strides:  # frames forced on a pattern without a frame stride: the natural order
         options = [_best_option(pattern, band_parts(pattern), costs, block_m, split, priced=native_option is not None)]
     else:
@@ -167,16 +169,26 @@ def _choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int
     return bm, parts
 
 
-def _native_parts(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> list[Native]:
-    """The native kernels' ways to run `pattern`: on its own form, and narrow bands (no more than
-    _SLASH_OFFSETS offsets in all) also as the VerticalSlash that keeps the same keys, which runs
-    them up to 2x faster than the interval kernel's tiles (measured: a causal 3-key band at
-    S = 4096, 1.7 ms against 3.5 ms; at 41 keys both ~6 ms)."""
-    parts = [Native(pattern)]
-    if native_form(pattern, Sq, Sk, causal) == "intervals":
-        slashes = slash_form(pattern, Sq, Sk)
-        if slashes is not None and len(slashes.offsets) <= _SLASH_OFFSETS:
-            parts.append(Native(slashes))
+def _native_parts(pattern: Pattern, Sq: int, Sk: int, causal: bool, frame_strides: tuple[int, ...],
+                  frames: bool | None) -> list[Native]:
+    """The native kernels' ways to run `pattern` (none where they cannot): on its own form; narrow
+    bands (no more than _SLASH_OFFSETS offsets in all) also as the VerticalSlash that keeps the
+    same keys, which runs them up to 2x faster than the interval kernel's tiles (measured: a
+    causal 3-key band at S = 4096, 1.7 ms against 3.5 ms; at 41 keys both ~6 ms); and at each
+    frame stride, the interval kernel in frame-transposed order (a wide temporal head's
+    diagonals become a few wide runs a row: at S = 4096, 8 frames, 3.3-3.7x dense SDPA against
+    2.3-3.2x on torch's kernel in that order). frames True: only those; False: none of them."""
+    parts = []
+    if frames is not True and native_form(pattern, Sq, Sk, causal) is not None:
+        parts.append(Native(pattern))
+        if native_form(pattern, Sq, Sk, causal) == "intervals":
+            slashes = slash_form(pattern, Sq, Sk)
+            if slashes is not None and len(slashes.offsets) <= _SLASH_OFFSETS:
+                parts.append(Native(slashes))
+    for frame in frame_strides:
+        transposed = FramesTransposed(pattern, frame)
+        if native_form(transposed, Sq, Sk, causal) is not None:
+            parts.append(Native(transposed))
     return parts
 
 

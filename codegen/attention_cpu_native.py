@@ -20,7 +20,10 @@ once).
 
 Patterns of columns and bands in more pieces than the interval kernel takes (a video model's
 temporal head: diagonals at every frame stride; columns in many runs) run on the column-slash
-kernel as the VerticalSlash that keeps the same keys (slash_form).
+kernel as the VerticalSlash that keeps the same keys (slash_form). In frame-transposed order
+(FramesTransposed, codegen.frame_order) a temporal head's bands are a few wide pieces, plus one
+piece for each offset that wraps into the neighbouring frame, empty but in the first and last
+positions' rows (codegen.frame_coverage.transposed_pieces): the interval kernel runs those too.
 
 Native(pattern) is choose_split's option for any of them (native_form says which, or None).
 interval_pieces(), block_runs() and column_slashes() build the kernels' operands; native_counts() is the work a
@@ -33,16 +36,20 @@ import ctypes
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from sparsec.codegen.block_coverage import _interval_form
+from sparsec.codegen.frame_coverage import transposed_pieces
+from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.codegen.native_build import load_native
 from sparsec.patterns import BlockSparse, Pattern, Skip, VerticalSlash
 
-__all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "SLASH_LANES", "block_runs", "interval_pieces",
-           "native_block_m", "native_counts", "native_form", "native_kernel", "run_native", "slash_form"]
+__all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "NativeCounts", "Pieces", "SLASH_LANES",
+           "block_runs", "interval_pieces", "native_block_m", "native_counts", "native_form", "native_kernel",
+           "run_native", "slash_form"]
 
 NATIVE_BLOCK_M = 256  # query rows a tile computes its common keys for
 NATIVE_SUB_M = 32     # query rows a tile's band edges are computed for at a time
@@ -52,6 +59,7 @@ SLASH_LANES = 16      # rows the column-slash kernel computes a slash for at a t
 # pattern of columns and bands runs on the column-slash kernel instead, up to _MAX_SLASHES offsets).
 _MAX_PIECES = 8
 _MAX_SLASHES = 2048
+_MAX_TRANSPOSED_PIECES = 128
 _LIBRARY = "interval_attention"
 
 
@@ -67,8 +75,8 @@ class Native:
 
 _POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # the entry points of interval_attention.cpp: (q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, heads, ...)
-    "sparsec_interval_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64,
-                                                                 ctypes.c_float] + [_I64] * 4,
+    "sparsec_interval_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64, _POINTER,
+                                                                 _I64, ctypes.c_float] + [_I64] * 4,
     "sparsec_block_runs_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64] + [_POINTER] * 4
                                     + [ctypes.c_float] + [_I64] * 3,
     "sparsec_column_slash_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64]
@@ -160,13 +168,35 @@ def block_runs(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
     return arrays
 
 
+class Pieces(NamedTuple):
+    """The interval kernel's operands: row i keeps keys lo[p, i] .. hi[p, i] (int32 (pieces, Sq))
+    of each piece p; the pieces run in groups (int64 (groups + 1,): group g is pieces groups[g] ..
+    groups[g + 1] - 1; a group of one piece runs as its tiles, a larger one in one pass over the
+    keys its pieces keep in each sub-tile)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    groups: np.ndarray
+
+
+def interval_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> Pieces | None:
+    """The pattern's Pieces: disjoint in every row, together exactly what `pattern` (and the causal
+    rule) keeps; each piece's lo and hi never decrease from row to row, lo in [0, Sk], hi in
+    [-1, Sk - 1], an empty piece's row has lo == hi + 1. None when the pattern is not made of
+    columns and bands (BlockSparse) or needs more than _MAX_PIECES pieces. A FramesTransposed of
+    bands has its pieces in transposed order (codegen.frame_coverage.transposed_pieces, up to
+    _MAX_TRANSPOSED_PIECES: most of them are empty but near the first and last positions, where
+    a tile's loop passes them at no cost; those run in groups). Read-only arrays (cached)."""
+    if isinstance(pattern, FramesTransposed):
+        if Sq != Sk or Sq % pattern.frame:
+            return None
+        found = transposed_pieces(pattern, Sq, causal, _MAX_TRANSPOSED_PIECES)
+        return None if found is None else Pieces(*found)
+    return _natural_pieces(pattern, Sq, Sk, causal)
+
+
 @functools.lru_cache(maxsize=1024)
-def interval_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """(lo, hi), int32 (pieces, Sq): row i keeps keys lo[p, i] .. hi[p, i] of each piece p, which
-    are disjoint in every row, together exactly what `pattern` (and the causal rule) keeps; each
-    row of lo and hi is non-decreasing, lo in [0, Sk], hi in [-1, Sk - 1], an empty piece's row
-    has lo == hi + 1. None when the pattern is not made of columns and bands (BlockSparse, frame
-    orders) or needs more than _MAX_PIECES pieces. Read-only arrays (cached)."""
+def _natural_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> Pieces | None:
     form = _interval_form(pattern, Sq, Sk)
     if form is None:
         return None
@@ -191,21 +221,29 @@ def interval_pieces(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> tuple[n
     if not pieces:
         pieces = [(np.zeros(Sq, dtype=np.int64), np.full(Sq, -1, dtype=np.int64))]
     lo, hi = (np.ascontiguousarray(np.stack(ends).astype(np.int32)) for ends in zip(*pieces))
-    lo.setflags(write=False)
-    hi.setflags(write=False)
-    return lo, hi
+    groups = np.arange(lo.shape[0] + 1, dtype=np.int64)  # a group a piece
+    for array in (lo, hi, groups):
+        array.setflags(write=False)
+    return Pieces(lo, hi, groups)
 
 
-def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool):
-    """(pairs, masked, rows, fetched), float64 per query tile of native_block_m rows: the
-    (query, key) pairs the native kernel computes for one head (masked: of which under the element
-    mask; fetched: the lanes of a vertical-slash's slashes, not in pairs) and the tile's rows,
-    following the kernel's loops (interval_attention.cpp). Needs native_form."""
+class NativeCounts(NamedTuple):
+    """The work of a native kernel on one head, float64 per query tile of native_block_m rows,
+    following the kernel's loops (interval_attention.cpp)."""
+
+    pairs: np.ndarray             # (query, key) pairs computed
+    masked: np.ndarray            # of which under the element mask
+    rows: np.ndarray              # the tile's query rows
+    fetched: np.ndarray | None    # the lanes of a vertical-slash's slashes (not in pairs); None: no slashes
+
+
+def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> NativeCounts:
+    """The native kernel's work for one head of `pattern` (NativeCounts). Needs native_form."""
     if isinstance(pattern, BlockSparse):
-        return (*_block_counts(pattern, Sq, Sk, causal), None)
+        return _block_counts(pattern, Sq, Sk, causal)
     if native_form(pattern, Sq, Sk, causal) == "slashes":
         return _slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)
-    return (*_interval_counts(*interval_pieces(pattern, Sq, Sk, causal), Sq, native_block_m(pattern, Sq)), None)
+    return _pieces_counts(interval_pieces(pattern, Sq, Sk, causal), Sq, native_block_m(pattern, Sq))
 
 
 @functools.lru_cache(maxsize=256)
@@ -235,7 +273,7 @@ def _slash_counts(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
     columns, count, offsets, row_hi, skip = column_slashes(pattern, Sq, Sk, causal)
     T = native_block_m(pattern, Sq)
     count = count.astype(np.int64)
-    pairs, masked, rows = _interval_counts(np.zeros((1, Sq), dtype=np.int64), count[None] - 1, Sq, T)
+    pairs, masked, rows, _ = _interval_counts(np.zeros((1, Sq), dtype=np.int64), count[None] - 1, Sq, T)
     L = SLASH_LANES
     groups = math.ceil(Sq / L)
     rows_index = np.arange(groups * L, dtype=np.int64)
@@ -247,7 +285,7 @@ def _slash_counts(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
         visited += keep.reshape(groups, L, -1).any(1).sum(1)
     group_tile = (np.arange(groups) * L) // T
     fetched = np.bincount(group_tile, weights=visited * L, minlength=pairs.shape[0])
-    return pairs, masked, rows, fetched
+    return NativeCounts(pairs, masked, rows, fetched)
 
 
 def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
@@ -261,12 +299,47 @@ def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
     before = first_limit + 1 - lo  # keys of the run up to the tile's first row's limit
     masked_from = np.where(before > 0, lo + n * (np.maximum(before, 0) // n), lo)  # first masked chunk
     masked = np.where(hi > first_limit, hi + 1 - np.minimum(masked_from, hi + 1), 0)
-    per_tile = lambda x: np.bincount(tile, weights=x, minlength=tiles) * rows  # noqa: E731
-    return per_tile(keys.astype(np.float64)), per_tile(masked.astype(np.float64)), rows.astype(np.float64)
+    per_tile = lambda x: np.bincount(tile, weights=x, minlength=tiles)  # noqa: E731
+    return NativeCounts(per_tile(keys * rows[tile]), per_tile(masked * rows[tile]), rows.astype(np.float64), None)
 
 
-def _interval_counts(lo: np.ndarray, hi: np.ndarray, Sq: int, T: int):
-    """native_counts' (pairs, masked, rows) of pieces (lo, hi) (interval_pieces' form) at tiles of T rows."""
+def _pieces_counts(pieces: Pieces, Sq: int, T: int) -> NativeCounts:
+    """native_counts of Pieces at tiles of T rows: its groups of one piece by their tiles
+    (_interval_counts), the others by _group_counts."""
+    sizes = np.diff(pieces.groups)
+    alone = pieces.groups[:-1][sizes == 1]
+    if alone.size:
+        counts = _interval_counts(pieces.lo[alone], pieces.hi[alone], Sq, T)
+    else:  # the rows' counts of one empty piece
+        counts = _interval_counts(np.zeros((1, Sq), dtype=np.int64), np.full((1, Sq), -1, dtype=np.int64), Sq, T)
+    pairs, masked = counts.pairs.copy(), counts.masked.copy()
+    for g in np.flatnonzero(sizes > 1):
+        group = slice(pieces.groups[g], pieces.groups[g + 1])
+        group_pairs = _group_counts(pieces.lo[group], pieces.hi[group], Sq, T)
+        pairs += group_pairs
+        masked += group_pairs
+    return counts._replace(pairs=pairs, masked=masked)
+
+
+def _group_counts(lo: np.ndarray, hi: np.ndarray, Sq: int, T: int) -> np.ndarray:
+    """Pairs (all masked) per tile of T rows of a group of pieces (m, Sq): each sub-tile computes
+    its real rows against every key from the first any of them keeps in any piece to the last."""
+    t = NATIVE_SUB_M
+    tiles = math.ceil(Sq / T)
+    subs = math.ceil(T / t)
+    pad = tiles * subs * t - Sq
+    real = np.arange(tiles * subs * t).reshape(tiles, subs, t) < Sq
+    lo = np.pad(lo.astype(np.int64), ((0, 0), (0, pad))).reshape(-1, tiles, subs, t)
+    hi = np.pad(hi.astype(np.int64), ((0, 0), (0, pad)), constant_values=-1).reshape(-1, tiles, subs, t)
+    kept = (hi >= lo) & real
+    first = np.where(kept, lo, np.iinfo(np.int64).max).min(axis=(0, 3))
+    last = np.where(kept, hi, -1).max(axis=(0, 3))
+    width = np.where(last >= 0, last + 1 - first, 0)
+    return (width * real.sum(-1)).sum(-1).astype(np.float64)
+
+
+def _interval_counts(lo: np.ndarray, hi: np.ndarray, Sq: int, T: int) -> NativeCounts:
+    """native_counts of pieces (lo, hi) (interval_pieces' form) at tiles of T rows."""
     t = NATIVE_SUB_M
     tiles = math.ceil(Sq / T)
     pad = tiles * T - Sq
@@ -288,11 +361,11 @@ def _interval_counts(lo: np.ndarray, hi: np.ndarray, Sq: int, T: int):
     e_hi = np.take_along_axis(hi.reshape(*hi.shape[:2], -1, t), last_kept[..., None], 3)[..., 0]
     any_kept = (kept.reshape(*kept.shape[:2], -1, t) & (np.arange(t) < n[..., None])).any(-1)
     whole = np.where(any_kept, np.maximum(e_hi + 1 - e_lo, 0), 0)
-    edges = np.maximum(mid0[..., None] - s_lo, 0) + np.maximum(s_hi + 1 - mid1[..., None], 0)
-    masked = (n * np.where(middle[..., None], edges, whole)).sum(-1)
+    left, right = np.maximum(mid0[..., None] - s_lo, 0), np.maximum(s_hi + 1 - mid1[..., None], 0)
+    masked = (n * np.where(middle[..., None], left + right, whole)).sum(-1)
     unmasked = np.where(middle, real * (mid1 - mid0), 0)
-    return ((masked + unmasked).sum(0).astype(np.float64), masked.sum(0).astype(np.float64),
-            real.astype(np.float64))
+    return NativeCounts((masked + unmasked).sum(0).astype(np.float64), masked.sum(0).astype(np.float64),
+                        real.astype(np.float64), None)
 
 
 def _first_true(flags: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -309,7 +382,8 @@ def _last_true(flags: np.ndarray, n: np.ndarray) -> np.ndarray:
 def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, q_heads: list[int],
                pattern: Pattern, causal: bool, scale: float, threads: int) -> None:
     """Writes heads q_heads of out (B, Hq, Sq, Dv) with `pattern` (native_form not None): q, k, v
-    and out contiguous float32 (B, H, S, D); K/V head of query head h: h // (Hq // Hkv)."""
+    and out contiguous float32 (B, H, S, D); K/V head of query head h: h // (Hq // Hkv). For a
+    FramesTransposed pattern, rows in its order (q, k, v, out: codegen.frame_order)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     heads = torch.tensor(q_heads, dtype=torch.int32)
@@ -332,10 +406,11 @@ def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
             NATIVE_BLOCK_N, threads)
         detail = f"{columns.size} columns, {offsets.size} slashes"
     else:
-        lo, hi = interval_pieces(pattern, Sq, Sk, causal)
-        status = native_kernel()(*shapes, lo.ctypes.data, hi.ctypes.data, lo.shape[0], scale,
-                                 native_block_m(pattern, Sq), NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
-        detail = f"{lo.shape[0]} pieces"
+        lo, hi, groups = interval_pieces(pattern, Sq, Sk, causal)
+        status = native_kernel()(*shapes, lo.ctypes.data, hi.ctypes.data, lo.shape[0], groups.ctypes.data,
+                                 groups.shape[0] - 1, scale, native_block_m(pattern, Sq), NATIVE_SUB_M, NATIVE_BLOCK_N,
+                                 threads)
+        detail = f"{lo.shape[0]} pieces in {groups.shape[0] - 1} groups"
     if status != 0:
         raise RuntimeError(f"sparsec's native attention kernel refused its arguments (q {tuple(q.shape)}, "
                            f"k {tuple(k.shape)}, {detail})")

@@ -45,7 +45,7 @@ import torch
 from sparsec.codegen.frame_order import FramesTransposed
 
 __all__ = [
-    "base_bands", "transposed_band_intervals", "transposed_block_intervals", "transposed_row_keys",
+    "base_bands", "transposed_band_intervals", "transposed_block_intervals", "transposed_pieces", "transposed_row_keys",
     "transposed_touched_tiles",
 ]
 
@@ -168,6 +168,54 @@ def transposed_row_keys(pattern: FramesTransposed, S: int, causal: bool) -> torc
     p, f = np.divmod(np.arange(S), frames)
     first, last = np.searchsorted(d, -p, side="left"), np.searchsorted(d, pattern.frame - 1 - p, side="right")
     return torch.from_numpy(prefix[f, last] - prefix[f, first])
+
+
+@functools.lru_cache(maxsize=16)
+def transposed_pieces(pattern: FramesTransposed, S: int, causal: bool,
+                      max_pieces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(lo, hi, groups): the native interval kernel's pieces of `pattern`, int32 (pieces, S), in
+    the form of codegen.attention_cpu_native.interval_pieces (disjoint in every row, together what
+    the row keeps, the causal rule in natural order included; each piece's ends never decrease from
+    row to row; an empty piece's row has lo == hi + 1), and the groups the kernel runs them in
+    (int64 (groups + 1,): group g is pieces groups[g] .. groups[g + 1] - 1); None when the base is
+    not bands only or needs more than max_pieces pieces. Read-only arrays (cached: few, they are S
+    wide).
+
+    Each (d, k range) of the bands is one such piece in closed form: row x = p * T + f keeps
+    [q * T + max(f + k0, 0), q * T + min(f + k1, T - 1)], q = p + d, which moves right with x (to
+    the next position's block at p + 1), and nothing while q is outside [0, frame): the row's
+    bounds then sit at 0 / -1 (q < 0) or S / S - 1 (q >= frame), in order with the rest. Ranges
+    of consecutive d join into one piece where each reaches the end of its position's block
+    (k1 >= T - 1) and the next starts at the beginning of its own (k0 <= 1 - T): together one
+    interval a row. A temporal head's wide bands become a few pieces; the offsets that wrap into
+    the neighbouring frame give one piece each, empty but in the rows of the first and last
+    positions. Those single ranges at neighbouring d keep short runs a block apart: they make one
+    group (the kernel computes a sub-tile's keys for all of them in one pass, under their mask,
+    instead of a pass each over mostly the same keys); a joined piece is a group of its own."""
+    ranges = _pattern_ranges(pattern, S, causal)
+    if ranges is None:
+        return None
+    d, k0, k1 = (r.numpy() for r in ranges)
+    frames = S // pattern.frame
+    if not d.size:  # nothing kept: one empty piece
+        lo, hi, groups = np.zeros((1, S), dtype=np.int64), np.full((1, S), -1, dtype=np.int64), np.array([0, 1])
+    else:
+        joins = (d[1:] == d[:-1] + 1) & (k1[:-1] >= frames - 1) & (k0[1:] <= 1 - frames)
+        first = np.flatnonzero(np.concatenate([[True], ~joins]))
+        if first.size > max_pieces:
+            return None
+        last = np.append(first[1:] - 1, d.size - 1)
+        single = first == last
+        together = single[1:] & single[:-1] & (d[first[1:]] - d[first[:-1]] <= 1)
+        groups = np.append(np.flatnonzero(np.concatenate([[True], ~together])), first.size)
+        p, f = np.divmod(np.arange(S, dtype=np.int64), frames)
+        lo = (p + d[first, None]) * frames + np.clip(f + k0[first, None], 0, frames)
+        hi = (p + d[last, None]) * frames + np.clip(f + k1[last, None], -1, frames - 1)
+    arrays = tuple(np.ascontiguousarray(np.clip(x, low, S + low).astype(np.int32)) for x, low in ((lo, 0), (hi, -1)))
+    arrays += (np.ascontiguousarray(groups, dtype=np.int64),)
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
 
 
 def _pattern_ranges(pattern: FramesTransposed, S: int, causal: bool) -> tuple[torch.Tensor, ...] | None:

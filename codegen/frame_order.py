@@ -22,7 +22,8 @@ import torch
 
 from sparsec.patterns import MultiDiagonal, Pattern, Union, Window, _check_int
 
-__all__ = ["FramesTransposed", "pattern_bands", "frame_candidates", "natural_index", "transposed_index"]
+__all__ = ["FramesTransposed", "pattern_bands", "frame_candidates", "natural_index", "natural_rows", "transposed_index",
+           "transposed_rows"]
 
 # Frame strides worth pricing per pattern, and the shortest frame.
 _MAX_FRAMES = 2
@@ -84,6 +85,20 @@ def transposed_index(length: int, frame: int) -> torch.Tensor:
     the output with it)."""
     i = torch.arange(length)
     return (i % frame) * (length // frame) + i // frame
+
+
+def transposed_rows(x: torch.Tensor, frame: int) -> torch.Tensor:
+    """x (B, H, S, D) with its rows in frame-transposed order, contiguous: one strided copy (the
+    frames x positions grid transposed), about twice as fast as gathering rows by natural_index."""
+    B, H, S, D = x.shape
+    return x.reshape(B, H, S // frame, frame, D).transpose(2, 3).reshape(B, H, S, D)
+
+
+def natural_rows(x: torch.Tensor, frame: int) -> torch.Tensor:
+    """x (B, H, S, D) in frame-transposed order as a view of its rows in natural order, shaped
+    (B, H, S // frame, frame, D) (frames x positions): copying it out is the only copy."""
+    B, H, S, D = x.shape
+    return x.reshape(B, H, frame, S // frame, D).transpose(2, 3)
 
 
 def pattern_bands(pattern: Pattern) -> list[tuple[int, int, Pattern]] | None:

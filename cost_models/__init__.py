@@ -114,13 +114,15 @@ def transposed_heads(patterns, shape: AttentionShape, block_m: int | None, block
                      hardware: HardwareProfile | str) -> tuple[tuple[int, ...], int | None]:
     """frame_transposed_heads of per-head `patterns` for an attention of `shape` (tiles None:
     as the executor picks them)."""
+    from sparsec.codegen.attention_cpu_native import Native
     from sparsec.codegen.frame_order import FramesTransposed
 
     hardware = get_profile(hardware) if isinstance(hardware, str) else hardware
     patterns = tuple(patterns)
     block_m, block_n = _default_tiles(shape, hardware, block_m, block_n)
-    if hardware.executor == "cpu":
-        run = _cpu_runs(patterns, shape, block_m, hardware)
+    if hardware.executor == "cpu":  # on torch's kernel or a native one
+        run = [part.pattern if isinstance(part, Native) else part for part in _cpu_runs(patterns, shape, block_m,
+                                                                                         hardware)]
     else:
         from sparsec.codegen.triton_frame_order import priced_frame_order
 

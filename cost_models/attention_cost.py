@@ -128,6 +128,7 @@ class BlockCounts(NamedTuple):
     call_rows: np.ndarray | None = None
     calls: int = 0
     native: bool = False  # cpu executor: run on a native kernel (its plan pays native_overhead_s)
+    moved: np.ndarray | None = None  # cpu executor: rows copied by a frame-transposed order, as gathers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,6 +144,7 @@ class LaunchWork:
                                         # cpu executor: the query rows it computes (BlockCounts)
     skip_fills: tuple[str, ...] = ()    # set only for a launch of Skip heads: their fills
     gathered: torch.Tensor | None = None  # cpu executor (see BlockCounts): keys gathered per program
+    moved: torch.Tensor | None = None     # cpu executor: rows a frame-transposed order copies per program
     call_rows: torch.Tensor | None = None  # cpu executor: query rows of each program's call
     calls: int = 0                        # cpu executor: SDPA calls of the launch
     plans: int = 1                        # cpu executor: distinct patterns, each run on its own
@@ -228,7 +230,7 @@ def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_
     its heads, so each distinct pattern's calls count once."""
     distinct = list(dict.fromkeys(patterns))
     counts = pattern_counts(distinct, shape, block_m, block_n, executor=executor, native=native)
-    fields = ("visited", "partial", "computed") + (("gathered", "call_rows") if executor == "cpu" else ())
+    fields = ("visited", "partial", "computed") + (("gathered", "call_rows", "moved") if executor == "cpu" else ())
     columns = {name: np.concatenate([getattr(counts[p], name) for p in patterns]) for name in fields}
     columns = {name: torch.from_numpy(np.tile(column, shape.batch)) for name, column in columns.items()}
     plans = sum(not isinstance(p, Skip) for p in distinct) if executor == "cpu" else 1
@@ -269,24 +271,29 @@ def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None, na
 
 def cpu_option_counts(parts: tuple[Pattern, ...], shape: AttentionShape, block_m: int) -> BlockCounts:
     """The cpu executor's work for one head run as `parts` (disjoint; one part: the pattern
-    whole) at query blocks of block_m rows: the parts' counts add up, merging each part after the
-    first copies its rows' outputs once more, and frame-transposed parts (codegen.frame_order)
-    move q and the output rows once each, K and V once (both priced as gathered keys of the same
+    whole) at query blocks of block_m rows (a native part: its kernel's tiles): the parts' counts
+    add up, merging each part after the first copies its rows' outputs once more, and
+    frame-transposed parts (codegen.frame_order; on torch's kernel or a native one) move q and
+    the output rows once each, K and V once (`moved`, priced as gathered keys of the same
     bytes)."""
+    from sparsec.codegen.attention_cpu_native import Native
     from sparsec.codegen.frame_order import FramesTransposed
 
     Sq, Sk, causal, bm = shape.q_len, shape.kv_len, shape.causal, block_m
     counts = [_cpu_part_counts(part, Sq, Sk, bm, causal) for part in parts]
-    rows = np.minimum(bm, Sq - np.arange(counts[0].visited.shape[0]) * bm)
-    moved = rows + Sk / rows.shape[0] if isinstance(parts[0], FramesTransposed) else 0.0
+    tiles = counts[0].visited.shape[0]
+    rows = np.minimum(bm, Sq - np.arange(tiles) * bm)
+    first = parts[0].pattern if isinstance(parts[0], Native) else parts[0]
+    moved = rows + Sk / tiles if isinstance(first, FramesTransposed) else np.zeros(tiles)
     if len(counts) == 1:
-        return counts[0]._replace(gathered=counts[0].gathered + moved)
+        return counts[0]._replace(moved=moved)
     visited = sum(c.visited for c in counts)
     log_rows = sum(c.visited * np.log(c.call_rows) for c in counts)
     merged_keys = (len(parts) - 1) * rows * 2 * shape.value_dim / (shape.head_dim + shape.value_dim)
     call_rows = np.exp(np.divide(log_rows, visited, out=np.zeros_like(visited), where=visited > 0))
     return BlockCounts(visited, sum(c.partial for c in counts), sum(c.computed for c in counts),
-                       sum(c.gathered for c in counts) + merged_keys + moved, call_rows, sum(c.calls for c in counts))
+                       sum(c.gathered for c in counts) + merged_keys, call_rows, sum(c.calls for c in counts),
+                       moved=moved)
 
 
 def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_m: int,
@@ -320,11 +327,12 @@ def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) 
 
 def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarray, shape: AttentionShape,
                     block_m: int | None, block_n: int, hw: HardwareProfile, *, gathered: np.ndarray | None = None,
-                    call_rows: np.ndarray | None = None) -> np.ndarray:
+                    call_rows: np.ndarray | None = None, moved: np.ndarray | None = None) -> np.ndarray:
     """Per-program seconds (float64 numpy, any shape): max(compute, K/V streaming) over the
-    blocks each program visits (BlockCounts' columns; gathered and call_rows for the cpu executor)."""
+    blocks each program visits (BlockCounts' columns; gathered, call_rows and moved for the cpu
+    executor)."""
     if hw.executor == "cpu":
-        return _cpu_program_seconds(visited, partial, computed, gathered, call_rows, shape, hw)
+        return _cpu_program_seconds(visited, partial, computed, gathered, call_rows, shape, hw, moved)
     bytes_per = _BYTES[shape.dtype]
     sm_flops = hw.flops(shape.dtype) * hw.matmul_efficiency / hw.sm_count
     sm_exp = hw.exp_per_s / hw.sm_count
@@ -342,10 +350,10 @@ def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarr
 
 
 def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: AttentionShape,
-                         hw: HardwareProfile) -> np.ndarray:
+                         hw: HardwareProfile, moved=None) -> np.ndarray:
     """The cpu executor's query blocks: fp32 throughout (inputs are upcast), dots and exponentials
-    in sequence (no separate units to overlap), gathers copied on one thread, and each query row a
-    part computes pays row_overhead_s."""
+    in sequence (no separate units to overlap), gathers and a frame order's moved rows copied on
+    one thread, and each query row a part computes pays row_overhead_s."""
     cores = hw.sm_count
     width = shape.head_dim + shape.value_dim
     pair_seconds = 2 * width / (hw.flops("f32") * hw.matmul_efficiency / cores) + cores / hw.exp_per_s
@@ -356,8 +364,20 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: At
                + masked * mask_cost * cores / hw.vector_flops)
     # gathered keys: copied on one thread while the other cores wait; on a native kernel, keys read
     # SLASH_LANES rows at a time (a vertical-slash's slashes: their lanes), native_fetch_seconds each on its core
-    copies = np.where(native, gathered * hw.native_fetch_seconds, gathered * width * 4 * cores / hw.gather_bytes_per_s)
+    copies = np.where(native, gathered * native_lane_seconds(shape, hw),
+                      gathered * width * 4 * cores / hw.gather_bytes_per_s)
+    if moved is not None:
+        copies = copies + moved * width * 4 * cores / hw.gather_bytes_per_s
     return compute + copies + computed * hw.row_overhead_s
+
+
+def native_lane_seconds(shape: AttentionShape, hw: HardwareProfile) -> float:
+    """What a lane of a vertical-slash's slash costs the native kernel on one core: a fixed part,
+    one per unit of D + Dv, and one more for the share of a kv head's K and V beyond the core's
+    cache (hardware.HardwareProfile.native_fetch_*)."""
+    width = shape.head_dim + shape.value_dim
+    spill = max(0.0, 1.0 - hw.core_cache_bytes / (shape.kv_len * width * 4))
+    return hw.native_fetch_seconds + width * (hw.native_fetch_width_seconds + spill * hw.native_fetch_spill_seconds)
 
 
 # call_rows of the cpu executor's native interval kernel (codegen/attention_cpu_native.py), which
@@ -380,11 +400,12 @@ def counts_seconds(counts: BlockCounts, shape: AttentionShape, block_m: int | No
                    hw: HardwareProfile) -> np.ndarray:
     """program_seconds of one pattern's BlockCounts."""
     return program_seconds(counts.visited, counts.partial, counts.computed, shape, block_m, block_n, hw,
-                           gathered=counts.gathered, call_rows=counts.call_rows)
+                           gathered=counts.gathered, call_rows=counts.call_rows, moved=counts.moved)
 
 
 def _program_seconds(launch: LaunchWork, work: AttentionWork, hw: HardwareProfile) -> np.ndarray:
-    extra = ({"gathered": launch.gathered.numpy(), "call_rows": launch.call_rows.numpy()}
+    extra = ({"gathered": launch.gathered.numpy(), "call_rows": launch.call_rows.numpy(),
+              "moved": None if launch.moved is None else launch.moved.numpy()}
              if launch.call_rows is not None else {})
     if hw.executor == "cpu" and not extra:
         raise ValueError(f"profile {hw.name!r} prices the cpu executor, but this work was counted for the Triton "

@@ -54,7 +54,8 @@ FIT_PARAMETERS = ("matmul_efficiency", "memory_efficiency", "mask_cost_per_pair"
 # speed grows with a call's query rows (query_rows_exponent).
 CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "row_overhead_s", "launch_overhead_s",
                       "call_overhead_s", "gather_bytes_per_s", "query_rows_exponent", "native_pair_speed",
-                      "native_mask_cost_per_pair", "native_overhead_s", "native_fetch_seconds")
+                      "native_mask_cost_per_pair", "native_overhead_s", "native_fetch_seconds",
+                      "native_fetch_width_seconds", "native_fetch_spill_seconds")
 # Linear layers (cost_models/__init__.py, linear_cost_cpu.py): the dense GEMM's efficiency and the
 # sparse kernels' relative to the model of them; on a CPU also the GEMM's weight packing and call
 # costs, torch's BSR streaming share at a few tokens, and the streaming bandwidth (which the CPU's
@@ -84,6 +85,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "native_mask_cost_per_pair": (1e-2, 1e3),
     "native_overhead_s": (1e-7, 1e-1),
     "native_fetch_seconds": (1e-11, 1e-5),
+    "native_fetch_width_seconds": (1e-14, 1e-7),
+    "native_fetch_spill_seconds": (1e-14, 1e-7),
     "gemm_pack_bytes_per_s": (1e6, 1e13),
     "gemm_call_overhead_s": (1e-8, 1e-1),
 }

@@ -124,7 +124,8 @@ def test_interval_pieces_are_disjoint_monotone_and_exact(pattern, Sq, extra, cau
     pieces = interval_pieces(pattern, Sq, Sk, causal)
     if pieces is None:
         return
-    lo, hi = (torch.from_numpy(x.astype(np.int64)) for x in pieces)
+    assert pieces.groups.tolist() == list(range(pieces.lo.shape[0] + 1))  # in token order: a group a piece
+    lo, hi = (torch.from_numpy(x.astype(np.int64)) for x in pieces[:2])
     assert ((lo >= 0) & (lo <= Sk) & (hi >= -1) & (hi <= Sk - 1) & (hi >= lo - 1)).all()
     assert (lo.diff(dim=1) >= 0).all() and (hi.diff(dim=1) >= 0).all()
     keys = torch.arange(Sk)
@@ -203,13 +204,22 @@ def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
         return simulated_block_counts(pattern, Sq, Sk, causal)
     if pattern is not None and native_form(pattern, Sq, Sk, causal) == "slashes":  # slash_form: checked apart
         return simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[:2]
-    lo, hi = pieces if pieces is not None else interval_pieces(pattern, Sq, Sk, causal)
+    pieces = pieces if pieces is not None else interval_pieces(pattern, Sq, Sk, causal)
+    lo, hi = pieces[:2]
+    groups = pieces[2] if len(pieces) > 2 else np.arange(lo.shape[0] + 1)
     T, t = (native_block_m(pattern, Sq) if pattern is not None else min(256, -(-Sq // 32) * 32)), NATIVE_SUB_M
     pairs, masked = [], []
     for a in range(0, Sq, T):
         R, p_all, p_masked = min(T, Sq - a), 0, 0
-        for plo, phi in zip(lo, hi):
-            l, h = plo[a:a + R], phi[a:a + R]
+        for g0, g1 in zip(groups[:-1], groups[1:]):
+            if g1 - g0 > 1:  # a group: per sub-tile, from the first key any row keeps in any piece to the last
+                for s0 in range(0, R, t):
+                    rows = range(a + s0, a + min(s0 + t, R))
+                    spans = [(lo[p][r], hi[p][r]) for p in range(g0, g1) for r in rows if hi[p][r] >= lo[p][r]]
+                    if spans:
+                        p_masked += len(rows) * (max(b for _, b in spans) + 1 - min(b for b, _ in spans))
+                continue
+            l, h = lo[g0][a:a + R], hi[g0][a:a + R]
             mid0, mid1 = l[R - 1], h[0] + 1
             middle = mid1 - mid0 >= t
             for s0 in range(0, R, t):
@@ -238,6 +248,23 @@ def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
         assert fetched is None
     computed = pairs.sum() + (0 if fetched is None else fetched.sum())
     assert computed >= allowed(pattern, Sq, Sk, causal).sum()  # every kept pair is computed
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_native_counts_in_frame_transposed_order_follow_the_kernel_loops(causal):
+    """A temporal head renumbered in frame-transposed order (codegen.frame_order): its pieces (most
+    of them empty but near the first and last positions) counted as the kernel's loops run them."""
+    from sparsec.codegen.frame_order import FramesTransposed
+
+    S, frame = 384, 48
+    pattern = FramesTransposed(P.MultiDiagonal([k * frame + r for k in range(-7, 8) for r in (-5, 0, 5)], 2), frame)
+    pieces = interval_pieces(pattern, S, S, causal)
+    assert pieces is not None and native_form(pattern, S, S, causal) == "intervals"
+    pairs, masked, rows, fetched = native_counts(pattern, S, S, causal)
+    expected_pairs, expected_masked = simulated_counts(None, S, S, causal, pieces=pieces)
+    assert pairs.tolist() == expected_pairs and masked.tolist() == expected_masked and fetched is None
+    assert rows.sum() == S
+    assert interval_pieces(pattern, S, S + frame, causal) is None  # renumbering needs Sq == Sk
 
 
 def test_the_cost_model_takes_the_native_kernel_for_a_wide_window_only_where_it_pays():

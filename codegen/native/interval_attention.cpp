@@ -10,6 +10,8 @@
 // block_m rows) the kernel runs flash attention over exactly the keys the tile's rows need:
 // the middle in chunks of block_n keys for all block_m rows, unmasked; each edge per sub-tile
 // of sub_m rows, so a row computes at most sub_m - 1 keys it does not keep on either side.
+// Consecutive pieces may run as a group: per sub-tile, one pass over all the keys any of them keeps
+// there, under their mask (attend_group), for pieces of short runs near one another.
 // Scores and products are MKL/BLAS sgemm calls (the sgemm_ torch links), the online softmax is
 // vectorized here. fp32 throughout; a row that keeps no key returns 0.
 #include <algorithm>
@@ -169,6 +171,60 @@ void attend_piece(Tile& t, int R, const int32_t* lo, const int32_t* hi, int sub_
     }
   }
   if (middle) attend_range(t, 0, R, mid0, mid1, lo, hi, false, block_n);
+}
+
+// Rows [r0, r0 + R) of the tile against keys [k0, k0 + C), row r keeping only its keys in the m
+// pieces lo[p * stride + r] .. hi[p * stride + r] (disjoint; relative to the tile's first row).
+// keep: C bytes of scratch.
+void attend_group_chunk(Tile& t, int r0, int R, int k0, int C, const int32_t* lo, const int32_t* hi, int64_t stride,
+                        int m, uint8_t* keep) {
+  scores(R, C, t.D, t.scale, t.q + (int64_t)r0 * t.D, t.D, t.k + (int64_t)k0 * t.D, t.D, t.s);
+  for (int r = 0; r < R; ++r) {
+    float* s = t.s + (int64_t)r * C;
+    int a = C, b = 0;
+    std::fill(keep, keep + C, 0);
+    for (int p = 0; p < m; ++p) {
+      const int pa = std::max(0, lo[p * stride + r0 + r] - k0), pb = std::min(C, hi[p * stride + r0 + r] + 1 - k0);
+      if (pb <= pa) continue;
+      std::fill(keep + pa, keep + pb, 1);
+      a = std::min(a, pa);
+      b = std::max(b, pb);
+    }
+    if (b <= a) {
+      std::fill(s, s + C, 0.0f);
+      continue;
+    }
+    for (int j = a; j < b; ++j)
+      if (!keep[j]) s[j] = -INFINITY;  // out of the row's pieces: no weight (zeroed below)
+    std::fill(s, s + a, 0.0f);
+    std::fill(s + b, s + C, 0.0f);
+    fold_row(t, r0 + r, s + a, b - a);
+    for (int j = a; j < b; ++j)
+      if (!keep[j]) s[j] = 0.0f;
+  }
+  accumulate(R, t.Dv, C, t.s, C, t.v + (int64_t)k0 * t.Dv, t.Dv, t.acc + (int64_t)r0 * t.Dv, t.Dv);
+}
+
+// A group of m pieces for a tile of R rows (lo / hi: the first piece's bounds from the tile's first
+// row; piece p at p * stride): per sub-tile of sub_m rows, every key from the first any of its rows
+// keeps in any piece to the last, under the pieces' mask. For pieces that keep short runs near one
+// another (a frame-transposed head's offsets that wrap into the neighbouring frame: codegen/
+// frame_coverage.py), one pass over their span instead of one a piece.
+void attend_group(Tile& t, int R, const int32_t* lo, const int32_t* hi, int64_t stride, int m, int sub_m,
+                  int block_n, uint8_t* keep) {
+  for (int s0 = 0; s0 < R; s0 += sub_m) {
+    const int n = std::min(sub_m, R - s0);
+    int first = INT32_MAX, last = -1;
+    for (int p = 0; p < m; ++p)
+      for (int r = s0; r < s0 + n; ++r) {
+        const int32_t l = lo[p * stride + r], h = hi[p * stride + r];
+        if (h < l) continue;
+        first = std::min(first, (int)l);
+        last = std::max(last, (int)h);
+      }
+    for (int c = first; c <= last; c += block_n)
+      attend_group_chunk(t, s0, n, c, std::min(block_n, last + 1 - c), lo, hi, stride, m, keep);
+  }
 }
 
 // Lane l of the result: the sum of the 16 lanes of r[bit_reversed(l)] (a transposing tree of
@@ -401,17 +457,31 @@ void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t t
 
 // Pieces of key intervals a row (module comment). Returns 0, or 1 when an argument is out of range
 // (nothing is written then).
+// Pieces p of group g: group_ptr[g] <= p < group_ptr[g + 1] (groups of consecutive pieces, in
+// order); a group of one piece runs as above, a larger one by attend_group.
 extern "C" int sparsec_interval_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const int32_t* lo, const int32_t* hi, int64_t pieces,
-    float scale, int64_t block_m, int64_t sub_m, int64_t block_n, int64_t threads) {
+    const int64_t* group_ptr, int64_t groups, float scale, int64_t block_m, int64_t sub_m, int64_t block_n,
+    int64_t threads) {
   const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
-  if (!p.valid() || pieces < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m || block_n < 1 || threads < 1)
+  if (!p.valid() || pieces < 0 || groups < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m || block_n < 1 ||
+      threads < 1 || group_ptr[0] != 0 || group_ptr[groups] != pieces)
     return 1;
+  for (int64_t g = 0; g < groups; ++g)
+    if (group_ptr[g + 1] <= group_ptr[g]) return 1;
   for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t, int64_t a, int R, int64_t) {
-    for (int64_t piece = 0; piece < pieces; ++piece)
-      attend_piece(t, R, lo + piece * Sq + a, hi + piece * Sq + a, (int)sub_m, (int)block_n);
+    thread_local std::vector<uint8_t> keep;
+    keep.resize(block_n);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t first = group_ptr[g], m = group_ptr[g + 1] - first;
+      if (m == 1)
+        attend_piece(t, R, lo + first * Sq + a, hi + first * Sq + a, (int)sub_m, (int)block_n);
+      else
+        attend_group(t, R, lo + first * Sq + a, hi + first * Sq + a, Sq, (int)m, (int)sub_m, (int)block_n,
+                     keep.data());
+    }
   });
   return 0;
 }
