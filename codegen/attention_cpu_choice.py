@@ -174,10 +174,13 @@ def _native_parts(pattern: Pattern, Sq: int, Sk: int, causal: bool, frame_stride
     """The native kernels' ways to run `pattern` (none where they cannot): on its own form; narrow
     bands (no more than _SLASH_OFFSETS offsets in all) also as the VerticalSlash that keeps the
     same keys, which runs them up to 2x faster than the interval kernel's tiles (measured: a
-    causal 3-key band at S = 4096, 1.7 ms against 3.5 ms; at 41 keys both ~6 ms); and at each
-    frame stride, the interval kernel in frame-transposed order (a wide temporal head's
-    diagonals become a few wide runs a row: at S = 4096, 8 frames, 3.3-3.7x dense SDPA against
-    2.3-3.2x on torch's kernel in that order). frames True: only those; False: none of them."""
+    causal 3-key band at S = 4096, 1.7 ms against 3.5 ms; at 41 keys both ~6 ms); and, without
+    the causal rule, at each frame stride, the interval kernel in frame-transposed order (a wide
+    temporal head's diagonals become a few wide runs a row: at S = 4096, 8 frames, 3.9-4.6x dense
+    SDPA against 2.7-3.7x on torch's kernel in that order). Causal, the rule cuts each frame's
+    steps apart into many short pieces: slower than the slash kernel in natural order in every
+    case measured (S 1024-4096, 10-25%: 19.7 ms against 11.8, 22.3 against 14.6) and priced
+    15-22% below its time, so not offered. frames True: only those; False: none of them."""
     parts = []
     if frames is not True and native_form(pattern, Sq, Sk, causal) is not None:
         parts.append(Native(pattern))
@@ -185,7 +188,7 @@ def _native_parts(pattern: Pattern, Sq: int, Sk: int, causal: bool, frame_stride
             slashes = slash_form(pattern, Sq, Sk)
             if slashes is not None and len(slashes.offsets) <= _SLASH_OFFSETS:
                 parts.append(Native(slashes))
-    for frame in frame_strides:
+    for frame in () if causal else frame_strides:
         transposed = FramesTransposed(pattern, frame)
         if native_form(transposed, Sq, Sk, causal) is not None:
             parts.append(Native(transposed))
