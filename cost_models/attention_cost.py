@@ -363,7 +363,7 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: At
     compute = (pairs * pair_seconds / speed
                + masked * mask_cost * cores / hw.vector_flops)
     # gathered keys: copied on one thread while the other cores wait; on a native kernel, keys read
-    # SLASH_LANES rows at a time (a vertical-slash's slashes: their lanes), native_fetch_seconds each on its core
+    # SLASH_LANES rows at a time (a vertical-slash's slashes: their lanes), native_lane_seconds each on its core
     copies = np.where(native, gathered * native_lane_seconds(shape, hw),
                       gathered * width * 4 * cores / hw.gather_bytes_per_s)
     if moved is not None:
