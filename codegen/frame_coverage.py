@@ -3,8 +3,9 @@ touches, each row's key intervals and key count, and each query block's union of
 
 block_coverage computes a renumbered pattern's tiles from every row's intervals (below): right
 for the block tables of a launch, too slow for the cost model, which prices every head of a layer
-in both orders. transposed_touched_tiles counts the touched tiles from the bands alone. In transposed order a query block's rows of frame f are the natural rows
-f * frame + [pa, pb], consecutive; a band (offsets j - i in [a, b]) keeps for them the natural keys
+in both orders. transposed_touched_tiles counts the touched tiles from the bands alone. In
+transposed order a query block's rows of frame f are the natural rows f * frame + [pa, pb],
+consecutive; a band (offsets j - i in [a, b]) keeps for them the natural keys
 [f * frame + pa + a, f * frame + pb + b] (the causal rule ends it at the last row), one run. Cut at
 natural frame boundaries, each piece is positions q in [q0, q1] of one frame f', which sit at
 q * T + f' in transposed order: every key tile between the first and the last is touched, since

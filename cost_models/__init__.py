@@ -140,7 +140,8 @@ def native_kernel_heads(op, hardware: HardwareProfile | str, *, block_m: int | N
     return native_heads(patterns, shape, block_m, hardware)
 
 
-def native_heads(patterns, shape: AttentionShape, block_m: int | None, hardware: HardwareProfile | str) -> tuple[int, ...]:
+def native_heads(patterns, shape: AttentionShape, block_m: int | None,
+                 hardware: HardwareProfile | str) -> tuple[int, ...]:
     """The query heads of per-head `patterns` that the cpu executor runs on its native kernels
     (codegen/attention_cpu_native.py); () for another executor."""
     from sparsec.codegen.attention_cpu_native import Native
@@ -172,7 +173,8 @@ def _attention_seconds(op, hardware: HardwareProfile, block_m: int | None, block
     seconds = estimate_attention(patterns, shape, hardware, block_m=block_m, block_n=block_n).seconds + gathers
     if op.mask is not None:
         mask = op.mask.type
-        mask_bytes = math.prod(_static_shape("mask", op.mask)) * (1 if mask.dtype == "bool" else _BYTES.get(mask.dtype, 4))
+        mask_bytes = (math.prod(_static_shape("mask", op.mask))
+                      * (1 if mask.dtype == "bool" else _BYTES.get(mask.dtype, 4)))
         seconds += mask_bytes / (hardware.memory_bandwidth * hardware.memory_efficiency)
     return seconds
 

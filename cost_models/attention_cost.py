@@ -43,9 +43,10 @@ from sparsec.patterns import Pattern, Skip
 
 __all__ = [
     "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
-    "attention_work", "counts_seconds", "cpu_option_counts", "cpu_option_seconds", "estimate_attention", "fixed_seconds", "head_groups_by_family",
-    "head_price", "head_seconds_many", "head_share", "launch_seconds", "makespan_estimate", "pattern_counts", "price_attention",
-    "program_seconds", "query_rows_speed", "skip_seconds",
+    "attention_work", "counts_seconds", "cpu_option_counts", "cpu_option_seconds", "estimate_attention",
+    "fixed_seconds", "head_groups_by_family", "head_price", "head_seconds_many", "head_share", "launch_seconds",
+    "makespan_estimate", "native_lane_seconds", "pattern_counts", "price_attention", "program_seconds",
+    "query_rows_speed", "skip_seconds",
 ]
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
@@ -257,7 +258,8 @@ def pattern_counts(patterns, shape: AttentionShape, block_m: int | None, block_n
             BlockCounts(full[n] + partial[n], partial[n], computed) for n, p in enumerate(patterns)}
 
 
-def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None, native: bool | None = None) -> BlockCounts:
+def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None,
+                native: bool | None = None) -> BlockCounts:
     """The cpu executor's work for one head of `pattern`, run whole or as disjoint parts the way
     the executor decides (codegen.attention_cpu_choice.choose_split, for all heads and the batch
     at once): cpu_option_counts of its choice."""

@@ -204,7 +204,8 @@ PROFILES: dict[str, HardwareProfile] = {
 # at rms log error 0.131 (cost_model_cpu_20261206_223100.json: a refit moves no term by more than
 # 10%); its block and split choices replay as before:
 # mean loss 2.4% and 1.2% on cpu_blocks_20261206_204804 and cpu_split_20261206_205637), linear
-# terms (and the streaming bandwidth) by least squares of the log error on bench/results/linear_cpu_20261206_160126.json (135 timings, rms log error 1.42 ->
+# terms (and the streaming bandwidth) by least squares of the log error on
+# bench/results/linear_cpu_20261206_160126.json (135 timings, rms log error 1.42 ->
 # 0.27; fitted without the 4096 x 4096 layer, the choice there is right in 18 of 20 points, mean
 # loss 3.5%). torch's BSR tensors stream a block-sparse weight at a few tokens at 0.18 of the dense
 # GEMV's speed there (the AVX2 machine: 0.5), fitted by `bench/cost_model.py` with the linear grid

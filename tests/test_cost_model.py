@@ -219,8 +219,8 @@ def test_head_prices_are_a_launch_of_the_pattern_on_every_head_over_heads(target
     for p, price in zip(patterns, prices):
         launch = estimate_attention((p,) * 8, s, hw, block_m=64, block_n=32, head_groups={"all": tuple(range(8))})
         if target == "cpu" and not isinstance(p, P.Skip):  # a head pays its own plan's fixed costs
-            fixed = launch.seconds - estimate_attention((p,) * 8, s, hw.replace(launch_overhead_s=0.0, call_overhead_s=0.0),
-                                                        block_m=64, block_n=32).seconds
+            unfixed = hw.replace(launch_overhead_s=0.0, call_overhead_s=0.0)
+            fixed = launch.seconds - estimate_attention((p,) * 8, s, unfixed, block_m=64, block_n=32).seconds
             assert price == pytest.approx((launch.seconds - fixed) / 8 + fixed, rel=1e-12)
         else:
             assert price == pytest.approx((launch.seconds - hw.launch_overhead_s) / 8, rel=1e-12)

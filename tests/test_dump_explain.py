@@ -79,7 +79,8 @@ def test_explain_says_which_layers_sparsec_runs():
     model, inputs = models.gpt_sdpa()
     dense = explain(model, *inputs, options={"inner": "eager"}).summary()
     assert "run by sparsec's ops: 0 attention, 0 linear; the rest (dense) stay the model's own ops" in dense
-    patterned = explain(model, *inputs, options={"inner": "eager", "attention_patterns": {"blocks.*.attn": Window(2, 0)}})
+    patterned = explain(model, *inputs,
+                        options={"inner": "eager", "attention_patterns": {"blocks.*.attn": Window(2, 0)}})
     attention_layers = len(patterned.graphs[0].final_ir.ops_of(Attention))
     assert f"run by sparsec's ops: {attention_layers} attention, 0 linear" in patterned.summary()
 
