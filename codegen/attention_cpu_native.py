@@ -59,7 +59,10 @@ SLASH_LANES = 16      # rows the column-slash kernel computes a slash for at a t
 # pattern of columns and bands runs on the column-slash kernel instead, up to _MAX_SLASHES offsets).
 _MAX_PIECES = 8
 _MAX_SLASHES = 2048
-_MAX_TRANSPOSED_PIECES = 128
+# A temporal head in frame-transposed order: its pieces but a few are the offsets that wrap into the
+# next frame, grouped (interval_pieces); measured at S = 16K and 32K, 10%: 135 and 193 pieces, 1.35x
+# faster than torch's kernel in that order. The arrays are S wide: 512 pieces at S = 32K hold 128 MB.
+_MAX_TRANSPOSED_PIECES = 512
 _LIBRARY = "interval_attention"
 
 

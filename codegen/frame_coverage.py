@@ -171,7 +171,7 @@ def transposed_row_keys(pattern: FramesTransposed, S: int, causal: bool) -> torc
     return torch.from_numpy(prefix[f, last] - prefix[f, first])
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def transposed_pieces(pattern: FramesTransposed, S: int, causal: bool,
                       max_pieces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(lo, hi, groups): the native interval kernel's pieces of `pattern`, int32 (pieces, S), in
@@ -179,8 +179,8 @@ def transposed_pieces(pattern: FramesTransposed, S: int, causal: bool,
     the row keeps, the causal rule in natural order included; each piece's ends never decrease from
     row to row; an empty piece's row has lo == hi + 1), and the groups the kernel runs them in
     (int64 (groups + 1,): group g is pieces groups[g] .. groups[g + 1] - 1); None when the base is
-    not bands only or needs more than max_pieces pieces. Read-only arrays (cached: few, they are S
-    wide).
+    not bands only or needs more than max_pieces pieces. Read-only arrays (cached: the last few,
+    they are S wide).
 
     Each (d, k range) of the bands is one such piece in closed form: row x = p * T + f keeps
     [q * T + max(f + k0, 0), q * T + min(f + k1, T - 1)], q = p + d, which moves right with x (to
