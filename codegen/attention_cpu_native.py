@@ -238,6 +238,7 @@ class NativeCounts(NamedTuple):
     masked: np.ndarray            # of which under the element mask
     rows: np.ndarray              # the tile's query rows
     fetched: np.ndarray | None    # the lanes of a vertical-slash's slashes (not in pairs); None: no slashes
+    distinct: np.ndarray | None = None  # the K / V rows those lanes read, each once a group of rows
 
 
 def native_counts(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> NativeCounts:
@@ -271,24 +272,34 @@ def column_slashes(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
 
 def _slash_counts(pattern: VerticalSlash, Sq: int, Sk: int, causal: bool):
     """The column-slash kernel's counts: its columns as one interval piece over them (pairs,
-    masked, rows), and `fetched`: SLASH_LANES lanes for every group of SLASH_LANES rows and slash
-    it computes (those where some row of the group keeps the slash's key and it is no column)."""
+    masked, rows); `fetched`: SLASH_LANES lanes for every group of SLASH_LANES rows and slash it
+    computes (those where some row of the group keeps the slash's key and it is no column); and
+    `distinct`: the K / V rows those lanes read, each once a group (slashes closer than
+    SLASH_LANES apart read some of the same rows: a temporal head's neighbouring diagonals)."""
     columns, count, offsets, row_hi, skip = column_slashes(pattern, Sq, Sk, causal)
     T = native_block_m(pattern, Sq)
     count = count.astype(np.int64)
-    pairs, masked, rows, _ = _interval_counts(np.zeros((1, Sq), dtype=np.int64), count[None] - 1, Sq, T)
+    pairs, masked, rows = _interval_counts(np.zeros((1, Sq), dtype=np.int64), count[None] - 1, Sq, T)[:3]
     L = SLASH_LANES
     groups = math.ceil(Sq / L)
     rows_index = np.arange(groups * L, dtype=np.int64)
     limit = np.pad(row_hi.astype(np.int64), (0, groups * L - Sq), constant_values=-1)
-    visited = np.zeros(groups, dtype=np.float64)
+    flags = []  # (groups, offsets): the group computes the slash
     for chunk in range(0, offsets.size, 256):  # (rows, offsets) flags a chunk at a time
         j = rows_index[:, None] + offsets[None, chunk:chunk + 256]
         keep = (j <= limit[:, None]) & (skip[np.clip(j + L, 0, Sk + 2 * L - 1)] == 0)
-        visited += keep.reshape(groups, L, -1).any(1).sum(1)
+        flags.append(keep.reshape(groups, L, -1).any(1))
+    visited = np.concatenate(flags, axis=1) if flags else np.zeros((groups, 0), dtype=bool)
+    # a computed slash's rows not read again by the next computed slash of the group (sorted offsets)
+    far = int(offsets.max(initial=0)) + L  # past every slash's rows
+    starts = np.where(visited, offsets[None].astype(np.int64), far)
+    after = np.minimum.accumulate(starts[:, ::-1], axis=1)[:, ::-1]
+    after = np.concatenate([after[:, 1:], np.full((groups, 1), far)], axis=1)
+    new_rows = np.where(visited, np.minimum(L, after - offsets[None]), 0)
     group_tile = (np.arange(groups) * L) // T
-    fetched = np.bincount(group_tile, weights=visited * L, minlength=pairs.shape[0])
-    return NativeCounts(pairs, masked, rows, fetched)
+    fetched = np.bincount(group_tile, weights=visited.sum(1) * float(L), minlength=pairs.shape[0])
+    distinct = np.bincount(group_tile, weights=new_rows.sum(1).astype(np.float64), minlength=pairs.shape[0])
+    return NativeCounts(pairs, masked, rows, fetched, distinct)
 
 
 def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):

@@ -45,8 +45,8 @@ __all__ = [
     "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
     "attention_work", "counts_seconds", "cpu_option_counts", "cpu_option_seconds", "estimate_attention",
     "fixed_seconds", "head_groups_by_family", "head_price", "head_seconds_many", "head_share", "launch_seconds",
-    "makespan_estimate", "native_lane_seconds", "pattern_counts", "price_attention", "program_seconds",
-    "query_rows_speed", "skip_seconds",
+    "makespan_estimate", "native_lane_seconds", "native_row_seconds", "pattern_counts", "price_attention",
+    "program_seconds", "query_rows_speed", "skip_seconds",
 ]
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
@@ -130,6 +130,7 @@ class BlockCounts(NamedTuple):
     calls: int = 0
     native: bool = False  # cpu executor: run on a native kernel (its plan pays native_overhead_s)
     moved: np.ndarray | None = None  # cpu executor: rows copied by a frame-transposed order, as gathers
+    distinct: np.ndarray | None = None  # cpu executor, native: the K / V rows a vertical-slash's lanes read
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +147,7 @@ class LaunchWork:
     skip_fills: tuple[str, ...] = ()    # set only for a launch of Skip heads: their fills
     gathered: torch.Tensor | None = None  # cpu executor (see BlockCounts): keys gathered per program
     moved: torch.Tensor | None = None     # cpu executor: rows a frame-transposed order copies per program
+    distinct: torch.Tensor | None = None  # cpu executor: K / V rows the native slash lanes read per program
     call_rows: torch.Tensor | None = None  # cpu executor: query rows of each program's call
     calls: int = 0                        # cpu executor: SDPA calls of the launch
     plans: int = 1                        # cpu executor: distinct patterns, each run on its own
@@ -231,7 +233,8 @@ def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_
     its heads, so each distinct pattern's calls count once."""
     distinct = list(dict.fromkeys(patterns))
     counts = pattern_counts(distinct, shape, block_m, block_n, executor=executor, native=native)
-    fields = ("visited", "partial", "computed") + (("gathered", "call_rows", "moved") if executor == "cpu" else ())
+    fields = ("visited", "partial", "computed") + (("gathered", "call_rows", "moved", "distinct") if executor == "cpu"
+                                                   else ())
     columns = {name: np.concatenate([getattr(counts[p], name) for p in patterns]) for name in fields}
     columns = {name: torch.from_numpy(np.tile(column, shape.batch)) for name, column in columns.items()}
     plans = sum(not isinstance(p, Skip) for p in distinct) if executor == "cpu" else 1
@@ -288,14 +291,14 @@ def cpu_option_counts(parts: tuple[Pattern, ...], shape: AttentionShape, block_m
     first = parts[0].pattern if isinstance(parts[0], Native) else parts[0]
     moved = rows + Sk / tiles if isinstance(first, FramesTransposed) else np.zeros(tiles)
     if len(counts) == 1:
-        return counts[0]._replace(moved=moved)
+        return counts[0]._replace(moved=moved)  # (a native option is one part)
     visited = sum(c.visited for c in counts)
     log_rows = sum(c.visited * np.log(c.call_rows) for c in counts)
     merged_keys = (len(parts) - 1) * rows * 2 * shape.value_dim / (shape.head_dim + shape.value_dim)
     call_rows = np.exp(np.divide(log_rows, visited, out=np.zeros_like(visited), where=visited > 0))
     return BlockCounts(visited, sum(c.partial for c in counts), sum(c.computed for c in counts),
                        sum(c.gathered for c in counts) + merged_keys, call_rows, sum(c.calls for c in counts),
-                       moved=moved)
+                       moved=moved, distinct=np.zeros_like(visited))
 
 
 def cpu_option_seconds(parts: tuple[Pattern, ...], shape: AttentionShape, block_m: int,
@@ -317,24 +320,27 @@ def _cpu_part_counts(pattern: Pattern, Sq: int, Sk: int, bm: int, causal: bool) 
     from sparsec.codegen.attention_cpu_reads import cpu_block_reads
 
     if isinstance(pattern, Native):  # one call of a native kernel, its tiles as query blocks
-        pairs, masked, rows, fetched = native_counts(pattern.pattern, Sq, Sk, causal)
+        pairs, masked, rows, fetched, distinct = native_counts(pattern.pattern, Sq, Sk, causal)
         fetched = np.zeros_like(pairs) if fetched is None else fetched  # slash lanes: in `gathered`
-        return BlockCounts(pairs, masked, rows, fetched, np.full(pairs.shape, NATIVE_CALL_ROWS), native=True)
+        return BlockCounts(pairs, masked, rows, fetched, np.full(pairs.shape, NATIVE_CALL_ROWS), native=True,
+                           distinct=np.zeros_like(pairs) if distinct is None else distinct)
 
     reads = cpu_block_reads(pattern, Sq, Sk, bm, causal)
     rows = np.minimum(bm, Sq - np.arange(reads.keys.shape[0]) * bm)  # the last block's real rows
     return BlockCounts(reads.keys * rows, reads.keys * rows * reads.masked, rows * (reads.keys > 0),
-                       reads.gathered, np.maximum(reads.call_rows, 1.0), reads.calls)
+                       reads.gathered, np.maximum(reads.call_rows, 1.0), reads.calls,
+                       distinct=np.zeros(reads.keys.shape[0]))
 
 
 def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarray, shape: AttentionShape,
                     block_m: int | None, block_n: int, hw: HardwareProfile, *, gathered: np.ndarray | None = None,
-                    call_rows: np.ndarray | None = None, moved: np.ndarray | None = None) -> np.ndarray:
+                    call_rows: np.ndarray | None = None, moved: np.ndarray | None = None,
+                    distinct: np.ndarray | None = None) -> np.ndarray:
     """Per-program seconds (float64 numpy, any shape): max(compute, K/V streaming) over the
-    blocks each program visits (BlockCounts' columns; gathered, call_rows and moved for the cpu
-    executor)."""
+    blocks each program visits (BlockCounts' columns; gathered, call_rows, moved and distinct for
+    the cpu executor)."""
     if hw.executor == "cpu":
-        return _cpu_program_seconds(visited, partial, computed, gathered, call_rows, shape, hw, moved)
+        return _cpu_program_seconds(visited, partial, computed, gathered, call_rows, shape, hw, moved, distinct)
     bytes_per = _BYTES[shape.dtype]
     sm_flops = hw.flops(shape.dtype) * hw.matmul_efficiency / hw.sm_count
     sm_exp = hw.exp_per_s / hw.sm_count
@@ -352,7 +358,7 @@ def program_seconds(visited: np.ndarray, partial: np.ndarray, computed: np.ndarr
 
 
 def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: AttentionShape,
-                         hw: HardwareProfile, moved=None) -> np.ndarray:
+                         hw: HardwareProfile, moved=None, distinct=None) -> np.ndarray:
     """The cpu executor's query blocks: fp32 throughout (inputs are upcast), dots and exponentials
     in sequence (no separate units to overlap), gathers and a frame order's moved rows copied on
     one thread, and each query row a part computes pays row_overhead_s."""
@@ -365,21 +371,29 @@ def _cpu_program_seconds(pairs, masked, computed, gathered, call_rows, shape: At
     compute = (pairs * pair_seconds / speed
                + masked * mask_cost * cores / hw.vector_flops)
     # gathered keys: copied on one thread while the other cores wait; on a native kernel, keys read
-    # SLASH_LANES rows at a time (a vertical-slash's slashes: their lanes), native_lane_seconds each on its core
+    # SLASH_LANES rows at a time (a vertical-slash's slashes: their lanes), native_lane_seconds each on
+    # its core, and the distinct K / V rows they read, native_row_seconds each
     copies = np.where(native, gathered * native_lane_seconds(shape, hw),
                       gathered * width * 4 * cores / hw.gather_bytes_per_s)
+    if distinct is not None:
+        copies = copies + distinct * native_row_seconds(shape, hw)
     if moved is not None:
         copies = copies + moved * width * 4 * cores / hw.gather_bytes_per_s
     return compute + copies + computed * hw.row_overhead_s
 
 
 def native_lane_seconds(shape: AttentionShape, hw: HardwareProfile) -> float:
-    """What a lane of a vertical-slash's slash costs the native kernel on one core: a fixed part,
-    one per unit of D + Dv, and one more for the share of a kv head's K and V beyond the core's
-    cache (hardware.HardwareProfile.native_fetch_*)."""
+    """What a lane of a vertical-slash's slash costs the native kernel on one core: a fixed part
+    and one per unit of D + Dv (hardware.HardwareProfile.native_fetch_*)."""
+    return hw.native_fetch_seconds + (shape.head_dim + shape.value_dim) * hw.native_fetch_width_seconds
+
+
+def native_row_seconds(shape: AttentionShape, hw: HardwareProfile) -> float:
+    """What a distinct K / V row the lanes read costs beyond them: per unit of D + Dv, the share of
+    a kv head's K and V that does not fit in a core's cache, read from further out."""
     width = shape.head_dim + shape.value_dim
     spill = max(0.0, 1.0 - hw.core_cache_bytes / (shape.kv_len * width * 4))
-    return hw.native_fetch_seconds + width * (hw.native_fetch_width_seconds + spill * hw.native_fetch_spill_seconds)
+    return width * spill * hw.native_fetch_spill_seconds
 
 
 # call_rows of the cpu executor's native interval kernel (codegen/attention_cpu_native.py), which
@@ -402,12 +416,14 @@ def counts_seconds(counts: BlockCounts, shape: AttentionShape, block_m: int | No
                    hw: HardwareProfile) -> np.ndarray:
     """program_seconds of one pattern's BlockCounts."""
     return program_seconds(counts.visited, counts.partial, counts.computed, shape, block_m, block_n, hw,
-                           gathered=counts.gathered, call_rows=counts.call_rows, moved=counts.moved)
+                           gathered=counts.gathered, call_rows=counts.call_rows, moved=counts.moved,
+                           distinct=counts.distinct)
 
 
 def _program_seconds(launch: LaunchWork, work: AttentionWork, hw: HardwareProfile) -> np.ndarray:
-    extra = ({"gathered": launch.gathered.numpy(), "call_rows": launch.call_rows.numpy(),
-              "moved": None if launch.moved is None else launch.moved.numpy()}
+    extra = ({"gathered": launch.gathered.numpy(), "call_rows": launch.call_rows.numpy()}
+             | {name: None if getattr(launch, name) is None else getattr(launch, name).numpy()
+                for name in ("moved", "distinct")}
              if launch.call_rows is not None else {})
     if hw.executor == "cpu" and not extra:
         raise ValueError(f"profile {hw.name!r} prices the cpu executor, but this work was counted for the Triton "

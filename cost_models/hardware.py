@@ -83,19 +83,21 @@ class HardwareProfile:
     # on cost_model_cpu_20261206_223100.json).
     native_overhead_s: float = 100e-6
     # cpu: what a lane of a vertical-slash's slash costs the native kernel on one core (16 rows
-    # against a slash's 16 consecutive keys at a time, apart from the tiles' pairs): a fixed part,
-    # a part per unit of D + Dv (the lane's dot product and its share of the products), and as much
-    # again as that times the share of a kv head's K and V (Sk x (D + Dv) floats) that does not fit
-    # in a core's cache (core_cache_bytes): read from further out
-    # (cost_models.attention_cost.native_lane_seconds). On the AVX-512 machine, least squares of
-    # the relative error over 96 kernel timings (S 1024-8192, D 32-128, 5% and 15% density, causal
-    # or not, with and without columns, 2 threads): 1.5 ns + 0.061 ns a unit, + 0.088 ns beyond the
-    # cache (D = 64: 9.3 ns a lane; D = 128 at S = 8192: 32 ns). rms log error 0.20 where one
-    # figure for all (7.2 ns, fitted at D = 64) had 0.60: it priced D = 128 lanes at a third of
-    # their time. Not measured on AVX2.
+    # against a slash's 16 consecutive keys at a time, apart from the tiles' pairs): a fixed part
+    # and a part per unit of D + Dv (the lane's dot product and its share of the products); and
+    # what each distinct K / V row the lanes of a group read costs beyond that (slashes closer than
+    # 16 apart share rows): per unit of D + Dv, times the share of a kv head's K and V (Sk x (D +
+    # Dv) floats) that does not fit in a core's cache (core_cache_bytes), read from further out
+    # (cost_models.attention_cost.native_lane_seconds, native_row_seconds). On the AVX-512
+    # machine, least squares of the relative error over 96 kernel timings (S 1024-8192, D 32-128,
+    # 5% and 15% density, causal or not, with and without columns, 2 threads): 1.5 ns + 0.061 ns a
+    # unit a lane, 0.11 ns a unit a row beyond the cache (D = 64: 9.3 ns a lane; D = 128 at S =
+    # 8192: 35 ns where the rows are distinct). rms log error 0.20 where one figure for all (7.2 ns,
+    # fitted at D = 64) had 0.60: it priced D = 128 lanes at a third of their time. Not measured
+    # on AVX2.
     native_fetch_seconds: float = 1.5e-9
     native_fetch_width_seconds: float = 6.1e-11
-    native_fetch_spill_seconds: float = 8.8e-11
+    native_fetch_spill_seconds: float = 1.1e-10
     core_cache_bytes: int = 2 * 2**20   # cpu: the cache of one core (its L2)
     calibrated_from: str = field(default="published figures")
 

@@ -190,12 +190,15 @@ def simulated_slash_counts(pattern, Sq, Sk, causal):
     pairs, masked = simulated_counts(None, Sq, Sk, causal, pieces=(np.zeros((1, Sq), int), count[None] - 1))
     T = native_block_m(pattern, Sq)
     slash_only = keep & ~is_column
-    fetched = [0] * len(pairs)
+    fetched, distinct = [0] * len(pairs), [0] * len(pairs)
     for g in range(0, Sq, 16):
+        read = set()  # the K / V rows the group's computed slashes read (16 from g + o)
         for o in pattern.offsets:
             if any(0 <= i + o < Sk and slash_only[i, i + o] for i in range(g, min(g + 16, Sq))):
                 fetched[g // T] += 16
-    return pairs, masked, fetched
+                read |= set(range(g + o, g + o + 16))
+        distinct[g // T] += len(read)
+    return pairs, masked, fetched, distinct
 
 
 def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
@@ -203,7 +206,7 @@ def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
     if isinstance(pattern, P.BlockSparse):
         return simulated_block_counts(pattern, Sq, Sk, causal)
     if pattern is not None and native_form(pattern, Sq, Sk, causal) == "slashes":  # slash_form: checked apart
-        return simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[:2]
+        return tuple(simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[:2])
     pieces = pieces if pieces is not None else interval_pieces(pattern, Sq, Sk, causal)
     lo, hi = pieces[:2]
     groups = pieces[2] if len(pieces) > 2 else np.arange(lo.shape[0] + 1)
@@ -238,14 +241,15 @@ def simulated_counts(pattern, Sq, Sk, causal, pieces=None):
 
 @pytest.mark.parametrize("pattern, Sq, Sk, causal", CASES[:10] + CASES[-8:])
 def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
-    pairs, masked, rows, fetched = native_counts(pattern, Sq, Sk, causal)
+    pairs, masked, rows, fetched, distinct = native_counts(pattern, Sq, Sk, causal)
     expected_pairs, expected_masked = simulated_counts(pattern, Sq, Sk, causal)
     assert pairs.tolist() == expected_pairs and masked.tolist() == expected_masked
     assert rows.sum() == Sq
     if native_form(pattern, Sq, Sk, causal) == "slashes":
-        assert fetched.tolist() == simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[2]
+        expected_fetched, expected_distinct = simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[2:]
+        assert fetched.tolist() == expected_fetched and distinct.tolist() == expected_distinct
     else:
-        assert fetched is None
+        assert fetched is None and distinct is None
     computed = pairs.sum() + (0 if fetched is None else fetched.sum())
     assert computed >= allowed(pattern, Sq, Sk, causal).sum()  # every kept pair is computed
 
@@ -260,7 +264,7 @@ def test_native_counts_in_frame_transposed_order_follow_the_kernel_loops(causal)
     pattern = FramesTransposed(P.MultiDiagonal([k * frame + r for k in range(-7, 8) for r in (-5, 0, 5)], 2), frame)
     pieces = interval_pieces(pattern, S, S, causal)
     assert pieces is not None and native_form(pattern, S, S, causal) == "intervals"
-    pairs, masked, rows, fetched = native_counts(pattern, S, S, causal)
+    pairs, masked, rows, fetched, _ = native_counts(pattern, S, S, causal)
     expected_pairs, expected_masked = simulated_counts(None, S, S, causal, pieces=pieces)
     assert pairs.tolist() == expected_pairs and masked.tolist() == expected_masked and fetched is None
     assert rows.sum() == S

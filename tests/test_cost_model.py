@@ -297,19 +297,23 @@ def test_the_published_cpu_profile_follows_the_instruction_set(monkeypatch, capa
 
 
 def test_cpu_slash_lanes_cost_more_with_wider_heads_and_beyond_a_cores_cache():
-    """A vertical-slash lane on the native kernel: a fixed part, a part per unit of D + Dv, and one
-    more for the share of a kv head's K and V beyond a core's cache (measured on the AVX-512
-    machine: ~7 ns at D = 32, ~10 at 64, ~19 at 128, ~41 at 128 with S = 8192)."""
-    from sparsec.cost_models.attention_cost import native_lane_seconds
+    """A vertical-slash lane on the native kernel: a fixed part and a part per unit of D + Dv; each
+    distinct K / V row the lanes read, a part per unit for the share of a kv head's K and V beyond a
+    core's cache (measured on the AVX-512 machine, distinct rows: ~7 ns a lane at D = 32, ~10 at
+    64, ~19 at 128, ~41 at 128 with S = 8192; a temporal head's neighbouring diagonals share their
+    rows: 12 ns at 128, S = 16K)."""
+    from sparsec.cost_models.attention_cost import native_lane_seconds, native_row_seconds
 
     hw = get_profile("cpu", calibrated=False).replace(native_fetch_seconds=1e-9, native_fetch_width_seconds=1e-10,
                                                       native_fetch_spill_seconds=2e-10, core_cache_bytes=2**20)
 
-    def lane(D, S):
-        return native_lane_seconds(AttentionShape(batch=1, num_heads=1, num_kv_heads=1, q_len=S, kv_len=S, head_dim=D,
-                                                  value_dim=D, dtype="f32", causal=False), hw)
+    def shape(D, S):
+        return AttentionShape(batch=1, num_heads=1, num_kv_heads=1, q_len=S, kv_len=S, head_dim=D, value_dim=D,
+                              dtype="f32", causal=False)
 
-    assert lane(32, 1024) == pytest.approx(1e-9 + 64e-10)  # K and V: 256 KB, within the cache
-    assert lane(64, 2048) == pytest.approx(1e-9 + 128e-10)  # exactly the cache
-    assert lane(64, 4096) == pytest.approx(1e-9 + 128 * (1e-10 + 0.5 * 2e-10))  # half of it beyond
-    assert lane(128, 8192) > lane(128, 4096) > lane(128, 1024) > lane(64, 1024)
+    assert native_lane_seconds(shape(32, 1024), hw) == pytest.approx(1e-9 + 64e-10)
+    assert native_lane_seconds(shape(64, 1 << 16), hw) == pytest.approx(1e-9 + 128e-10)  # not by the length
+    assert native_row_seconds(shape(32, 1024), hw) == 0.0  # K and V: 256 KB, within the cache
+    assert native_row_seconds(shape(64, 2048), hw) == 0.0  # exactly the cache
+    assert native_row_seconds(shape(64, 4096), hw) == pytest.approx(128 * 0.5 * 2e-10)  # half of it beyond
+    assert native_row_seconds(shape(128, 8192), hw) > native_row_seconds(shape(128, 4096), hw) > 0.0
