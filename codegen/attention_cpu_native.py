@@ -314,7 +314,8 @@ def _block_counts(pattern: BlockSparse, Sq: int, Sk: int, causal: bool):
     masked_from = np.where(before > 0, lo + n * (np.maximum(before, 0) // n), lo)  # first masked chunk
     masked = np.where(hi > first_limit, hi + 1 - np.minimum(masked_from, hi + 1), 0)
     per_tile = lambda x: np.bincount(tile, weights=x, minlength=tiles)  # noqa: E731
-    return NativeCounts(per_tile(keys * rows[tile]), per_tile(masked * rows[tile]), rows.astype(np.float64), None)
+    computed = rows * (np.diff(run_ptr) > 0)  # a tile without runs only writes its zero rows
+    return NativeCounts(per_tile(keys * rows[tile]), per_tile(masked * rows[tile]), computed.astype(np.float64), None)
 
 
 def _pieces_counts(pieces: Pieces, Sq: int, T: int) -> NativeCounts:

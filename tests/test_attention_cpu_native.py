@@ -153,14 +153,17 @@ def test_slash_kernel_matches_the_masked_reference(pattern, Sq, extra, causal, d
     torch.testing.assert_close(out.double(), reference(q, k, v, pattern, causal, 0.3), atol=2e-5, rtol=2e-5)
 
 
-def simulated_block_counts(pattern, Sq, Sk, causal):
-    """The block-runs kernel's loops run in Python, from the layout: pairs and masked pairs per tile."""
+def simulated_block_counts(pattern, Sq, Sk, causal, rows=None):
+    """The block-runs kernel's loops run in Python, from the layout: pairs and masked pairs per tile
+    (and in `rows`, when given, each tile's rows where it computes some key, else 0)."""
     bq, bk = pattern.block
     limit = [min(i + Sk - Sq, Sk - 1) if causal else Sk - 1 for i in range(Sq)]
     pairs, masked = [], []
+    rows = [] if rows is None else rows
     for t, row in enumerate(pattern.layout.tolist()):
         a, R = t * bq, min(bq, Sq - t * bq)
         p_all = p_masked = 0
+        computes = False
         c = 0
         while c < len(row):
             if not row[c]:
@@ -170,6 +173,7 @@ def simulated_block_counts(pattern, Sq, Sk, causal):
             while end < len(row) and row[end]:
                 end += 1
             k0, k1 = c * bk, min(min(end * bk, Sk) - 1, limit[a + R - 1]) + 1
+            computes = computes or k1 > k0
             for chunk in range(k0, k1, 512):
                 C = min(512, k1 - chunk)
                 p_all += R * C
@@ -177,6 +181,7 @@ def simulated_block_counts(pattern, Sq, Sk, causal):
             c = end
         pairs.append(p_all)
         masked.append(p_masked)
+        rows.append(R if computes else 0)
     return pairs, masked
 
 
@@ -244,7 +249,11 @@ def test_native_counts_follow_the_kernel_loops(pattern, Sq, Sk, causal):
     pairs, masked, rows, fetched, distinct = native_counts(pattern, Sq, Sk, causal)
     expected_pairs, expected_masked = simulated_counts(pattern, Sq, Sk, causal)
     assert pairs.tolist() == expected_pairs and masked.tolist() == expected_masked
-    assert rows.sum() == Sq
+    if isinstance(pattern, P.BlockSparse):  # a tile without runs computes no row
+        simulated_block_counts(pattern, Sq, Sk, causal, rows=(expected_rows := []))
+        assert rows.tolist() == expected_rows
+    else:
+        assert rows.sum() == Sq
     if native_form(pattern, Sq, Sk, causal) == "slashes":
         expected_fetched, expected_distinct = simulated_slash_counts(slash_form(pattern, Sq, Sk), Sq, Sk, causal)[2:]
         assert fetched.tolist() == expected_fetched and distinct.tolist() == expected_distinct
