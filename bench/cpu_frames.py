@@ -37,7 +37,7 @@ from sparsec import patterns as P  # noqa: E402
 from sparsec.codegen.attention_cpu import cpu_attention  # noqa: E402
 from sparsec.codegen.attention_cpu_choice import choose_split  # noqa: E402
 from sparsec.codegen.frame_order import FramesTransposed  # noqa: E402
-from sparsec.cost_models.attention_cost import AttentionShape, estimate_attention  # noqa: E402
+from sparsec.cost_models.attention_cost import AttentionShape, attention_work, price_attention  # noqa: E402
 from sparsec.cost_models.hardware import get_profile  # noqa: E402
 
 GEOMETRIES = ((8, 256), (16, 256), (4, 1024), (32, 64))  # (frames T, patches a frame F)
@@ -75,7 +75,9 @@ def measure_case(frames: int, frame: int, kind: str, causal: bool, threads: int,
     best = min(times["natural"], times["transposed"])
     shape = AttentionShape(batch=1, num_heads=HEADS, num_kv_heads=HEADS, q_len=S, kv_len=S, head_dim=HEAD_DIM,
                            value_dim=HEAD_DIM, dtype="f32", causal=causal)
-    estimated_ms = estimate_attention(patterns, shape, get_profile("cpu"), block_m=None).seconds * 1e3
+    # priced on torch's kernel, as timed (the executor's choice may run the pattern natively)
+    work = attention_work(patterns, shape, block_m=None, executor="cpu", native=False)
+    estimated_ms = price_attention(work, get_profile("cpu")).seconds * 1e3
     return {"threads": threads, "frames": frames, "frame": frame, "S": S, "kind": kind, "causal": causal,
             "density": pattern.density(S, S, causal=causal), "pattern": repr(pattern),
             "natural_ms": times["natural"], "transposed_ms": times["transposed"], "sdpa_ms": times["sdpa"],
