@@ -297,6 +297,14 @@ def _store_heads(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Ten
         out.index_copy_(1, heads, rows)
 
 
+def _table_operands(q, k, v, table: _HeadTable, frame: int | None) -> tuple[torch.Tensor, ...]:
+    """q of the table's query heads, k and v of its kv heads (each kv head serves the next c query
+    heads); in frame-transposed order when frame is given (one strided copy each)."""
+    picked = tuple(_select_heads(x, heads) for x, heads in ((q, table.q_heads), (k, table.kv_heads),
+                                                             (v, table.kv_heads)))
+    return picked if frame is None else tuple(transposed_rows(x, frame) for x in picked)
+
+
 def _store_natural(out: torch.Tensor, heads: slice | torch.Tensor, rows: torch.Tensor, frame: int) -> None:
     """out[:, heads] = rows (B, n, S, Dv) in frame-transposed order, put back in natural order:
     one copy for consecutive heads."""
@@ -329,10 +337,7 @@ def _sparse_heads(q, k, v, pattern: Pattern, table: _HeadTable, causal: bool, sc
         return
     plans = [_plan(part, Sq, Sk, causal, bm) for part in parts]
     frame = parts[0].frame if isinstance(parts[0], FramesTransposed) else None
-    q_heads, k_heads, v_heads = (_select_heads(x, heads) for x, heads in
-                                 ((q, table.q_heads), (k, table.kv_heads), (v, table.kv_heads)))
-    if frame is not None:
-        q_heads, k_heads, v_heads = (transposed_rows(x, frame) for x in (q_heads, k_heads, v_heads))
+    q_heads, k_heads, v_heads = _table_operands(q, k, v, table, frame)
     q_rows = _padded_rows(q_heads, bm)
     k_rows = k_heads.contiguous().view(-1, Sk, k.shape[-1])
     v_rows = v_heads.contiguous().view(-1, Sk, Dv)
@@ -364,8 +369,7 @@ def _native_transposed_heads(q, k, v, pattern: FramesTransposed, table: _HeadTab
     """The heads of `table` on the native interval kernel in frame-transposed order: their q and
     their kv heads' k and v gathered into that order (each kv head serves the next c query heads,
     as the kernel's GQA map reads them), the output gathered back into out."""
-    q_t, k_t, v_t = (transposed_rows(_select_heads(x, heads), pattern.frame) for x, heads in
-                     ((q, table.q_heads), (k, table.kv_heads), (v, table.kv_heads)))
+    q_t, k_t, v_t = _table_operands(q, k, v, table, pattern.frame)
     out_t = torch.empty(*q_t.shape[:3], v.shape[-1], dtype=out.dtype)
     run_native(q_t, k_t, v_t, out_t, list(range(q_t.shape[1])), pattern, causal, scale, threads)
     _store_natural(out, table.q_heads, out_t, pattern.frame)

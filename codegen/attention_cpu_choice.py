@@ -182,9 +182,10 @@ def _native_parts(pattern: Pattern, Sq: int, Sk: int, causal: bool, frame_stride
     case measured (S 1024-4096, 10-25%: 19.7 ms against 11.8, 22.3 against 14.6) and priced
     15-22% below its time, so not offered. frames True: only those; False: none of them."""
     parts = []
-    if frames is not True and native_form(pattern, Sq, Sk, causal) is not None:
+    form = None if frames is True else native_form(pattern, Sq, Sk, causal)
+    if form is not None:
         parts.append(Native(pattern))
-        if native_form(pattern, Sq, Sk, causal) == "intervals":
+        if form == "intervals":
             slashes = slash_form(pattern, Sq, Sk)
             if slashes is not None and len(slashes.offsets) <= _SLASH_OFFSETS:
                 parts.append(Native(slashes))

@@ -127,24 +127,26 @@ void fold_row(Tile& t, int row, float* s, int n) {
   t.max[row] = new_max;
 }
 
+// Row `row`'s scores s[0 .. C) of which it keeps [a, b): folded into its online softmax (fold_row),
+// the rest zeroed (no weight in the products); all zeroed when it keeps none.
+void fold_span(Tile& t, int row, float* s, int C, int a, int b) {
+  if (b <= a) {
+    std::fill(s, s + C, 0.0f);
+    return;
+  }
+  std::fill(s, s + a, 0.0f);
+  std::fill(s + b, s + C, 0.0f);
+  fold_row(t, row, s + a, b - a);
+}
+
 // Rows [r0, r0 + R) of the tile against keys [k0, k0 + C). masked: row r keeps only
 // [lo[r], hi[r]] of them (lo / hi relative to the tile's first row).
 void attend(Tile& t, int r0, int R, int k0, int C, const int32_t* lo, const int32_t* hi, bool masked) {
   scores(R, C, t.D, t.scale, t.q + (int64_t)r0 * t.D, t.D, t.k + (int64_t)k0 * t.D, t.D, t.s);
   for (int r = 0; r < R; ++r) {
-    float* s = t.s + (int64_t)r * C;
-    int a = 0, b = C;
-    if (masked) {
-      a = std::max(0, lo[r0 + r] - k0);
-      b = std::min(C, hi[r0 + r] + 1 - k0);
-      if (b <= a) {
-        std::fill(s, s + C, 0.0f);
-        continue;
-      }
-      std::fill(s, s + a, 0.0f);
-      std::fill(s + b, s + C, 0.0f);
-    }
-    fold_row(t, r0 + r, s + a, b - a);
+    const int a = masked ? std::max(0, lo[r0 + r] - k0) : 0;
+    const int b = masked ? std::min(C, hi[r0 + r] + 1 - k0) : C;
+    fold_span(t, r0 + r, t.s + (int64_t)r * C, C, a, b);
   }
   accumulate(R, t.Dv, C, t.s, C, t.v + (int64_t)k0 * t.Dv, t.Dv, t.acc + (int64_t)r0 * t.Dv, t.Dv);
 }
@@ -190,15 +192,9 @@ void attend_group_chunk(Tile& t, int r0, int R, int k0, int C, const int32_t* lo
       a = std::min(a, pa);
       b = std::max(b, pb);
     }
-    if (b <= a) {
-      std::fill(s, s + C, 0.0f);
-      continue;
-    }
     for (int j = a; j < b; ++j)
       if (!keep[j]) s[j] = -INFINITY;  // out of the row's pieces: no weight (zeroed below)
-    std::fill(s, s + a, 0.0f);
-    std::fill(s + b, s + C, 0.0f);
-    fold_row(t, r0 + r, s + a, b - a);
+    fold_span(t, r0 + r, s, C, a, b);
     for (int j = a; j < b; ++j)
       if (!keep[j]) s[j] = 0.0f;
   }
