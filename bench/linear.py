@@ -6,11 +6,15 @@
 
 Shapes are (in_features, out_features) of real layers (Llama 4096x4096 and 4096x11008, a DiT
 MLP 1152x4608). Block-sparse weights keep round(density * blocks) random blocks; 2:4 weights
-keep 2 random inputs of every 4. Candidates:
+keep 2 random inputs of every 4; scattered weights (CPU, fp32) keep each element with
+probability `density`. Candidates:
 
   CUDA: dense F.linear (torch.mm) | sparsec BSR (Triton) | torch bsr_dense_mm
         (torch.sparse._triton_ops) | sparsec N:M (Triton, 2:4) | torch semi-structured 2:4
   CPU:  dense F.linear | sparsec BSR CPU executor | torch BSR (to_sparse_bsr @) | sparsec N:M CPU
+        executor | sparsec unstructured CPU executor | torch CSR (to_sparse_csr @, MKL)
+  (the CPU executors run each call on the path their cost model prices cheapest: native kernels
+  or torch's; codegen/linear_cpu.py)
 
 Every candidate's output is checked against dense once (max error relative to the output scale,
 recorded). For each weight and token count, sparsec's own choice (what passes/choose_linear_kernels
@@ -35,18 +39,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsec.codegen.linear_cpu import bsr_linear_cpu, nm_linear_cpu, pack_block_rows
+from sparsec.codegen.linear_cpu import (bsr_linear_cpu, nm_linear_cpu, pack_block_rows, pack_nm_rows,
+                                        unstructured_linear_cpu)
+from sparsec.codegen.linear_cpu_native import native_linear_available, pack_sparse_rows
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm, pack_semi_structured, semi_structured_reason
 from sparsec.cost_models import estimate_linear_seconds
 from sparsec.cost_models.hardware import profile_for_device
 from sparsec.cost_models.linear_measure import block_weight, nm_weight
 from sparsec.cost_models.measure import flush_cpu_caches, software_versions
-from sparsec.ir.types import DENSE, BlockSparse, NMSparse, dtype_name
+from sparsec.ir.types import DENSE, BlockSparse, NMSparse, Unstructured, dtype_name
 from sparsec.passes.choose_linear_kernels import beats_dense
 
 SHAPES = ((4096, 4096), (4096, 11008), (1152, 4608))
 GPU_TOKENS = (1, 16, 128, 512, 2048, 8192)
-CPU_TOKENS = (1, 16, 128, 512)  # larger token counts take minutes per point on a CPU
+CPU_TOKENS = (1, 4, 16, 64, 512)  # larger token counts take minutes per point on a CPU
 DENSITIES = (0.1, 0.3, 0.5, 0.7)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -155,7 +161,8 @@ def _torch_bsr_dense_mm(W, block):
 def _two_four_candidates(W, device):
     nm = pack_nm(W, 2, 4)
     if device != "cuda":
-        return {"sparsec 2:4 (cpu)": lambda x: nm_linear_cpu(x, nm)}
+        rows = pack_nm_rows(nm)
+        return {"sparsec 2:4 (cpu)": lambda x: nm_linear_cpu(x, rows)}
     from sparsec.codegen.linear_triton import nm_linear_triton, semi_structured_linear
 
     out = {"sparsec 2:4 (triton)": lambda x: nm_linear_triton(x, nm)}
@@ -166,6 +173,17 @@ def _two_four_candidates(W, device):
     else:
         out["torch semi-structured 2:4"] = reason
     return out
+
+
+def _scattered_candidates(W):
+    rows = pack_sparse_rows(W)
+    csr = W.to_sparse_csr()
+    return {"sparsec unstructured (cpu)": lambda x: unstructured_linear_cpu(x, rows),
+            "torch csr (cpu)": lambda x: (csr @ x.t()).t()}
+
+
+def scattered_weight(N: int, K: int, density: float) -> torch.Tensor:
+    return torch.randn(N, K) * (torch.rand(N, K) < density)
 
 
 # -- the sweep ---------------------------------------------------------------------------------------
@@ -193,6 +211,8 @@ def _measure(rows, shape, tokens, fmt, candidates, x, W, args):
 # The kernels of a weight's format that sparsec itself can pick (the torch baselines are not its options),
 # and how the cost model prices each: (sparsity encoding, semi_structured).
 def _sparsec_options(fmt: str, density: float | None, block: int) -> dict[str, tuple[object, bool]]:
+    if fmt.startswith("scattered"):
+        return {"sparsec unstructured (cpu)": (Unstructured(density=density), False)}
     if fmt == "2:4":
         nm = NMSparse(n=2, m=4, density=0.5)
         return {"sparsec 2:4 (cpu)": (nm, False), "sparsec 2:4 (triton)": (nm, False),
@@ -227,6 +247,8 @@ def run_shape(K: int, N: int, args, rows: list[Row], choices: list[Choice]) -> N
     shape = f"{K}x{N}"
     weights = {d: block_weight(N, K, (args.block, args.block), d, dtype, device) for d in args.densities}
     two_four = nm_weight(N, K, 2, 4, dtype, device)
+    scattered = ({d: scattered_weight(N, K, d) for d in args.densities}
+                 if device == "cpu" and dtype == torch.float32 and native_linear_available() else {})
     for tokens in args.tokens:
         x = torch.randn(tokens, K, dtype=dtype, device=device)
         points = []
@@ -236,6 +258,10 @@ def run_shape(K: int, N: int, args, rows: list[Row], choices: list[Choice]) -> N
             points.append((fmt, density))
         _measure(rows, shape, tokens, "2:4", _two_four_candidates(two_four, device), x, two_four, args)
         points.append(("2:4", None))
+        for density, W in scattered.items():
+            fmt = f"scattered @ {density:.2f}"
+            _measure(rows, shape, tokens, fmt, _scattered_candidates(W), x, W, args)
+            points.append((fmt, density))
         for fmt, density in points:
             choice = choose(rows, shape, tokens, fmt, density, N, K, args)
             if choice is not None:
@@ -324,7 +350,7 @@ def parse_args(argv=None):
     if args.quick:
         args.device = "cpu"
         args.shapes = args.shapes or ["1152x4608"]
-        args.tokens = args.tokens or [1, 64, 512]
+        args.tokens = args.tokens or [1, 8, 64, 512]
         args.densities = args.densities or [0.1, 0.3, 0.5]
         args.min_seconds = min(args.min_seconds, 0.1)
     if args.device == "auto":

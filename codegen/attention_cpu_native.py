@@ -44,7 +44,7 @@ import torch
 from sparsec.codegen.block_coverage import _interval_form
 from sparsec.codegen.frame_coverage import transposed_pieces
 from sparsec.codegen.frame_order import FramesTransposed
-from sparsec.codegen.native_build import load_native
+from sparsec.codegen.native_build import native_entry
 from sparsec.patterns import BlockSparse, Pattern, Skip, VerticalSlash
 
 __all__ = ["NATIVE_BLOCK_M", "NATIVE_BLOCK_N", "NATIVE_SUB_M", "Native", "NativeCounts", "Pieces", "SLASH_LANES",
@@ -90,14 +90,7 @@ _SIGNATURES = {  # the entry points of interval_attention.cpp: (q, k, v, out, B,
 def native_kernel(name: str = "sparsec_interval_attention"):
     """The kernel entry point `name` (ctypes), or None where the library cannot be built
     (codegen.native_build)."""
-    library = load_native(_LIBRARY)
-    if library is None:
-        return None
-    kernel = getattr(library, name)
-    if kernel.argtypes is None:
-        kernel.argtypes = _SIGNATURES[name]
-        kernel.restype = ctypes.c_int
-    return kernel
+    return native_entry(_LIBRARY, name, _SIGNATURES[name])
 
 
 def native_form(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> str | None:

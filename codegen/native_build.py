@@ -10,7 +10,7 @@ and the CPU's flags, and in memory per process: the first call in a fresh enviro
 
 The kernels are an optimisation: when there is no compiler, the build fails, the library does
 not load, or $SPARSEC_CPU_NATIVE is 0, `load_native` returns None, says why once (a warning, and
-`native_status`), and the CPU executor runs torch's SDPA kernel instead.
+`native_status`), and the CPU executor runs its torch path instead (SDPA, BLAS).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_native", "native_status"]
+__all__ = ["load_native", "native_entry", "native_status"]
 
 _SOURCES = Path(__file__).with_name("native")
 _ENABLE_ENV = "SPARSEC_CPU_NATIVE"
@@ -47,6 +47,19 @@ def load_native(name: str) -> ctypes.CDLL | None:
     return _load(name)
 
 
+def native_entry(name: str, entry: str, argtypes: list):
+    """The entry point `entry` of library `name` (ctypes, returning int), with its argument types
+    set, or None where the library is unavailable (load_native)."""
+    library = load_native(name)
+    if library is None:
+        return None
+    function = getattr(library, entry)
+    if function.argtypes is None:
+        function.argtypes = argtypes
+        function.restype = ctypes.c_int
+    return function
+
+
 @functools.lru_cache(maxsize=None)
 def _load(name: str) -> ctypes.CDLL | None:
     try:
@@ -54,7 +67,7 @@ def _load(name: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _STATUS[name] = str(error)
         warnings.warn(f"sparsec: the native CPU kernel {name!r} is unavailable ({error}); the CPU executor "
-                      "uses torch's SDPA kernel instead", RuntimeWarning, stacklevel=3)
+                      "runs its torch path instead (torch's SDPA kernel, BLAS)", RuntimeWarning, stacklevel=3)
         return None
     _STATUS[name] = "loaded"
     return library

@@ -96,21 +96,24 @@ class Input(Op):
 
 
 # Kernel names of a Linear op: the dense GEMM, or a sparse kernel for the weight's structure.
-_LINEAR_KERNEL = re.compile(r"dense|bsr(\d+)x(\d+)|nm(\d+):(\d+)|semi2:4")
+_LINEAR_KERNEL = re.compile(r"dense|bsr(\d+)x(\d+)|nm(\d+):(\d+)|semi2:4|unstructured")
 
 
 def linear_kernel_format(kernel: str) -> tuple[str, tuple[int, ...]]:
-    """("dense", ()), ("bsr", (rows, cols)), ("nm", (n, m)) or ("semi", (2, 4)) for a kernel name
-    ("dense", "bsr64x64", "nm2:4", "semi2:4"); raises ValueError for anything else."""
+    """("dense", ()), ("bsr", (rows, cols)), ("nm", (n, m)), ("semi", (2, 4)) or ("unstructured", ())
+    for a kernel name ("dense", "bsr64x64", "nm2:4", "semi2:4", "unstructured"); raises ValueError
+    for anything else."""
     m = _LINEAR_KERNEL.fullmatch(kernel) if isinstance(kernel, str) else None
     if m is None:
         raise ValueError(f"unknown linear kernel {kernel!r}; expected dense, bsrRxC (e.g. bsr64x64), "
-                         "nmN:M (e.g. nm2:4) or semi2:4")
+                         "nmN:M (e.g. nm2:4), semi2:4 or unstructured")
     if m.group(1):
         return "bsr", (int(m.group(1)), int(m.group(2)))
     if m.group(3):
         return "nm", (int(m.group(3)), int(m.group(4)))
-    return ("semi", (2, 4)) if kernel == "semi2:4" else ("dense", ())
+    if kernel == "semi2:4":
+        return "semi", (2, 4)
+    return (kernel, ())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,7 +122,8 @@ class Linear(Op):
 
     `kernel` is what computes it (passes/choose_linear_kernels.py): "dense", or a sparse kernel
     for the weight's structure, "bsrRxC" (block-sparse, R x C blocks), "nmN:M" (N:M along the
-    input features) or "semi2:4" (torch's 2:4 semi-structured, CUDA). A sparse kernel runs when
+    input features), "semi2:4" (torch's 2:4 semi-structured, CUDA) or "unstructured" (scattered
+    zeros: the CPU executor's native kernels). A sparse kernel runs when
     the call's token count (x's leading dims) is in [min_tokens, max_tokens] (max_tokens None:
     no upper bound), the dense GEMM otherwise.
     """

@@ -7,7 +7,9 @@ The candidates follow the weight's type (set by analyze_weights) and the kernels
     NMSparse(n, m), input axis  "nmN:M"     m a power of two <= 64 that divides in_features
                                 "semi2:4"   also, for n:4 with n <= 2, f16 / bf16, dims % 64 == 0,
                                             on a GPU target (torch's semi-structured kernels)
-    Unstructured, DENSE         none
+    Unstructured                "unstructured"  f32 on a CPU target where the native kernels load
+                                            (codegen/linear_cpu_native.py)
+    DENSE                       none
 
 Each candidate is priced with cost_models.estimate_linear_seconds on `config.hardware()`
 against the dense GEMM (an N:M kernel at n/m of the weight, what it reads; semi2:4 at half the
@@ -46,7 +48,7 @@ from sparsec.cost_models import estimate_linear_seconds
 from sparsec.cost_models.hardware import HardwareProfile
 from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Linear, Op
-from sparsec.ir.types import DENSE, BlockSparse, NMSparse, is_static
+from sparsec.ir.types import DENSE, BlockSparse, NMSparse, Unstructured, is_static
 
 __all__ = ["beats_dense", "choose_linear_kernels", "linear_candidates", "winning_tokens", "MAX_SEARCH_TOKENS",
            "SPARSE_MARGIN"]
@@ -89,6 +91,14 @@ def _semi_fits(enc: NMSparse, shape: tuple, dtype: str, hardware: HardwareProfil
             and hasattr(torch.sparse, "to_sparse_semi_structured") and all(d % _SEMI_TILE == 0 for d in shape))
 
 
+def _unstructured_fits(dtype: str, hardware: HardwareProfile) -> bool:
+    if _is_gpu(hardware) or dtype != "f32":
+        return False
+    from sparsec.codegen.linear_cpu_native import native_linear_available
+
+    return native_linear_available()
+
+
 def _pricer(op: Linear, hardware: HardwareProfile, sparsity, semi: bool = False) -> Cost:
     (N, K), dtype = op.weight.type.shape, op.x.type.dtype
     return functools.partial(_price, N=N, K=K, dtype=dtype, sparsity=sparsity, hardware=hardware,
@@ -105,6 +115,8 @@ def linear_candidates(op: Linear, hardware: HardwareProfile) -> list[Candidate]:
     if w.rank != 2 or not all(is_static(d) for d in w.shape) or op.x.type.dtype not in PRICED_DTYPES:
         return []
     enc = w.sparsity
+    if isinstance(enc, Unstructured):
+        return [Candidate("unstructured", _pricer(op, hardware, enc))] if _unstructured_fits(w.dtype, hardware) else []
     if isinstance(enc, BlockSparse) and _bsr_fits(enc.block, w.shape):
         return [Candidate(f"bsr{enc.block[0]}x{enc.block[1]}", _pricer(op, hardware, enc))]
     if not (isinstance(enc, NMSparse) and _nm_fits(enc, w.shape)):

@@ -3,7 +3,7 @@
     linear(x, weight, bias, kernel="bsr64x64", min_tokens=0, max_tokens=None, site="fc1#3")
 
 `kernel` is the IR Linear op's choice (passes/choose_linear_kernels.py): "dense", "bsrRxC",
-"nmN:M" or "semi2:4". A sparse kernel runs when the call's token count (x's leading dims) is in
+"nmN:M", "semi2:4" or "unstructured". A sparse kernel runs when the call's token count (x's leading dims) is in
 [min_tokens, max_tokens]; the weight is packed on the first such call and kept per kernel and
 executor in a PackedWeight (codegen/weight_guard.py), which compares the weight's (data_ptr,
 _version) on every call: an in-place change re-packs, and a weight that lost its structure (a
@@ -19,6 +19,7 @@ Executors (one place decides, `_executor`):
   - CUDA tensors: the Triton kernels (codegen/linear_triton.py); "semi2:4": torch's
     semi-structured 2:4 kernels.
   - CPU tensors: the CPU executors (codegen/linear_cpu.py); "semi2:4" has none: dense.
+  - "unstructured" runs only on the CPU executor (its native kernels, float32): elsewhere dense.
   - SPARSEC_LINEAR_BACKEND=triton forces the Triton kernels (on CPU tensors that needs
     TRITON_INTERPRET=1; that is how the tests run them), =cpu the CPU executors, =auto (default)
     decides by device.
@@ -102,6 +103,8 @@ def _executor(kind: str, x: torch.Tensor) -> str | None:
     if kind == "semi":
         return "semi" if x.is_cuda else None
     backend = _backend()
+    if kind == "unstructured":
+        return "cpu" if x.device.type == "cpu" and backend != "triton" else None
     if backend == "auto":
         return "triton" if x.is_cuda else "cpu"
     if backend == "cpu" and x.device.type != "cpu":
@@ -151,6 +154,18 @@ def _structured_bsr(weight: torch.Tensor, block: tuple[int, int]):
     return bsr
 
 
+def _unstructured(weight: torch.Tensor):
+    from sparsec.codegen import linear_cpu_native
+
+    if weight.dtype != torch.float32:
+        raise ValueError(f"the native kernels run float32 weights, this one is {weight.dtype}")
+    if not linear_cpu_native.native_linear_available():
+        raise ValueError(f"the native kernels are unavailable ({linear_cpu_native.native_status()})")
+    if bool((weight != 0).all()):
+        raise ValueError("no element of the weight is zero")
+    return linear_cpu_native.pack_sparse_rows(weight)
+
+
 def _packer(kind: str, params: tuple[int, ...], executor: str) -> Callable:
     from sparsec.codegen import linear_cpu, weight_packing
 
@@ -158,8 +173,12 @@ def _packer(kind: str, params: tuple[int, ...], executor: str) -> Callable:
         return lambda w: linear_cpu.pack_block_rows(_structured_bsr(w, params))
     if kind == "bsr":
         return lambda w: _structured_bsr(w, params)
+    if kind == "nm" and executor == "cpu":
+        return lambda w: linear_cpu.pack_nm_rows(weight_packing.pack_nm(w, params[0], params[1]))
     if kind == "nm":
         return lambda w: weight_packing.pack_nm(w, params[0], params[1])
+    if kind == "unstructured":
+        return _unstructured
     return weight_packing.pack_semi_structured
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsec.codegen.linear_cpu_native import native_linear_available
+
 from sparsec.config import parse_options
 from sparsec.cost_models import estimate_linear_seconds
 from sparsec.ir import (DENSE, BlockSparse, Graph, Input, IRParseError, IRVerificationError, Linear, NMSparse,
@@ -136,7 +138,10 @@ def test_choose_always_takes_every_kernel_that_fits(target):
     config = parse_options({"weight_sparsity": "always", "target": target})
     result = choose_linear_kernels(parse_graph(BEFORE_CHOICE), config)
     verify(result)
-    assert result == parse_graph(AFTER_ALWAYS)  # unstructured zeros have no kernel
+    expected = AFTER_ALWAYS
+    if target == "cpu" and native_linear_available():  # scattered zeros: the CPU's native kernels only
+        expected = expected.replace("linear %x, %w_un, none", 'linear %x, %w_un, none {kernel = "unstructured"}')
+    assert result == parse_graph(expected)
 
 
 def test_choose_off_keeps_every_linear_dense():
@@ -177,8 +182,9 @@ def test_auto_follows_the_cost_model_at_static_token_counts(target, encoding):
             assert (op.kernel != "dense") == (sparse < (1 - SPARSE_MARGIN) * dense), (size, tokens, sparse, dense)
             assert (op.min_tokens, op.max_tokens) == (0, None)
             chosen.add(op.kernel)
-    # Both outcomes occur where the model says a kernel wins somewhere (N:M never does on the CPU).
-    wins_somewhere = not (target == "cpu" and isinstance(encoding, NMSparse))
+    # Both outcomes occur where the model says a kernel wins somewhere (N:M never does on the CPU
+    # without its native kernels).
+    wins_somewhere = not (target == "cpu" and isinstance(encoding, NMSparse) and not native_linear_available())
     assert ("dense" in chosen) and (len(chosen) > 1) == wins_somewhere, chosen
 
 
@@ -198,10 +204,12 @@ def test_auto_with_symbolic_tokens_records_the_crossover():
     assert f'kernel = "bsr16x16", max_tokens = {op.max_tokens}' in print_graph(choose_linear_kernels(g, config))
 
 
-def test_auto_with_symbolic_tokens_takes_the_better_of_two_winning_ranges():
-    """On the CPU a block-sparse layer can win at a few tokens (torch's BSR tensor against a GEMV),
-    lose from FEW_TOKENS on (its panels against a GEMM) and win again at many tokens, where the
-    dense GEMM's arithmetic dominates: the layer dispatches by the unbounded range."""
+def test_auto_with_symbolic_tokens_takes_the_better_of_two_winning_ranges(monkeypatch):
+    """On the CPU without its native kernels a block-sparse layer can win at a few tokens (torch's
+    BSR tensor against a GEMV), lose from FEW_TOKENS on (its panels against a GEMM) and win again at
+    many tokens, where the dense GEMM's arithmetic dominates: the layer dispatches by the unbounded
+    range."""
+    monkeypatch.setenv("SPARSEC_CPU_NATIVE", "0")
     config = parse_options({"weight_sparsity": "auto", "target": "cpu"})
     hardware = config.hardware()
     encoding = BlockSparse(block=(16, 16), density=0.1)
@@ -301,11 +309,13 @@ def test_verifier_checks_the_kernel_against_the_weight(weight, kernel, message):
     assert len(info.value.problems) == 1 and message in info.value.problems[0]
 
 
-def test_cpu_linear_estimates_follow_the_executors():
-    """cost_models/linear_cost_cpu.py, term by term: a dense GEMM of 2+ rows repacks its weight,
-    a GEMV does not; BSR reads its kept blocks at bsr_kernel_efficiency of the streaming speed,
-    through torch's BSR tensor up to FEW_TOKENS rows (square fp32 blocks) and as one mm call a
-    block row beyond; N:M never beats dense on the cpu profile."""
+def test_cpu_linear_estimates_follow_the_executors(monkeypatch):
+    """cost_models/linear_cost_cpu.py, term by term, for the torch paths (the native kernels off;
+    tests/test_linear_native.py prices those): a dense GEMM of 2+ rows repacks its weight, a GEMV
+    does not; BSR reads its kept blocks at bsr_kernel_efficiency of the streaming speed, through
+    torch's BSR tensor up to FEW_TOKENS rows (square fp32 blocks) and as one mm call a block row
+    beyond; N:M never beats dense on the cpu profile."""
+    monkeypatch.setenv("SPARSEC_CPU_NATIVE", "0")
     from sparsec.codegen.linear_cpu import FEW_TOKENS
     from sparsec.cost_models.hardware import get_profile
 

@@ -1,0 +1,252 @@
+// sparsec's native CPU kernels for sparse linear layers, y = x @ W.T: W's zeros are skipped.
+// codegen/native_build.py builds this file; codegen/linear_cpu_native.py packs the weights and
+// calls it. fp32; x (T, K) and y (T, N) row-major unless said otherwise.
+//
+// Sparse rows (N:M and unstructured weights), in two layouts, one for each kernel:
+//   - masked (few tokens): the kept values row by row in column order (row o's from row_start[o]),
+//     and a 16-bit mask per 16 inputs of a row saying which are kept. The values are expanded
+//     into a 16-wide vector (AVX-512's expand load, or a loop) and multiplied with up to 8 tokens'
+//     inputs at once, two rows at a time. It streams the values once and does the dense
+//     arithmetic: for a few tokens a layer is bound by reading its weight.
+//   - segments (more tokens): the inputs cut into segments of `seg` (<= 256) features; segment s
+//     holds, row after row, each row's kept values there in column order (row o's from
+//     offsets[s][o]), and per value its column inside the segment (one byte). x comes as token
+//     tiles, (K, width) for width <= 64 tokens, so an input's tokens are one contiguous row; each
+//     kept value multiplies that row into its output row's accumulators: only kept values cost
+//     arithmetic. A segment's rows of the tile (seg x 64 floats) stay in L1 while every output row
+//     of the thread's share reads them. (Row-major values here, or segment-major ones for the
+//     masked kernel, measured 2-3x slower: many short reads far apart.)
+// Block rows (block-sparse weights, few tokens): block row r's kept blocks side by side as one
+// (bo, nnz_r * bi) panel (the layout codegen/linear_cpu.py's BLAS path uses); each output row is
+// that panel's row against the inputs of its kept blocks, two rows and up to 8 tokens at a time.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// 16 floats as one value: GCC / Clang lower it to the widest vectors the target has.
+typedef float v16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+constexpr int kMaxTokens = 8;   // tokens a masked / block-rows call computes at once
+constexpr int64_t kTile = 64;   // tokens a segments call computes at once (its token tile's width)
+
+inline v16 load(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
+inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+inline float sum(v16 a) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += a[i];
+  return s;
+}
+
+// The 16 inputs' weights of a chunk whose kept positions are `mask`'s bits, from its kept values.
+inline v16 expand(uint16_t mask, const float* values) {
+#ifdef __AVX512F__
+  const __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), values);
+  v16 r;
+  std::memcpy(&r, &w, sizeof r);
+  return r;
+#else
+  v16 r{};
+  for (int i = 0, k = 0; i < kLanes; ++i)
+    if (mask >> i & 1) r[i] = values[k++];
+  return r;
+#endif
+}
+
+// Thread `part` of `parts`'s share of rows [0, N): contiguous, in whole pairs (`unit` rows).
+inline void share(int64_t N, int64_t unit, int64_t parts, int64_t part, int64_t& lo, int64_t& hi) {
+  const int64_t units = (N + unit - 1) / unit;
+  lo = std::min(N, unit * (units * part / parts));
+  hi = std::min(N, unit * (units * (part + 1) / parts));
+}
+
+struct MaskedRows {
+  const float* values;      // row by row
+  const uint16_t* masks;    // (N, chunks)
+  const int64_t* row_start; // (N + 1,)
+  int64_t N, chunks;
+};
+
+// y[t][o + r] for r < R, t < TB: masked rows against TB tokens of x.
+template <int TB, int R>
+void masked_rows(const MaskedRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+  v16 acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < TB; ++j) acc[r][j] = v16{};
+  const float* vp[R];
+  const uint16_t* mp[R];
+  for (int r = 0; r < R; ++r) {
+    vp[r] = w.values + w.row_start[o + r];
+    mp[r] = w.masks + (o + r) * w.chunks;
+  }
+  for (int64_t c = 0; c < w.chunks; ++c) {
+    v16 wv[R];
+    for (int r = 0; r < R; ++r) {
+      const uint16_t m = mp[r][c];
+      wv[r] = expand(m, vp[r]);
+      vp[r] += __builtin_popcount(m);
+    }
+    for (int j = 0; j < TB; ++j) {
+      const v16 xv = load(x + j * ldx + c * kLanes);
+      for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < TB; ++j) y[j * w.N + o + r] = sum(acc[r][j]);
+}
+
+// Rows o .. o + R of y for all T tokens, kMaxTokens at a time (the rows' values stay in cache).
+template <int R, typename Rows, typename Kernel>
+void each_token_block(const Rows& w, const float* x, int64_t T, int64_t ldx, int64_t o, float* y, Kernel) {
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) Kernel::template run<8, R>(w, x + t * ldx, ldx, o, y + t * w.N);
+  if (T - t >= 4) { Kernel::template run<4, R>(w, x + t * ldx, ldx, o, y + t * w.N); t += 4; }
+  if (T - t >= 2) { Kernel::template run<2, R>(w, x + t * ldx, ldx, o, y + t * w.N); t += 2; }
+  if (T - t >= 1) Kernel::template run<1, R>(w, x + t * ldx, ldx, o, y + t * w.N);
+}
+
+struct Masked {
+  template <int TB, int R>
+  static void run(const MaskedRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+    masked_rows<TB, R>(w, x, ldx, o, y);
+  }
+};
+
+struct BlockRows {
+  const float* panels;
+  const int64_t* panel_start;  // (N / bo,): where block row r's panel starts in `panels`
+  const int64_t* crow;         // (N / bo + 1,)
+  const int32_t* columns;      // (nnz_blocks,): each kept block's input block
+  int64_t N, K, bo, bi;
+};
+
+template <int TB, int R>
+void block_rows(const BlockRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+  const int64_t r0 = o / w.bo, begin = w.crow[r0], kept = w.crow[r0 + 1] - begin, width = kept * w.bi;
+  const float* wp = w.panels + w.panel_start[r0] + (o % w.bo) * width;
+  v16 acc[R][TB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < TB; ++j) acc[r][j] = v16{};
+  for (int64_t b = 0; b < kept; ++b) {
+    const int64_t input = static_cast<int64_t>(w.columns[begin + b]) * w.bi;
+    for (int64_t i = 0; i < w.bi; i += kLanes) {
+      v16 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load(wp + r * width + b * w.bi + i);
+      for (int j = 0; j < TB; ++j) {
+        const v16 xv = load(x + j * ldx + input + i);
+        for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < TB; ++j) y[j * w.N + o + r] = sum(acc[r][j]);
+}
+
+struct Blocks {
+  template <int TB, int R>
+  static void run(const BlockRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+    block_rows<TB, R>(w, x, ldx, o, y);
+  }
+};
+
+template <typename Rows, typename Kernel>
+void rows_in_pairs(const Rows& w, const float* x, int64_t T, int64_t ldx, float* y, int64_t threads, Kernel k) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    int64_t lo, hi;
+    share(w.N, 2, omp_get_num_threads(), omp_get_thread_num(), lo, hi);
+    int64_t o = lo;
+    for (; o + 2 <= hi; o += 2) each_token_block<2>(w, x, T, ldx, o, y, k);
+    for (; o < hi; ++o) each_token_block<1>(w, x, T, ldx, o, y, k);
+  }
+}
+
+// Row o's accumulators for the V * 16 tokens of a tile, over its kept values [begin, end) of one
+// segment: each value times its input's row of the tile. Two values at a time (two chains).
+template <int V>
+void segment_row(const float* tile, int64_t width, const float* values, const uint8_t* columns, int64_t begin,
+                 int64_t end, float* y) {
+  v16 acc[V], other[V];
+  for (int i = 0; i < V; ++i) { acc[i] = load(y + i * kLanes); other[i] = v16{}; }
+  int64_t p = begin;
+  for (; p + 2 <= end; p += 2) {
+    const v16 a = v16{} + values[p], b = v16{} + values[p + 1];
+    const float* xa = tile + static_cast<int64_t>(columns[p]) * width;
+    const float* xb = tile + static_cast<int64_t>(columns[p + 1]) * width;
+    for (int i = 0; i < V; ++i) {
+      acc[i] += a * load(xa + i * kLanes);
+      other[i] += b * load(xb + i * kLanes);
+    }
+  }
+  if (p < end) {
+    const v16 a = v16{} + values[p];
+    const float* xa = tile + static_cast<int64_t>(columns[p]) * width;
+    for (int i = 0; i < V; ++i) acc[i] += a * load(xa + i * kLanes);
+  }
+  for (int i = 0; i < V; ++i) store(y + i * kLanes, acc[i] + other[i]);
+}
+
+}  // namespace
+
+// y (T, N) = x (T, ldx >= chunks * 16; the columns from K on zero) @ W.T, W as masked rows.
+extern "C" int sparsec_masked_linear(const float* x, int64_t T, int64_t ldx, const float* values,
+                                     const uint16_t* masks, const int64_t* row_start, int64_t N, int64_t K,
+                                     float* y, int64_t threads) {
+  const int64_t chunks = (K + kLanes - 1) / kLanes;
+  if (T < 0 || N < 0 || K < 0 || ldx < chunks * kLanes || threads < 1) return 1;
+  const MaskedRows w{values, masks, row_start, N, chunks};
+  rows_in_pairs(w, x, T, ldx, y, threads, Masked{});
+  return 0;
+}
+
+// yt (N, T16) = W @ x.T, W as segments (offsets (segments, N + 1)), x as token tiles: tile t
+// (tokens 64 t .. 64 t + width) is (K, width), row-major, at xt + 64 t K; T16 a multiple of 16 (the
+// padded tokens' inputs zero).
+extern "C" int sparsec_segments_linear(const float* xt, int64_t T16, const float* values, const uint8_t* columns,
+                                       const int64_t* offsets, int64_t N, int64_t K, int64_t seg, float* yt,
+                                       int64_t threads) {
+  if (T16 < 0 || T16 % kLanes || N < 0 || K < 0 || seg < 1 || seg > 256 || threads < 1) return 1;
+  const int64_t segments = (K + seg - 1) / seg;
+  std::fill(yt, yt + N * T16, 0.0f);
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    int64_t lo, hi;
+    share(N, 1, omp_get_num_threads(), omp_get_thread_num(), lo, hi);
+    for (int64_t t0 = 0; t0 < T16; t0 += kTile) {
+      const int64_t width = std::min(kTile, T16 - t0);
+      for (int64_t s = 0; s < segments; ++s) {
+        const float* tile = xt + t0 * K + s * seg * width;
+        const int64_t* off = offsets + s * (N + 1);
+        for (int64_t o = lo; o < hi; ++o) {
+          const int64_t begin = off[o], end = off[o + 1];
+          if (begin == end) continue;
+          float* y = yt + o * T16 + t0;
+          switch (width / kLanes) {
+            case 4: segment_row<4>(tile, width, values, columns, begin, end, y); break;
+            case 3: segment_row<3>(tile, width, values, columns, begin, end, y); break;
+            case 2: segment_row<2>(tile, width, values, columns, begin, end, y); break;
+            default: segment_row<1>(tile, width, values, columns, begin, end, y);
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// y (T, N) = x (T, ldx >= K) @ W.T for W as block-row panels (bo even, bi a multiple of 16).
+extern "C" int sparsec_block_rows_linear(const float* x, int64_t T, int64_t ldx, const float* panels,
+                                         const int64_t* panel_start, const int64_t* crow, const int32_t* columns,
+                                         int64_t N, int64_t K, int64_t bo, int64_t bi, float* y, int64_t threads) {
+  if (T < 0 || N < 0 || K < 0 || bo < 2 || bo % 2 || N % bo || bi < kLanes || bi % kLanes || K % bi || ldx < K ||
+      threads < 1)
+    return 1;
+  const BlockRows w{panels, panel_start, crow, columns, N, K, bo, bi};
+  rows_in_pairs(w, x, T, ldx, y, threads, Blocks{});
+  return 0;
+}
