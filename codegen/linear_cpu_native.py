@@ -28,15 +28,15 @@ from sparsec.codegen import native_build
 from sparsec.codegen.native_build import load_native, native_entry
 
 __all__ = ["SEGMENT", "MaskedRows", "SegmentRows", "SparseRows", "block_rows_linear", "masked_linear",
-           "native_linear_available", "native_status", "pack_sparse_rows", "segments_linear", "token_tiles"]
+           "native_linear_available", "native_status", "pack_sparse_rows", "segments_linear"]
 
-SEGMENT = 128  # inputs a segment: its token tile rows (128 x 64 floats, 32 KB) stay in L1; columns fit a byte
+SEGMENT = 256  # inputs a segment: columns fit a byte; its token tile rows (256 x 64 floats) stay in L2
 _LANES, _TILE = 16, 64
 _LIBRARY = "sparse_linear"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "sparsec_masked_linear": [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I],
-    "sparsec_segments_linear": [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I],
+    "sparsec_segments_linear": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I],
     "sparsec_block_rows_linear": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I],
 }
 
@@ -194,21 +194,6 @@ def masked_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
     return y
 
 
-def token_tiles(x: torch.Tensor) -> torch.Tensor:
-    """x (T, K) as the segments kernel reads it: tokens padded to a multiple of 16, cut into tiles
-    of 64 (the last may be narrower), each tile (K, width) row-major, one after another."""
-    T, K = x.shape
-    T16 = -(-T // _LANES) * _LANES
-    tiles = torch.empty(T16 * K, dtype=x.dtype)
-    for start in range(0, T16, _TILE):
-        width = min(_TILE, T16 - start)
-        tile = tiles[start * K:(start + width) * K].view(K, width)
-        real = max(0, min(width, T - start))
-        tile[:, :real] = x[start:start + real].t()
-        tile[:, real:] = 0
-    return tiles
-
-
 def segments_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
     """x (T, K) @ W.T on the segments kernel, or None where it cannot run."""
     name = "sparsec_segments_linear"
@@ -216,13 +201,15 @@ def segments_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
     if kernel is None:
         return None
     N, K = rows.shape
-    T = x.shape[0]
-    tiles, padded = token_tiles(x), -(-T // _LANES) * _LANES
-    yt = torch.empty(N, padded, dtype=torch.float32)
+    xr = x.contiguous()
+    T = xr.shape[0]
+    y = torch.empty(T, N, dtype=torch.float32)
+    width = min(_TILE, -(-T // _LANES) * _LANES)
+    tile, scratch = torch.empty(K * width, dtype=torch.float32), torch.empty(N * width, dtype=torch.float32)
     w = rows.segments()
-    _run(kernel, name, tiles.data_ptr(), padded, w.values.data_ptr(), w.columns.data_ptr(), w.offsets.data_ptr(),
-         N, K, SEGMENT, yt.data_ptr())
-    return yt[:, :T].t().contiguous()
+    _run(kernel, name, xr.data_ptr(), T, K, w.values.data_ptr(), w.columns.data_ptr(), w.offsets.data_ptr(), N, K,
+         SEGMENT, y.data_ptr(), tile.data_ptr(), scratch.data_ptr())
+    return y
 
 
 def block_rows_linear(x: torch.Tensor, panels: torch.Tensor, panel_start: torch.Tensor, crow: torch.Tensor,

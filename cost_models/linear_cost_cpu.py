@@ -27,11 +27,12 @@ profile has its own fit of the same terms (cost_models/hardware.py).
     masked rows      N:M and unstructured weights, any token count: per 16 inputs of every row
                      (kept or not) native_chunk_seconds, and native_chunk_token_seconds a token,
                      on one core, or the kept values, their masks and offsets streamed at
-                     native_stream_share of the bandwidth, whichever takes longer;
+                     native_stream_share of the bandwidth once per tile of 64 tokens, whichever
+                     takes longer;
                      every native call also pays native_linear_call_s;
     segments         N:M and unstructured weights: per kept value native_value_seconds for each
                      tile of 64 tokens and native_value_lanes_seconds for each 16 tokens (padded),
-                     on one core, plus the copies of x into token tiles and of y out of them;
+                     on one core, and the copies of x into token tiles and of y out of them;
     block rows       block-sparse weights (bo even, bi a multiple of 16): as masked rows over the
                      kept blocks' inputs only, their values streamed.
   The executor runs each layer by the cheapest of the paths its weight has at the call's token
@@ -105,19 +106,21 @@ def _dense_paths(M, weight, flops, stream, gemm_rate, hw: HardwareProfile, K, N,
 
 def _chunk_seconds(M: int, chunks: float, weight_bytes: float, hw: HardwareProfile) -> float:
     """The masked / block-rows kernels: `chunks` row chunks of 16 inputs computed, each for M
-    tokens, on hw.sm_count cores, or the weight's bytes streamed, whichever is longer."""
+    tokens, on hw.sm_count cores, or the weight's bytes streamed once per tile of 64 tokens,
+    whichever is longer."""
     compute = chunks * (hw.native_chunk_seconds + M * hw.native_chunk_token_seconds) / hw.sm_count
-    return hw.native_linear_call_s + max(compute, weight_bytes / (hw.memory_bandwidth * hw.native_stream_share))
+    stream = -(-M // _TILE) * weight_bytes / (hw.memory_bandwidth * hw.native_stream_share)
+    return hw.native_linear_call_s + max(compute, stream)
 
 
 def _segments_seconds(M: int, N: int, K: int, values: float, hw: HardwareProfile) -> float:
-    """The segments kernel: each kept value per token tile and per 16 tokens, on hw.sm_count
-    cores, and the copies of x into tiles and of y (N x padded tokens) out (one thread)."""
+    """The segments kernel: each kept value per token tile and per 16 tokens, and the copies of x
+    into tiles and of y out of them, on hw.sm_count cores."""
     padded = -(-M // _LANES) * _LANES
     tiles = -(-padded // _TILE)
     compute = values * (tiles * hw.native_value_seconds + padded / _LANES * hw.native_value_lanes_seconds)
     copies = 4 * (2 * M * K + 2 * N * padded) / hw.gather_bytes_per_s
-    return hw.native_linear_call_s + compute / hw.sm_count + copies
+    return hw.native_linear_call_s + (compute + copies) / hw.sm_count
 
 
 def _native_available() -> bool:

@@ -10,12 +10,12 @@
 //     arithmetic: for a few tokens a layer is bound by reading its weight.
 //   - segments (more tokens): the inputs cut into segments of `seg` (<= 256) features; segment s
 //     holds, row after row, each row's kept values there in column order (row o's from
-//     offsets[s][o]), and per value its column inside the segment (one byte). x comes as token
-//     tiles, (K, width) for width <= 64 tokens, so an input's tokens are one contiguous row; each
-//     kept value multiplies that row into its output row's accumulators: only kept values cost
-//     arithmetic. A segment's rows of the tile (seg x 64 floats) stay in L1 while every output row
-//     of the thread's share reads them. (Row-major values here, or segment-major ones for the
-//     masked kernel, measured 2-3x slower: many short reads far apart.)
+//     offsets[s][o]), and per value its column inside the segment (one byte). x is copied into
+//     token tiles, (K, width) for width <= 64 tokens, so an input's tokens are one contiguous
+//     row; each kept value multiplies that row into its output row's accumulators: only kept
+//     values cost arithmetic. A segment's rows of the tile (seg x 64 floats) stay in the core's
+//     caches while every output row of the thread's share reads them. (Row-major values here, or
+//     segment-major ones for the masked kernel, measured 2-3x slower: many short reads far apart.)
 // Block rows (block-sparse weights, few tokens): block row r's kept blocks side by side as one
 // (bo, nnz_r * bi) panel (the layout codegen/linear_cpu.py's BLAS path uses); each output row is
 // that panel's row against the inputs of its kept blocks, two rows and up to 8 tokens at a time.
@@ -32,8 +32,7 @@ namespace {
 // 16 floats as one value: GCC / Clang lower it to the widest vectors the target has.
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
-constexpr int kMaxTokens = 8;   // tokens a masked / block-rows call computes at once
-constexpr int64_t kTile = 64;   // tokens a segments call computes at once (its token tile's width)
+constexpr int64_t kTile = 64;   // tokens a kernel computes at once (a tile of x); masked / block rows: 8 by 8
 
 inline v16 load(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
@@ -100,7 +99,7 @@ void masked_rows(const MaskedRows& w, const float* x, int64_t ldx, int64_t o, fl
     for (int j = 0; j < TB; ++j) y[j * w.N + o + r] = sum(acc[r][j]);
 }
 
-// Rows o .. o + R of y for all T tokens, kMaxTokens at a time (the rows' values stay in cache).
+// Rows o .. o + R of y for T tokens, 8 at a time (the rows' values stay in cache meanwhile).
 template <int R, typename Rows, typename Kernel>
 void each_token_block(const Rows& w, const float* x, int64_t T, int64_t ldx, int64_t o, float* y, Kernel) {
   int64_t t = 0;
@@ -154,15 +153,22 @@ struct Blocks {
   }
 };
 
+// Every row of y, two at a time, each thread its share; tokens in tiles of kTile (their x, up to
+// 64 x K floats, stays in the core's cache while the share's rows stream their weights past it).
 template <typename Rows, typename Kernel>
 void rows_in_pairs(const Rows& w, const float* x, int64_t T, int64_t ldx, float* y, int64_t threads, Kernel k) {
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
     int64_t lo, hi;
     share(w.N, 2, omp_get_num_threads(), omp_get_thread_num(), lo, hi);
-    int64_t o = lo;
-    for (; o + 2 <= hi; o += 2) each_token_block<2>(w, x, T, ldx, o, y, k);
-    for (; o < hi; ++o) each_token_block<1>(w, x, T, ldx, o, y, k);
+    for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+      const int64_t count = std::min(kTile, T - t0);
+      const float* xt = x + t0 * ldx;
+      float* yt = y + t0 * w.N;
+      int64_t o = lo;
+      for (; o + 2 <= hi; o += 2) each_token_block<2>(w, xt, count, ldx, o, yt, k);
+      for (; o < hi; ++o) each_token_block<1>(w, xt, count, ldx, o, yt, k);
+    }
   }
 }
 
@@ -204,36 +210,51 @@ extern "C" int sparsec_masked_linear(const float* x, int64_t T, int64_t ldx, con
   return 0;
 }
 
-// yt (N, T16) = W @ x.T, W as segments (offsets (segments, N + 1)), x as token tiles: tile t
-// (tokens 64 t .. 64 t + width) is (K, width), row-major, at xt + 64 t K; T16 a multiple of 16 (the
-// padded tokens' inputs zero).
-extern "C" int sparsec_segments_linear(const float* xt, int64_t T16, const float* values, const uint8_t* columns,
-                                       const int64_t* offsets, int64_t N, int64_t K, int64_t seg, float* yt,
-                                       int64_t threads) {
-  if (T16 < 0 || T16 % kLanes || N < 0 || K < 0 || seg < 1 || seg > 256 || threads < 1) return 1;
+// y (T, N) = x (T, ldx >= K) @ W.T, W as segments (offsets (segments, N + 1)). Token tile by
+// token tile (64 tokens; the last padded to a multiple of 16): the threads copy the tile's x into
+// `tile` (K x width, an input's tokens contiguous), each computes its share of rows into `rows`
+// (N x width, its rows only) and writes them back into y transposed: no copies outside.
+extern "C" int sparsec_segments_linear(const float* x, int64_t T, int64_t ldx, const float* values,
+                                       const uint8_t* columns, const int64_t* offsets, int64_t N, int64_t K,
+                                       int64_t seg, float* y, float* tile, float* rows, int64_t threads) {
+  if (T < 0 || N < 0 || K < 0 || ldx < K || seg < 1 || seg > 256 || threads < 1) return 1;
   const int64_t segments = (K + seg - 1) / seg;
-  std::fill(yt, yt + N * T16, 0.0f);
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
-    int64_t lo, hi;
-    share(N, 1, omp_get_num_threads(), omp_get_thread_num(), lo, hi);
-    for (int64_t t0 = 0; t0 < T16; t0 += kTile) {
-      const int64_t width = std::min(kTile, T16 - t0);
+    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+    int64_t lo, hi, k_lo, k_hi;
+    share(N, 1, parts, part, lo, hi);
+    share(K, 1, parts, part, k_lo, k_hi);
+    for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+      const int64_t real = std::min(kTile, T - t0), width = (real + kLanes - 1) / kLanes * kLanes;
+      for (int64_t k = k_lo; k < k_hi; ++k) {
+        float* row = tile + k * width;
+        for (int64_t j = 0; j < real; ++j) row[j] = x[(t0 + j) * ldx + k];
+        std::fill(row + real, row + width, 0.0f);
+      }
+      std::fill(rows + lo * width, rows + hi * width, 0.0f);
+#pragma omp barrier
       for (int64_t s = 0; s < segments; ++s) {
-        const float* tile = xt + t0 * K + s * seg * width;
+        const float* part_tile = tile + s * seg * width;
         const int64_t* off = offsets + s * (N + 1);
         for (int64_t o = lo; o < hi; ++o) {
           const int64_t begin = off[o], end = off[o + 1];
           if (begin == end) continue;
-          float* y = yt + o * T16 + t0;
+          float* acc = rows + o * width;
           switch (width / kLanes) {
-            case 4: segment_row<4>(tile, width, values, columns, begin, end, y); break;
-            case 3: segment_row<3>(tile, width, values, columns, begin, end, y); break;
-            case 2: segment_row<2>(tile, width, values, columns, begin, end, y); break;
-            default: segment_row<1>(tile, width, values, columns, begin, end, y);
+            case 4: segment_row<4>(part_tile, width, values, columns, begin, end, acc); break;
+            case 3: segment_row<3>(part_tile, width, values, columns, begin, end, acc); break;
+            case 2: segment_row<2>(part_tile, width, values, columns, begin, end, acc); break;
+            default: segment_row<1>(part_tile, width, values, columns, begin, end, acc);
           }
         }
       }
+      for (int64_t o0 = lo; o0 < hi; o0 += kLanes) {  // back into y, 16 rows at a time
+        const int64_t o1 = std::min(hi, o0 + kLanes);
+        for (int64_t j = 0; j < real; ++j)
+          for (int64_t o = o0; o < o1; ++o) y[(t0 + j) * N + o] = rows[o * width + j];
+      }
+#pragma omp barrier
     }
   }
   return 0;
