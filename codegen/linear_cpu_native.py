@@ -1,17 +1,19 @@
 """sparsec's native CPU kernels for sparse linear layers (codegen/native/sparse_linear.cpp): packing
 and calls. y = x @ W.T with W's zeros skipped, fp32.
 
-- `SparseRows` (N:M and unstructured weights): W's kept values row by row, with per value its
-  column inside its segment of SEGMENT inputs (one byte), where each row's segments start, and
-  per 16 inputs of a row a bit mask of the kept ones. Two kernels read it:
-    `masked_linear`   few tokens: the values expanded by the masks into dense 16-wide vectors, up
-                      to 8 tokens at once; it reads the weight once and does the dense arithmetic;
-    `segments_linear` more tokens: x in token tiles of 64, each kept value times its input's
-                      tokens; only kept values cost arithmetic.
-  Measured on a 11008 x 4096 layer (2 cores, AVX-512): 2:4 at 1 token 1.8x dense torch (the
-  bytes: 2.6 against 4 an element), at 8 tokens 2.5x; 10% unstructured at 64 tokens 4x.
-- `block_rows_linear` (block-sparse weights, few tokens): the panels of codegen.linear_cpu's
-  BlockRows, each output row against the inputs of its block row's kept blocks.
+- `SparseRows` (N:M and unstructured weights) holds a weight's kept values in two layouts, each
+  built on its kernel's first call:
+    `masked_linear`   (MaskedRows: values row by row, a 16-bit mask per 16 inputs) few tokens: the
+                      values expanded by the masks into dense 16-wide vectors, 8 tokens at once;
+                      it reads the weight once and does the dense arithmetic;
+    `segments_linear` (SegmentRows: values segment of SEGMENT inputs by segment, one byte of
+                      column each) more tokens: x in token tiles of 64, each kept value times its
+                      input's tokens; only kept values cost arithmetic.
+  Measured on a 11008 x 4096 layer (2 cores, AVX-512, caches flushed): 2:4 at 1 token 2.0x dense
+  torch (the bytes: 2.6 against 4 an element), at 8 tokens 2.5-2.9x; 10% scattered at 64 tokens
+  4x. (One layout for both measured 2-3x slower on one kernel or the other.)
+- `block_rows_linear` (block-sparse weights): the panels of codegen.linear_cpu's BlockRows, each
+  output row against the inputs of its block row's kept blocks.
 
 Each call returns None where the kernel cannot run it (no compiler or library: native_build says
 why; a dtype other than float32), and the caller runs its torch path.
@@ -60,44 +62,38 @@ class SegmentRows:
 
 
 class SparseRows:
-    """A weight's kept values for the native kernels (module docstring): each kernel's layout is
-    built from the weight's copy on its first call (a layer that only ever runs one holds one)."""
+    """A weight's kept values for the native kernels (module docstring): the masked layout, built
+    when packed, and the segments layout, built from it on the segments kernel's first call (a
+    layer that only ever runs a few tokens holds one)."""
 
-    __slots__ = ("shape", "nnz", "_weight", "_masked", "_segments")
+    __slots__ = ("shape", "_masked", "_segments")
 
-    def __init__(self, weight: torch.Tensor):
-        self.shape: tuple[int, int] = tuple(weight.shape)
-        self._weight = weight
-        self.nnz = int(torch.count_nonzero(weight))
-        self._masked: MaskedRows | None = None
+    def __init__(self, shape: tuple[int, int], masked: MaskedRows):
+        self.shape = shape
+        self._masked = masked
         self._segments: SegmentRows | None = None
+
+    @property
+    def nnz(self) -> int:
+        return self._masked.values.numel()
 
     @property
     def density(self) -> float:
         return self.nnz / max(1, self.shape[0] * self.shape[1])
 
     def masked(self) -> MaskedRows:
-        if self._masked is None:
-            self._masked = _masked_rows(self._weight)
-            self._drop_weight()
         return self._masked
 
     def segments(self) -> SegmentRows:
         if self._segments is None:
-            self._segments = _segment_rows(self._weight)
-            self._drop_weight()
+            self._segments = _segment_rows(self.to_dense())
         return self._segments
 
-    def _drop_weight(self) -> None:
-        if self._masked is not None and self._segments is not None:
-            self._weight = None
-
     def to_dense(self) -> torch.Tensor:
-        if self._weight is not None:
-            return self._weight.clone()
+        """The weight, float32 (N, K)."""
         N, K = self.shape
-        rows = self.masked()
-        dense = torch.zeros(N, -(-K // _LANES) * _LANES, dtype=torch.float32)
+        rows = self._masked
+        dense = torch.zeros(N, rows.masks.shape[1] * _LANES, dtype=torch.float32)
         bits = rows.masks.to(torch.int32) & 0xFFFF
         kept = ((bits[:, :, None] >> torch.arange(_LANES, dtype=torch.int32)) & 1).bool().view(N, -1)
         dense[kept] = rows.values
@@ -135,7 +131,7 @@ def pack_sparse_rows(weight: torch.Tensor) -> SparseRows:
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         raise TypeError(f"pack_sparse_rows: the native kernels take float32 CPU weights, got {weight.dtype} on "
                         f"{weight.device}")
-    return SparseRows(weight.detach().clone())
+    return SparseRows(tuple(weight.shape), _masked_rows(weight.detach()))
 
 
 def _masked_rows(w: torch.Tensor) -> MaskedRows:

@@ -1,7 +1,8 @@
 """Builds and loads sparsec's native CPU kernels (codegen/native/*.cpp), once per machine.
 
 `load_native(name)` compiles codegen/native/<name>.cpp into a shared library with the C++
-compiler ($CXX, else c++ / g++ / clang++ on PATH) for this CPU (-O3 -march=native, OpenMP),
+compiler ($CXX, else c++ / g++ / clang++ on PATH) for this CPU (-O3 -march=native, OpenMP;
+$SPARSEC_CPU_MARCH names another target, e.g. x86-64-v3 to build the AVX2 code on an AVX-512 machine),
 linked against torch's libtorch_cpu (which carries the BLAS sgemm_ the kernels call) and its
 OpenMP runtime, and opens it with ctypes. The library is cached on disk ($SPARSEC_CACHE_DIR, or
 ~/.cache/sparsec/kernels, under native/) by a hash of the source, the compiler, torch's version
@@ -30,7 +31,8 @@ __all__ = ["load_native", "native_entry", "native_status"]
 
 _SOURCES = Path(__file__).with_name("native")
 _ENABLE_ENV = "SPARSEC_CPU_NATIVE"
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+_MARCH_ENV = "SPARSEC_CPU_MARCH"
 _STATUS: dict[str, str] = {}
 
 
@@ -100,7 +102,8 @@ def _build(name: str) -> Path:
     if not source.is_file():
         raise RuntimeError(f"no source {source}")
     compiler = _compiler()
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, " ".join(_FLAGS), torch.__version__,
+    flags = (*_FLAGS, f"-march={os.environ.get(_MARCH_ENV, 'native')}")
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, " ".join(flags), torch.__version__,
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     from sparsec.codegen.kernel_cache import cache_dir
     directory = cache_dir() / "native"
@@ -111,7 +114,7 @@ def _build(name: str) -> Path:
     lib = _torch_lib()
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         built = Path(scratch) / library.name
-        command = [compiler, *_FLAGS, str(source), "-o", str(built), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+        command = [compiler, *flags, str(source), "-o", str(built), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {done.stderr.strip()[-600:]}")
