@@ -20,8 +20,9 @@ For each: Spearman rank correlation over every candidate, and the top-1 regret p
 (Candidate.decision: which family and tiles for one layer shape at one density; the measured time
 of the model's fastest pick over the measured fastest, - 1), mean and worst.
 
-Linear layers (cost_models.linear_measure.linear_grid: dense, block-sparse at several densities and
-N:M, a few weight shapes and token counts, run through the compiled op) are timed too and fitted
+Linear layers (cost_models.linear_measure.linear_grid: dense, block-sparse at several densities,
+N:M and, on a CPU with the native kernels, scattered zeros; a few weight shapes and token counts,
+run through the compiled op) are timed too and fitted
 with the attention terms; for them, before and after: Spearman, and the compiler's sparse-or-dense
 choice on each sparse weight and token count (right or not, and its loss). Prints rich tables;
 writes JSON (device, versions, date, command, every figure) under bench/results/. The fitted

@@ -58,11 +58,14 @@ CPU_FIT_PARAMETERS = ("matmul_efficiency", "exp_per_s", "mask_cost_per_pair", "r
                       "native_fetch_width_seconds", "native_fetch_spill_seconds")
 # Linear layers (cost_models/__init__.py, linear_cost_cpu.py): the dense GEMM's efficiency and the
 # sparse kernels' relative to the model of them; on a CPU also the GEMM's weight packing and call
-# costs, torch's BSR streaming share at a few tokens, and the streaming bandwidth (which the CPU's
-# attention model does not use).
+# costs, torch's BSR streaming share at a few tokens, the streaming bandwidth (which the CPU's
+# attention model does not use), and the native sparse kernels' terms.
 LINEAR_FIT_PARAMETERS = ("gemm_efficiency", "memory_efficiency", "bsr_kernel_efficiency", "nm_kernel_efficiency")
 CPU_LINEAR_FIT_PARAMETERS = LINEAR_FIT_PARAMETERS + ("gemm_pack_bytes_per_s", "gemm_call_overhead_s",
-                                                     "torch_bsr_stream_share")
+                                                     "torch_bsr_stream_share", "native_chunk_seconds",
+                                                     "native_chunk_token_seconds", "native_stream_share",
+                                                     "native_value_seconds", "native_value_lanes_seconds",
+                                                     "native_linear_call_s")
 # Physically meaningful ranges: efficiencies are fractions of a peak; costs are positive and finite.
 BOUNDS: dict[str, tuple[float, float]] = {
     "matmul_efficiency": (1e-3, 1.0),
@@ -88,6 +91,12 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "native_fetch_width_seconds": (1e-14, 1e-7),
     "native_fetch_spill_seconds": (1e-14, 1e-7),
     "gemm_pack_bytes_per_s": (1e6, 1e13),
+    "native_chunk_seconds": (1e-13, 1e-6),
+    "native_chunk_token_seconds": (1e-13, 1e-6),
+    "native_stream_share": (1e-2, 10.0),
+    "native_value_seconds": (1e-13, 1e-6),
+    "native_value_lanes_seconds": (1e-13, 1e-6),
+    "native_linear_call_s": (1e-8, 1e-2),
     "gemm_call_overhead_s": (1e-8, 1e-1),
 }
 

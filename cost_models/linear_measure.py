@@ -2,7 +2,8 @@
 
 A candidate is one weight shape, one token count and one kernel of sparsec's (codegen/linear_*.py)
 for a weight of a given structure: "dense" (torch's GEMM), "bsrRxC" at a kept-block density,
-"nmN:M" or "semi2:4". `linear_grid` builds the calibration grid for a device; `measure_linear`
+"nmN:M", "semi2:4", or "unstructured" at a nonzero density (scattered zeros; the CPU's native
+kernels). `linear_grid` builds the calibration grid for a device; `measure_linear`
 runs each candidate through sparsec.linear_dispatch.linear, the op a compiled model calls (so the
 weight is packed once, on a warm-up call, as at a model's first step), and times it as
 cost_models.measure times attention (CPU: caches flushed before every sample; CUDA: do_bench). A
@@ -26,7 +27,7 @@ import torch
 from sparsec.cost_models.hardware import HardwareProfile
 from sparsec.cost_models.measure import time_candidates
 from sparsec.ir.ops import linear_kernel_format
-from sparsec.ir.types import DENSE, BlockSparse, NMSparse
+from sparsec.ir.types import DENSE, BlockSparse, NMSparse, Unstructured
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ _TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.floa
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LinearCandidate:
     """y = x @ W.T for `tokens` rows of x and an out_features x in_features weight W, by `kernel`;
-    `density`: the kept fraction of a "bsr" weight's blocks (1 for the others)."""
+    `density`: the kept fraction of a "bsr" weight's blocks or of an "unstructured" one's elements
+    (1 for the others)."""
 
     out_features: int
     in_features: int
@@ -56,9 +58,9 @@ class LinearCandidate:
                 raise ValueError(f"LinearCandidate: {name} must be a positive int, got {value!r}")
         if self.dtype not in _TORCH_DTYPES:
             raise ValueError(f"LinearCandidate: dtype must be one of {sorted(_TORCH_DTYPES)}, got {self.dtype!r}")
-        if not 0.0 < self.density <= 1.0 or (kind != "bsr" and self.density != 1.0):
+        if not 0.0 < self.density <= 1.0 or (kind not in ("bsr", "unstructured") and self.density != 1.0):
             raise ValueError(f"LinearCandidate: density {self.density!r} must be in (0, 1], and 1 unless the "
-                             f"kernel is block-sparse ({self.kernel})")
+                             f"kernel is block-sparse or unstructured ({self.kernel})")
         if kind == "bsr" and (self.out_features % params[0] or self.in_features % params[1]):
             raise ValueError(f"LinearCandidate: a {self.out_features} x {self.in_features} weight is not made of "
                              f"{params[0]} x {params[1]} blocks")
@@ -73,6 +75,8 @@ class LinearCandidate:
             return BlockSparse(block=params, density=self.density)
         if kind in ("nm", "semi"):
             return NMSparse(n=params[0], m=params[1], density=params[0] / params[1])
+        if kind == "unstructured":
+            return Unstructured(density=self.density)
         return DENSE
 
     @property
@@ -82,7 +86,8 @@ class LinearCandidate:
 
     @property
     def label(self) -> str:
-        return self.kernel if linear_kernel_format(self.kernel)[0] != "bsr" else f"{self.kernel}@{self.density:.2f}"
+        kind = linear_kernel_format(self.kernel)[0]
+        return f"{self.kernel}@{self.density:.2f}" if kind in ("bsr", "unstructured") else self.kernel
 
     def seconds(self, hardware: HardwareProfile) -> float:
         """The cost model's estimate (cost_models.estimate_linear_seconds)."""
@@ -92,7 +97,8 @@ class LinearCandidate:
                                        hardware, semi_structured=self.kernel.startswith("semi"))
 
 
-def _candidates(shapes, tokens, densities, dtype: str, block: int, extra: Sequence[str]) -> list[LinearCandidate]:
+def _candidates(shapes, tokens, densities, dtype: str, block: int, extra: Sequence[str],
+                unstructured: Sequence[float] = ()) -> list[LinearCandidate]:
     out = []
     for N, K in shapes:
         for M in tokens:
@@ -100,22 +106,29 @@ def _candidates(shapes, tokens, densities, dtype: str, block: int, extra: Sequen
             out += [LinearCandidate(out_features=N, in_features=K, tokens=M, kernel=f"bsr{block}x{block}", density=d,
                                     dtype=dtype) for d in densities]
             out += [LinearCandidate(out_features=N, in_features=K, tokens=M, kernel=k, dtype=dtype) for k in extra]
+            out += [LinearCandidate(out_features=N, in_features=K, tokens=M, kernel="unstructured", density=d,
+                                    dtype=dtype) for d in unstructured]
     return out
 
 
 def linear_grid(device: torch.device | str, *, quick: bool = False) -> list[LinearCandidate]:
     """The calibration grid for `device`: dense, 64 x 64 block-sparse at several densities and N:M
-    for a few weight shapes and token counts (1 token: the GEMV; a few: the CPU's torch-BSR path;
-    many: the GEMMs). Transformer-sized bf16 layers on CUDA, smaller fp32 ones on a CPU."""
+    for a few weight shapes and token counts (1 token: the GEMV; a few: the CPU's torch-BSR path
+    and native kernels; many: the GEMMs); on a CPU whose native kernels load, scattered zeros too.
+    Transformer-sized bf16 layers on CUDA, smaller fp32 ones on a CPU."""
     if torch.device(device).type == "cuda":
         if quick:
             return _candidates([(4096, 4096)], (256, 2048, 8192), (0.3, 0.6), "bf16", 64, ("nm2:4", "semi2:4"))
         return _candidates([(4096, 4096), (11008, 4096), (4096, 11008)], (16, 256, 2048, 8192), (0.3, 0.5, 0.7),
                            "bf16", 64, ("nm2:4", "semi2:4"))
+    from sparsec.codegen.linear_cpu_native import native_linear_available
+
+    native = native_linear_available()
     if quick:
-        return _candidates([(1024, 1024), (2048, 2048)], (1, 16, 256, 1024), (0.2, 0.5), "f32", 64, ("nm2:4",))
+        return _candidates([(1024, 1024), (2048, 2048)], (1, 16, 256, 1024), (0.2, 0.5), "f32", 64, ("nm2:4",),
+                           (0.1, 0.4) if native else ())
     return _candidates([(1024, 1024), (2048, 2048), (4096, 1024), (1024, 4096)], (1, 8, 64, 512, 2048),
-                       (0.1, 0.3, 0.5, 0.7), "f32", 64, ("nm2:4",))
+                       (0.1, 0.3, 0.5, 0.7), "f32", 64, ("nm2:4",), (0.1, 0.3, 0.6) if native else ())
 
 
 # -- weights ------------------------------------------------------------------------------------------
@@ -146,6 +159,9 @@ def _weight(candidate: LinearCandidate, device: torch.device, generator: torch.G
         return block_weight(N, K, params, candidate.density, dtype, device, generator)
     if kind in ("nm", "semi"):
         return nm_weight(N, K, params[0], params[1], dtype, device, generator)
+    if kind == "unstructured":
+        kept = torch.rand(N, K, generator=generator) < candidate.density
+        return (torch.randn(N, K, generator=generator) * kept).to(device, dtype)
     return torch.randn(N, K, generator=generator).to(device, dtype)
 
 

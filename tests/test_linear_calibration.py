@@ -22,7 +22,8 @@ from sparsec.cost_models.hardware import PROFILES, get_profile
 from sparsec.cost_models.linear_measure import (LinearCandidate, block_weight, linear_accuracy, linear_grid,
                                                 measure_linear, nm_weight)
 from sparsec.cost_models.measure import candidate_grid
-from sparsec.ir.types import DENSE, BlockSparse, NMSparse
+from sparsec.codegen.linear_cpu_native import native_linear_available
+from sparsec.ir.types import DENSE, BlockSparse, NMSparse, Unstructured
 
 
 def grid(shapes=((256, 512), (512, 256)), tokens=(1, 4, 32, 256), densities=(0.2, 0.6), extra=("nm2:4",)):
@@ -80,7 +81,8 @@ def test_weights_have_the_structure_they_are_made_for():
 
 def test_the_grids_cover_every_kernel_a_compiled_layer_can_take():
     cpu, cuda = linear_grid("cpu"), linear_grid("cuda")
-    assert {c.kernel for c in cpu} == {"dense", "bsr64x64", "nm2:4"} and {c.dtype for c in cpu} == {"f32"}
+    native = {"unstructured"} if native_linear_available() else set()  # scattered zeros: the native kernels only
+    assert {c.kernel for c in cpu} == {"dense", "bsr64x64", "nm2:4"} | native and {c.dtype for c in cpu} == {"f32"}
     assert {c.kernel for c in cuda} == {"dense", "bsr64x64", "nm2:4", "semi2:4"} and {c.dtype for c in cuda} == {"bf16"}
     for candidates in (cpu, cuda, linear_grid("cpu", quick=True)):
         layers = {c.layer for c in candidates}
@@ -95,6 +97,10 @@ def test_measure_linear_times_the_compiled_op_and_restores_threads():
     from sparsec import linear_dispatch
 
     candidates = grid(shapes=((128, 128),), tokens=(1, 16), densities=(0.25,))
+    native = native_linear_available()
+    if native:
+        candidates += [LinearCandidate(out_features=128, in_features=128, tokens=t, kernel="unstructured", density=0.3)
+                       for t in (1, 16)]
     threads = torch.get_num_threads()
     calls = linear_dispatch.kernel_calls.copy()
     seen = []
@@ -106,6 +112,7 @@ def test_measure_linear_times_the_compiled_op_and_restores_threads():
     assert seen == [(i + 1, len(candidates)) for i in range(len(candidates))]
     ran = linear_dispatch.kernel_calls - calls
     assert ran["bsr_linear_cpu"] >= 2 * 4 and ran["nm_linear_cpu"] >= 2 * 4  # warm-up and 3 samples a count
+    assert ran["unstructured_linear_cpu"] >= (2 * 4 if native else 0)
 
 
 def test_measure_linear_refuses_to_time_a_kernel_that_fell_back_to_dense(caplog):
@@ -170,6 +177,28 @@ def test_the_joint_fit_recovers_changed_linear_coefficients_and_leaves_attention
     for name in LINEAR_CHANGED:
         assert result.after[name] == pytest.approx(getattr(truth, name), rel=1e-2), name
     assert result.after["matmul_efficiency"] == pytest.approx(base.matmul_efficiency, rel=1e-3)
+    assert result.rms_log_error_after < 1e-3 < 0.1 < result.rms_log_error_before
+
+
+NATIVE_CHANGED = {"native_chunk_seconds": 1.6, "native_chunk_token_seconds": 0.7, "native_stream_share": 0.8,
+                  "native_value_seconds": 1.4, "native_value_lanes_seconds": 0.6, "native_linear_call_s": 2.0}
+
+
+@pytest.mark.skipif(not native_linear_available(), reason="the native kernels do not load here")
+def test_the_fit_recovers_changed_native_kernel_coefficients():
+    """The native sparse kernels' terms (masked rows, segments, block rows) are found again from
+    layers on which each is the cheapest path somewhere: scattered zeros at a few densities, N:M
+    and blocks, 1-256 tokens."""
+    base = PROFILES["cpu"]
+    truth = base.replace(**{name: getattr(base, name) * factor for name, factor in NATIVE_CHANGED.items()})
+    shapes, tokens = ((1024, 2048), (2048, 1024), (256, 512)), (1, 2, 8, 16, 64, 256)
+    works = grid(shapes=shapes, tokens=tokens, densities=(0.1, 0.6))
+    works += [LinearCandidate(out_features=N, in_features=K, tokens=M, kernel="unstructured", density=d)
+              for N, K in shapes for M in tokens for d in (0.05, 0.3, 0.8)]
+    assert works[-1].sparsity == Unstructured(density=0.8) and works[-1].label == "unstructured@0.80"
+    result = fit_profile(base, works, predict(truth, works), parameters=CPU_LINEAR_FIT_PARAMETERS, prior_weight=0.0)
+    for name in NATIVE_CHANGED:
+        assert result.after[name] == pytest.approx(getattr(truth, name), rel=1e-2), name
     assert result.rms_log_error_after < 1e-3 < 0.1 < result.rms_log_error_before
 
 
