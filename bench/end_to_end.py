@@ -18,8 +18,8 @@ the structure trained video DiTs have. Steps:
      must match eager to rounding; the plan's error is what its patterns cost end to end (its
      per-layer error on the calibration inputs is at most the budget).
 
-With --prune the blocks' linear layers are magnitude-pruned first (sparsec.prune: N:M or 64 x 64
-blocks at a density); every variant, eager included, runs the pruned model, and sparsec picks sparse
+With --prune the blocks' linear layers are magnitude-pruned first (sparsec.prune: N:M, 64 x 64
+blocks at a density, or scattered zeros); every variant, eager included, runs the pruned model, and sparsec picks sparse
 linear kernels where its cost model says they win (the table's notes list the kernels chosen).
 
 Prints the plan's summary and a table of times, speedups over eager and over Inductor, errors and
@@ -152,7 +152,13 @@ def save(result: dict, args, argv: list[str]) -> Path:
 
 
 def _prune_spec(text: str):
-    """"2:4" -> "2:4"; "block64:0.5" -> {"block": (64, 64), "density": 0.5} (sparsec.prune's specs)."""
+    """"2:4" -> "2:4"; "block64:0.5" -> {"block": (64, 64), "density": 0.5}; "density:0.3" ->
+    {"density": 0.3} (scattered zeros) (sparsec.prune's specs)."""
+    if text.startswith("density:"):
+        try:
+            return {"density": float(text[len("density:"):])}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected density:D (e.g. density:0.3), got {text!r}") from None
     if text.startswith("block"):
         size, _, density = text[len("block"):].partition(":")
         try:
@@ -177,7 +183,8 @@ def parse_args(argv=None):
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--budget", type=float, default=0.02, help="sparsec.tune's per-layer error budget")
     parser.add_argument("--prune", type=_prune_spec, default=None,
-                        help="prune the blocks' linear layers first: N:M (e.g. 2:4) or blockB:D (e.g. block64:0.5)")
+                        help="prune the blocks' linear layers first: N:M (e.g. 2:4), blockB:D (e.g. block64:0.5) "
+                             "or density:D (scattered zeros, e.g. density:0.3)")
     parser.add_argument("--inner", choices=("inductor", "eager"), default=None,
                         help="what runs sparsec's rewritten graphs (default inductor; eager with --quick)")
     parser.add_argument("--no-inductor", action="store_true", help="leave out the plain Inductor variant")

@@ -128,6 +128,18 @@ def cpu_path(tokens: int, shape: tuple[int, int], dtype: torch.dtype, sparsity) 
     return _cheapest(tokens, shape, dtype_name(dtype), sparsity, torch.get_num_threads())
 
 
+@functools.lru_cache(maxsize=1024)
+def _encoding(kind: str, *params):
+    """The ir.types encoding a packed weight is priced as (built once per value: calls are hot)."""
+    from sparsec.ir.types import BlockSparse, NMSparse, Unstructured
+
+    if kind == "bsr":
+        return BlockSparse(block=params[0], density=params[1])
+    if kind == "nm":
+        return NMSparse(n=params[0], m=params[1], density=params[0] / params[1])
+    return Unstructured(density=params[0])
+
+
 @functools.lru_cache(maxsize=4096)
 def _cheapest(tokens: int, shape: tuple[int, int], dtype: str, sparsity, threads: int) -> str:
     from sparsec.cost_models.hardware import get_profile
@@ -191,15 +203,12 @@ def apply_epilogue(y: torch.Tensor, bias: torch.Tensor | None, activation: str) 
 def bsr_linear_cpu(x: torch.Tensor, weight: BlockRows, bias: torch.Tensor | None = None,
                    activation: str = "none") -> torch.Tensor:
     """activation(x @ W.T + bias) for a block-sparse W packed by `pack_block_rows`; x: (..., K)."""
-    from sparsec.ir.types import BlockSparse
-
     if not isinstance(weight, BlockRows):
         raise TypeError(f"bsr_linear_cpu: weight must be BlockRows (pack_block_rows), got {type(weight).__name__}")
     _check_call("bsr_linear_cpu", x, weight.shape, weight.dtype, bias, activation)
     N, K = weight.shape
     x2 = x.reshape(-1, K)
-    path = cpu_path(x2.shape[0], weight.shape, x.dtype, BlockSparse(block=weight.block,
-                                                                    density=round(weight.density, 3)))
+    path = cpu_path(x2.shape[0], weight.shape, x.dtype, _encoding("bsr", weight.block, round(weight.density, 3)))
     y = None
     if path == "block_rows":
         y = linear_cpu_native.block_rows_linear(x2, weight.panels, weight.panel_start, weight.crow_indices,
@@ -231,8 +240,6 @@ def nm_linear_cpu(x: torch.Tensor, weight: NMWeight | NMRows, bias: torch.Tensor
                   activation: str = "none") -> torch.Tensor:
     """activation(x @ W.T + bias) for an N:M W, compressed (NMWeight: the "expand" path) or as
     NMRows (pack_nm_rows: the cheapest path); x: (..., K)."""
-    from sparsec.ir.types import NMSparse
-
     rows = None
     if isinstance(weight, NMRows):
         weight, rows = weight.nm, weight.rows
@@ -244,7 +251,7 @@ def nm_linear_cpu(x: torch.Tensor, weight: NMWeight | NMRows, bias: torch.Tensor
     x2 = x.reshape(-1, K)
     y = None
     if rows is not None:
-        sparsity = NMSparse(n=weight.n, m=weight.m, density=weight.n / weight.m)
+        sparsity = _encoding("nm", weight.n, weight.m)
         y = _native_rows(x2, rows, cpu_path(x2.shape[0], weight.shape, x.dtype, sparsity))
     if y is None:
         y = _nm_expand(x2, weight)
@@ -256,15 +263,13 @@ def unstructured_linear_cpu(x: torch.Tensor, weight: SparseRows, bias: torch.Ten
     """activation(x @ W.T + bias) for a W of scattered zeros packed by
     linear_cpu_native.pack_sparse_rows (float32); x: (..., K). Raises RuntimeError where the native
     kernels cannot run (the compiler only picks this kernel where they do)."""
-    from sparsec.ir.types import Unstructured
-
     if not isinstance(weight, SparseRows):
         raise TypeError(f"unstructured_linear_cpu: weight must be SparseRows (pack_sparse_rows), got "
                         f"{type(weight).__name__}")
     _check_call("unstructured_linear_cpu", x, weight.shape, torch.float32, bias, activation)
     N, K = weight.shape
     x2 = x.reshape(-1, K)
-    sparsity = Unstructured(density=round(weight.density, 3))
+    sparsity = _encoding("unstructured", round(weight.density, 3))
     y = _native_rows(x2, weight, cpu_path(x2.shape[0], weight.shape, x.dtype, sparsity))
     if y is None:
         raise RuntimeError(f"unstructured_linear_cpu: the native kernels are unavailable "

@@ -65,6 +65,7 @@ class HardwareProfile:
     # into packed panels (on every call: weights are not prepacked), and one GEMM call's fixed cost.
     gemm_efficiency: float = 0.0
     gemm_pack_bytes_per_s: float = 0.0
+    gemv_tokens: int = 1  # cpu: up to this many token rows torch's dense linear streams the weight once
     gemm_call_overhead_s: float = 0.0
     # cpu: the share of the streaming bandwidth torch's BSR tensors (MKL's sparse kernels) reach
     # reading a block-sparse weight at a few tokens (codegen.linear_cpu.FEW_TOKENS).
@@ -108,16 +109,16 @@ class HardwareProfile:
     # 16 tokens (the product with its input's row of the tile). On the AVX-512 machine, least
     # squares of the log error over 336 kernel timings (4 layers, 384-4096 x 1024-11008; scattered
     # 10-60%, 2:4, 64 x 64 and 32 x 32 blocks at 10-60%; 1-256 tokens; caches flushed; 2 threads):
-    # rms log error 0.18 (the _CPU_BY_CAPABILITY profile). The defaults here, for machines without
+    # rms log error 0.19 (the _CPU_BY_CAPABILITY profile). The defaults here, for machines without
     # AVX-512 (not measured: no such machine was at hand), are twice its per-core costs (half the
     # vector width; the masked kernel expands values with a loop there).
     # Each call also pays native_linear_call_s (the call, its buffers, waking the threads).
-    native_chunk_seconds: float = 1.6e-9
-    native_chunk_token_seconds: float = 1.0e-9
-    native_stream_share: float = 0.77
-    native_value_seconds: float = 1.4e-9
-    native_value_lanes_seconds: float = 4.0e-10
-    native_linear_call_s: float = 47e-6
+    native_chunk_seconds: float = 1.0e-9
+    native_chunk_token_seconds: float = 1.2e-9
+    native_stream_share: float = 0.67
+    native_value_seconds: float = 1.7e-9
+    native_value_lanes_seconds: float = 4.4e-10
+    native_linear_call_s: float = 51e-6
     calibrated_from: str = field(default="published figures")
 
     def __post_init__(self):
@@ -243,9 +244,10 @@ _CPU_BY_CAPABILITY = {
         matmul_efficiency=0.41, exp_per_s=9.9e10, mask_cost_per_pair=7.0, row_overhead_s=0.19e-6,
         launch_overhead_s=280e-6, call_overhead_s=55e-6, gather_bytes_per_s=4.5e9, query_rows_exponent=0.124,
         native_pair_speed=1.23, native_mask_cost_per_pair=17.5,
-        gemm_efficiency=0.84, gemm_pack_bytes_per_s=28e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44,
-        torch_bsr_stream_share=0.18, native_chunk_seconds=8.2e-10, native_chunk_token_seconds=5.2e-10,
-        native_value_seconds=6.9e-10, native_value_lanes_seconds=2.0e-10),
+        gemm_efficiency=0.73, gemm_pack_bytes_per_s=17.9e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44,
+        memory_efficiency=0.73, gemv_tokens=2,
+        torch_bsr_stream_share=0.18, native_chunk_seconds=5.2e-10, native_chunk_token_seconds=5.9e-10,
+        native_value_seconds=8.5e-10, native_value_lanes_seconds=2.2e-10),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

@@ -6,8 +6,9 @@ linear_cpu_20261202_083016.json and _091530.json): rms log error 0.2. The AVX-51
 profile has its own fit of the same terms (cost_models/hardware.py).
 
   every call         two GEMM calls' fixed cost (gemm_call_overhead_s each: dispatch, output).
-  dense, 1 token     a GEMV: the weight streamed once.
-  dense, 2+ tokens   a BLAS GEMM at gemm_efficiency of the f32 peak (~66 GF/s), which first copies
+  dense, 1 token     a GEMV: the weight streamed once (up to gemv_tokens rows: the AVX-512
+                     machine's MKL runs 2 like 1, 1.05x its time).
+  dense, more        a BLAS GEMM at gemm_efficiency of the f32 peak (~66 GF/s), which first copies
                      the weight into packed panels, on every call (the weight is not prepacked):
                      6-7 ms of a 21 MB weight at 8 tokens, where the 1-token GEMV takes 2 ms.
   block-sparse, up to FEW_TOKENS tokens
@@ -98,8 +99,8 @@ def cpu_linear_paths(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw
 
 
 def _dense_paths(M, weight, flops, stream, gemm_rate, hw: HardwareProfile, K, N, size) -> dict[str, float]:
-    if M == 1:  # a GEMV streams the weight once
-        return {"dense": max((weight + (K + N) * size) / stream, flops / gemm_rate)}
+    if M <= hw.gemv_tokens:  # a GEMV (or torch's kernel for a few rows like one) streams the weight once
+        return {"dense": max((weight + M * (K + N) * size) / stream, flops / gemm_rate)}
     packing = weight / hw.gemm_pack_bytes_per_s if hw.gemm_pack_bytes_per_s else 0.0
     return {"dense": packing + flops / gemm_rate}
 

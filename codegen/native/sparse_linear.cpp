@@ -32,6 +32,7 @@ namespace {
 // 16 floats as one value: GCC / Clang lower it to the widest vectors the target has.
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
+constexpr int64_t kPrefetch = 1024;  // floats ahead the masked kernel prefetches a row's values
 constexpr int64_t kTile = 64;   // tokens a kernel computes at once (a tile of x); masked / block rows: 8 by 8
 
 inline v16 load(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
@@ -83,7 +84,30 @@ void masked_rows(const MaskedRows& w, const float* x, int64_t ldx, int64_t o, fl
     vp[r] = w.values + w.row_start[o + r];
     mp[r] = w.masks + (o + r) * w.chunks;
   }
-  for (int64_t c = 0; c < w.chunks; ++c) {
+  // Four chunks a step: their masks as one 64-bit word, so that the values pointer advances once
+  // by its population count (one short dependency chain a step, not one a chunk).
+  int64_t c = 0;
+  for (; c + 4 <= w.chunks; c += 4) {
+    uint64_t word[R];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(&word[r], mp[r] + c, sizeof word[r]);
+      __builtin_prefetch(vp[r] + kPrefetch);
+      __builtin_prefetch(vp[r] + kPrefetch + kLanes);
+    }
+    for (int q = 0; q < 4; ++q) {
+      v16 wv[R];
+      for (int r = 0; r < R; ++r) {
+        const uint64_t below = word[r] & ((uint64_t{1} << (16 * q)) - 1);
+        wv[r] = expand(static_cast<uint16_t>(word[r] >> (16 * q)), vp[r] + __builtin_popcountll(below));
+      }
+      for (int j = 0; j < TB; ++j) {
+        const v16 xv = load(x + j * ldx + (c + q) * kLanes);
+        for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
+      }
+    }
+    for (int r = 0; r < R; ++r) vp[r] += __builtin_popcountll(word[r]);
+  }
+  for (; c < w.chunks; ++c) {
     v16 wv[R];
     for (int r = 0; r < R; ++r) {
       const uint16_t m = mp[r][c];
