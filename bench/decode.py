@@ -66,7 +66,7 @@ def run_spec(spec_text: str, args, console: Console) -> list[dict]:
         x = torch.randn(tokens, args.dim, device=device, dtype=dtype)
         variants = {"eager": model, "inductor": torch.compile(model, backend="inductor", dynamic=False),
                     "sparsec": torch.compile(model, backend="sparsec", dynamic=False,
-                                             options={"weight_sparsity": "auto"})}
+                                             options={"weight_sparsity": args.weight_sparsity})}
         with torch.no_grad():
             reference = model(x)
             with recording() as records:
@@ -106,6 +106,8 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=11008)
     parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--weight-sparsity", choices=("auto", "always"), default="auto",
+                        help="sparsec's option: auto (the cost model decides per layer) or always (its sparse kernels)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="CPU: time each point at least this long")
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--output", default=None, help="JSON path (default: bench/results/decode_<device>_<date>.json)")
@@ -121,8 +123,11 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.tokens = args.tokens or [1, 4, 16, 128]
     args.prune = args.prune or list(SPECS)
-    for spec in args.prune:
-        _prune_spec(spec)  # a bad spec fails here, before any timing
+    for spec in args.prune:  # a bad spec fails here, before any timing
+        try:
+            _prune_spec(spec)
+        except argparse.ArgumentTypeError as e:
+            parser.error(str(e))
     return args
 
 
