@@ -132,8 +132,11 @@ def test_dumps_and_explain_show_the_encoding_and_the_choice(tmp_path):
     assert f'kernel = "{kernel}"' in (folder / "5_ir_choose_linear_kernels.txt").read_text()
 
 
-@pytest.mark.parametrize("spec, inner", [("2:4", "eager"), ("block32", "eager"), ("block32", "inductor")])
+@pytest.mark.parametrize("spec, inner", [("2:4", "eager"), ("block32", "eager"), ("block32", "inductor"),
+                                         ("scattered", "eager")])
 def test_weights_changed_in_place_after_compiling(spec, inner):
+    if spec == "scattered" and not native_linear_available():
+        pytest.skip("scattered zeros run on the native kernels only")
     model, x = pruned(spec), torch.randn(2, 3, 128)
     run = compiled(model, inner=inner)
     executor = EXECUTOR[spec]
@@ -190,7 +193,8 @@ def _priced(encoding):
     return encoding
 
 
-@pytest.mark.parametrize("spec, tokens", [("2:4", 6), ("block32", 6), ("block32", 96)])
+@pytest.mark.parametrize("spec, tokens", [("2:4", 6), ("block32", 6), ("block32", 96), ("scattered", 2),
+                                          ("scattered", 300)])
 def test_auto_follows_the_cost_model(spec, tokens):
     model, x = pruned(spec), torch.randn(tokens, 128)
     with torch.no_grad(), recording() as records:
