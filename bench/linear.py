@@ -6,7 +6,7 @@
 
 Shapes are (in_features, out_features) of real layers (Llama 4096x4096 and 4096x11008, a DiT
 MLP 1152x4608). Block-sparse weights keep round(density * blocks) random blocks; 2:4 weights
-keep 2 random inputs of every 4; scattered weights (CPU, fp32) keep each element with
+keep 2 random inputs of every 4; scattered weights (CPU, fp32 / bf16) keep each element with
 probability `density`. Candidates:
 
   CUDA: dense F.linear (torch.mm) | sparsec BSR (Triton) | torch bsr_dense_mm
@@ -182,8 +182,8 @@ def _scattered_candidates(W):
             "torch csr (cpu)": lambda x: (csr @ x.t()).t()}
 
 
-def scattered_weight(N: int, K: int, density: float) -> torch.Tensor:
-    return torch.randn(N, K) * (torch.rand(N, K) < density)
+def scattered_weight(N: int, K: int, density: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(N, K) * (torch.rand(N, K) < density)).to(dtype)
 
 
 # -- the sweep ---------------------------------------------------------------------------------------
@@ -247,8 +247,8 @@ def run_shape(K: int, N: int, args, rows: list[Row], choices: list[Choice]) -> N
     shape = f"{K}x{N}"
     weights = {d: block_weight(N, K, (args.block, args.block), d, dtype, device) for d in args.densities}
     two_four = nm_weight(N, K, 2, 4, dtype, device)
-    scattered = ({d: scattered_weight(N, K, d) for d in args.densities}
-                 if device == "cpu" and dtype == torch.float32 and native_linear_available() else {})
+    scattered = ({d: scattered_weight(N, K, d, dtype) for d in args.densities}
+                 if device == "cpu" and dtype in (torch.float32, torch.bfloat16) and native_linear_available() else {})
     for tokens in args.tokens:
         x = torch.randn(tokens, K, dtype=dtype, device=device)
         points = []

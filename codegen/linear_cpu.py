@@ -117,7 +117,7 @@ def pack_nm_rows(nm: NMWeight) -> NMRows:
     """The CPU executor's layout of a packed N:M weight (built once, with the weight's pack)."""
     if not isinstance(nm, NMWeight):
         raise TypeError(f"pack_nm_rows: needs an NMWeight, got {type(nm).__name__}")
-    native = nm.values.dtype == torch.float32 and linear_cpu_native.native_linear_available()
+    native = nm.values.dtype in linear_cpu_native.VALUE_DTYPES and linear_cpu_native.native_linear_available()
     return NMRows(nm, linear_cpu_native.pack_sparse_rows(nm.to_dense()) if native else None)
 
 
@@ -262,12 +262,13 @@ def nm_linear_cpu(x: torch.Tensor, weight: NMWeight | NMRows, bias: torch.Tensor
 def unstructured_linear_cpu(x: torch.Tensor, weight: SparseRows, bias: torch.Tensor | None = None,
                             activation: str = "none") -> torch.Tensor:
     """activation(x @ W.T + bias) for a W of scattered zeros packed by
-    linear_cpu_native.pack_sparse_rows (float32); x: (..., K). Raises RuntimeError where the native
-    kernels cannot run (the compiler only picks this kernel where they do)."""
+    linear_cpu_native.pack_sparse_rows (float32, or bfloat16: the masked kernel); x: (..., K).
+    Raises RuntimeError where the native kernels cannot run (the compiler only picks this kernel
+    where they do)."""
     if not isinstance(weight, SparseRows):
         raise TypeError(f"unstructured_linear_cpu: weight must be SparseRows (pack_sparse_rows), got "
                         f"{type(weight).__name__}")
-    _check_call("unstructured_linear_cpu", x, weight.shape, torch.float32, bias, activation)
+    _check_call("unstructured_linear_cpu", x, weight.shape, weight.dtype, bias, activation)
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     sparsity = _encoding("unstructured", round(weight.density, 3))

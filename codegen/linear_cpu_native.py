@@ -9,6 +9,7 @@ and calls. y = x @ W.T with W's zeros skipped, fp32.
     `segments_linear` (SegmentRows: values segment of SEGMENT inputs by segment, one byte of
                       column each) more tokens: x in token tiles of 64, each kept value times its
                       input's tokens; only kept values cost arithmetic.
+  The masked kernel also takes bfloat16 weights (and x), computing in float32.
   Measured on a 11008 x 4096 layer (2 cores, AVX-512, caches flushed): 2:4 at 1 token 2.0x dense
   torch (the bytes: 2.6 against 4 an element), at 8 tokens 2.5-2.9x; 10% scattered at 64 tokens
   4x. (One layout for both measured 2-3x slower on one kernel or the other.)
@@ -29,17 +30,18 @@ import torch
 from sparsec.codegen import native_build
 from sparsec.codegen.native_build import load_native, native_entry
 
-__all__ = ["SEGMENT", "MaskedRows", "SegmentRows", "SparseRows", "block_rows_linear", "masked_linear",
+__all__ = ["SEGMENT", "VALUE_DTYPES", "MaskedRows", "SegmentRows", "SparseRows", "block_rows_linear", "masked_linear",
            "native_linear_available", "native_status", "pack_sparse_rows", "segments_linear"]
 
+VALUE_DTYPES = (torch.float32, torch.bfloat16)  # the masked kernel's weights (the others: float32)
 SEGMENT = 256  # inputs a segment: columns fit a byte; its token tile rows (256 x 64 floats) stay in L2
 _LANES, _TILE = 16, 64
 _LIBRARY = "sparse_linear"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "sparsec_masked_linear": [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I],
+    "sparsec_masked_linear": [_P, _I, _I, _P, _I, _P, _P, _I, _I, _P, _I],
     "sparsec_segments_linear": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I],
-    "sparsec_block_rows_linear": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _P, _I],
+    "sparsec_block_rows_linear": [_P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I],
 }
 
 
@@ -47,7 +49,7 @@ _SIGNATURES = {
 class MaskedRows:
     """The masked kernel's layout: kept values row by row, and a bit per input."""
 
-    values: torch.Tensor     # float32 (nnz,): row by row, in column order
+    values: torch.Tensor     # float32 or bfloat16 (nnz,): row by row, in column order
     masks: torch.Tensor      # int16 (N, ceil(K / 16)): bit i of chunk c set when input 16 c + i is kept
     row_start: torch.Tensor  # int64 (N + 1,)
 
@@ -85,15 +87,20 @@ class SparseRows:
         return self._masked
 
     def segments(self) -> SegmentRows:
+        """The segments layout (float32: the segments kernel's values)."""
         if self._segments is None:
-            self._segments = _segment_rows(self.to_dense())
+            self._segments = _segment_rows(self.to_dense().float())
         return self._segments
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._masked.values.dtype
+
     def to_dense(self) -> torch.Tensor:
-        """The weight, float32 (N, K)."""
+        """The weight (N, K), in its dtype."""
         N, K = self.shape
         rows = self._masked
-        dense = torch.zeros(N, rows.masks.shape[1] * _LANES, dtype=torch.float32)
+        dense = torch.zeros(N, rows.masks.shape[1] * _LANES, dtype=rows.values.dtype)
         bits = rows.masks.to(torch.int32) & 0xFFFF
         kept = ((bits[:, :, None] >> torch.arange(_LANES, dtype=torch.int32)) & 1).bool().view(N, -1)
         dense[kept] = rows.values
@@ -125,12 +132,14 @@ def _run(kernel, name: str, *args) -> None:
 
 
 def pack_sparse_rows(weight: torch.Tensor) -> SparseRows:
-    """`weight` (N, K), float32 on CPU, for the native kernels: its nonzeros (exact zeros are skipped)."""
+    """`weight` (N, K), float32 or bfloat16 on CPU, for the native kernels: its nonzeros (exact zeros
+    are skipped). A bfloat16 weight runs on the masked kernel only (more tokens: torch's bfloat16
+    GEMM, on AMX tiles where the cores have them, beats both native kernels)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("pack_sparse_rows: the weight must be a 2-D tensor (out_features, in_features)")
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        raise TypeError(f"pack_sparse_rows: the native kernels take float32 CPU weights, got {weight.dtype} on "
-                        f"{weight.device}")
+    if weight.dtype not in VALUE_DTYPES or weight.device.type != "cpu":
+        raise TypeError(f"pack_sparse_rows: the native kernels take float32 or bfloat16 CPU weights, got "
+                        f"{weight.dtype} on {weight.device}")
     return SparseRows(tuple(weight.shape), _masked_rows(weight.detach()))
 
 
@@ -176,24 +185,27 @@ def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def masked_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
-    """x (T, K) @ W.T on the masked kernel, or None where it cannot run."""
+    """x (T, K) @ W.T on the masked kernel (x in the weight's dtype; float32 arithmetic), or None
+    where it cannot run."""
     name = "sparsec_masked_linear"
-    kernel = _kernel(name, x)
+    if x.dtype != rows.dtype:
+        return None
+    kernel = native_entry(_LIBRARY, name, _SIGNATURES[name])
     if kernel is None:
         return None
     N, K = rows.shape
     w = rows.masked()
-    xr = _rows(x, w.masks.shape[1] * _LANES)
+    xr = _rows(x.float(), w.masks.shape[1] * _LANES)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
-    _run(kernel, name, xr.data_ptr(), xr.shape[0], xr.stride(0), w.values.data_ptr(), w.masks.data_ptr(),
-         w.row_start.data_ptr(), N, K, y.data_ptr())
-    return y
+    _run(kernel, name, xr.data_ptr(), xr.shape[0], xr.stride(0), w.values.data_ptr(), w.values.element_size(),
+         w.masks.data_ptr(), w.row_start.data_ptr(), N, K, y.data_ptr())
+    return y.to(x.dtype)
 
 
 def segments_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
     """x (T, K) @ W.T on the segments kernel, or None where it cannot run."""
     name = "sparsec_segments_linear"
-    kernel = _kernel(name, x)
+    kernel = _kernel(name, x) if rows.dtype == torch.float32 else None
     if kernel is None:
         return None
     N, K = rows.shape
@@ -210,15 +222,17 @@ def segments_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
 
 def block_rows_linear(x: torch.Tensor, panels: torch.Tensor, panel_start: torch.Tensor, crow: torch.Tensor,
                       block_columns: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor | None:
-    """x (T, K) @ W.T for a block-sparse W as block-row panels (codegen.linear_cpu.BlockRows), or
-    None where the kernel cannot run it (its blocks: bo even, bi a multiple of 16)."""
+    """x (T, K) @ W.T for a block-sparse W as block-row panels (codegen.linear_cpu.BlockRows; float32
+    or bfloat16, x in the same dtype), or None where the kernel cannot run it (its blocks: bo even,
+    bi a multiple of 16)."""
     (N, K), (bo, bi) = shape, block
     name = "sparsec_block_rows_linear"
-    kernel = _kernel(name, x, panels) if bo % 2 == 0 and bi % _LANES == 0 else None
+    usable = x.dtype == panels.dtype and panels.dtype in VALUE_DTYPES and bo % 2 == 0 and bi % _LANES == 0
+    kernel = native_entry(_LIBRARY, name, _SIGNATURES[name]) if usable else None
     if kernel is None:
         return None
-    xr = x.contiguous()
+    xr = x.float().contiguous()
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
-    _run(kernel, name, xr.data_ptr(), xr.shape[0], K, panels.data_ptr(), panel_start.data_ptr(), crow.data_ptr(),
-         block_columns.data_ptr(), N, K, bo, bi, y.data_ptr())
-    return y
+    _run(kernel, name, xr.data_ptr(), xr.shape[0], K, panels.data_ptr(), panels.element_size(), panel_start.data_ptr(),
+         crow.data_ptr(), block_columns.data_ptr(), N, K, bo, bi, y.data_ptr())
+    return y.to(x.dtype)

@@ -24,7 +24,8 @@ profile has its own fit of the same terms (cost_models/hardware.py).
                      weight's bytes) and the dense arithmetic, at nm_kernel_efficiency (measured
                      1-6x slower than dense: it never wins on CPU). The path where the native
                      kernels cannot run (no compiler, a dtype other than float32).
-  native kernels     (codegen/native/sparse_linear.cpp; float32, where the library loads):
+  native kernels     (codegen/native/sparse_linear.cpp; float32, and bfloat16 on masked rows
+                     and block rows, where the library loads):
     masked rows      N:M and unstructured weights, any token count: per 16 inputs of every row
                      (kept or not) native_chunk_seconds, and native_chunk_token_seconds a token,
                      on one core, or the kept values, their masks and offsets streamed at
@@ -71,7 +72,8 @@ def cpu_linear_paths(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw
     weight, flops = float(N * K * size), 2.0 * M * N * K
     if native is None:
         native = _native_available()
-    native = native and dtype == "f32"
+    wide = native and dtype == "f32"              # every native kernel
+    native = native and dtype in ("f32", "bf16")  # masked rows and block rows
     if isinstance(sparsity, BlockSparse):
         bo, bi = sparsity.block
         kept = sparsity.density * (weight + N * K / (bo * bi) * _BLOCK_INDEX_BYTES)
@@ -92,8 +94,9 @@ def cpu_linear_paths(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw
         if native:
             values = sparsity.density * N * K
             chunks = N * -(-K // _LANES)
-            paths["masked"] = _chunk_seconds(M, chunks, values * 4 + chunks * 2 + N * 8, hw)
-            paths["segments"] = _segments_seconds(M, N, K, values, hw)
+            paths["masked"] = _chunk_seconds(M, chunks, values * size + chunks * 2 + N * 8, hw)
+            if wide:
+                paths["segments"] = _segments_seconds(M, N, K, values, hw)
         return paths or _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size)
     return _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size)
 

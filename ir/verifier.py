@@ -182,8 +182,8 @@ def _linear_kernel_problems(op: Linear) -> list[str]:
         return [f"kernel {op.kernel} runs f16 / bf16 weights, not {w.dtype}"]
     if kind == "unstructured" and not isinstance(enc, (NMSparse, BlockSparse, Unstructured)):
         return [f"kernel {op.kernel} skips a weight's zeros, the weight is {format_type(w)}"]
-    if kind == "unstructured" and w.dtype != "f32":
-        return [f"kernel {op.kernel} runs f32 weights, not {w.dtype}"]
+    if kind == "unstructured" and w.dtype not in ("f32", "bf16"):
+        return [f"kernel {op.kernel} runs f32 / bf16 weights, not {w.dtype}"]
     if kind == "bsr" and w.rank == 2 and any(is_static(d) and d % b for d, b in zip(w.shape, params)):
         return [f"kernel {op.kernel}: blocks {params[0]}x{params[1]} do not tile weight{_shape(w.shape)}"]
     return []

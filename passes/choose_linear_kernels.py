@@ -7,7 +7,7 @@ The candidates follow the weight's type (set by analyze_weights) and the kernels
     NMSparse(n, m), input axis  "nmN:M"     m a power of two <= 64 that divides in_features
                                 "semi2:4"   also, for n:4 with n <= 2, f16 / bf16, dims % 64 == 0,
                                             on a GPU target (torch's semi-structured kernels)
-    Unstructured                "unstructured"  f32 on a CPU target where the native kernels load
+    Unstructured                "unstructured"  f32 / bf16 on a CPU target where the native kernels load
                                             (codegen/linear_cpu_native.py)
     DENSE                       none
 
@@ -92,7 +92,7 @@ def _semi_fits(enc: NMSparse, shape: tuple, dtype: str, hardware: HardwareProfil
 
 
 def _unstructured_fits(dtype: str, hardware: HardwareProfile) -> bool:
-    if _is_gpu(hardware) or dtype != "f32":
+    if _is_gpu(hardware) or dtype not in ("f32", "bf16"):
         return False
     from sparsec.codegen.linear_cpu_native import native_linear_available
 

@@ -19,7 +19,8 @@ Executors (one place decides, `_executor`):
   - CUDA tensors: the Triton kernels (codegen/linear_triton.py); "semi2:4": torch's
     semi-structured 2:4 kernels.
   - CPU tensors: the CPU executors (codegen/linear_cpu.py); "semi2:4" has none: dense.
-  - "unstructured" runs only on the CPU executor (its native kernels, float32): elsewhere dense.
+  - "unstructured" runs only on the CPU executor (its native kernels, float32 or bfloat16): elsewhere
+    dense.
   - SPARSEC_LINEAR_BACKEND=triton forces the Triton kernels (on CPU tensors that needs
     TRITON_INTERPRET=1; that is how the tests run them), =cpu the CPU executors, =auto (default)
     decides by device.
@@ -157,8 +158,8 @@ def _structured_bsr(weight: torch.Tensor, block: tuple[int, int]):
 def _unstructured(weight: torch.Tensor):
     from sparsec.codegen import linear_cpu_native
 
-    if weight.dtype != torch.float32:
-        raise ValueError(f"the native kernels run float32 weights, this one is {weight.dtype}")
+    if weight.dtype not in linear_cpu_native.VALUE_DTYPES:
+        raise ValueError(f"the native kernels run float32 or bfloat16 weights, this one is {weight.dtype}")
     if not linear_cpu_native.native_linear_available():
         raise ValueError(f"the native kernels are unavailable ({linear_cpu_native.native_status()})")
     if bool((weight != 0).all()):

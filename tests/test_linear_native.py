@@ -77,6 +77,24 @@ def test_masked_and_segments_kernels_give_the_reference(N, K, density, generator
         assert_close(masked_linear(strided, rows), reference(strided, w))
 
 
+@pytest.mark.parametrize("N, K", [(37, 50), (64, 300), (130, 129)])
+def test_masked_kernel_takes_bfloat16_weights(N, K, generator):
+    """bfloat16 values (and x), float32 arithmetic: the reference is the float64 product of the
+    bfloat16 operands, and the output is rounded to bfloat16 once."""
+    w = scattered(N, K, 0.4, generator).bfloat16()
+    rows = pack_sparse_rows(w)
+    assert rows.dtype == torch.bfloat16 and rows.masked().values.dtype == torch.bfloat16
+    torch.testing.assert_close(rows.to_dense(), w, atol=0, rtol=0)
+    for tokens in (1, 3, 9, 17):
+        x = torch.randn(tokens, K, generator=generator).bfloat16()
+        y = masked_linear(x, rows)
+        assert y.dtype == torch.bfloat16
+        expected = x.double() @ w.double().T
+        torch.testing.assert_close(y.double(), expected, atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
+        assert masked_linear(x.float(), rows) is None  # x must be in the weight's dtype
+    assert segments_linear(torch.randn(3, K).bfloat16(), rows) is None  # float32 only
+
+
 def test_sparse_rows_layouts_hold_the_weight(generator):
     w = n_of_m(24, 96, 2, 4, generator)
     rows = pack_sparse_rows(w)
@@ -102,11 +120,18 @@ def test_block_rows_kernel_gives_the_reference(block, generator):
     layout[1] = False  # a block row that keeps nothing
     w = w * layout.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     packed = pack_block_rows(pack_bsr(w, block))
+    half = pack_block_rows(pack_bsr(w.bfloat16(), block))
     for tokens in TOKENS:
         x = torch.randn(tokens, K, generator=generator)
         y = block_rows_linear(x, packed.panels, packed.panel_start, packed.crow_indices, packed.block_columns,
                               packed.shape, packed.block)
         assert_close(y, reference(x, w))
+        xh = x.bfloat16()  # bfloat16 panels and x, float32 sums, a bfloat16 output
+        y = block_rows_linear(xh, half.panels, half.panel_start, half.crow_indices, half.block_columns,
+                              half.shape, half.block)
+        expected = xh.double() @ w.bfloat16().double().T
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), expected, atol=1e-2 * expected.abs().max().item(), rtol=1e-2)
 
 
 def test_block_rows_kernel_declines_blocks_it_cannot_run(generator):
@@ -177,8 +202,14 @@ def test_unstructured_executor_gives_the_reference_and_checks_its_input(generato
         unstructured_linear_cpu(torch.randn(2, 71), rows)
     with pytest.raises(TypeError, match="SparseRows"):
         unstructured_linear_cpu(torch.randn(2, 72), w)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
         pack_sparse_rows(w.double())
+    half = pack_sparse_rows(w.bfloat16())  # bfloat16: the masked kernel, at any token count here
+    x = torch.randn(5, 72, generator=generator).bfloat16()
+    y = unstructured_linear_cpu(x, half, bias.bfloat16(), "relu")
+    expected = reference(x, w.bfloat16(), bias.bfloat16(), "relu")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
 
 
 def test_without_the_library_the_executors_fall_back(monkeypatch, generator):
@@ -205,8 +236,8 @@ def test_native_paths_are_priced_term_by_term():
     """cost_models/linear_cost_cpu.py's native paths: masked rows and block rows compute every 16
     inputs of a row (masked: kept or not; block rows: the kept blocks') per token, or stream the
     kept values, whichever is longer; segments pay per kept value per 64-token tile and per 16
-    tokens, and copy x and y; every native call pays its overhead. No native path for half
-    precision, where the kernels do not run."""
+    tokens, and copy x and y; every native call pays its overhead. bfloat16 on the masked kernel
+    only, no native path for float16."""
     hw = get_profile("cpu", calibrated=False).with_cores(2)
     N, K, M = 4096, 1000, 5
     a, b = hw.native_chunk_seconds, hw.native_chunk_token_seconds
@@ -222,9 +253,14 @@ def test_native_paths_are_priced_term_by_term():
     kept = 0.5 * (N * 1024 * 4 + N * 1024 / 4096 * 4)
     assert blocks["block_rows"] == pytest.approx(hw.native_linear_call_s + max(
         N * 0.5 * 1024 / 16 * (a + M * b) / 2, kept / bandwidth))
+    # bfloat16: the masked kernel only, reading 2 bytes a value
     nm = cpu_linear_paths(M, N, K, "bf16", 2, NMSparse(n=2, m=4, density=0.5), hw, native=True)
-    assert set(nm) == {"expand"}
-    assert set(cpu_linear_paths(M, N, K, "bf16", 2, Unstructured(density=0.25), hw, native=True)) == {"dense"}
+    assert set(nm) == {"expand", "masked"}
+    half = cpu_linear_paths(M, N, K, "bf16", 2, Unstructured(density=0.25), hw, native=True)
+    assert set(half) == {"masked"}
+    assert half["masked"] == pytest.approx(hw.native_linear_call_s + max(
+        chunks * (a + M * b) / 2, (2 * values + 2 * chunks + 8 * N) / bandwidth))
+    assert set(cpu_linear_paths(M, N, K, "f16", 2, Unstructured(density=0.25), hw, native=True)) == {"dense"}
 
 
 _PORTABLE_CHECK = """
@@ -239,15 +275,20 @@ rows, worst = L.pack_sparse_rows(w), 0.0
 b = torch.randn(64, 64, generator=g)
 b[:32, :32] = 0
 blocks = pack_block_rows(pack_bsr(b, (32, 32)))
+half, worst_half = L.pack_sparse_rows(w.bfloat16()), 0.0
 for tokens in (1, 5, 9, 70):
     x = torch.randn(tokens, 150, generator=g)
     for y in (L.masked_linear(x, rows), L.segments_linear(x, rows)):
         worst = max(worst, float((y.double() - x.double() @ w.double().T).abs().max()))
+    xh = x.bfloat16()
+    yh = L.masked_linear(xh, half).double()
+    exact = xh.double() @ w.bfloat16().double().T
+    worst_half = max(worst_half, float(((yh - exact).abs() / (1 + exact.abs())).max()))
     xb = torch.randn(tokens, 64, generator=g)
     y = L.block_rows_linear(xb, blocks.panels, blocks.panel_start, blocks.crow_indices, blocks.block_columns,
                             blocks.shape, blocks.block)
     worst = max(worst, float((y.double() - xb.double() @ b.double().T).abs().max()))
-print(worst)
+print(worst, worst_half)
 """
 
 
@@ -259,5 +300,6 @@ def test_the_kernels_built_for_avx2_give_the_reference(tmp_path):
     done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK, str(torch.seed() % 2**31)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.strip().splitlines()[-1]) < 1e-4
+    worst, worst_half = map(float, done.stdout.strip().splitlines()[-1].split())
+    assert worst < 1e-4 and worst_half < 1e-2  # float32 sums; bfloat16 outputs (8 bits of mantissa)
     assert any(tmp_path.rglob("sparse_linear_*.so"))

@@ -32,7 +32,7 @@ namespace {
 // 16 floats as one value: GCC / Clang lower it to the widest vectors the target has.
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
-constexpr int64_t kPrefetch = 1024;  // floats ahead the masked kernel prefetches a row's values
+constexpr int64_t kPrefetch = 1024;  // values ahead the masked kernel prefetches in a row
 constexpr int64_t kTile = 64;   // tokens a kernel computes at once (a tile of x); masked / block rows: 8 by 8
 
 inline v16 load(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
@@ -43,7 +43,8 @@ inline float sum(v16 a) {
   return s;
 }
 
-// The 16 inputs' weights of a chunk whose kept positions are `mask`'s bits, from its kept values.
+// The 16 inputs' weights of a chunk whose kept positions are `mask`'s bits, from its kept values
+// (float32, or bfloat16 as its 16 bits: a float32 with the low 16 mantissa bits zero).
 inline v16 expand(uint16_t mask, const float* values) {
 #ifdef __AVX512F__
   const __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), values);
@@ -58,6 +59,41 @@ inline v16 expand(uint16_t mask, const float* values) {
 #endif
 }
 
+// 16 consecutive weights as float32.
+inline v16 load_values(const float* p) { return load(p); }
+inline v16 load_values(const uint16_t* p) {
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  u16x16 half;
+  std::memcpy(&half, p, sizeof half);
+  const u32x16 wide = __builtin_convertvector(half, u32x16) << 16;
+  v16 r;
+  std::memcpy(&r, &wide, sizeof r);
+  return r;
+}
+
+inline float bf16_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+inline v16 expand(uint16_t mask, const uint16_t* values) {
+#if defined(__AVX512VBMI2__) && defined(__AVX512VL__)
+  const __m256i half = _mm256_maskz_expandloadu_epi16(static_cast<__mmask16>(mask), values);
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+  v16 r;
+  std::memcpy(&r, &wide, sizeof r);
+  return r;
+#else
+  v16 r{};
+  for (int i = 0, k = 0; i < kLanes; ++i)
+    if (mask >> i & 1) r[i] = bf16_float(values[k++]);
+  return r;
+#endif
+}
+
 // Thread `part` of `parts`'s share of rows [0, N): contiguous, in whole pairs (`unit` rows).
 inline void share(int64_t N, int64_t unit, int64_t parts, int64_t part, int64_t& lo, int64_t& hi) {
   const int64_t units = (N + unit - 1) / unit;
@@ -65,20 +101,21 @@ inline void share(int64_t N, int64_t unit, int64_t parts, int64_t part, int64_t&
   hi = std::min(N, unit * (units * (part + 1) / parts));
 }
 
+template <typename Value>    // float, or uint16_t: bfloat16's bits
 struct MaskedRows {
-  const float* values;      // row by row
+  const Value* values;      // row by row
   const uint16_t* masks;    // (N, chunks)
   const int64_t* row_start; // (N + 1,)
   int64_t N, chunks;
 };
 
 // y[t][o + r] for r < R, t < TB: masked rows against TB tokens of x.
-template <int TB, int R>
-void masked_rows(const MaskedRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+template <int TB, int R, typename Value>
+void masked_rows(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
   v16 acc[R][TB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < TB; ++j) acc[r][j] = v16{};
-  const float* vp[R];
+  const Value* vp[R];
   const uint16_t* mp[R];
   for (int r = 0; r < R; ++r) {
     vp[r] = w.values + w.row_start[o + r];
@@ -92,7 +129,7 @@ void masked_rows(const MaskedRows& w, const float* x, int64_t ldx, int64_t o, fl
     for (int r = 0; r < R; ++r) {
       std::memcpy(&word[r], mp[r] + c, sizeof word[r]);
       __builtin_prefetch(vp[r] + kPrefetch);
-      __builtin_prefetch(vp[r] + kPrefetch + kLanes);
+      __builtin_prefetch(vp[r] + kPrefetch + 64 / sizeof(Value));
     }
     for (int q = 0; q < 4; ++q) {
       v16 wv[R];
@@ -134,24 +171,25 @@ void each_token_block(const Rows& w, const float* x, int64_t T, int64_t ldx, int
 }
 
 struct Masked {
-  template <int TB, int R>
-  static void run(const MaskedRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+  template <int TB, int R, typename Value>
+  static void run(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
     masked_rows<TB, R>(w, x, ldx, o, y);
   }
 };
 
+template <typename Value>    // float, or uint16_t: bfloat16's bits
 struct BlockRows {
-  const float* panels;
+  const Value* panels;
   const int64_t* panel_start;  // (N / bo,): where block row r's panel starts in `panels`
   const int64_t* crow;         // (N / bo + 1,)
   const int32_t* columns;      // (nnz_blocks,): each kept block's input block
   int64_t N, K, bo, bi;
 };
 
-template <int TB, int R>
-void block_rows(const BlockRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+template <int TB, int R, typename Value>
+void block_rows(const BlockRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
   const int64_t r0 = o / w.bo, begin = w.crow[r0], kept = w.crow[r0 + 1] - begin, width = kept * w.bi;
-  const float* wp = w.panels + w.panel_start[r0] + (o % w.bo) * width;
+  const Value* wp = w.panels + w.panel_start[r0] + (o % w.bo) * width;
   v16 acc[R][TB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < TB; ++j) acc[r][j] = v16{};
@@ -159,7 +197,7 @@ void block_rows(const BlockRows& w, const float* x, int64_t ldx, int64_t o, floa
     const int64_t input = static_cast<int64_t>(w.columns[begin + b]) * w.bi;
     for (int64_t i = 0; i < w.bi; i += kLanes) {
       v16 wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = load(wp + r * width + b * w.bi + i);
+      for (int r = 0; r < R; ++r) wv[r] = load_values(wp + r * width + b * w.bi + i);
       for (int j = 0; j < TB; ++j) {
         const v16 xv = load(x + j * ldx + input + i);
         for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
@@ -171,8 +209,8 @@ void block_rows(const BlockRows& w, const float* x, int64_t ldx, int64_t o, floa
 }
 
 struct Blocks {
-  template <int TB, int R>
-  static void run(const BlockRows& w, const float* x, int64_t ldx, int64_t o, float* y) {
+  template <int TB, int R, typename Value>
+  static void run(const BlockRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
     block_rows<TB, R>(w, x, ldx, o, y);
   }
 };
@@ -223,14 +261,22 @@ void segment_row(const float* tile, int64_t width, const float* values, const ui
 
 }  // namespace
 
-// y (T, N) = x (T, ldx >= chunks * 16; the columns from K on zero) @ W.T, W as masked rows.
-extern "C" int sparsec_masked_linear(const float* x, int64_t T, int64_t ldx, const float* values,
+// y (T, N) = x (T, ldx >= chunks * 16; the columns from K on zero) @ W.T, W as masked rows whose
+// values are float32 (value_bytes 4) or bfloat16 (2).
+extern "C" int sparsec_masked_linear(const float* x, int64_t T, int64_t ldx, const void* values, int64_t value_bytes,
                                      const uint16_t* masks, const int64_t* row_start, int64_t N, int64_t K,
                                      float* y, int64_t threads) {
   const int64_t chunks = (K + kLanes - 1) / kLanes;
   if (T < 0 || N < 0 || K < 0 || ldx < chunks * kLanes || threads < 1) return 1;
-  const MaskedRows w{values, masks, row_start, N, chunks};
-  rows_in_pairs(w, x, T, ldx, y, threads, Masked{});
+  if (value_bytes == 4) {
+    const MaskedRows<float> w{static_cast<const float*>(values), masks, row_start, N, chunks};
+    rows_in_pairs(w, x, T, ldx, y, threads, Masked{});
+  } else if (value_bytes == 2) {
+    const MaskedRows<uint16_t> w{static_cast<const uint16_t*>(values), masks, row_start, N, chunks};
+    rows_in_pairs(w, x, T, ldx, y, threads, Masked{});
+  } else {
+    return 1;
+  }
   return 0;
 }
 
@@ -284,14 +330,23 @@ extern "C" int sparsec_segments_linear(const float* x, int64_t T, int64_t ldx, c
   return 0;
 }
 
-// y (T, N) = x (T, ldx >= K) @ W.T for W as block-row panels (bo even, bi a multiple of 16).
-extern "C" int sparsec_block_rows_linear(const float* x, int64_t T, int64_t ldx, const float* panels,
-                                         const int64_t* panel_start, const int64_t* crow, const int32_t* columns,
-                                         int64_t N, int64_t K, int64_t bo, int64_t bi, float* y, int64_t threads) {
+// y (T, N) = x (T, ldx >= K) @ W.T for W as block-row panels (bo even, bi a multiple of 16) of
+// float32 (value_bytes 4) or bfloat16 (2) values.
+extern "C" int sparsec_block_rows_linear(const float* x, int64_t T, int64_t ldx, const void* panels,
+                                         int64_t value_bytes, const int64_t* panel_start, const int64_t* crow,
+                                         const int32_t* columns, int64_t N, int64_t K, int64_t bo, int64_t bi,
+                                         float* y, int64_t threads) {
   if (T < 0 || N < 0 || K < 0 || bo < 2 || bo % 2 || N % bo || bi < kLanes || bi % kLanes || K % bi || ldx < K ||
       threads < 1)
     return 1;
-  const BlockRows w{panels, panel_start, crow, columns, N, K, bo, bi};
-  rows_in_pairs(w, x, T, ldx, y, threads, Blocks{});
+  if (value_bytes == 4) {
+    const BlockRows<float> w{static_cast<const float*>(panels), panel_start, crow, columns, N, K, bo, bi};
+    rows_in_pairs(w, x, T, ldx, y, threads, Blocks{});
+  } else if (value_bytes == 2) {
+    const BlockRows<uint16_t> w{static_cast<const uint16_t*>(panels), panel_start, crow, columns, N, K, bo, bi};
+    rows_in_pairs(w, x, T, ldx, y, threads, Blocks{});
+  } else {
+    return 1;
+  }
   return 0;
 }
