@@ -66,6 +66,9 @@ class HardwareProfile:
     gemm_efficiency: float = 0.0
     gemm_pack_bytes_per_s: float = 0.0
     gemv_tokens: int = 1  # cpu: up to this many token rows torch's dense linear streams the weight once
+    # cpu: where set, torch's bfloat16 linear streams its weight at this speed once a call and adds
+    # its arithmetic (AMX tiles: no per-call packing as float32's GEMM; 0: priced as float32's)
+    bf16_gemm_bytes_per_s: float = 0.0
     gemm_call_overhead_s: float = 0.0
     # cpu: the share of the streaming bandwidth torch's BSR tensors (MKL's sparse kernels) reach
     # reading a block-sparse weight at a few tokens (codegen.linear_cpu.FEW_TOKENS).
@@ -238,6 +241,9 @@ PROFILES: dict[str, HardwareProfile] = {
 # fp32's speed (270-310 GF/s: converted, no AMX-FP16), bf16 on AMX tiles at 1.6-2.1 TF/s; bf16
 # without AMX is set at fp32's peak (not measured: AVX-512 cores convert it at worst).
 _AMX_BF16_FLOPS = 2.2e12
+# torch's bfloat16 linear there streams its weight at 17-23 GB/s (5 layers 384-11008 wide, 1-1024
+# tokens, caches flushed, 2 threads: flat from 1 to 16 tokens, then its AMX arithmetic adds)
+_AMX_BF16_STREAM = 21e9
 _CPU_BY_CAPABILITY = {
     "AVX512": PROFILES["cpu"].replace(
         tensor_flops={"f32": 400e9, "bf16": 400e9, "f16": 340e9}, memory_bandwidth=44e9,
@@ -284,7 +290,8 @@ def _published_cpu() -> HardwareProfile:
     profile = _CPU_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), PROFILES["cpu"])
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if amx is not None and amx():
-        profile = profile.replace(tensor_flops={**profile.tensor_flops, "bf16": _AMX_BF16_FLOPS})
+        profile = profile.replace(tensor_flops={**profile.tensor_flops, "bf16": _AMX_BF16_FLOPS},
+                                  bf16_gemm_bytes_per_s=_AMX_BF16_STREAM)
     return profile
 
 

@@ -8,6 +8,8 @@ profile has its own fit of the same terms (cost_models/hardware.py).
   every call         two GEMM calls' fixed cost (gemm_call_overhead_s each: dispatch, output).
   dense, 1 token     a GEMV: the weight streamed once (up to gemv_tokens rows: the AVX-512
                      machine's MKL runs 2 like 1, 1.05x its time).
+  dense, bf16        with AMX tiles (bf16_gemm_bytes_per_s set): the weight streamed at that speed,
+                     then the arithmetic at gemm_efficiency of the bf16 peak, at any token count.
   dense, more        a BLAS GEMM at gemm_efficiency of the f32 peak (~66 GF/s), which first copies
                      the weight into packed panels, on every call (the weight is not prepacked):
                      6-7 ms of a 21 MB weight at 8 tokens, where the 1-token GEMV takes 2 ms.
@@ -97,11 +99,13 @@ def cpu_linear_paths(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw
             paths["masked"] = _chunk_seconds(M, chunks, values * size + chunks * 2 + N * 8, hw)
             if wide:
                 paths["segments"] = _segments_seconds(M, N, K, values, hw)
-        return paths or _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size)
-    return _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size)
+        return paths or _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size, dtype)
+    return _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size, dtype)
 
 
-def _dense_paths(M, weight, flops, stream, gemm_rate, hw: HardwareProfile, K, N, size) -> dict[str, float]:
+def _dense_paths(M, weight, flops, stream, gemm_rate, hw: HardwareProfile, K, N, size, dtype) -> dict[str, float]:
+    if dtype == "bf16" and hw.bf16_gemm_bytes_per_s:  # AMX tiles: the weight streamed, then the arithmetic
+        return {"dense": weight / hw.bf16_gemm_bytes_per_s + flops / gemm_rate}
     if M <= hw.gemv_tokens:  # a GEMV (or torch's kernel for a few rows like one) streams the weight once
         return {"dense": max((weight + M * (K + N) * size) / stream, flops / gemm_rate)}
     packing = weight / hw.gemm_pack_bytes_per_s if hw.gemm_pack_bytes_per_s else 0.0
