@@ -99,17 +99,21 @@ def cpu_linear_paths(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw
             paths["masked"] = _chunk_seconds(M, chunks, values * size + chunks * 2 + N * 8, hw)
             if wide:
                 paths["segments"] = _segments_seconds(M, N, K, values, hw)
-        return paths or _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size, dtype)
-    return _dense_paths(M, weight, flops, stream, gemm_rate, hw, K, N, size, dtype)
+        return paths or {"dense": _dense_seconds(M, N, K, dtype, size, hw)}
+    return {"dense": _dense_seconds(M, N, K, dtype, size, hw)}
 
 
-def _dense_paths(M, weight, flops, stream, gemm_rate, hw: HardwareProfile, K, N, size, dtype) -> dict[str, float]:
+def _dense_seconds(M: int, N: int, K: int, dtype: str, size: int, hw: HardwareProfile) -> float:
+    """torch's dense linear (module docstring), apart from the fixed cost of a call."""
+    stream = hw.memory_bandwidth * hw.memory_efficiency
+    gemm_rate = hw.flops(dtype) * (hw.gemm_efficiency or hw.matmul_efficiency)
+    weight, flops = float(N * K * size), 2.0 * M * N * K
     if dtype == "bf16" and hw.bf16_gemm_bytes_per_s:  # AMX tiles: the weight streamed, then the arithmetic
-        return {"dense": weight / hw.bf16_gemm_bytes_per_s + flops / gemm_rate}
+        return weight / hw.bf16_gemm_bytes_per_s + flops / gemm_rate
     if M <= hw.gemv_tokens:  # a GEMV (or torch's kernel for a few rows like one) streams the weight once
-        return {"dense": max((weight + M * (K + N) * size) / stream, flops / gemm_rate)}
+        return max((weight + M * (K + N) * size) / stream, flops / gemm_rate)
     packing = weight / hw.gemm_pack_bytes_per_s if hw.gemm_pack_bytes_per_s else 0.0
-    return {"dense": packing + flops / gemm_rate}
+    return packing + flops / gemm_rate
 
 
 def _chunk_seconds(M: int, chunks: float, weight_bytes: float, hw: HardwareProfile) -> float:

@@ -1,6 +1,7 @@
 // sparsec's native CPU kernels for sparse linear layers, y = x @ W.T: W's zeros are skipped.
 // codegen/native_build.py builds this file; codegen/linear_cpu_native.py packs the weights and
-// calls it. fp32; x (T, K) and y (T, N) row-major unless said otherwise.
+// calls it. x (T, K) and y (T, N) float32, row-major unless said otherwise; the weights float32, or
+// bfloat16 (as their 16 bits) on masked rows and block rows; sums in float32.
 //
 // Sparse rows (N:M and unstructured weights), in two layouts, one for each kernel:
 //   - masked (few tokens): the kept values row by row in column order (row o's from row_start[o]),
@@ -16,9 +17,10 @@
 //     values cost arithmetic. A segment's rows of the tile (seg x 64 floats) stay in the core's
 //     caches while every output row of the thread's share reads them. (Row-major values here, or
 //     segment-major ones for the masked kernel, measured 2-3x slower: many short reads far apart.)
-// Block rows (block-sparse weights, few tokens): block row r's kept blocks side by side as one
-// (bo, nnz_r * bi) panel (the layout codegen/linear_cpu.py's BLAS path uses); each output row is
-// that panel's row against the inputs of its kept blocks, two rows and up to 8 tokens at a time.
+// Block rows (block-sparse weights): block row r's kept blocks side by side as one (bo, nnz_r * bi)
+// panel (the layout codegen/linear_cpu.py's BLAS path uses); each output row is that panel's row
+// against the inputs of its kept blocks, two rows and up to 8 tokens at a time.
+// Masked rows and block rows take tokens 64 at a time (a tile of x stays in cache).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -33,7 +35,7 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 constexpr int64_t kPrefetch = 1024;  // values ahead the masked kernel prefetches in a row
-constexpr int64_t kTile = 64;   // tokens a kernel computes at once (a tile of x); masked / block rows: 8 by 8
+constexpr int64_t kTile = 64;        // tokens a kernel computes at once (a tile of x)
 
 inline v16 load(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
