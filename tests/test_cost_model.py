@@ -289,11 +289,13 @@ def test_the_published_cpu_profile_follows_the_instruction_set(monkeypatch, capa
     if fitted_on == "AVX512":
         assert profile.matmul_efficiency > PROFILES["cpu"].matmul_efficiency
         assert profile.row_overhead_s < PROFILES["cpu"].row_overhead_s
-    # AMX tiles run bf16 GEMMs several times faster than the vector units: only that figure changes
+    # AMX tiles run bf16 GEMMs several times faster than the vector units, streaming the weight
+    # without packing it: only those figures change
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     with_amx = get_profile("cpu", calibrated=False).with_cores(PROFILES["cpu"].sm_count)
     assert with_amx.tensor_flops["bf16"] > 4 * profile.tensor_flops["bf16"]
-    assert with_amx.replace(tensor_flops=profile.tensor_flops) == profile
+    assert with_amx.bf16_gemm_bytes_per_s > 0 == profile.bf16_gemm_bytes_per_s
+    assert with_amx.replace(tensor_flops=profile.tensor_flops, bf16_gemm_bytes_per_s=0.0) == profile
 
 
 def test_cpu_slash_lanes_cost_more_with_wider_heads_and_beyond_a_cores_cache():
