@@ -45,20 +45,14 @@ inline float sum(v16 a) {
   return s;
 }
 
-// The 16 inputs' weights of a chunk whose kept positions are `mask`'s bits, from its kept values
-// (float32, or bfloat16 as its 16 bits: a float32 with the low 16 mantissa bits zero).
-inline v16 expand(uint16_t mask, const float* values) {
-#ifdef __AVX512F__
-  const __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), values);
-  v16 r;
-  std::memcpy(&r, &w, sizeof r);
-  return r;
-#else
-  v16 r{};
-  for (int i = 0, k = 0; i < kLanes; ++i)
-    if (mask >> i & 1) r[i] = values[k++];
-  return r;
-#endif
+// A weight as float32: float32 itself, or bfloat16 as its 16 bits (a float32 with the low 16
+// mantissa bits zero).
+inline float as_float(float value) { return value; }
+inline float as_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
 }
 
 // 16 consecutive weights as float32.
@@ -74,11 +68,25 @@ inline v16 load_values(const uint16_t* p) {
   return r;
 }
 
-inline float bf16_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
+// The 16 inputs' weights of a chunk whose kept positions are `mask`'s bits, from its kept values:
+// an expand load where the target has one for the value type, else this loop.
+template <typename Value>
+inline v16 expand_loop(uint16_t mask, const Value* values) {
+  v16 r{};
+  for (int i = 0, k = 0; i < kLanes; ++i)
+    if (mask >> i & 1) r[i] = as_float(values[k++]);
+  return r;
+}
+
+inline v16 expand(uint16_t mask, const float* values) {
+#ifdef __AVX512F__
+  const __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), values);
+  v16 r;
+  std::memcpy(&r, &w, sizeof r);
+  return r;
+#else
+  return expand_loop(mask, values);
+#endif
 }
 
 inline v16 expand(uint16_t mask, const uint16_t* values) {
@@ -89,12 +97,29 @@ inline v16 expand(uint16_t mask, const uint16_t* values) {
   std::memcpy(&r, &wide, sizeof r);
   return r;
 #else
-  v16 r{};
-  for (int i = 0, k = 0; i < kLanes; ++i)
-    if (mask >> i & 1) r[i] = bf16_float(values[k++]);
-  return r;
+  return expand_loop(mask, values);
 #endif
 }
+
+// The accumulators of R output rows for TB tokens: sums of weights times inputs.
+template <int TB, int R>
+struct Sums {
+  v16 acc[R][TB] = {};
+
+  // Adds row r's 16 weights wv[r] times each token's 16 inputs from column `column` of x.
+  void add(const v16 (&wv)[R], const float* x, int64_t ldx, int64_t column) {
+    for (int j = 0; j < TB; ++j) {
+      const v16 xv = load(x + j * ldx + column);
+      for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
+    }
+  }
+
+  // y[t][o + r] for t < TB, r < R (y has N columns).
+  void store(float* y, int64_t N, int64_t o) const {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < TB; ++j) y[j * N + o + r] = sum(acc[r][j]);
+  }
+};
 
 // Thread `part` of `parts`'s share of rows [0, N): contiguous, in whole pairs (`unit` rows).
 inline void share(int64_t N, int64_t unit, int64_t parts, int64_t part, int64_t& lo, int64_t& hi) {
@@ -113,10 +138,8 @@ struct MaskedRows {
 
 // y[t][o + r] for r < R, t < TB: masked rows against TB tokens of x.
 template <int TB, int R, typename Value>
-void masked_rows(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
-  v16 acc[R][TB];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < TB; ++j) acc[r][j] = v16{};
+void dot_rows(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
+  Sums<TB, R> sums;
   const Value* vp[R];
   const uint16_t* mp[R];
   for (int r = 0; r < R; ++r) {
@@ -139,10 +162,7 @@ void masked_rows(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_
         const uint64_t below = word[r] & ((uint64_t{1} << (16 * q)) - 1);
         wv[r] = expand(static_cast<uint16_t>(word[r] >> (16 * q)), vp[r] + __builtin_popcountll(below));
       }
-      for (int j = 0; j < TB; ++j) {
-        const v16 xv = load(x + j * ldx + (c + q) * kLanes);
-        for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
-      }
+      sums.add(wv, x, ldx, (c + q) * kLanes);
     }
     for (int r = 0; r < R; ++r) vp[r] += __builtin_popcountll(word[r]);
   }
@@ -153,31 +173,11 @@ void masked_rows(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_
       wv[r] = expand(m, vp[r]);
       vp[r] += __builtin_popcount(m);
     }
-    for (int j = 0; j < TB; ++j) {
-      const v16 xv = load(x + j * ldx + c * kLanes);
-      for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
-    }
+    sums.add(wv, x, ldx, c * kLanes);
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < TB; ++j) y[j * w.N + o + r] = sum(acc[r][j]);
+  sums.store(y, w.N, o);
 }
 
-// Rows o .. o + R of y for T tokens, 8 at a time (the rows' values stay in cache meanwhile).
-template <int R, typename Rows, typename Kernel>
-void each_token_block(const Rows& w, const float* x, int64_t T, int64_t ldx, int64_t o, float* y, Kernel) {
-  int64_t t = 0;
-  for (; t + 8 <= T; t += 8) Kernel::template run<8, R>(w, x + t * ldx, ldx, o, y + t * w.N);
-  if (T - t >= 4) { Kernel::template run<4, R>(w, x + t * ldx, ldx, o, y + t * w.N); t += 4; }
-  if (T - t >= 2) { Kernel::template run<2, R>(w, x + t * ldx, ldx, o, y + t * w.N); t += 2; }
-  if (T - t >= 1) Kernel::template run<1, R>(w, x + t * ldx, ldx, o, y + t * w.N);
-}
-
-struct Masked {
-  template <int TB, int R, typename Value>
-  static void run(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
-    masked_rows<TB, R>(w, x, ldx, o, y);
-  }
-};
 
 template <typename Value>    // float, or uint16_t: bfloat16's bits
 struct BlockRows {
@@ -188,39 +188,37 @@ struct BlockRows {
   int64_t N, K, bo, bi;
 };
 
+// y[t][o + r] for r < R, t < TB: rows o .. o + R (one block row's) against TB tokens of x.
 template <int TB, int R, typename Value>
-void block_rows(const BlockRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
+void dot_rows(const BlockRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
   const int64_t r0 = o / w.bo, begin = w.crow[r0], kept = w.crow[r0 + 1] - begin, width = kept * w.bi;
   const Value* wp = w.panels + w.panel_start[r0] + (o % w.bo) * width;
-  v16 acc[R][TB];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < TB; ++j) acc[r][j] = v16{};
+  Sums<TB, R> sums;
   for (int64_t b = 0; b < kept; ++b) {
     const int64_t input = static_cast<int64_t>(w.columns[begin + b]) * w.bi;
     for (int64_t i = 0; i < w.bi; i += kLanes) {
       v16 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = load_values(wp + r * width + b * w.bi + i);
-      for (int j = 0; j < TB; ++j) {
-        const v16 xv = load(x + j * ldx + input + i);
-        for (int r = 0; r < R; ++r) acc[r][j] += wv[r] * xv;
-      }
+      sums.add(wv, x, ldx, input + i);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < TB; ++j) y[j * w.N + o + r] = sum(acc[r][j]);
+  sums.store(y, w.N, o);
 }
 
-struct Blocks {
-  template <int TB, int R, typename Value>
-  static void run(const BlockRows<Value>& w, const float* x, int64_t ldx, int64_t o, float* y) {
-    block_rows<TB, R>(w, x, ldx, o, y);
-  }
-};
+// Rows o .. o + R of y for T tokens, 8 at a time (the rows' values stay in cache meanwhile).
+template <int R, typename Rows>
+void each_token_block(const Rows& w, const float* x, int64_t T, int64_t ldx, int64_t o, float* y) {
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) dot_rows<8, R>(w, x + t * ldx, ldx, o, y + t * w.N);
+  if (T - t >= 4) { dot_rows<4, R>(w, x + t * ldx, ldx, o, y + t * w.N); t += 4; }
+  if (T - t >= 2) { dot_rows<2, R>(w, x + t * ldx, ldx, o, y + t * w.N); t += 2; }
+  if (T - t >= 1) dot_rows<1, R>(w, x + t * ldx, ldx, o, y + t * w.N);
+}
 
 // Every row of y, two at a time, each thread its share; tokens in tiles of kTile (their x, up to
 // 64 x K floats, stays in the core's cache while the share's rows stream their weights past it).
-template <typename Rows, typename Kernel>
-void rows_in_pairs(const Rows& w, const float* x, int64_t T, int64_t ldx, float* y, int64_t threads, Kernel k) {
+template <typename Rows>
+void rows_in_pairs(const Rows& w, const float* x, int64_t T, int64_t ldx, float* y, int64_t threads) {
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
     int64_t lo, hi;
@@ -230,8 +228,8 @@ void rows_in_pairs(const Rows& w, const float* x, int64_t T, int64_t ldx, float*
       const float* xt = x + t0 * ldx;
       float* yt = y + t0 * w.N;
       int64_t o = lo;
-      for (; o + 2 <= hi; o += 2) each_token_block<2>(w, xt, count, ldx, o, yt, k);
-      for (; o < hi; ++o) each_token_block<1>(w, xt, count, ldx, o, yt, k);
+      for (; o + 2 <= hi; o += 2) each_token_block<2>(w, xt, count, ldx, o, yt);
+      for (; o < hi; ++o) each_token_block<1>(w, xt, count, ldx, o, yt);
     }
   }
 }
@@ -261,6 +259,20 @@ void segment_row(const float* tile, int64_t width, const float* values, const ui
   for (int i = 0; i < V; ++i) store(y + i * kLanes, acc[i] + other[i]);
 }
 
+// Calls f with a Value of the weights' type (float for 4 bytes a value, uint16_t: bfloat16's bits,
+// for 2): 0, or 1 for another size.
+template <typename F>
+int with_value_type(int64_t value_bytes, F f) {
+  if (value_bytes == 4) {
+    f(float{});
+  } else if (value_bytes == 2) {
+    f(uint16_t{});
+  } else {
+    return 1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 // y (T, N) = x (T, ldx >= chunks * 16; the columns from K on zero) @ W.T, W as masked rows whose
@@ -270,16 +282,11 @@ extern "C" int sparsec_masked_linear(const float* x, int64_t T, int64_t ldx, con
                                      float* y, int64_t threads) {
   const int64_t chunks = (K + kLanes - 1) / kLanes;
   if (T < 0 || N < 0 || K < 0 || ldx < chunks * kLanes || threads < 1) return 1;
-  if (value_bytes == 4) {
-    const MaskedRows<float> w{static_cast<const float*>(values), masks, row_start, N, chunks};
-    rows_in_pairs(w, x, T, ldx, y, threads, Masked{});
-  } else if (value_bytes == 2) {
-    const MaskedRows<uint16_t> w{static_cast<const uint16_t*>(values), masks, row_start, N, chunks};
-    rows_in_pairs(w, x, T, ldx, y, threads, Masked{});
-  } else {
-    return 1;
-  }
-  return 0;
+  return with_value_type(value_bytes, [&](auto value) {
+    using Value = decltype(value);
+    const MaskedRows<Value> w{static_cast<const Value*>(values), masks, row_start, N, chunks};
+    rows_in_pairs(w, x, T, ldx, y, threads);
+  });
 }
 
 // y (T, N) = x (T, ldx >= K) @ W.T, W as segments (offsets (segments, N + 1)). Token tile by
@@ -341,14 +348,9 @@ extern "C" int sparsec_block_rows_linear(const float* x, int64_t T, int64_t ldx,
   if (T < 0 || N < 0 || K < 0 || bo < 2 || bo % 2 || N % bo || bi < kLanes || bi % kLanes || K % bi || ldx < K ||
       threads < 1)
     return 1;
-  if (value_bytes == 4) {
-    const BlockRows<float> w{static_cast<const float*>(panels), panel_start, crow, columns, N, K, bo, bi};
-    rows_in_pairs(w, x, T, ldx, y, threads, Blocks{});
-  } else if (value_bytes == 2) {
-    const BlockRows<uint16_t> w{static_cast<const uint16_t*>(panels), panel_start, crow, columns, N, K, bo, bi};
-    rows_in_pairs(w, x, T, ldx, y, threads, Blocks{});
-  } else {
-    return 1;
-  }
-  return 0;
+  return with_value_type(value_bytes, [&](auto value) {
+    using Value = decltype(value);
+    const BlockRows<Value> w{static_cast<const Value*>(panels), panel_start, crow, columns, N, K, bo, bi};
+    rows_in_pairs(w, x, T, ldx, y, threads);
+  });
 }
