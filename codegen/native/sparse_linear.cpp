@@ -45,6 +45,15 @@ inline float sum(v16 a) {
   return s;
 }
 
+// 64 bytes of 16 float32 lanes (a vector register's bits) as v16.
+template <typename Bits>
+inline v16 bits_as_v16(const Bits& bits) {
+  static_assert(sizeof(Bits) == sizeof(v16), "16 float32 lanes");
+  v16 r;
+  std::memcpy(&r, &bits, sizeof r);
+  return r;
+}
+
 // A weight as float32: float32 itself, or bfloat16 as its 16 bits (a float32 with the low 16
 // mantissa bits zero).
 inline float as_float(float value) { return value; }
@@ -63,9 +72,7 @@ inline v16 load_values(const uint16_t* p) {
   u16x16 half;
   std::memcpy(&half, p, sizeof half);
   const u32x16 wide = __builtin_convertvector(half, u32x16) << 16;
-  v16 r;
-  std::memcpy(&r, &wide, sizeof r);
-  return r;
+  return bits_as_v16(wide);
 }
 
 // The 16 inputs' weights of a chunk whose kept positions are `mask`'s bits, from its kept values:
@@ -81,9 +88,7 @@ inline v16 expand_loop(uint16_t mask, const Value* values) {
 inline v16 expand(uint16_t mask, const float* values) {
 #ifdef __AVX512F__
   const __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mask), values);
-  v16 r;
-  std::memcpy(&r, &w, sizeof r);
-  return r;
+  return bits_as_v16(w);
 #else
   return expand_loop(mask, values);
 #endif
@@ -93,9 +98,7 @@ inline v16 expand(uint16_t mask, const uint16_t* values) {
 #if defined(__AVX512VBMI2__) && defined(__AVX512VL__)
   const __m256i half = _mm256_maskz_expandloadu_epi16(static_cast<__mmask16>(mask), values);
   const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
-  v16 r;
-  std::memcpy(&r, &wide, sizeof r);
-  return r;
+  return bits_as_v16(wide);
 #else
   return expand_loop(mask, values);
 #endif
