@@ -84,7 +84,7 @@ class BlockRows:
 @dataclass(frozen=True, slots=True)
 class NMRows:
     """An N:M weight for the CPU executor: its compressed layout (the "expand" path) and, where the
-    native kernels run it (float32, the library loads), its SparseRows."""
+    native kernels run it (float32 or bfloat16, the library loads), its SparseRows."""
 
     nm: NMWeight
     rows: SparseRows | None
@@ -126,7 +126,7 @@ def cpu_path(tokens: int, shape: tuple[int, int], dtype: torch.dtype, sparsity) 
     rows of an (N, K) weight of `sparsity` (an ir.types encoding): the cheapest by the cost model."""
     from sparsec.ir.types import dtype_name
 
-    return _cheapest(tokens, shape, dtype_name(dtype), sparsity, torch.get_num_threads())
+    return _cheapest(tokens, shape, dtype_name(dtype), dtype.itemsize, sparsity, torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -142,12 +142,11 @@ def _encoding(kind: str, *params):
 
 
 @functools.lru_cache(maxsize=4096)
-def _cheapest(tokens: int, shape: tuple[int, int], dtype: str, sparsity, threads: int) -> str:
+def _cheapest(tokens: int, shape: tuple[int, int], dtype: str, size: int, sparsity, threads: int) -> str:
     from sparsec.cost_models.hardware import get_profile
     from sparsec.cost_models.linear_cost_cpu import cpu_linear_paths
 
     hardware = get_profile("cpu").with_cores(max(1, threads))
-    size = 2 if dtype in ("bf16", "f16") else 4
     paths = cpu_linear_paths(tokens, *shape, dtype, size, sparsity, hardware)
     return min(paths, key=paths.get)
 

@@ -17,7 +17,7 @@ and calls. y = x @ W.T with W's zeros skipped, fp32.
   output row against the inputs of its block row's kept blocks.
 
 Each call returns None where the kernel cannot run it (no compiler or library: native_build says
-why; a dtype other than float32), and the caller runs its torch path.
+why; a dtype it does not take), and the caller runs its torch path.
 """
 from __future__ import annotations
 
@@ -117,11 +117,8 @@ def native_status() -> str:
     return native_build.native_status(_LIBRARY)
 
 
-def _kernel(name: str, *operands: torch.Tensor):
-    """The entry point `name`, or None where it cannot run: the library is unavailable, or an
-    operand is not float32."""
-    if any(t.dtype != torch.float32 for t in operands):
-        return None
+def _entry(name: str):
+    """The entry point `name` (ctypes), or None where the library is unavailable."""
     return native_entry(_LIBRARY, name, _SIGNATURES[name])
 
 
@@ -188,9 +185,7 @@ def masked_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
     """x (T, K) @ W.T on the masked kernel (x in the weight's dtype; float32 arithmetic), or None
     where it cannot run."""
     name = "sparsec_masked_linear"
-    if x.dtype != rows.dtype:
-        return None
-    kernel = native_entry(_LIBRARY, name, _SIGNATURES[name])
+    kernel = _entry(name) if x.dtype == rows.dtype else None
     if kernel is None:
         return None
     N, K = rows.shape
@@ -205,7 +200,7 @@ def masked_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
 def segments_linear(x: torch.Tensor, rows: SparseRows) -> torch.Tensor | None:
     """x (T, K) @ W.T on the segments kernel, or None where it cannot run."""
     name = "sparsec_segments_linear"
-    kernel = _kernel(name, x) if rows.dtype == torch.float32 else None
+    kernel = _entry(name) if x.dtype == rows.dtype == torch.float32 else None
     if kernel is None:
         return None
     N, K = rows.shape
@@ -228,7 +223,7 @@ def block_rows_linear(x: torch.Tensor, panels: torch.Tensor, panel_start: torch.
     (N, K), (bo, bi) = shape, block
     name = "sparsec_block_rows_linear"
     usable = x.dtype == panels.dtype and panels.dtype in VALUE_DTYPES and bo % 2 == 0 and bi % _LANES == 0
-    kernel = native_entry(_LIBRARY, name, _SIGNATURES[name]) if usable else None
+    kernel = _entry(name) if usable else None
     if kernel is None:
         return None
     xr = x.float().contiguous()

@@ -67,6 +67,7 @@ def cpu_linear_paths(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw
     fixed cost of a call: "dense", "torch_bsr", "panels", "block_rows", "expand", "masked",
     "segments". native: whether the native kernels load (None: ask codegen.linear_cpu_native)."""
     from sparsec.codegen.linear_cpu import FEW_TOKENS, torch_bsr_takes
+    from sparsec.codegen.linear_cpu_native import VALUE_DTYPES
     from sparsec.ir.types import BlockSparse, NMSparse, Unstructured, torch_dtype
 
     stream = hw.memory_bandwidth * hw.memory_efficiency
@@ -74,8 +75,8 @@ def cpu_linear_paths(M: int, N: int, K: int, dtype: str, size: int, sparsity, hw
     weight, flops = float(N * K * size), 2.0 * M * N * K
     if native is None:
         native = _native_available()
-    wide = native and dtype == "f32"              # every native kernel
-    native = native and dtype in ("f32", "bf16")  # masked rows and block rows
+    wide = native and dtype == "f32"                       # every native kernel
+    native = native and torch_dtype(dtype) in VALUE_DTYPES  # masked rows and block rows
     if isinstance(sparsity, BlockSparse):
         bo, bi = sparsity.block
         kept = sparsity.density * (weight + N * K / (bo * bi) * _BLOCK_INDEX_BYTES)
@@ -139,3 +140,4 @@ def _native_available() -> bool:
     from sparsec.codegen.linear_cpu_native import native_linear_available
 
     return native_linear_available()
+

@@ -48,7 +48,7 @@ from sparsec.cost_models import estimate_linear_seconds
 from sparsec.cost_models.hardware import HardwareProfile
 from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Linear, Op
-from sparsec.ir.types import DENSE, BlockSparse, NMSparse, Unstructured, is_static
+from sparsec.ir.types import DENSE, BlockSparse, NMSparse, Unstructured, is_static, torch_dtype
 
 __all__ = ["beats_dense", "choose_linear_kernels", "linear_candidates", "winning_tokens", "MAX_SEARCH_TOKENS",
            "SPARSE_MARGIN"]
@@ -92,11 +92,9 @@ def _semi_fits(enc: NMSparse, shape: tuple, dtype: str, hardware: HardwareProfil
 
 
 def _unstructured_fits(dtype: str, hardware: HardwareProfile) -> bool:
-    if _is_gpu(hardware) or dtype not in ("f32", "bf16"):
-        return False
-    from sparsec.codegen.linear_cpu_native import native_linear_available
+    from sparsec.codegen.linear_cpu_native import VALUE_DTYPES, native_linear_available
 
-    return native_linear_available()
+    return not _is_gpu(hardware) and torch_dtype(dtype) in VALUE_DTYPES and native_linear_available()
 
 
 def _pricer(op: Linear, hardware: HardwareProfile, sparsity, semi: bool = False) -> Cost:
