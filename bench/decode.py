@@ -19,6 +19,7 @@ Rich tables; JSON (device, versions, date, command, every figure) under bench/re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -141,9 +142,7 @@ def main(argv=None) -> None:
     if not args.no_save:
         options = {k: v for k, v in vars(args).items() if k != "output"}
         path = write_record("decode", args.device, {"options": options, "rows": rows}, output=args.output,
-                            name=f"decode_{args.device}", command=[str(Path(__file__).relative_to(Path.cwd()))
-                                                                   if Path(__file__).is_relative_to(Path.cwd())
-                                                                   else __file__, *argv])
+                            name=f"decode_{args.device}", command=[os.path.relpath(__file__), *argv])
         console.print(f"saved {path}")
 
 
