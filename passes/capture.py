@@ -8,8 +8,13 @@ would split softmax into amax/exp/sum/div; Inductor applies it itself when it co
 rewritten graph.) The ATen graph's placeholders are the Dynamo graph's inputs in the same order
 (plus, first, any parameters Dynamo left as attributes, which aot_autograd lifts).
 
-Graphs that mutate their inputs are refused (CaptureError): their functional graph returns the
-new values as extra outputs, which only aot_autograd's own runtime wrapper knows how to apply.
+Inputs mutated in place (a static KV cache written with index_copy_, BatchNorm's running
+statistics) stay in the graph, as aot_autograd keeps them for Inductor: the functional graph ends
+with `copy_(input, new_value)` nodes, which the rewrite leaves alone, so the rewritten graph
+mutates its inputs exactly as the Dynamo graph does. A mutation aot_autograd cannot keep in the
+graph (of an input's metadata: `x.transpose_()`, `x.resize_()`) would return the new value as an
+extra output that only aot_autograd's runtime wrapper applies; such graphs are refused
+(CaptureError, the backend falls back).
 
     run_aot(gm, example_inputs, fw_compiler)    aot_autograd; fw_compiler(aten_gm, fake_inputs)
                                                 gets each forward / backward / inference graph
@@ -17,6 +22,8 @@ new values as extra outputs, which only aot_autograd's own runtime wrapper knows
     placeholder_paths(gm)                       Dynamo placeholder index -> parameter path
     param_values(gm, example_inputs, paths)     parameter path -> its real tensor
     aten_param_paths(aten_gm, paths)            ATen placeholder name -> parameter path
+    mutated_inputs(gm)                          positions of the inputs the graph copies new values into
+    read_mutated_inputs_through_clones(gm)      for autograd: reads of a mutated input see a clone
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from .fx_utils import normalize_module_path
 
 __all__ = [
     "run_aot", "capture_inference_graph", "placeholder_paths", "param_values", "aten_param_paths", "needs_autograd",
-    "CaptureError",
+    "mutated_inputs", "read_mutated_inputs_through_clones", "CaptureError",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,12 +50,14 @@ class CaptureError(RuntimeError):
 
 
 def run_aot(gm: fx.GraphModule, example_inputs: Sequence, fw_compiler: FwCompiler,
-            bw_compiler: FwCompiler | None = None) -> Callable:
-    """aot_autograd without a decomposition table; returns the compiled callable."""
+            bw_compiler: FwCompiler | None = None, keep_input_mutations: bool = False) -> Callable:
+    """aot_autograd without a decomposition table; returns the compiled callable. With
+    `keep_input_mutations`, an inference graph mutates its inputs itself (copy_ nodes)."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
     return aot_module_simplified(gm, list(example_inputs), fw_compiler=fw_compiler,
-                                 bw_compiler=bw_compiler or fw_compiler, inference_compiler=fw_compiler)
+                                 bw_compiler=bw_compiler or fw_compiler, inference_compiler=fw_compiler,
+                                 keep_inference_input_mutations=keep_input_mutations)
 
 
 def needs_autograd(example_inputs: Sequence) -> bool:
@@ -103,18 +112,21 @@ def aten_param_paths(aten_gm: fx.GraphModule, paths: Sequence[str | None]) -> di
     return {name: path for name, path in zip(names, paths) if path}
 
 
-def _check_no_input_mutation() -> None:
-    """Refuse graphs whose inputs are mutated: their functional ATen graph returns the new
-    values as extra outputs, which only aot_autograd's runtime wrapper knows how to apply."""
+def _check_mutations_in_graph() -> None:
+    """Refuse graphs with an input mutation aot_autograd did not keep in the graph: their
+    functional ATen graph returns the new value as an extra output, which only aot_autograd's
+    runtime wrapper knows how to apply."""
+    from torch._functorch._aot_autograd.schemas import MutationType
     from torch._guards import TracingContext
 
     context = TracingContext.try_get()
     meta = getattr(context, "fw_metadata", None)
     if meta is None:
         raise CaptureError("no aot_autograd metadata to check input mutations")
-    mutated = [i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata]
-    if mutated:
-        raise CaptureError(f"inputs {mutated} are mutated in place (e.g. running statistics)")
+    outside = [i for i, info in enumerate(meta.input_info) if info.mutation_type == MutationType.MUTATED_OUT_GRAPH]
+    if outside:
+        raise CaptureError(f"inputs {outside} are mutated in a way the graph cannot hold "
+                           "(their metadata: a view, resize_ or set_ in place)")
 
 
 def capture_inference_graph(gm: fx.GraphModule, example_inputs: Sequence) -> fx.GraphModule:
@@ -124,12 +136,45 @@ def capture_inference_graph(gm: fx.GraphModule, example_inputs: Sequence) -> fx.
     captured: list[fx.GraphModule] = []
 
     def record(aten_gm: fx.GraphModule, _inputs: list) -> Callable:
-        _check_no_input_mutation()
+        _check_mutations_in_graph()
         captured.append(aten_gm)
         return aten_gm.forward
 
     with torch.no_grad():
-        run_aot(gm, example_inputs, record)
+        run_aot(gm, example_inputs, record, keep_input_mutations=True)
     if len(captured) != 1:
         raise CaptureError(f"expected one inference graph from aot_autograd, got {len(captured)}")
     return captured[0]
+
+
+def _input_copies(graph: fx.Graph) -> list[fx.Node]:
+    """The copy_ nodes that write an input (mutations aot_autograd kept in the graph)."""
+    return [n for n in graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
+            if n.args[0].op == "placeholder"]
+
+
+def mutated_inputs(gm: fx.GraphModule) -> set[int]:
+    """Positions (among the placeholders) of the inputs `gm` writes new values into."""
+    targets = {c.args[0] for c in _input_copies(gm.graph)}
+    return {i for i, p in enumerate(gm.graph.find_nodes(op="placeholder")) if p in targets}
+
+
+def read_mutated_inputs_through_clones(gm: fx.GraphModule) -> fx.GraphModule:
+    """Where the graph ends by copying new values into its inputs (kept mutations), make every
+    other read of such an input read a clone taken first, in place. Needed before differentiating
+    the graph: an op that saves the input for its backward (BatchNorm saves its running
+    statistics) would otherwise find it changed by the copy_ ("modified by an inplace
+    operation"). A graph without such copies is returned as is."""
+    graph = gm.graph
+    copies = _input_copies(graph)
+    if not copies:
+        return gm
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    for target in dict.fromkeys(c.args[0] for c in copies):
+        with graph.inserting_before(first_op):
+            clone = graph.call_function(torch.ops.aten.clone.default, (target,))
+        clone.meta = dict(target.meta)
+        target.replace_all_uses_with(clone, delete_user_cb=lambda user: user not in copies and user is not clone)
+    graph.lint()
+    gm.recompile()
+    return gm

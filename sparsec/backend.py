@@ -15,7 +15,8 @@ decompositions, so the matchers see softmax and SDPA whole). The rewritten graph
 graph's inputs and outputs, so it is compiled exactly like a Dynamo graph: Inductor's compile_fx
 (its own aot_autograd, decompositions, and backward through the custom ops' autograd when an
 input requires grad), or, with inner="eager", run as is (through aot_autograd when a backward is
-needed). A graph that mutates its inputs is not rewritten (fallback, see capture.py).
+needed). A graph that mutates its inputs (a static KV cache, BatchNorm's running statistics)
+keeps the mutations as copy_ nodes at its end, which the rewritten graph performs too (capture.py).
 
 Any failure inside sparsec falls back: a warning on this logger names the graph and the reason,
 and the original graph is compiled with Inductor (or run eagerly when inner="eager"). Errors in
@@ -69,6 +70,8 @@ def _eager(gm: fx.GraphModule) -> Callable:
 
 def _compile_rewritten(rewritten: fx.GraphModule, example_inputs: Sequence, config: SparsecConfig) -> Callable:
     """Compile the rewritten ATen graph as Dynamo's graph would have been compiled."""
+    if capture.needs_autograd(example_inputs):
+        rewritten = capture.read_mutated_inputs_through_clones(rewritten)
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 

@@ -145,20 +145,24 @@ def tune_graph(aten_gm, params: dict[str, str], example_inputs: Sequence, config
     """The backend's option "tune": a Plan for one ATen graph from its first inputs.
 
     The graph is lowered and rewritten densely (on a copy), run once on `example_inputs` with the
-    attention recorder on, and its recorded layers are tuned with the option's target (default:
-    the option `target`, i.e. this machine) and budget."""
+    attention recorder on (inputs the graph writes, such as a KV cache or running statistics, are
+    cloned first: the real call that follows writes them once), and its recorded layers are tuned
+    with the option's target (default: the option `target`, i.e. this machine) and budget."""
     import copy
 
     from sparsec.backend import sparsify_aten_graph
     from sparsec.dump import GraphRecord
+    from sparsec.passes.capture import mutated_inputs
     from sparsec.tuning import tune_layers
 
     settings = dict(config.tune)
     dense = dataclasses.replace(config, tune=None, plan=None, attention_patterns=(), dump_dir=None, rewrite_dense=True)
     scratch = GraphRecord(index=-1, name="tune", dynamo_code="")
     rewritten = sparsify_aten_graph(copy.deepcopy(aten_gm), params, dense, scratch)
+    written = mutated_inputs(aten_gm)
+    inputs = [x.clone() if i in written else x for i, x in enumerate(example_inputs)]
     with _recorded_samples() as recorded, torch.no_grad():
-        rewritten(*example_inputs)
+        rewritten(*inputs)
     target = settings.get("target", config.target)
     hardware = config.hardware() if target == "auto" else target
     fingerprint = attention_fingerprint(model_attention_layers([scratch]))

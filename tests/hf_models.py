@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-__all__ = ["MODEL_FACTORIES", "EXPECTED"]
+__all__ = ["MODEL_FACTORIES", "EXPECTED", "causal_lm"]
 
 LAYERS = 2
 HIDDEN = 32
@@ -79,6 +79,15 @@ def llama(attn: str) -> tuple[nn.Module, tuple]:
         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS // 2,
         intermediate_size=2 * HIDDEN, max_position_embeddings=2 * SEQ)
     return model, (torch.randint(0, VOCAB, (BATCH, SEQ)),)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The LM-head model (for generate) of a decoder built by a factory here, with its weights."""
+    lm_class = _library_class("transformers", type(model).__name__.replace("Model", "ForCausalLM"))
+    torch.manual_seed(15)
+    lm = lm_class(model.config).eval()
+    lm.model.load_state_dict(model.state_dict())
+    return lm
 
 
 def diffusers_dit() -> tuple[nn.Module, tuple]:

@@ -90,3 +90,34 @@ def test_layers_with_patterns_are_rewritten_and_the_rest_kept():
     code = _code(records)
     assert code.count("torch.ops.sparsec.attention.default(") == op_counts(records)[0] > 0
     assert "scaled_dot_product" not in code
+
+
+@pytest.mark.models
+def test_llama_generates_with_a_static_cache_through_sparse_kernels():
+    """HF generation with a static KV cache (written in place, the recommended way to compile
+    generate): the graphs are rewritten, not refused; a 2:4-pruned Llama runs its linears on the
+    2:4 kernels and its greedy tokens and logits match the float64 model's."""
+    import copy
+
+    import sparsec
+    from sparsec import linear_dispatch
+
+    model, _ = hf_models.llama("sdpa")
+    model = sparsec.prune(hf_models.causal_lm(model), "2:4", filter=lambda name, _: "layers" in name)
+    reference = copy.deepcopy(model).double()
+    prompt = torch.randint(0, hf_models.VOCAB, (1, 6))
+    settings = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static",
+                "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        want = reference.generate(prompt, **settings)
+        model.forward = torch.compile(model.forward, backend=functools.partial(sparsec_backend, options={
+            **OPTIONS, "weight_sparsity": "always"}))
+        linear_dispatch.kernel_calls.clear()
+        with recording() as records:
+            got = model.generate(prompt, **settings)
+    assert records and all(r.fallback_reason is None for r in records)
+    assert any("aten.copy_" in r.rewritten_code for r in records)  # the cache writes stay in the graph
+    assert linear_dispatch.kernel_calls["nm_linear_cpu"] >= 7 * hf_models.LAYERS * len(want.logits)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for g, w in zip(got.logits, want.logits):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)  # generate returns float32
