@@ -10,6 +10,14 @@ Where the patterns come from, per attention layer (by module path):
 The patterns land in the type of the score matrix, AttentionPatterns(...), and the tiles in
 Attention.tiles; the rewrite turns both into arguments of the custom op.
 
+A plan's patterns are positioned for the lengths its layer was tuned at: query i against key j of
+a (q_len, kv_len) call. They apply to a call whose queries and keys line up the same way, Sk - Sq
+= kv_len - q_len (provably, for symbolic lengths): a self-attention layer tuned at Sq = Sk gets
+them at every length it is called with Sq = Sk, but not in a decoding step with a KV cache (Sq = 1
+query against Sk keys), where the pattern's query 0 would be the first position, not the last;
+such calls keep their dense scores (log line), as MInference runs decoding dense. The option
+`attention_patterns` is applied as given, at every call (DESIGN.md's index semantics).
+
 An attention layer with a mask or bias keeps its dense scores (log line): sparsec.attention has no
 mask argument, and folding an arbitrary runtime mask into a pattern is not exact. The user's
 errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
@@ -21,11 +29,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import sympy
+
 from sparsec import patterns as P
 from sparsec.config import SparsecConfig, SparsecUserError
 from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Attention, Op
-from sparsec.ir.types import AttentionPatterns, is_static
+from sparsec.ir.types import AttentionPatterns, Dim, is_static
 
 __all__ = ["apply_patterns"]
 
@@ -63,8 +73,25 @@ def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int
     if config.plan is not None and op.module_path in config.plan.layers:
         layer = config.plan.layers[op.module_path]
         _check_plan_layer(op, layer)
+        Sq, Sk = op.scores.shape[2], op.scores.shape[3]
+        if not _provably_equal(_difference(Sk, Sq), layer.kv_len - layer.q_len):
+            log.info("attention %s is called with (Sq, Sk) = (%s, %s); the plan's patterns are for queries and keys "
+                     "aligned as at (%d, %d) (Sk - Sq = %d); dense kept for this call", op.module_path, Sq, Sk,
+                     layer.q_len, layer.kv_len, layer.kv_len - layer.q_len)
+            return None
         return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan"
     return None
+
+
+def _difference(a: Dim, b: Dim) -> int | sympy.Expr:
+    if is_static(a) and is_static(b):
+        return a - b
+    return sympy.sympify(str(a)) - sympy.sympify(str(b))
+
+
+def _provably_equal(a: int | sympy.Expr, b: int) -> bool:
+    """Whether a (possibly symbolic) length difference is b for every value of its symbols."""
+    return a == b if isinstance(a, int) else sympy.simplify(a - b) == 0
 
 
 def _plan_tiles(target: str, tiles) -> tuple[int, int] | None:

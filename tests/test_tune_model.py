@@ -21,6 +21,7 @@ from planted import EXPECTED_FAMILIES, PlantedLayer, cheap_calls_cpu
 from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.config import SparsecUserError
+from sparsec.ir.types import DENSE
 from sparsec.plan import Plan
 
 BUDGET = 0.05
@@ -98,6 +99,30 @@ def test_plan_applies_exactly(tuned, tmp_path):
         with torch.no_grad():
             out = compiled(*xs)
         torch.testing.assert_close(out.double(), reference(tuned, xs), atol=2e-5, rtol=1e-4)
+
+
+def test_a_decoding_step_keeps_dense_scores(tuned, caplog):
+    """The plan's patterns are positioned for queries and keys aligned as at tuning (Sq = Sk); a
+    decoding step (1 query, the last position, against Sk keys) would read them with its query at
+    position 0. It runs dense, with a log line, and equals the float64 eager model. (Layer 1's causal
+    SDPA with Sq != Sk aligns its queries top-left, unlike sparsec's causal rule: it is not matched
+    and stays torch's call.)"""
+    import logging
+
+    g = torch.Generator().manual_seed(8)
+    xs = []
+    for _ in range(2):
+        xs += [torch.randn(1, len(KINDS), 1, DIM, generator=g)]
+        xs += [torch.randn(1, len(KINDS), SEQ + 1, DIM, generator=g) for _ in range(2)]
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="sparsec.passes.apply_patterns"):
+        report = sparsec.explain(TwoLayers(), *xs, options={"plan": tuned, "inner": "eager"})
+        out = torch.compile(TwoLayers(), backend="sparsec", options={"plan": tuned, "inner": "eager"})(*xs)
+    ops = [op for op in report.graphs[0].final_ir.ops if type(op).__name__ == "Attention"]
+    assert [op.module_path for op in ops] == ["layers.0"] and ops[0].scores.sparsity == DENSE
+    assert "dense kept for this call" in caplog.text and "(1, 513)" in caplog.text
+    assert any(not isinstance(p, P.Dense) for p in tuned.layers["layers.0"].patterns)  # the plan is sparse there
+    torch.testing.assert_close(out.double(), TwoLayers()(*(x.double() for x in xs)), atol=2e-5, rtol=1e-4)
 
 
 def test_error_on_fresh_planted_inputs_stays_near_budget(tuned):
