@@ -16,7 +16,10 @@ a (q_len, kv_len) call. They apply to a call whose queries and keys line up the 
 them at every length it is called with Sq = Sk, but not in a decoding step with a KV cache (Sq = 1
 query against Sk keys), where the pattern's query 0 would be the first position, not the last;
 such calls keep their dense scores (log line), as MInference runs decoding dense. The option
-`attention_patterns` is applied as given, at every call (DESIGN.md's index semantics).
+`attention_patterns` is applied as given, at every call (DESIGN.md's index semantics); where it
+puts a pattern tied to query positions (windows, diagonals, slashes, block rows) on a call with
+Sq != Sk, a warning says that query i is read as position i, which a decoding step's last
+position is not.
 
 An attention layer with a mask or bias keeps its dense scores (log line): sparsec.attention has no
 mask argument, and folding an arbitrary runtime mask into a pattern is not exact. The user's
@@ -111,6 +114,8 @@ def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
     if given is None:
         return op
     patterns, tiles, source = given
+    if source == "attention_patterns":
+        _warn_if_positional_across_lengths(op, patterns)
     if op.mask is not None:
         log.info("attention %s has a mask or bias; the patterns of %s are not applied (dense kept)", op.module_path, source)
         return op
@@ -122,6 +127,26 @@ def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
     scores = op.scores.with_sparsity(AttentionPatterns(patterns=head_patterns))
     log.debug("attention %s gets patterns %s (from %s)", op.module_path, head_patterns, source)
     return dataclasses.replace(op, scores=scores, tiles=tiles)
+
+
+def _tied_to_query_positions(pattern: P.Pattern) -> bool:
+    parts = pattern.parts if isinstance(pattern, P.Union) else (pattern,)
+    return any(isinstance(part, (P.Window, P.MultiDiagonal, P.AShape, P.BlockSparse))
+               or (isinstance(part, P.VerticalSlash) and part.offsets) for part in parts)
+
+
+def _warn_if_positional_across_lengths(op: Attention, patterns) -> None:
+    Sq, Sk = op.scores.shape[2], op.scores.shape[3]
+    if Sq == Sk:  # the same int, or the same symbol
+        return
+    if isinstance(patterns, P.Pattern):
+        patterns = (patterns,)
+    if any(isinstance(p, P.Pattern) and _tied_to_query_positions(p) for p in patterns):
+        log.warning("attention_patterns for %r: this call has (Sq, Sk) = (%s, %s) and its patterns place query i at "
+                    "position i (key row i); in a decoding step with a KV cache the queries are the last Sq "
+                    "positions, so windows and diagonals miss the recent keys. Tune a plan (its patterns keep "
+                    "decoding dense) or give patterns that do not depend on query positions (Columns, Skip)",
+                    op.module_path, Sq, Sk)
 
 
 def _check_plan_fits(graph: Graph, config: SparsecConfig) -> None:

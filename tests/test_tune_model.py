@@ -125,6 +125,27 @@ def test_a_decoding_step_keeps_dense_scores(tuned, caplog):
     torch.testing.assert_close(out.double(), TwoLayers()(*(x.double() for x in xs)), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pattern, warned", [
+    (P.Window(8, 0), True), (P.AShape(4, 8), True), (P.VerticalSlash([(0, 4)], [0]), True),
+    (P.Columns([(0, 4)]), False), (P.VerticalSlash([(0, 4)], []), False), (P.Dense(), False),
+])
+def test_option_patterns_tied_to_query_positions_warn_on_a_decoding_step(pattern, warned, caplog):
+    """The option applies its patterns as given (query i at position i) also where Sq != Sk; for
+    patterns that depend on query positions that is rarely what a decoding step means: a warning.
+    The result is still exactly DESIGN.md's (float64 masked reference)."""
+    import logging
+
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(1, len(KINDS), 1 if i % 3 == 0 else 64, DIM, generator=g) for i in range(3)] * 2
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="sparsec.passes.apply_patterns"):
+        out = torch.compile(TwoLayers(), backend="sparsec", options={
+            "attention_patterns": {"layers.0": pattern}, "inner": "eager"})(*xs)
+    assert ("queries are the last Sq positions" in caplog.text) == warned
+    want = reference_attention(*xs[:3], [pattern] * len(KINDS))
+    torch.testing.assert_close(out[..., :DIM].double(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_error_on_fresh_planted_inputs_stays_near_budget(tuned):
     fresh = inputs(100)
     torch._dynamo.reset()
