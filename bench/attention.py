@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -355,6 +356,14 @@ def write_record(benchmark: str, device: str, fields: dict, *, output: str | Non
               "command": " ".join([Path(sys.executable).name, *(sys.argv if command is None else command)]), **fields}
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def write_rows(benchmark: str, script: str, args, rows: list[dict], argv: list[str]) -> Path:
+    """A row-table benchmark's JSON: its options (all but --output) and rows, written by
+    write_record to args.output or bench/results/<benchmark>_<device>_<date>.json."""
+    options = {k: v for k, v in vars(args).items() if k != "output"}
+    return write_record(benchmark, args.device, {"options": options, "rows": rows}, output=args.output,
+                        name=f"{benchmark}_{args.device}", command=[os.path.relpath(script), *argv])
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

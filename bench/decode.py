@@ -19,7 +19,6 @@ Rich tables; JSON (device, versions, date, command, every figure) under bench/re
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,8 +33,8 @@ from sparsec.dump import recording
 from sparsec.ir.ops import Linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import DTYPES, _time_ms, add_device_options, write_record  # noqa: E402  (shared with the kernel benchmarks)
-from end_to_end import _prune_spec, _rel_l2  # noqa: E402
+from attention import DTYPES, _time_ms, add_device_options, write_rows  # noqa: E402  (shared with the kernel benchmarks)
+from end_to_end import _prune_spec, _rel_l2, check_prune_specs  # noqa: E402
 
 SPECS = ("2:4", "density:0.5", "density:0.3", "block64:0.5")
 
@@ -124,11 +123,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.tokens = args.tokens or [1, 4, 16, 128]
     args.prune = args.prune or list(SPECS)
-    for spec in args.prune:  # a bad spec fails here, before any timing
-        try:
-            _prune_spec(spec)
-        except argparse.ArgumentTypeError as e:
-            parser.error(str(e))
+    check_prune_specs(parser, args.prune)
     return args
 
 
@@ -140,9 +135,7 @@ def main(argv=None) -> None:
     rows = [row for spec in args.prune for row in run_spec(spec, args, console)]
     print_table(rows, "pruned MLP stack: sparsec against eager and Inductor", console)
     if not args.no_save:
-        options = {k: v for k, v in vars(args).items() if k != "output"}
-        path = write_record("decode", args.device, {"options": options, "rows": rows}, output=args.output,
-                            name=f"decode_{args.device}", command=[os.path.relpath(__file__), *argv])
+        path = write_rows("decode", __file__, args, rows, argv)
         console.print(f"saved {path}")
 
 

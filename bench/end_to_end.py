@@ -172,6 +172,15 @@ def _prune_spec(text: str):
     return text
 
 
+def check_prune_specs(parser: argparse.ArgumentParser, specs: list[str]) -> None:
+    """parser.error on the first bad sparsec.prune spec, before any model is built or timed."""
+    for spec in specs:
+        try:
+            _prune_spec(spec)
+        except argparse.ArgumentTypeError as e:
+            parser.error(str(e))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU, 2048 tokens, sparsec inner eager, no Inductor")
