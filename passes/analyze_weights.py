@@ -20,18 +20,23 @@ The pipeline stage `analyze_weights(graph, weights)` puts that encoding into the
 Param value a Linear op reads as its weight (and into every use of that value), so the IR dumps
 show it: `%w: f32[64, 128]<block 32x32 density=0.5> = param "fc1.weight"`. `weights` maps
 parameter paths (Param.target) to the real tensors; a weight without a concrete value there (a
-fake or meta tensor, or none) keeps the type it has.
+fake or meta tensor, or none) keeps the type it has. A model's graphs (prefill and decoding
+steps, graph breaks) share their weights: each tensor's encoding is found once for its current
+values (codegen.weight_guard.weight_key, and the same tensor object) and reused.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from sparsec.codegen.weight_guard import weight_key
 from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Linear, Op, Value
 from sparsec.ir.types import Sparsity
@@ -47,6 +52,8 @@ NM_GROUP_SIZES = (4, 8, 16)
 BLOCK_SIZES = (16, 32, 64, 128)
 NM_MAX_DENSITY = 0.5  # an N:M kernel computes n / M of the dense work; above half it cannot win
 UNSTRUCTURED_MAX_DENSITY = 0.9  # fewer than 10% zeros is reported as dense
+_ANALYZED_MAX = 4096  # weights whose encodings are remembered (the least recently used go first)
+_analyzed: OrderedDict[tuple, tuple[weakref.ref, Sparsity]] = OrderedDict()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,18 +108,31 @@ def _fraction(mask: torch.Tensor) -> float:
 
 def nm_structure(nonzero: torch.Tensor) -> NMStructure | None:
     """The sparsest N:M (along dim 1) that the bool `nonzero` mask satisfies, or None."""
-    rows, cols = nonzero.shape
     candidates = []
-    for m in NM_GROUP_SIZES:
-        if cols % m or nonzero.numel() == 0:
-            continue
-        n = int(nonzero.view(rows, cols // m, m).sum(dim=-1).max().item())
+    for m, counts in _group_counts(nonzero):
+        n = int(counts.max().item())
         if 0 < n <= m * NM_MAX_DENSITY:
             candidates.append((n / m, m, n))
     if not candidates:
         return None
     _, m, n = min(candidates)  # lowest n / m, then smallest m
     return NMStructure(n, m, _fraction(nonzero))
+
+
+def _group_counts(nonzero: torch.Tensor):
+    """(m, nonzeros in each group of m consecutive inputs) for each m of NM_GROUP_SIZES that divides
+    the columns. Each size is a multiple of the one before, so its counts sum the previous counts
+    (one pass over the weight's bytes, then ever smaller maps; uint8 is enough for m <= 255)."""
+    rows, cols = nonzero.shape
+    if nonzero.numel() == 0:
+        return
+    counts, width = nonzero.contiguous().view(torch.uint8), 1
+    for m in NM_GROUP_SIZES:
+        if cols % m:
+            return  # nor does any larger size, a multiple of m
+        counts = counts.view(rows, cols // m, m // width).sum(dim=-1, dtype=torch.uint8)
+        width = m
+        yield m, counts
 
 
 def block_structure(nonzero: torch.Tensor) -> BlockStructure | None:
@@ -166,10 +186,25 @@ def _encoding(tensor: torch.Tensor | None, value: Value) -> Sparsity | None:
                  value.name, value.type.shape, tuple(tensor.shape))
         return None
     try:
-        return weight_sparsity(tensor)
+        return _remembered_sparsity(tensor)
     except (TypeError, ValueError, RuntimeError) as e:  # e.g. a tensor subclass: keep the layer, unanalysed
         log.info("analyze_weights: cannot read the zeros of %%%s (%s); left as it is", value.name, e)
         return None
+
+
+def _remembered_sparsity(tensor: torch.Tensor) -> Sparsity:
+    """weight_sparsity(tensor), reused while the same tensor keeps the same key (an in-place write
+    bumps _version; a new tensor at the same address is another object)."""
+    key = weight_key(tensor)
+    seen = _analyzed.get(key)
+    if seen is not None and seen[0]() is tensor:
+        _analyzed.move_to_end(key)
+        return seen[1]
+    encoding = weight_sparsity(tensor)
+    _analyzed[key] = (weakref.ref(tensor), encoding)
+    while len(_analyzed) > _ANALYZED_MAX:
+        _analyzed.popitem(last=False)
+    return encoding
 
 
 def _with_values(op: Op, typed: dict[str, Value]) -> Op:

@@ -38,6 +38,26 @@ def test_nm_structure_is_found(n, m):
     assert weight_sparsity(w) == NMSparse(n=n, m=m, axis=-1, density=_fraction(mask))
 
 
+@pytest.mark.parametrize("cols", [4, 8, 12, 16, 20, 24, 48, 6, 3])
+def test_nm_structure_matches_a_group_by_group_count(cols):
+    """Against the definition: for each group size dividing the columns, the most nonzeros in any
+    group; the sparsest n / m at most half wins (smallest m on ties). Random masks of every
+    density, so the answer varies; column counts that 8 or 16 do not divide."""
+    from sparsec.passes.analyze_weights import NM_GROUP_SIZES, NM_MAX_DENSITY
+
+    torch.manual_seed(cols)
+    for density in (0.1, 0.25, 0.4, 0.6):
+        mask = torch.rand(7, cols) < density
+        fits = []
+        for m in NM_GROUP_SIZES:
+            if cols % m == 0:
+                n = max(int(mask[r, g:g + m].sum()) for r in range(7) for g in range(0, cols, m))
+                if 0 < n <= m * NM_MAX_DENSITY:
+                    fits.append((n / m, m, n))
+        got = nm_structure(mask)
+        assert (None if not fits else min(fits)[1:]) == (None if got is None else (got.m, got.n)), (cols, density)
+
+
 def test_equally_dense_nm_prefers_the_smallest_group():
     torch.manual_seed(0)
     w = _nonzero_randn(32, 64) * _nm_mask(32, 64, 2, 4)  # also 4:8 and 8:16
@@ -152,3 +172,22 @@ def test_encodings_show_in_the_printed_ir_and_parse_back():
         texts.append(format_type(t))
         assert parse_type(texts[-1]) == t
     assert "2:4" in texts[0] and "64" in texts[1] and "0.5" in texts[1]
+
+
+def test_a_weight_is_analysed_once_until_it_changes(monkeypatch):
+    """The graphs of one model share weights: the encoding is reused for the same tensor with the
+    same values, found again after an in-place change, and never lent to another tensor."""
+    from sparsec.passes import analyze_weights as A
+
+    calls = []
+    real = A.weight_sparsity
+    monkeypatch.setattr(A, "weight_sparsity", lambda w: (calls.append(w), real(w))[1])
+    torch.manual_seed(3)
+    w = _nonzero_randn(32, 64) * _nm_mask(32, 64, 2, 4)
+    first = A._remembered_sparsity(w)
+    assert A._remembered_sparsity(w) == first and len(calls) == 1
+    with torch.no_grad():
+        w.mul_(_nm_mask(32, 64, 1, 4))  # in place: now 1:4, and its version moved
+    assert A._remembered_sparsity(w) == NMSparse(n=1, m=4, axis=-1, density=_fraction(w != 0)) and len(calls) == 2
+    other = w.clone()
+    assert A._remembered_sparsity(other) == A._remembered_sparsity(w) and len(calls) == 3
