@@ -34,7 +34,12 @@ namespace {
 // 16 floats as one value: GCC / Clang lower it to the widest vectors the target has.
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
-constexpr int64_t kPrefetch = 1024;  // values ahead the masked kernel prefetches in a row
+// Values ahead the masked kernel prefetches: near ones into L1, far ones into L2. The far ones keep
+// enough lines in flight to stream from DRAM (A/B, alternating builds call by call on 24 weights of
+// 5632 x 2048 2:4, 2 threads: 1.13-1.19x at 1-8 tokens in float32, 1.65x in bfloat16, whose near
+// distance is only 2 KB; within 3% either way on a weight that stays in cache).
+constexpr int64_t kPrefetch = 1024;
+constexpr int64_t kPrefetchFar = 4096;
 constexpr int64_t kTile = 64;        // tokens a kernel computes at once (a tile of x)
 
 inline v16 load(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
@@ -158,6 +163,8 @@ void dot_rows(const MaskedRows<Value>& w, const float* x, int64_t ldx, int64_t o
       std::memcpy(&word[r], mp[r] + c, sizeof word[r]);
       __builtin_prefetch(vp[r] + kPrefetch);
       __builtin_prefetch(vp[r] + kPrefetch + 64 / sizeof(Value));
+      __builtin_prefetch(vp[r] + kPrefetchFar, 0, 2);
+      __builtin_prefetch(vp[r] + kPrefetchFar + 64 / sizeof(Value), 0, 2);
     }
     for (int q = 0; q < 4; ++q) {
       v16 wv[R];
