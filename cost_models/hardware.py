@@ -112,7 +112,9 @@ class HardwareProfile:
     # 16 tokens (the product with its input's row of the tile). On the AVX-512 machine, least
     # squares of the log error over 336 kernel timings (4 layers, 384-4096 x 1024-11008; scattered
     # 10-60%, 2:4, 64 x 64 and 32 x 32 blocks at 10-60%; 1-256 tokens; caches flushed; 2 threads):
-    # rms log error 0.19 (the _CPU_BY_CAPABILITY profile). The defaults here, for machines without
+    # rms log error 0.19 (the _CPU_BY_CAPABILITY profile); after the masked and block-rows kernels'
+    # far prefetch, their three terms refitted on the 224 timings of those two kernels (same grid):
+    # rms log error 0.13 (the old terms: 0.25 on them). The defaults here, for machines without
     # AVX-512 (not measured: no such machine was at hand), are twice its per-core costs (half the
     # vector width; the masked kernel expands values with a loop there).
     # Each call also pays native_linear_call_s (the call, its buffers, waking the threads).
@@ -252,8 +254,8 @@ _CPU_BY_CAPABILITY = {
         native_pair_speed=1.23, native_mask_cost_per_pair=17.5,
         gemm_efficiency=0.73, gemm_pack_bytes_per_s=17.9e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44,
         memory_efficiency=0.73, gemv_tokens=2,
-        torch_bsr_stream_share=0.18, native_chunk_seconds=5.2e-10, native_chunk_token_seconds=5.9e-10,
-        native_value_seconds=8.5e-10, native_value_lanes_seconds=2.2e-10),
+        torch_bsr_stream_share=0.18, native_chunk_seconds=3.3e-10, native_chunk_token_seconds=5.0e-10,
+        native_stream_share=1.0, native_value_seconds=8.5e-10, native_value_lanes_seconds=2.2e-10),
 }
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",

@@ -158,8 +158,9 @@ def test_executors_take_the_cost_models_cheapest_path(monkeypatch):
             assert cpu_path(tokens, shape, torch.float32, sparsity) == min(paths, key=paths.get)
             seen.add(min(paths, key=paths.get))
     # the published profile sends a few tokens to the native kernels, and many to the segments
-    # kernel (scattered zeros) or to BLAS on panels (dense-ish blocks)
-    assert {"masked", "segments", "block_rows", "panels"} <= seen
+    # kernel (scattered zeros); blocks stay on block rows (measured at 4096 tokens, 60% 64 x 64
+    # blocks: 588 ms against 1076 ms for BLAS on panels)
+    assert {"masked", "segments", "block_rows"} <= seen
 
 
 @pytest.mark.parametrize("path", ["masked", "segments", "expand"])
