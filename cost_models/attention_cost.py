@@ -39,13 +39,13 @@ import numpy as np
 import torch
 
 from sparsec.cost_models.hardware import EXECUTORS, HardwareProfile
-from sparsec.patterns import Pattern, Skip
+from sparsec.patterns import Dense, Pattern, Skip
 
 __all__ = [
     "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
     "attention_work", "counts_seconds", "cpu_option_counts", "cpu_option_seconds", "estimate_attention",
     "fixed_seconds", "head_groups_by_family", "head_price", "head_seconds_many", "head_share", "launch_seconds",
-    "makespan_estimate", "native_lane_seconds", "native_row_seconds", "pattern_counts", "price_attention",
+    "makespan_estimate", "native_lane_seconds", "native_row_seconds", "pattern_counts", "planned_on_cpu", "price_attention",
     "program_seconds", "query_rows_speed", "skip_seconds",
 ]
 
@@ -237,7 +237,7 @@ def _launch_work(heads: tuple[int, ...], patterns, shape: AttentionShape, block_
                                                    else ())
     columns = {name: np.concatenate([getattr(counts[p], name) for p in patterns]) for name in fields}
     columns = {name: torch.from_numpy(np.tile(column, shape.batch)) for name, column in columns.items()}
-    plans = sum(not isinstance(p, Skip) for p in distinct) if executor == "cpu" else 1
+    plans = sum(planned_on_cpu(p, shape) for p in distinct) if executor == "cpu" else 1
     return LaunchWork(heads=heads, calls=sum(counts[p].calls for p in distinct), plans=plans,
                       native_plans=sum(counts[p].native for p in distinct), **columns)
 
@@ -448,12 +448,22 @@ def fixed_seconds(hardware: HardwareProfile, *, plans: int = 1, calls: int = 0, 
             + native_plans * hardware.native_overhead_s)
 
 
-def head_share(launch: float, heads: int, hardware: HardwareProfile, *, calls: int = 0, native: bool = False) -> float:
+def planned_on_cpu(pattern: Pattern, shape: AttentionShape) -> bool:
+    """Whether the cpu executor plans `pattern`'s heads (and pays launch_overhead_s for it): Skip
+    heads are filled and Dense heads without a causal offset call SDPA directly, with no plan
+    (codegen.attention_cpu._attention); an all-dense layer keeps the model's own SDPA call."""
+    if isinstance(pattern, Skip):
+        return False
+    return not (isinstance(pattern, Dense) and (not shape.causal or shape.q_len == shape.kv_len))
+
+
+def head_share(launch: float, heads: int, hardware: HardwareProfile, *, calls: int = 0, native: bool = False,
+               planned: bool = True) -> float:
     """A head's price from the seconds of a launch that runs its pattern on all `heads`: its share
-    of the programs, plus (cpu executor) the fixed costs of its own plan, since candidate patterns
-    fitted to one head are rarely another's (Triton: a group's launch pays them once, see
-    search_patterns.CostTable.layer_seconds)."""
-    fixed = fixed_seconds(hardware, plans=0 if native else 1, calls=calls, native_plans=int(native))
+    of the programs, plus (cpu executor) the fixed costs of its own plan (none where it is not
+    `planned`: planned_on_cpu), since candidate patterns fitted to one head are rarely another's
+    (Triton: a group's launch pays them once, see search_patterns.CostTable.layer_seconds)."""
+    fixed = fixed_seconds(hardware, plans=int(planned and not native), calls=calls, native_plans=int(native))
     share = max(0.0, launch - fixed) / heads
     return share + fixed if hardware.executor == "cpu" else share
 
@@ -505,9 +515,10 @@ def head_price(pattern: Pattern, shape: AttentionShape, hardware: HardwareProfil
     heads = shape.num_heads
     if isinstance(pattern, Skip):
         return max(0.0, _skip_seconds((pattern.fill,) * heads, shape, hardware) - hardware.launch_overhead_s) / heads
+    planned = hardware.executor != "cpu" or planned_on_cpu(pattern, shape)
     seconds = launch_seconds([costs] * heads, shape, hardware, exact_programs=exact_programs, totals=[totals] * heads,
-                             calls=calls, plans=0 if native else 1, native_plans=int(native))
-    return head_share(seconds, heads, hardware, calls=calls, native=native)
+                             calls=calls, plans=int(planned and not native), native_plans=int(native))
+    return head_share(seconds, heads, hardware, calls=calls, native=native, planned=planned)
 
 
 def _schedule(program_costs, hw: HardwareProfile) -> float:

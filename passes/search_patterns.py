@@ -45,7 +45,7 @@ import numpy as np
 
 from sparsec.cost_models.attention_cost import (
     EXACT_SCHEDULE_PROGRAMS, AttentionShape, counts_seconds, estimate_attention, head_price, launch_seconds, pattern_counts,
-    program_seconds, skip_seconds,
+    planned_on_cpu, program_seconds, skip_seconds,
 )
 from sparsec.cost_models.hardware import HardwareProfile
 from sparsec.passes.fit_candidates import HeadCandidates
@@ -268,7 +268,7 @@ class CostTable:
                 seconds = launch_seconds([c for c, _ in programs], shape, self.hardware,
                                          exact_programs=EXACT_SCHEDULE_PROGRAMS, totals=[t for _, t in programs],
                                          calls=sum(table.calls[p] for p in distinct),
-                                         plans=(sum(not table.native[p] for p in distinct)
+                                         plans=(sum(not table.native[p] and planned_on_cpu(p, shape) for p in distinct)
                                                 if self.hardware.executor == "cpu" else 1),
                                          native_plans=sum(table.native[p] for p in distinct))
             table.launches[patterns] = seconds

@@ -137,6 +137,27 @@ def test_cpu_short_sequences_pay_their_calls():
         assert (mixed < dense) == sparse_wins, S
 
 
+@pytest.mark.parametrize("S", [48, 128])
+def test_cpu_dense_heads_pay_their_sdpa_call_but_no_plan(S):
+    """The executor runs Dense heads as one SDPA call with no plan (an all-dense layer keeps the
+    model's own call): a dense layer pays call_overhead_s, not launch_overhead_s. On a short
+    sequence a pattern that keeps nearly every pair is then never priced below dense, as the plan's
+    fixed cost used to make it (a 99.7% window at S = 48 priced 1.6x faster, measured 6x slower)."""
+    from sparsec.cost_models.attention_cost import head_seconds_many
+
+    hw = get_profile("cpu")
+    s = AttentionShape(batch=1, num_heads=2, num_kv_heads=2, q_len=S, kv_len=S, head_dim=16, value_dim=16,
+                       dtype="f32")
+    dense = estimate_attention((P.Dense(),) * 2, s, hw, block_m=None).seconds
+    unfixed = hw.replace(launch_overhead_s=0.0, call_overhead_s=0.0)
+    programs = estimate_attention((P.Dense(),) * 2, s, unfixed, block_m=None).seconds
+    assert dense - programs == pytest.approx(hw.call_overhead_s, rel=1e-9)
+    near_full = P.Window(S - 3, S - 3)
+    assert estimate_attention((near_full,) * 2, s, hw, block_m=None).seconds > dense
+    dense_head, window_head = head_seconds_many([P.Dense(), near_full], s, hw, block_m=64, block_n=32)
+    assert window_head > dense_head
+
+
 def test_cpu_rows_pay_beyond_their_pairs(torch_kernel_only):
     """Each query row a part of the plan computes costs row_overhead_s beyond its pairs (measured
     ~200 ns on 2 cores, as much as ~40 pairs at D = 64); a pattern run in two parts computes a

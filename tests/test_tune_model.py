@@ -273,3 +273,15 @@ def test_more_inputs_are_recorded_and_the_budget_covers_them_all():
         # The plan's error is measured in the executor's fp32 against an fp32 dense output; the planted
         # logits are large enough for that to differ from this float64 recomputation by ~0.5%.
         assert (squared / norm) ** 0.5 == pytest.approx(plan.layers[path].error, rel=1e-2, abs=1e-6)
+
+
+def test_a_short_layer_stays_dense_on_the_cpu():
+    """At 48 tokens the executor's fixed costs outweigh anything a pattern saves: on the published
+    cpu profile the plan keeps every head dense (it once chose near-full windows, 1.6x faster by
+    the model's count and 6x slower measured: dense was charged a plan it does not run)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=g) for _ in range(3))
+    model = TwoLayers()
+    plan = sparsec.tune(model, (q, k, v, q, k, v), target="cpu", budget=BUDGET, progress=False)
+    assert len(plan.layers) == 2
+    assert all(isinstance(p, P.Dense) for layer in plan.layers.values() for p in layer.patterns)
