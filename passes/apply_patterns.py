@@ -21,8 +21,12 @@ puts a pattern tied to query positions (windows, diagonals, slashes, block rows)
 Sq != Sk, a warning says that query i is read as position i, which a decoding step's last
 position is not.
 
-An attention layer with a mask or bias keeps its dense scores (log line): sparsec.attention has no
-mask argument, and folding an arbitrary runtime mask into a pattern is not exact. The user's
+An attention layer with a mask gets its patterns too: at run time, a call whose mask only pads keys
+at the end (the padded text of a video DiT, a caption's padding) runs them on each batch row's
+kept keys, and any other call runs dense with its mask (sparsec/key_padding.py). A plan's
+patterns apply there when the layer is self-attention (Sq = Sk, provably: tuned on a key prefix
+of the same tokens, the plan's kv_len is short of its q_len) or aligned as the rule above says.
+A causal layer with a mask keeps its dense scores (log line). The user's
 errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
 fit the sequence lengths, a plan whose layer has other heads or head size than the model's, or a
 plan none of whose layers is in a graph that has attention layers (a plan for another model).
@@ -51,11 +55,20 @@ def _check_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...], so
         return  # sparsec.attention checks the lengths at run time
     for h, pattern in enumerate(head_patterns):
         for part in pattern.parts if isinstance(pattern, P.Union) else (pattern,):
-            if isinstance(part, P.BlockSparse):
-                try:
-                    part.check_lengths(Sq, Sk)
-                except ValueError as e:
-                    raise SparsecUserError(f"{source} for {op.module_path!r}, head {h}: {e}") from None
+            if not isinstance(part, P.BlockSparse):
+                continue
+            if op.mask is not None:  # tuned on a key prefix: a layout may cover fewer keys (key_padding)
+                (bq, bk), (rows, cols) = part.block, part.layout_shape
+                if rows != -(-Sq // bq) or cols > -(-Sk // bk):
+                    raise SparsecUserError(
+                        f"{source} for {op.module_path!r}, head {h}: BlockSparse layout has shape {(rows, cols)}, "
+                        f"but Sq={Sq}, Sk={Sk} with block={part.block} need {-(-Sq // bq)} rows and at most "
+                        f"{-(-Sk // bk)} columns")
+                continue
+            try:
+                part.check_lengths(Sq, Sk)
+            except ValueError as e:
+                raise SparsecUserError(f"{source} for {op.module_path!r}, head {h}: {e}") from None
 
 
 def _check_plan_layer(op: Attention, layer) -> None:
@@ -77,7 +90,8 @@ def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int
         layer = config.plan.layers[op.module_path]
         _check_plan_layer(op, layer)
         Sq, Sk = op.scores.shape[2], op.scores.shape[3]
-        if not _provably_equal(_difference(Sk, Sq), layer.kv_len - layer.q_len):
+        padded_keys = op.mask is not None and layer.kv_len <= layer.q_len and _provably_equal(_difference(Sk, Sq), 0)
+        if not padded_keys and not _provably_equal(_difference(Sk, Sq), layer.kv_len - layer.q_len):
             log.info("attention %s is called with (Sq, Sk) = (%s, %s); the plan's patterns are for queries and keys "
                      "aligned as at (%d, %d) (Sk - Sq = %d); dense kept for this call", op.module_path, Sq, Sk,
                      layer.q_len, layer.kv_len, layer.kv_len - layer.q_len)
@@ -116,9 +130,13 @@ def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
     patterns, tiles, source = given
     if source == "attention_patterns":
         _warn_if_positional_across_lengths(op, patterns)
-    if op.mask is not None:
-        log.info("attention %s has a mask or bias; the patterns of %s are not applied (dense kept)", op.module_path, source)
+    if op.mask is not None and op.causal:
+        log.info("attention %s is causal and has a mask; the patterns of %s are not applied (dense kept)",
+                 op.module_path, source)
         return op
+    if op.mask is not None:
+        log.info("attention %s has a mask: the patterns of %s apply to calls whose mask only pads keys at the end "
+                 "(sparsec/key_padding.py), others run dense with the mask", op.module_path, source)
     try:
         head_patterns = P.normalize_head_patterns(patterns, op.num_heads)
     except (TypeError, ValueError) as e:

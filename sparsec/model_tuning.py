@@ -10,8 +10,11 @@ of the sparsec::attention op hands its q, k, v to a recorder under the layer's m
 (sparsec.ops.recording_attention), so the tuner sees exactly the operands the
 compiled model computes, for models written any way the matchers understand. The recorded calls
 go to sparsec.tuning.tune_layers (calibration statistics -> candidates with measured errors ->
-cost-model search). Layers with a mask or bias are left dense (the pattern kernels take no
-mask). The plan carries a fingerprint of the model's attention layers (module path, heads, kv
+cost-model search). A call whose mask only pads keys at the end (sparsec/key_padding.py) is
+recorded as each batch row's query against its kept keys, which is how the patterns run on it;
+where rows keep different numbers of keys, the layer is tuned on the rows with the most common
+count (a log line says how many were left out). Calls with any other mask or bias are left out,
+and a layer with no other call stays dense (the pattern kernels take no general mask). The plan carries a fingerprint of the model's attention layers (module path, heads, kv
 heads, head size), which Plan.check_fingerprint compares against another model.
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,8 +49,10 @@ def _as_inputs(example_inputs: Any) -> tuple:
 
 @contextlib.contextmanager
 def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
-    """Module path -> the q, k, v of every sparsec::attention call made inside the block. Calls
-    with a mask or bias, or without a module path, are left out (they stay dense; a log line says so)."""
+    """Module path -> the q, k, v of every sparsec::attention call made inside the block (a call
+    whose mask only pads keys: each batch row against its kept keys). Calls with another mask or
+    bias, or without a module path, are left out (they stay dense; a log line says so)."""
+    from sparsec.key_padding import key_prefix_lengths
     from sparsec.ops import recording_attention
 
     recorded: dict[str, list[LayerSample]] = defaultdict(list)
@@ -56,20 +61,41 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
 
     def record(site, q, k, v, attn_mask, scale, is_causal):
         nonlocal unnamed
-        if attn_mask is not None:
-            masked.add(site)
-        elif not site:
+        lengths = None if attn_mask is None or is_causal else key_prefix_lengths(attn_mask, q.shape[0], k.shape[2])
+        if not site:
             unnamed += 1
-        else:
+        elif attn_mask is not None and lengths is None:
+            masked.add(site)
+        elif lengths is None or min(lengths) == k.shape[2]:  # no mask, or one that keeps every key
             recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=bool(is_causal),
                                               scale=float(scale)))
+        else:
+            for b, length in enumerate(lengths):
+                recorded[site].append(LayerSample(q[b:b + 1].detach(), k[b:b + 1, :, :length].detach(),
+                                                  v[b:b + 1, :, :length].detach(), scale=float(scale)))
 
     with recording_attention(record):
         yield recorded
     for site in sorted(masked):
-        log.info("sparsec.tune: attention %s has a mask or bias; it stays dense", site or "?")
+        log.info("sparsec.tune: attention %s has a mask or bias that does not only pad keys; those calls are not "
+                 "tuned%s", site, "" if site in recorded else " and it stays dense")
+    for site, samples in recorded.items():
+        recorded[site] = _most_common_lengths(site, samples)
     if unnamed:
         log.warning("sparsec.tune: %d attention call(s) have no module path; they stay dense", unnamed)
+
+
+def _most_common_lengths(site: str, samples: list[LayerSample]) -> list[LayerSample]:
+    """The samples with the layer's most common (Sq, Sk): rows of padded calls keep different numbers
+    of keys, and a layer is tuned at one shape."""
+    shapes = Counter((s.q.shape[2], s.k.shape[2]) for s in samples)
+    if len(shapes) == 1:
+        return samples
+    (common, _), = shapes.most_common(1)
+    kept = [s for s in samples if (s.q.shape[2], s.k.shape[2]) == common]
+    log.info("sparsec.tune: attention %s was called with (Sq, Sk) in %s; tuned at %s, %d of %d recorded rows left out",
+             site, sorted(shapes), common, len(samples) - len(kept), len(samples))
+    return kept
 
 
 def record_attention(model: torch.nn.Module, example_inputs: Any,

@@ -7,8 +7,10 @@
         patterns == "": exact dense attention (torch SDPA). Otherwise a JSON list of Hq pattern
         dicts (Pattern.to_dict), computed by sparsec.attention. `is_causal` follows sparsec's
         rule j <= i + (S_k - S_q) (equal to SDPA's is_causal when S_q == S_k). attn_mask is a bool
-        mask or an additive float bias broadcastable to (B, Hq, S_q, S_k); patterns and a mask
-        together are refused. block_m / block_n: the sparse kernels' tiles (0: their default).
+        mask or an additive float bias broadcastable to (B, Hq, S_q, S_k). With patterns, a mask
+        that only pads keys at the end runs the patterns on each row's kept keys
+        (sparsec/key_padding.py); any other mask runs the dense path with it (a log line).
+        block_m / block_n: the sparse kernels' tiles (0: their default).
         `site` names the attention layer (its module path): `recording_attention` hands every
         call's operands to a callback under that name (how sparsec.tune collects samples).
     sparsec::linear(Tensor x, Tensor weight, Tensor? bias, str choice="dense", int min_tokens=0,
@@ -27,13 +29,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from sparsec.attention_dispatch import causal_allowed
+from sparsec.key_padding import key_prefix_runs, run_key_prefix
 from sparsec.patterns import Pattern, Skip, from_dict
+
+log = logging.getLogger(__name__)
 
 __all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "patterns_from_json",
            "recording_attention", "AttentionRecorder"]
@@ -87,15 +93,25 @@ def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
-def _sparse_attention(q, k, v, scale: float, is_causal: bool, patterns: str, tiles) -> torch.Tensor:
+def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, patterns: str, tiles,
+                      site: str) -> torch.Tensor:
     import sparsec  # lazy: sparsec imports this module's users, and the executors import a lot
 
-    return sparsec.attention(q, k, v, patterns_from_json(patterns), causal=is_causal, scale=scale, tiles=tiles)
+    head_patterns = patterns_from_json(patterns)
+    if attn_mask is None:
+        return sparsec.attention(q, k, v, head_patterns, causal=is_causal, scale=scale, tiles=tiles)
+    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns)
+    if runs is None:
+        _log_dense_mask(site, tuple(attn_mask.shape), is_causal)
+        return dense_attention(q, k, v, attn_mask, scale, is_causal)
+    return run_key_prefix(q, k, v, runs, lambda q, k, v, patterns: sparsec.attention(
+        q, k, v, patterns, causal=False, scale=scale, tiles=tiles))
 
 
-def _check_attention_args(attn_mask, patterns: str) -> None:
-    if patterns and attn_mask is not None:
-        raise ValueError("sparsec::attention: per-head patterns together with an attn_mask are not supported")
+@functools.lru_cache(maxsize=1024)  # once a layer and mask shape
+def _log_dense_mask(site: str, shape: tuple[int, ...], is_causal: bool) -> None:
+    log.info("attention %s: its mask (shape %s%s) does not only pad keys at the end; its patterns are not applied "
+             "to this call (dense, with the mask)", site or "?", shape, ", causal" if is_causal else "")
 
 
 @torch.library.custom_op("sparsec::attention", mutates_args=())
@@ -111,12 +127,11 @@ def attention(
     block_n: int = 0,
     site: str = "",
 ) -> torch.Tensor:
-    _check_attention_args(attn_mask, patterns)
     for recorder in tuple(_RECORDERS):
         recorder(site, q, k, v, attn_mask, scale, is_causal)
     if patterns:
         tiles = (block_m, block_n) if block_m and block_n else None
-        out = _sparse_attention(q, k, v, scale, is_causal, patterns, tiles)
+        out = _sparse_attention(q, k, v, attn_mask, scale, is_causal, patterns, tiles, site)
     else:
         out = dense_attention(q, k, v, attn_mask, scale, is_causal)
     return out.contiguous()
@@ -124,7 +139,6 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, patterns, block_m=0, block_n=0, site=""):
-    _check_attention_args(attn_mask, patterns)
     B, Hq, Sq, _ = q.shape
     return q.new_empty((B, Hq, Sq, v.shape[-1]))
 
@@ -136,14 +150,23 @@ def _head_keep(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int, device) -> 
 
 
 def _skip_probs(head_patterns: tuple[Pattern, ...], allowed: torch.Tensor) -> torch.Tensor:
-    """(Hq, Sq, Sk) weights of Skip heads: uniform over the allowed keys ("mean") or 0 ("zero")."""
+    """([B,] Hq, Sq, Sk) weights of Skip heads: uniform over the allowed keys ("mean") or 0
+    ("zero"); allowed ([B,] Sq, Sk)."""
     uniform = allowed / allowed.sum(-1, keepdim=True).clamp(min=1)
     return torch.stack([uniform if isinstance(p, Skip) and p.fill == "mean" else torch.zeros_like(uniform)
-                        for p in head_patterns])
+                        for p in head_patterns], dim=-3)
 
 
-def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: str) -> torch.Tensor:
-    """The explicit (B, Hq, Sq, Sk) attention weights of sparsec::attention, in float32 or wider.
+def _padded_keep(head_patterns: tuple[Pattern, ...], Sq: int, length: int, Sk: int, device) -> torch.Tensor:
+    """_head_keep over the first `length` of Sk keys, False beyond."""
+    keep = _head_keep(head_patterns, Sq, length, device)
+    return keep if length == Sk else F.pad(keep, (0, Sk - length), value=False)
+
+
+def attention_probs(q, k, attn_mask, scale: float, is_causal: bool,
+                    patterns: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The explicit (B, Hq, Sq, Sk) attention weights of sparsec::attention, in float32 or wider,
+    and which heads' weights do not depend on the scores ((Hq,) bool: Skip heads; None: none).
 
     Used by the backward: out = probs @ v for every head, Skip heads included."""
     Sq, Sk = q.shape[2], k.shape[2]
@@ -154,20 +177,31 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     if is_causal:
         keep = causal_allowed(Sq, Sk, q.device)
     skip = None
-    if patterns:
-        head_patterns = patterns_from_json(patterns)
-        skip = _skip_probs(head_patterns, keep.to(dtype))
-        keep = keep & _head_keep(head_patterns, Sq, Sk, q.device)
+    head_patterns = patterns_from_json(patterns) if patterns else None
+    runs = None
+    if head_patterns and attn_mask is not None:  # as the forward: patterns on key prefixes, or dense
+        runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns)
+        head_patterns = None if runs is None else max(runs, key=lambda r: r.length).patterns
+    if head_patterns:
+        allowed = keep
+        if runs is not None:  # a Skip head's mean covers each row's kept keys
+            lengths = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+            for run in runs:
+                lengths[list(run.rows)] = run.length
+            allowed = keep & (torch.arange(Sk, device=q.device) < lengths[:, None, None])
+        skip = _skip_probs(head_patterns, allowed.to(dtype))
+        longest = Sk if runs is None else max(r.length for r in runs)
+        keep = keep & _padded_keep(head_patterns, Sq, longest, Sk, q.device)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         keep = keep & attn_mask
     elif attn_mask is not None:
         scores = scores + attn_mask.to(dtype)
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key left gives 0
-    if skip is not None:
-        is_skip = torch.tensor([isinstance(p, Skip) for p in head_patterns], device=q.device)
-        probs = torch.where(is_skip[:, None, None], skip, probs)
-    return probs
+    if skip is None:
+        return probs, None
+    is_skip = torch.tensor([isinstance(p, Skip) for p in head_patterns], device=q.device)
+    return torch.where(is_skip[:, None, None], skip, probs), is_skip
 
 
 def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -198,16 +232,15 @@ def attention_backward(
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
     # Softmax backward on the explicit weights: dS = P * (dP - rowsum(dP * P)).
-    probs = attention_probs(q, k, attn_mask, scale, is_causal, patterns)
+    probs, score_free = attention_probs(q, k, attn_mask, scale, is_causal, patterns)
     dtype, Hkv = probs.dtype, k.shape[1]
     group = q.shape[1] // Hkv
     k_rep, v_rep = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
     grad_out = grad_out.to(dtype)
     grad_probs = grad_out @ v_rep.transpose(-1, -2)
     grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
-    if patterns:  # Skip heads' weights do not depend on the scores
-        is_skip = torch.tensor([isinstance(p, Skip) for p in patterns_from_json(patterns)], device=q.device)
-        grad_scores = grad_scores.masked_fill(is_skip[:, None, None], 0.0)
+    if score_free is not None:  # Skip heads' weights do not depend on the scores
+        grad_scores = grad_scores.masked_fill(score_free[:, None, None], 0.0)
     dq = (grad_scores @ k_rep) * scale
     dk = _group_sum((grad_scores.transpose(-1, -2) @ q.to(dtype)) * scale, Hkv)
     dv = _group_sum(probs.transpose(-1, -2) @ grad_out, Hkv)

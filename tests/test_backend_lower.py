@@ -36,16 +36,17 @@ graph g {
 }
 """
 
+# both layers get the patterns: blocks.1.attn's mask is read at run time (sparsec/key_padding.py)
 AFTER = BEFORE.replace(
-    'scores = f32[2, 4, 8, 8], module = "blocks.0.attn"',
-    'scores = f32[2, 4, 8, 8]<patterns [Window(left=2, right=0) * 2, Dense() * 2]>, module = "blocks.0.attn"')
+    'scores = f32[2, 4, 8, 8], module = "blocks',
+    'scores = f32[2, 4, 8, 8]<patterns [Window(left=2, right=0) * 2, Dense() * 2]>, module = "blocks')
 
 
 def test_apply_patterns_before_after():
     config = parse_options({"attention_patterns": {"blocks.*.attn": [P.Window(2, 0)] * 2 + [P.Dense()] * 2}})
     result = apply_patterns(parse_graph(BEFORE), config)
     verify(result)
-    assert result == parse_graph(AFTER)  # blocks.1.attn has a mask: left dense
+    assert result == parse_graph(AFTER)
 
 
 def test_apply_patterns_rejects_a_wrong_head_count():

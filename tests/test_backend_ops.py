@@ -53,11 +53,13 @@ def test_patterns_match_the_masked_reference():
                                atol=atol, rtol=rtol)
 
 
-def test_patterns_with_a_mask_are_refused():
+def test_patterns_with_a_mask_that_does_not_pad_keys_run_dense_with_the_mask():
+    """(tests/test_key_padding.py covers masks that pad keys: the patterns run on the kept keys.)"""
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="attn_mask"):
-        torch.ops.sparsec.attention(q, k, v, torch.ones(6, 6, dtype=torch.bool), 0.3, False,
-                                    sparsec_ops.patterns_to_json((P.Dense(),) * 4))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    got = torch.ops.sparsec.attention(q, k, v, mask, 0.3, False, sparsec_ops.patterns_to_json((P.Window(1, 0),) * 4))
+    want = reference_attention(q, k, v, (P.Dense(),) * 4, causal=True, scale=0.3)  # the mask is the causal rule
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
 def test_patterns_json_round_trips():

@@ -1,0 +1,251 @@
+"""Patterns on attention layers whose mask pads keys at the end (sparsec/key_padding.py): each batch
+row runs its patterns on its kept keys, exactly as the float64 reference with the explicit masks;
+any other mask runs dense with the mask; sparsec.tune records padded calls and its plan applies."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsec
+from planted import PlantedLayer, cheap_calls_cpu
+from reference import reference_attention, tolerance
+from sparsec import key_padding
+from sparsec import patterns as P
+from sparsec.backend import sparsec_backend
+from sparsec.key_padding import key_prefix_lengths
+from sparsec.ops import attention as attention_op
+from sparsec.ops import dense_attention, patterns_to_json
+
+B, H, S, D = 3, 4, 70, 16
+
+
+def _random(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def _prefix(lengths, Sk=S) -> torch.Tensor:
+    return torch.arange(Sk)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def _as_bias(keep: torch.Tensor, dropped: float) -> torch.Tensor:
+    return torch.zeros(keep.shape).masked_fill(~keep, dropped)
+
+
+def _patterns(Sq=S, Sk=S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layout = torch.rand(-(-Sq // 16), -(-Sk // 16), generator=g) < 0.5
+    return (P.Window(8, 8), P.Skip("mean"), P.Columns([(0, 4), (60, 70)]) | P.Window(3, 0),
+            P.BlockSparse(layout, 16))
+
+
+LOWEST = torch.finfo(torch.float32).min
+PREFIX = _prefix([70, 55, 41])
+
+
+@pytest.mark.parametrize("mask, want", [
+    (PREFIX[:, None, None, :], [70, 55, 41]),
+    (_as_bias(PREFIX, float("-inf"))[:, None, None, :], [70, 55, 41]),
+    (_as_bias(PREFIX, LOWEST)[:, None, None, :], [70, 55, 41]),                 # transformers' padding bias
+    (PREFIX[:, None, None, :].expand(B, H, S, S), [70, 55, 41]),                # expanded: stride 0
+    (PREFIX[1], [55, 55, 55]),                                                  # (Sk,): every row alike
+    (PREFIX[:, None, None, :].expand(B, 1, S, S).contiguous(), [70, 55, 41]),  # every query's row alike
+    (torch.cat([PREFIX[:, None, None, :]] * (S - 1) + [_prefix([9, 9, 9])[:, None, None, :]], dim=2), None),
+    (torch.cat([PREFIX[:, None, None, :], _prefix([9, 9, 9])[:, None, None, :]], dim=1), None),  # per head
+    (_prefix([70, 55, 0])[:, None, None, :], None),                             # a row with no key
+    (~PREFIX[:, None, None, :], None),                                          # keeps a suffix
+    (_as_bias(PREFIX, -5.0)[:, None, None, :], None),                           # a bias, not a mask
+    (torch.ones(B, 1, 1, S, dtype=torch.long), None),                           # not a bool or float mask
+])
+def test_key_prefix_lengths(mask, want):
+    assert key_prefix_lengths(mask, B, S) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bool", "-inf", "lowest"])
+def test_patterns_run_on_each_rows_kept_keys(kind, dtype):
+    q, k, v = (_random(B, H, S, D, seed=s, dtype=dtype) for s in (1, 2, 3))
+    lengths = [55, 70, 55]
+    keep = _prefix(lengths)
+    mask = {"bool": keep, "-inf": _as_bias(keep, float("-inf")), "lowest": _as_bias(keep, LOWEST)}[kind]
+    patterns = _patterns()
+    got = attention_op(q, k, v, mask[:, None, None, :].to(dtype if kind != "bool" else torch.bool), D ** -0.5,
+                       False, patterns_to_json(patterns))
+    want = reference_attention(q, k, v, patterns, key_mask=keep)
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
+def test_gqa_cross_attention_and_layouts_sized_for_the_prefix():
+    """Cross-attention (Sq != Sk) with GQA; block layouts cut to each row's key blocks, or sized for
+    the longest row's (as a plan tuned on padded calls has them)."""
+    Sq, Sk = 33, 50
+    q = _random(2, 4, Sq, D, seed=4)
+    k, v = (_random(2, 2, Sk, D, seed=s) for s in (5, 6))
+    keep = _prefix([50, 29], Sk)
+    narrow = P.BlockSparse(torch.rand(3, 4, generator=torch.Generator().manual_seed(1)) < 0.6, 16)  # 4 x 16 >= 50
+    patterns = (P.Columns([(0, 9)]), narrow, P.Dense(), P.Skip("zero"))
+    got = attention_op(q, k, v, keep[:, None, None, :], D ** -0.5, False, patterns_to_json(patterns))
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, patterns, key_mask=keep), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_the_triton_kernels_run_the_kept_keys_too(monkeypatch):
+    """The slices are strided views: the Triton kernels (Triton's interpreter here) take them as they are."""
+    monkeypatch.setenv("SPARSEC_ATTENTION_BACKEND", "triton")
+    q, k, v = (_random(2, 2, 40, D, seed=s) for s in (14, 15, 16))
+    keep = _prefix([40, 27], 40)
+    patterns = (P.Window(5, 5), P.Columns([(0, 3)]) | P.Window(2, 0))
+    got = attention_op(q, k, v, keep[:, None, None, :], D ** -0.5, False, patterns_to_json(patterns))
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, patterns, key_mask=keep), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_gradients_match_the_reference():
+    q, k, v = (_random(B, H, S, D, seed=s).requires_grad_() for s in (7, 8, 9))
+    keep = _prefix([70, 48, 48])
+    patterns = _patterns(seed=3)
+    out = attention_op(q, k, v, keep[:, None, None, :], D ** -0.5, False, patterns_to_json(patterns))
+    weights = _random(*out.shape, seed=10)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad((reference_attention(q64, k64, v64, patterns, key_mask=keep) * weights).sum(),
+                               (q64, k64, v64))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["not a prefix", "causal", "layout too narrow", "per query"])
+def test_other_masks_run_dense_with_the_mask(case, caplog):
+    q, k, v = (_random(B, H, S, D, seed=s) for s in (11, 12, 13))
+    keep = _prefix([70, 55, 41])
+    mask, causal, patterns = keep[:, None, None, :], False, _patterns()
+    if case == "not a prefix":
+        mask = mask.clone()
+        mask[1, 0, 0, 3] = False
+    elif case == "causal":
+        causal = True
+    elif case == "layout too narrow":  # a layout for 48 keys cannot say which of a 70-key row's to keep
+        patterns = (P.BlockSparse(torch.ones(5, 3, dtype=torch.bool), 16),) * H
+    else:
+        mask = (torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(2)) < 0.7) | torch.eye(S, dtype=bool)
+    with caplog.at_level(logging.INFO, logger="sparsec.ops"):
+        got = attention_op(q, k, v, mask, D ** -0.5, causal, patterns_to_json(patterns), site=f"layer {case}")
+    torch.testing.assert_close(got, dense_attention(q, k, v, mask, D ** -0.5, causal), atol=0, rtol=0)
+    assert f"layer {case}" in caplog.text and "dense, with the mask" in caplog.text
+
+
+TEXT = 48  # text tokens after the video tokens, padded at the end
+
+
+class JointAttention(nn.Module):
+    """Self-attention over [video, text] tokens whose text is padded at the end: the mask keeps keys
+    j < video + text length of each row (HunyuanVideo's (B, 1, 1, S) bool mask)."""
+
+    def forward(self, q, k, v, text_lengths):
+        S = q.shape[2]
+        keep = torch.arange(S, device=q.device)[None, :] < (S - TEXT + text_lengths)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+
+
+class PaddedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.joint = JointAttention()
+
+    def forward(self, q, k, v, text_lengths):
+        return self.joint(q, k, v, text_lengths)
+
+
+def test_a_padded_layer_is_tuned_on_its_kept_keys_and_runs_its_plan():
+    # stripes and near-uniform heads (bands and frames are built from quadratic position features whose
+    # logits lose ~1e-3 in float32 at S = 512, dense SDPA included: too coarse for an exact comparison)
+    layer = PlantedLayer(("stripes", "uniform", "stripes", "random"), 512, 32, seed=5)
+    model = PaddedModel()
+    calibration = (*layer.sample(2, seed=1), torch.tensor([TEXT - 16, TEXT - 16]))
+    plan = sparsec.tune(model, calibration, target=cheap_calls_cpu(), budget=0.05, progress=False)
+    planned = plan.layers["joint"]
+    assert (planned.q_len, planned.kv_len) == (512, 512 - 16)
+    assert sum(not isinstance(p, P.Dense) for p in planned.patterns) >= 2  # the stripes, the near-uniform head
+    fresh = (*layer.sample(2, seed=2), torch.tensor([TEXT, 5]))
+    runs = []
+    with torch.no_grad(), _counting(runs):
+        got = torch.compile(model, backend="sparsec", options={"plan": plan, "inner": "eager"})(*fresh)
+    assert runs == [[(0, 512), (1, 512 - TEXT + 5)]]
+    q, k, v, lengths = fresh
+    want = reference_attention(q, k, v, planned.patterns, key_mask=_prefix((512 - TEXT + lengths).tolist(), 512))
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+class _counting:
+    """Records (row, kept keys) of each run_key_prefix call into `calls`."""
+
+    def __init__(self, calls: list):
+        self.calls, self.original = calls, key_padding.run_key_prefix
+
+    def __enter__(self):
+        def counted(q, k, v, runs, attend):
+            self.calls.append(sorted((row, run.length) for run in runs for row in run.rows))
+            return self.original(q, k, v, runs, attend)
+
+        import sparsec.ops
+        sparsec.ops.run_key_prefix = counted
+
+    def __exit__(self, *exc):
+        import sparsec.ops
+        sparsec.ops.run_key_prefix = self.original
+
+
+@pytest.mark.models
+def test_hunyuan_video_runs_patterns_on_its_padded_joint_attention():
+    """diffusers' HunyuanVideo joins video and text tokens and pads the text with a (B, 1, 1, S) key
+    mask: its double- and single-stream blocks run their patterns on the kept keys (the token
+    refiner's mask varies with the query: it stays dense) and match eager."""
+    diffusers = pytest.importorskip("diffusers")
+    cls = getattr(diffusers, "HunyuanVideoTransformer3DModel", None)
+    if cls is None:
+        pytest.skip("this diffusers has no HunyuanVideoTransformer3DModel")
+    torch.manual_seed(3)
+    model = cls(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+                num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+                text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)).eval()
+    text_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    inputs = (torch.randn(2, 4, 2, 4, 4), torch.tensor([10, 10]), torch.randn(2, 6, 16), text_mask,
+              torch.randn(2, 8), torch.tensor([3.0, 3.0]))
+    every_key = P.Columns([(0, 1 << 20)])  # keeps every key: the sparse path, the dense result
+    options = {"attention_patterns": {"transformer_blocks.*": every_key, "single_transformer_blocks.*": every_key},
+               "inner": "eager", "fallback": "raise"}
+    runs = []
+    with torch.no_grad():
+        want = model(*inputs).sample
+        with _counting(runs):
+            got = torch.compile(model, backend=functools.partial(sparsec_backend, options=options))(
+                *inputs).sample
+    video = 2 * 4 * 4
+    assert runs == [[(0, video + 6), (1, video + 3)]] * 2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.models
+def test_bert_padding_masks_run_the_patterns_on_the_kept_keys():
+    """transformers' BERT passes a materialized (B, 1, S, S) padding mask: its rows are all alike, so
+    the patterns run on each row's kept keys (a pattern that keeps every key: the result is eager's)."""
+    from tests import hf_models
+
+    model, (ids, padding) = hf_models.bert("sdpa")
+    lengths = padding.sum(-1).tolist()
+    runs = []
+    every_key = P.Columns([(0, 1 << 20)])
+    with torch.no_grad():
+        want = model(ids, padding).last_hidden_state
+        with _counting(runs):
+            compiled = torch.compile(model, backend=functools.partial(sparsec_backend, options={
+                "attention_patterns": {"*": every_key}, "inner": "eager", "fallback": "raise"}))
+            got = compiled(ids, padding).last_hidden_state
+    assert runs == [sorted(enumerate(lengths))] * hf_models.LAYERS
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
