@@ -174,6 +174,8 @@ class Attention(Op):
     scores: TensorType
     module_path: str = ""
     tiles: tuple[int, int] | None = None   # (block_m, block_n) the kernels use; None: their default
+    # with a mask and patterns: which masks the patterns run under (sparsec/key_padding.py MASK_RULES)
+    mask_rule: str = ""
 
     def __post_init__(self) -> None:
         for field in ("result", "q", "k", "v"):
@@ -193,6 +195,9 @@ class Attention(Op):
             if (not isinstance(self.tiles, tuple) or len(self.tiles) != 2
                     or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in self.tiles)):
                 raise TypeError(f"Attention.tiles must be None or two positive ints (block_m, block_n), got {self.tiles!r}")
+        from sparsec.key_padding import check_mask_rule
+
+        check_mask_rule(self.mask_rule)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

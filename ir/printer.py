@@ -124,6 +124,8 @@ def _attention(op: Attention) -> str:
              ("scores", format_type(op.scores))]
     if op.tiles is not None:
         attrs.append(("tiles", f"[{op.tiles[0]}, {op.tiles[1]}]"))
+    if op.mask_rule:
+        attrs.append(("mask_rule", json.dumps(op.mask_rule)))
     return f"attention {_refs((op.q, op.k, op.v, op.mask))}" + _attrs(attrs, op.module_path)
 
 

@@ -21,12 +21,14 @@ puts a pattern tied to query positions (windows, diagonals, slashes, block rows)
 Sq != Sk, a warning says that query i is read as position i, which a decoding step's last
 position is not.
 
-An attention layer with a mask gets its patterns too: at run time, a call whose mask only pads keys
-at the end (the padded text of a video DiT, a caption's padding) runs them on each batch row's
-kept keys, and any other call runs dense with its mask (sparsec/key_padding.py). A plan's
-patterns apply there when the layer is self-attention (Sq = Sk, provably: tuned on a key prefix
-of the same tokens, the plan's kv_len is short of its q_len) or aligned as the rule above says.
-A causal layer with a mask keeps its dense scores (log line). The user's
+An attention layer with a mask gets its patterns too: at run time, a call whose mask cuts the keys
+to a prefix (the padded text of a video DiT, a caption's padding, a static KV cache's causal
+mask) runs them on each batch row's kept keys, and any other call runs dense with its mask
+(sparsec/key_padding.py). There the mask, not the static lengths, says how queries and keys line
+up: a plan's layer tuned without the causal rule applies to padded keys (mask rule "keys"), one
+tuned with it to causal prefixes aligned as at tuning (rule "causal:<kv_len - q_len>": a static
+cache's prefill from position 0, not its decoding steps). A causal op with a mask keeps its
+dense scores (log line). The user's
 errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
 fit the sequence lengths, a plan whose layer has other heads or head size than the model's, or a
 plan none of whose layers is in a graph that has attention layers (a plan for another model).
@@ -81,22 +83,24 @@ def _check_plan_layer(op: Attention, layer) -> None:
             f"has {model}: the plan was made for another model; tune this model again")
 
 
-def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int] | None, str] | None:
-    """(patterns, tiles, where they come from) for `op`, or None to leave it dense."""
+def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int] | None, str, str] | None:
+    """(patterns, tiles, where they come from, mask rule) for `op`, or None to leave it dense."""
     given = config.patterns_for(op.module_path)
     if given is not None:
-        return given, None, "attention_patterns"
+        return given, None, "attention_patterns", ""
     if config.plan is not None and op.module_path in config.plan.layers:
         layer = config.plan.layers[op.module_path]
         _check_plan_layer(op, layer)
+        if op.mask is not None:  # the mask says at run time how queries and keys line up (key_padding)
+            rule = f"causal:{layer.kv_len - layer.q_len}" if layer.causal else "keys"
+            return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan", rule
         Sq, Sk = op.scores.shape[2], op.scores.shape[3]
-        padded_keys = op.mask is not None and layer.kv_len <= layer.q_len and _provably_equal(_difference(Sk, Sq), 0)
-        if not padded_keys and not _provably_equal(_difference(Sk, Sq), layer.kv_len - layer.q_len):
+        if not _provably_equal(_difference(Sk, Sq), layer.kv_len - layer.q_len):
             log.info("attention %s is called with (Sq, Sk) = (%s, %s); the plan's patterns are for queries and keys "
                      "aligned as at (%d, %d) (Sk - Sq = %d); dense kept for this call", op.module_path, Sq, Sk,
                      layer.q_len, layer.kv_len, layer.kv_len - layer.q_len)
             return None
-        return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan"
+        return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan", ""
     return None
 
 
@@ -127,7 +131,7 @@ def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
     given = _given(op, config)
     if given is None:
         return op
-    patterns, tiles, source = given
+    patterns, tiles, source, mask_rule = given
     if source == "attention_patterns":
         _warn_if_positional_across_lengths(op, patterns)
     if op.mask is not None and op.causal:
@@ -135,8 +139,9 @@ def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
                  op.module_path, source)
         return op
     if op.mask is not None:
-        log.info("attention %s has a mask: the patterns of %s apply to calls whose mask only pads keys at the end "
-                 "(sparsec/key_padding.py), others run dense with the mask", op.module_path, source)
+        log.info("attention %s has a mask: the patterns of %s apply to calls whose mask cuts the keys to a prefix "
+                 "(rule %r, sparsec/key_padding.py), others run dense with the mask", op.module_path, source,
+                 mask_rule or "any prefix")
     try:
         head_patterns = P.normalize_head_patterns(patterns, op.num_heads)
     except (TypeError, ValueError) as e:
@@ -144,7 +149,7 @@ def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
     _check_block_layouts(op, head_patterns, source)
     scores = op.scores.with_sparsity(AttentionPatterns(patterns=head_patterns))
     log.debug("attention %s gets patterns %s (from %s)", op.module_path, head_patterns, source)
-    return dataclasses.replace(op, scores=scores, tiles=tiles)
+    return dataclasses.replace(op, scores=scores, tiles=tiles, mask_rule=mask_rule if op.mask is not None else "")
 
 
 def _tied_to_query_positions(pattern: P.Pattern) -> bool:

@@ -68,7 +68,7 @@ def _call_for(op: Op, node: dict[str, fx.Node]) -> tuple[object, tuple]:
     if isinstance(op, Attention):
         block_m, block_n = op.tiles if op.tiles is not None else (0, 0)
         args = (ref(op.q), ref(op.k), ref(op.v), ref(op.mask), op.scale, op.causal, _patterns_argument(op),
-                block_m, block_n, op.module_path)
+                block_m, block_n, op.module_path) + ((op.mask_rule,) if op.mask_rule else ())
         return torch.ops.sparsec.attention.default, args
     if isinstance(op, Linear):
         args = (ref(op.x), ref(op.weight), ref(op.bias))

@@ -1,81 +1,131 @@
-"""Attention patterns on layers whose mask only pads keys at the end.
+"""Attention patterns on layers whose mask only cuts the keys to a prefix.
 
-Many models pass an explicit mask that drops trailing keys and nothing else: the padded text
-tokens of a video DiT that attends over [video, text] tokens (HunyuanVideo: a (B, 1, 1, S) bool
-mask), the padding of a caption in cross-attention. Such a mask keeps keys j < L_b of batch row b
-for every head and query, so the masked attention with per-head patterns is the patterned
-attention over the first L_b keys: K and V are sliced (views), block layouts are cut to the key
-blocks that remain, and the batch rows with the same L_b run as one call.
+Two kinds of explicit masks drop nothing but keys past a point, and the masked attention with
+per-head patterns is then the patterned attention over the first L_b keys of batch row b: K and V
+are sliced (views), block layouts are cut to the key blocks that remain, and the rows with the
+same L_b run as one call.
 
-`key_prefix_runs` says whether a call can run so. It cannot (None; the op then runs the dense
-path with the mask, exactly, and logs once per layer) when the mask varies with the query or the
-head, keeps keys that are not a prefix, drops every key of a row, or is a float bias with values
-other than 0 and -inf (or the dtype's lowest value, which transformers uses); when the layer is
-causal (slicing the keys would move the causal rule's diagonal); or when a block layout has fewer
-key blocks than a row's kept keys need (it was tuned on shorter text: it cannot say which of the
-extra keys to keep).
+  padded keys      the same keys j < L_b for every query: the padded text tokens of a video DiT
+                   that attends over [video, text] tokens (HunyuanVideo: a (B, 1, 1, S) bool mask),
+                   a caption's padding in cross-attention, transformers' padding masks. The
+                   patterns run without the causal rule.
+  causal prefix    query i keeps keys j <= i + (L_b - Sq): the causal rule over the first L_b keys,
+                   as a static KV cache's prefill (queries at positions 0..Sq-1 of a longer cache,
+                   L_b = Sq) and its decoding steps (one query at position L_b - 1) mask it. The
+                   patterns run with the causal rule on the L_b keys.
 
-The mask is read at run time (a traced graph cannot tell a key mask from an expanded one): a
-mask of shape (B or 1, 1, 1, Sk), one expanded from it (stride 0 along heads and queries), or a
-full one whose rows are all the same (transformers' (B, 1, Sq, Sk) padding masks; comparing them
-reads B x Sq x Sk bytes, little beside the attention).
+Which masks a layer's patterns run under is its mask rule (Attention.mask_rule, an argument of
+the op): "" either kind (the option attention_patterns: patterns as given); "keys" padded keys
+only (a plan tuned without the causal rule: positions count from 0 for queries and keys alike);
+"causal:D" a causal prefix whose L_b - Sq is D (a plan tuned with the causal rule at kv_len -
+q_len = D: its query i is position i + D, which only such calls keep; a decoding step of a plan
+tuned on prefill has L_b - Sq > 0 and runs dense, as MInference decodes).
+
+`key_prefix_runs` says whether a call runs so. It does not (None; the op then runs the dense path
+with the mask, exactly, and logs once per layer) when the mask varies with the head, keeps keys
+that are not such a prefix, drops every key of a row, is a float bias with values other than 0 and
+-inf (or the dtype's lowest value, which transformers uses), or breaks the layer's rule; when the
+op is causal itself; or when a block layout has fewer key blocks than a row's kept keys need (it
+was tuned on fewer keys: it cannot say which of the others to keep).
+
+The mask is read at run time (a traced graph cannot tell one mask from another): any shape that
+broadcasts to (B, H, Sq, Sk), expanded (stride 0) or materialized; reading a materialized
+(B, 1, Sq, Sk) mask costs B x Sq x Sk bytes, little beside the attention.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 
 from sparsec import patterns as P
 
-__all__ = ["KeyRun", "key_prefix_lengths", "key_prefix_runs", "patterns_for_keys",
+__all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "key_prefix_runs", "mask_prefixes", "patterns_for_keys",
            "run_key_prefix"]
+
+_RULE = re.compile(r"(|keys|causal:-?\d+)")
+
+
+def check_mask_rule(rule: str) -> None:
+    """Raise TypeError / ValueError unless `rule` is "", "keys" or "causal:<int>"."""
+    if not isinstance(rule, str):
+        raise TypeError(f"mask rule must be a str, got {rule!r}")
+    if not _RULE.fullmatch(rule):
+        raise ValueError(f"mask rule must be '', 'keys' or 'causal:<int>', got {rule!r}")
+
+
+@dataclass(frozen=True)
+class MaskPrefix:
+    """What a mask keeps of one batch row: the first `length` keys, for every query (causal False)
+    or under the causal rule over them (causal True: query i keeps j <= i + length - Sq)."""
+
+    length: int
+    causal: bool
 
 
 @dataclass(frozen=True)
 class KeyRun:
-    """Batch rows whose kept keys are the first `length`, and the head patterns cut to them."""
+    """Batch rows whose kept keys are the first `length` (under the causal rule or not), and the
+    head patterns cut to them."""
 
     rows: tuple[int, ...]
     length: int
+    causal: bool
     patterns: tuple[P.Pattern, ...]
 
 
-def _key_rows(attn_mask: torch.Tensor, batch: int, Sk: int) -> torch.Tensor | None:
-    """(1 or B, Sk): the mask's one row per batch row, or None when it may vary with head or query."""
+def _keep(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> torch.Tensor | None:
+    """(1 or B, 1 or Sq, Sk) bool: what the mask keeps, or None when it may vary with the head or
+    is a bias that weighs keys (not a bool mask, nor a float one of 0 and dropped values)."""
     if attn_mask.dim() > 4 or attn_mask.shape[-1] != Sk:
         return None
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if m.shape[0] not in (1, batch):
+    if m.shape[0] not in (1, batch) or m.shape[2] not in (1, Sq):
         return None
-    for dim in (1, 2):  # the same along heads and queries (expanded: stride 0; else compared)
-        if m.shape[dim] != 1 and m.stride(dim) != 0 and not bool((m == m.narrow(dim, 0, 1)).all()):
-            return None
-    return m[:, 0, 0]
+    if m.shape[1] != 1 and m.stride(1) != 0 and not bool((m == m[:, :1]).all()):
+        return None  # varies with the head
+    m = m[:, 0]
+    if m.shape[1] != 1 and m.stride(1) == 0:  # expanded along the queries: one row
+        m = m[:, :1]
+    if m.dtype == torch.bool:
+        return m
+    if not m.is_floating_point():
+        return None
+    keep = m == 0
+    if not bool((keep | (m <= torch.finfo(m.dtype).min)).all()):  # -inf is below the lowest value too
+        return None
+    return keep
 
 
-def key_prefix_lengths(attn_mask: torch.Tensor, batch: int, Sk: int) -> list[int] | None:
-    """Per batch row, L such that the mask keeps exactly keys j < L (1 <= L <= Sk) for every head
-    and query; None when it is not such a mask (see the module docstring)."""
-    rows = _key_rows(attn_mask, batch, Sk)
-    if rows is None:
+def mask_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> list[MaskPrefix] | None:
+    """Per batch row, the prefix of keys the mask keeps (see MaskPrefix); None when the mask is
+    not of the two kinds, or a row keeps no key."""
+    keep = _keep(attn_mask, batch, Sq, Sk)
+    if keep is None:
         return None
-    if rows.dtype == torch.bool:
-        keep = rows
-    elif rows.is_floating_point():
-        dropped = rows <= torch.finfo(rows.dtype).min  # -inf too
-        keep = rows == 0
-        if not bool((keep | dropped).all()):
-            return None  # a bias that weighs keys, not only drops them
+    lengths = keep.sum(-1)  # (B', Sq')
+    if bool((lengths == 0).any()):
+        return None
+    if not bool((keep == (torch.arange(Sk, device=keep.device) < lengths[..., None])).all()):
+        return None
+    first, last = lengths[:, 0], lengths[:, -1]
+    if keep.shape[1] == 1 or bool((lengths == first[:, None]).all()):
+        found = [MaskPrefix(int(n), Sq == 1) for n in first.tolist()]  # one query: both kinds alike
+    elif bool((lengths == first[:, None] + torch.arange(Sq, device=keep.device)).all()):
+        found = [MaskPrefix(int(n), True) for n in last.tolist()]
     else:
         return None
-    lengths = keep.sum(-1)
-    prefix = torch.arange(Sk, device=keep.device) < lengths[:, None]
-    if not bool((keep == prefix).all()) or bool((lengths == 0).any()):
-        return None
-    found = [int(n) for n in lengths.tolist()]
     return found * batch if len(found) == 1 else found
+
+
+def _follows(prefix: MaskPrefix, rule: str, Sq: int) -> bool:
+    if rule == "":
+        return True
+    if rule == "keys":
+        return not prefix.causal or Sq == 1
+    return prefix.causal and prefix.length - Sq == int(rule.split(":")[1])
 
 
 def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int) -> tuple[P.Pattern, ...] | None:
@@ -99,31 +149,32 @@ def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int
 
 
 def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, is_causal: bool,
-                    head_patterns: tuple[P.Pattern, ...]) -> list[KeyRun] | None:
+                    head_patterns: tuple[P.Pattern, ...], rule: str = "") -> list[KeyRun] | None:
     """How a call with `attn_mask` runs its patterns on key prefixes, or None (dense with the mask)."""
     if is_causal:
         return None
     B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
-    lengths = key_prefix_lengths(attn_mask, B, Sk)
-    if lengths is None:
+    prefixes = mask_prefixes(attn_mask, B, Sq, Sk)
+    if prefixes is None or not all(_follows(p, rule, Sq) for p in prefixes):
         return None
     runs = []
-    for length in sorted(set(lengths)):
-        patterns = patterns_for_keys(head_patterns, Sq, length)
+    for prefix in sorted(set(prefixes), key=lambda p: (p.length, p.causal)):
+        patterns = patterns_for_keys(head_patterns, Sq, prefix.length)
         if patterns is None:
             return None
-        runs.append(KeyRun(tuple(b for b, n in enumerate(lengths) if n == length), length, patterns))
+        runs.append(KeyRun(tuple(b for b, p in enumerate(prefixes) if p == prefix), prefix.length, prefix.causal,
+                           patterns))
     return runs
 
 
 def run_key_prefix(q, k, v, runs: list[KeyRun], attend) -> torch.Tensor:
-    """The output of every run: attend(q, k, v, patterns) on its rows and first `length` keys."""
+    """The output of every run: attend(q, k, v, patterns, causal) on its rows and first `length` keys."""
     if len(runs) == 1 and len(runs[0].rows) == q.shape[0]:
         run = runs[0]
-        return attend(q, k[:, :, :run.length], v[:, :, :run.length], run.patterns)
+        return attend(q, k[:, :, :run.length], v[:, :, :run.length], run.patterns, run.causal)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for run in runs:
         rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.length)
         out[rows] = attend(q.index_select(0, rows), k[:, :, keys].index_select(0, rows),
-                           v[:, :, keys].index_select(0, rows), run.patterns)
+                           v[:, :, keys].index_select(0, rows), run.patterns, run.causal)
     return out

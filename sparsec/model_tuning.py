@@ -10,10 +10,10 @@ of the sparsec::attention op hands its q, k, v to a recorder under the layer's m
 (sparsec.ops.recording_attention), so the tuner sees exactly the operands the
 compiled model computes, for models written any way the matchers understand. The recorded calls
 go to sparsec.tuning.tune_layers (calibration statistics -> candidates with measured errors ->
-cost-model search). A call whose mask only pads keys at the end (sparsec/key_padding.py) is
-recorded as each batch row's query against its kept keys, which is how the patterns run on it;
-where rows keep different numbers of keys, the layer is tuned on the rows with the most common
-count (a log line says how many were left out). Calls with any other mask or bias are left out,
+cost-model search). A call whose mask cuts the keys to a prefix (padded keys, or the causal rule
+over a prefix: sparsec/key_padding.py) is recorded as each batch row's queries against its kept
+keys (under the causal rule or not), which is how the patterns run on it; where rows differ, the
+layer is tuned on the rows of its most common shape (a log line says how many were left out). Calls with any other mask or bias are left out,
 and a layer with no other call stays dense (the pattern kernels take no general mask). The plan carries a fingerprint of the model's attention layers (module path, heads, kv
 heads, head size), which Plan.check_fingerprint compares against another model.
 """
@@ -52,7 +52,7 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
     """Module path -> the q, k, v of every sparsec::attention call made inside the block (a call
     whose mask only pads keys: each batch row against its kept keys). Calls with another mask or
     bias, or without a module path, are left out (they stay dense; a log line says so)."""
-    from sparsec.key_padding import key_prefix_lengths
+    from sparsec.key_padding import mask_prefixes
     from sparsec.ops import recording_attention
 
     recorded: dict[str, list[LayerSample]] = defaultdict(list)
@@ -61,24 +61,26 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
 
     def record(site, q, k, v, attn_mask, scale, is_causal):
         nonlocal unnamed
-        lengths = None if attn_mask is None or is_causal else key_prefix_lengths(attn_mask, q.shape[0], k.shape[2])
+        B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+        prefixes = None if attn_mask is None or is_causal else mask_prefixes(attn_mask, B, Sq, Sk)
         if not site:
             unnamed += 1
-        elif attn_mask is not None and lengths is None:
+        elif attn_mask is not None and prefixes is None:
             masked.add(site)
-        elif lengths is None or min(lengths) == k.shape[2]:  # no mask, or one that keeps every key
-            recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=bool(is_causal),
-                                              scale=float(scale)))
+        elif prefixes is None or all(p == prefixes[0] and p.length == Sk for p in prefixes):  # one call will do
+            causal = bool(is_causal) or (prefixes is not None and prefixes[0].causal and Sq > 1)
+            recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=causal, scale=float(scale)))
         else:
-            for b, length in enumerate(lengths):
-                recorded[site].append(LayerSample(q[b:b + 1].detach(), k[b:b + 1, :, :length].detach(),
-                                                  v[b:b + 1, :, :length].detach(), scale=float(scale)))
+            for b, p in enumerate(prefixes):
+                recorded[site].append(LayerSample(q[b:b + 1].detach(), k[b:b + 1, :, :p.length].detach(),
+                                                  v[b:b + 1, :, :p.length].detach(), causal=p.causal and Sq > 1,
+                                                  scale=float(scale)))
 
     with recording_attention(record):
         yield recorded
     for site in sorted(masked):
-        log.info("sparsec.tune: attention %s has a mask or bias that does not only pad keys; those calls are not "
-                 "tuned%s", site, "" if site in recorded else " and it stays dense")
+        log.info("sparsec.tune: attention %s has a mask or bias that does not cut the keys to a prefix; those calls "
+                 "are not tuned%s", site, "" if site in recorded else " and it stays dense")
     for site, samples in recorded.items():
         recorded[site] = _most_common_lengths(site, samples)
     if unnamed:
@@ -86,15 +88,15 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
 
 
 def _most_common_lengths(site: str, samples: list[LayerSample]) -> list[LayerSample]:
-    """The samples with the layer's most common (Sq, Sk): rows of padded calls keep different numbers
-    of keys, and a layer is tuned at one shape."""
-    shapes = Counter((s.q.shape[2], s.k.shape[2]) for s in samples)
+    """The samples with the layer's most common (Sq, Sk, causal): rows of padded calls keep
+    different numbers of keys, and a layer is tuned at one shape."""
+    shapes = Counter((s.q.shape[2], s.k.shape[2], s.causal) for s in samples)
     if len(shapes) == 1:
         return samples
     (common, _), = shapes.most_common(1)
-    kept = [s for s in samples if (s.q.shape[2], s.k.shape[2]) == common]
-    log.info("sparsec.tune: attention %s was called with (Sq, Sk) in %s; tuned at %s, %d of %d recorded rows left out",
-             site, sorted(shapes), common, len(samples) - len(kept), len(samples))
+    kept = [s for s in samples if (s.q.shape[2], s.k.shape[2], s.causal) == common]
+    log.info("sparsec.tune: attention %s was called with (Sq, Sk, causal) in %s; tuned at %s, %d of %d recorded "
+             "rows left out", site, sorted(shapes), common, len(samples) - len(kept), len(samples))
     return kept
 
 

@@ -2,13 +2,14 @@
 
     sparsec::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale,
                        bool is_causal, str patterns, int block_m=0, int block_n=0,
-                       str site="") -> Tensor
+                       str site="", str mask_rule="") -> Tensor
         q (B, Hq, S_q, D); k, v (B, Hkv, S_k, D[v]) before any GQA expansion (Hq % Hkv == 0).
         patterns == "": exact dense attention (torch SDPA). Otherwise a JSON list of Hq pattern
         dicts (Pattern.to_dict), computed by sparsec.attention. `is_causal` follows sparsec's
         rule j <= i + (S_k - S_q) (equal to SDPA's is_causal when S_q == S_k). attn_mask is a bool
         mask or an additive float bias broadcastable to (B, Hq, S_q, S_k). With patterns, a mask
-        that only pads keys at the end runs the patterns on each row's kept keys
+        that only cuts the keys to a prefix (padded keys, or the causal rule over a prefix: a
+        static KV cache's) runs the patterns on each row's kept keys where `mask_rule` admits it
         (sparsec/key_padding.py); any other mask runs the dense path with it (a log line).
         block_m / block_n: the sparse kernels' tiles (0: their default).
         `site` names the attention layer (its module path): `recording_attention` hands every
@@ -94,24 +95,25 @@ def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.
 
 
 def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, patterns: str, tiles,
-                      site: str) -> torch.Tensor:
+                      site: str, mask_rule: str) -> torch.Tensor:
     import sparsec  # lazy: sparsec imports this module's users, and the executors import a lot
 
     head_patterns = patterns_from_json(patterns)
     if attn_mask is None:
         return sparsec.attention(q, k, v, head_patterns, causal=is_causal, scale=scale, tiles=tiles)
-    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns)
+    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
     if runs is None:
-        _log_dense_mask(site, tuple(attn_mask.shape), is_causal)
+        _log_dense_mask(site, tuple(attn_mask.shape), is_causal, mask_rule)
         return dense_attention(q, k, v, attn_mask, scale, is_causal)
-    return run_key_prefix(q, k, v, runs, lambda q, k, v, patterns: sparsec.attention(
-        q, k, v, patterns, causal=False, scale=scale, tiles=tiles))
+    return run_key_prefix(q, k, v, runs, lambda q, k, v, patterns, causal: sparsec.attention(
+        q, k, v, patterns, causal=causal, scale=scale, tiles=tiles))
 
 
 @functools.lru_cache(maxsize=1024)  # once a layer and mask shape
-def _log_dense_mask(site: str, shape: tuple[int, ...], is_causal: bool) -> None:
-    log.info("attention %s: its mask (shape %s%s) does not only pad keys at the end; its patterns are not applied "
-             "to this call (dense, with the mask)", site or "?", shape, ", causal" if is_causal else "")
+def _log_dense_mask(site: str, shape: tuple[int, ...], is_causal: bool, mask_rule: str) -> None:
+    log.info("attention %s: its mask (shape %s%s) does not cut the keys to a prefix as its patterns need (rule %r: "
+             "sparsec/key_padding.py); its patterns are not applied to this call (dense, with the mask)",
+             site or "?", shape, ", causal" if is_causal else "", mask_rule or "any prefix")
 
 
 @torch.library.custom_op("sparsec::attention", mutates_args=())
@@ -126,19 +128,20 @@ def attention(
     block_m: int = 0,
     block_n: int = 0,
     site: str = "",
+    mask_rule: str = "",
 ) -> torch.Tensor:
     for recorder in tuple(_RECORDERS):
         recorder(site, q, k, v, attn_mask, scale, is_causal)
     if patterns:
         tiles = (block_m, block_n) if block_m and block_n else None
-        out = _sparse_attention(q, k, v, attn_mask, scale, is_causal, patterns, tiles, site)
+        out = _sparse_attention(q, k, v, attn_mask, scale, is_causal, patterns, tiles, site, mask_rule)
     else:
         out = dense_attention(q, k, v, attn_mask, scale, is_causal)
     return out.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, is_causal, patterns, block_m=0, block_n=0, site=""):
+def _(q, k, v, attn_mask, scale, is_causal, patterns, block_m=0, block_n=0, site="", mask_rule=""):
     B, Hq, Sq, _ = q.shape
     return q.new_empty((B, Hq, Sq, v.shape[-1]))
 
@@ -157,14 +160,24 @@ def _skip_probs(head_patterns: tuple[Pattern, ...], allowed: torch.Tensor) -> to
                         for p in head_patterns], dim=-3)
 
 
+def _kept_pairs(runs, batch: int, Sq: int, Sk: int, device) -> torch.Tensor:
+    """(B, Sq, Sk) bool: the pairs each batch row's run keeps (its first keys; under the causal rule or not)."""
+    i, j = torch.arange(Sq, device=device)[:, None], torch.arange(Sk, device=device)
+    kept = torch.zeros(batch, Sq, Sk, dtype=torch.bool, device=device)
+    for run in runs:
+        pairs = (j <= i + (run.length - Sq)) if run.causal else (j < run.length).expand(Sq, Sk)
+        kept[list(run.rows)] = pairs & (j < run.length)
+    return kept
+
+
 def _padded_keep(head_patterns: tuple[Pattern, ...], Sq: int, length: int, Sk: int, device) -> torch.Tensor:
     """_head_keep over the first `length` of Sk keys, False beyond."""
     keep = _head_keep(head_patterns, Sq, length, device)
     return keep if length == Sk else F.pad(keep, (0, Sk - length), value=False)
 
 
-def attention_probs(q, k, attn_mask, scale: float, is_causal: bool,
-                    patterns: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: str,
+                    mask_rule: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The explicit (B, Hq, Sq, Sk) attention weights of sparsec::attention, in float32 or wider,
     and which heads' weights do not depend on the scores ((Hq,) bool: Skip heads; None: none).
 
@@ -180,15 +193,12 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool,
     head_patterns = patterns_from_json(patterns) if patterns else None
     runs = None
     if head_patterns and attn_mask is not None:  # as the forward: patterns on key prefixes, or dense
-        runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns)
+        runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
         head_patterns = None if runs is None else max(runs, key=lambda r: r.length).patterns
     if head_patterns:
         allowed = keep
-        if runs is not None:  # a Skip head's mean covers each row's kept keys
-            lengths = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-            for run in runs:
-                lengths[list(run.rows)] = run.length
-            allowed = keep & (torch.arange(Sk, device=q.device) < lengths[:, None, None])
+        if runs is not None:  # a Skip head's mean covers each row's kept keys (each query's)
+            allowed = keep & _kept_pairs(runs, q.shape[0], Sq, Sk, q.device)
         skip = _skip_probs(head_patterns, allowed.to(dtype))
         longest = Sk if runs is None else max(r.length for r in runs)
         keep = keep & _padded_keep(head_patterns, Sq, longest, Sk, q.device)
@@ -213,7 +223,7 @@ def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 def _attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, attn_mask, scale, is_causal, patterns = inputs[:7]
     ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.attrs = (scale, is_causal, patterns)
+    ctx.attrs = (scale, is_causal, patterns, inputs[10] if len(inputs) > 10 else "")
 
 
 @torch.library.custom_op("sparsec::attention_backward", mutates_args=())
@@ -226,13 +236,14 @@ def attention_backward(
     scale: float,
     is_causal: bool,
     patterns: str,
+    mask_rule: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask) of sparsec::attention; dmask is empty when there is no float mask.
 
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
     # Softmax backward on the explicit weights: dS = P * (dP - rowsum(dP * P)).
-    probs, score_free = attention_probs(q, k, attn_mask, scale, is_causal, patterns)
+    probs, score_free = attention_probs(q, k, attn_mask, scale, is_causal, patterns, mask_rule)
     dtype, Hkv = probs.dtype, k.shape[1]
     group = q.shape[1] // Hkv
     k_rep, v_rep = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
@@ -253,7 +264,7 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns):
+def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule=""):
     grad_mask = attn_mask is not None and attn_mask.is_floating_point()
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -265,7 +276,7 @@ def _attention_backward(ctx, grad_out):
     q, k, v, attn_mask = ctx.saved_tensors
     dq, dk, dv, dmask = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs)
     has_dmask = attn_mask is not None and attn_mask.is_floating_point()
-    return dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None
+    return dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)

@@ -187,6 +187,18 @@ def test_attention_tiles_print_and_are_checked():
                       scores=o.scores, tiles=bad)
 
 
+def test_attention_mask_rule_prints_parses_and_is_checked():
+    g = symbolic_graph()
+    o = next(op for op in g.ops if isinstance(op, Attention))
+    ruled = g.replace_ops([dataclasses.replace(op, mask_rule="causal:3") if op is o else op for op in g.ops])
+    text = print_graph(ruled)
+    assert 'mask_rule = "causal:3"' in text and "mask_rule" not in print_graph(g)
+    assert parse_graph(text) == ruled
+    for bad, error in [("causal", ValueError), ("any", ValueError), (3, TypeError)]:
+        with pytest.raises(error, match="mask rule"):
+            dataclasses.replace(o, mask_rule=bad)
+
+
 def test_fixture_text_parses_to_hand_built_graph():
     g = parse_graph((FIXTURES / "attention_block.ir").read_text())
     assert g == attention_block_graph()

@@ -1,6 +1,8 @@
-"""Patterns on attention layers whose mask pads keys at the end (sparsec/key_padding.py): each batch
-row runs its patterns on its kept keys, exactly as the float64 reference with the explicit masks;
-any other mask runs dense with the mask; sparsec.tune records padded calls and its plan applies."""
+"""Patterns on attention layers whose mask cuts the keys to a prefix (sparsec/key_padding.py): padded
+keys, or the causal rule over a prefix (a static KV cache). Each batch row runs its patterns on its
+kept keys, exactly as the float64 reference with the explicit masks; any other mask, or one the
+layer's mask rule does not admit, runs dense with the mask; sparsec.tune records such calls and its
+plan applies to them."""
 from __future__ import annotations
 
 import functools
@@ -17,7 +19,7 @@ from reference import reference_attention, tolerance
 from sparsec import key_padding
 from sparsec import patterns as P
 from sparsec.backend import sparsec_backend
-from sparsec.key_padding import key_prefix_lengths
+from sparsec.key_padding import MaskPrefix, mask_prefixes
 from sparsec.ops import attention as attention_op
 from sparsec.ops import dense_attention, patterns_to_json
 
@@ -62,8 +64,58 @@ PREFIX = _prefix([70, 55, 41])
     (_as_bias(PREFIX, -5.0)[:, None, None, :], None),                           # a bias, not a mask
     (torch.ones(B, 1, 1, S, dtype=torch.long), None),                           # not a bool or float mask
 ])
-def test_key_prefix_lengths(mask, want):
-    assert key_prefix_lengths(mask, B, S) == want
+def test_padded_keys_are_read_from_the_mask(mask, want):
+    found = mask_prefixes(mask, B, S, S)
+    assert found == (None if want is None else [MaskPrefix(n, False) for n in want])
+
+
+def _causal_prefix(Sq: int, lengths) -> torch.Tensor:
+    """(B, 1, Sq, Sk) bool: query i of row b keeps keys j <= i + lengths[b] - Sq (Sk = max(lengths) + 3)."""
+    Sk = max(lengths) + 3
+    i, j = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
+    return torch.stack([j <= i + (n - Sq) for n in lengths])[:, None]
+
+
+@pytest.mark.parametrize("mask, Sq, want", [
+    (_causal_prefix(6, [6, 6, 6]), 6, [MaskPrefix(6, True)] * 3),             # a static cache's prefill
+    (_causal_prefix(6, [6, 9, 20]), 6, [MaskPrefix(6, True), MaskPrefix(9, True), MaskPrefix(20, True)]),
+    (_causal_prefix(1, [5, 5, 8]), 1, [MaskPrefix(5, True)] * 2 + [MaskPrefix(8, True)]),  # decoding steps
+    (_causal_prefix(6, [6, 6, 6]).transpose(-1, -2)[..., :6, :], 6, None),       # keeps suffixes
+    (_causal_prefix(6, [5, 6, 6]), 6, None),                                  # row 0's first query keeps nothing
+])
+def test_causal_prefixes_are_read_from_the_mask(mask, Sq, want):
+    assert mask_prefixes(mask, B, Sq, mask.shape[-1]) == want
+
+
+def test_patterns_run_under_the_causal_rule_on_each_rows_prefix():
+    Sq, lengths = 20, [20, 31, 26]
+    mask = _causal_prefix(Sq, lengths)
+    Sk = mask.shape[-1]
+    q = _random(B, H, Sq, D, seed=20)
+    k, v = (_random(B, 2, Sk, D, seed=s) for s in (21, 22))
+    patterns = (P.Window(4, 0), P.Skip("mean"), P.AShape(2, 3), P.Columns([(0, 3), (25, 40)]))
+    got = attention_op(q, k, v, mask, D ** -0.5, False, patterns_to_json(patterns))
+    want = torch.cat([reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], patterns, causal=True)
+                      for b, n in enumerate(lengths)])
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("rule, mask, runs", [
+    ("causal:0", _causal_prefix(6, [6, 6, 6]), True),     # prefill from position 0: as tuned
+    ("causal:0", _causal_prefix(6, [9, 9, 9]), False),    # a later chunk: its queries are positions 3..8
+    ("causal:0", _causal_prefix(1, [7, 7, 7]), False),    # a decoding step
+    ("causal:3", _causal_prefix(6, [9, 9, 9]), True),
+    ("keys", _causal_prefix(6, [6, 6, 6]), False),        # tuned without the causal rule
+    ("keys", _prefix([6, 4, 6], 9)[:, None, None, :], True),
+    ("", _causal_prefix(1, [7, 7, 7]), True),              # attention_patterns: as given
+])
+def test_the_mask_rule_decides_which_calls_run_the_patterns(rule, mask, runs):
+    from sparsec.key_padding import key_prefix_runs
+
+    Sq, Sk = mask.shape[-2], mask.shape[-1]
+    q, k = _random(B, H, Sq, D, seed=23), _random(B, H, Sk, D, seed=24)
+    found = key_prefix_runs(q, k, mask, False, (P.Window(2, 0),) * H, rule)
+    assert (found is not None) == runs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -249,3 +301,65 @@ def test_bert_padding_masks_run_the_patterns_on_the_kept_keys():
             got = compiled(ids, padding).last_hidden_state
     assert runs == [sorted(enumerate(lengths))] * hf_models.LAYERS
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+CACHE = 320
+
+
+class CachedAttention(nn.Module):
+    """gpt-fast's static KV cache: k and v written in place at `positions`, attention over the whole
+    cache with the mask j <= position (a prefill from 0, a later chunk, or one decoding query)."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(1, heads, CACHE, head_dim))
+        self.register_buffer("v_cache", torch.zeros(1, heads, CACHE, head_dim))
+
+    def forward(self, q, k, v, positions):
+        self.k_cache.index_copy_(2, positions, k)
+        self.v_cache.index_copy_(2, positions, v)
+        mask = torch.arange(CACHE, device=q.device)[None, :] <= positions[:, None]
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask[None, None])
+
+
+class CachedModel(nn.Module):
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.attn = CachedAttention(heads, head_dim)
+
+    def forward(self, q, k, v, positions):
+        return self.attn(q, k, v, positions)
+
+
+def test_a_static_cache_runs_a_causal_plan_on_its_prefill_and_decodes_dense():
+    """Tuned on a prefill (the causal rule over the first 256 cache slots), the plan runs on a fresh
+    prefill from position 0, and not on a decoding step or a later chunk, whose queries sit further on
+    (dense with the mask there); every output equals the float64 reference of what ran."""
+    layer = PlantedLayer(("stripes", "uniform", "stripes", "random"), 256, 32, causal=True, seed=6)
+    positions = torch.arange(256)
+    plan = sparsec.tune(CachedModel(4, 32), (*layer.sample(1, seed=1), positions), target=cheap_calls_cpu(),
+                        budget=0.05, progress=False)
+    planned = plan.layers["attn"]
+    assert (planned.q_len, planned.kv_len, planned.causal) == (256, 256, True)
+    assert sum(not isinstance(p, P.Dense) for p in planned.patterns) >= 2
+    model = CachedModel(4, 32)
+    compiled = torch.compile(model, backend="sparsec", options={"plan": plan, "inner": "eager"})
+    q, k, v = layer.sample(1, seed=2)
+    g = torch.Generator().manual_seed(3)
+    step = [torch.randn(1, 4, 1, 32, generator=g) for _ in range(3)]
+    chunk = [torch.randn(1, 4, 8, 32, generator=g) for _ in range(3)]
+    runs = []
+    with torch.no_grad(), _counting(runs):
+        prefill = compiled(q, k, v, positions)
+        assert runs == [[(0, 256)]]
+        decoded = compiled(*step, torch.tensor([256]))
+        later = compiled(*chunk, torch.arange(257, 265))
+    assert len(runs) == 1  # the decoding step and the later chunk ran dense
+    torch.testing.assert_close(prefill.double(), reference_attention(q, k, v, planned.patterns, causal=True),
+                               atol=2e-5, rtol=2e-5)
+    keys = [torch.cat([k, step[1], chunk[1]], dim=2), torch.cat([v, step[2], chunk[2]], dim=2)]
+    dense = (P.Dense(),) * 4
+    torch.testing.assert_close(decoded.double(), reference_attention(step[0], keys[0][:, :, :257], keys[1][:, :, :257],
+                                                                     dense, causal=True), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(later.double(), reference_attention(chunk[0], *keys, dense, causal=True),
+                               atol=2e-5, rtol=2e-5)
