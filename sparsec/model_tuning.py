@@ -162,9 +162,12 @@ def tune(
     fallbacks = [r.fallback_reason for r in records if r.fallback_reason]
     if fallbacks:
         log.warning("sparsec.tune: %d graph(s) fell back and are not tuned: %s", len(fallbacks), fallbacks)
+    layers = model_attention_layers(records)
     if not recorded:
-        log.warning("sparsec.tune: found no attention layer to tune; the plan is empty")
-    fingerprint = attention_fingerprint(model_attention_layers(records))
+        log.warning("sparsec.tune: %s; the plan is empty", "found no attention layer to tune" if not layers else
+                    f"none of the model's {len(layers)} attention layers can be tuned (their masks do not cut the "
+                    "keys to a prefix, see sparsec/key_padding.py, or they have no module path)")
+    fingerprint = attention_fingerprint(layers)
     return tune_layers(recorded, target=target, budget=budget, progress=progress,
                        model_fingerprint=fingerprint, backend=backend)
 

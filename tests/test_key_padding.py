@@ -363,3 +363,29 @@ def test_a_static_cache_runs_a_causal_plan_on_its_prefill_and_decodes_dense():
                                                                      dense, causal=True), atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(later.double(), reference_attention(chunk[0], *keys, dense, causal=True),
                                atol=2e-5, rtol=2e-5)
+
+
+class QueryMasked(nn.Module):
+    """Self-attention whose mask varies with the query (each keeps keys at or after it): no prefix."""
+
+    def forward(self, q, k, v):
+        S = q.shape[2]
+        keep = torch.ones(S, S, dtype=torch.bool, device=q.device).triu()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+class QueryMaskedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = QueryMasked()
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+def test_tune_says_why_a_model_with_only_other_masks_gets_an_empty_plan(caplog):
+    inputs = tuple(_random(1, 2, 16, 8, seed=s) for s in (30, 31, 32))
+    with caplog.at_level(logging.WARNING, logger="sparsec.model_tuning"):
+        plan = sparsec.tune(QueryMaskedModel(), inputs, target="cpu", progress=False)
+    assert not plan.layers
+    assert "none of the model's 1 attention layers can be tuned" in caplog.text
