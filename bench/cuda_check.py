@@ -6,7 +6,8 @@
 The tests run the same Triton kernels through Triton's interpreter on CPU tensors; this runs them
 compiled on the GPU, at sizes past one tile (odd lengths, GQA, causal, Sq != Sk, each dtype),
 with fresh random inputs, against the tests' float64 reference (tests/reference.py: the
-patterns' explicit masks).
+patterns' explicit masks); also the op under masks that cut the keys to a prefix (padded text keys,
+a static cache's causal prefix: sparsec/key_padding.py).
 """
 from __future__ import annotations
 
@@ -108,6 +109,38 @@ def _compare(label: str, run, expected, dtype) -> tuple[str, float, bool]:
     return result
 
 
+def check_key_padding(device, dtype, S: int, D: int) -> list[tuple[str, float, bool]]:
+    """The op a compiled model calls, with a mask that cuts the keys to a prefix (sparsec/key_padding.py):
+    padded text keys (rows of different lengths) and a static cache's causal prefix, on the Triton kernels."""
+    from sparsec.ops import attention as attention_op
+    from sparsec.ops import patterns_to_json
+
+    results = []
+    patterns = (P.Window(S // 8, S // 8) | P.Columns([(S - 40, S)]), P.Skip("mean"), P.AShape(16, S // 16), P.Dense())
+    q, k, v = (torch.randn(2, 4, S, D, device=device, dtype=dtype) for _ in range(3))
+    lengths = torch.tensor([S - 7, S - 33], device=device)
+    padded = (torch.arange(S, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    prefill = torch.arange(S + 24, device=device)[None, :] <= torch.arange(S, device=device)[:, None]
+    cache_k, cache_v = (torch.cat([t, torch.randn(2, 4, 24, D, device=device, dtype=dtype)], dim=2) for t in (k, v))
+    scale = 1 / math.sqrt(D)
+    text = patterns_to_json(patterns)
+    os.environ["SPARSEC_ATTENTION_BACKEND"] = "triton"
+    try:
+        results.append(_compare(
+            f"key padding     {str(dtype)[6:]:9s} S={S} D={D} rows of {S - 7} / {S - 33} keys",
+            lambda: attention_op(q, k, v, padded, scale, False, text, site="cuda_check.padded", mask_rule="keys"),
+            lambda: reference_attention(*(t.cpu() for t in (q, k, v)), patterns, scale=scale,
+                                        key_mask=padded[:, 0, 0].cpu()), dtype))
+        results.append(_compare(
+            f"causal prefix   {str(dtype)[6:]:9s} S={S} of a {S + 24}-slot cache D={D}",
+            lambda: attention_op(q, cache_k, cache_v, prefill[None, None], scale, False, text, site="cuda_check.cache",
+                                 mask_rule="causal:0"),
+            lambda: reference(q, k, v, patterns, True, scale), dtype))
+    finally:
+        os.environ.pop("SPARSEC_ATTENTION_BACKEND", None)
+    return results
+
+
 def check_linear(device, shape) -> list[tuple[str, float, bool]]:
     results = []
     N, K, tokens = shape
@@ -146,8 +179,8 @@ def main() -> int:
     # bf16 on every shape, fp16 on one (each case compiles its kernels), the linear kernels, then fp32
     # on one shape last: its exact dots run on CUDA cores and take the longest to compile.
     half = [(torch.bfloat16, s) for s in shapes] + [(torch.float16, shapes[0])]
-    results = (check_attention(device, half) + check_linear(device, linear)
-               + check_attention(device, [(torch.float32, shapes[1])]))
+    results = (check_attention(device, half) + check_key_padding(device, torch.bfloat16, shapes[3][0][0], 64)
+               + check_linear(device, linear) + check_attention(device, [(torch.float32, shapes[1])]))
     failed = sum(not ok for _, _, ok in results)
     print(f"{failed} of {len(results)} failed")
     return 1 if failed else 0
