@@ -76,6 +76,12 @@ def _causal_prefix(Sq: int, lengths) -> torch.Tensor:
     return torch.stack([j <= i + (n - Sq) for n in lengths])[:, None]
 
 
+def _causal_reference(q, k, v, patterns, lengths):
+    """Row b: its queries against its first lengths[b] keys, under the causal rule (float64)."""
+    return torch.cat([reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], patterns, causal=True)
+                      for b, n in enumerate(lengths)])
+
+
 @pytest.mark.parametrize("mask, Sq, want", [
     (_causal_prefix(6, [6, 6, 6]), 6, [MaskPrefix(6, True)] * 3),             # a static cache's prefill
     (_causal_prefix(6, [6, 9, 20]), 6, [MaskPrefix(6, True), MaskPrefix(9, True), MaskPrefix(20, True)]),
@@ -95,9 +101,7 @@ def test_patterns_run_under_the_causal_rule_on_each_rows_prefix():
     k, v = (_random(B, 2, Sk, D, seed=s) for s in (21, 22))
     patterns = (P.Window(4, 0), P.Skip("mean"), P.AShape(2, 3), P.Columns([(0, 3), (25, 40)]))
     got = attention_op(q, k, v, mask, D ** -0.5, False, patterns_to_json(patterns))
-    want = torch.cat([reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], patterns, causal=True)
-                      for b, n in enumerate(lengths)])
-    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got.double(), _causal_reference(q, k, v, patterns, lengths), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("rule, mask, runs", [
@@ -158,16 +162,22 @@ def test_the_triton_kernels_run_the_kept_keys_too(monkeypatch):
                                rtol=2e-5)
 
 
-def test_gradients_match_the_reference():
-    q, k, v = (_random(B, H, S, D, seed=s).requires_grad_() for s in (7, 8, 9))
-    keep = _prefix([70, 48, 48])
-    patterns = _patterns(seed=3)
-    out = attention_op(q, k, v, keep[:, None, None, :], D ** -0.5, False, patterns_to_json(patterns))
+@pytest.mark.parametrize("kind", ["padded keys", "causal prefix"])
+def test_gradients_match_the_reference(kind):
+    Sq, lengths = (S, [70, 48, 48]) if kind == "padded keys" else (40, [40, 52, 45])
+    Sk = S if kind == "padded keys" else max(lengths) + 3
+    q = _random(B, H, Sq, D, seed=7).requires_grad_()
+    k, v = (_random(B, H, Sk, D, seed=s).requires_grad_() for s in (8, 9))
+    mask = _prefix(lengths, Sk)[:, None, None, :] if kind == "padded keys" else _causal_prefix(Sq, lengths)
+    patterns = _patterns(seed=3) if kind == "padded keys" else (P.Window(4, 0), P.Skip("mean"), P.AShape(2, 3),
+                                                                 P.Columns([(0, 3), (25, 40)]))
+    out = attention_op(q, k, v, mask, D ** -0.5, False, patterns_to_json(patterns))
     weights = _random(*out.shape, seed=10)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = torch.autograd.grad((reference_attention(q64, k64, v64, patterns, key_mask=keep) * weights).sum(),
-                               (q64, k64, v64))
+    want = (reference_attention(q64, k64, v64, patterns, key_mask=_prefix(lengths, Sk)) if kind == "padded keys"
+            else _causal_reference(q64, k64, v64, patterns, lengths))
+    want = torch.autograd.grad((want * weights).sum(), (q64, k64, v64))
     for g, w in zip(grads, want):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
 
