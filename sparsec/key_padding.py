@@ -9,17 +9,21 @@ same L_b run as one call.
                    that attends over [video, text] tokens (HunyuanVideo: a (B, 1, 1, S) bool mask),
                    a caption's padding in cross-attention, transformers' padding masks. The
                    patterns run without the causal rule.
-  causal prefix    query i keeps keys j <= i + (L_b - Sq): the causal rule over the first L_b keys,
-                   as a static KV cache's prefill (queries at positions 0..Sq-1 of a longer cache,
-                   L_b = Sq) and its decoding steps (one query at position L_b - 1) mask it. The
-                   patterns run with the causal rule on the L_b keys.
+  causal prefix    query i keeps keys j <= i + d_b of the first L_b: the causal rule over them, as a
+                   static KV cache's prefill (queries at positions 0..Sq-1 of a longer cache, d_b =
+                   0), its chunks and decoding steps (d_b = L_b - Sq) mask it. The patterns run
+                   with the causal rule on the L_b keys. A right-padded batch (transformers'
+                   causal mask and padding in one) has rows whose last queries, the padding,
+                   reach all L_b keys before the end: the L_b - d_b queries under the causal rule
+                   run so, and the padding rows against all L_b keys under the patterns' explicit
+                   masks (exact, dense; few rows).
 
 Which masks a layer's patterns run under is its mask rule (Attention.mask_rule, an argument of
 the op): "" either kind (the option attention_patterns: patterns as given); "keys" padded keys
 only (a plan tuned without the causal rule: positions count from 0 for queries and keys alike);
-"causal:D" a causal prefix whose L_b - Sq is D (a plan tuned with the causal rule at kv_len -
-q_len = D: its query i is position i + D, which only such calls keep; a decoding step of a plan
-tuned on prefill has L_b - Sq > 0 and runs dense, as MInference decodes).
+"causal:D" a causal prefix whose d_b is D (a plan tuned with the causal rule at kv_len - q_len =
+D: its query i is position i + D, which only such calls keep; a decoding step of a plan tuned on
+prefill has d_b > 0 and runs dense, as MInference decodes).
 
 `key_prefix_runs` says whether a call runs so. It does not (None; the op then runs the dense path
 with the mask, exactly, and logs once per layer) when the mask varies with the head, keeps keys
@@ -59,21 +63,28 @@ def check_mask_rule(rule: str) -> None:
 
 @dataclass(frozen=True)
 class MaskPrefix:
-    """What a mask keeps of one batch row: the first `length` keys, for every query (causal False)
-    or under the causal rule over them (causal True: query i keeps j <= i + length - Sq)."""
+    """What a mask keeps of one batch row: the first `length` keys, for every query (offset None),
+    or for query i those with j <= i + offset (the causal rule over them)."""
 
     length: int
-    causal: bool
+    offset: int | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.offset is not None
+
+    def causal_queries(self, Sq: int) -> int:
+        """How many leading queries the causal rule cuts (the rest, a right-padded batch's padding,
+        keep all `length` keys)."""
+        return Sq if self.offset is None else min(Sq, self.length - self.offset)
 
 
 @dataclass(frozen=True)
 class KeyRun:
-    """Batch rows whose kept keys are the first `length` (under the causal rule or not), and the
-    head patterns cut to them."""
+    """Batch rows whose mask keeps the same prefix, and the head patterns cut to its keys."""
 
     rows: tuple[int, ...]
-    length: int
-    causal: bool
+    prefix: MaskPrefix
     patterns: tuple[P.Pattern, ...]
 
 
@@ -114,10 +125,10 @@ def mask_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> list
     if bool((lengths == 0).any()):
         return None
     first, last = lengths[:, 0], lengths[:, -1]
-    if keep.shape[1] == 1 or bool((lengths == first[:, None]).all()):
-        found = [MaskPrefix(int(n), Sq == 1) for n in first.tolist()]  # one query: both kinds alike
-    elif bool((lengths == first[:, None] + torch.arange(Sq, device=keep.device)).all()):
-        found = [MaskPrefix(int(n), True) for n in last.tolist()]
+    if keep.shape[1] == 1 or bool((lengths == first[:, None]).all()):  # one query: both kinds alike
+        found = [MaskPrefix(int(n), int(n) - 1 if Sq == 1 else None) for n in first.tolist()]
+    elif bool((lengths == torch.minimum(first[:, None] + torch.arange(Sq, device=keep.device), last[:, None])).all()):
+        found = [MaskPrefix(int(n), int(f) - 1) for n, f in zip(last.tolist(), first.tolist())]
     else:
         return None
     return found * batch if len(found) == 1 else found
@@ -128,7 +139,7 @@ def _follows(prefix: MaskPrefix, rule: str, Sq: int) -> bool:
         return True
     if rule == "keys":
         return not prefix.causal or Sq == 1
-    return prefix.causal and prefix.length - Sq == int(rule.split(":")[1])
+    return prefix.causal and prefix.offset == int(rule.split(":")[1])
 
 
 def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int) -> tuple[P.Pattern, ...] | None:
@@ -161,23 +172,55 @@ def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, i
     if prefixes is None or not all(_follows(p, rule, Sq) for p in prefixes):
         return None
     runs = []
-    for prefix in sorted(set(prefixes), key=lambda p: (p.length, p.causal)):
+    for prefix in sorted(set(prefixes), key=lambda p: (p.length, -1 if p.offset is None else p.offset)):
         patterns = patterns_for_keys(head_patterns, Sq, prefix.length)
         if patterns is None:
             return None
-        runs.append(KeyRun(tuple(b for b, p in enumerate(prefixes) if p == prefix), prefix.length, prefix.causal,
-                           patterns))
+        runs.append(KeyRun(tuple(b for b, p in enumerate(prefixes) if p == prefix), prefix, patterns))
     return runs
 
 
-def run_key_prefix(q, k, v, runs: list[KeyRun], attend) -> torch.Tensor:
-    """The output of every run: attend(q, k, v, patterns, causal) on its rows and first `length` keys."""
+def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float) -> torch.Tensor:
+    """The output of every run: attend(q, k, v, patterns, causal) on its rows and first keys (and
+    the padding rows of a right-padded batch against them, _padding_rows)."""
     if len(runs) == 1 and len(runs[0].rows) == q.shape[0]:
-        run = runs[0]
-        return attend(q, k[:, :, :run.length], v[:, :, :run.length], run.patterns, run.causal)
+        return _run(q, k, v, runs[0], attend, scale)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for run in runs:
-        rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.length)
-        out[rows] = attend(q.index_select(0, rows), k[:, :, keys].index_select(0, rows),
-                           v[:, :, keys].index_select(0, rows), run.patterns, run.causal)
+        rows = torch.tensor(run.rows, device=q.device)
+        out[rows] = _run(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows), run, attend, scale)
     return out
+
+
+def _run(q, k, v, run: KeyRun, attend, scale: float) -> torch.Tensor:
+    prefix, Sq = run.prefix, q.shape[2]
+    k, v = k[:, :, :prefix.length], v[:, :, :prefix.length]
+    causal_rows = prefix.causal_queries(Sq)
+    if causal_rows == Sq:
+        return attend(q, k, v, run.patterns, prefix.causal)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    out[:, :, :causal_rows] = attend(q[:, :, :causal_rows], k, v, run.patterns, True)
+    out[:, :, causal_rows:] = _padding_rows(q, k, v, run.patterns, causal_rows, scale)
+    return out
+
+
+def _padding_rows(q, k, v, head_patterns, first: int, scale: float) -> torch.Tensor:
+    """Queries first.. of q (B, Hq, Sq, D) against every key of k, v (B, Hkv, L, D), each head
+    under its pattern's explicit mask at (Sq, L), in float32 (a right-padded batch's padding rows:
+    few, and their results unused, but exact). A row with no key gives 0; Skip heads: the mean of V
+    or 0."""
+    Sq, L, group = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape[0], q.shape[1], Sq - first, v.shape[-1], dtype=torch.float32, device=q.device)
+    keeps = {}
+    for h, pattern in enumerate(head_patterns):
+        kh, vh = k[:, h // group].float(), v[:, h // group].float()
+        if isinstance(pattern, P.Skip):
+            if pattern.fill == "mean":
+                out[:, h] = vh.mean(1, keepdim=True)
+            continue
+        if pattern not in keeps:
+            keeps[pattern] = pattern.mask(Sq, L)[first:].to(q.device)
+        scores = (q[:, h, first:].float() @ kh.transpose(-1, -2)) * scale
+        probs = scores.masked_fill(~keeps[pattern], float("-inf")).softmax(-1).nan_to_num(0.0)
+        out[:, h] = probs @ vh
+    return out.to(q.dtype)

@@ -67,13 +67,15 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
             unnamed += 1
         elif attn_mask is not None and prefixes is None:
             masked.add(site)
-        elif prefixes is None or all(p == prefixes[0] and p.length == Sk for p in prefixes):  # one call will do
+        elif prefixes is None or all(p == prefixes[0] and p.length == Sk and p.causal_queries(Sq) == Sq
+                                     for p in prefixes):  # one call will do
             causal = bool(is_causal) or (prefixes is not None and prefixes[0].causal and Sq > 1)
             recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=causal, scale=float(scale)))
-        else:
+        else:  # each row's queries under the rule (not a right-padded batch's padding) against its kept keys
             for b, p in enumerate(prefixes):
-                recorded[site].append(LayerSample(q[b:b + 1].detach(), k[b:b + 1, :, :p.length].detach(),
-                                                  v[b:b + 1, :, :p.length].detach(), causal=p.causal and Sq > 1,
+                rows = p.causal_queries(Sq)
+                recorded[site].append(LayerSample(q[b:b + 1, :, :rows].detach(), k[b:b + 1, :, :p.length].detach(),
+                                                  v[b:b + 1, :, :p.length].detach(), causal=p.causal and rows > 1,
                                                   scale=float(scale)))
 
     with recording_attention(record):

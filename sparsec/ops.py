@@ -106,7 +106,7 @@ def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, pattern
         _log_dense_mask(site, tuple(attn_mask.shape), is_causal, mask_rule)
         return dense_attention(q, k, v, attn_mask, scale, is_causal)
     return run_key_prefix(q, k, v, runs, lambda q, k, v, patterns, causal: sparsec.attention(
-        q, k, v, patterns, causal=causal, scale=scale, tiles=tiles))
+        q, k, v, patterns, causal=causal, scale=scale, tiles=tiles), scale)
 
 
 @functools.lru_cache(maxsize=1024)  # once a layer and mask shape
@@ -165,8 +165,9 @@ def _kept_pairs(runs, batch: int, Sq: int, Sk: int, device) -> torch.Tensor:
     i, j = torch.arange(Sq, device=device)[:, None], torch.arange(Sk, device=device)
     kept = torch.zeros(batch, Sq, Sk, dtype=torch.bool, device=device)
     for run in runs:
-        pairs = (j <= i + (run.length - Sq)) if run.causal else (j < run.length).expand(Sq, Sk)
-        kept[list(run.rows)] = pairs & (j < run.length)
+        prefix = run.prefix
+        pairs = (j <= i + prefix.offset) if prefix.causal else torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+        kept[list(run.rows)] = pairs & (j < prefix.length)
     return kept
 
 
@@ -194,13 +195,13 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     runs = None
     if head_patterns and attn_mask is not None:  # as the forward: patterns on key prefixes, or dense
         runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
-        head_patterns = None if runs is None else max(runs, key=lambda r: r.length).patterns
+        head_patterns = None if runs is None else max(runs, key=lambda r: r.prefix.length).patterns
     if head_patterns:
         allowed = keep
         if runs is not None:  # a Skip head's mean covers each row's kept keys (each query's)
             allowed = keep & _kept_pairs(runs, q.shape[0], Sq, Sk, q.device)
         skip = _skip_probs(head_patterns, allowed.to(dtype))
-        longest = Sk if runs is None else max(r.length for r in runs)
+        longest = Sk if runs is None else max(r.prefix.length for r in runs)
         keep = keep & _padded_keep(head_patterns, Sq, longest, Sk, q.device)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         keep = keep & attn_mask

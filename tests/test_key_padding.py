@@ -66,7 +66,7 @@ PREFIX = _prefix([70, 55, 41])
 ])
 def test_padded_keys_are_read_from_the_mask(mask, want):
     found = mask_prefixes(mask, B, S, S)
-    assert found == (None if want is None else [MaskPrefix(n, False) for n in want])
+    assert found == (None if want is None else [MaskPrefix(n) for n in want])
 
 
 def _causal_prefix(Sq: int, lengths) -> torch.Tensor:
@@ -76,6 +76,13 @@ def _causal_prefix(Sq: int, lengths) -> torch.Tensor:
     return torch.stack([j <= i + (n - Sq) for n in lengths])[:, None]
 
 
+def _right_padded(Sq: int, lengths) -> torch.Tensor:
+    """(B, 1, Sq, Sq) bool: transformers' causal mask of a right-padded batch, query i of row b
+    keeping keys j <= i with j < lengths[b] (its padding rows keep all lengths[b] keys)."""
+    i, j = torch.arange(Sq)[:, None], torch.arange(Sq)[None, :]
+    return torch.stack([(j <= i) & (j < n) for n in lengths])[:, None]
+
+
 def _causal_reference(q, k, v, patterns, lengths):
     """Row b: its queries against its first lengths[b] keys, under the causal rule (float64)."""
     return torch.cat([reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], patterns, causal=True)
@@ -83,9 +90,10 @@ def _causal_reference(q, k, v, patterns, lengths):
 
 
 @pytest.mark.parametrize("mask, Sq, want", [
-    (_causal_prefix(6, [6, 6, 6]), 6, [MaskPrefix(6, True)] * 3),             # a static cache's prefill
-    (_causal_prefix(6, [6, 9, 20]), 6, [MaskPrefix(6, True), MaskPrefix(9, True), MaskPrefix(20, True)]),
-    (_causal_prefix(1, [5, 5, 8]), 1, [MaskPrefix(5, True)] * 2 + [MaskPrefix(8, True)]),  # decoding steps
+    (_causal_prefix(6, [6, 6, 6]), 6, [MaskPrefix(6, 0)] * 3),                 # a static cache's prefill
+    (_causal_prefix(6, [6, 9, 20]), 6, [MaskPrefix(6, 0), MaskPrefix(9, 3), MaskPrefix(20, 14)]),
+    (_causal_prefix(1, [5, 5, 8]), 1, [MaskPrefix(5, 4)] * 2 + [MaskPrefix(8, 7)]),  # decoding steps
+    (_right_padded(6, [6, 4, 2]), 6, [MaskPrefix(6, 0), MaskPrefix(4, 0), MaskPrefix(2, 0)]),
     (_causal_prefix(6, [6, 6, 6]).transpose(-1, -2)[..., :6, :], 6, None),       # keeps suffixes
     (_causal_prefix(6, [5, 6, 6]), 6, None),                                  # row 0's first query keeps nothing
 ])
@@ -102,6 +110,37 @@ def test_patterns_run_under_the_causal_rule_on_each_rows_prefix():
     patterns = (P.Window(4, 0), P.Skip("mean"), P.AShape(2, 3), P.Columns([(0, 3), (25, 40)]))
     got = attention_op(q, k, v, mask, D ** -0.5, False, patterns_to_json(patterns))
     torch.testing.assert_close(got.double(), _causal_reference(q, k, v, patterns, lengths), atol=2e-5, rtol=2e-5)
+
+
+def _explicit_reference(q, k, v, patterns, keep, scale=D ** -0.5):
+    """float64: head h of row b attends under patterns[h].mask(Sq, Sk) & keep[b] ((B, Sq, Sk) bool);
+    Skip heads: the mean of V over keep[b]'s keys of each query, or 0. Rows with no key give 0."""
+    B, Hq, Sq, _ = q.shape
+    Sk, group = k.shape[2], Hq // k.shape[1]
+    out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h, p in enumerate(patterns):
+            kb, vb = k[b, h // group].double(), v[b, h // group].double()
+            if isinstance(p, P.Skip):
+                if p.fill == "mean":
+                    out[b, h] = (keep[b].double() / keep[b].sum(-1, keepdim=True).clamp(min=1)) @ vb
+                continue
+            scores = (q[b, h].double() @ kb.T) * scale
+            probs = scores.masked_fill(~(p.mask(Sq, Sk) & keep[b]), float("-inf")).softmax(-1).nan_to_num(0.0)
+            out[b, h] = probs @ vb
+    return out
+
+
+def test_a_right_padded_batch_runs_its_rows_under_the_causal_rule_and_its_padding_exactly():
+    """transformers' causal mask of a right-padded batch: each row's real queries run the patterns under
+    the causal rule on its kept keys, its padding queries against all of them (explicit masks)."""
+    Sq, lengths = 48, [48, 30, 7]
+    mask = _right_padded(Sq, lengths)
+    q = _random(B, H, Sq, D, seed=40)
+    k, v = (_random(B, 2, Sq, D, seed=s) for s in (41, 42))
+    patterns = (P.Window(5, 0), P.Skip("mean"), P.AShape(2, 6) | P.Columns([(20, 24)]), P.Dense())
+    got = attention_op(q, k, v, mask, D ** -0.5, False, patterns_to_json(patterns), mask_rule="causal:0")
+    torch.testing.assert_close(got.double(), _explicit_reference(q, k, v, patterns, mask[:, 0]), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("rule, mask, runs", [
@@ -162,21 +201,24 @@ def test_the_triton_kernels_run_the_kept_keys_too(monkeypatch):
                                rtol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["padded keys", "causal prefix"])
+@pytest.mark.parametrize("kind", ["padded keys", "causal prefix", "right padded"])
 def test_gradients_match_the_reference(kind):
-    Sq, lengths = (S, [70, 48, 48]) if kind == "padded keys" else (40, [40, 52, 45])
-    Sk = S if kind == "padded keys" else max(lengths) + 3
+    Sq, lengths = {"padded keys": (S, [70, 48, 48]), "causal prefix": (40, [40, 52, 45]),
+                   "right padded": (40, [40, 31, 9])}[kind]
+    Sk = {"padded keys": S, "causal prefix": max(lengths) + 3, "right padded": Sq}[kind]
     q = _random(B, H, Sq, D, seed=7).requires_grad_()
     k, v = (_random(B, H, Sk, D, seed=s).requires_grad_() for s in (8, 9))
-    mask = _prefix(lengths, Sk)[:, None, None, :] if kind == "padded keys" else _causal_prefix(Sq, lengths)
+    mask = {"padded keys": _prefix(lengths, Sk)[:, None, None, :], "causal prefix": _causal_prefix(Sq, lengths),
+            "right padded": _right_padded(Sq, lengths)}[kind]
     patterns = _patterns(seed=3) if kind == "padded keys" else (P.Window(4, 0), P.Skip("mean"), P.AShape(2, 3),
                                                                  P.Columns([(0, 3), (25, 40)]))
     out = attention_op(q, k, v, mask, D ** -0.5, False, patterns_to_json(patterns))
     weights = _random(*out.shape, seed=10)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = (reference_attention(q64, k64, v64, patterns, key_mask=_prefix(lengths, Sk)) if kind == "padded keys"
-            else _causal_reference(q64, k64, v64, patterns, lengths))
+    want = {"padded keys": lambda: reference_attention(q64, k64, v64, patterns, key_mask=_prefix(lengths, Sk)),
+            "causal prefix": lambda: _causal_reference(q64, k64, v64, patterns, lengths),
+            "right padded": lambda: _explicit_reference(q64, k64, v64, patterns, mask[:, 0])}[kind]()
     want = torch.autograd.grad((want * weights).sum(), (q64, k64, v64))
     for g, w in zip(grads, want):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
@@ -251,9 +293,9 @@ class _counting:
         self.calls, self.original = calls, key_padding.run_key_prefix
 
     def __enter__(self):
-        def counted(q, k, v, runs, attend):
-            self.calls.append(sorted((row, run.length) for run in runs for row in run.rows))
-            return self.original(q, k, v, runs, attend)
+        def counted(q, k, v, runs, attend, scale):
+            self.calls.append(sorted((row, run.prefix.length) for run in runs for row in run.rows))
+            return self.original(q, k, v, runs, attend, scale)
 
         import sparsec.ops
         sparsec.ops.run_key_prefix = counted
@@ -399,3 +441,65 @@ def test_tune_says_why_a_model_with_only_other_masks_gets_an_empty_plan(caplog):
         plan = sparsec.tune(QueryMaskedModel(), inputs, target="cpu", progress=False)
     assert not plan.layers
     assert "none of the model's 1 attention layers can be tuned" in caplog.text
+
+
+@pytest.mark.models
+def test_a_right_padded_llama_batch_runs_the_patterns_on_its_rows():
+    """transformers' Llama with a right-padded batch: one (B, 1, S, S) mask, the causal rule and the
+    padding; every row runs the patterns (a pattern that keeps every key: the result is eager's)."""
+    from tests import hf_models
+
+    model, _ = hf_models.llama("sdpa")
+    ids = torch.randint(0, hf_models.VOCAB, (2, hf_models.SEQ))
+    padding = torch.ones(2, hf_models.SEQ, dtype=torch.long)
+    padding[1, 5:] = 0
+    runs = []
+    with torch.no_grad():
+        want = model(ids, attention_mask=padding).last_hidden_state
+        with _counting(runs):
+            compiled = torch.compile(model, backend=functools.partial(sparsec_backend, options={
+                "attention_patterns": {"*": P.Columns([(0, 1 << 20)])}, "inner": "eager", "fallback": "raise"}))
+            got = compiled(ids, attention_mask=padding).last_hidden_state
+    assert runs == [[(0, hf_models.SEQ), (1, 5)]] * hf_models.LAYERS
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class RightPaddedCausal(nn.Module):
+    """Causal self-attention over a right-padded batch, masked as transformers does: j <= i and j < length."""
+
+    def forward(self, q, k, v, lengths):
+        S = q.shape[2]
+        i, j = torch.arange(S, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
+        keep = (j <= i)[None] & (j[None] < lengths[:, None, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None])
+
+
+class RightPaddedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = RightPaddedCausal()
+
+    def forward(self, q, k, v, lengths):
+        return self.attn(q, k, v, lengths)
+
+
+def test_a_causal_plan_tuned_on_a_right_padded_batch_runs_on_another():
+    """Tuned on a right-padded batch (each row's real queries against its real keys, under the causal
+    rule), the plan runs on a batch padded otherwise: each row's real queries sparse, its padding exact."""
+    layer = PlantedLayer(("stripes", "uniform", "stripes", "random"), 256, 32, causal=True, seed=7)
+    plan = sparsec.tune(RightPaddedModel(), (*layer.sample(2, seed=1), torch.tensor([200, 200])),
+                        target=cheap_calls_cpu(), budget=0.05, progress=False)
+    planned = plan.layers["attn"]
+    assert (planned.q_len, planned.kv_len, planned.causal) == (200, 200, True)
+    assert sum(not isinstance(p, P.Dense) for p in planned.patterns) >= 2
+    q, k, v = layer.sample(2, seed=2)
+    lengths = torch.tensor([256, 180])
+    runs = []
+    with torch.no_grad(), _counting(runs):
+        got = torch.compile(RightPaddedModel(), backend="sparsec", options={"plan": plan, "inner": "eager"})(
+            q, k, v, lengths)
+    assert runs == [[(0, 256), (1, 180)]]
+    i, j = torch.arange(256)[:, None], torch.arange(256)[None, :]
+    keep = (j <= i)[None] & (j[None] < lengths[:, None, None])
+    torch.testing.assert_close(got.double(), _explicit_reference(q, k, v, planned.patterns, keep, 32 ** -0.5),
+                               atol=2e-5, rtol=2e-5)
