@@ -36,7 +36,8 @@ from sparsec.ops import attention as attention_op
 from sparsec.ops import patterns_to_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import DTYPES, _max_rel_error, _time_ms, add_device_options, pattern_for_density, write_rows  # noqa: E402
+from attention import (  # noqa: E402  (shared with the kernel benchmarks)
+    DTYPES, _max_rel_error, _time_ms, add_device_options, pattern_for_density, write_rows)
 
 FAMILIES = ("window", "multi_diagonal", "block_sparse")
 
@@ -128,7 +129,8 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="CPU: time each point at least this long")
     parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--output", default=None, help="JSON path (default: bench/results/padded_attention_<device>_<date>.json)")
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default: bench/results/padded_attention_<device>_<date>.json)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

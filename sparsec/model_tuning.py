@@ -13,9 +13,11 @@ go to sparsec.tuning.tune_layers (calibration statistics -> candidates with meas
 cost-model search). A call whose mask cuts the keys to a prefix (padded keys, or the causal rule
 over a prefix: sparsec/key_padding.py) is recorded as each batch row's queries against its kept
 keys (under the causal rule or not), which is how the patterns run on it; where rows differ, the
-layer is tuned on the rows of its most common shape (a log line says how many were left out). Calls with any other mask or bias are left out,
-and a layer with no other call stays dense (the pattern kernels take no general mask). The plan carries a fingerprint of the model's attention layers (module path, heads, kv
-heads, head size), which Plan.check_fingerprint compares against another model.
+layer is tuned on the rows of its most common shape (a log line says how many were left out).
+Calls with any other mask or bias are left out, and a layer with no other call stays dense (the
+pattern kernels take no general mask). The plan carries a fingerprint of the model's attention
+layers (module path, heads, kv heads, head size), which Plan.check_fingerprint compares against
+another model.
 """
 from __future__ import annotations
 

@@ -244,6 +244,18 @@ def test_other_masks_run_dense_with_the_mask(case, caplog):
     assert f"layer {case}" in caplog.text and "dense, with the mask" in caplog.text
 
 
+class Holding(nn.Module):
+    """A model holding one attention module under `name`: its module path, which a plan names."""
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__()
+        self.held = name
+        self.add_module(name, module)
+
+    def forward(self, *args):
+        return getattr(self, self.held)(*args)
+
+
 TEXT = 48  # text tokens after the video tokens, padded at the end
 
 
@@ -257,20 +269,11 @@ class JointAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
 
 
-class PaddedModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.joint = JointAttention()
-
-    def forward(self, q, k, v, text_lengths):
-        return self.joint(q, k, v, text_lengths)
-
-
 def test_a_padded_layer_is_tuned_on_its_kept_keys_and_runs_its_plan():
     # stripes and near-uniform heads (bands and frames are built from quadratic position features whose
     # logits lose ~1e-3 in float32 at S = 512, dense SDPA included: too coarse for an exact comparison)
     layer = PlantedLayer(("stripes", "uniform", "stripes", "random"), 512, 32, seed=5)
-    model = PaddedModel()
+    model = Holding("joint", JointAttention())
     calibration = (*layer.sample(2, seed=1), torch.tensor([TEXT - 16, TEXT - 16]))
     plan = sparsec.tune(model, calibration, target=cheap_calls_cpu(), budget=0.05, progress=False)
     planned = plan.layers["joint"]
@@ -374,27 +377,18 @@ class CachedAttention(nn.Module):
         return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask[None, None])
 
 
-class CachedModel(nn.Module):
-    def __init__(self, heads: int, head_dim: int):
-        super().__init__()
-        self.attn = CachedAttention(heads, head_dim)
-
-    def forward(self, q, k, v, positions):
-        return self.attn(q, k, v, positions)
-
-
 def test_a_static_cache_runs_a_causal_plan_on_its_prefill_and_decodes_dense():
     """Tuned on a prefill (the causal rule over the first 256 cache slots), the plan runs on a fresh
     prefill from position 0, and not on a decoding step or a later chunk, whose queries sit further on
     (dense with the mask there); every output equals the float64 reference of what ran."""
     layer = PlantedLayer(("stripes", "uniform", "stripes", "random"), 256, 32, causal=True, seed=6)
     positions = torch.arange(256)
-    plan = sparsec.tune(CachedModel(4, 32), (*layer.sample(1, seed=1), positions), target=cheap_calls_cpu(),
-                        budget=0.05, progress=False)
+    plan = sparsec.tune(Holding("attn", CachedAttention(4, 32)), (*layer.sample(1, seed=1), positions),
+                        target=cheap_calls_cpu(), budget=0.05, progress=False)
     planned = plan.layers["attn"]
     assert (planned.q_len, planned.kv_len, planned.causal) == (256, 256, True)
     assert sum(not isinstance(p, P.Dense) for p in planned.patterns) >= 2
-    model = CachedModel(4, 32)
+    model = Holding("attn", CachedAttention(4, 32))
     compiled = torch.compile(model, backend="sparsec", options={"plan": plan, "inner": "eager"})
     q, k, v = layer.sample(1, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -426,19 +420,10 @@ class QueryMasked(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
 
-class QueryMaskedModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = QueryMasked()
-
-    def forward(self, q, k, v):
-        return self.attn(q, k, v)
-
-
 def test_tune_says_why_a_model_with_only_other_masks_gets_an_empty_plan(caplog):
     inputs = tuple(_random(1, 2, 16, 8, seed=s) for s in (30, 31, 32))
     with caplog.at_level(logging.WARNING, logger="sparsec.model_tuning"):
-        plan = sparsec.tune(QueryMaskedModel(), inputs, target="cpu", progress=False)
+        plan = sparsec.tune(Holding("attn", QueryMasked()), inputs, target="cpu", progress=False)
     assert not plan.layers
     assert "none of the model's 1 attention layers can be tuned" in caplog.text
 
@@ -474,20 +459,11 @@ class RightPaddedCausal(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None])
 
 
-class RightPaddedModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = RightPaddedCausal()
-
-    def forward(self, q, k, v, lengths):
-        return self.attn(q, k, v, lengths)
-
-
 def test_a_causal_plan_tuned_on_a_right_padded_batch_runs_on_another():
     """Tuned on a right-padded batch (each row's real queries against its real keys, under the causal
     rule), the plan runs on a batch padded otherwise: each row's real queries sparse, its padding exact."""
     layer = PlantedLayer(("stripes", "uniform", "stripes", "random"), 256, 32, causal=True, seed=7)
-    plan = sparsec.tune(RightPaddedModel(), (*layer.sample(2, seed=1), torch.tensor([200, 200])),
+    plan = sparsec.tune(Holding("attn", RightPaddedCausal()), (*layer.sample(2, seed=1), torch.tensor([200, 200])),
                         target=cheap_calls_cpu(), budget=0.05, progress=False)
     planned = plan.layers["attn"]
     assert (planned.q_len, planned.kv_len, planned.causal) == (200, 200, True)
@@ -496,8 +472,9 @@ def test_a_causal_plan_tuned_on_a_right_padded_batch_runs_on_another():
     lengths = torch.tensor([256, 180])
     runs = []
     with torch.no_grad(), _counting(runs):
-        got = torch.compile(RightPaddedModel(), backend="sparsec", options={"plan": plan, "inner": "eager"})(
-            q, k, v, lengths)
+        compiled = torch.compile(Holding("attn", RightPaddedCausal()), backend="sparsec",
+                                 options={"plan": plan, "inner": "eager"})
+        got = compiled(q, k, v, lengths)
     assert runs == [[(0, 256), (1, 180)]]
     i, j = torch.arange(256)[:, None], torch.arange(256)[None, :]
     keep = (j <= i)[None] & (j[None] < lengths[:, None, None])
