@@ -45,8 +45,8 @@ __all__ = [
     "AttentionShape", "AttentionEstimate", "AttentionWork", "BlockCounts", "EXACT_SCHEDULE_PROGRAMS", "LaunchWork",
     "attention_work", "counts_seconds", "cpu_option_counts", "cpu_option_seconds", "estimate_attention",
     "fixed_seconds", "head_groups_by_family", "head_price", "head_seconds_many", "head_share", "launch_seconds",
-    "makespan_estimate", "native_lane_seconds", "native_row_seconds", "pattern_counts", "planned_on_cpu", "price_attention",
-    "program_seconds", "query_rows_speed", "skip_seconds",
+    "makespan_estimate", "native_lane_seconds", "native_row_seconds", "pattern_counts", "planned_on_cpu",
+    "price_attention", "program_seconds", "query_rows_speed", "skip_seconds",
 ]
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
