@@ -118,16 +118,17 @@ def mask_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> list
     if keep is None:
         return None
     kept = keep.view(torch.uint8)  # two passes over the mask, no copy of it (bool sums are 8x slower)
-    if bool((kept[..., 1:] > kept[..., :-1]).any()):
-        return None  # a kept key after a dropped one: not a prefix
+    rising = (kept[..., 1:] > kept[..., :-1]).any(-1)  # a kept key after a dropped one: not a prefix
     lowest, first_dropped = kept.min(-1)
-    lengths = torch.where(lowest == 1, Sk, first_dropped)  # (B', Sq')
-    if bool((lengths == 0).any()):
+    lengths = torch.where(lowest == 1, Sk, first_dropped)
+    # one copy to the host (one synchronisation on a GPU): each query's kept keys, -1 where not a prefix
+    lengths = torch.where(rising, -1, lengths).cpu()  # (B', Sq')
+    if bool((lengths <= 0).any()):
         return None
     first, last = lengths[:, 0], lengths[:, -1]
     if keep.shape[1] == 1 or bool((lengths == first[:, None]).all()):  # one query: both kinds alike
         found = [MaskPrefix(int(n), int(n) - 1 if Sq == 1 else None) for n in first.tolist()]
-    elif bool((lengths == torch.minimum(first[:, None] + torch.arange(Sq, device=keep.device), last[:, None])).all()):
+    elif bool((lengths == torch.minimum(first[:, None] + torch.arange(Sq), last[:, None])).all()):
         found = [MaskPrefix(int(n), int(f) - 1) for n, f in zip(last.tolist(), first.tolist())]
     else:
         return None
