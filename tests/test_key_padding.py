@@ -480,3 +480,12 @@ def test_a_causal_plan_tuned_on_a_right_padded_batch_runs_on_another():
     keep = (j <= i)[None] & (j[None] < lengths[:, None, None])
     torch.testing.assert_close(got.double(), _explicit_reference(q, k, v, planned.patterns, keep, 32 ** -0.5),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_explain_says_how_a_masked_layer_runs_its_patterns():
+    q, k, v = (_random(1, 2, 64, 8, seed=s) for s in (50, 51, 52))
+    report = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]),
+                             options={"attention_patterns": {"joint": P.Window(4, 4)}})
+    assert "attention joint: heads 2/2, mask (patterns where it cuts the keys to a prefix, rule 'any')" in str(report)
+    dense = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]))
+    assert "attention joint: heads 2/2, mask, scale" in str(dense)
