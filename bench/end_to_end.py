@@ -5,6 +5,7 @@ its plan, against eager PyTorch and torch.compile (Inductor).
     python bench/end_to_end.py --device cpu     # CPU: 2048 tokens, Inductor too
     python bench/end_to_end.py --device cuda    # GPU: 16 frames of 32 x 32 patches (16K tokens), bf16
     python bench/end_to_end.py --prune block64:0.5   # the blocks' linear weights block-sparse too
+    python bench/end_to_end.py --quick --joint-text 128   # [video, text] joint attention, text padded (HunyuanVideo)
 
 The model (sparsec.models.tiny_dit, random weights) has self-attention heads with positional roles
 (local, temporal, sink, content in turn, rotated per block: sparsec/models/positional_heads.py),
@@ -92,6 +93,9 @@ def run(args) -> dict:
     target = profile_for_device(device)
     print(f"model: {config.frames} frames x {config.tokens_per_frame} tokens = {config.tokens} tokens, dim {config.dim}, "
           f"{config.heads} heads (roles {', '.join(config.head_roles)}), {config.depth} blocks, {args.dtype}, on {device}")
+    if config.joint_text:
+        print(f"joint attention over [video, {config.text_len} text tokens]; real text tokens: calibration "
+              f"{calibration[3].tolist()}, fresh {fresh[3].tolist()}")
 
     start = time.perf_counter()
     plan = sparsec.tune(model, calibration, target=target, budget=args.budget, progress=not args.no_progress)
@@ -190,6 +194,9 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--joint-text", type=int, default=None, metavar="TOKENS",
+                        help="HunyuanVideo's layout: self-attention over [video, TOKENS text tokens] with the text "
+                             "padded (a quarter to all of it real per input) instead of cross-attention")
     parser.add_argument("--budget", type=float, default=0.02, help="sparsec.tune's per-layer error budget")
     parser.add_argument("--prune", type=_prune_spec, default=None,
                         help="prune the blocks' linear layers first: N:M (e.g. 2:4), blockB:D (e.g. block64:0.5) "
@@ -215,6 +222,10 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     config = CPU_CONFIG if args.device == "cpu" else GPU_CONFIG
     sizes = {"frames": args.frames, "dim": args.dim, "heads": args.heads, "depth": args.depth}
+    if args.joint_text is not None:
+        if args.joint_text < 1:
+            parser.error(f"--joint-text must be a positive number of text tokens, got {args.joint_text}")
+        sizes.update(joint_text=True, text_len=args.joint_text)
     if args.patches:
         sizes.update(height=2 * args.patches, width=2 * args.patches)
     try:

@@ -29,8 +29,9 @@ prefill has d_b > 0 and runs dense, as MInference decodes).
 with the mask, exactly, and logs once per layer) when the mask varies with the head, keeps keys
 that are not such a prefix, drops every key of a row, is a float bias with values other than 0 and
 -inf (or the dtype's lowest value, which transformers uses), or breaks the layer's rule; when the
-op is causal itself; or when a block layout has fewer key blocks than a row's kept keys need (it
-was tuned on fewer keys: it cannot say which of the others to keep).
+op is causal itself; or when a layout of the option attention_patterns has fewer key blocks than a
+row's kept keys need. A plan's layout that has fewer (tuned on shorter text: no calibration call
+had the keys past it) keeps the key blocks past it, as dense does.
 
 The mask is read at run time (a traced graph cannot tell one mask from another): any shape that
 broadcasts to (B, H, Sq, Sk), expanded (stride 0) or materialized. A materialized (B, 1, Sq, Sk)
@@ -143,10 +144,11 @@ def _follows(prefix: MaskPrefix, rule: str, Sq: int) -> bool:
     return prefix.causal and prefix.offset == int(rule.split(":")[1])
 
 
-def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int) -> tuple[P.Pattern, ...] | None:
+def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int,
+                      widen: bool = False) -> tuple[P.Pattern, ...] | None:
     """The head patterns over the first `length` keys: block layouts keep the key blocks those
-    cover; None when a layout has fewer (or its query blocks do not fit Sq). Other patterns name
-    key positions, which the first `length` keys keep."""
+    cover; one with fewer gets the missing blocks kept (`widen`) or gives None, as one whose query
+    blocks do not fit Sq does. Other patterns name key positions, which the first `length` keys keep."""
     cut = {}
     for pattern in dict.fromkeys(head_patterns):
         parts = pattern.parts if isinstance(pattern, P.Union) else (pattern,)
@@ -155,9 +157,12 @@ def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int
             if isinstance(part, P.BlockSparse):
                 (bq, bk), (rows, cols) = part.block, part.layout_shape
                 need = math.ceil(length / bk)
-                if rows != math.ceil(Sq / bq) or cols < need:
+                if rows != math.ceil(Sq / bq) or (cols < need and not widen):
                     return None
-                part = part if cols == need else P.BlockSparse.from_trusted_layout(part.layout[:, :need], (bq, bk))
+                if cols != need:
+                    layout = part.layout[:, :need] if cols > need else torch.cat(
+                        [part.layout, torch.ones(rows, need - cols, dtype=torch.bool)], dim=1)
+                    part = P.BlockSparse.from_trusted_layout(layout, (bq, bk))
             new_parts.append(part)
         cut[pattern] = new_parts[0] if len(new_parts) == 1 else P.Union(new_parts)
     return tuple(cut[p] for p in head_patterns)
@@ -174,7 +179,7 @@ def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, i
         return None
     runs = []
     for prefix in sorted(set(prefixes), key=lambda p: (p.length, -1 if p.offset is None else p.offset)):
-        patterns = patterns_for_keys(head_patterns, Sq, prefix.length)
+        patterns = patterns_for_keys(head_patterns, Sq, prefix.length, widen=rule != "")
         if patterns is None:
             return None
         runs.append(KeyRun(tuple(b for b, p in enumerate(prefixes) if p == prefix), prefix, patterns))

@@ -83,3 +83,20 @@ def test_compile_check_builds_a_saved_plans_launches(tmp_path):
         assert case["tiles"] == [64, 32, expected.num_warps, expected.num_stages]
         assert call.kwargs["BLOCK_M"] == 64 and call.kwargs["num_warps"] == expected.num_warps
         assert call.args[0].shape == (1, 4, 300, 64) and call.args[1].shape == (1, 2, 300, 64)
+
+
+def test_joint_text_runs_hunyuan_videos_layout(bench, tmp_path, capsys):
+    """--joint-text: one self-attention over [video, text] tokens a block, the text padded; the plan
+    names only those layers, and every variant still matches eager."""
+    output = tmp_path / "joint.json"
+    bench.main(["--quick", "--frames", "2", "--patches", "8", "--dim", "64", "--depth", "1", "--min-seconds", "0",
+                "--joint-text", "16", "--no-progress", "--output", str(output)])
+    assert "joint attention over [video, 16 text tokens]" in capsys.readouterr().out
+    data = json.loads(output.read_text())
+    assert data["config"]["joint_text"] is True and data["config"]["text_len"] == 16
+    assert [layer["layer"] for layer in data["layers"]] == ["blocks.0.attn"]
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["sparsec dense"]["rel_l2_error_vs_eager"] < 1e-6
+    assert rows["sparsec plan"]["rel_l2_error_vs_eager"] < 0.05
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--joint-text", "0"])

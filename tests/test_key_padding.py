@@ -234,7 +234,7 @@ def test_other_masks_run_dense_with_the_mask(case, caplog):
         mask[1, 0, 0, 3] = False
     elif case == "causal":
         causal = True
-    elif case == "layout too narrow":  # a layout for 48 keys cannot say which of a 70-key row's to keep
+    elif case == "layout too narrow":  # attention_patterns' layout for 48 keys cannot say which of 70 to keep
         patterns = (P.BlockSparse(torch.ones(5, 3, dtype=torch.bool), 16),) * H
     else:
         mask = (torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(2)) < 0.7) | torch.eye(S, dtype=bool)
@@ -242,6 +242,19 @@ def test_other_masks_run_dense_with_the_mask(case, caplog):
         got = attention_op(q, k, v, mask, D ** -0.5, causal, patterns_to_json(patterns), site=f"layer {case}")
     torch.testing.assert_close(got, dense_attention(q, k, v, mask, D ** -0.5, causal), atol=0, rtol=0)
     assert f"layer {case}" in caplog.text and "dense, with the mask" in caplog.text
+
+
+def test_a_plans_layout_short_of_a_rows_keys_keeps_the_keys_past_it():
+    """A plan tuned on shorter text has layouts with fewer key blocks than a longer row needs: under a
+    plan's rule the blocks past them are kept (no calibration call had those keys), not dropped."""
+    q, k, v = (_random(B, H, S, D, seed=s) for s in (60, 61, 62))
+    keep = _prefix([70, 55, 41])
+    layout = torch.rand(5, 3, generator=torch.Generator().manual_seed(4)) < 0.5  # 48 keys' blocks
+    patterns = (P.BlockSparse(layout, 16),) * H
+    got = attention_op(q, k, v, keep[:, None, None, :], D ** -0.5, False, patterns_to_json(patterns), mask_rule="keys")
+    widened = (P.BlockSparse(torch.cat([layout, torch.ones(5, 2, dtype=torch.bool)], dim=1), 16),) * H
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, widened, key_mask=keep), atol=2e-5,
+                               rtol=2e-5)
 
 
 class Holding(nn.Module):
@@ -489,3 +502,27 @@ def test_explain_says_how_a_masked_layer_runs_its_patterns():
     assert "attention joint: heads 2/2, mask (patterns where it cuts the keys to a prefix, rule 'any')" in str(report)
     dense = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]))
     assert "attention joint: heads 2/2, mask, scale" in str(dense)
+
+
+def test_the_bundled_dit_with_joint_text_runs_its_plan_exactly():
+    """sparsec.models' tiny DiT in HunyuanVideo's layout (joint_text: self-attention over [video,
+    text] tokens, the text padded): tuned with all its text real, the plan runs on fresh inputs whose
+    text is padded, and equals the eager model under the plan's patterns as explicit masks."""
+    from sparsec.models import TinyDiTConfig, example_inputs, tiny_dit, with_roles
+
+    config = with_roles(TinyDiTConfig(frames=4, height=16, width=16, joint_text=True, text_len=32))
+    model, _ = tiny_dit(config)
+    calibration = (*example_inputs(config, seed=1)[:3], torch.tensor([32]))
+    plan = sparsec.tune(model, calibration, target=cheap_calls_cpu(), budget=0.05, progress=False)
+    assert set(plan.layers) == {"blocks.0.attn", "blocks.1.attn"}
+    assert any(not isinstance(p, P.Dense) for layer in plan.layers.values() for p in layer.patterns)
+    fresh = (*example_inputs(config, seed=2)[:3], torch.tensor([9]))
+    runs = []
+    with torch.no_grad(), _counting(runs):
+        got = torch.compile(model, backend="sparsec", options={"plan": plan, "inner": "eager"})(*fresh)
+    assert runs and all(r == [(0, config.tokens + 9)] for r in runs)
+    for b, block in enumerate(model.blocks):
+        block.attn.head_patterns = tuple(plan.layers[f"blocks.{b}.attn"].patterns)
+    with torch.no_grad():
+        want = model(*fresh)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -3,7 +3,9 @@
     latents (B, C, F, H, W) -> patch embed -> tokens (B, F * H/p * W/p, dim), frame-major
     per block: adaLN modulation from the timestep and pooled text (6 * dim: shift, scale, gate
                for attention and MLP), self-attention over all video tokens, cross-attention to
-               the text tokens, MLP
+               the text tokens, MLP (joint_text: one self-attention over [video, text] tokens
+               instead, the text projected to dim and its padding masked out by a (B, 1, 1, S)
+               bool mask, HunyuanVideo's layout; the model then takes each row's text length)
     -> final adaLN + linear -> unpatchify -> (B, C, F, H, W)
 
 Video tokens are ordered frame by frame, so the same spatial position in neighbouring frames is
@@ -51,6 +53,7 @@ class TinyDiTConfig:
     text_dim: int = 64
     mlp_ratio: int = 4
     head_roles: tuple[str, ...] = ()  # per self-attention head: content / local / temporal / sink
+    joint_text: bool = False  # self-attention over [video, text] with the text padding masked (see module doc)
 
     def __post_init__(self):
         object.__setattr__(self, "head_roles", tuple(self.head_roles))
@@ -82,7 +85,8 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA (or explicit pattern masks, see module doc)."""
 
-    def __init__(self, dim: int, heads: int, roles: tuple[str, ...] = (), grid: tuple[int, int, int] = (1, 1, 1)):
+    def __init__(self, dim: int, heads: int, roles: tuple[str, ...] = (), grid: tuple[int, int, int] = (1, 1, 1),
+                 text_tokens: int = 0):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -90,17 +94,21 @@ class Attention(nn.Module):
         self.head_patterns: tuple[Pattern, ...] | None = None
         self.roles = tuple(roles)
         if self.roles:  # not in the state dict: a function of the config
-            terms = positional_terms(self.roles, *grid, dim // heads)
-            self.register_buffer("q_term", terms.q_term, persistent=False)
-            self.register_buffer("k_term", terms.k_term, persistent=False)
+            terms = positional_terms(self.roles, *grid, dim // heads)  # text tokens (joint_text) have none
+            self.register_buffer("q_term", F.pad(terms.q_term, (0, 0, 0, text_tokens)), persistent=False)
+            self.register_buffer("k_term", F.pad(terms.k_term, (0, 0, 0, text_tokens)), persistent=False)
             self.register_buffer("keep", terms.keep, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """keep_keys (B, S) bool: the keys every query may attend to (joint_text: all but the text padding)."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if self.roles:
             q, k = q * self.keep + self.q_term, k * self.keep + self.k_term
-        mask = None if self.head_patterns is None else pattern_mask(self.head_patterns, S, S).to(x.device)
+        mask = None if keep_keys is None else keep_keys[:, None, None, :]
+        if self.head_patterns is not None:
+            patterns = pattern_mask(self.head_patterns, S, S).to(x.device)
+            mask = patterns if mask is None else patterns & mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, S, D))
 
@@ -130,18 +138,28 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
         roles = config.head_roles
         shift = index % len(roles) if roles else 0
-        self.attn = Attention(dim, config.heads, roles[shift:] + roles[:shift], config.grid)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross = CrossAttention(dim, config.text_dim, config.heads)
+        text_tokens = config.text_len if config.joint_text else 0
+        self.attn = Attention(dim, config.heads, roles[shift:] + roles[:shift], config.grid, text_tokens)
+        if config.joint_text:
+            self.text_proj = nn.Linear(config.text_dim, dim)
+        else:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross = CrossAttention(dim, config.text_dim, config.heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(dim, config.mlp_ratio * dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.mlp_ratio * dim, dim))
         self.ada_ln = nn.Linear(dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, text: torch.Tensor,
+                keep_keys: torch.Tensor | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(F.silu(cond)).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1))
-        x = x + self.cross(self.norm2(x), text)
+        h = _modulate(self.norm1(x), shift1, scale1)
+        if keep_keys is None:
+            x = x + gate1[:, None] * self.attn(h)
+            x = x + self.cross(self.norm2(x), text)
+        else:  # joint_text: video and text tokens attend together; the video tokens go on
+            joint = self.attn(torch.cat([h, self.text_proj(text)], dim=1), keep_keys)
+            x = x + gate1[:, None] * joint[:, :x.shape[1]]
         return x + gate2[:, None] * self.mlp(_modulate(self.norm3(x), shift2, scale2))
 
 
@@ -179,12 +197,20 @@ class TinyDiT(nn.Module):
         x = x.view(B, Fr, H // p, W // p, C, p, p).permute(0, 4, 1, 2, 5, 3, 6)
         return x.reshape(B, C, Fr, H, W)
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                text_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """text_lengths (B,) (joint_text): each row's real text tokens, the rest padding (default: all)."""
         x = self.patch_embed(self.patchify(latents)) + self.pos
         features = timestep_features(timestep, self.config.dim).to(x.dtype)  # float32: cast to the model's dtype
         cond = self.t_embed(features) + self.text_pool(text.mean(dim=1))
+        keep_keys = None
+        if self.config.joint_text:
+            lengths = text_lengths
+            if lengths is None:
+                lengths = torch.full((x.shape[0],), text.shape[1], device=x.device)
+            keep_keys = torch.arange(x.shape[1] + text.shape[1], device=x.device)[None] < x.shape[1] + lengths[:, None]
         for block in self.blocks:
-            x = block(x, cond, text)
+            x = block(x, cond, text, keep_keys)
         shift, scale = self.final_ada(F.silu(cond)).chunk(2, dim=-1)
         x = self.final(_modulate(self.final_norm(x), shift, scale))
         return self.unpatchify(x, latents.shape)
@@ -196,13 +222,18 @@ class TinyDiT(nn.Module):
 
 
 def example_inputs(config: TinyDiTConfig, batch: int = 1, seed: int = 1, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, timestep, text) drawn from `seed`: other seeds give fresh inputs of the same kind."""
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """(latents, timestep, text) drawn from `seed`: other seeds give fresh inputs of the same kind.
+    joint_text: also text_lengths, each row's real text tokens (a quarter to all of text_len)."""
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, config.in_channels, config.frames, config.height, config.width, generator=generator)
     timestep = torch.randint(0, 1000, (batch,), generator=generator)
     text = torch.randn(batch, config.text_len, config.text_dim, generator=generator)
-    return latents.to(device, dtype), timestep.to(device), text.to(device, dtype)
+    inputs = (latents.to(device, dtype), timestep.to(device), text.to(device, dtype))
+    if config.joint_text:
+        lengths = torch.randint(max(1, config.text_len // 4), config.text_len + 1, (batch,), generator=generator)
+        inputs += (lengths.to(device),)
+    return inputs
 
 
 def tiny_dit(config: TinyDiTConfig | None = None, batch: int = 1, seed: int = 0) -> tuple[TinyDiT, tuple]:
