@@ -174,7 +174,7 @@ class Attention(Op):
     scores: TensorType
     module_path: str = ""
     tiles: tuple[int, int] | None = None   # (block_m, block_n) the kernels use; None: their default
-    # with a mask and patterns: which masks the patterns run under (sparsec/key_padding.py MASK_RULES)
+    # with a mask and patterns: which masks the patterns run under ("", "keys", "causal:D": sparsec/key_padding.py)
     mask_rule: str = ""
 
     def __post_init__(self) -> None:

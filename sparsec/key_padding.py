@@ -48,8 +48,8 @@ import torch
 
 from sparsec import patterns as P
 
-__all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "key_prefix_runs", "mask_prefixes", "patterns_for_keys",
-           "run_key_prefix"]
+__all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "key_prefix_runs", "mask_keep", "mask_prefixes",
+           "patterns_for_keys", "run_key_prefix"]
 
 _RULE = re.compile(r"(|keys|causal:-?\d+)")
 
@@ -87,6 +87,11 @@ class KeyRun:
     rows: tuple[int, ...]
     prefix: MaskPrefix
     patterns: tuple[P.Pattern, ...]
+
+
+def mask_keep(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> torch.Tensor:
+    """(B, Sq, Sk) bool view: what a mask key_prefix_runs accepted keeps (the pairs its runs keep)."""
+    return _keep(attn_mask, batch, Sq, Sk).expand(batch, Sq, Sk)
 
 
 def _keep(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> torch.Tensor | None:
@@ -192,9 +197,10 @@ def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float) -> torch.T
     if len(runs) == 1 and len(runs[0].rows) == q.shape[0]:
         return _run(q, k, v, runs[0], attend, scale)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    for run in runs:
-        rows = torch.tensor(run.rows, device=q.device)
-        out[rows] = _run(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows), run, attend, scale)
+    for run in runs:  # each run's rows, and only the keys they keep, copied
+        rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.prefix.length)
+        out[rows] = _run(q.index_select(0, rows), k[:, :, keys].index_select(0, rows),
+                         v[:, :, keys].index_select(0, rows), run, attend, scale)
     return out
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.attention_dispatch import causal_allowed
-from sparsec.key_padding import key_prefix_runs, run_key_prefix
+from sparsec.key_padding import key_prefix_runs, mask_keep, run_key_prefix
 from sparsec.patterns import Pattern, Skip, from_dict
 
 log = logging.getLogger(__name__)
@@ -160,17 +160,6 @@ def _skip_probs(head_patterns: tuple[Pattern, ...], allowed: torch.Tensor) -> to
                         for p in head_patterns], dim=-3)
 
 
-def _kept_pairs(runs, batch: int, Sq: int, Sk: int, device) -> torch.Tensor:
-    """(B, Sq, Sk) bool: the pairs each batch row's run keeps (its first keys; under the causal rule or not)."""
-    i, j = torch.arange(Sq, device=device)[:, None], torch.arange(Sk, device=device)
-    kept = torch.zeros(batch, Sq, Sk, dtype=torch.bool, device=device)
-    for run in runs:
-        prefix = run.prefix
-        pairs = (j <= i + prefix.offset) if prefix.causal else torch.ones(Sq, Sk, dtype=torch.bool, device=device)
-        kept[list(run.rows)] = pairs & (j < prefix.length)
-    return kept
-
-
 def _padded_keep(head_patterns: tuple[Pattern, ...], Sq: int, length: int, Sk: int, device) -> torch.Tensor:
     """_head_keep over the first `length` of Sk keys, False beyond."""
     keep = _head_keep(head_patterns, Sq, length, device)
@@ -199,7 +188,7 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     if head_patterns:
         allowed = keep
         if runs is not None:  # a Skip head's mean covers each row's kept keys (each query's)
-            allowed = keep & _kept_pairs(runs, q.shape[0], Sq, Sk, q.device)
+            allowed = keep & mask_keep(attn_mask, q.shape[0], Sq, Sk)
         skip = _skip_probs(head_patterns, allowed.to(dtype))
         longest = Sk if runs is None else max(r.prefix.length for r in runs)
         keep = keep & _padded_keep(head_patterns, Sq, longest, Sk, q.device)
