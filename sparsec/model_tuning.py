@@ -92,12 +92,13 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
 
 
 def _most_common_lengths(site: str, samples: list[LayerSample]) -> list[LayerSample]:
-    """The samples with the layer's most common (Sq, Sk, causal): rows of padded calls keep
-    different numbers of keys, and a layer is tuned at one shape."""
+    """The samples with the layer's most common (Sq, Sk, causal), the longest among equally common
+    ones (the most rows and keys seen): rows of padded calls keep different numbers of keys, and a
+    layer is tuned at one shape."""
     shapes = Counter((s.q.shape[2], s.k.shape[2], s.causal) for s in samples)
     if len(shapes) == 1:
         return samples
-    (common, _), = shapes.most_common(1)
+    common = max(shapes, key=lambda shape: (shapes[shape], shape[0] * shape[1]))
     kept = [s for s in samples if (s.q.shape[2], s.k.shape[2], s.causal) == common]
     log.info("sparsec.tune: attention %s was called with (Sq, Sk, causal) in %s; tuned at %s, %d of %d recorded "
              "rows left out", site, sorted(shapes), common, len(samples) - len(kept), len(samples))

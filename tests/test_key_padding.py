@@ -526,3 +526,16 @@ def test_the_bundled_dit_with_joint_text_runs_its_plan_exactly():
     with torch.no_grad():
         want = model(*fresh)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_tuning_takes_the_most_common_row_shape_and_the_longest_on_ties():
+    from sparsec.model_tuning import _most_common_lengths
+    from sparsec.passes.attention_stats import LayerSample
+
+    def rows(*lengths):
+        return [LayerSample(torch.zeros(1, 1, n, 4), torch.zeros(1, 1, n, 4), torch.zeros(1, 1, n, 4), causal=True)
+                for n in lengths]
+
+    assert [s.q.shape[2] for s in _most_common_lengths("layer", rows(25, 32))] == [32]
+    assert [s.q.shape[2] for s in _most_common_lengths("layer", rows(32, 25))] == [32]
+    assert [s.q.shape[2] for s in _most_common_lengths("layer", rows(25, 32, 25))] == [25, 25]
