@@ -118,6 +118,9 @@ class _Lowering:
     def __init__(self, gm: fx.GraphModule, matches: dict[fx.Node, Match], params: dict[str, str]):
         self.gm, self.matches, self.params = gm, matches, params
         self.inner = {n for m in matches.values() for n in m.nodes if n is not m.output}
+        # A match's operands leave their region even without an FX user: a node the matcher
+        # added (a mask's negation, a sum of biases) is read only by the op replacing the match.
+        self.operands = {n for m in matches.values() for n in _operand_nodes(m)}
         self.values: dict[fx.Node, Value] = {}
         self.ops: list[Op] = []
         self.region: list[fx.Node] = []
@@ -194,7 +197,7 @@ class _Lowering:
             for used in node.all_input_nodes:
                 if used not in members:
                     inputs.setdefault(used, None)
-        results = [n for n in self.region if any(u not in members for u in n.users)]
+        results = [n for n in self.region if n in self.operands or any(u not in members for u in n.users)]
         self.ops.append(Opaque(results=tuple(self.value(n) for n in results),
                                inputs=tuple(self.value(n) for n in inputs),
                                fx_nodes=tuple(n.name for n in self.region)))

@@ -5,6 +5,8 @@ Hand-written attention is found from its second matmul, bmm(probs, v), climbing 
     probs   <- casts / clones / p=0 dropout <- softmax
     softmax <- casts <- [mask: masked_fill / where / add bias] <- casts, views, * or / by constants
             <- bmm(q, k^T) (or baddbmm with beta=0)
+Several additive biases added one after the other (T5: scores + position_bias + attention_mask)
+are one bias, their sum: an add node summing them is inserted once the match is certain.
 and q, k, v are traced back through matmul's reshapes, GQA's repeat_kv and constant pre-scales
 (attention_operands). A mask given as "positions to drop" (masked_fill(s, m, -inf)) needs its
 negation as the keep mask: it is read from a bitwise_not when there is one, else a logical_not
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +29,7 @@ from .fx_utils import (bound_args, constant_scalar, dead_region, is_op, is_very_
                        same_size, shape_of, static_int, tensor_meta)
 from .matches import AttentionMatch
 
-__all__ = ["match_attention", "SDPA_OPS"]
+__all__ = ["Unmatched", "match_attention", "SDPA_OPS"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -46,19 +49,37 @@ SOFTMAX_OPS = (aten._softmax, aten.softmax, aten._safe_softmax)
 _DROPPED = "dropped"
 
 
-def match_attention(gm: fx.GraphModule) -> list[AttentionMatch]:
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """An attention the matcher found but cannot describe: an SDPA call, or a softmax over scores
+    feeding a bmm with values. It runs as the model wrote it; no patterns reach it."""
+
+    node: str
+    module_path: str
+    reason: str
+
+
+_unmatched: ContextVar[list[Unmatched] | None] = ContextVar("sparsec_unmatched_attention", default=None)
+
+
+def match_attention(gm: fx.GraphModule, unmatched: list[Unmatched] | None = None) -> list[AttentionMatch]:
     """Every attention of `gm` that can be described exactly by an AttentionMatch, in graph order.
-    What cannot (dropout, unreadable scale, unsupported mask) is logged at debug and left alone."""
+    What cannot (dropout, unreadable scale, unsupported mask, an op such as tanh soft-capping
+    between the scores and softmax) is logged at debug, left alone, and appended to `unmatched`."""
     matches = []
-    for node in list(gm.graph.nodes):
-        if is_op(node, *SDPA_OPS):
-            match = _match_sdpa(node)
-        elif is_op(node, aten.bmm):
-            match = _match_manual(gm, node)
-        else:
-            continue
-        if match is not None:
-            matches.append(match)
+    token = _unmatched.set(unmatched)
+    try:
+        for node in list(gm.graph.nodes):
+            if is_op(node, *SDPA_OPS):
+                match = _match_sdpa(node)
+            elif is_op(node, aten.bmm):
+                match = _match_manual(gm, node)
+            else:
+                continue
+            if match is not None:
+                matches.append(match)
+    finally:
+        _unmatched.reset(token)
     return matches
 
 
@@ -78,10 +99,14 @@ class _Found:
     mask: fx.Node | None = None
     mask_kind: str | None = None
     region: list[fx.Node] = field(default_factory=list)
+    more_biases: tuple[fx.Node, ...] = ()  # additive biases added besides `mask` (summed by _finish)
 
 
 def _reject(node: fx.Node, why: str) -> None:
     log.debug("attention at %s (%s) not matched: %s", node.name, module_path(node) or "?", why)
+    found = _unmatched.get()
+    if found is not None:
+        found.append(Unmatched(node.name, module_path(node), why))
     return None
 
 
@@ -100,8 +125,9 @@ def _finish(found: _Found) -> AttentionMatch | None:
         return _reject(found.anchor, f"output shape {out} is not (B, Hq, Sq, Dv)")
     if found.causal and not same_size(Sq, Sk):
         return _reject(found.anchor, "is_causal with Sq != Sk (SDPA aligns top-left, sparsec bottom-right)")
-    if found.mask is not None and not _broadcasts(shape_of(found.mask), (B, Hq, Sq, Sk)):
-        return _reject(found.anchor, f"mask shape {shape_of(found.mask)} does not broadcast to {(B, Hq, Sq, Sk)}")
+    for mask in (found.mask, *found.more_biases) if found.mask is not None else ():
+        if not _broadcasts(shape_of(mask), (B, Hq, Sq, Sk)):
+            return _reject(found.anchor, f"mask shape {shape_of(mask)} does not broadcast to {(B, Hq, Sq, Sk)}")
     scale = found.scale if found.scale is not None else _default_scale(D)
     if scale is None:
         return _reject(found.anchor, f"default scale needs a static head dim, got {D}")
@@ -110,6 +136,8 @@ def _finish(found: _Found) -> AttentionMatch | None:
         found.mask, negation = _negation(found.mask)
         found.mask_kind = "bool"
         found.region.extend(negation)
+    if found.more_biases:  # likewise
+        found.mask = _bias_sum((found.mask, *found.more_biases))
     keep = {found.q, found.k, found.v, found.mask}
     nodes = dead_region(found.output, [n for n in found.region if n not in keep])
     return AttentionMatch(
@@ -238,11 +266,13 @@ class _Scores:
     mask: fx.Node | None
     mask_kind: str | None
     region: list[fx.Node]
+    more_biases: tuple[fx.Node, ...] = ()
 
 
 def _read_scores(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node) -> _Scores | None:
-    """Climb from softmax's input: casts, at most one mask, scales and reshapes, to bmm(q, k^T)."""
-    region, factor, mask, mask_kind = [], 1.0, None, None
+    """Climb from softmax's input: casts, at most one mask (or several additive biases), scales
+    and reshapes, to bmm(q, k^T)."""
+    region, factor, masks, mask_kind = [], 1.0, [], None
     current = node
     while not is_op(current, aten.bmm, aten.baddbmm):
         step = _scores_step(gm, current)
@@ -251,11 +281,12 @@ def _read_scores(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node) -> _Scores 
         region.append(current)
         region.extend(step.extra)
         if step.mask is not None:
-            if mask is not None:
-                return _reject(anchor, "more than one mask or bias")
+            if masks and not (mask_kind == step.mask_kind == "additive"):
+                return _reject(anchor, f"more than one mask or bias, not all additive ({mask_kind}, {step.mask_kind})")
             if factor <= 0 or (step.mask_kind == "additive" and factor != 1.0):
                 return _reject(anchor, f"the mask is scaled by {factor} together with the scores")
-            mask, mask_kind = step.mask, step.mask_kind
+            masks.append(step.mask)
+            mask_kind = step.mask_kind
         factor *= step.factor
         current = step.parent
     if is_op(current, aten.baddbmm):
@@ -265,7 +296,7 @@ def _read_scores(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node) -> _Scores 
         if alpha is None:
             return _reject(anchor, "baddbmm's alpha is not a constant")
         factor *= alpha
-    return _Scores(current, factor, mask, mask_kind, region)
+    return _Scores(current, factor, masks[0] if masks else None, mask_kind, region, tuple(masks[1:]))
 
 
 def _why_not_scores(node: fx.Node) -> str:
@@ -314,24 +345,31 @@ def _mask_step(gm: fx.GraphModule, node: fx.Node) -> _Step | None:
     return _bias_step(gm, node)
 
 
-def _bias_step(gm: fx.GraphModule, add: fx.Node) -> _Step | None:
+def _bias_step(gm: fx.GraphModule, add: fx.Node, depth: int = 8) -> _Step | None:
     """scores + bias (either order): the bias is the operand not on the way to bmm(q, k^T)."""
     if len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
         return None
     for scores, bias in (add.args, reversed(add.args)):
-        if isinstance(bias, fx.Node) and isinstance(scores, fx.Node) and _leads_to_qk(gm, scores) \
+        if isinstance(bias, fx.Node) and isinstance(scores, fx.Node) and _leads_to_qk(gm, scores, depth) \
                 and shape_of(add) == shape_of(scores) and _mask_kind(bias) == "additive":
             return _Step(scores, mask=bias, mask_kind="additive")
     return None
 
 
 def _leads_to_qk(gm: fx.GraphModule, node: fx.Node, depth: int = 8) -> bool:
-    """Whether a bmm is reached through at most `depth` casts, relayouts and constant scales."""
-    for _ in range(depth):
+    """Whether a bmm is reached through at most `depth` casts, relayouts, constant scales and
+    additive biases."""
+    for left in range(depth, 0, -1):
         if is_op(node, aten.bmm, aten.baddbmm):
             return True
         if is_op(node, *CASTS):
             node = node.args[0]
+            continue
+        if is_op(node, aten.add):
+            step = _bias_step(gm, node, left - 1)
+            if step is None:
+                return False
+            node = step.parent
             continue
         step = relayout_step(node, gm)
         if step is None or step[2]:
@@ -359,6 +397,22 @@ def _negation(dropped: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]]:
     return keep, ()
 
 
+def _bias_sum(biases: tuple[fx.Node, ...]) -> fx.Node:
+    """A new node adding `biases`, placed after the last of them in the graph."""
+    graph = biases[0].graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    total, place = biases[0], max(biases, key=order.__getitem__)
+    for bias in biases[1:]:
+        with graph.inserting_after(place):
+            added = graph.call_function(aten.add.Tensor, (total, bias))
+        values = tensor_meta(total), tensor_meta(bias)
+        if None not in values:
+            added.meta["val"] = torch.add(*values)
+        added.meta["nn_module_stack"] = bias.meta.get("nn_module_stack", {})
+        total = place = added
+    return total
+
+
 def _output_view(pv: fx.Node) -> fx.Node | None:
     """The single user viewing bmm's (B*H, Sq, Dv) output as (B, H, Sq, Dv)."""
     if len(pv.users) != 1:
@@ -381,4 +435,4 @@ def _operands(gm: fx.GraphModule, pv: fx.Node, scores: _Scores, output: fx.Node)
     region = [scores.qk, output, *q.passed, *k.passed, *v.passed, *k_chain, *v_chain]
     return _Found(output=output, anchor=pv, q=q.source, k=k_source, v=v_source,
                   scale=scores.factor * q.factor * k.factor, mask=scores.mask,
-                  mask_kind=scores.mask_kind, region=region)
+                  mask_kind=scores.mask_kind, region=region, more_biases=scores.more_biases)

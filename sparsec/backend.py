@@ -53,13 +53,28 @@ def sparsify_aten_graph(aten_gm: fx.GraphModule, params: dict[str, str], config:
     """Match, lower, run the IR stages and rewrite one ATen graph; fills `record` as it goes.
     `weights` (parameter path -> real tensor) lets the stages read the linear weights' zeros."""
     record.aten_code = aten_gm.code
-    attention_matches = match_attention(aten_gm)  # may add a logical_not node for a mask
+    # may add a node to the graph for a mask (a negation, a sum of biases)
+    attention_matches = match_attention(aten_gm, unmatched=record.unmatched_attention)
+    if config.attention_patterns or config.plan is not None or config.tune is not None:
+        _warn_unmatched(record.unmatched_attention)
     linear_matches = match_linear(aten_gm, params)
     ir = lower(aten_gm, attention_matches, linear_matches, params, name=record.name)
     _, record.stages = run_pipeline(ir, default_stages(config, weights), verify=config.verify)
     rewritten = rewrite_fx(aten_gm, record.final_ir, rewrite_dense=config.rewrite_dense)
     record.rewritten_code = rewritten.code
     return rewritten
+
+
+_warned_unmatched: set[tuple[str, str]] = set()
+
+
+def _warn_unmatched(unmatched) -> None:
+    """Patterns were asked for: say once per layer and reason which attention they cannot reach."""
+    for u in unmatched:
+        if (u.module_path, u.reason) not in _warned_unmatched:
+            _warned_unmatched.add((u.module_path, u.reason))
+            log.warning("attention %s (%s) is not matched, so no pattern or plan applies to it: %s",
+                        u.module_path or "?", u.node, u.reason)
 
 
 def _eager(gm: fx.GraphModule) -> Callable:

@@ -56,6 +56,7 @@ class GraphRecord:
     inner: str = "inductor"
     fallback_reason: str | None = None
     plan: Any = None                    # the sparsec.Plan tuned for this graph (option "tune")
+    unmatched_attention: list = field(default_factory=list)  # match_attention.Unmatched: left as written
 
     @property
     def final_ir(self) -> Graph | None:

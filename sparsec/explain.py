@@ -109,6 +109,8 @@ def _summary(record: GraphRecord, hardware=None) -> list[str]:
         lines.append("    run by sparsec's ops: " + ", ".join(f"{fused[k]} {k}" for k in fused)
                      + "; the rest (dense) stay the model's own ops" * any(counts[k] > fused[k] for k in fused))
     lines += [_attention_line(op, hardware) for op in ir.ops_of(Attention)]
+    lines += [f"    attention {u.module_path or '?'} ({u.node}) not matched, runs as written: {u.reason}"
+              for u in record.unmatched_attention]
     if record.plan is not None:
         lines.append(f"    tuned plan: {len(record.plan.layers)} layer(s) (record.plan; plan.json in dumps)")
     lines += [_linear_line(op) for op in ir.ops_of(Linear) if op.kernel != "dense" or not op.weight.type.is_dense]

@@ -81,6 +81,17 @@ def llama(attn: str) -> tuple[nn.Module, tuple]:
     return model, (torch.randint(0, VOCAB, (BATCH, SEQ)),)
 
 
+def t5_encoder(attn: str) -> tuple[nn.Module, tuple]:
+    """T5EncoderModel with a padding mask: relative position bias and the padding mask are two
+    additive biases (eager adds them one after the other)."""
+    model = _transformers_model(
+        "T5Config", "T5EncoderModel", attn, seed=16, vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS,
+        d_ff=2 * HIDDEN, num_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, dropout_rate=0.0)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    return model, (ids, _padding_mask())
+
+
 def causal_lm(model: nn.Module) -> nn.Module:
     """The LM-head model (for generate) of a decoder built by a factory here, with its weights."""
     lm_class = _library_class("transformers", type(model).__name__.replace("Model", "ForCausalLM"))
@@ -123,6 +134,8 @@ MODEL_FACTORIES: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
     "gpt2_sdpa": partial(gpt2, "sdpa"),
     "llama_eager": partial(llama, "eager"),
     "llama_sdpa": partial(llama, "sdpa"),
+    "t5_encoder_eager": partial(t5_encoder, "eager"),
+    "t5_encoder_sdpa": partial(t5_encoder, "sdpa"),
     "diffusers_dit": diffusers_dit,
     "diffusers_pixart": diffusers_pixart,
 }
@@ -133,7 +146,7 @@ MODEL_FACTORIES: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
 # adaLN linear, attn1 (to_q, to_k, to_v, to_out.0), ff (2) = 9; then the final layer calls block
 # 0's timestep embedder again (2) and proj_out_1, proj_out_2. PixArt block: attn1 and attn2
 # (4 each), ff (2) = 10; plus timestep embedder 2, adaLN-single linear, caption projection 2,
-# proj_out.
+# proj_out. T5 layer: q, k, v, o, wi, wo = 6.
 EXPECTED: dict[str, tuple[int, int]] = {
     "bert_eager": (LAYERS, 6 * LAYERS + 1),
     "bert_sdpa": (LAYERS, 6 * LAYERS + 1),
@@ -141,6 +154,8 @@ EXPECTED: dict[str, tuple[int, int]] = {
     "gpt2_sdpa": (LAYERS, 0),
     "llama_eager": (LAYERS, 7 * LAYERS),
     "llama_sdpa": (LAYERS, 7 * LAYERS),
+    "t5_encoder_eager": (LAYERS, 6 * LAYERS),
+    "t5_encoder_sdpa": (LAYERS, 6 * LAYERS),
     "diffusers_dit": (LAYERS, 9 * LAYERS + 4),
     "diffusers_pixart": (2 * LAYERS, 10 * LAYERS + 6),
 }

@@ -126,6 +126,34 @@ class TrilWindowAttention(nn.Module):
         return scores.softmax(-1) @ v
 
 
+class BiasAndMaskAttention(nn.Module):
+    """T5's eager attention, unscaled: scores + position bias + additive padding mask, two adds (`biases`
+    of them): matched with their sum as one additive mask."""
+
+    def __init__(self, biases: int = 2):
+        super().__init__()
+        self.position_bias = nn.Parameter(torch.randn(biases - 1, 1, H, S, S))
+
+    def forward(self, q, k, v, mask):
+        scores = q @ k.transpose(-1, -2)
+        for bias in self.position_bias:
+            scores = scores + bias
+        scores = scores + (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        return scores.softmax(-1) @ v
+
+
+class BoolMaskThenBiasAttention(nn.Module):
+    """A bias added to scores a bool mask already filled: two masks of different kinds, no match."""
+
+    def __init__(self):
+        super().__init__()
+        self.position_bias = nn.Parameter(torch.randn(1, H, S, S))
+
+    def forward(self, q, k, v, mask):
+        scores = (q @ k.transpose(-1, -2)).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        return (scores + self.position_bias).softmax(-1) @ v
+
+
 class EdgeCases(nn.Module):
     def __init__(self):
         super().__init__()
@@ -137,7 +165,8 @@ class EdgeCases(nn.Module):
             "eq_mask": EqMaskAttention(), "probs_returned": ProbsReturnedAttention(), "tiled_kv": TiledKVAttention(),
             "dropout": DropoutAttention(), "causal_cross": CausalCrossAttention(), "learned_scale": LearnedScaleAttention(),
             "soft_fill": SoftFillAttention(), "tril_causal": TrilCausalAttention(),
-            "tril_window": TrilWindowAttention(),
+            "tril_window": TrilWindowAttention(), "bias_and_mask": BiasAndMaskAttention(),
+            "three_biases": BiasAndMaskAttention(3), "bool_then_bias": BoolMaskThenBiasAttention(),
         })
 
     def forward(self, x, context, mask, weight):
@@ -148,7 +177,8 @@ class EdgeCases(nn.Module):
                 c["eq_mask"](q, k, v, mask), *c["probs_returned"](q, k, v), c["tiled_kv"](q, k, v),
                 c["dropout"](q, k, v), c["causal_cross"](q, _heads(context)),
                 c["learned_scale"](q, k, v), c["soft_fill"](q, k, v, mask), c["tril_causal"](q, k, v),
-                c["tril_window"](q, k, v)]
+                c["tril_window"](q, k, v), c["bias_and_mask"](q, k, v, mask), c["three_biases"](q, k, v, mask),
+                c["bool_then_bias"](q, k, v, mask)]
         linears = [self.proj4d(q), self.no_bias(x[0, 0, :D]), F.linear(x, weight)]
         return outs, linears
 
@@ -175,6 +205,9 @@ EXPECTED_ATTENTION: dict[str, tuple[float, str | None, int, bool] | None] = {
     "cases.soft_fill": None,
     "cases.tril_causal": (0.5, None, H, True),
     "cases.tril_window": (0.5, "bool", H, False),
+    "cases.bias_and_mask": (1.0, "additive", H, False),
+    "cases.three_biases": (1.0, "additive", H, False),
+    "cases.bool_then_bias": None,
 }
 # F.linear(x, weight) with an input weight is not a layer with a parameter: no match.
 EXPECTED_LINEAR = ["proj", "proj4d", "no_bias"]
