@@ -7,7 +7,7 @@ The tests run the same Triton kernels through Triton's interpreter on CPU tensor
 compiled on the GPU, at sizes past one tile (odd lengths, GQA, causal, Sq != Sk, each dtype),
 with fresh random inputs, against the tests' float64 reference (tests/reference.py: the
 patterns' explicit masks); also the op under masks that cut the keys to a prefix (padded text keys,
-a static cache's causal prefix: sparsec/key_padding.py).
+a static cache's causal prefix: sparsec/key_padding.py) and a sliding window's band.
 """
 from __future__ import annotations
 
@@ -136,6 +136,15 @@ def check_key_padding(device, dtype, S: int, D: int) -> list[tuple[str, float, b
             lambda: attention_op(q, cache_k, cache_v, prefill[None, None], scale, False, text, site="cuda_check.cache",
                                  mask_rule="causal:0"),
             lambda: reference(q, k, v, patterns, True, scale), dtype))
+        i, j = torch.arange(S, device=device)[:, None], torch.arange(S, device=device)[None, :]
+        window = torch.stack([(j <= i) & (j > i - S // 5) & (j < n) for n in (S, S - S // 10)])[:, None]
+        keep = window.cpu().expand(2, 4, S, S)
+        results.append(_compare(  # Dense heads under rule "band": the window's band on the Window kernel
+            f"sliding window  {str(dtype)[6:]:9s} S={S} window {S // 5} D={D}",
+            lambda: attention_op(q, k, v, window, scale, False, patterns_to_json((P.Dense(),) * 4),
+                                 site="cuda_check.window", mask_rule="band"),
+            lambda: torch.softmax((q.double().cpu() @ k.double().cpu().transpose(-1, -2) * scale)
+                                  .masked_fill(~keep, float("-inf")), -1) @ v.double().cpu(), dtype))
     finally:
         os.environ.pop("SPARSEC_ATTENTION_BACKEND", None)
     return results

@@ -28,7 +28,11 @@ mask) runs them on each batch row's kept keys, and any other call runs dense wit
 up: a plan's layer tuned without the causal rule applies to padded keys (mask rule "keys"), one
 tuned with it to causal prefixes aligned as at tuning (rule "causal:<kv_len - q_len>": a static
 cache's prefill from position 0, not its decoding steps). A causal op with a mask keeps its
-dense scores (log line). The user's
+dense scores (log line). A layer left dense whose mask can differ from query to query (option
+mask_bands: on, or auto where the target is the CPU) gets Dense heads under the rule "band": a
+call whose mask is a sliding window (Mistral's, Gemma's: each query keeps the last W keys up to
+its position, padding cut too) runs the band as a pattern, which skips the keys outside it; any
+other mask keeps its dense path. The user's
 errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
 fit the sequence lengths, a plan whose layer has other heads or head size than the model's, or a
 plan none of whose layers is in a graph that has attention layers (a plan for another model).
@@ -127,8 +131,24 @@ def _plan_tiles(target: str, tiles) -> tuple[int, int] | None:
     return None if executor == "cpu" else tuple(tiles)
 
 
+def _bands_apply(op: Attention, config: SparsecConfig) -> bool:
+    """Whether a layer left dense runs its calls' sliding-window masks as bands (option mask_bands):
+    a mask that can differ from query to query, on a layer that is not causal itself."""
+    if op.mask is None or op.causal or config.mask_bands == "off":
+        return False
+    shape = op.mask.type.shape
+    if len(shape) < 2 or shape[-2] == 1:
+        return False
+    return config.mask_bands == "on" or config.hardware().executor == "cpu"
+
+
 def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
     given = _given(op, config)
+    if given is None and _bands_apply(op, config):
+        log.info("attention %s: calls whose mask is a sliding window (a band of keys for each query) run the band's "
+                 "pattern; other masks run dense (rule 'band', sparsec/key_padding.py)", op.module_path)
+        scores = op.scores.with_sparsity(AttentionPatterns(patterns=(P.Dense(),) * op.num_heads))
+        return dataclasses.replace(op, scores=scores, mask_rule="band")
     if given is None:
         return op
     patterns, tiles, source, mask_rule = given

@@ -7,7 +7,8 @@ regions are the original nodes, untouched.
 
 An op sparsec does not accelerate keeps its original nodes, so the inner compiler (Inductor) sees
 exactly the model's own graph there: an Attention op without patterns (or with Dense for every
-head) matched from an SDPA call, and a Linear op on the dense kernel. Hand-written attention
+head, unless under the mask rule "band", which runs a sliding window's band) matched from an SDPA
+call, and a Linear op on the dense kernel. Hand-written attention
 (matmul-softmax-matmul) is replaced even when dense: the fused op is the acceleration.
 `rewrite_dense=True` replaces every op (sparsec.tune's recorder reads every layer's operands
 through sparsec::attention).
@@ -158,7 +159,7 @@ def accelerated(op: Op, original: fx.Node) -> bool:
         return op.kernel != "dense"
     sparsity = op.scores.sparsity
     dense = not isinstance(sparsity, AttentionPatterns) or all(isinstance(p, Dense) for p in sparsity.patterns)
-    return not (dense and _is_sdpa(original))
+    return not (dense and _is_sdpa(original)) or op.mask_rule == "band"  # a sliding window's band is skipped work
 
 
 def rewrite_fx(gm: fx.GraphModule, graph: Graph, rewrite_dense: bool = False) -> fx.GraphModule:

@@ -15,6 +15,8 @@
                                             # says they win / never / wherever a weight has structure
         "rewrite_dense": False,             # True: dense attention and linear layers run through
                                             # sparsec's ops too (default: they stay the model's own ops)
+        "mask_bands": "auto" | "on" | "off",  # layers whose mask is a sliding window (Mistral, Gemma)
+                                            # run it as a band pattern; auto: where the target is the CPU
     })
 
 An unknown key or a bad value raises at once (ValueError / TypeError naming the key and what is
@@ -42,6 +44,7 @@ __all__ = ["SparsecConfig", "SparsecUserError", "parse_options", "HeadPatterns"]
 
 INNER_CHOICES = ("inductor", "eager")
 WEIGHT_SPARSITY_CHOICES = ("auto", "off", "always")
+MASK_BANDS_CHOICES = ("auto", "on", "off")
 TUNE_KEYS = ("target", "budget")
 FALLBACK_CHOICES = ("inductor", "raise")
 DUMP_DIR_ENV = "SPARSEC_DUMP_DIR"
@@ -65,6 +68,7 @@ class SparsecConfig:
     target: str = "auto"
     weight_sparsity: str = "auto"
     rewrite_dense: bool = False
+    mask_bands: str = "auto"
 
     def __post_init__(self):
         if self.plan is not None and self.tune is not None:
@@ -191,6 +195,7 @@ _PARSERS = {
     "target": _parse_target,
     "weight_sparsity": lambda v: _parse_choice("weight_sparsity", v, WEIGHT_SPARSITY_CHOICES),
     "rewrite_dense": lambda v: _parse_flag("rewrite_dense", v),
+    "mask_bands": lambda v: _parse_choice("mask_bands", v, MASK_BANDS_CHOICES),
 }
 
 

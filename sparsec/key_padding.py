@@ -1,4 +1,4 @@
-"""Attention patterns on layers whose mask only cuts the keys to a prefix.
+"""Attention patterns on layers whose mask only cuts the keys to a prefix, and sliding windows.
 
 Two kinds of explicit masks drop nothing but keys past a point, and the masked attention with
 per-head patterns is then the patterned attention over the first L_b keys of batch row b: K and V
@@ -18,9 +18,18 @@ same L_b run as one call.
                    run so, and the padding rows against all L_b keys under the patterns' explicit
                    masks (exact, dense; few rows).
 
+A third kind is run for layers left dense (mask rule "band", option mask_bands):
+
+  sliding window   query i keeps keys i + d_b - W .. i + d_b of the first L_b (Mistral's, Gemma's
+                   local layers: the last W + 1 keys up to its position, right padding cut too).
+                   Dense heads then run the band's pattern (band_pattern: a Window) on the L_b
+                   keys, which skips every key outside it; heads with other patterns cannot be cut
+                   to a band (no intersection of patterns), so such a call runs dense.
+
 Which masks a layer's patterns run under is its mask rule (Attention.mask_rule, an argument of
-the op): "" either kind (the option attention_patterns: patterns as given); "keys" padded keys
-only (a plan tuned without the causal rule: positions count from 0 for queries and keys alike);
+the op): "band" all three kinds (Dense heads); "" either of the first two (the option
+attention_patterns: patterns as given); "keys" padded keys only (a plan tuned without the causal
+rule: positions count from 0 for queries and keys alike);
 "causal:D" a causal prefix whose d_b is D (a plan tuned with the causal rule at kv_len - q_len =
 D: its query i is position i + D, which only such calls keep; a decoding step of a plan tuned on
 prefill has d_b > 0 and runs dense, as MInference decodes).
@@ -35,13 +44,15 @@ had the keys past it) keeps the key blocks past it, as dense does.
 
 The mask is read at run time (a traced graph cannot tell one mask from another): any shape that
 broadcasts to (B, H, Sq, Sk), expanded (stride 0) or materialized. A materialized (B, 1, Sq, Sk)
-mask is read twice (B x Sq x Sk bytes each): ~12 ms at Sq = Sk = 4352 on the 2-core CPU, where the
-patterns' attention takes 40-160 ms; an expanded or (B, 1, 1, Sk) one costs microseconds.
+mask costs three int8 passes over B x Sq x Sk bytes for a prefix (~15 ms at 4096^2 on the
+2-core CPU, where the patterns' attention takes 40-160 ms) and two more for a band (~30 ms); an
+expanded or (B, 1, 1, Sk) one costs microseconds.
 """
 from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,24 +62,26 @@ from sparsec import patterns as P
 __all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "key_prefix_runs", "mask_keep", "mask_prefixes",
            "patterns_for_keys", "run_key_prefix"]
 
-_RULE = re.compile(r"(|keys|causal:-?\d+)")
+_RULE = re.compile(r"(|keys|band|causal:-?\d+)")
 
 
 def check_mask_rule(rule: str) -> None:
-    """Raise TypeError / ValueError unless `rule` is "", "keys" or "causal:<int>"."""
+    """Raise TypeError / ValueError unless `rule` is "", "keys", "band" or "causal:<int>"."""
     if not isinstance(rule, str):
         raise TypeError(f"mask rule must be a str, got {rule!r}")
     if not _RULE.fullmatch(rule):
-        raise ValueError(f"mask rule must be '', 'keys' or 'causal:<int>', got {rule!r}")
+        raise ValueError(f"mask rule must be '', 'keys', 'band' or 'causal:<int>', got {rule!r}")
 
 
 @dataclass(frozen=True)
 class MaskPrefix:
     """What a mask keeps of one batch row: the first `length` keys, for every query (offset None),
-    or for query i those with j <= i + offset (the causal rule over them)."""
+    or for query i those with j <= i + offset (the causal rule over them), and with a `window`
+    only those with j >= i + offset - window too (a sliding window: a band)."""
 
     length: int
     offset: int | None = None
+    window: int | None = None
 
     @property
     def causal(self) -> bool:
@@ -117,31 +130,99 @@ def _keep(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> torch.Tensor
     return keep
 
 
+# The masks read, by tensor object: a model builds its mask once a forward and hands the same
+# tensor to every layer (Gemma 3's 5 sliding layers in 6 share one), so it is read once. An entry
+# holds while its tensor lives and is not written in place (its version counter); inference-mode
+# tensors have no version counter and are read every time.
+_READ: dict[int, tuple[weakref.ref, int, tuple[int, int, int], list[MaskPrefix] | None]] = {}
+
+
 def mask_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> list[MaskPrefix] | None:
-    """Per batch row, the prefix of keys the mask keeps (see MaskPrefix); None when the mask is
-    not of the two kinds, or a row keeps no key."""
+    """Per batch row, the prefix of keys the mask keeps (see MaskPrefix), or the causal band of a
+    sliding window; None when the mask is none of these kinds, or a row keeps no key. Read once
+    per mask tensor (and shape asked), while it is not changed in place."""
+    if attn_mask.is_inference() or torch.compiler.is_compiling():  # no version counter to trust
+        return _read_prefixes(attn_mask, batch, Sq, Sk)
+    entry = _READ.get(id(attn_mask))
+    if entry is not None and entry[0]() is attn_mask and entry[1] == attn_mask._version \
+            and entry[2] == (batch, Sq, Sk):
+        return entry[3]
+    found = _read_prefixes(attn_mask, batch, Sq, Sk)
+    key = id(attn_mask)
+    _READ[key] = (weakref.ref(attn_mask, lambda _, key=key: _READ.pop(key, None)), attn_mask._version,
+                  (batch, Sq, Sk), found)
+    return found
+
+
+def _read_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> list[MaskPrefix] | None:
     keep = _keep(attn_mask, batch, Sq, Sk)
     if keep is None:
         return None
-    kept = keep.view(torch.uint8)  # two passes over the mask, no copy of it (bool sums are 8x slower)
-    rising = (kept[..., 1:] > kept[..., :-1]).any(-1)  # a kept key after a dropped one: not a prefix
-    lowest, first_dropped = kept.min(-1)
-    lengths = torch.where(lowest == 1, Sk, first_dropped)
-    # one copy to the host (one synchronisation on a GPU): each query's kept keys, -1 where not a prefix
-    lengths = torch.where(rising, -1, lengths).cpu()  # (B', Sq')
-    if bool((lengths <= 0).any()):
+    starts, ends = _runs(keep.view(torch.int8))
+    found = torch.stack([ends, starts]).cpu()  # one copy to the host (one synchronisation on a GPU)
+    return _prefixes(found[0], found[1], batch, Sq)
+
+
+def _runs(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's kept keys as one run [start, end) (end -1 where they are not one run), from
+    the steps between neighbouring keys (+1: a kept key after a dropped one, -1: the reverse):
+    a run has at most one of each, which the first and last of each kind say. int8 differences
+    and arg-reductions: ~5 ms a pass over a 4096^2 mask on the 2-core CPU, where sums take 20-50;
+    the last steps (a flipped view) are looked for only when some query does not start at key 0."""
+    first_kept = kept[..., 0] == 1
+    if kept.shape[-1] == 1:
+        return torch.zeros_like(first_kept, dtype=torch.int64), first_kept.to(torch.int64)
+    steps = torch.diff(kept, dim=-1)
+    top, first_rise = steps.max(-1)
+    low, first_fall = steps.min(-1)
+    rises, falls = top > 0, low < 0
+    Sk = kept.shape[-1]
+    starts = torch.where(first_kept, 0, torch.where(rises, first_rise + 1, Sk))
+    ends = torch.where(falls, first_fall + 1, Sk)
+    one_run = ~rises
+    if bool((~first_kept).any()):
+        flipped = steps.flip(-1)
+        last_rise = Sk - 2 - flipped.argmax(-1)
+        last_fall = Sk - 2 - flipped.argmin(-1)
+        one_run = torch.where(first_kept, ~rises, (last_rise == first_rise) & (~falls | (last_fall == first_fall)))
+    return starts, torch.where(one_run & (ends > starts), ends, -1)
+
+
+def _prefixes(ends: torch.Tensor, starts: torch.Tensor, batch: int, Sq: int) -> list[MaskPrefix] | None:
+    """MaskPrefix per batch row from each query's kept keys [start, end) ((B', Sq') or (B', 1);
+    end -1 where they are not one run)."""
+    if bool((ends <= starts).any()):
         return None
-    first, last = lengths[:, 0], lengths[:, -1]
-    if keep.shape[1] == 1 or bool((lengths == first[:, None]).all()):  # one query: both kinds alike
-        found = [MaskPrefix(int(n), int(n) - 1 if Sq == 1 else None) for n in first.tolist()]
-    elif bool((lengths == torch.minimum(first[:, None] + torch.arange(Sq), last[:, None])).all()):
-        found = [MaskPrefix(int(n), int(f) - 1) for n, f in zip(last.tolist(), first.tolist())]
+    first, last = ends[:, 0], ends[:, -1]
+    if ends.shape[1] == 1 or bool((ends == first[:, None]).all()):  # the same keys for every query
+        if not bool((starts == starts[:, :1]).all()):
+            return None
+        if Sq == 1:  # one query: a band's keys, the last of them at the query's position
+            found = [MaskPrefix(n, n - 1, n - 1 - a if a else None)
+                     for n, a in zip(first.tolist(), starts[:, 0].tolist())]
+        elif bool((starts == 0).all()):
+            found = [MaskPrefix(int(n), None) for n in first.tolist()]
+        else:
+            return None
+    elif bool((ends == torch.minimum(first[:, None] + torch.arange(ends.shape[1]), last[:, None])).all()):
+        offsets = first - 1
+        reach = offsets[:, None] + torch.arange(ends.shape[1])  # i + offset: query i's last allowed key
+        windows = torch.where(starts > 0, reach - starts, -1).max(dim=1).values
+        band = windows[:, None] >= 0
+        if not bool(torch.where(band, starts == (reach - windows[:, None]).clamp(min=0), starts == 0).all()):
+            return None
+        found = [MaskPrefix(int(n), int(d), int(w) if w >= 0 else None)
+                 for n, d, w in zip(last.tolist(), offsets.tolist(), windows.tolist())]
     else:
         return None
     return found * batch if len(found) == 1 else found
 
 
 def _follows(prefix: MaskPrefix, rule: str, Sq: int) -> bool:
+    if rule == "band":
+        return True
+    if prefix.window is not None:  # patterns cannot be cut to a band: only Dense heads run in one
+        return False
     if rule == "":
         return True
     if rule == "keys":
@@ -183,12 +264,36 @@ def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, i
     if prefixes is None or not all(_follows(p, rule, Sq) for p in prefixes):
         return None
     runs = []
-    for prefix in sorted(set(prefixes), key=lambda p: (p.length, -1 if p.offset is None else p.offset)):
-        patterns = patterns_for_keys(head_patterns, Sq, prefix.length, widen=rule != "")
+    for prefix in sorted(set(prefixes), key=lambda p: (p.length, -1 if p.offset is None else p.offset, p.window or 0)):
+        if prefix.window is not None:
+            patterns = _in_band(head_patterns, prefix, Sq)
+        else:
+            patterns = patterns_for_keys(head_patterns, Sq, prefix.length, widen=rule not in ("", "band"))
         if patterns is None:
             return None
         runs.append(KeyRun(tuple(b for b, p in enumerate(prefixes) if p == prefix), prefix, patterns))
     return runs
+
+
+def band_pattern(window: int, offset: int, Sq: int) -> P.Pattern:
+    """The pattern keeping j - i in [offset - window, offset] for queries 0..Sq-1 (the causal rule
+    then cuts j > i + offset): Window when the band holds the diagonal, else Columns for one query
+    or MultiDiagonal bands covering it."""
+    if offset <= window:
+        return P.Window(window - offset, offset)
+    if Sq == 1:
+        return P.Columns([(offset - window, offset + 1)])
+    half = window // 2
+    return P.MultiDiagonal(sorted({offset - window + half, offset - half}), half)
+
+
+def _in_band(head_patterns: tuple[P.Pattern, ...], prefix: MaskPrefix, Sq: int) -> tuple[P.Pattern, ...] | None:
+    """Dense heads as the band's pattern (Skip heads as they are); None when a head has another
+    pattern (a band cut of it is not a pattern sparsec has)."""
+    if not all(isinstance(p, (P.Dense, P.Skip)) for p in head_patterns):
+        return None
+    band = band_pattern(prefix.window, prefix.offset, prefix.causal_queries(Sq))
+    return tuple(band if isinstance(p, P.Dense) else p for p in head_patterns)
 
 
 def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float) -> torch.Tensor:

@@ -53,7 +53,8 @@ def _as_inputs(example_inputs: Any) -> tuple:
 def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
     """Module path -> the q, k, v of every sparsec::attention call made inside the block (a call
     whose mask only pads keys: each batch row against its kept keys). Calls with another mask or
-    bias, or without a module path, are left out (they stay dense; a log line says so)."""
+    bias (a sliding window's band among them), or without a module path, are left out (they stay
+    dense; a log line says so)."""
     from sparsec.key_padding import mask_prefixes
     from sparsec.ops import recording_attention
 
@@ -65,6 +66,8 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
         nonlocal unnamed
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         prefixes = None if attn_mask is None or is_causal else mask_prefixes(attn_mask, B, Sq, Sk)
+        if prefixes is not None and any(p.window is not None for p in prefixes):
+            prefixes = None  # a sliding window's band: its Dense heads run as the band, nothing to tune
         if not site:
             unnamed += 1
         elif attn_mask is not None and prefixes is None:

@@ -1,0 +1,179 @@
+"""Sliding-window masks (Mistral's, Gemma's) run as band patterns (mask rule "band"): detection of
+the band in bool and additive masks (unpadded, right-padded, a chunk or decoding step of a cache),
+the band's pattern against the explicit mask, the op against a float64 reference, gradients, and
+transformers' Gemma 3 through the backend."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsec
+from sparsec import patterns as P
+from sparsec.config import parse_options
+from sparsec.dump import recording
+from sparsec.ir.ops import Attention
+from sparsec.key_padding import MaskPrefix, band_pattern, key_prefix_runs, mask_prefixes
+from sparsec.ops import BAND_MIN_KEYS, attention as attention_op
+from sparsec.ops import patterns_to_json
+
+
+def band_mask(Sq: int, Sk: int, window: int, offset: int, lengths=(None,)) -> torch.Tensor:
+    """(B, 1, Sq, Sk) bool: query i keeps j in [i + offset - window, i + offset] of its row's first
+    `length` keys (None: all), as transformers builds a sliding window's causal mask."""
+    i, j = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
+    rows = []
+    for length in lengths:
+        keep = (j <= i + offset) & (j >= i + offset - window)
+        rows.append(keep & (j < (Sk if length is None else length)))
+    return torch.stack(rows)[:, None]
+
+
+def reference(q, k, v, keep, scale):
+    """softmax(q k^T * scale) v in float64 over the pairs `keep` (B, 1, Sq, Sk) keeps, GQA expanded."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
+
+
+@pytest.mark.parametrize("window, lengths", [(7, (None, None)), (7, (27, None)), (40, (None,)), (0, (None,)),
+                                             (12, (20,))])
+def test_sliding_window_masks_read_as_bands(window, lengths):
+    mask = band_mask(32, 32, window, 0, lengths)
+    found = mask_prefixes(mask, len(lengths), 32, 32)
+    want = [MaskPrefix(32 if n is None else n, 0, window if window < 31 else None) for n in lengths]
+    assert found == want
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    assert mask_prefixes(additive, len(lengths), 32, 32) == want
+    assert mask_prefixes(mask.expand(len(lengths), 3, 32, 32), len(lengths), 32, 32) == want  # expanded heads
+
+
+def test_padding_queries_past_the_window_leave_the_mask_dense():
+    """A right-padded row's last queries keep no key once the window has passed its length: rows
+    without keys are not a band (the dense path gives them what SDPA does)."""
+    assert mask_prefixes(band_mask(32, 32, 3, 0, (20,)), 1, 32, 32) is None
+
+
+def test_a_cache_chunk_and_a_decoding_step_read_as_bands():
+    assert mask_prefixes(band_mask(6, 40, 9, 30), 1, 6, 40) == [MaskPrefix(36, 30, 9)]  # chunk at position 30
+    assert mask_prefixes(band_mask(1, 64, 9, 50), 1, 1, 64) == [MaskPrefix(51, 50, 9)]   # decoding step
+
+
+@pytest.mark.parametrize("mask", [
+    torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool),  # two runs
+    torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool),  # window varies
+    torch.tensor([[0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.bool),  # key 0 never kept
+    torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool),  # an empty row
+])
+def test_other_masks_are_not_bands(mask):
+    assert mask_prefixes(mask, 1, 4, 4) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 24), st.integers(1, 40), st.integers(0, 12), st.integers(0, 30))
+def test_band_pattern_keeps_the_band(Sq, extra_keys, window, offset):
+    Sk = Sq + extra_keys
+    offset = min(offset, Sk - 1)
+    kept = band_pattern(window, offset, Sq).mask(Sq, Sk) & torch.ones(Sq, Sk, dtype=torch.bool).tril(offset)
+    assert torch.equal(kept, band_mask(Sq, Sk, window, offset)[0, 0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(BAND_MIN_KEYS, BAND_MIN_KEYS + 80), st.integers(0, 90), st.lists(st.integers(0, 60), min_size=1,
+                                                                                       max_size=3))
+def test_the_op_runs_bands_exactly(S, window, cuts):
+    """Dense heads under rule "band" against the float64 reference with the explicit mask; each
+    batch row its own right padding (a cut of 0: none; at most the window, so every query keeps
+    a key)."""
+    lengths = tuple(S - min(c, window) if c else None for c in cuts)
+    mask = band_mask(S, S, window, 0, lengths)
+    runs = key_prefix_runs(torch.empty(len(lengths), 4, S, 8), torch.empty(len(lengths), 2, S, 8), mask, False,
+                           (P.Dense(),) * 4, "band")
+    assert runs is not None
+    q, k, v = torch.randn(len(lengths), 4, S, 8), torch.randn(len(lengths), 2, S, 8), torch.randn(len(lengths), 2, S, 8)
+    out = attention_op(q, k, v, mask, 0.3, False, patterns_to_json((P.Dense(),) * 4), 0, 0, "test", "band")
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.3), atol=2e-5, rtol=2e-5)
+
+
+def test_gradients_through_a_band():
+    S = BAND_MIN_KEYS + 16
+    mask = band_mask(S, S, 20, 0, (S - 9, None))
+    q, k, v = (torch.randn(2, 2, S, 8, requires_grad=True) for _ in range(3))
+    out = attention_op(q, k, v, mask, 0.25, False, patterns_to_json((P.Dense(),) * 2), 0, 0, "test", "band")
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = torch.autograd.grad(reference(q, k, v, mask, 0.25).square().sum(), (q, k, v))
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_patterns_other_than_dense_keep_a_band_mask_dense():
+    mask = band_mask(300, 300, 20, 0)
+    q = torch.empty(1, 2, 300, 8)
+    assert key_prefix_runs(q, q, mask, False, (P.Window(4, 4), P.Dense()), "band") is None
+    assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Dense()), "keys") is None
+
+
+def test_the_option_is_checked():
+    assert parse_options({}).mask_bands == "auto"
+    with pytest.raises(ValueError, match="mask_bands"):
+        parse_options({"mask_bands": "yes"})
+
+
+def _gemma3(seq: int):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma3TextModel")
+    torch.manual_seed(3)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=48, max_position_embeddings=2 * seq,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="sdpa")
+    return transformers.Gemma3TextModel(config).eval()
+
+
+@pytest.mark.models
+def test_gemma3_sliding_layers_run_their_band(caplog):
+    seq = BAND_MIN_KEYS + 44
+    model = _gemma3(seq)
+    ids = torch.randint(0, 64, (2, seq))
+    padding = (torch.arange(seq)[None] < torch.tensor([[seq - 30], [seq]])).long()
+    calls = []
+    original = sparsec.attention
+
+    def counting(q, k, v, patterns, **kwargs):
+        calls.append(tuple(patterns) if not isinstance(patterns, P.Pattern) else (patterns,))
+        return original(q, k, v, patterns, **kwargs)
+
+    for mask_bands, bands in (("off", False), ("on", True)):
+        for inputs in ((ids,), (ids, padding)):
+            torch._dynamo.reset()
+            calls.clear()
+            with torch.no_grad(), recording() as records, pytest.MonkeyPatch.context() as patch, \
+                    caplog.at_level(logging.INFO, logger="sparsec"):
+                patch.setattr(sparsec, "attention", counting)
+                got = torch.compile(model, backend="sparsec", options={"inner": "eager", "mask_bands": mask_bands})(
+                    *inputs).last_hidden_state
+            torch.testing.assert_close(got, model(*inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
+            rules = [op.mask_rule for r in records for op in r.final_ir.ops_of(Attention)]
+            # the full-attention layer has a mask only with padding: causal prefixes, dense on each
+            assert rules == ["band" if bands else "", "band" if bands and len(inputs) == 2 else ""]
+            assert any(P.Window(47, 0) in c for c in calls) == bands, calls
+
+
+def test_a_mask_is_read_once_while_it_is_unchanged(monkeypatch):
+    """Layers of one forward share the mask tensor: read once; changed in place, read again."""
+    from sparsec import key_padding
+
+    reads = []
+    read = key_padding._read_prefixes
+    monkeypatch.setattr(key_padding, "_read_prefixes", lambda *args: reads.append(1) or read(*args))
+    mask = band_mask(16, 16, 3, 0)
+    assert mask_prefixes(mask, 1, 16, 16) == mask_prefixes(mask, 1, 16, 16) == [MaskPrefix(16, 0, 3)]
+    assert len(reads) == 1
+    mask[0, 0, 5, 0] = True  # two runs in row 5 now
+    assert mask_prefixes(mask, 1, 16, 16) is None and len(reads) == 2
+    assert mask_prefixes(mask.clone(), 1, 16, 16) is None and len(reads) == 3  # another tensor: read
