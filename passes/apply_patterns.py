@@ -145,8 +145,8 @@ def _bands_apply(op: Attention, config: SparsecConfig) -> bool:
 def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
     given = _given(op, config)
     if given is None and _bands_apply(op, config):
-        log.info("attention %s: calls whose mask is a sliding window (a band of keys for each query) run the band's "
-                 "pattern; other masks run dense (rule 'band', sparsec/key_padding.py)", op.module_path)
+        log.debug("attention %s: calls whose mask is a sliding window (a band of keys for each query) run the band's "
+                  "pattern; other masks run dense (rule 'band', sparsec/key_padding.py)", op.module_path)
         scores = op.scores.with_sparsity(AttentionPatterns(patterns=(P.Dense(),) * op.num_heads))
         return dataclasses.replace(op, scores=scores, mask_rule="band")
     if given is None:
