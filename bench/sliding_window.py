@@ -45,12 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import DTYPES, _max_rel_error, _time_ms, add_device_options, write_rows  # noqa: E402
 
 
-def band_mask(S: int, window: int, lengths: list[int], device: str) -> torch.Tensor:
+def band_mask(S: int, window: int, lengths: list[int], device: str, side: str = "right") -> torch.Tensor:
     """(B, 1, S, S) bool as transformers' sliding-window causal mask: query i keeps the `window`
-    keys up to its own, j < its row's length (right padding)."""
+    keys up to its own, of its row's `length` real tokens (padding on the right: j < length; on
+    the left: j >= S - length, as batched generation pads)."""
     i, j = torch.arange(S, device=device)[:, None], torch.arange(S, device=device)[None, :]
     band = (j <= i) & (j > i - window)
-    return torch.stack([band & (j < n) for n in lengths])[:, None]
+    return torch.stack([band & ((j < n) if side == "right" else (j >= S - n)) for n in lengths])[:, None]
 
 
 def _inputs(args, S: int):
@@ -82,7 +83,7 @@ def run_layers(args, console: Console) -> list[dict]:
                 continue
             for padding in args.padding:
                 lengths = [S] + [S - padding] * (args.batch - 1)
-                mask = band_mask(S, window, lengths, args.device)
+                mask = band_mask(S, window, lengths, args.device, args.pad_side)
                 band = band_pattern(window - 1, 0, S)
                 fns = {
                     "sdpa_masked": lambda: _sdpa(q, k, v, mask, scale),
@@ -93,7 +94,7 @@ def run_layers(args, console: Console) -> list[dict]:
                 error = _max_rel_error(fns["sparsec_band"](), fns["sdpa_masked"]())
                 ms = _time_ms(fns, args.device, args.min_seconds)
                 density = band.density(S, S, causal=True)
-                row = {"seq": S, "window": window, "padding": padding, "batch": args.batch,
+                row = {"seq": S, "window": window, "padding": padding, "pad_side": args.pad_side, "batch": args.batch,
                        "band_density_of_causal": density, "max_rel_error": error,
                        **{f"{name}_ms": t for name, t in ms.items()},
                        "speedup": ms["sdpa_masked"] / ms["sparsec_band"],
@@ -164,7 +165,9 @@ def parse_args(argv=None):
     parser.add_argument("--seq", nargs="+", type=int, default=None, help="sequence lengths")
     parser.add_argument("--windows", nargs="+", type=int, default=None, help="window sizes (keys a query keeps)")
     parser.add_argument("--padding", nargs="+", type=int, default=[0],
-                        help="right padding of every batch row but the first")
+                        help="padding of every batch row but the first")
+    parser.add_argument("--pad-side", choices=("right", "left"), default="right",
+                        help="where the padding goes (left: transformers' batched generation)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads on CPU, heads / 4 on CUDA")

@@ -18,16 +18,22 @@ same L_b run as one call.
                    run so, and the padding rows against all L_b keys under the patterns' explicit
                    masks (exact, dense; few rows).
 
-A third kind is run for layers left dense (mask rule "band", option mask_bands):
+Two more kinds run for layers left dense (mask rule "band", option mask_bands):
 
   sliding window   query i keeps keys i + d_b - W .. i + d_b of the first L_b (Mistral's, Gemma's
                    local layers: the last W + 1 keys up to its position, right padding cut too).
                    Dense heads then run the band's pattern (band_pattern: a Window) on the L_b
                    keys, which skips every key outside it; heads with other patterns cannot be cut
                    to a band (no intersection of patterns), so such a call runs dense.
+  left padding     a causal call from position 0 whose row b starts with p_b padding tokens
+                   (transformers' batched generation): its first p_b queries keep no key (their
+                   output is 0, as SDPA gives such rows) and query i >= p_b keeps keys p_b..i (or
+                   a sliding window of them). Dense heads run on the tokens after p_b, shifted to
+                   position 0 (causal attention and bands do not depend on absolute positions;
+                   other patterns do, so their calls run dense).
 
 Which masks a layer's patterns run under is its mask rule (Attention.mask_rule, an argument of
-the op): "band" all three kinds (Dense heads); "" either of the first two (the option
+the op): "band" all of them (Dense heads); "" either of the first two (the option
 attention_patterns: patterns as given); "keys" padded keys only (a plan tuned without the causal
 rule: positions count from 0 for queries and keys alike);
 "causal:D" a causal prefix whose d_b is D (a plan tuned with the causal rule at kv_len - q_len =
@@ -77,11 +83,14 @@ def check_mask_rule(rule: str) -> None:
 class MaskPrefix:
     """What a mask keeps of one batch row: the first `length` keys, for every query (offset None),
     or for query i those with j <= i + offset (the causal rule over them), and with a `window`
-    only those with j >= i + offset - window too (a sliding window: a band)."""
+    only those with j >= i + offset - window too (a sliding window: a band). With `first` > 0 (a
+    left-padded row of a causal call from position 0), keys before `first` are dropped too and
+    queries before it keep none."""
 
     length: int
     offset: int | None = None
     window: int | None = None
+    first: int = 0  # left padding: keys and queries before it are padding (those queries keep no key)
 
     @property
     def causal(self) -> bool:
@@ -164,7 +173,8 @@ def _read_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> lis
 
 
 def _runs(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's kept keys as one run [start, end) (end -1 where they are not one run), from
+    """Each query's kept keys as one run [start, end) (end -1 where they are not one run, 0 = start
+    where there are none), from
     the steps between neighbouring keys (+1: a kept key after a dropped one, -1: the reverse):
     a run has at most one of each, which the first and last of each kind say. int8 differences
     and arg-reductions: ~5 ms a pass over a 4096^2 mask on the 2-core CPU, where sums take 20-50;
@@ -185,12 +195,16 @@ def _runs(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last_rise = Sk - 2 - flipped.argmax(-1)
         last_fall = Sk - 2 - flipped.argmin(-1)
         one_run = torch.where(first_kept, ~rises, (last_rise == first_rise) & (~falls | (last_fall == first_fall)))
-    return starts, torch.where(one_run & (ends > starts), ends, -1)
+    empty = ~first_kept & ~rises
+    return torch.where(empty, 0, starts), torch.where(empty, 0, torch.where(one_run & (ends > starts), ends, -1))
 
 
 def _prefixes(ends: torch.Tensor, starts: torch.Tensor, batch: int, Sq: int) -> list[MaskPrefix] | None:
     """MaskPrefix per batch row from each query's kept keys [start, end) ((B', Sq') or (B', 1);
-    end -1 where they are not one run)."""
+    end -1 where they are not one run, start = end = 0 where a query keeps none)."""
+    empty = (ends == 0) & (starts == 0)
+    if bool(empty.any()):
+        return _left_padded(ends, starts, empty, batch)
     if bool((ends <= starts).any()):
         return None
     first, last = ends[:, 0], ends[:, -1]
@@ -218,10 +232,32 @@ def _prefixes(ends: torch.Tensor, starts: torch.Tensor, batch: int, Sq: int) -> 
     return found * batch if len(found) == 1 else found
 
 
+def _left_padded(ends: torch.Tensor, starts: torch.Tensor, empty: torch.Tensor, batch: int) -> list[MaskPrefix] | None:
+    """Rows whose first p_b queries keep no key and query i >= p_b keeps [max(p_b, i - W), i]: the
+    causal mask of a left-padded batch (transformers' batched generation) from position 0, with
+    or without a sliding window; None for anything else."""
+    rows, Sq = ends.shape
+    if Sq == 1 or bool((ends < 0).any()):
+        return None
+    i = torch.arange(Sq)
+    pads = empty.sum(dim=1)  # the empty queries must be the leading ones
+    if not bool((empty == (i[None, :] < pads[:, None])).all()) or bool((pads >= Sq).any()):
+        return None
+    live = ~empty
+    if not bool(torch.where(live, ends == i + 1, True).all()):
+        return None
+    windows = torch.where(live & (starts > pads[:, None]), i - starts, -1).max(dim=1).values
+    floor = torch.where(windows[:, None] >= 0, torch.maximum(pads[:, None], i - windows[:, None]), pads[:, None])
+    if not bool(torch.where(live, starts == floor, True).all()):
+        return None
+    found = [MaskPrefix(Sq, 0, int(w) if w >= 0 else None, int(p)) for p, w in zip(pads.tolist(), windows.tolist())]
+    return found * batch if rows == 1 else found
+
+
 def _follows(prefix: MaskPrefix, rule: str, Sq: int) -> bool:
     if rule == "band":
         return True
-    if prefix.window is not None:  # patterns cannot be cut to a band: only Dense heads run in one
+    if prefix.window is not None or prefix.first:  # only Dense heads run in a band or shifted
         return False
     if rule == "":
         return True
@@ -264,8 +300,9 @@ def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, i
     if prefixes is None or not all(_follows(p, rule, Sq) for p in prefixes):
         return None
     runs = []
-    for prefix in sorted(set(prefixes), key=lambda p: (p.length, -1 if p.offset is None else p.offset, p.window or 0)):
-        if prefix.window is not None:
+    for prefix in sorted(set(prefixes), key=lambda p: (p.length, -1 if p.offset is None else p.offset, p.window or 0,
+                                                       p.first)):
+        if prefix.window is not None or prefix.first:
             patterns = _in_band(head_patterns, prefix, Sq)
         else:
             patterns = patterns_for_keys(head_patterns, Sq, prefix.length, widen=rule not in ("", "band"))
@@ -288,12 +325,15 @@ def band_pattern(window: int, offset: int, Sq: int) -> P.Pattern:
 
 
 def _in_band(head_patterns: tuple[P.Pattern, ...], prefix: MaskPrefix, Sq: int) -> tuple[P.Pattern, ...] | None:
-    """Dense heads as the band's pattern (Skip heads as they are); None when a head has another
-    pattern (a band cut of it is not a pattern sparsec has)."""
-    if not all(isinstance(p, (P.Dense, P.Skip)) for p in head_patterns):
+    """Dense heads as the band's pattern (without a window, Dense); None when a head has another
+    pattern (a band cut of it is not a pattern sparsec has, and left padding would shift its
+    positions)."""
+    if not all(isinstance(p, P.Dense) for p in head_patterns):
         return None
-    band = band_pattern(prefix.window, prefix.offset, prefix.causal_queries(Sq))
-    return tuple(band if isinstance(p, P.Dense) else p for p in head_patterns)
+    if prefix.window is None:
+        return head_patterns
+    band = band_pattern(prefix.window, prefix.offset, prefix.causal_queries(Sq) - prefix.first)
+    return (band,) * len(head_patterns)
 
 
 def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float) -> torch.Tensor:
@@ -311,6 +351,11 @@ def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float) -> torch.T
 
 def _run(q, k, v, run: KeyRun, attend, scale: float) -> torch.Tensor:
     prefix, Sq = run.prefix, q.shape[2]
+    if prefix.first:  # left padding: the queries and keys after it, shifted (Dense heads and bands only)
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        out[:, :, prefix.first:] = attend(q[:, :, prefix.first:], k[:, :, prefix.first:prefix.length],
+                                          v[:, :, prefix.first:prefix.length], run.patterns, True)
+        return out
     k, v = k[:, :, :prefix.length], v[:, :, :prefix.length]
     causal_rows = prefix.causal_queries(Sq)
     if causal_rows == Sq:

@@ -35,3 +35,11 @@ def test_a_tiny_run_times_every_point_and_records_it(bench, tmp_path, capsys):
 def test_padding_needs_a_batch(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--padding", "4"])
+
+
+def test_left_padding_is_timed_too(bench, tmp_path):
+    output = tmp_path / "left.json"
+    bench.main(["--device", "cpu", "--seq", "300", "--windows", "40", "--padding", "50", "--pad-side", "left",
+                "--batch", "2", "--heads", "2", "--head-dim", "16", "--min-seconds", "0", "--output", str(output)])
+    (row,) = json.loads(output.read_text())["rows"]
+    assert row["pad_side"] == "left" and row["max_rel_error"] < 1e-5

@@ -177,3 +177,75 @@ def test_a_mask_is_read_once_while_it_is_unchanged(monkeypatch):
     mask[0, 0, 5, 0] = True  # two runs in row 5 now
     assert mask_prefixes(mask, 1, 16, 16) is None and len(reads) == 2
     assert mask_prefixes(mask.clone(), 1, 16, 16) is None and len(reads) == 3  # another tensor: read
+
+
+def left_padded(S: int, pads, window: int | None = None) -> torch.Tensor:
+    """(B, 1, S, S) bool: transformers' causal mask of a left-padded batch (row b's first pads[b]
+    tokens are padding: those queries keep no key), with a sliding window of `window` keys."""
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    rows = [(j <= i) & (j >= p) & ((j > i - window) if window else True) for p in pads]
+    return torch.stack(rows)[:, None]
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_left_padding_reads_as_a_shifted_prefix(window):
+    found = mask_prefixes(left_padded(40, [0, 13], window), 2, 40, 40)
+    w = None if window is None else window - 1
+    assert found == [MaskPrefix(40, 0, w, 0), MaskPrefix(40, 0, w, 13)]
+
+
+@pytest.mark.parametrize("mask", [
+    torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool),  # an empty row inside
+    torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool),  # a padding key kept
+    torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.bool),  # not causal
+])
+def test_other_masks_with_empty_rows_are_not_left_padding(mask):
+    assert mask_prefixes(mask, 1, 4, 4) is None
+
+
+def test_left_padding_runs_only_dense_heads():
+    """Patterns name absolute positions, which left padding shifts: only Dense heads run shifted."""
+    mask = left_padded(300, [0, 20])
+    q = torch.empty(2, 2, 300, 8)
+    assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Dense()), "band") is not None
+    assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Skip("mean")), "band") is None
+    assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Dense()), "") is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(BAND_MIN_KEYS, BAND_MIN_KEYS + 60), st.sampled_from([None, 1, 30]),
+       st.lists(st.integers(0, 50), min_size=1, max_size=3))
+def test_the_op_runs_left_padded_rows_exactly(S, window, pads):
+    """Each row's real queries on its real keys, the padding queries 0, against the float64
+    reference with the explicit mask (a row with no key gives 0)."""
+    mask = left_padded(S, pads, window)
+    q, k, v = torch.randn(len(pads), 4, S, 8), torch.randn(len(pads), 2, S, 8), torch.randn(len(pads), 2, S, 8)
+    out = attention_op(q, k, v, mask, 0.3, False, patterns_to_json((P.Dense(),) * 4), 0, 0, "test", "band")
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.3), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.models
+def test_a_left_padded_llama_batch_runs_each_row_on_its_tokens(monkeypatch):
+    """transformers' batched-generation layout (padding on the left): the real tokens equal eager,
+    and the padded row runs causal attention on its own tokens only."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    seq, pad = BAND_MIN_KEYS + 20, 37
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2 * seq,
+                                      attn_implementation="sdpa")
+    model = transformers.LlamaModel(config).eval()
+    ids = torch.randint(0, 64, (2, seq))
+    padding = (torch.arange(seq)[None] >= torch.tensor([[pad], [0]])).long()
+    lengths = []
+    original = sparsec.attention
+    monkeypatch.setattr(sparsec, "attention", lambda q, k, v, patterns, **kw: lengths.append(k.shape[2]) or original(
+        q, k, v, patterns, **kw))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="sparsec", options={"inner": "eager", "mask_bands": "on"})(
+            ids, attention_mask=padding).last_hidden_state
+        want = model(ids, attention_mask=padding).last_hidden_state
+    real = padding.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert sorted(lengths) == [seq - pad, seq]
