@@ -50,8 +50,8 @@ had the keys past it) keeps the key blocks past it, as dense does.
 
 The mask is read at run time (a traced graph cannot tell one mask from another): any shape that
 broadcasts to (B, H, Sq, Sk), expanded (stride 0) or materialized. A materialized (B, 1, Sq, Sk)
-mask costs three int8 passes over B x Sq x Sk bytes for a prefix (~15 ms at 4096^2 on the
-2-core CPU, where the patterns' attention takes 40-160 ms) and two more for a band (~30 ms); an
+mask costs two passes over B x Sq x Sk bytes and a few over an eighth of that (~6 ms at 4096^2
+on the 2-core CPU, prefix or band, where the attention takes 40-300 ms), once per mask tensor; an
 expanded or (B, 1, 1, Sk) one costs microseconds.
 """
 from __future__ import annotations
@@ -174,29 +174,41 @@ def _read_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> lis
 
 def _runs(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's kept keys as one run [start, end) (end -1 where they are not one run, 0 = start
-    where there are none), from
-    the steps between neighbouring keys (+1: a kept key after a dropped one, -1: the reverse):
-    a run has at most one of each, which the first and last of each kind say. int8 differences
-    and arg-reductions: ~5 ms a pass over a 4096^2 mask on the 2-core CPU, where sums take 20-50;
-    the last steps (a flipped view) are looked for only when some query does not start at key 0."""
+    where there are none), from the steps between neighbouring keys (+1: a kept key after a
+    dropped one, -1: the reverse): a run has at most one of each. The steps go into 8-byte words;
+    the first and last word holding a step are found on the words (an eighth of the mask's
+    elements) and decoded, and a word between them with a step means more than one run. About
+    5 ms over a 4096^2 mask on the 2-core CPU (arg-reductions over the bytes took ~25)."""
     first_kept = kept[..., 0] == 1
-    if kept.shape[-1] == 1:
-        return torch.zeros_like(first_kept, dtype=torch.int64), first_kept.to(torch.int64)
-    steps = torch.diff(kept, dim=-1)
-    top, first_rise = steps.max(-1)
-    low, first_fall = steps.min(-1)
-    rises, falls = top > 0, low < 0
     Sk = kept.shape[-1]
-    starts = torch.where(first_kept, 0, torch.where(rises, first_rise + 1, Sk))
-    ends = torch.where(falls, first_fall + 1, Sk)
-    one_run = ~rises
-    if bool((~first_kept).any()):
-        flipped = steps.flip(-1)
-        last_rise = Sk - 2 - flipped.argmax(-1)
-        last_fall = Sk - 2 - flipped.argmin(-1)
-        one_run = torch.where(first_kept, ~rises, (last_rise == first_rise) & (~falls | (last_fall == first_fall)))
-    empty = ~first_kept & ~rises
-    return torch.where(empty, 0, starts), torch.where(empty, 0, torch.where(one_run & (ends > starts), ends, -1))
+    if Sk == 1:
+        return torch.zeros_like(first_kept, dtype=torch.int64), first_kept.to(torch.int64)
+    width = -(-(Sk - 1) // 8) * 8
+    steps = kept.new_zeros(*kept.shape[:-1], width)
+    torch.sub(kept[..., 1:], kept[..., :-1], out=steps[..., :Sk - 1])
+    holding = steps.view(torch.int64) != 0                      # (..., words): a word holds a step
+    words = holding.shape[-1]
+    first = holding.view(torch.uint8).argmax(-1)
+    last = words - 1 - holding.flip(-1).view(torch.uint8).argmax(-1)
+    between = holding.clone()
+    between.scatter_(-1, first[..., None], False)
+    between.scatter_(-1, last[..., None], False)
+    # the bytes of the first and last word (the last counted once when it is the first), positioned
+    found = torch.cat([steps.view(torch.int64).gather(-1, w[..., None]).view(torch.int8) for w in (first, last)], -1)
+    found[..., 8:] *= (last != first)[..., None].to(torch.int8)
+    position = torch.cat([first[..., None] * 8, last[..., None] * 8], -1).repeat_interleave(8, -1) + torch.arange(
+        8, device=kept.device).repeat(2)
+    far = torch.iinfo(torch.int64).max
+    rises, falls = (found == 1).sum(-1), (found == -1).sum(-1)
+    rise = torch.where(found == 1, position, far).min(-1).values
+    fall = torch.where(found == -1, position, far).min(-1).values
+    ordered = (rises == 1) & ((falls == 0) | (fall > rise))
+    alone = ~between.any(-1)  # no step outside the two words
+    one_run = alone & (falls <= 1) & torch.where(first_kept, rises == 0, ordered)
+    starts = torch.where(first_kept, 0, rise + 1)
+    ends = torch.where(falls > 0, fall + 1, Sk)
+    empty = ~first_kept & (rises == 0) & (falls == 0) & alone
+    return torch.where(empty, 0, starts), torch.where(empty, 0, torch.where(one_run, ends, -1))
 
 
 def _prefixes(ends: torch.Tensor, starts: torch.Tensor, batch: int, Sq: int) -> list[MaskPrefix] | None:

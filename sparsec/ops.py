@@ -12,7 +12,7 @@
         static KV cache's) runs the patterns on each row's kept keys where `mask_rule` admits it
         (sparsec/key_padding.py); any other mask runs the dense path with it (a log line). Under
         the rule "band" (Dense heads), a sliding window's mask runs as its band; calls with fewer
-        than BAND_MIN_KEYS keys keep the dense path (reading the mask costs more than it saves).
+        than BAND_MIN_KEYS keys keep the dense path (the sparse path's fixed cost is more than it saves).
         block_m / block_n: the sparse kernels' tiles (0: their default).
         `site` names the attention layer (its module path): `recording_attention` hands every
         call's operands to a callback under that name (how sparsec.tune collects samples).
@@ -50,9 +50,11 @@ __all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "pat
 # (site, q, k, v, attn_mask, scale, is_causal) -> None
 AttentionRecorder = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], None]
 _RECORDERS: list[AttentionRecorder] = []
-# Below this many keys a band's saving does not pay for reading the mask (measured on the 2-core
-# CPU, 8 heads, D = 64, a window of a quarter of the keys: 0.6x at 128 keys, 1.1x at 256, 2x at 512).
-BAND_MIN_KEYS = 256
+# Below this many keys a band's saving does not pay for the sparse path's fixed cost (~0.6 ms a
+# call) and reading the mask (measured on the 2-core CPU, 8 heads, D = 64, a window of a quarter
+# of the keys, the mask read on every call: 0.42x at 128 keys, 0.91x at 256, 1.48x at 384, 1.78x
+# at 512).
+BAND_MIN_KEYS = 320
 
 
 @contextlib.contextmanager
