@@ -392,8 +392,9 @@ def _padding_rows(q, k, v, head_patterns, first: int, scale: float) -> torch.Ten
             if pattern.fill == "mean":
                 out[:, h] = vh.mean(1, keepdim=True)
             continue
-        if pattern not in keeps:
-            keeps[pattern] = pattern.mask(Sq, L)[first:].to(q.device)
+        if pattern not in keeps:  # the mask of rows first.. only: keep() on those rows
+            rows, keys = torch.arange(first, Sq)[:, None], torch.arange(L)[None, :]
+            keeps[pattern] = pattern.keep(rows, keys, Sq, L).expand(Sq - first, L).to(q.device)
         scores = (q[:, h, first:].float() @ kh.transpose(-1, -2)) * scale
         probs = scores.masked_fill(~keeps[pattern], float("-inf")).softmax(-1).nan_to_num(0.0)
         out[:, h] = probs @ vh
