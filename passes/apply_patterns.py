@@ -31,8 +31,8 @@ cache's prefill from position 0, not its decoding steps). A causal op with a mas
 dense scores (log line). A layer left dense whose mask can differ from query to query (option
 mask_bands: on, or auto where the target is the CPU) gets Dense heads under the rule "band": a
 call whose mask is a sliding window (Mistral's, Gemma's: each query keeps the last W keys up to
-its position, padding cut too) runs the band as a pattern, which skips the keys outside it; any
-other mask keeps its dense path. The user's
+its position, padding cut too) runs the band as a pattern, which skips the keys outside it, a
+left-padded batch each row on its own tokens; any other mask keeps its dense path. The user's
 errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
 fit the sequence lengths, a plan whose layer has other heads or head size than the model's, or a
 plan none of whose layers is in a graph that has attention layers (a plan for another model).

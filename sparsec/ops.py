@@ -11,8 +11,9 @@
         that only cuts the keys to a prefix (padded keys, or the causal rule over a prefix: a
         static KV cache's) runs the patterns on each row's kept keys where `mask_rule` admits it
         (sparsec/key_padding.py); any other mask runs the dense path with it (a log line). Under
-        the rule "band" (Dense heads), a sliding window's mask runs as its band; calls with fewer
-        than BAND_MIN_KEYS keys keep the dense path (the sparse path's fixed cost is more than it saves).
+        the rule "band" (Dense heads), a sliding window's mask runs as its band and a left-padded
+        batch each row on its own tokens; calls with fewer than BAND_MIN_KEYS keys keep the dense
+        path (the sparse path's fixed cost is more than it saves).
         block_m / block_n: the sparse kernels' tiles (0: their default).
         `site` names the attention layer (its module path): `recording_attention` hands every
         call's operands to a callback under that name (how sparsec.tune collects samples).
