@@ -131,20 +131,27 @@ def _plan_tiles(target: str, tiles) -> tuple[int, int] | None:
     return None if executor == "cpu" else tuple(tiles)
 
 
-def _bands_apply(op: Attention, config: SparsecConfig) -> bool:
-    """Whether a layer left dense runs its calls' sliding-window masks as bands (option mask_bands):
-    a mask that can differ from query to query, on a layer that is not causal itself."""
-    if op.mask is None or op.causal or config.mask_bands == "off":
-        return False
-    shape = op.mask.type.shape
-    if len(shape) < 2 or shape[-2] == 1:
+def _bands_enabled(graph: Graph, config: SparsecConfig) -> bool:
+    """Option mask_bands for this graph ("auto": where the target runs the CPU executor), decided
+    once a graph, and only for one that has a masked attention layer (reading the target's
+    profile touches the disk)."""
+    if config.mask_bands == "off" or not any(op.mask is not None for op in graph.ops_of(Attention)):
         return False
     return config.mask_bands == "on" or config.hardware().executor == "cpu"
 
 
-def _with_patterns(op: Attention, config: SparsecConfig) -> Op:
+def _bands_apply(op: Attention, bands: bool) -> bool:
+    """Whether a layer left dense runs its calls' sliding-window masks as bands (`bands`: the
+    option allows it): a mask that can differ from query to query, on a layer not causal itself."""
+    if not bands or op.mask is None or op.causal:
+        return False
+    shape = op.mask.type.shape
+    return len(shape) >= 2 and shape[-2] != 1
+
+
+def _with_patterns(op: Attention, config: SparsecConfig, bands: bool) -> Op:
     given = _given(op, config)
-    if given is None and _bands_apply(op, config):
+    if given is None and _bands_apply(op, bands):
         log.debug("attention %s: calls whose mask is a sliding window (a band of keys for each query) run the band's "
                   "pattern; other masks run dense (rule 'band', sparsec/key_padding.py)", op.module_path)
         scores = op.scores.with_sparsity(AttentionPatterns(patterns=(P.Dense(),) * op.num_heads))
@@ -206,5 +213,6 @@ def _check_plan_fits(graph: Graph, config: SparsecConfig) -> None:
 def apply_patterns(graph: Graph, config: SparsecConfig) -> Graph:
     """`graph` with the configured patterns on the score types of its Attention ops."""
     _check_plan_fits(graph, config)
-    ops = [_with_patterns(op, config) if isinstance(op, Attention) else op for op in graph.ops]
+    bands = _bands_enabled(graph, config)
+    ops = [_with_patterns(op, config, bands) if isinstance(op, Attention) else op for op in graph.ops]
     return graph.replace_ops(ops, provenance="apply_patterns")

@@ -96,6 +96,12 @@ class MaskPrefix:
     def causal(self) -> bool:
         return self.offset is not None
 
+    @property
+    def dense_heads_only(self) -> bool:
+        """Whether only Dense heads can run under this mask: a band cuts patterns to a shape no
+        pattern has, and left padding shifts the positions patterns name."""
+        return self.window is not None or self.first > 0
+
     def causal_queries(self, Sq: int) -> int:
         """How many leading queries the causal rule cuts (the rest, a right-padded batch's padding,
         keep all `length` keys)."""
@@ -186,7 +192,8 @@ def _runs(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     width = -(-(Sk - 1) // 8) * 8
     steps = kept.new_zeros(*kept.shape[:-1], width)
     torch.sub(kept[..., 1:], kept[..., :-1], out=steps[..., :Sk - 1])
-    holding = steps.view(torch.int64) != 0                      # (..., words): a word holds a step
+    words64 = steps.view(torch.int64)
+    holding = words64 != 0                                      # (..., words): a word holds a step
     words = holding.shape[-1]
     first = holding.view(torch.uint8).argmax(-1)
     last = words - 1 - holding.flip(-1).view(torch.uint8).argmax(-1)
@@ -194,7 +201,7 @@ def _runs(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     between.scatter_(-1, first[..., None], False)
     between.scatter_(-1, last[..., None], False)
     # the bytes of the first and last word (the last counted once when it is the first), positioned
-    found = torch.cat([steps.view(torch.int64).gather(-1, w[..., None]).view(torch.int8) for w in (first, last)], -1)
+    found = torch.cat([words64.gather(-1, w[..., None]).view(torch.int8) for w in (first, last)], -1)
     found[..., 8:] *= (last != first)[..., None].to(torch.int8)
     position = torch.cat([first[..., None] * 8, last[..., None] * 8], -1).repeat_interleave(8, -1) + torch.arange(
         8, device=kept.device).repeat(2)
@@ -269,7 +276,7 @@ def _left_padded(ends: torch.Tensor, starts: torch.Tensor, empty: torch.Tensor, 
 def _follows(prefix: MaskPrefix, rule: str, Sq: int) -> bool:
     if rule == "band":
         return True
-    if prefix.window is not None or prefix.first:  # only Dense heads run in a band or shifted
+    if prefix.dense_heads_only:
         return False
     if rule == "":
         return True
@@ -314,7 +321,7 @@ def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, i
     runs = []
     for prefix in sorted(set(prefixes), key=lambda p: (p.length, -1 if p.offset is None else p.offset, p.window or 0,
                                                        p.first)):
-        if prefix.window is not None or prefix.first:
+        if prefix.dense_heads_only:
             patterns = _in_band(head_patterns, prefix, Sq)
         else:
             patterns = patterns_for_keys(head_patterns, Sq, prefix.length, widen=rule not in ("", "band"))

@@ -66,7 +66,7 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
         nonlocal unnamed
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         prefixes = None if attn_mask is None or is_causal else mask_prefixes(attn_mask, B, Sq, Sk)
-        if prefixes is not None and any(p.window is not None or p.first for p in prefixes):
+        if prefixes is not None and any(p.dense_heads_only for p in prefixes):
             prefixes = None  # a sliding window's band or left padding: Dense heads run so, nothing to tune
         if not site:
             unnamed += 1
