@@ -7,7 +7,8 @@ The tests run the same Triton kernels through Triton's interpreter on CPU tensor
 compiled on the GPU, at sizes past one tile (odd lengths, GQA, causal, Sq != Sk, each dtype),
 with fresh random inputs, against the tests' float64 reference (tests/reference.py: the
 patterns' explicit masks); also the op under masks that cut the keys to a prefix (padded text keys,
-a static cache's causal prefix: sparsec/key_padding.py) and a sliding window's band.
+a static cache's causal prefix: sparsec/key_padding.py) and a sliding window's band, and soft-capped
+scores (Gemma 2's softcap).
 """
 from __future__ import annotations
 
@@ -109,6 +110,28 @@ def _compare(label: str, run, expected, dtype) -> tuple[str, float, bool]:
     return result
 
 
+def check_softcap(device, dtype, shape) -> list[tuple[str, float, bool]]:
+    """Every family with scores capped at 30 (softcap: c * tanh(s / c) before the mask), the scores
+    drawn a few times the cap so that capping changes the result."""
+    (Sq, Sk), causal, (Hq, Hkv), D = shape
+    results = []
+    for name, base in attention_cases(Sq, Sk):
+        patterns = (base * Hq)[:Hq]
+        q = torch.randn(1, Hq, Sq, D, device=device, dtype=dtype) * 4
+        k = torch.randn(1, Hkv, Sk, D, device=device, dtype=dtype) * 4
+        v = torch.randn(1, Hkv, Sk, D, device=device, dtype=dtype)
+        scale = 1 / math.sqrt(D)
+
+        def expected():
+            q64, k64, v64 = (t.detach().cpu() for t in (q, k, v))
+            return reference_attention(q64, k64, v64, patterns, causal=causal, scale=scale, softcap=30.0)
+
+        results.append(_compare(f"softcap 30 {name:15s} {str(dtype)[6:]:9s} Sq={Sq} Sk={Sk} causal={causal}",
+                                lambda: sparsec.attention(q, k, v, patterns, causal=causal, scale=scale,
+                                                          backend="triton", softcap=30.0), expected, dtype))
+    return results
+
+
 def check_key_padding(device, dtype, S: int, D: int) -> list[tuple[str, float, bool]]:
     """The op a compiled model calls, with a mask that cuts the keys to a prefix (sparsec/key_padding.py):
     padded text keys (rows of different lengths) and a static cache's causal prefix, on the Triton kernels."""
@@ -189,6 +212,7 @@ def main() -> int:
     # on one shape last: its exact dots run on CUDA cores and take the longest to compile.
     half = [(torch.bfloat16, s) for s in shapes] + [(torch.float16, shapes[0])]
     results = (check_attention(device, half) + check_key_padding(device, torch.bfloat16, shapes[3][0][0], 64)
+               + check_softcap(device, torch.bfloat16, shapes[0])
                + check_linear(device, linear) + check_attention(device, [(torch.float32, shapes[1])]))
     failed = sum(not ok for _, _, ok in results)
     print(f"{failed} of {len(results)} failed")

@@ -8,6 +8,7 @@ pair and drops all but the band.
                                                       # windows 1024 / 4096, 32 heads (8 kv), D 128, bf16
     python bench/sliding_window.py --model gemma3     # also a transformers Gemma 3 text model: Inductor
                                                       # against sparsec (Inductor inside), whole forward
+    python bench/sliding_window.py --model gemma2     # the same with Gemma 2 (soft-capped logits)
 
 Each row is one (S, window, padding) point, timed as the compiled model calls it (the
 sparsec::attention op with Dense heads under rule "band", bench/attention.py's interleaved timing):
@@ -15,7 +16,7 @@ sparsec::attention op with Dense heads under rule "band", bench/attention.py's i
   sdpa_masked   torch SDPA with the (B, 1, S, S) bool mask transformers builds for the window
   sparsec_band  the op with the same mask: it reads the band from the mask and runs it as a
                 pattern (Window) on each row's kept keys; the mask is read on every call here
-                (in a model the layers of one forward share the mask tensor, read once)
+                (in a model the layers of a graph that take one mask node read it once)
   band_only     sparsec.attention with the band's pattern and no mask: the kernel alone, so
                 band_only / sparsec_band is what reading the mask costs
 
@@ -36,7 +37,6 @@ from rich.table import Table
 
 import sparsec
 from sparsec import patterns as P
-from sparsec import key_padding
 from sparsec.key_padding import band_pattern
 from sparsec.ops import attention as attention_op
 from sparsec.ops import patterns_to_json
@@ -67,11 +67,6 @@ def _sdpa(q, k, v, mask, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _read_afresh() -> None:
-    """Forget the masks read (key_padding reads a mask tensor once while it is unchanged)."""
-    key_padding._READ.clear()
-
-
 def run_layers(args, console: Console) -> list[dict]:
     rows = []
     dense = patterns_to_json((P.Dense(),) * args.heads)
@@ -87,7 +82,7 @@ def run_layers(args, console: Console) -> list[dict]:
                 band = band_pattern(window - 1, 0, S)
                 fns = {
                     "sdpa_masked": lambda: _sdpa(q, k, v, mask, scale),
-                    "sparsec_band": lambda: _read_afresh() or attention_op(q, k, v, mask, scale, False, dense, 0, 0,
+                    "sparsec_band": lambda: attention_op(q, k, v, mask, scale, False, dense, 0, 0,
                                                                            "bench", "band"),
                     "band_only": lambda: sparsec.attention(q, k, v, band, causal=True, scale=scale),
                 }
@@ -106,41 +101,64 @@ def run_layers(args, console: Console) -> list[dict]:
     return rows
 
 
-def run_model(args, console: Console) -> list[dict]:
-    """transformers' Gemma 3 text model (random weights; sliding layers with `window`, one full
-    layer in 6 as Gemma 3 has): Inductor against sparsec with mask_bands "on" (Inductor inside)."""
+def _gemma3(args, S: int, window: int):
+    """transformers' Gemma 3 text model: five sliding layers to one full layer, SDPA attention."""
     import transformers
 
+    config = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=args.heads * args.head_dim // 2, intermediate_size=args.heads * args.head_dim,
+        num_hidden_layers=6, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, sliding_window=window, max_position_embeddings=2 * S,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"], attn_implementation="sdpa")
+    return transformers.Gemma3TextModel(config), "gemma3_text", 5
+
+
+def _gemma2(args, S: int, window: int):
+    """transformers' Gemma 2: sliding and full layers in turn, attention logits soft-capped at 50 (its
+    eager attention, the one that caps: SDPA cannot; sparsec matches it with the cap)."""
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=256, hidden_size=args.heads * args.head_dim // 2, intermediate_size=args.heads * args.head_dim,
+        num_hidden_layers=6, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, sliding_window=window, max_position_embeddings=2 * S,
+        layer_types=["sliding_attention", "full_attention"] * 3, attn_logit_softcapping=50.0,
+        final_logit_softcapping=None, attn_implementation="eager")
+    return transformers.Gemma2Model(config), "gemma2", 3
+
+
+MODELS = {"gemma3": _gemma3, "gemma2": _gemma2}
+
+
+def run_model(args, console: Console) -> list[dict]:
+    """A transformers model with sliding layers of `window` (random weights; MODELS): Inductor against
+    sparsec with mask_bands "on" (Inductor inside), the whole forward."""
     rows = []
     for S in args.seq:
         window = args.windows[0]
-        config = transformers.Gemma3TextConfig(
-            vocab_size=256, hidden_size=args.heads * args.head_dim // 2, intermediate_size=args.heads * args.head_dim,
-            num_hidden_layers=6, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-            head_dim=args.head_dim, sliding_window=window, max_position_embeddings=2 * S,
-            layer_types=["sliding_attention"] * 5 + ["full_attention"], attn_implementation="sdpa")
         torch.manual_seed(0)
-        model = transformers.Gemma3TextModel(config).eval().to(args.device, DTYPES[args.dtype])
+        model, name, sliding = MODELS[args.model](args, S, window)
+        model = model.eval().to(args.device, DTYPES[args.dtype])
         ids = torch.randint(0, 256, (args.batch, S), device=args.device)
         variants, first = {}, {}
         with torch.no_grad():
             reference = model(ids).last_hidden_state
-            for name, backend, options in (("inductor", "inductor", None),
-                                           ("sparsec", "sparsec", {"mask_bands": "on"})):
+            for variant, backend, options in (("inductor", "inductor", None),
+                                              ("sparsec", "sparsec", {"mask_bands": "on"})):
                 torch._dynamo.reset()
                 compiled = torch.compile(model, backend=backend, options=options)
                 start = time.perf_counter()
                 out = compiled(ids).last_hidden_state
-                first[name] = time.perf_counter() - start
-                variants[name] = (lambda c=compiled: c(ids), _max_rel_error(out, reference))
-            ms = _time_ms({name: fn for name, (fn, _) in variants.items()}, args.device, args.min_seconds)
-        row = {"model": "gemma3_text", "seq": S, "window": window, "layers": 6, "sliding_layers": 5,
-               **{f"{name}_ms": t for name, t in ms.items()},
-               **{f"{name}_rel_error": err for name, (_, err) in variants.items()},
-               **{f"{name}_first_call_s": t for name, t in first.items()},
+                first[variant] = time.perf_counter() - start
+                variants[variant] = (lambda c=compiled: c(ids), _max_rel_error(out, reference))
+            ms = _time_ms({v: fn for v, (fn, _) in variants.items()}, args.device, args.min_seconds)
+        row = {"model": name, "seq": S, "window": window, "layers": 6, "sliding_layers": sliding,
+               **{f"{v}_ms": t for v, t in ms.items()},
+               **{f"{v}_rel_error": err for v, (_, err) in variants.items()},
+               **{f"{v}_first_call_s": t for v, t in first.items()},
                "speedup_vs_inductor": ms["inductor"] / ms["sparsec"]}
         rows.append(row)
-        console.print(f"  Gemma 3 text, S {S}, window {window}: Inductor {ms['inductor']:.1f} ms, sparsec "
+        console.print(f"  {name}, S {S}, window {window}: Inductor {ms['inductor']:.1f} ms, sparsec "
                       f"{ms['sparsec']:.1f} ms ({row['speedup_vs_inductor']:.2f}x), "
                       f"error {row['sparsec_rel_error']:.1e}")
     return rows
@@ -172,7 +190,8 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads on CPU, heads / 4 on CUDA")
     parser.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
-    parser.add_argument("--model", choices=("gemma3",), default=None, help="also time a whole model")
+    parser.add_argument("--model", choices=tuple(MODELS), default=None,
+                        help="also time a whole model (gemma2: soft-capped attention logits)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="CPU: time each point at least this long")
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--output", default=None,

@@ -31,6 +31,13 @@ prepared once at planning, a pattern's consecutive heads are slices of the input
 1), and its output rows are written straight into the result when they are contiguous there.
 Everything is computed in float32 (bf16 / fp16 inputs are upcast; fp32 inputs are not copied) and
 returned in q's dtype.
+
+Soft-capped scores (softcap > 0, Gemma 2: s -> softcap * tanh(s / softcap) before the mask) have
+no step in torch's fused kernel: such heads run on the native kernels, which cap each score they
+compute (every pattern made of key intervals, a block layout or columns and slashes; ~11% slower
+than uncapped for a 256-key window at S = 4096), and patterns without a native form (a union with
+a block layout), or where the kernels are not built, on explicit scores under the pattern's mask
+(sparsec.attention_dispatch.explicit_attention: dense work, in chunks of rows).
 """
 from __future__ import annotations
 
@@ -41,10 +48,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sparsec.attention_dispatch import skip_fill
+from sparsec.attention_dispatch import causal_allowed, explicit_attention, skip_fill
 from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
-from sparsec.codegen.attention_cpu_native import Native, run_native
+from sparsec.codegen.attention_cpu_native import Native, native_form, native_kernel, run_native
 from sparsec.codegen.attention_cpu_plan import _bias, _block_masks, _Call, _folds, _plan, _Strided
 from sparsec.codegen.cpu_threads import intra_op_threads
 from sparsec.codegen.frame_order import FramesTransposed, natural_rows, transposed_rows
@@ -53,6 +60,9 @@ from sparsec.patterns import Dense, Pattern, Skip
 __all__ = ["cpu_attention", "choose_blocks"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# native_form -> the native kernel's entry point.
+_NATIVE_ENTRIES = {"intervals": "sparsec_interval_attention", "blocks": "sparsec_block_runs_attention",
+                   "slashes": "sparsec_column_slash_attention"}
 # Gathered K and V of one call stay under this many bytes: bounds memory at long lengths.
 _GATHER_BYTES = 64 << 20
 
@@ -461,6 +471,7 @@ def cpu_attention(
     split: bool | None = None,
     frames: bool | None = None,
     native: bool | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Exact sparse attention on CPU (semantics of sparsec.attention, DESIGN.md): head h keeps the
     pairs of head_patterns[h] (and j <= i + Sk - Sq when causal); rows with no kept key are 0.
@@ -470,8 +481,13 @@ def cpu_attention(
     decides, and frames True / False runs patterns with a frame stride in frame-transposed /
     natural token order, and native True / False runs patterns of a few key intervals a row and
     block-sparse layouts on the native kernels (where they are built) / torch's kernel (codegen.attention_cpu_choice;
-    for benchmarks and tests: the result is the same)."""
+    for benchmarks and tests: the result is the same). softcap > 0 caps every score s (scale * q.k)
+    to softcap * tanh(s / softcap) before the pattern and the softmax: torch's kernel has no such
+    step, so those heads run on the native kernels (where they are built and `native` is not False)
+    or on explicit scores (masked, dense work: _capped_heads)."""
     _check_inputs(q, k, v, head_patterns, scale)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise ValueError(f"cpu_attention: softcap must be a float >= 0 (0: no capping), got {softcap!r}")
     for name, value in (("split", split), ("frames", frames), ("native", native)):
         if value not in (None, True, False):
             raise ValueError(f"cpu_attention: {name} must be None, True or False, got {value!r}")
@@ -480,26 +496,50 @@ def cpu_attention(
             raise ValueError(f"cpu_attention: {name} must be a positive int, got {value!r}")
     threads = torch.get_num_threads()
     with intra_op_threads(1):  # copies on one thread, attention kernels on all (see codegen.cpu_threads)
-        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, frames, native, threads)
+        return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, frames, native, threads,
+                          float(softcap))
 
 
 def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int | None, split: bool | None,
-               frames: bool | None, native: bool | None, threads: int) -> torch.Tensor:
+               frames: bool | None, native: bool | None, threads: int, softcap: float) -> torch.Tensor:
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     qf, kf, vf = q.float(), k.float(), v.float()  # fp32 accumulation for bf16 / fp16 too (no-ops for fp32)
     by_pattern = _heads_by_pattern(tuple(head_patterns))
-    if len(by_pattern) == 1 and isinstance(by_pattern[0][0], Dense) and (not causal or Sq == Sk):
+    if len(by_pattern) == 1 and isinstance(by_pattern[0][0], Dense) and (not causal or Sq == Sk) and not softcap:
         return _dense_heads(qf, kf, vf, by_pattern[0][1], causal, scale, threads).to(q.dtype)
     out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=torch.float32)
     for pattern, heads in by_pattern:
         if isinstance(pattern, Skip):
             for h in heads:
                 out[:, h] = skip_fill(vf[:, h // group : h // group + 1], Sq, pattern.fill, causal)[:, 0]
+        elif softcap:
+            _capped_heads(qf, kf, vf, pattern, heads, causal, scale, softcap, native, threads, out)
         elif isinstance(pattern, Dense) and (not causal or Sq == Sk):
             _store_heads(out, _head_index(heads), _dense_heads(qf, kf, vf, heads, causal, scale, threads))
         else:
             for table in _head_tables(heads, group):
                 _sparse_heads(qf, kf, vf, pattern, table, causal, scale, block_m, split, frames, native, threads, out)
     return out.to(q.dtype)
+
+
+def _capped_heads(q, k, v, pattern: Pattern, heads: tuple[int, ...], causal: bool, scale: float, softcap: float,
+                  native: bool | None, threads: int, out: torch.Tensor) -> None:
+    """Writes heads `heads` of out with `pattern` and soft-capped scores: on the native kernel that
+    runs the pattern (it caps each score it computes), or, where none is built or can run it (or
+    native is False), on explicit scores under the pattern's mask (dense work and memory in chunks)."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    form = None if native is False else native_form(pattern, Sq, Sk, causal)
+    if form is not None and native_kernel(_NATIVE_ENTRIES[form]) is not None:
+        run_native(q.contiguous(), k.contiguous(), v.contiguous(), out, list(heads), pattern, causal, scale, threads,
+                   softcap=softcap)
+        return
+    group = q.shape[1] // k.shape[1]
+    index = torch.tensor(heads)
+    keep = pattern.mask(Sq, Sk)
+    if causal:
+        keep = keep & causal_allowed(Sq, Sk)
+    with intra_op_threads(threads):
+        out[:, index] = explicit_attention(q.index_select(1, index), k.index_select(1, index // group),
+                                           v.index_select(1, index // group), scale, softcap, keep=keep)

@@ -211,6 +211,7 @@ def triton_attention(
     scale: float,
     tiles: AttentionTiles | None = None,
     frames: bool | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over each head's kept pairs (DESIGN.md), one launch per family.
 
@@ -218,7 +219,7 @@ def triton_attention(
     one Pattern per query head. Accumulates in fp32 and returns q's dtype, shape (B, Hq, Sq, Dv).
     Heads with a frame stride may run in frame-transposed token order (codegen/
     triton_frame_order.py decides; frames True / False forces it or the natural order; the result
-    is the same).
+    is the same). softcap > 0 caps each score s to softcap * tanh(s / softcap) before the mask.
     """
     reason = supports(q, k, v, head_patterns)
     if reason is not None:
@@ -237,14 +238,14 @@ def triton_attention(
         if group.family == "skip":
             _fill_skip_heads(out, v, group, Hq // k.shape[1], causal)
         elif group.family == "frames_transposed" and frame is not None:
-            _launch_transposed(group, q, k, v, out, frame, bool(causal), float(scale), tiles)
+            _launch_transposed(group, q, k, v, out, frame, bool(causal), float(scale), tiles, softcap)
         else:
-            _launch(group, q, k, v, out, bool(causal), float(scale), tiles)
+            _launch(group, q, k, v, out, bool(causal), float(scale), tiles, softcap)
     return out
 
 
 def _launch_transposed(group: HeadGroup, q, k, v, out, frame: int, causal: bool, scale: float,
-                       tiles: AttentionTiles) -> None:
+                       tiles: AttentionTiles, softcap: float) -> None:
     """The transposed heads: their q, and their kv heads' k and v (one a query head, so the launch
     needs no GQA map), gathered into frame-transposed order; the outputs gathered back into `out`.
     Only these heads' rows move (codegen/triton_frame_order.py prices exactly that)."""
@@ -254,7 +255,7 @@ def _launch_transposed(group: HeadGroup, q, k, v, out, frame: int, causal: bool,
     q_t = q.index_select(1, heads).index_select(2, order)
     k_t, v_t = (x.index_select(1, kv_heads).index_select(2, order) for x in (k, v))
     out_t = torch.empty(q.shape[0], len(group.heads), q.shape[2], v.shape[3], dtype=out.dtype, device=out.device)
-    _launch(_gathered_group(group), q_t, k_t, v_t, out_t, causal, scale, tiles)
+    _launch(_gathered_group(group), q_t, k_t, v_t, out_t, causal, scale, tiles, softcap)
     out.index_copy_(1, heads, out_t.index_select(2, _device_index(transposed_index, q.shape[2], frame, q.device)))
 
 
@@ -284,7 +285,7 @@ def _profile_name(device: torch.device) -> str:
 
 def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_patterns: tuple[Pattern, ...], *,
                  causal: bool, scale: float, tiles: AttentionTiles | None = None,
-                 interpreted: bool | None = None) -> list[KernelCall]:
+                 interpreted: bool | None = None, softcap: float = 0.0) -> list[KernelCall]:
     """The launches `triton_attention` makes for these arguments (Skip heads make none; heads in
     frame-transposed order run on gathered copies of their own rows), on any device:
     codegen/triton_aot compiles them for a GPU from CPU tensors."""
@@ -302,9 +303,10 @@ def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_pattern
             q_t, k_t, v_t, out_t = (torch.empty(x.shape[0], n, *x.shape[2:], dtype=x.dtype, device=x.device)
                                     for x in (q, k, v, out))
             calls.append(kernel_call(_gathered_group(group), q_t, k_t, v_t, out_t, bool(causal), float(scale), tiles,
-                                     interpreted=interpreted))
+                                     interpreted=interpreted, softcap=softcap))
         elif group.family != "skip":
-            calls.append(kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted))
+            calls.append(kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted,
+                                     softcap=softcap))
     return calls
 
 
@@ -327,8 +329,9 @@ def _shared_memory_per_block(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
 
-def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles) -> None:
-    call = kernel_call(group, q, k, v, out, causal, scale, tiles)
+def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles,
+            softcap: float = 0.0) -> None:
+    call = kernel_call(group, q, k, v, out, causal, scale, tiles, softcap=softcap)
     launch = KernelLaunch(group.family, group.heads, call.grid, tiles)
     for hook in list(_launch_hooks):
         hook(launch)
@@ -338,21 +341,21 @@ def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: A
 
 
 def kernel_call(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles, *,
-                interpreted: bool | None = None) -> KernelCall:
+                interpreted: bool | None = None, softcap: float = 0.0) -> KernelCall:
     """The launch of `group`'s kernel: grid, arguments, constexprs and tiles. `interpreted` (default:
     TRITON_INTERPRET) picks the dot precision; codegen/triton_aot passes False to compile CPU-built
     calls for a GPU. Everything but the four tensors comes from a cache (_call_template): a
     compiled layer's launches are built once."""
     template = _call_template(group, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(), k.stride(),
                               v.stride(), out.stride(), q.dtype, q.device, bool(causal), float(scale), tiles,
-                              _interpreting() if interpreted is None else interpreted)
+                              _interpreting() if interpreted is None else interpreted, float(softcap))
     return dataclasses.replace(template, args=(q, k, v, out) + template.args[4:])
 
 
 @bytes_bounded_cache(max_bytes=256 << 20)  # holds the group's device tables (shared with their own caches)
 def _call_template(group: HeadGroup, q_shape, k_shape, v_shape, q_stride, k_stride, v_stride, out_stride, dtype,
                    device: torch.device, causal: bool, scale: float, tiles: AttentionTiles,
-                   interpreted: bool) -> KernelCall:
+                   interpreted: bool, softcap: float = 0.0) -> KernelCall:
     """kernel_call with None in place of q, k, v and out."""
     B, Hq, Sq, D = q_shape
     Hkv, Sk, Dv = k_shape[1], k_shape[2], v_shape[3]
@@ -368,11 +371,11 @@ def _call_template(group: HeadGroup, q_shape, k_shape, v_shape, q_stride, k_stri
     grid = (-(-Sq // tiles.block_m), B * len(group.heads))
     args = (None, None, None, None, head_ids, params, layouts, *tables,
             *q_stride, *k_stride, *v_stride, *out_stride,
-            Sq, Sk, len(group.heads), Hq // Hkv, scale * LOG2E)
+            Sq, Sk, len(group.heads), Hq // Hkv, scale * LOG2E, (softcap or 1.0) * LOG2E)
     kwargs = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-        DOT_PRECISION=_dot_precision(dtype, interpreted),
+        DOT_PRECISION=_dot_precision(dtype, interpreted), SOFTCAP=softcap > 0,
         NUM_PARAMS=params.shape[1], **counts,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -159,7 +159,8 @@ class Attention(Op):
 
     `scores` is the type of the implicit score matrix (B, Hq, Sq, Sk); its sparsity (DENSE or
     AttentionPatterns) holds the per-head patterns. `mask` is an optional bool mask or additive
-    float bias broadcastable to the scores.
+    float bias broadcastable to the scores. softcap > 0 caps each score s (after the scale, before
+    the mask) to softcap * tanh(s / softcap) (Gemma 2); 0: no capping.
     """
 
     result: Value
@@ -176,10 +177,15 @@ class Attention(Op):
     tiles: tuple[int, int] | None = None   # (block_m, block_n) the kernels use; None: their default
     # with a mask and patterns: which masks the patterns run under ("", "keys", "causal:D": sparsec/key_padding.py)
     mask_rule: str = ""
+    softcap: float = 0.0
 
     def __post_init__(self) -> None:
         for field in ("result", "q", "k", "v"):
             _check_value("Attention", field, getattr(self, field))
+        if (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
+                or not 0 <= self.softcap < float("inf")):
+            raise TypeError(f"Attention.softcap must be a finite float >= 0 (0: no capping), got {self.softcap!r}")
+        object.__setattr__(self, "softcap", float(self.softcap))
         _check_value("Attention", "mask", self.mask, optional=True)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise TypeError(f"Attention.scale must be a float, got {self.scale!r}")

@@ -418,13 +418,13 @@ def _op_attention(c: _Cursor, results: list[Value], scope: _Scope) -> Op:
         "scale": (_attr_float, _REQUIRED), "causal": (_attr_bool, False),
         "heads": (_attr_int, _REQUIRED), "kv_heads": (_attr_int, None),
         "scores": (_parse_type, _REQUIRED), "module": (_attr_string, ""),
-        "tiles": (_attr_int_pair, None), "mask_rule": (_attr_string, ""),
+        "tiles": (_attr_int_pair, None), "mask_rule": (_attr_string, ""), "softcap": (_attr_float, 0.0),
     })
     kv_heads = attrs["heads"] if attrs["kv_heads"] is None else attrs["kv_heads"]
     return Attention(result=_single(c, results, "attention"), q=q, k=k, v=v, mask=mask,
                      scale=attrs["scale"], causal=attrs["causal"], num_heads=attrs["heads"],
                      num_kv_heads=kv_heads, scores=attrs["scores"], module_path=attrs["module"],
-                     tiles=attrs["tiles"], mask_rule=attrs["mask_rule"])
+                     tiles=attrs["tiles"], mask_rule=attrs["mask_rule"], softcap=attrs["softcap"])
 
 
 def _op_opaque(c: _Cursor, results: list[Value], scope: _Scope) -> Op:

@@ -126,6 +126,8 @@ def _attention(op: Attention) -> str:
         attrs.append(("tiles", f"[{op.tiles[0]}, {op.tiles[1]}]"))
     if op.mask_rule:
         attrs.append(("mask_rule", json.dumps(op.mask_rule)))
+    if op.softcap:
+        attrs.append(("softcap", repr(op.softcap)))
     return f"attention {_refs((op.q, op.k, op.v, op.mask))}" + _attrs(attrs, op.module_path)
 
 

@@ -29,13 +29,15 @@ _CHUNK_ELEMENTS = 1 << 26
 
 @dataclass(frozen=True, slots=True)
 class LayerSample:
-    """One recorded call of an attention layer: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D)."""
+    """One recorded call of an attention layer: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D); its
+    scores capped by softcap (Gemma 2; 0: not capped) as the layer caps them."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     causal: bool = False
     scale: float | None = None
+    softcap: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,10 +70,12 @@ def attention_stats(
     causal: bool = False,
     scale: float | None = None,
     block: tuple[int, int] = (64, 32),
+    softcap: float = 0.0,
 ) -> AttentionStats:
     """Pooled attention mass of every query head of softmax(q k^T * scale) (see module doc).
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D) with Hq % Hkv == 0. `causal` removes j > i + Sk - Sq.
+    softcap > 0: the scores s are capped to softcap * tanh(s / softcap) first, as the layer does.
     """
     _check_inputs(q, k, block)
     B, Hq, Sq, D = q.shape
@@ -87,7 +91,7 @@ def attention_stats(
     keys = k.to(work).transpose(-1, -2)  # converted once, not per chunk
     for start in range(0, Sq, rows_per_chunk):
         stop = min(Sq, start + rows_per_chunk)
-        probs = _chunk_probs(q, keys, start, stop, causal, scale, work).sum(dim=0)  # (Hq, c, Sk)
+        probs = _chunk_probs(q, keys, start, stop, causal, scale, work, softcap).sum(dim=0)  # (Hq, c, Sk)
         columns += probs.sum(dim=1).double()
         # chunk-local diagonal index (j - r) + c - 1 is global index (j - i) + Sq - 1 shifted by Sq - stop
         diagonals[:, Sq - stop : Sq - stop + Sk + stop - start - 1] += _diagonal_sums(probs).double()
@@ -117,7 +121,8 @@ def _rows_per_chunk(elements_per_row: int, bq: int, Sq: int) -> int:
     return min(rows, math.ceil(Sq / bq) * bq)
 
 
-def _chunk_probs(q, keys, start: int, stop: int, causal: bool, scale: float, work: torch.dtype) -> torch.Tensor:
+def _chunk_probs(q, keys, start: int, stop: int, causal: bool, scale: float, work: torch.dtype,
+                 softcap: float = 0.0) -> torch.Tensor:
     """Softmax rows start..stop-1 of every head: (B, Hq, c, Sk), GQA heads sharing their kv head.
     keys: k transposed, (B, Hkv, D, Sk), in the working dtype."""
     B, Hq, Sq, D = q.shape
@@ -125,6 +130,8 @@ def _chunk_probs(q, keys, start: int, stop: int, causal: bool, scale: float, wor
     group = Hq // Hkv
     qc = q[:, :, start:stop].to(work).reshape(B, Hkv, group * (stop - start), D)
     scores = torch.matmul(qc, keys).view(B, Hq, stop - start, Sk) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if causal:
         i = torch.arange(start, stop, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
@@ -185,4 +192,5 @@ def combine_stats(stats: Sequence[AttentionStats]) -> AttentionStats:
 
 def sample_stats(samples: Sequence[LayerSample], *, block: tuple[int, int] = (64, 32)) -> AttentionStats:
     """The statistics of a layer over all its recorded calls."""
-    return combine_stats([attention_stats(s.q, s.k, causal=s.causal, scale=s.scale, block=block) for s in samples])
+    return combine_stats([attention_stats(s.q, s.k, causal=s.causal, scale=s.scale, block=block, softcap=s.softcap)
+                          for s in samples])

@@ -186,7 +186,7 @@ class _Lowering:
             mask=self.value(match.mask) if match.mask is not None else None,
             scale=match.scale, causal=match.causal, num_heads=match.num_heads,
             num_kv_heads=match.num_kv_heads, scores=TensorType(shape=scores_shape, dtype=q.type.dtype),
-            module_path=match.module_path)
+            module_path=match.module_path, softcap=match.softcap)
 
     def close_region(self) -> None:
         if not self.region:

@@ -4,6 +4,7 @@ matmul -> scale -> mask -> softmax -> matmul as HF transformers, diffusers and t
 Hand-written attention is found from its second matmul, bmm(probs, v), climbing up:
     probs   <- casts / clones / p=0 dropout <- softmax
     softmax <- casts <- [mask: masked_fill / where / add bias] <- casts, views, * or / by constants
+            [<- tanh <- casts, views, * or / by constants: soft-capping, Gemma 2's c * tanh(s / c)]
             <- bmm(q, k^T) (or baddbmm with beta=0)
 Several additive biases added one after the other (T5: scores + position_bias + attention_mask)
 are one bias, their sum: an add node summing them is inserted once the match is certain.
@@ -64,8 +65,8 @@ _unmatched: ContextVar[list[Unmatched] | None] = ContextVar("sparsec_unmatched_a
 
 def match_attention(gm: fx.GraphModule, unmatched: list[Unmatched] | None = None) -> list[AttentionMatch]:
     """Every attention of `gm` that can be described exactly by an AttentionMatch, in graph order.
-    What cannot (dropout, unreadable scale, unsupported mask, an op such as tanh soft-capping
-    between the scores and softmax) is logged at debug, left alone, and appended to `unmatched`."""
+    What cannot (dropout, unreadable scale, unsupported mask, another op between the scores and
+    softmax) is logged at debug, left alone, and appended to `unmatched`."""
     matches = []
     token = _unmatched.set(unmatched)
     try:
@@ -100,6 +101,7 @@ class _Found:
     mask_kind: str | None = None
     region: list[fx.Node] = field(default_factory=list)
     more_biases: tuple[fx.Node, ...] = ()  # additive biases added besides `mask` (summed by _finish)
+    softcap: float = 0.0
 
 
 def _reject(node: fx.Node, why: str) -> None:
@@ -143,7 +145,7 @@ def _finish(found: _Found) -> AttentionMatch | None:
     return AttentionMatch(
         output=found.output, q=found.q, k=found.k, v=found.v, mask=found.mask,
         mask_kind=found.mask_kind, scale=scale, causal=found.causal, num_heads=heads,
-        num_kv_heads=kv_heads, nodes=nodes, module_path=module_path(found.anchor))
+        num_kv_heads=kv_heads, nodes=nodes, module_path=module_path(found.anchor), softcap=found.softcap)
 
 
 def _recognise_causal(found: _Found, Sq, Sk) -> None:
@@ -267,20 +269,32 @@ class _Scores:
     mask_kind: str | None
     region: list[fx.Node]
     more_biases: tuple[fx.Node, ...] = ()
+    softcap: float = 0.0
 
 
 def _read_scores(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node) -> _Scores | None:
     """Climb from softmax's input: casts, at most one mask (or several additive biases), scales
-    and reshapes, to bmm(q, k^T)."""
-    region, factor, masks, mask_kind = [], 1.0, [], None
+    and reshapes, to bmm(q, k^T). A tanh on the way, under the masks, is soft-capping:
+    out * tanh(in * qk) = c * tanh(s / c) with c = out (the factor above the tanh) and s = in * out * qk
+    (the factor of the whole climb, the scale as without capping)."""
+    region, factor, masks, mask_kind, softcap = [], 1.0, [], None, 0.0
     current = node
     while not is_op(current, aten.bmm, aten.baddbmm):
+        if is_op(current, aten.tanh):
+            if softcap or factor <= 0:
+                return _reject(anchor, "more than one tanh" if softcap else f"tanh is scaled by {factor}")
+            softcap = factor
+            region.append(current)
+            current = current.args[0]
+            continue
         step = _scores_step(gm, current)
         if step is None:
             return _reject(anchor, _why_not_scores(current))
         region.append(current)
         region.extend(step.extra)
         if step.mask is not None:
+            if softcap:  # capped with the scores: -inf would become -c, no key removed
+                return _reject(anchor, "a mask or bias under the soft-capping's tanh")
             if masks and not (mask_kind == step.mask_kind == "additive"):
                 return _reject(anchor, f"more than one mask or bias, not all additive ({mask_kind}, {step.mask_kind})")
             if factor <= 0 or (step.mask_kind == "additive" and factor != 1.0):
@@ -296,7 +310,7 @@ def _read_scores(gm: fx.GraphModule, node: fx.Node, anchor: fx.Node) -> _Scores 
         if alpha is None:
             return _reject(anchor, "baddbmm's alpha is not a constant")
         factor *= alpha
-    return _Scores(current, factor, masks[0] if masks else None, mask_kind, region, tuple(masks[1:]))
+    return _Scores(current, factor, masks[0] if masks else None, mask_kind, region, tuple(masks[1:]), softcap)
 
 
 def _why_not_scores(node: fx.Node) -> str:
@@ -357,12 +371,12 @@ def _bias_step(gm: fx.GraphModule, add: fx.Node, depth: int = 8) -> _Step | None
 
 
 def _leads_to_qk(gm: fx.GraphModule, node: fx.Node, depth: int = 8) -> bool:
-    """Whether a bmm is reached through at most `depth` casts, relayouts, constant scales and
+    """Whether a bmm is reached through at most `depth` casts, relayouts, constant scales, tanh and
     additive biases."""
     for left in range(depth, 0, -1):
         if is_op(node, aten.bmm, aten.baddbmm):
             return True
-        if is_op(node, *CASTS):
+        if is_op(node, *CASTS, aten.tanh):
             node = node.args[0]
             continue
         if is_op(node, aten.add):
@@ -435,4 +449,5 @@ def _operands(gm: fx.GraphModule, pv: fx.Node, scores: _Scores, output: fx.Node)
     region = [scores.qk, output, *q.passed, *k.passed, *v.passed, *k_chain, *v_chain]
     return _Found(output=output, anchor=pv, q=q.source, k=k_source, v=v_source,
                   scale=scores.factor * q.factor * k.factor, mask=scores.mask,
-                  mask_kind=scores.mask_kind, region=region, more_biases=scores.more_biases)
+                  mask_kind=scores.mask_kind, region=region, more_biases=scores.more_biases,
+                  softcap=scores.softcap)

@@ -17,7 +17,8 @@ MaskKind = Literal["bool", "additive"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttentionMatch:
-    """output = softmax(q k^T * scale + mask) v, per query head h using kv head h // (Hq // Hkv).
+    """output = softmax(cap(q k^T * scale) + mask) v, per query head h using kv head h // (Hq // Hkv);
+    cap(s) = softcap * tanh(s / softcap) when softcap > 0 (Gemma 2), else s.
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) / (B, Hkv, Sk, Dv), before any GQA expansion.
     mask: None, a bool tensor (True = keep) or an additive float bias, broadcastable to
@@ -36,6 +37,7 @@ class AttentionMatch:
     num_kv_heads: int
     nodes: tuple[fx.Node, ...]
     module_path: str
+    softcap: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.mask is None) != (self.mask_kind is None):

@@ -20,11 +20,16 @@ restores the original strides so the nodes after it stay valid. New nodes get me
 the ops' fake implementations, as Inductor expects. A Linear op with a sparse kernel passes its
 choice (kernel, min_tokens, max_tokens) and a fresh site name (what sparsec::linear's log lines
 call the layer; its packed weight is kept by the weight tensor itself) to the op.
+
+Attention calls that read the same mask node (those with patterns, which read their mask at run
+time: sparsec/key_padding.py) take one sparsec::mask_layout node of it, inserted before the first
+of them: a model's layers share the mask a forward builds, and it is read once, not once a layer.
 """
 from __future__ import annotations
 
 import logging
 import operator
+from collections import defaultdict
 
 import torch
 from torch import fx
@@ -69,7 +74,9 @@ def _call_for(op: Op, node: dict[str, fx.Node]) -> tuple[object, tuple]:
     if isinstance(op, Attention):
         block_m, block_n = op.tiles if op.tiles is not None else (0, 0)
         args = (ref(op.q), ref(op.k), ref(op.v), ref(op.mask), op.scale, op.causal, _patterns_argument(op),
-                block_m, block_n, op.module_path) + ((op.mask_rule,) if op.mask_rule else ())
+                block_m, block_n, op.module_path)
+        if op.mask_rule or op.softcap:
+            args += (op.mask_rule,) + ((op.softcap,) if op.softcap else ())
         return torch.ops.sparsec.attention.default, args
     if isinstance(op, Linear):
         args = (ref(op.x), ref(op.weight), ref(op.bias))
@@ -125,6 +132,26 @@ def _replace(graph: fx.Graph, op: Op, node: dict[str, fx.Node]) -> None:
     old.replace_all_uses_with(replacement)
 
 
+def _share_mask_reads(graph: fx.Graph) -> int:
+    """Give the attention calls with patterns that take the same mask node one mask_layout of it
+    (see the module doc); returns how many calls share one."""
+    readers: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.sparsec.attention.default \
+                and isinstance(node.args[3], fx.Node) and node.args[6]:
+            readers[node.args[3]].append(node)
+    shared = 0
+    for mask, calls in readers.items():
+        if len(calls) < 2:
+            continue
+        with graph.inserting_before(calls[0]):  # its q and k are defined by then, and the mask
+            layout = _call(graph, torch.ops.sparsec.mask_layout.default, (mask, calls[0].args[0], calls[0].args[1]))
+        for call in calls:
+            call.update_kwarg("mask_layout", layout)
+        shared += len(calls)
+    return shared
+
+
 def _removable(node: fx.Node) -> bool:
     """Unused and without side effects. FX's own DCE keeps ops flagged nondeterministic (the
     SDPA overloads, for their dropout), which would leave the replaced attention running."""
@@ -159,7 +186,11 @@ def accelerated(op: Op, original: fx.Node) -> bool:
         return op.kernel != "dense"
     sparsity = op.scores.sparsity
     dense = not isinstance(sparsity, AttentionPatterns) or all(isinstance(p, Dense) for p in sparsity.patterns)
-    return not (dense and _is_sdpa(original)) or op.mask_rule == "band"  # a sliding window's band is skipped work
+    if op.mask_rule == "band":  # a sliding window's band, a causal mask's upper triangle: skipped work
+        return True
+    # Dense: SDPA's fused kernel in place of a matmul-softmax-matmul, but capped scores have no such
+    # kernel (the op would compute them as the model's own nodes do, without Inductor's fusion).
+    return not dense or not (_is_sdpa(original) or op.softcap)
 
 
 def rewrite_fx(gm: fx.GraphModule, graph: Graph, rewrite_dense: bool = False) -> fx.GraphModule:
@@ -175,6 +206,7 @@ def rewrite_fx(gm: fx.GraphModule, graph: Graph, rewrite_dense: bool = False) ->
             continue
         _replace(rewritten.graph, op, node)
         replaced += 1
+    _share_mask_reads(rewritten.graph)
     remove_dead_nodes(rewritten.graph)
     rewritten.graph.lint()
     rewritten.recompile()

@@ -38,6 +38,7 @@ def attention(
     scale: float | None = None,
     backend: str | None = None,
     tiles: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with every pair outside each head's pattern removed.
 
@@ -48,8 +49,11 @@ def attention(
     "triton", "cpu" or "masked" (explicit-mask dense path).
     `tiles`: (block_m, block_n) of the sparse kernels (a Plan's choice); default: chosen per shape.
     Tiles change the speed, never the result.
+    `softcap` (Gemma 2's attention logit soft-capping): each score s = scale * q.k becomes
+    softcap * tanh(s / softcap) before the pattern and the softmax; None or 0: no capping.
     """
     _check_tensors(q, k, v)
+    softcap = check_softcap(softcap, "sparsec.attention")
     head_patterns = normalize_head_patterns(patterns, q.shape[1])
     Sq, Sk = q.shape[2], k.shape[2]
     _check_patterns_fit(head_patterns, Sq, Sk)
@@ -59,12 +63,25 @@ def attention(
     _check_tiles(tiles)
     chosen = _choose_backend(q, backend)
     if chosen == "triton":
-        return _run_triton(q, k, v, head_patterns, causal, scale, tiles)
+        return _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap)
     if chosen == "cpu":
         from sparsec.codegen.attention_cpu import cpu_attention
         block_m, block_n = tiles if tiles is not None else (None, None)
-        return cpu_attention(q, k, v, head_patterns, causal=causal, scale=scale, block_m=block_m, block_n=block_n)
-    return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+        return cpu_attention(q, k, v, head_patterns, causal=causal, scale=scale, block_m=block_m, block_n=block_n,
+                             softcap=softcap)
+    return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap)
+
+
+def check_softcap(softcap, caller: str) -> float:
+    """softcap as a float: 0.0 for None or 0 (no capping); a clear error for anything else that is
+    not a finite positive number."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{caller}: softcap must be a positive float or None, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"{caller}: softcap must be a finite number > 0 (or None / 0: no capping), got {softcap!r}")
+    return float(softcap)
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -132,16 +149,17 @@ def _choose_backend(q: torch.Tensor, backend: str | None) -> str:
     return "triton" if q.is_cuda else "cpu"
 
 
-def _run_triton(q, k, v, head_patterns, causal, scale, tiles) -> torch.Tensor:
+def _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap: float) -> torch.Tensor:
     from sparsec.codegen import attention_triton
     from sparsec.codegen.tiles import tiles_for
 
     reason = attention_triton.supports(q, k, v, head_patterns)
     if reason is not None:
         log.info("sparsec.attention: Triton kernels cannot run this call (%s); using the masked dense path", reason)
-        return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale)
+        return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap)
     chosen = None if tiles is None else tiles_for(tiles[0], tiles[1], max(q.shape[-1], v.shape[-1]), q.dtype)
-    return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale, tiles=chosen)
+    return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale, tiles=chosen,
+                                             softcap=softcap)
 
 
 # -- the dense path ------------------------------------------------------------------------
@@ -176,9 +194,11 @@ def masked_attention(
     *,
     causal: bool,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Exact dense attention with an explicit (Hq, Sq, Sk) mask: the fallback of every executor.
-    Its memory grows as Sq * Sk, so it is a correctness path, not a fast one."""
+    Its memory grows as Sq * Sk, so it is a correctness path, not a fast one. With softcap, the
+    scores are explicit (explicit_attention)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -196,6 +216,9 @@ def masked_attention(
     kv_index = index // group
     qh = q.index_select(1, index)
     kh, vh = k.index_select(1, kv_index), v.index_select(1, kv_index)
+    if softcap:
+        out[:, index] = explicit_attention(qh, kh, vh, scale, softcap, keep=mask)
+        return out
     has_key = mask.any(dim=-1, keepdim=True)  # rows with no key give 0, not NaN
     safe_mask = mask | ~has_key
     o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=safe_mask, scale=scale)
@@ -206,3 +229,44 @@ def masked_attention(
 def _head_mask(p: Pattern, Sq: int, Sk: int, allowed: torch.Tensor | None, device) -> torch.Tensor:
     mask = torch.ones(Sq, Sk, dtype=torch.bool, device=device) if isinstance(p, Dense) else p.mask(Sq, Sk).to(device)
     return mask & allowed if allowed is not None else mask
+
+
+# One chunk of explicit scores holds at most this many floats (64 MiB in float32).
+_EXPLICIT_CHUNK_ELEMENTS = 1 << 24
+
+
+def explicit_attention(q, k, v, scale: float, softcap: float, *, keep: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention on explicit scores, for what torch's SDPA does not do (soft-capping):
+    q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D[v]), query head h reading kv head h // (Hq // Hkv) (no
+    copies of K and V); keep: bool broadcastable to (B, Hq, Sq, Sk), False removes the pair; bias:
+    float, the same, added after the capping. In float32 (float64 for float64 inputs), in chunks of
+    query rows whose scores hold at most _EXPLICIT_CHUNK_ELEMENTS floats; a row with no key left
+    gives 0. Returned in q's dtype."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k_t = k.to(dtype).transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, D, Sk): shared by the kv head's query heads
+    v_g = v.to(dtype)[:, :, None]
+    out = q.new_empty(B, Hq, Sq, v.shape[-1])
+    step = max(1, _EXPLICIT_CHUNK_ELEMENTS // max(1, B * Hq * Sk))
+    for r0 in range(0, Sq, step):
+        r1 = min(Sq, r0 + step)
+        rows = r1 - r0
+        s = (q[:, :, r0:r1].to(dtype).reshape(B, Hkv, group, rows, D) @ k_t).reshape(B, Hq, rows, Sk) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        if bias is not None:
+            s = s + _mask_rows(bias, r0, r1).to(dtype)
+        if keep is not None:
+            s = s.masked_fill(~_mask_rows(keep, r0, r1), float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        o = p.reshape(B, Hkv, group, rows, Sk) @ v_g
+        out[:, :, r0:r1] = o.reshape(B, Hq, rows, -1).to(out.dtype)
+    return out
+
+
+def _mask_rows(mask: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1 of a mask broadcastable to (..., Sq, Sk) (all of it when it has one row)."""
+    return mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., r0:r1, :]

@@ -51,22 +51,24 @@ had the keys past it) keeps the key blocks past it, as dense does.
 The mask is read at run time (a traced graph cannot tell one mask from another): any shape that
 broadcasts to (B, H, Sq, Sk), expanded (stride 0) or materialized. A materialized (B, 1, Sq, Sk)
 mask costs two passes over B x Sq x Sk bytes and a few over an eighth of that (~6 ms at 4096^2
-on the 2-core CPU, prefix or band, where the attention takes 40-300 ms), once per mask tensor; an
-expanded or (B, 1, 1, Sk) one costs microseconds.
+on the 2-core CPU, prefix or band, where the attention takes 40-300 ms); an expanded or
+(B, 1, 1, Sk) one costs microseconds. Layers of one compiled graph that read the same mask node
+share one reading: the rewrite inserts a sparsec::mask_layout node (encode_prefixes) that they all
+take (decode_prefixes). A reading is never cached on the tensor object: Inductor writes a later
+mask into the buffer of an earlier one without bumping its version counter.
 """
 from __future__ import annotations
 
 import math
 import re
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from sparsec import patterns as P
 
-__all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "key_prefix_runs", "mask_keep", "mask_prefixes",
-           "patterns_for_keys", "run_key_prefix"]
+__all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "decode_prefixes", "encode_prefixes", "key_prefix_runs",
+           "mask_keep", "mask_prefixes", "patterns_for_keys", "run_key_prefix"]
 
 _RULE = re.compile(r"(|keys|band|causal:-?\d+)")
 
@@ -145,28 +147,37 @@ def _keep(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> torch.Tensor
     return keep
 
 
-# The masks read, by tensor object: a model builds its mask once a forward and hands the same
-# tensor to every layer (Gemma 3's 5 sliding layers in 6 share one), so it is read once. An entry
-# holds while its tensor lives and is not written in place (its version counter); inference-mode
-# tensors have no version counter and are read every time.
-_READ: dict[int, tuple[weakref.ref, int, tuple[int, int, int], list[MaskPrefix] | None]] = {}
-
-
 def mask_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> list[MaskPrefix] | None:
     """Per batch row, the prefix of keys the mask keeps (see MaskPrefix), or the causal band of a
-    sliding window; None when the mask is none of these kinds, or a row keeps no key. Read once
-    per mask tensor (and shape asked), while it is not changed in place."""
-    if attn_mask.is_inference() or torch.compiler.is_compiling():  # no version counter to trust
-        return _read_prefixes(attn_mask, batch, Sq, Sk)
-    entry = _READ.get(id(attn_mask))
-    if entry is not None and entry[0]() is attn_mask and entry[1] == attn_mask._version \
-            and entry[2] == (batch, Sq, Sk):
-        return entry[3]
-    found = _read_prefixes(attn_mask, batch, Sq, Sk)
-    key = id(attn_mask)
-    _READ[key] = (weakref.ref(attn_mask, lambda _, key=key: _READ.pop(key, None)), attn_mask._version,
-                  (batch, Sq, Sk), found)
-    return found
+    sliding window; None when the mask is none of these kinds, or a row keeps no key."""
+    return _read_prefixes(attn_mask, batch, Sq, Sk)
+
+
+# encode_prefixes' stand-in for None (offset and window); offsets may be negative.
+_NONE = -(1 << 62)
+
+
+def encode_prefixes(prefixes: list[MaskPrefix] | None, batch: int, Sq: int, Sk: int) -> torch.Tensor:
+    """(batch + 1, 4) int64: row 0 [read, batch, Sq, Sk] (read 0: the mask is no such kind), then
+    each row's (length, offset, window, first). The output of sparsec::mask_layout."""
+    layout = torch.zeros(batch + 1, 4, dtype=torch.int64)
+    layout[0] = torch.tensor([prefixes is not None, batch, Sq, Sk])
+    for b, p in enumerate(prefixes or ()):
+        layout[b + 1] = torch.tensor([p.length, _NONE if p.offset is None else p.offset,
+                                      _NONE if p.window is None else p.window, p.first])
+    return layout
+
+
+def decode_prefixes(layout: torch.Tensor, batch: int, Sq: int, Sk: int) -> list[MaskPrefix] | None | bool:
+    """encode_prefixes' input from its output, or False when it was read for another shape."""
+    rows = layout.tolist()
+    read, *shape = rows[0]
+    if shape != [batch, Sq, Sk]:
+        return False
+    if not read:
+        return None
+    return [MaskPrefix(length, None if offset == _NONE else offset, None if window == _NONE else window, first)
+            for length, offset, window, first in rows[1:]]
 
 
 def _read_prefixes(attn_mask: torch.Tensor, batch: int, Sq: int, Sk: int) -> list[MaskPrefix] | None:
@@ -310,12 +321,16 @@ def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int
 
 
 def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, is_causal: bool,
-                    head_patterns: tuple[P.Pattern, ...], rule: str = "") -> list[KeyRun] | None:
-    """How a call with `attn_mask` runs its patterns on key prefixes, or None (dense with the mask)."""
+                    head_patterns: tuple[P.Pattern, ...], rule: str = "",
+                    layout: torch.Tensor | None = None) -> list[KeyRun] | None:
+    """How a call with `attn_mask` runs its patterns on key prefixes, or None (dense with the mask).
+    `layout`: the mask already read (sparsec::mask_layout), used when read for this call's shape."""
     if is_causal:
         return None
     B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
-    prefixes = mask_prefixes(attn_mask, B, Sq, Sk)
+    prefixes = False if layout is None else decode_prefixes(layout, B, Sq, Sk)
+    if prefixes is False:
+        prefixes = mask_prefixes(attn_mask, B, Sq, Sk)
     if prefixes is None or not all(_follows(p, rule, Sq) for p in prefixes):
         return None
     runs = []
@@ -355,20 +370,21 @@ def _in_band(head_patterns: tuple[P.Pattern, ...], prefix: MaskPrefix, Sq: int) 
     return (band,) * len(head_patterns)
 
 
-def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float) -> torch.Tensor:
+def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """The output of every run: attend(q, k, v, patterns, causal) on its rows and first keys (and
-    the padding rows of a right-padded batch against them, _padding_rows)."""
+    the padding rows of a right-padded batch against them, _padding_rows, with scores capped by
+    softcap as attend caps them)."""
     if len(runs) == 1 and len(runs[0].rows) == q.shape[0]:
-        return _run(q, k, v, runs[0], attend, scale)
+        return _run(q, k, v, runs[0], attend, scale, softcap)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for run in runs:  # each run's rows, and only the keys they keep, copied
         rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.prefix.length)
         out[rows] = _run(q.index_select(0, rows), k[:, :, keys].index_select(0, rows),
-                         v[:, :, keys].index_select(0, rows), run, attend, scale)
+                         v[:, :, keys].index_select(0, rows), run, attend, scale, softcap)
     return out
 
 
-def _run(q, k, v, run: KeyRun, attend, scale: float) -> torch.Tensor:
+def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float) -> torch.Tensor:
     prefix, Sq = run.prefix, q.shape[2]
     if prefix.first:  # left padding: the queries and keys after it, shifted (Dense heads and bands only)
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
@@ -381,11 +397,11 @@ def _run(q, k, v, run: KeyRun, attend, scale: float) -> torch.Tensor:
         return attend(q, k, v, run.patterns, prefix.causal)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     out[:, :, :causal_rows] = attend(q[:, :, :causal_rows], k, v, run.patterns, True)
-    out[:, :, causal_rows:] = _padding_rows(q, k, v, run.patterns, causal_rows, scale)
+    out[:, :, causal_rows:] = _padding_rows(q, k, v, run.patterns, causal_rows, scale, softcap)
     return out
 
 
-def _padding_rows(q, k, v, head_patterns, first: int, scale: float) -> torch.Tensor:
+def _padding_rows(q, k, v, head_patterns, first: int, scale: float, softcap: float) -> torch.Tensor:
     """Queries first.. of q (B, Hq, Sq, D) against every key of k, v (B, Hkv, L, D), each head
     under its pattern's explicit mask at (Sq, L), in float32 (a right-padded batch's padding rows:
     few, and their results unused, but exact). A row with no key gives 0; Skip heads: the mean of V
@@ -403,6 +419,8 @@ def _padding_rows(q, k, v, head_patterns, first: int, scale: float) -> torch.Ten
             rows, keys = torch.arange(first, Sq)[:, None], torch.arange(L)[None, :]
             keeps[pattern] = pattern.keep(rows, keys, Sq, L).expand(Sq - first, L).to(q.device)
         scores = (q[:, h, first:].float() @ kh.transpose(-1, -2)) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         probs = scores.masked_fill(~keeps[pattern], float("-inf")).softmax(-1).nan_to_num(0.0)
         out[:, h] = probs @ vh
     return out.to(q.dtype)

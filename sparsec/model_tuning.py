@@ -62,7 +62,7 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
     masked: set[str] = set()
     unnamed = 0
 
-    def record(site, q, k, v, attn_mask, scale, is_causal):
+    def record(site, q, k, v, attn_mask, scale, is_causal, softcap=0.0):
         nonlocal unnamed
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         prefixes = None if attn_mask is None or is_causal else mask_prefixes(attn_mask, B, Sq, Sk)
@@ -75,13 +75,14 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
         elif prefixes is None or all(p == prefixes[0] and p.length == Sk and p.causal_queries(Sq) == Sq
                                      for p in prefixes):  # one call will do
             causal = bool(is_causal) or (prefixes is not None and prefixes[0].causal and Sq > 1)
-            recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=causal, scale=float(scale)))
+            recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=causal, scale=float(scale),
+                                              softcap=float(softcap)))
         else:  # each row's queries under the rule (not a right-padded batch's padding) against its kept keys
             for b, p in enumerate(prefixes):
                 rows = p.causal_queries(Sq)
                 recorded[site].append(LayerSample(q[b:b + 1, :, :rows].detach(), k[b:b + 1, :, :p.length].detach(),
                                                   v[b:b + 1, :, :p.length].detach(), causal=p.causal and rows > 1,
-                                                  scale=float(scale)))
+                                                  scale=float(scale), softcap=float(softcap)))
 
     with recording_attention(record):
         yield recorded

@@ -2,7 +2,7 @@
 
     sparsec::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale,
                        bool is_causal, str patterns, int block_m=0, int block_n=0,
-                       str site="", str mask_rule="") -> Tensor
+                       str site="", str mask_rule="", float softcap=0.0, Tensor? mask_layout=None) -> Tensor
         q (B, Hq, S_q, D); k, v (B, Hkv, S_k, D[v]) before any GQA expansion (Hq % Hkv == 0).
         patterns == "": exact dense attention (torch SDPA). Otherwise a JSON list of Hq pattern
         dicts (Pattern.to_dict), computed by sparsec.attention. `is_causal` follows sparsec's
@@ -14,9 +14,17 @@
         the rule "band" (Dense heads), a sliding window's mask runs as its band and a left-padded
         batch each row on its own tokens; calls with fewer than BAND_MIN_KEYS keys keep the dense
         path (the sparse path's fixed cost is more than it saves).
+        mask_layout: the mask read once for several layers (sparsec::mask_layout below).
+        softcap > 0: each score s = scale * q.k becomes softcap * tanh(s / softcap) before the mask
+        and the softmax (Gemma 2); torch's SDPA has no such step, so the dense path computes
+        explicit scores (sparsec.attention_dispatch.explicit_attention).
         block_m / block_n: the sparse kernels' tiles (0: their default).
         `site` names the attention layer (its module path): `recording_attention` hands every
         call's operands to a callback under that name (how sparsec.tune collects samples).
+    sparsec::mask_layout(Tensor attn_mask, Tensor q, Tensor k) -> Tensor
+        What key_padding reads from a mask for calls with q's and k's shapes, as a small int64
+        tensor (key_padding.encode_prefixes): the rewrite inserts one for the layers of a graph
+        that take the same mask node, so the mask is read once a forward, not once a layer.
     sparsec::linear(Tensor x, Tensor weight, Tensor? bias, str choice="dense", int min_tokens=0,
                     int? max_tokens=None, str site="") -> Tensor
         x @ weight.T + bias, exactly. choice "dense": F.linear. Otherwise the sparse kernel the IR
@@ -39,8 +47,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from sparsec.attention_dispatch import causal_allowed
-from sparsec.key_padding import key_prefix_runs, mask_keep, run_key_prefix
+from sparsec.attention_dispatch import causal_allowed, explicit_attention
+from sparsec.key_padding import encode_prefixes, key_prefix_runs, mask_keep, mask_prefixes, run_key_prefix
 from sparsec.patterns import Pattern, Skip, from_dict
 
 log = logging.getLogger(__name__)
@@ -48,8 +56,9 @@ log = logging.getLogger(__name__)
 __all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "patterns_from_json",
            "recording_attention", "AttentionRecorder"]
 
-# (site, q, k, v, attn_mask, scale, is_causal) -> None
-AttentionRecorder = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], None]
+# (site, q, k, v, attn_mask, scale, is_causal, softcap) -> None
+AttentionRecorder = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool, float],
+                             None]
 _RECORDERS: list[AttentionRecorder] = []
 # Below this many keys a band's saving does not pay for the sparse path's fixed cost (~0.6 ms a
 # call) and reading the mask (measured on the 2-core CPU, 8 heads, D = 64, a window of a quarter
@@ -89,9 +98,18 @@ def _mask_with_causal(attn_mask: torch.Tensor, keep: torch.Tensor, dtype: torch.
     return attn_mask.to(dtype).masked_fill(~keep, float("-inf"))
 
 
-def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.Tensor:
-    """Exact dense attention with sparsec's causal rule; differentiable."""
+def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float = 0.0) -> torch.Tensor:
+    """Exact dense attention with sparsec's causal rule; differentiable. With softcap, on explicit
+    scores (SDPA does not cap them)."""
     Sq, Sk = q.shape[2], k.shape[2]
+    if softcap:
+        keep = causal_allowed(Sq, Sk, q.device) if is_causal else None
+        bias = None
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else attn_mask & keep
+        elif attn_mask is not None:
+            bias = attn_mask
+        return explicit_attention(q, k, v, scale, softcap, keep=keep, bias=bias)
     if q.shape[1] != k.shape[1]:  # GQA: query head h reads kv head h // (Hq // Hkv)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -103,20 +121,20 @@ def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool) -> torch.
 
 
 def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, patterns: str, tiles,
-                      site: str, mask_rule: str) -> torch.Tensor:
+                      site: str, mask_rule: str, softcap: float, layout: torch.Tensor | None) -> torch.Tensor:
     import sparsec  # lazy: sparsec imports this module's users, and the executors import a lot
 
     if mask_rule == "band" and (attn_mask is None or k.shape[2] < BAND_MIN_KEYS):
-        return dense_attention(q, k, v, attn_mask, scale, is_causal)
+        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap)
     head_patterns = patterns_from_json(patterns)
     if attn_mask is None:
-        return sparsec.attention(q, k, v, head_patterns, causal=is_causal, scale=scale, tiles=tiles)
-    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
+        return sparsec.attention(q, k, v, head_patterns, causal=is_causal, scale=scale, tiles=tiles, softcap=softcap)
+    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule, layout)
     if runs is None:
         _log_dense_mask(site, tuple(attn_mask.shape), is_causal, mask_rule)
-        return dense_attention(q, k, v, attn_mask, scale, is_causal)
+        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap)
     return run_key_prefix(q, k, v, runs, lambda q, k, v, patterns, causal: sparsec.attention(
-        q, k, v, patterns, causal=causal, scale=scale, tiles=tiles), scale)
+        q, k, v, patterns, causal=causal, scale=scale, tiles=tiles, softcap=softcap), scale, softcap)
 
 
 @functools.lru_cache(maxsize=1024)  # once a layer and mask shape
@@ -143,21 +161,36 @@ def attention(
     block_n: int = 0,
     site: str = "",
     mask_rule: str = "",
+    softcap: float = 0.0,
+    mask_layout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     for recorder in tuple(_RECORDERS):
-        recorder(site, q, k, v, attn_mask, scale, is_causal)
+        recorder(site, q, k, v, attn_mask, scale, is_causal, softcap)
     if patterns:
         tiles = (block_m, block_n) if block_m and block_n else None
-        out = _sparse_attention(q, k, v, attn_mask, scale, is_causal, patterns, tiles, site, mask_rule)
+        out = _sparse_attention(q, k, v, attn_mask, scale, is_causal, patterns, tiles, site, mask_rule, softcap,
+                                mask_layout)
     else:
-        out = dense_attention(q, k, v, attn_mask, scale, is_causal)
+        out = dense_attention(q, k, v, attn_mask, scale, is_causal, softcap)
     return out.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, is_causal, patterns, block_m=0, block_n=0, site="", mask_rule=""):
+def _(q, k, v, attn_mask, scale, is_causal, patterns, block_m=0, block_n=0, site="", mask_rule="", softcap=0.0,
+      mask_layout=None):
     B, Hq, Sq, _ = q.shape
     return q.new_empty((B, Hq, Sq, v.shape[-1]))
+
+
+@torch.library.custom_op("sparsec::mask_layout", mutates_args=())
+def mask_layout(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
+    return encode_prefixes(mask_prefixes(attn_mask, B, Sq, Sk), B, Sq, Sk)
+
+
+@mask_layout.register_fake
+def _(attn_mask, q, k):
+    return torch.empty((q.shape[0] + 1, 4), dtype=torch.int64)
 
 
 def _head_keep(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int, device) -> torch.Tensor:
@@ -180,16 +213,21 @@ def _padded_keep(head_patterns: tuple[Pattern, ...], Sq: int, length: int, Sk: i
     return keep if length == Sk else F.pad(keep, (0, Sk - length), value=False)
 
 
-def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: str,
-                    mask_rule: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: str, mask_rule: str = "",
+                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The explicit (B, Hq, Sq, Sk) attention weights of sparsec::attention, in float32 or wider,
-    and which heads' weights do not depend on the scores ((Hq,) bool: Skip heads; None: none).
+    which heads' weights do not depend on the scores ((Hq,) bool: Skip heads; None: none), and
+    with softcap the capping's slope d(capped) / d(score) = 1 - tanh(score / softcap)^2 (else None).
 
     Used by the backward: out = probs @ v for every head, Skip heads included."""
     Sq, Sk = q.shape[2], k.shape[2]
     dtype = torch.promote_types(q.dtype, torch.float32)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).to(dtype)
     scores = (q.to(dtype) @ k.transpose(-1, -2)) * scale
+    slope = None
+    if softcap:
+        capped = torch.tanh(scores / softcap)
+        slope, scores = 1.0 - capped * capped, capped * softcap
     keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
     if is_causal:
         keep = causal_allowed(Sq, Sk, q.device)
@@ -213,9 +251,9 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key left gives 0
     if skip is None:
-        return probs, None
+        return probs, None, slope
     is_skip = torch.tensor([isinstance(p, Skip) for p in head_patterns], device=q.device)
-    return torch.where(is_skip[:, None, None], skip, probs), is_skip
+    return torch.where(is_skip[:, None, None], skip, probs), is_skip, slope
 
 
 def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -227,7 +265,8 @@ def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 def _attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, attn_mask, scale, is_causal, patterns = inputs[:7]
     ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.attrs = (scale, is_causal, patterns, inputs[10] if len(inputs) > 10 else "")
+    ctx.attrs = (scale, is_causal, patterns, inputs[10] if len(inputs) > 10 else "",
+                 inputs[11] if len(inputs) > 11 else 0.0)
 
 
 @torch.library.custom_op("sparsec::attention_backward", mutates_args=())
@@ -241,13 +280,14 @@ def attention_backward(
     is_causal: bool,
     patterns: str,
     mask_rule: str = "",
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask) of sparsec::attention; dmask is empty when there is no float mask.
 
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
     # Softmax backward on the explicit weights: dS = P * (dP - rowsum(dP * P)).
-    probs, score_free = attention_probs(q, k, attn_mask, scale, is_causal, patterns, mask_rule)
+    probs, score_free, slope = attention_probs(q, k, attn_mask, scale, is_causal, patterns, mask_rule, softcap)
     dtype, Hkv = probs.dtype, k.shape[1]
     group = q.shape[1] // Hkv
     k_rep, v_rep = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
@@ -256,11 +296,12 @@ def attention_backward(
     grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
     if score_free is not None:  # Skip heads' weights do not depend on the scores
         grad_scores = grad_scores.masked_fill(score_free[:, None, None], 0.0)
-    dq = (grad_scores @ k_rep) * scale
-    dk = _group_sum((grad_scores.transpose(-1, -2) @ q.to(dtype)) * scale, Hkv)
+    grad_raw = grad_scores if slope is None else grad_scores * slope  # through the capping, to q.k
+    dq = (grad_raw @ k_rep) * scale
+    dk = _group_sum((grad_raw.transpose(-1, -2) @ q.to(dtype)) * scale, Hkv)
     dv = _group_sum(probs.transpose(-1, -2) @ grad_out, Hkv)
     grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
-    if attn_mask is not None and attn_mask.is_floating_point():
+    if attn_mask is not None and attn_mask.is_floating_point():  # the bias is added after the capping
         grads.append(grad_scores.sum_to_size(attn_mask.shape).to(attn_mask.dtype))
     else:
         grads.append(q.new_empty(0))
@@ -268,7 +309,7 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule=""):
+def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0):
     grad_mask = attn_mask is not None and attn_mask.is_floating_point()
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -280,7 +321,7 @@ def _attention_backward(ctx, grad_out):
     q, k, v, attn_mask = ctx.saved_tensors
     dq, dk, dv, dmask = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs)
     has_dmask = attn_mask is not None and attn_mask.is_floating_point()
-    return dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None
+    return dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None, None, None
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)

@@ -154,6 +154,31 @@ class BoolMaskThenBiasAttention(nn.Module):
         return (scores + self.position_bias).softmax(-1) @ v
 
 
+class SoftCappedAttention(nn.Module):
+    """Gemma 2's eager attention: scores / c, tanh, * c, then the additive mask: soft-capping with c."""
+
+    def forward(self, q, k, v, mask):
+        scores = q @ k.transpose(-1, -2) * 0.5
+        scores = torch.tanh(scores / 3.0) * 3.0
+        scores = scores + (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        return scores.softmax(-1) @ v
+
+
+class TanhInsideScaleAttention(nn.Module):
+    """2 * tanh(s / 4): out != 1 / in, still c * tanh(s' / c) with c = 2 and s' = s / 2."""
+
+    def forward(self, q, k, v):
+        return (torch.tanh(q @ k.transpose(-1, -2) / 4.0) * 2.0).softmax(-1) @ v
+
+
+class MaskUnderTanhAttention(nn.Module):
+    """A mask filled in before the tanh is capped with the scores (-inf becomes -c): no match."""
+
+    def forward(self, q, k, v, mask):
+        scores = (q @ k.transpose(-1, -2)).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        return (torch.tanh(scores / 3.0) * 3.0).softmax(-1) @ v
+
+
 class EdgeCases(nn.Module):
     def __init__(self):
         super().__init__()
@@ -167,6 +192,8 @@ class EdgeCases(nn.Module):
             "soft_fill": SoftFillAttention(), "tril_causal": TrilCausalAttention(),
             "tril_window": TrilWindowAttention(), "bias_and_mask": BiasAndMaskAttention(),
             "three_biases": BiasAndMaskAttention(3), "bool_then_bias": BoolMaskThenBiasAttention(),
+            "soft_capped": SoftCappedAttention(), "tanh_inside_scale": TanhInsideScaleAttention(),
+            "mask_under_tanh": MaskUnderTanhAttention(),
         })
 
     def forward(self, x, context, mask, weight):
@@ -178,7 +205,8 @@ class EdgeCases(nn.Module):
                 c["dropout"](q, k, v), c["causal_cross"](q, _heads(context)),
                 c["learned_scale"](q, k, v), c["soft_fill"](q, k, v, mask), c["tril_causal"](q, k, v),
                 c["tril_window"](q, k, v), c["bias_and_mask"](q, k, v, mask), c["three_biases"](q, k, v, mask),
-                c["bool_then_bias"](q, k, v, mask)]
+                c["bool_then_bias"](q, k, v, mask), c["soft_capped"](q, k, v, mask), c["tanh_inside_scale"](q, k, v),
+                c["mask_under_tanh"](q, k, v, mask)]
         linears = [self.proj4d(q), self.no_bias(x[0, 0, :D]), F.linear(x, weight)]
         return outs, linears
 
@@ -191,23 +219,26 @@ def edge_cases() -> tuple[nn.Module, tuple]:
     return EdgeCases().eval(), inputs
 
 
-# module path -> (scale, mask_kind, num_kv_heads, causal) of the match, or None for no match.
-EXPECTED_ATTENTION: dict[str, tuple[float, str | None, int, bool] | None] = {
-    "cases.prescaled_q": (D ** -0.5, None, H, False),
-    "cases.prescaled_qk": (D ** -0.5 / 2.0, None, H, False),
-    "cases.baddbmm": (0.25, None, H, False),
-    "cases.eq_mask": (D ** -0.5, "bool", H, False),
-    "cases.probs_returned": (0.5, None, H, False),
-    "cases.tiled_kv": (D ** -0.5, None, H, False),
+# module path -> (scale, mask_kind, num_kv_heads, causal, softcap) of the match, or None for no match.
+EXPECTED_ATTENTION: dict[str, tuple[float, str | None, int, bool, float] | None] = {
+    "cases.prescaled_q": (D ** -0.5, None, H, False, 0.0),
+    "cases.prescaled_qk": (D ** -0.5 / 2.0, None, H, False, 0.0),
+    "cases.baddbmm": (0.25, None, H, False, 0.0),
+    "cases.eq_mask": (D ** -0.5, "bool", H, False, 0.0),
+    "cases.probs_returned": (0.5, None, H, False, 0.0),
+    "cases.tiled_kv": (D ** -0.5, None, H, False, 0.0),
     "cases.dropout": None,
     "cases.causal_cross": None,
     "cases.learned_scale": None,
     "cases.soft_fill": None,
-    "cases.tril_causal": (0.5, None, H, True),
-    "cases.tril_window": (0.5, "bool", H, False),
-    "cases.bias_and_mask": (1.0, "additive", H, False),
-    "cases.three_biases": (1.0, "additive", H, False),
+    "cases.tril_causal": (0.5, None, H, True, 0.0),
+    "cases.tril_window": (0.5, "bool", H, False, 0.0),
+    "cases.bias_and_mask": (1.0, "additive", H, False, 0.0),
+    "cases.three_biases": (1.0, "additive", H, False, 0.0),
     "cases.bool_then_bias": None,
+    "cases.soft_capped": (0.5, "additive", H, False, 3.0),
+    "cases.tanh_inside_scale": (0.5, None, H, False, 2.0),
+    "cases.mask_under_tanh": None,
 }
 # F.linear(x, weight) with an input weight is not a layer with a parameter: no match.
 EXPECTED_LINEAR = ["proj", "proj4d", "no_bias"]

@@ -5,7 +5,8 @@ is patterns[h].mask(Sq, Sk) (and the causal rule j <= i + Sk - Sq); softmax over
 with no kept key are 0; Skip heads are 0 or the mean of V over the causally allowed keys.
 `key_mask` (B, Sk) bool, each row's kept keys a prefix j < L_b (a mask that pads keys at the
 end): row b attends to its first L_b keys, under each pattern's mask at (Sq, Sk) (or, for a block
-layout sized for the prefix, at (Sq, L_b)).
+layout sized for the prefix, at (Sq, L_b)). `softcap` c > 0 caps each score s to c * tanh(s / c)
+before the mask (Gemma 2).
 """
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ import torch
 from sparsec.patterns import Skip
 
 
-def reference_attention(q, k, v, head_patterns, *, causal=False, scale=None, key_mask=None):
+def reference_attention(q, k, v, head_patterns, *, causal=False, scale=None, key_mask=None, softcap=0.0):
     if key_mask is None:
-        return _reference(q, k, v, head_patterns, causal, scale)
+        return _reference(q, k, v, head_patterns, causal, scale, softcap=softcap)
     lengths = key_mask.sum(-1)
     assert bool((key_mask == (torch.arange(k.shape[2]) < lengths[:, None])).all()), "key_mask must keep a prefix"
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float64)
     for b, n in enumerate(lengths.tolist()):
         out[b:b + 1] = _reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], head_patterns, causal, scale,
-                                  full_keys=k.shape[2])
+                                  full_keys=k.shape[2], softcap=softcap)
     return out
 
 
@@ -37,7 +38,7 @@ def _pattern_mask(p, Sq, Sk, full_keys):
         return p.mask(Sq, Sk)
 
 
-def _reference(q, k, v, head_patterns, causal, scale, full_keys=None):
+def _reference(q, k, v, head_patterns, causal, scale, full_keys=None, softcap=0.0):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -57,6 +58,8 @@ def _reference(q, k, v, head_patterns, causal, scale, full_keys=None):
             continue
         keep = _pattern_mask(p, Sq, Sk, full_keys) & allowed
         scores = q64[:, h] @ k64[:, kv].transpose(-1, -2) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows -> NaN -> 0
         out[:, h] = probs @ v64[:, kv]

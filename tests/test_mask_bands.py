@@ -16,7 +16,8 @@ from sparsec import patterns as P
 from sparsec.config import parse_options
 from sparsec.dump import recording
 from sparsec.ir.ops import Attention
-from sparsec.key_padding import MaskPrefix, band_pattern, key_prefix_runs, mask_prefixes
+from sparsec.key_padding import (MaskPrefix, band_pattern, decode_prefixes, encode_prefixes, key_prefix_runs,
+                                 mask_prefixes)
 from sparsec.ops import BAND_MIN_KEYS, attention as attention_op
 from sparsec.ops import patterns_to_json
 
@@ -164,19 +165,68 @@ def test_gemma3_sliding_layers_run_their_band(caplog):
             assert any(P.Window(47, 0) in c for c in calls) == bands, calls
 
 
-def test_a_mask_is_read_once_while_it_is_unchanged(monkeypatch):
-    """Layers of one forward share the mask tensor: read once; changed in place, read again."""
+class SharedMaskModel(torch.nn.Module):
+    """Three layers: the outer two take one band bias built in the forward (as transformers builds
+    its masks), the middle one a full causal bias (read as the causal rule: no mask to read)."""
+
+    def forward(self, q, k, v):
+        S = q.shape[2]
+        i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        band = torch.zeros(1, 1, S, S).masked_fill(~((j <= i) & (j > i - 40)), float("-inf"))
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        causal = torch.zeros(1, 1, S, S).masked_fill(j > i, float("-inf"))
+        y = torch.nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=causal)
+        return torch.nn.functional.scaled_dot_product_attention(y, k, v, attn_mask=band)
+
+
+def test_layers_that_share_a_mask_read_it_once(monkeypatch):
+    """The rewrite gives calls with one mask node one sparsec::mask_layout: read once a forward,
+    and each call still runs on what its own mask keeps."""
     from sparsec import key_padding
 
     reads = []
     read = key_padding._read_prefixes
-    monkeypatch.setattr(key_padding, "_read_prefixes", lambda *args: reads.append(1) or read(*args))
-    mask = band_mask(16, 16, 3, 0)
-    assert mask_prefixes(mask, 1, 16, 16) == mask_prefixes(mask, 1, 16, 16) == [MaskPrefix(16, 0, 3)]
-    assert len(reads) == 1
-    mask[0, 0, 5, 0] = True  # two runs in row 5 now
-    assert mask_prefixes(mask, 1, 16, 16) is None and len(reads) == 2
-    assert mask_prefixes(mask.clone(), 1, 16, 16) is None and len(reads) == 3  # another tensor: read
+    monkeypatch.setattr(key_padding, "_read_prefixes", lambda *args: reads.append(args[0].shape) or read(*args))
+    q, k, v = (torch.randn(1, 2, BAND_MIN_KEYS + 20, 16) for _ in range(3))
+    model = SharedMaskModel()
+    torch._dynamo.reset()
+    with torch.no_grad(), recording() as records:
+        got = torch.compile(model, backend="sparsec", options={"inner": "eager", "mask_bands": "on"})(q, k, v)
+    torch.testing.assert_close(got, model(q, k, v), atol=1e-5, rtol=1e-5)
+    (record,) = records
+    assert len(reads) == 1  # the band, once for two layers
+    assert record.rewritten_code.count("sparsec.mask_layout") == 1
+
+
+@pytest.mark.parametrize("prefixes", [None, [MaskPrefix(30)], [MaskPrefix(40, 0, 7), MaskPrefix(33, -3, None, 5)]])
+def test_a_mask_layout_decodes_to_what_was_read(prefixes):
+    batch = 1 if prefixes is None else len(prefixes)
+    layout = encode_prefixes(prefixes, batch, 40, 40)
+    assert decode_prefixes(layout, batch, 40, 40) == prefixes
+    assert decode_prefixes(layout, batch, 39, 40) is False  # read for another shape: the call reads its own
+
+
+@pytest.mark.models
+def test_gemma2_masks_written_into_one_buffer_are_each_read():
+    """Inductor writes Gemma 2's full causal mask into the buffer of its sliding-window mask without
+    bumping the tensor's version counter: a reading cached on the tensor ran the full layers on the
+    band (relative error 0.5). Each mask node is read in the graph now."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma2Model")
+    S = BAND_MIN_KEYS + 32
+    config = transformers.Gemma2Config(
+        vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=64, max_position_embeddings=2 * S,
+        layer_types=["sliding_attention", "full_attention"] * 2, attn_logit_softcapping=None,
+        final_logit_softcapping=None, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Gemma2Model(config).eval()
+    ids = torch.randint(0, 256, (1, S))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="sparsec", options={"mask_bands": "on"})(ids).last_hidden_state
+        torch.testing.assert_close(got, model(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
 def left_padded(S: int, pads, window: int | None = None) -> torch.Tensor:

@@ -52,12 +52,15 @@ def _node_values(captured, nodes) -> dict:
 
 
 def reference_from_match(match, values) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v in float64 with explicit keep masks and GQA expansion."""
+    """softmax(cap(q k^T * scale) + mask) v in float64 with explicit keep masks and GQA expansion
+    (cap: c * tanh(s / c) for the match's softcap c, none for 0)."""
     q, k, v = (values[n].double() for n in (match.q, match.k, match.v))
     rep = match.num_heads // match.num_kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     Sq, Sk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-1, -2) * match.scale
+    if match.softcap:
+        scores = match.softcap * torch.tanh(scores / match.softcap)
     keep = Dense().mask(Sq, Sk)
     if match.causal:
         keep = keep & torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
@@ -138,7 +141,7 @@ def test_edge_cases():
         _check_attention(match, captured, model)
     for match in linears:
         _check_linear(match, captured, model)
-    found = {m.module_path: (m.scale, m.mask_kind, m.num_kv_heads, m.causal) for m in attentions}
+    found = {m.module_path: (m.scale, m.mask_kind, m.num_kv_heads, m.causal, m.softcap) for m in attentions}
     expected = {path: fields for path, fields in EXPECTED_ATTENTION.items() if fields is not None}
     assert found.keys() == expected.keys()
     for path, (scale, *fields) in expected.items():

@@ -14,6 +14,10 @@
 // there, under their mask (attend_group), for pieces of short runs near one another.
 // Scores and products are MKL/BLAS sgemm calls (the sgemm_ torch links), the online softmax is
 // vectorized here. fp32 throughout; a row that keeps no key returns 0.
+//
+// softcap > 0 caps the logits (Gemma 2's attention-logit soft-capping): every score s = scale q.k
+// the kernels compute becomes softcap * tanh(s / softcap), in (-softcap, softcap), before the mask
+// and the online softmax see it; softcap = 0 leaves the scores (and the work) as they are.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -71,6 +75,35 @@ inline v16 exp_nonpositive(v16 x) {
   return p * scale;
 }
 
+// tanh(x), to ~1e-7 relative. |x| >= 0.625: (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.29 (no
+// cancellation; e underflows to ~1e-38 past |x| ~ 43, giving 1); below, where 1 - e would lose
+// the digits of a small x, Cephes tanhf's odd polynomial x + x^3 P(x^2). The sign is x's.
+inline v16 vtanh(v16 x) {
+  const v16 a = x < 0.0f ? -x : x;
+  const v16 e = exp_nonpositive(-2.0f * a);
+  const v16 by_exp = (1.0f - e) / (1.0f + e);
+  const v16 z = a * a;
+  v16 p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const v16 by_poly = p * z * a + a;
+  const v16 t = a < 0.625f ? by_poly : by_exp;
+  return x < 0.0f ? -t : t;
+}
+
+// Logit soft-capping: cap * tanh(x / cap), every lane.
+inline v16 soft_cap(v16 x, float cap) { return cap * vtanh(x * (1.0f / cap)); }
+
+// s[j] = cap * tanh(s[j] / cap) for j in [0, n): the scores a row keeps, capped before its mask
+// (a masked key's -inf must stay -inf) and its softmax.
+void soft_cap(float* s, int n, float cap) {
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes) store(s + j, soft_cap(load(s + j), cap));
+  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] / cap);
+}
+
 float row_max(const float* s, int n) {
   v16 m = splat(-INFINITY);
   int j = 0;
@@ -105,6 +138,7 @@ struct Tile {  // one query tile of one head: operands and its rows' online-soft
   const float* v;
   int D, Dv;
   float scale;
+  float softcap;  // > 0: scores capped to softcap * tanh(score / softcap); 0: as they are
   float* max;   // (rows)
   float* sum;   // (rows)
   float* acc;   // (rows, Dv)
@@ -128,7 +162,8 @@ void fold_row(Tile& t, int row, float* s, int n) {
 }
 
 // Row `row`'s scores s[0 .. C) of which it keeps [a, b): folded into its online softmax (fold_row),
-// the rest zeroed (no weight in the products); all zeroed when it keeps none.
+// the rest zeroed (no weight in the products); all zeroed when it keeps none. Scores in [a, b)
+// are capped (t.softcap) by the caller, before it masks any of them.
 void fold_span(Tile& t, int row, float* s, int C, int a, int b) {
   if (b <= a) {
     std::fill(s, s + C, 0.0f);
@@ -139,6 +174,11 @@ void fold_span(Tile& t, int row, float* s, int C, int a, int b) {
   fold_row(t, row, s + a, b - a);
 }
 
+// Caps a row's scores s[a, b) when the tile soft-caps (only those it may keep: the rest get no weight).
+inline void cap_span(const Tile& t, float* s, int a, int b) {
+  if (t.softcap > 0.0f && b > a) soft_cap(s + a, b - a, t.softcap);
+}
+
 // Rows [r0, r0 + R) of the tile against keys [k0, k0 + C). masked: row r keeps only
 // [lo[r], hi[r]] of them (lo / hi relative to the tile's first row).
 void attend(Tile& t, int r0, int R, int k0, int C, const int32_t* lo, const int32_t* hi, bool masked) {
@@ -146,6 +186,7 @@ void attend(Tile& t, int r0, int R, int k0, int C, const int32_t* lo, const int3
   for (int r = 0; r < R; ++r) {
     const int a = masked ? std::max(0, lo[r0 + r] - k0) : 0;
     const int b = masked ? std::min(C, hi[r0 + r] + 1 - k0) : C;
+    cap_span(t, t.s + (int64_t)r * C, a, b);
     fold_span(t, r0 + r, t.s + (int64_t)r * C, C, a, b);
   }
   accumulate(R, t.Dv, C, t.s, C, t.v + (int64_t)k0 * t.Dv, t.Dv, t.acc + (int64_t)r0 * t.Dv, t.Dv);
@@ -192,6 +233,7 @@ void attend_group_chunk(Tile& t, int r0, int R, int k0, int C, const int32_t* lo
       a = std::min(a, pa);
       b = std::max(b, pb);
     }
+    cap_span(t, s, a, b);
     for (int j = a; j < b; ++j)
       if (!keep[j]) s[j] = -INFINITY;  // out of the row's pieces: no weight (zeroed below)
     fold_span(t, r0 + r, s, C, a, b);
@@ -365,7 +407,9 @@ void attend_slash_group(Tile& t, int g0, int n, int64_t i0, const Slashes& sl, S
       const float* k = t.k + std::min(std::max<int64_t>(j0 + m, 0), sl.Sk - 1) * D;  // a masked lane reads a real row
       dots[p] = row_products(q + m * D, k, D);
     }
-    store(w.scores.data() + used * kLanes, keep ? lane_sums(dots) : splat(-INFINITY));
+    v16 x = lane_sums(dots);
+    if (t.softcap > 0.0f) x = soft_cap(x, t.softcap);  // before the mask, as everywhere
+    store(w.scores.data() + used * kLanes, keep ? x : splat(-INFINITY));
     w.first[used++] = j0;
   }
   if (used == 0) return;
@@ -411,10 +455,12 @@ struct Problem {  // the tensors and shapes the entry points share
   const int32_t* q_heads;
   int64_t num_heads;
   float scale;
+  float softcap;  // 0 or finite > 0
 
   bool valid() const {
     return B >= 1 && Hq >= 1 && Hkv >= 1 && Hq % Hkv == 0 && Sq >= 1 && Sk >= 1 && D >= 1 && Dv >= 1 &&
-           num_heads >= 1 && Sq <= INT32_MAX && Sk <= INT32_MAX && D <= INT32_MAX && Dv <= INT32_MAX;
+           num_heads >= 1 && Sq <= INT32_MAX && Sk <= INT32_MAX && D <= INT32_MAX && Dv <= INT32_MAX &&
+           softcap >= 0.0f && softcap < INFINITY;  // false for NaN too
   }
 };
 
@@ -435,7 +481,7 @@ void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t t
       const int R = (int)std::min<int64_t>(block_m, p.Sq - a);
       const int64_t kv = b * p.Hkv + h / group;
       Tile t{p.q + ((b * p.Hq + h) * p.Sq + a) * p.D, p.k + kv * p.Sk * p.D, p.v + kv * p.Sk * p.Dv, (int)p.D,
-             (int)p.Dv, p.scale, max.data(), sum.data(), acc.data(), s.data()};
+             (int)p.Dv, p.scale, p.softcap, max.data(), sum.data(), acc.data(), s.data()};
       std::fill(max.begin(), max.begin() + R, -INFINITY);
       std::fill(sum.begin(), sum.begin() + R, 0.0f);
       std::fill(acc.begin(), acc.begin() + (int64_t)R * p.Dv, 0.0f);
@@ -452,16 +498,17 @@ void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t t
 }  // namespace
 
 // Pieces of key intervals a row (module comment). Returns 0, or 1 when an argument is out of range
-// (nothing is written then).
+// (nothing is written then). All three entry points: softcap 0 (scores as they are) or finite > 0
+// (capped: module comment).
 // Pieces p of group g: group_ptr[g] <= p < group_ptr[g + 1] (groups of consecutive pieces, in
 // order); a group of one piece runs as above, a larger one by attend_group.
 extern "C" int sparsec_interval_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const int32_t* lo, const int32_t* hi, int64_t pieces,
-    const int64_t* group_ptr, int64_t groups, float scale, int64_t block_m, int64_t sub_m, int64_t block_n,
-    int64_t threads) {
-  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
+    const int64_t* group_ptr, int64_t groups, float scale, float softcap, int64_t block_m, int64_t sub_m,
+    int64_t block_n, int64_t threads) {
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap};
   if (!p.valid() || pieces < 0 || groups < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m || block_n < 1 ||
       threads < 1 || group_ptr[0] != 0 || group_ptr[groups] != pieces)
     return 1;
@@ -490,9 +537,9 @@ extern "C" int sparsec_block_runs_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const int64_t* run_ptr, const int32_t* run_lo,
-    const int32_t* run_hi, const int32_t* row_hi, float scale, int64_t block_m, int64_t block_n,
+    const int32_t* run_hi, const int32_t* row_hi, float scale, float softcap, int64_t block_m, int64_t block_n,
     int64_t threads) {
-  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap};
   if (!p.valid() || block_m < 1 || block_n < 1 || threads < 1) return 1;
   const std::vector<int32_t> zeros(Sq, 0);  // rows keep every key of a run up to their limit
   for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t tile, int64_t a, int R, int64_t) {
@@ -519,9 +566,9 @@ extern "C" int sparsec_column_slash_attention(
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const float* kc, const float* vc, int64_t columns,
     const int32_t* count, const uint8_t* skip, const int32_t* offsets,
-    int64_t num_offsets, const int32_t* row_hi, float scale, int64_t block_m, int64_t sub_m, int64_t block_n,
-    int64_t threads) {
-  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale};
+    int64_t num_offsets, const int32_t* row_hi, float scale, float softcap, int64_t block_m, int64_t sub_m,
+    int64_t block_n, int64_t threads) {
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap};
   if (!p.valid() || columns < 0 || num_offsets < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m ||
       block_n < 1 || threads < 1)
     return 1;

@@ -27,12 +27,13 @@ NO_LIMIT = 1 << 30
 # The values every key-block visit needs, passed down the helpers (Triton has no closures).
 _CONTEXT_DEFS = (
     "q, K_base, V_base, params, LAYOUTS, offs_m, stride_kn, stride_kd, stride_vn, stride_vd, Sq, Sk, qk_scale,\n"
-    "    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
-    "    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr$COUNT_DEFS"
+    "    softcap2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
+    "    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr"
+    "$COUNT_DEFS"
 )
 _CONTEXT = (
     "q, K_base, V_base, params, LAYOUTS, offs_m, stride_kn, stride_kd, stride_vn, stride_vd, Sq, Sk, qk_scale,\n"
-    "            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, DOT_PRECISION$COUNTS"
+    "            softcap2, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, DOT_PRECISION, SOFTCAP$COUNTS"
 )
 
 _HEADER = '''\
@@ -111,11 +112,22 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _soft_cap(s, cap):
+    """cap * tanh(s / cap) (Gemma 2's logit soft-capping; s and cap both in base-2 units), with tanh
+    from exp2, which every Triton version has: tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|)."""
+    x = s / cap
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # 2 / ln 2
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
 def _attend_block(acc, m_i, l_i, start_n, MASKED: tl.constexpr,
     $CONTEXT_DEFS):
     """One key block: scores, online softmax in base 2 (log2(e) is folded into qk_scale), P @ V.
 
     MASKED blocks apply the element mask, the causal rule and the Sk bound; whole blocks skip all three.
+    SOFTCAP caps each score first (softcap2: the cap times log2(e)).
     """
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -125,6 +137,8 @@ def _attend_block(acc, m_i, l_i, start_n, MASKED: tl.constexpr,
     v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                    offs_n[:, None] < Sk, offs_dv[None, :] < HEAD_DIM_V, MASKED, BLOCK_DV != HEAD_DIM_V)
     s = _dot(q, k, None, DOT_PRECISION) * qk_scale
+    if SOFTCAP:
+        s = _soft_cap(s, softcap2)
     if MASKED:
         keep = (offs_n[None, :] < Sk) & _keep(params, LAYOUTS, offs_m[:, None], offs_n[None, :], Sq, Sk$COUNTS)
         if CAUSAL:
@@ -176,10 +190,10 @@ def $KERNEL_NAME(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    Sq, Sk, heads_in_group, kv_group_size, qk_scale,
+    Sq, Sk, heads_in_group, kv_group_size, qk_scale, softcap2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_PARAMS: tl.constexpr$COUNT_DEFS,
+    SOFTCAP: tl.constexpr, NUM_PARAMS: tl.constexpr$COUNT_DEFS,
 ):
     start_m = tl.program_id(0)
     batch = tl.program_id(1) // heads_in_group
