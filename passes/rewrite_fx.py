@@ -21,9 +21,11 @@ the ops' fake implementations, as Inductor expects. A Linear op with a sparse ke
 choice (kernel, min_tokens, max_tokens) and a fresh site name (what sparsec::linear's log lines
 call the layer; its packed weight is kept by the weight tensor itself) to the op.
 
-Attention calls that read the same mask node (those with patterns, which read their mask at run
-time: sparsec/key_padding.py) take one sparsec::mask_layout node of it, inserted before the first
-of them: a model's layers share the mask a forward builds, and it is read once, not once a layer.
+Attention calls that read the same mask (those with patterns, which read their mask at run time:
+sparsec/key_padding.py) take one sparsec::mask_layout node of it, inserted before the first of
+them: a model's layers share the mask a forward builds, and it is read once, not once a layer. The
+same mask is one node, or one bool node that each layer turns into a bias of 0 and -inf
+(where(m, 0, -inf): how SDPA's decomposition hands a bool mask to each call).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Attention, Linear, Op
 from sparsec.ir.types import AttentionPatterns
 from sparsec.patterns import Dense
+
+from .fx_utils import constant_scalar, is_op
 
 __all__ = ["accelerated", "rewrite_fx", "RewriteError"]
 
@@ -139,7 +143,7 @@ def _share_mask_reads(graph: fx.Graph) -> int:
     for node in graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.sparsec.attention.default \
                 and isinstance(node.args[3], fx.Node) and node.args[6]:
-            readers[node.args[3]].append(node)
+            readers[_kept_by(node.args[3])].append(node)
     shared = 0
     for mask, calls in readers.items():
         if len(calls) < 2:
@@ -150,6 +154,18 @@ def _share_mask_reads(graph: fx.Graph) -> int:
             call.update_kwarg("mask_layout", layout)
         shared += len(calls)
     return shared
+
+
+def _kept_by(mask: fx.Node) -> fx.Node:
+    """The node that says which pairs `mask` keeps: m for where(m, 0, -inf) of a bool m (it keeps
+    exactly m's pairs), else the mask itself."""
+    if is_op(mask, aten.where) and len(mask.args) == 3 and isinstance(mask.args[0], fx.Node):
+        cond, kept, dropped = mask.args
+        value = cond.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool and constant_scalar(kept) == 0.0 \
+                and constant_scalar(dropped) == float("-inf"):
+            return cond
+    return mask
 
 
 def _removable(node: fx.Node) -> bool:

@@ -166,36 +166,48 @@ def test_gemma3_sliding_layers_run_their_band(caplog):
 
 
 class SharedMaskModel(torch.nn.Module):
-    """Three layers: the outer two take one band bias built in the forward (as transformers builds
-    its masks), the middle one a full causal bias (read as the causal rule: no mask to read)."""
+    """Three layers: the outer two take one band mask built in the forward (as transformers builds
+    its masks; SDPA's decomposition turns a bool one into a bias for each call), the middle one a
+    full causal bias (read as the causal rule: no mask to read)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
 
     def forward(self, q, k, v):
         S = q.shape[2]
         i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
-        band = torch.zeros(1, 1, S, S).masked_fill(~((j <= i) & (j > i - 40)), float("-inf"))
+        band = ((j <= i) & (j > i - 40))[None, None]
+        if self.kind == "bias":
+            band = torch.zeros(1, 1, S, S).masked_fill(~band, float("-inf"))
         x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
         causal = torch.zeros(1, 1, S, S).masked_fill(j > i, float("-inf"))
         y = torch.nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=causal)
         return torch.nn.functional.scaled_dot_product_attention(y, k, v, attn_mask=band)
 
 
-def test_layers_that_share_a_mask_read_it_once(monkeypatch):
-    """The rewrite gives calls with one mask node one sparsec::mask_layout: read once a forward,
-    and each call still runs on what its own mask keeps."""
+@pytest.mark.parametrize("kind", ["bool", "bias"])
+def test_layers_that_share_a_mask_read_it_once(kind, monkeypatch):
+    """The rewrite gives calls with one mask one sparsec::mask_layout: read once a forward, and
+    each call still runs on what its mask keeps; gradients flow as without it."""
     from sparsec import key_padding
 
     reads = []
     read = key_padding._read_prefixes
     monkeypatch.setattr(key_padding, "_read_prefixes", lambda *args: reads.append(args[0].shape) or read(*args))
-    q, k, v = (torch.randn(1, 2, BAND_MIN_KEYS + 20, 16) for _ in range(3))
-    model = SharedMaskModel()
+    q, k, v = (torch.randn(1, 2, BAND_MIN_KEYS + 20, 16, requires_grad=True) for _ in range(3))
+    model = SharedMaskModel(kind)
     torch._dynamo.reset()
-    with torch.no_grad(), recording() as records:
+    with recording() as records:
         got = torch.compile(model, backend="sparsec", options={"inner": "eager", "mask_bands": "on"})(q, k, v)
-    torch.testing.assert_close(got, model(q, k, v), atol=1e-5, rtol=1e-5)
-    (record,) = records
+    want = model(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(reads) == 1  # the band, once for two layers
-    assert record.rewritten_code.count("sparsec.mask_layout") == 1
+    assert sum(r.rewritten_code.count("sparsec.mask_layout") for r in records) == 1
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    for g, w in zip(got_grads, torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("prefixes", [None, [MaskPrefix(30)], [MaskPrefix(40, 0, 7), MaskPrefix(33, -3, None, 5)]])
