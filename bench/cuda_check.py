@@ -8,7 +8,7 @@ compiled on the GPU, at sizes past one tile (odd lengths, GQA, causal, Sq != Sk,
 with fresh random inputs, against the tests' float64 reference (tests/reference.py: the
 patterns' explicit masks); also the op under masks that cut the keys to a prefix (padded text keys,
 a static cache's causal prefix: sparsec/key_padding.py) and a sliding window's band, and soft-capped
-scores (Gemma 2's softcap).
+scores (Gemma 2's softcap) and attention sinks (GPT-OSS's).
 """
 from __future__ import annotations
 
@@ -110,9 +110,10 @@ def _compare(label: str, run, expected, dtype) -> tuple[str, float, bool]:
     return result
 
 
-def check_softcap(device, dtype, shape) -> list[tuple[str, float, bool]]:
-    """Every family with scores capped at 30 (softcap: c * tanh(s / c) before the mask), the scores
-    drawn a few times the cap so that capping changes the result."""
+def check_score_modifiers(device, dtype, shape) -> list[tuple[str, float, bool]]:
+    """Every family with scores capped at 30 (softcap: c * tanh(s / c) before the mask; the scores
+    drawn a few times the cap so that capping changes the result), and with sinks (a logit a head
+    in each row's softmax, with no value; one head's -inf)."""
     (Sq, Sk), causal, (Hq, Hkv), D = shape
     results = []
     for name, base in attention_cases(Sq, Sk):
@@ -120,15 +121,20 @@ def check_softcap(device, dtype, shape) -> list[tuple[str, float, bool]]:
         q = torch.randn(1, Hq, Sq, D, device=device, dtype=dtype) * 4
         k = torch.randn(1, Hkv, Sk, D, device=device, dtype=dtype) * 4
         v = torch.randn(1, Hkv, Sk, D, device=device, dtype=dtype)
+        sinks = torch.randn(Hq, device=device) * 10
+        sinks[0] = float("-inf")
         scale = 1 / math.sqrt(D)
+        for label, modifiers in (("softcap 30", {"softcap": 30.0}), ("sinks", {"sinks": sinks})):
+            def expected(modifiers=modifiers):
+                q64, k64, v64 = (t.detach().cpu() for t in (q, k, v))
+                given = {key: value.cpu() if isinstance(value, torch.Tensor) else value
+                         for key, value in modifiers.items()}
+                return reference_attention(q64, k64, v64, patterns, causal=causal, scale=scale, **given)
 
-        def expected():
-            q64, k64, v64 = (t.detach().cpu() for t in (q, k, v))
-            return reference_attention(q64, k64, v64, patterns, causal=causal, scale=scale, softcap=30.0)
-
-        results.append(_compare(f"softcap 30 {name:15s} {str(dtype)[6:]:9s} Sq={Sq} Sk={Sk} causal={causal}",
-                                lambda: sparsec.attention(q, k, v, patterns, causal=causal, scale=scale,
-                                                          backend="triton", softcap=30.0), expected, dtype))
+            results.append(_compare(f"{label:10s} {name:15s} {str(dtype)[6:]:9s} Sq={Sq} Sk={Sk} causal={causal}",
+                                    lambda modifiers=modifiers: sparsec.attention(
+                                        q, k, v, patterns, causal=causal, scale=scale, backend="triton", **modifiers),
+                                    expected, dtype))
     return results
 
 
@@ -212,7 +218,7 @@ def main() -> int:
     # on one shape last: its exact dots run on CUDA cores and take the longest to compile.
     half = [(torch.bfloat16, s) for s in shapes] + [(torch.float16, shapes[0])]
     results = (check_attention(device, half) + check_key_padding(device, torch.bfloat16, shapes[3][0][0], 64)
-               + check_softcap(device, torch.bfloat16, shapes[0])
+               + check_score_modifiers(device, torch.bfloat16, shapes[0])
                + check_linear(device, linear) + check_attention(device, [(torch.float32, shapes[1])]))
     failed = sum(not ok for _, _, ok in results)
     print(f"{failed} of {len(results)} failed")

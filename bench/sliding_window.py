@@ -9,6 +9,7 @@ pair and drops all but the band.
     python bench/sliding_window.py --model gemma3     # also a transformers Gemma 3 text model: Inductor
                                                       # against sparsec (Inductor inside), whole forward
     python bench/sliding_window.py --model gemma2     # the same with Gemma 2 (soft-capped logits)
+    python bench/sliding_window.py --model gpt_oss    # the same with GPT-OSS (attention sinks)
 
 Each row is one (S, window, padding) point, timed as the compiled model calls it (the
 sparsec::attention op with Dense heads under rule "band", bench/attention.py's interleaved timing):
@@ -127,7 +128,24 @@ def _gemma2(args, S: int, window: int):
     return transformers.Gemma2Model(config), "gemma2", 3
 
 
-MODELS = {"gemma3": _gemma3, "gemma2": _gemma2}
+def _gpt_oss(args, S: int, window: int):
+    """transformers' GPT-OSS: sliding and full layers in turn, a learned sink logit a head (its eager
+    attention: SDPA has no sinks; sparsec matches them), 4 experts, 2 a token."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=256, hidden_size=args.heads * args.head_dim // 2, intermediate_size=args.heads * args.head_dim // 2,
+        num_hidden_layers=6, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, sliding_window=window, max_position_embeddings=2 * S, num_local_experts=4,
+        num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"] * 3, attn_implementation="eager")
+    model = transformers.GptOssModel(config)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.sinks.normal_(0, 2)
+    return model, "gpt_oss", 3
+
+
+MODELS = {"gemma3": _gemma3, "gemma2": _gemma2, "gpt_oss": _gpt_oss}
 
 
 def run_model(args, console: Console) -> list[dict]:
@@ -142,15 +160,15 @@ def run_model(args, console: Console) -> list[dict]:
         ids = torch.randint(0, 256, (args.batch, S), device=args.device)
         variants, first = {}, {}
         with torch.no_grad():
-            reference = model(ids).last_hidden_state
+            reference = model(ids, use_cache=False).last_hidden_state
             for variant, backend, options in (("inductor", "inductor", None),
                                               ("sparsec", "sparsec", {"mask_bands": "on"})):
                 torch._dynamo.reset()
                 compiled = torch.compile(model, backend=backend, options=options)
                 start = time.perf_counter()
-                out = compiled(ids).last_hidden_state
+                out = compiled(ids, use_cache=False).last_hidden_state
                 first[variant] = time.perf_counter() - start
-                variants[variant] = (lambda c=compiled: c(ids), _max_rel_error(out, reference))
+                variants[variant] = (lambda c=compiled: c(ids, use_cache=False), _max_rel_error(out, reference))
             ms = _time_ms({v: fn for v, (fn, _) in variants.items()}, args.device, args.min_seconds)
         row = {"model": name, "seq": S, "window": window, "layers": 6, "sliding_layers": sliding,
                **{f"{v}_ms": t for v, t in ms.items()},
@@ -191,7 +209,7 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads on CPU, heads / 4 on CUDA")
     parser.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
     parser.add_argument("--model", choices=tuple(MODELS), default=None,
-                        help="also time a whole model (gemma2: soft-capped attention logits)")
+                        help="also time a whole model (gemma2: soft-capped attention logits; gpt_oss: sinks)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="CPU: time each point at least this long")
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--output", default=None,

@@ -32,12 +32,14 @@ prepared once at planning, a pattern's consecutive heads are slices of the input
 Everything is computed in float32 (bf16 / fp16 inputs are upcast; fp32 inputs are not copied) and
 returned in q's dtype.
 
-Soft-capped scores (softcap > 0, Gemma 2: s -> softcap * tanh(s / softcap) before the mask) have
-no step in torch's fused kernel: such heads run on the native kernels, which cap each score they
-compute (every pattern made of key intervals, a block layout or columns and slashes; ~11% slower
-than uncapped for a 256-key window at S = 4096), and patterns without a native form (a union with
-a block layout), or where the kernels are not built, on explicit scores under the pattern's mask
-(sparsec.attention_dispatch.explicit_attention: dense work, in chunks of rows).
+Soft-capped scores (softcap > 0, Gemma 2: s -> softcap * tanh(s / softcap) before the mask) and
+attention sinks (GPT-OSS: a logit a head that each row's softmax also weighs) have no step in
+torch's fused kernel: such heads run on the native kernels, which cap each score they compute and
+start each row's softmax at its sink (every pattern made of key intervals, a block layout or
+columns and slashes; capping is ~11% slower than not for a 256-key window at S = 4096), and
+patterns without a native form (a union with a block layout), or where the kernels are not built,
+on explicit scores under the pattern's mask (sparsec.attention_dispatch.explicit_attention: dense
+work, in chunks of rows).
 """
 from __future__ import annotations
 
@@ -472,6 +474,7 @@ def cpu_attention(
     frames: bool | None = None,
     native: bool | None = None,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact sparse attention on CPU (semantics of sparsec.attention, DESIGN.md): head h keeps the
     pairs of head_patterns[h] (and j <= i + Sk - Sq when causal); rows with no kept key are 0.
@@ -484,7 +487,8 @@ def cpu_attention(
     for benchmarks and tests: the result is the same). softcap > 0 caps every score s (scale * q.k)
     to softcap * tanh(s / softcap) before the pattern and the softmax: torch's kernel has no such
     step, so those heads run on the native kernels (where they are built and `native` is not False)
-    or on explicit scores (masked, dense work: _capped_heads)."""
+    or on explicit scores (masked, dense work: _modified_heads). sinks: (Hq,) float32 logits that
+    join each row's softmax of their head (sparsec.attention), run the same way."""
     _check_inputs(q, k, v, head_patterns, scale)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0:
         raise ValueError(f"cpu_attention: softcap must be a float >= 0 (0: no capping), got {softcap!r}")
@@ -497,25 +501,27 @@ def cpu_attention(
     threads = torch.get_num_threads()
     with intra_op_threads(1):  # copies on one thread, attention kernels on all (see codegen.cpu_threads)
         return _attention(q, k, v, head_patterns, causal, float(scale), block_m, split, frames, native, threads,
-                          float(softcap))
+                          float(softcap), sinks)
 
 
 def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int | None, split: bool | None,
-               frames: bool | None, native: bool | None, threads: int, softcap: float) -> torch.Tensor:
+               frames: bool | None, native: bool | None, threads: int, softcap: float,
+               sinks: torch.Tensor | None) -> torch.Tensor:
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     qf, kf, vf = q.float(), k.float(), v.float()  # fp32 accumulation for bf16 / fp16 too (no-ops for fp32)
     by_pattern = _heads_by_pattern(tuple(head_patterns))
-    if len(by_pattern) == 1 and isinstance(by_pattern[0][0], Dense) and (not causal or Sq == Sk) and not softcap:
+    modified = bool(softcap) or sinks is not None  # scores torch's kernel cannot compute
+    if len(by_pattern) == 1 and isinstance(by_pattern[0][0], Dense) and (not causal or Sq == Sk) and not modified:
         return _dense_heads(qf, kf, vf, by_pattern[0][1], causal, scale, threads).to(q.dtype)
     out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=torch.float32)
     for pattern, heads in by_pattern:
         if isinstance(pattern, Skip):
             for h in heads:
                 out[:, h] = skip_fill(vf[:, h // group : h // group + 1], Sq, pattern.fill, causal)[:, 0]
-        elif softcap:
-            _capped_heads(qf, kf, vf, pattern, heads, causal, scale, softcap, native, threads, out)
+        elif modified:
+            _modified_heads(qf, kf, vf, pattern, heads, causal, scale, softcap, sinks, native, threads, out)
         elif isinstance(pattern, Dense) and (not causal or Sq == Sk):
             _store_heads(out, _head_index(heads), _dense_heads(qf, kf, vf, heads, causal, scale, threads))
         else:
@@ -524,16 +530,17 @@ def _attention(q, k, v, head_patterns, causal: bool, scale: float, block_m: int 
     return out.to(q.dtype)
 
 
-def _capped_heads(q, k, v, pattern: Pattern, heads: tuple[int, ...], causal: bool, scale: float, softcap: float,
-                  native: bool | None, threads: int, out: torch.Tensor) -> None:
-    """Writes heads `heads` of out with `pattern` and soft-capped scores: on the native kernel that
-    runs the pattern (it caps each score it computes), or, where none is built or can run it (or
-    native is False), on explicit scores under the pattern's mask (dense work and memory in chunks)."""
+def _modified_heads(q, k, v, pattern: Pattern, heads: tuple[int, ...], causal: bool, scale: float, softcap: float,
+                    sinks: torch.Tensor | None, native: bool | None, threads: int, out: torch.Tensor) -> None:
+    """Writes heads `heads` of out with `pattern`, soft-capped scores and / or sinks: on the native
+    kernel that runs the pattern (it caps each score it computes and starts each row at its head's
+    sink), or, where none is built or can run it (or native is False), on explicit scores under the
+    pattern's mask (dense work and memory in chunks)."""
     Sq, Sk = q.shape[2], k.shape[2]
     form = None if native is False else native_form(pattern, Sq, Sk, causal)
     if form is not None and native_kernel(_NATIVE_ENTRIES[form]) is not None:
         run_native(q.contiguous(), k.contiguous(), v.contiguous(), out, list(heads), pattern, causal, scale, threads,
-                   softcap=softcap)
+                   softcap=softcap, sinks=sinks)
         return
     group = q.shape[1] // k.shape[1]
     index = torch.tensor(heads)
@@ -542,4 +549,5 @@ def _capped_heads(q, k, v, pattern: Pattern, heads: tuple[int, ...], causal: boo
         keep = keep & causal_allowed(Sq, Sk)
     with intra_op_threads(threads):
         out[:, index] = explicit_attention(q.index_select(1, index), k.index_select(1, index // group),
-                                           v.index_select(1, index // group), scale, softcap, keep=keep)
+                                           v.index_select(1, index // group), scale, softcap, keep=keep,
+                                           sinks=None if sinks is None else sinks.index_select(0, index))

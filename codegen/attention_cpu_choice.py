@@ -144,7 +144,7 @@ def _choose_split(pattern: Pattern, Sq: int, Sk: int, causal: bool, block_m: int
                   native: bool | None) -> tuple[int, tuple[Pattern, ...]]:
     costs = _Costs(Sq, Sk, causal, rows, width, threads)
     offer_native = native is True or (native is None and block_m is None and split is None and frames is None)
-    if isinstance(pattern, Dense) and (not causal or Sq == Sk):
+    if isinstance(pattern, Dense) and (not causal or Sq == Sk) and native is not True:
         offer_native = False  # the executor runs it with one SDPA call (codegen.attention_cpu._dense_heads)
     frame_strides = () if frames is False else frame_candidates(pattern, Sq, Sk)
     native_parts = _native_parts(pattern, Sq, Sk, causal, frame_strides, frames) if offer_native else []

@@ -79,11 +79,13 @@ class Native:
 _POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {  # the entry points of interval_attention.cpp: (q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, heads, ...)
     "sparsec_interval_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64, _POINTER,
-                                                                 _I64, ctypes.c_float, ctypes.c_float] + [_I64] * 4,
+                                                                 _I64, ctypes.c_float, ctypes.c_float, _POINTER]
+                                  + [_I64] * 4,
     "sparsec_block_runs_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64] + [_POINTER] * 4
-                                    + [ctypes.c_float, ctypes.c_float] + [_I64] * 3,  # scale, softcap
+                                    + [ctypes.c_float, ctypes.c_float, _POINTER] + [_I64] * 3,  # scale, softcap, sinks
     "sparsec_column_slash_attention": [_POINTER] * 4 + [_I64] * 7 + [_POINTER, _I64, _POINTER, _POINTER, _I64]
-                                      + [_POINTER] * 3 + [_I64, _POINTER, ctypes.c_float, ctypes.c_float] + [_I64] * 4,
+                                      + [_POINTER] * 3 + [_I64, _POINTER, ctypes.c_float, ctypes.c_float, _POINTER]
+                                      + [_I64] * 4,
 }
 
 
@@ -388,15 +390,24 @@ def _last_true(flags: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, q_heads: list[int],
-               pattern: Pattern, causal: bool, scale: float, threads: int, softcap: float = 0.0) -> None:
+               pattern: Pattern, causal: bool, scale: float, threads: int, softcap: float = 0.0,
+               sinks: torch.Tensor | None = None) -> None:
     """Writes heads q_heads of out (B, Hq, Sq, Dv) with `pattern` (native_form not None): q, k, v
     and out contiguous float32 (B, H, S, D); K/V head of query head h: h // (Hq // Hkv). For a
     FramesTransposed pattern, rows in its order (q, k, v, out: codegen.frame_order). softcap > 0
     caps every score s (scale q.k) to softcap * tanh(s / softcap) before the mask and softmax
-    (Gemma 2's logit soft-capping); 0: no capping."""
+    (Gemma 2's logit soft-capping); 0: no capping. sinks (Hq,) (GPT-OSS's attention sinks; None:
+    none): query head h's rows take one more softmax logit sinks[h] that has no value, out_i =
+    sum_j exp(s_ij) v_j / (sum_j exp(s_ij) + exp(sinks[h])) over the keys row i keeps (capping
+    never applies to it); -inf is no sink for that head, +inf or NaN is refused."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     heads = torch.tensor(q_heads, dtype=torch.int32)
+    if sinks is not None:
+        if tuple(sinks.shape) != (Hq,):
+            raise ValueError(f"attention sinks of shape {tuple(sinks.shape)}: expected one per query head ({Hq},)")
+        sinks = sinks.detach().to(device="cpu", dtype=torch.float32).contiguous()  # alive until the call returns
+    sinks_ptr = None if sinks is None else sinks.data_ptr()  # None: a null pointer (no sinks)
     shapes = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, Sq, Sk, D, Dv,
               heads.data_ptr(), len(q_heads))
     if isinstance(pattern, BlockSparse):
@@ -404,7 +415,7 @@ def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
         row_hi = _row_limits(Sq, Sk, causal).clip(min=-1).astype(np.int32)
         status = native_kernel("sparsec_block_runs_attention")(
             *shapes, run_ptr.ctypes.data, lo.ctypes.data, hi.ctypes.data, row_hi.ctypes.data, scale, softcap,
-            pattern.block[0], NATIVE_BLOCK_N, threads)
+            sinks_ptr, pattern.block[0], NATIVE_BLOCK_N, threads)
         detail = f"{lo.shape[0]} runs"
     elif native_form(pattern, Sq, Sk, causal) == "slashes":
         columns, count, offsets, row_hi, skip = column_slashes(slash_form(pattern, Sq, Sk), Sq, Sk, causal)
@@ -412,15 +423,16 @@ def run_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
         kc, vc = (x.index_select(2, index).contiguous() if columns.size else x for x in (k, v))
         status = native_kernel("sparsec_column_slash_attention")(
             *shapes, kc.data_ptr(), vc.data_ptr(), columns.size, count.ctypes.data, skip.ctypes.data,
-            offsets.ctypes.data, offsets.size, row_hi.ctypes.data, scale, softcap, native_block_m(pattern, Sq),
-            NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
+            offsets.ctypes.data, offsets.size, row_hi.ctypes.data, scale, softcap, sinks_ptr,
+            native_block_m(pattern, Sq), NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
         detail = f"{columns.size} columns, {offsets.size} slashes"
     else:
         lo, hi, groups = interval_pieces(pattern, Sq, Sk, causal)
         status = native_kernel()(*shapes, lo.ctypes.data, hi.ctypes.data, lo.shape[0], groups.ctypes.data,
-                                 groups.shape[0] - 1, scale, softcap, native_block_m(pattern, Sq), NATIVE_SUB_M,
-                                 NATIVE_BLOCK_N, threads)
+                                 groups.shape[0] - 1, scale, softcap, sinks_ptr, native_block_m(pattern, Sq),
+                                 NATIVE_SUB_M, NATIVE_BLOCK_N, threads)
         detail = f"{lo.shape[0]} pieces in {groups.shape[0] - 1} groups"
     if status != 0:
         raise RuntimeError(f"sparsec's native attention kernel refused its arguments (q {tuple(q.shape)}, "
-                           f"k {tuple(k.shape)}, {detail}, softcap {softcap})")
+                           f"k {tuple(k.shape)}, {detail}, softcap {softcap}"
+                           + ("" if sinks is None else f", sinks {sinks.tolist()}") + ")")

@@ -212,6 +212,7 @@ def triton_attention(
     tiles: AttentionTiles | None = None,
     frames: bool | None = None,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over each head's kept pairs (DESIGN.md), one launch per family.
 
@@ -219,7 +220,8 @@ def triton_attention(
     one Pattern per query head. Accumulates in fp32 and returns q's dtype, shape (B, Hq, Sq, Dv).
     Heads with a frame stride may run in frame-transposed token order (codegen/
     triton_frame_order.py decides; frames True / False forces it or the natural order; the result
-    is the same). softcap > 0 caps each score s to softcap * tanh(s / softcap) before the mask.
+    is the same). softcap > 0 caps each score s to softcap * tanh(s / softcap) before the mask;
+    sinks: (Hq,) float32 logits on q's device, each row's first score in its online softmax.
     """
     reason = supports(q, k, v, head_patterns)
     if reason is not None:
@@ -238,14 +240,14 @@ def triton_attention(
         if group.family == "skip":
             _fill_skip_heads(out, v, group, Hq // k.shape[1], causal)
         elif group.family == "frames_transposed" and frame is not None:
-            _launch_transposed(group, q, k, v, out, frame, bool(causal), float(scale), tiles, softcap)
+            _launch_transposed(group, q, k, v, out, frame, bool(causal), float(scale), tiles, softcap, sinks)
         else:
-            _launch(group, q, k, v, out, bool(causal), float(scale), tiles, softcap)
+            _launch(group, q, k, v, out, bool(causal), float(scale), tiles, softcap, sinks)
     return out
 
 
 def _launch_transposed(group: HeadGroup, q, k, v, out, frame: int, causal: bool, scale: float,
-                       tiles: AttentionTiles, softcap: float) -> None:
+                       tiles: AttentionTiles, softcap: float, sinks: torch.Tensor | None) -> None:
     """The transposed heads: their q, and their kv heads' k and v (one a query head, so the launch
     needs no GQA map), gathered into frame-transposed order; the outputs gathered back into `out`.
     Only these heads' rows move (codegen/triton_frame_order.py prices exactly that)."""
@@ -255,7 +257,8 @@ def _launch_transposed(group: HeadGroup, q, k, v, out, frame: int, causal: bool,
     q_t = q.index_select(1, heads).index_select(2, order)
     k_t, v_t = (x.index_select(1, kv_heads).index_select(2, order) for x in (k, v))
     out_t = torch.empty(q.shape[0], len(group.heads), q.shape[2], v.shape[3], dtype=out.dtype, device=out.device)
-    _launch(_gathered_group(group), q_t, k_t, v_t, out_t, causal, scale, tiles, softcap)
+    gathered_sinks = None if sinks is None else sinks.index_select(0, heads)  # the gathered heads' own
+    _launch(_gathered_group(group), q_t, k_t, v_t, out_t, causal, scale, tiles, softcap, gathered_sinks)
     out.index_copy_(1, heads, out_t.index_select(2, _device_index(transposed_index, q.shape[2], frame, q.device)))
 
 
@@ -330,8 +333,8 @@ def _shared_memory_per_block(device: torch.device) -> int:
 
 
 def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles,
-            softcap: float = 0.0) -> None:
-    call = kernel_call(group, q, k, v, out, causal, scale, tiles, softcap=softcap)
+            softcap: float = 0.0, sinks: torch.Tensor | None = None) -> None:
+    call = kernel_call(group, q, k, v, out, causal, scale, tiles, softcap=softcap, sinks=sinks)
     launch = KernelLaunch(group.family, group.heads, call.grid, tiles)
     for hook in list(_launch_hooks):
         hook(launch)
@@ -341,21 +344,25 @@ def _launch(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: A
 
 
 def kernel_call(group: HeadGroup, q, k, v, out, causal: bool, scale: float, tiles: AttentionTiles, *,
-                interpreted: bool | None = None, softcap: float = 0.0) -> KernelCall:
+                interpreted: bool | None = None, softcap: float = 0.0,
+                sinks: torch.Tensor | None = None) -> KernelCall:
     """The launch of `group`'s kernel: grid, arguments, constexprs and tiles. `interpreted` (default:
     TRITON_INTERPRET) picks the dot precision; codegen/triton_aot passes False to compile CPU-built
     calls for a GPU. Everything but the four tensors comes from a cache (_call_template): a
     compiled layer's launches are built once."""
     template = _call_template(group, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(), k.stride(),
                               v.stride(), out.stride(), q.dtype, q.device, bool(causal), float(scale), tiles,
-                              _interpreting() if interpreted is None else interpreted, float(softcap))
-    return dataclasses.replace(template, args=(q, k, v, out) + template.args[4:])
+                              _interpreting() if interpreted is None else interpreted, float(softcap),
+                              sinks is not None)
+    if sinks is None:
+        return dataclasses.replace(template, args=(q, k, v, out) + template.args[4:])
+    return dataclasses.replace(template, args=(q, k, v, out) + template.args[4:7] + (sinks,) + template.args[8:])
 
 
 @bytes_bounded_cache(max_bytes=256 << 20)  # holds the group's device tables (shared with their own caches)
 def _call_template(group: HeadGroup, q_shape, k_shape, v_shape, q_stride, k_stride, v_stride, out_stride, dtype,
                    device: torch.device, causal: bool, scale: float, tiles: AttentionTiles,
-                   interpreted: bool, softcap: float = 0.0) -> KernelCall:
+                   interpreted: bool, softcap: float = 0.0, sinks: bool = False) -> KernelCall:
     """kernel_call with None in place of q, k, v and out."""
     B, Hq, Sq, D = q_shape
     Hkv, Sk, Dv = k_shape[1], k_shape[2], v_shape[3]
@@ -369,13 +376,13 @@ def _call_template(group: HeadGroup, q_shape, k_shape, v_shape, q_stride, k_stri
     if template.block_masks:  # the precomputed masks hold the causal rule (in token order)
         causal = False
     grid = (-(-Sq // tiles.block_m), B * len(group.heads))
-    args = (None, None, None, None, head_ids, params, layouts, *tables,
+    args = (None, None, None, None, head_ids, params, layouts, head_ids, *tables,  # head_ids: SINK_LOGITS unread
             *q_stride, *k_stride, *v_stride, *out_stride,
             Sq, Sk, len(group.heads), Hq // Hkv, scale * LOG2E, (softcap or 1.0) * LOG2E)
     kwargs = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-        DOT_PRECISION=_dot_precision(dtype, interpreted), SOFTCAP=softcap > 0,
+        DOT_PRECISION=_dot_precision(dtype, interpreted), SOFTCAP=softcap > 0, SINKS=sinks,
         NUM_PARAMS=params.shape[1], **counts,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -66,6 +66,8 @@ class AttentionShape:
     value_dim: int
     dtype: str = "bf16"
     causal: bool = False
+    softcap: float = 0.0  # > 0: capped scores (Gemma 2); the cpu executor runs them on its native kernels
+    sinks: bool = False   # sink logits (GPT-OSS): the same
 
     def __post_init__(self):
         if self.dtype not in _BYTES:
@@ -268,9 +270,12 @@ def _cpu_counts(pattern: Pattern, shape: AttentionShape, block_m: int | None,
     at once): cpu_option_counts of its choice."""
     from sparsec.codegen.attention_cpu_choice import choose_split
 
+    frames = None
+    if (shape.softcap or shape.sinks) and native is None:  # torch's kernel has neither: the native kernels
+        native, frames = True, False
     bm, parts = choose_split(pattern, shape.q_len, shape.kv_len, shape.causal, block_m,
                              rows=shape.batch * shape.num_heads, width=shape.head_dim + shape.value_dim,
-                             threads=torch.get_num_threads(), native=native)
+                             threads=torch.get_num_threads(), native=native, frames=frames)
     return cpu_option_counts(parts, shape, bm)
 
 

@@ -160,7 +160,8 @@ class Attention(Op):
     `scores` is the type of the implicit score matrix (B, Hq, Sq, Sk); its sparsity (DENSE or
     AttentionPatterns) holds the per-head patterns. `mask` is an optional bool mask or additive
     float bias broadcastable to the scores. softcap > 0 caps each score s (after the scale, before
-    the mask) to softcap * tanh(s / softcap) (Gemma 2); 0: no capping.
+    the mask) to softcap * tanh(s / softcap) (Gemma 2); 0: no capping. `sinks`: an optional tensor of
+    Hq logits (GPT-OSS), each joining its head's softmax as a score with no value.
     """
 
     result: Value
@@ -178,10 +179,12 @@ class Attention(Op):
     # with a mask and patterns: which masks the patterns run under ("", "keys", "causal:D": sparsec/key_padding.py)
     mask_rule: str = ""
     softcap: float = 0.0
+    sinks: Value | None = None
 
     def __post_init__(self) -> None:
         for field in ("result", "q", "k", "v"):
             _check_value("Attention", field, getattr(self, field))
+        _check_value("Attention", "sinks", self.sinks, optional=True)
         if (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
                 or not 0 <= self.softcap < float("inf")):
             raise TypeError(f"Attention.softcap must be a finite float >= 0 (0: no capping), got {self.softcap!r}")

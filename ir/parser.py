@@ -419,12 +419,14 @@ def _op_attention(c: _Cursor, results: list[Value], scope: _Scope) -> Op:
         "heads": (_attr_int, _REQUIRED), "kv_heads": (_attr_int, None),
         "scores": (_parse_type, _REQUIRED), "module": (_attr_string, ""),
         "tiles": (_attr_int_pair, None), "mask_rule": (_attr_string, ""), "softcap": (_attr_float, 0.0),
+        "sinks": (scope.ref, None),
     })
     kv_heads = attrs["heads"] if attrs["kv_heads"] is None else attrs["kv_heads"]
     return Attention(result=_single(c, results, "attention"), q=q, k=k, v=v, mask=mask,
                      scale=attrs["scale"], causal=attrs["causal"], num_heads=attrs["heads"],
                      num_kv_heads=kv_heads, scores=attrs["scores"], module_path=attrs["module"],
-                     tiles=attrs["tiles"], mask_rule=attrs["mask_rule"], softcap=attrs["softcap"])
+                     tiles=attrs["tiles"], mask_rule=attrs["mask_rule"], softcap=attrs["softcap"],
+                     sinks=attrs["sinks"])
 
 
 def _op_opaque(c: _Cursor, results: list[Value], scope: _Scope) -> Op:

@@ -128,6 +128,8 @@ def _attention(op: Attention) -> str:
         attrs.append(("mask_rule", json.dumps(op.mask_rule)))
     if op.softcap:
         attrs.append(("softcap", repr(op.softcap)))
+    if op.sinks is not None:
+        attrs.append(("sinks", _ref(op.sinks)))
     return f"attention {_refs((op.q, op.k, op.v, op.mask))}" + _attrs(attrs, op.module_path)
 
 

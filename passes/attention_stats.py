@@ -38,6 +38,7 @@ class LayerSample:
     causal: bool = False
     scale: float | None = None
     softcap: float = 0.0
+    sinks: torch.Tensor | None = None  # (Hq,) float32: GPT-OSS's sink logits, as the layer weighs them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,11 +72,13 @@ def attention_stats(
     scale: float | None = None,
     block: tuple[int, int] = (64, 32),
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> AttentionStats:
     """Pooled attention mass of every query head of softmax(q k^T * scale) (see module doc).
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D) with Hq % Hkv == 0. `causal` removes j > i + Sk - Sq.
-    softcap > 0: the scores s are capped to softcap * tanh(s / softcap) first, as the layer does.
+    softcap > 0: the scores s are capped to softcap * tanh(s / softcap) first, as the layer does;
+    sinks (Hq,): each row's softmax weighs its head's sink too (the keys' mass is what it leaves).
     """
     _check_inputs(q, k, block)
     B, Hq, Sq, D = q.shape
@@ -91,7 +94,7 @@ def attention_stats(
     keys = k.to(work).transpose(-1, -2)  # converted once, not per chunk
     for start in range(0, Sq, rows_per_chunk):
         stop = min(Sq, start + rows_per_chunk)
-        probs = _chunk_probs(q, keys, start, stop, causal, scale, work, softcap).sum(dim=0)  # (Hq, c, Sk)
+        probs = _chunk_probs(q, keys, start, stop, causal, scale, work, softcap, sinks).sum(dim=0)  # (Hq, c, Sk)
         columns += probs.sum(dim=1).double()
         # chunk-local diagonal index (j - r) + c - 1 is global index (j - i) + Sq - 1 shifted by Sq - stop
         diagonals[:, Sq - stop : Sq - stop + Sk + stop - start - 1] += _diagonal_sums(probs).double()
@@ -122,7 +125,7 @@ def _rows_per_chunk(elements_per_row: int, bq: int, Sq: int) -> int:
 
 
 def _chunk_probs(q, keys, start: int, stop: int, causal: bool, scale: float, work: torch.dtype,
-                 softcap: float = 0.0) -> torch.Tensor:
+                 softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax rows start..stop-1 of every head: (B, Hq, c, Sk), GQA heads sharing their kv head.
     keys: k transposed, (B, Hkv, D, Sk), in the working dtype."""
     B, Hq, Sq, D = q.shape
@@ -136,7 +139,12 @@ def _chunk_probs(q, keys, start: int, stop: int, causal: bool, scale: float, wor
         i = torch.arange(start, stop, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    if sinks is not None:
+        column = sinks.to(work).view(1, Hq, 1, 1).expand(B, Hq, stop - start, 1)
+        scores = torch.cat([scores, column], dim=-1)
     probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :Sk]
     if causal and start < Sq - Sk:  # rows i < Sq - Sk have no allowed key: they hold no mass
         probs = probs.nan_to_num(0.0)
     return probs
@@ -192,5 +200,5 @@ def combine_stats(stats: Sequence[AttentionStats]) -> AttentionStats:
 
 def sample_stats(samples: Sequence[LayerSample], *, block: tuple[int, int] = (64, 32)) -> AttentionStats:
     """The statistics of a layer over all its recorded calls."""
-    return combine_stats([attention_stats(s.q, s.k, causal=s.causal, scale=s.scale, block=block, softcap=s.softcap)
-                          for s in samples])
+    return combine_stats([attention_stats(s.q, s.k, causal=s.causal, scale=s.scale, block=block, softcap=s.softcap,
+                                          sinks=s.sinks) for s in samples])

@@ -445,7 +445,7 @@ def dense_outputs(samples: Sequence[LayerSample], *, backend: str | None = None)
     from sparsec.attention_dispatch import attention
 
     return [attention(s.q, s.k, s.v, Dense(), causal=s.causal, scale=s.scale, backend=backend or error_backend(s.q),
-                      softcap=s.softcap) for s in samples]
+                      softcap=s.softcap, sinks=s.sinks) for s in samples]
 
 
 def measure_candidates(
@@ -471,7 +471,8 @@ def measure_candidates(
     dense_norm2 = torch.zeros(num_heads, dtype=torch.float64, device=device)
     idle = Skip("zero")
     for s, reference in zip(samples, dense):
-        call = dict(causal=s.causal, scale=s.scale, backend=backend or error_backend(s.q), softcap=s.softcap)
+        call = dict(causal=s.causal, scale=s.scale, backend=backend or error_backend(s.q), softcap=s.softcap,
+                    sinks=s.sinks)
         reference = reference.double()
         dense_norm2 += reference.square().sum(dim=(0, 2, 3))
         for r in range(rounds):

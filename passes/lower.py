@@ -91,7 +91,7 @@ def _match_problem(match: Match, claimed: set[fx.Node], params: dict[str, str]) 
 
 def _operand_nodes(match: Match) -> list[fx.Node]:
     if isinstance(match, AttentionMatch):
-        candidates = [match.q, match.k, match.v, match.mask]
+        candidates = [match.q, match.k, match.v, match.mask, match.sinks]
     else:
         candidates = [match.x, match.weight, match.bias]
     return [n for n in candidates if n is not None]
@@ -186,7 +186,8 @@ class _Lowering:
             mask=self.value(match.mask) if match.mask is not None else None,
             scale=match.scale, causal=match.causal, num_heads=match.num_heads,
             num_kv_heads=match.num_kv_heads, scores=TensorType(shape=scores_shape, dtype=q.type.dtype),
-            module_path=match.module_path, softcap=match.softcap)
+            module_path=match.module_path, softcap=match.softcap,
+            sinks=self.value(match.sinks) if match.sinks is not None else None)
 
     def close_region(self) -> None:
         if not self.region:

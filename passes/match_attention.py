@@ -3,6 +3,8 @@ matmul -> scale -> mask -> softmax -> matmul as HF transformers, diffusers and t
 
 Hand-written attention is found from its second matmul, bmm(probs, v), climbing up:
     probs   <- casts / clones / p=0 dropout <- softmax
+    [probs <- slice dropping the last column: a sink's (GPT-OSS)]
+    softmax [<- x - rowmax(x)] [<- cat([scores, sink logits of one a head, expanded], -1)]
     softmax <- casts <- [mask: masked_fill / where / add bias] <- casts, views, * or / by constants
             [<- tanh <- casts, views, * or / by constants: soft-capping, Gemma 2's c * tanh(s / c)]
             <- bmm(q, k^T) (or baddbmm with beta=0)
@@ -102,6 +104,7 @@ class _Found:
     region: list[fx.Node] = field(default_factory=list)
     more_biases: tuple[fx.Node, ...] = ()  # additive biases added besides `mask` (summed by _finish)
     softcap: float = 0.0
+    sinks: fx.Node | None = None  # a node of Hq sink logits
 
 
 def _reject(node: fx.Node, why: str) -> None:
@@ -130,6 +133,8 @@ def _finish(found: _Found) -> AttentionMatch | None:
     for mask in (found.mask, *found.more_biases) if found.mask is not None else ():
         if not _broadcasts(shape_of(mask), (B, Hq, Sq, Sk)):
             return _reject(found.anchor, f"mask shape {shape_of(mask)} does not broadcast to {(B, Hq, Sq, Sk)}")
+    if found.sinks is not None and (shape_of(found.sinks) is None or math.prod(shape_of(found.sinks)) != heads):
+        return _reject(found.anchor, f"sink logits of shape {shape_of(found.sinks)} are not one a query head ({Hq})")
     scale = found.scale if found.scale is not None else _default_scale(D)
     if scale is None:
         return _reject(found.anchor, f"default scale needs a static head dim, got {D}")
@@ -145,7 +150,8 @@ def _finish(found: _Found) -> AttentionMatch | None:
     return AttentionMatch(
         output=found.output, q=found.q, k=found.k, v=found.v, mask=found.mask,
         mask_kind=found.mask_kind, scale=scale, causal=found.causal, num_heads=heads,
-        num_kv_heads=kv_heads, nodes=nodes, module_path=module_path(found.anchor), softcap=found.softcap)
+        num_kv_heads=kv_heads, nodes=nodes, module_path=module_path(found.anchor), softcap=found.softcap,
+        sinks=found.sinks)
 
 
 def _recognise_causal(found: _Found, Sq, Sk) -> None:
@@ -214,7 +220,13 @@ def _match_manual(gm: fx.GraphModule, pv: fx.Node) -> AttentionMatch | None:
         return None  # an ordinary bmm, not attention: nothing to log
     if not _softmax_over_last_dim(softmax):
         return _reject(pv, "softmax is not over the last dim")
-    scores = _read_scores(gm, softmax.args[0], pv)
+    logits, sinks, sink_region = softmax.args[0], None, []
+    if any(is_op(n, aten.slice) for n in probs_path):  # the last column dropped: a sink's
+        found_sinks = _sink_logits(logits)
+        if found_sinks is None:
+            return _reject(pv, "the softmax's last column is dropped, but it is not a sink logit of each head")
+        logits, sinks, sink_region = found_sinks
+    scores = _read_scores(gm, logits, pv)
     if scores is None:
         return None
     output = _output_view(pv)
@@ -223,8 +235,45 @@ def _match_manual(gm: fx.GraphModule, pv: fx.Node) -> AttentionMatch | None:
     found = _operands(gm, pv, scores, output)
     if found is None:
         return None
-    found.region += [pv, softmax, *probs_path, *scores.region]
+    found.sinks = sinks
+    found.region += [pv, softmax, *probs_path, *scores.region, *sink_region]
     return _finish(found)
+
+
+def _sink_logits(logits: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """GPT-OSS's softmax input: cat([scores, sinks expanded], -1), less its row maxima or not ->
+    (scores, the sinks' node, the nodes between); None for anything else. The sinks' node holds one
+    logit a head: the column is a (1 or B, H, 1, 1) tensor expanded over the queries."""
+    region = []
+    if is_op(logits, aten.sub) and len(logits.args) == 2 and _is_row_max(logits.args[1], logits.args[0]):
+        region += [logits, logits.args[1], logits.args[1].args[0]]
+        logits = logits.args[0]
+    if not is_op(logits, aten.cat) or len(logits.args[0]) != 2:
+        return None
+    rank = len(shape_of(logits) or ())
+    if rank != 4 or (logits.args[1] if len(logits.args) > 1 else 0) % rank != rank - 1:
+        return None
+    scores, column = logits.args[0]
+    region.append(logits)
+    per_head = False
+    while is_op(column, aten.expand, *RESHAPES, aten.unsqueeze, *CASTS, *COPIES):
+        shape = shape_of(column)
+        per_head = per_head or (shape is not None and len(shape) == 4 and shape[2] == 1 and shape[3] == 1)
+        region.append(column)
+        column = column.args[0]
+    shape = shape_of(column)
+    per_head = per_head or (shape is not None and len(shape) == 4 and shape[2] == 1 and shape[3] == 1)
+    return (scores, column, region) if per_head and isinstance(column, fx.Node) else None
+
+
+def _is_row_max(node: fx.Node, of: fx.Node) -> bool:
+    """getitem(max.dim(of, -1, True), 0) or amax(of, [-1], True)."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        top = node.args[0]
+        return (is_op(top, aten.max) and top.args[0] is of and top.args[1] in (-1, 3)
+                and bool(top.args[2:3] and top.args[2]))
+    return (is_op(node, aten.amax) and node.args[0] is of and list(node.args[1]) in ([-1], [3])
+            and bool(node.args[2:3] and node.args[2]))
 
 
 def _softmax_above(gm: fx.GraphModule, probs: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
@@ -249,6 +298,8 @@ def _probs_parent(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         return step[0] if step is not None and step[1] == 1.0 and not step[2] else None
     if is_op(node, aten.dropout) and (node.args[1] == 0 or not node.args[2]):
         return node.args[0]
+    if is_op(node, aten.slice) and node.args[1:4] in ((-1, 0, -1), (3, 0, -1)) and node.args[4:5] in ((), (1,)):
+        return node.args[0]  # the last column dropped: a sink's (_match_manual checks it is one)
     if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0 and \
             is_op(node.args[0], aten.native_dropout) and \
             (node.args[0].args[1] == 0 or node.args[0].args[2] is False):

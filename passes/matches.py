@@ -18,7 +18,8 @@ MaskKind = Literal["bool", "additive"]
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttentionMatch:
     """output = softmax(cap(q k^T * scale) + mask) v, per query head h using kv head h // (Hq // Hkv);
-    cap(s) = softcap * tanh(s / softcap) when softcap > 0 (Gemma 2), else s.
+    cap(s) = softcap * tanh(s / softcap) when softcap > 0 (Gemma 2), else s. sinks: None or a node
+    of Hq logits (GPT-OSS), each one more score of its head's softmax, with no value.
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) / (B, Hkv, Sk, Dv), before any GQA expansion.
     mask: None, a bool tensor (True = keep) or an additive float bias, broadcastable to
@@ -38,6 +39,7 @@ class AttentionMatch:
     nodes: tuple[fx.Node, ...]
     module_path: str
     softcap: float = 0.0
+    sinks: fx.Node | None = None
 
     def __post_init__(self) -> None:
         if (self.mask is None) != (self.mask_kind is None):

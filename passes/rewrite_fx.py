@@ -79,8 +79,10 @@ def _call_for(op: Op, node: dict[str, fx.Node]) -> tuple[object, tuple]:
         block_m, block_n = op.tiles if op.tiles is not None else (0, 0)
         args = (ref(op.q), ref(op.k), ref(op.v), ref(op.mask), op.scale, op.causal, _patterns_argument(op),
                 block_m, block_n, op.module_path)
-        if op.mask_rule or op.softcap:
-            args += (op.mask_rule,) + ((op.softcap,) if op.softcap else ())
+        if op.mask_rule or op.softcap or op.sinks is not None:
+            args += (op.mask_rule, op.softcap)
+        if op.sinks is not None:  # after mask_layout, which the rewrite adds later where layers share a mask
+            args += (None, ref(op.sinks))
         return torch.ops.sparsec.attention.default, args
     if isinstance(op, Linear):
         args = (ref(op.x), ref(op.weight), ref(op.bias))
@@ -151,7 +153,10 @@ def _share_mask_reads(graph: fx.Graph) -> int:
         with graph.inserting_before(calls[0]):  # its q and k are defined by then, and the mask
             layout = _call(graph, torch.ops.sparsec.mask_layout.default, (mask, calls[0].args[0], calls[0].args[1]))
         for call in calls:
-            call.update_kwarg("mask_layout", layout)
+            if len(call.args) > 12:  # given positionally (sinks follow it)
+                call.update_arg(12, layout)
+            else:
+                call.update_kwarg("mask_layout", layout)
         shared += len(calls)
     return shared
 
@@ -204,9 +209,9 @@ def accelerated(op: Op, original: fx.Node) -> bool:
     dense = not isinstance(sparsity, AttentionPatterns) or all(isinstance(p, Dense) for p in sparsity.patterns)
     if op.mask_rule == "band":  # a sliding window's band, a causal mask's upper triangle: skipped work
         return True
-    # Dense: SDPA's fused kernel in place of a matmul-softmax-matmul, but capped scores have no such
-    # kernel (the op would compute them as the model's own nodes do, without Inductor's fusion).
-    return not dense or not (_is_sdpa(original) or op.softcap)
+    # Dense: SDPA's fused kernel in place of a matmul-softmax-matmul, but capped scores and sinks have
+    # no such kernel (the op would compute them as the model's own nodes do, without Inductor's fusion).
+    return not dense or not (_is_sdpa(original) or op.softcap or op.sinks is not None)
 
 
 def rewrite_fx(gm: fx.GraphModule, graph: Graph, rewrite_dense: bool = False) -> fx.GraphModule:

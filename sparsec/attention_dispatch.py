@@ -39,6 +39,7 @@ def attention(
     backend: str | None = None,
     tiles: tuple[int, int] | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v with every pair outside each head's pattern removed.
 
@@ -51,9 +52,13 @@ def attention(
     Tiles change the speed, never the result.
     `softcap` (Gemma 2's attention logit soft-capping): each score s = scale * q.k becomes
     softcap * tanh(s / softcap) before the pattern and the softmax; None or 0: no capping.
+    `sinks` (GPT-OSS's attention sinks): (Hq,) logits, one a query head, each joining its head's
+    softmax as one more score that takes weight but has no value: out = sum_j e^(s_j) v_j /
+    (sum_j e^(s_j) + e^(sinks[h])). Skip heads do not use them (nothing is computed there).
     """
     _check_tensors(q, k, v)
     softcap = check_softcap(softcap, "sparsec.attention")
+    sinks = check_sinks(sinks, q, "sparsec.attention")
     head_patterns = normalize_head_patterns(patterns, q.shape[1])
     Sq, Sk = q.shape[2], k.shape[2]
     _check_patterns_fit(head_patterns, Sq, Sk)
@@ -63,13 +68,33 @@ def attention(
     _check_tiles(tiles)
     chosen = _choose_backend(q, backend)
     if chosen == "triton":
-        return _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap)
+        return _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap, sinks)
     if chosen == "cpu":
         from sparsec.codegen.attention_cpu import cpu_attention
         block_m, block_n = tiles if tiles is not None else (None, None)
         return cpu_attention(q, k, v, head_patterns, causal=causal, scale=scale, block_m=block_m, block_n=block_n,
-                             softcap=softcap)
-    return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap)
+                             softcap=softcap, sinks=sinks)
+    return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap, sinks=sinks)
+
+
+def check_sinks(sinks, q: torch.Tensor, caller: str) -> torch.Tensor | None:
+    """sinks as a contiguous float32 (Hq,) tensor on q's device, or None; a clear error for a
+    tensor of another size, a non-floating dtype, or another device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"{caller}: sinks must be a tensor of one logit a query head, got {type(sinks).__name__}")
+    if sinks.numel() != q.shape[1] or sinks.dim() > 1 and sum(n != 1 for n in sinks.shape) > 1:
+        raise ValueError(f"{caller}: sinks must hold one logit a query head ({q.shape[1]}), got shape "
+                         f"{tuple(sinks.shape)}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"{caller}: sinks must be floating point, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"{caller}: sinks are on {sinks.device}, q on {q.device}")
+    sinks = sinks.detach().reshape(-1).float().contiguous()
+    if sinks.device.type == "cpu" and not bool((sinks < math.inf).all()):  # -inf: no sink; read on the CPU only
+        raise ValueError(f"{caller}: sinks must be finite or -inf (no sink for that head), got {sinks.tolist()}")
+    return sinks
 
 
 def check_softcap(softcap, caller: str) -> float:
@@ -149,17 +174,17 @@ def _choose_backend(q: torch.Tensor, backend: str | None) -> str:
     return "triton" if q.is_cuda else "cpu"
 
 
-def _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap: float) -> torch.Tensor:
+def _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap: float, sinks) -> torch.Tensor:
     from sparsec.codegen import attention_triton
     from sparsec.codegen.tiles import tiles_for
 
     reason = attention_triton.supports(q, k, v, head_patterns)
     if reason is not None:
         log.info("sparsec.attention: Triton kernels cannot run this call (%s); using the masked dense path", reason)
-        return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap)
+        return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap, sinks=sinks)
     chosen = None if tiles is None else tiles_for(tiles[0], tiles[1], max(q.shape[-1], v.shape[-1]), q.dtype)
     return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale, tiles=chosen,
-                                             softcap=softcap)
+                                             softcap=softcap, sinks=sinks)
 
 
 # -- the dense path ------------------------------------------------------------------------
@@ -195,10 +220,11 @@ def masked_attention(
     causal: bool,
     scale: float,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact dense attention with an explicit (Hq, Sq, Sk) mask: the fallback of every executor.
-    Its memory grows as Sq * Sk, so it is a correctness path, not a fast one. With softcap, the
-    scores are explicit (explicit_attention)."""
+    Its memory grows as Sq * Sk, so it is a correctness path, not a fast one. With softcap or
+    sinks, the scores are explicit (explicit_attention)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -216,8 +242,9 @@ def masked_attention(
     kv_index = index // group
     qh = q.index_select(1, index)
     kh, vh = k.index_select(1, kv_index), v.index_select(1, kv_index)
-    if softcap:
-        out[:, index] = explicit_attention(qh, kh, vh, scale, softcap, keep=mask)
+    if softcap or sinks is not None:
+        head_sinks = None if sinks is None else sinks.index_select(0, index)
+        out[:, index] = explicit_attention(qh, kh, vh, scale, softcap, keep=mask, sinks=head_sinks)
         return out
     has_key = mask.any(dim=-1, keepdim=True)  # rows with no key give 0, not NaN
     safe_mask = mask | ~has_key
@@ -236,13 +263,14 @@ _EXPLICIT_CHUNK_ELEMENTS = 1 << 24
 
 
 def explicit_attention(q, k, v, scale: float, softcap: float, *, keep: torch.Tensor | None = None,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact attention on explicit scores, for what torch's SDPA does not do (soft-capping):
+                       bias: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention on explicit scores, for what torch's SDPA does not do (soft-capping, sinks):
     q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D[v]), query head h reading kv head h // (Hq // Hkv) (no
     copies of K and V); keep: bool broadcastable to (B, Hq, Sq, Sk), False removes the pair; bias:
-    float, the same, added after the capping. In float32 (float64 for float64 inputs), in chunks of
-    query rows whose scores hold at most _EXPLICIT_CHUNK_ELEMENTS floats; a row with no key left
-    gives 0. Returned in q's dtype."""
+    float, the same, added after the capping; sinks: (Hq,) logits each row's softmax also weighs
+    (sparsec.attention). In float32 (float64 for float64 inputs), in chunks of query rows whose
+    scores hold at most _EXPLICIT_CHUNK_ELEMENTS floats; a row with no key left gives 0. Returned
+    in q's dtype."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -261,7 +289,11 @@ def explicit_attention(q, k, v, scale: float, softcap: float, *, keep: torch.Ten
             s = s + _mask_rows(bias, r0, r1).to(dtype)
         if keep is not None:
             s = s.masked_fill(~_mask_rows(keep, r0, r1), float("-inf"))
+        if sinks is not None:  # one more column, dropped after the softmax
+            s = torch.cat([s, sinks.to(dtype).view(1, Hq, 1, 1).expand(B, Hq, rows, 1)], dim=-1)
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        if sinks is not None:
+            p = p[..., :Sk]
         o = p.reshape(B, Hkv, group, rows, Sk) @ v_g
         out[:, :, r0:r1] = o.reshape(B, Hq, rows, -1).to(out.dtype)
     return out

@@ -370,21 +370,22 @@ def _in_band(head_patterns: tuple[P.Pattern, ...], prefix: MaskPrefix, Sq: int) 
     return (band,) * len(head_patterns)
 
 
-def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float, softcap: float = 0.0) -> torch.Tensor:
+def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float, softcap: float = 0.0,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The output of every run: attend(q, k, v, patterns, causal) on its rows and first keys (and
-    the padding rows of a right-padded batch against them, _padding_rows, with scores capped by
-    softcap as attend caps them)."""
+    the padding rows of a right-padded batch against them, _padding_rows, with the scores capped
+    by softcap and the (Hq,) sinks weighed, as attend does)."""
     if len(runs) == 1 and len(runs[0].rows) == q.shape[0]:
-        return _run(q, k, v, runs[0], attend, scale, softcap)
+        return _run(q, k, v, runs[0], attend, scale, softcap, sinks)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for run in runs:  # each run's rows, and only the keys they keep, copied
         rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.prefix.length)
         out[rows] = _run(q.index_select(0, rows), k[:, :, keys].index_select(0, rows),
-                         v[:, :, keys].index_select(0, rows), run, attend, scale, softcap)
+                         v[:, :, keys].index_select(0, rows), run, attend, scale, softcap, sinks)
     return out
 
 
-def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float) -> torch.Tensor:
+def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float, sinks: torch.Tensor | None) -> torch.Tensor:
     prefix, Sq = run.prefix, q.shape[2]
     if prefix.first:  # left padding: the queries and keys after it, shifted (Dense heads and bands only)
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
@@ -397,11 +398,12 @@ def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float) -> torch.Te
         return attend(q, k, v, run.patterns, prefix.causal)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     out[:, :, :causal_rows] = attend(q[:, :, :causal_rows], k, v, run.patterns, True)
-    out[:, :, causal_rows:] = _padding_rows(q, k, v, run.patterns, causal_rows, scale, softcap)
+    out[:, :, causal_rows:] = _padding_rows(q, k, v, run.patterns, causal_rows, scale, softcap, sinks)
     return out
 
 
-def _padding_rows(q, k, v, head_patterns, first: int, scale: float, softcap: float) -> torch.Tensor:
+def _padding_rows(q, k, v, head_patterns, first: int, scale: float, softcap: float,
+                  sinks: torch.Tensor | None) -> torch.Tensor:
     """Queries first.. of q (B, Hq, Sq, D) against every key of k, v (B, Hkv, L, D), each head
     under its pattern's explicit mask at (Sq, L), in float32 (a right-padded batch's padding rows:
     few, and their results unused, but exact). A row with no key gives 0; Skip heads: the mean of V
@@ -421,6 +423,9 @@ def _padding_rows(q, k, v, head_patterns, first: int, scale: float, softcap: flo
         scores = (q[:, h, first:].float() @ kh.transpose(-1, -2)) * scale
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
-        probs = scores.masked_fill(~keeps[pattern], float("-inf")).softmax(-1).nan_to_num(0.0)
+        scores = scores.masked_fill(~keeps[pattern], float("-inf"))
+        if sinks is not None:  # the sink's weight, dropped with its column
+            scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), float(sinks[h]))], dim=-1)
+        probs = scores.softmax(-1).nan_to_num(0.0)[..., :L]
         out[:, h] = probs @ vh
     return out.to(q.dtype)

@@ -62,7 +62,7 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
     masked: set[str] = set()
     unnamed = 0
 
-    def record(site, q, k, v, attn_mask, scale, is_causal, softcap=0.0):
+    def record(site, q, k, v, attn_mask, scale, is_causal, softcap=0.0, sinks=None):
         nonlocal unnamed
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         prefixes = None if attn_mask is None or is_causal else mask_prefixes(attn_mask, B, Sq, Sk)
@@ -76,13 +76,13 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
                                      for p in prefixes):  # one call will do
             causal = bool(is_causal) or (prefixes is not None and prefixes[0].causal and Sq > 1)
             recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=causal, scale=float(scale),
-                                              softcap=float(softcap)))
+                                              softcap=float(softcap), sinks=_sinks(sinks)))
         else:  # each row's queries under the rule (not a right-padded batch's padding) against its kept keys
             for b, p in enumerate(prefixes):
                 rows = p.causal_queries(Sq)
                 recorded[site].append(LayerSample(q[b:b + 1, :, :rows].detach(), k[b:b + 1, :, :p.length].detach(),
                                                   v[b:b + 1, :, :p.length].detach(), causal=p.causal and rows > 1,
-                                                  scale=float(scale), softcap=float(softcap)))
+                                                  scale=float(scale), softcap=float(softcap), sinks=_sinks(sinks)))
 
     with recording_attention(record):
         yield recorded
@@ -93,6 +93,11 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
         recorded[site] = _most_common_lengths(site, samples)
     if unnamed:
         log.warning("sparsec.tune: %d attention call(s) have no module path; they stay dense", unnamed)
+
+
+def _sinks(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """A call's sinks as the tuner keeps them: (Hq,) float32, detached."""
+    return None if sinks is None else sinks.detach().reshape(-1).float()
 
 
 def _most_common_lengths(site: str, samples: list[LayerSample]) -> list[LayerSample]:

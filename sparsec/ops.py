@@ -2,7 +2,8 @@
 
     sparsec::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale,
                        bool is_causal, str patterns, int block_m=0, int block_n=0,
-                       str site="", str mask_rule="", float softcap=0.0, Tensor? mask_layout=None) -> Tensor
+                       str site="", str mask_rule="", float softcap=0.0, Tensor? mask_layout=None,
+                       Tensor? sinks=None) -> Tensor
         q (B, Hq, S_q, D); k, v (B, Hkv, S_k, D[v]) before any GQA expansion (Hq % Hkv == 0).
         patterns == "": exact dense attention (torch SDPA). Otherwise a JSON list of Hq pattern
         dicts (Pattern.to_dict), computed by sparsec.attention. `is_causal` follows sparsec's
@@ -18,6 +19,8 @@
         softcap > 0: each score s = scale * q.k becomes softcap * tanh(s / softcap) before the mask
         and the softmax (Gemma 2); torch's SDPA has no such step, so the dense path computes
         explicit scores (sparsec.attention_dispatch.explicit_attention).
+        sinks: one logit a query head (GPT-OSS; any shape of Hq elements) that joins each row's
+        softmax with no value (sparsec.attention); the dense path computes explicit scores too.
         block_m / block_n: the sparse kernels' tiles (0: their default).
         `site` names the attention layer (its module path): `recording_attention` hands every
         call's operands to a callback under that name (how sparsec.tune collects samples).
@@ -43,6 +46,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +60,9 @@ log = logging.getLogger(__name__)
 __all__ = ["attention", "attention_backward", "linear", "patterns_to_json", "patterns_from_json",
            "recording_attention", "AttentionRecorder"]
 
-# (site, q, k, v, attn_mask, scale, is_causal, softcap) -> None
-AttentionRecorder = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool, float],
-                             None]
+# (site, q, k, v, attn_mask, scale, is_causal, softcap, sinks) -> None
+AttentionRecorder = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool, float,
+                              "torch.Tensor | None"], None]
 _RECORDERS: list[AttentionRecorder] = []
 # Below this many keys a band's saving does not pay for the sparse path's fixed cost (~0.6 ms a
 # call) and reading the mask (measured on the 2-core CPU, 8 heads, D = 64, a window of a quarter
@@ -98,18 +102,20 @@ def _mask_with_causal(attn_mask: torch.Tensor, keep: torch.Tensor, dtype: torch.
     return attn_mask.to(dtype).masked_fill(~keep, float("-inf"))
 
 
-def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float = 0.0) -> torch.Tensor:
-    """Exact dense attention with sparsec's causal rule; differentiable. With softcap, on explicit
-    scores (SDPA does not cap them)."""
+def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float = 0.0,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact dense attention with sparsec's causal rule; differentiable. With softcap or sinks, on
+    explicit scores (SDPA has neither)."""
     Sq, Sk = q.shape[2], k.shape[2]
-    if softcap:
+    if softcap or sinks is not None:
         keep = causal_allowed(Sq, Sk, q.device) if is_causal else None
         bias = None
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             keep = attn_mask if keep is None else attn_mask & keep
         elif attn_mask is not None:
             bias = attn_mask
-        return explicit_attention(q, k, v, scale, softcap, keep=keep, bias=bias)
+        return explicit_attention(q, k, v, scale, softcap, keep=keep, bias=bias,
+                                  sinks=None if sinks is None else sinks.reshape(-1))
     if q.shape[1] != k.shape[1]:  # GQA: query head h reads kv head h // (Hq // Hkv)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -121,20 +127,23 @@ def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: 
 
 
 def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, patterns: str, tiles,
-                      site: str, mask_rule: str, softcap: float, layout: torch.Tensor | None) -> torch.Tensor:
+                      site: str, mask_rule: str, softcap: float, layout: torch.Tensor | None,
+                      sinks: torch.Tensor | None) -> torch.Tensor:
     import sparsec  # lazy: sparsec imports this module's users, and the executors import a lot
 
     if mask_rule == "band" and (attn_mask is None or k.shape[2] < BAND_MIN_KEYS):
-        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap)
+        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     head_patterns = patterns_from_json(patterns)
     if attn_mask is None:
-        return sparsec.attention(q, k, v, head_patterns, causal=is_causal, scale=scale, tiles=tiles, softcap=softcap)
+        return sparsec.attention(q, k, v, head_patterns, causal=is_causal, scale=scale, tiles=tiles, softcap=softcap,
+                                 sinks=sinks)
     runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule, layout)
     if runs is None:
         _log_dense_mask(site, tuple(attn_mask.shape), is_causal, mask_rule)
-        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap)
+        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     return run_key_prefix(q, k, v, runs, lambda q, k, v, patterns, causal: sparsec.attention(
-        q, k, v, patterns, causal=causal, scale=scale, tiles=tiles, softcap=softcap), scale, softcap)
+        q, k, v, patterns, causal=causal, scale=scale, tiles=tiles, softcap=softcap, sinks=sinks), scale, softcap,
+        None if sinks is None else sinks.reshape(-1))
 
 
 @functools.lru_cache(maxsize=1024)  # once a layer and mask shape
@@ -163,21 +172,22 @@ def attention(
     mask_rule: str = "",
     softcap: float = 0.0,
     mask_layout: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     for recorder in tuple(_RECORDERS):
-        recorder(site, q, k, v, attn_mask, scale, is_causal, softcap)
+        recorder(site, q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     if patterns:
         tiles = (block_m, block_n) if block_m and block_n else None
         out = _sparse_attention(q, k, v, attn_mask, scale, is_causal, patterns, tiles, site, mask_rule, softcap,
-                                mask_layout)
+                                mask_layout, sinks)
     else:
-        out = dense_attention(q, k, v, attn_mask, scale, is_causal, softcap)
+        out = dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     return out.contiguous()
 
 
 @attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, patterns, block_m=0, block_n=0, site="", mask_rule="", softcap=0.0,
-      mask_layout=None):
+      mask_layout=None, sinks=None):
     B, Hq, Sq, _ = q.shape
     return q.new_empty((B, Hq, Sq, v.shape[-1]))
 
@@ -213,11 +223,18 @@ def _padded_keep(head_patterns: tuple[Pattern, ...], Sq: int, length: int, Sk: i
     return keep if length == Sk else F.pad(keep, (0, Sk - length), value=False)
 
 
+class Probs(NamedTuple):
+    """attention_probs' result."""
+
+    probs: torch.Tensor                # (B, Hq, Sq, Sk) weights of the keys
+    score_free: torch.Tensor | None    # (Hq,) bool: heads whose weights do not depend on the scores (Skip)
+    slope: torch.Tensor | None         # with softcap: d(capped) / d(score) = 1 - tanh(score / softcap)^2
+    sink: torch.Tensor | None          # with sinks: (B, Hq, Sq) the weight each row's sink takes
+
+
 def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: str, mask_rule: str = "",
-                    softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The explicit (B, Hq, Sq, Sk) attention weights of sparsec::attention, in float32 or wider,
-    which heads' weights do not depend on the scores ((Hq,) bool: Skip heads; None: none), and
-    with softcap the capping's slope d(capped) / d(score) = 1 - tanh(score / softcap)^2 (else None).
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> Probs:
+    """The explicit attention weights of sparsec::attention (Probs), in float32 or wider.
 
     Used by the backward: out = probs @ v for every head, Skip heads included."""
     Sq, Sk = q.shape[2], k.shape[2]
@@ -249,11 +266,17 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     elif attn_mask is not None:
         scores = scores + attn_mask.to(dtype)
     scores = scores.masked_fill(~keep, float("-inf"))
+    sink = None
+    if sinks is not None:  # one more score a row, with no value: its weight comes off the keys'
+        column = sinks.reshape(1, -1, 1, 1).to(dtype).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, column], dim=-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key left gives 0
+    if sinks is not None:
+        probs, sink = probs[..., :Sk], probs[..., Sk]
     if skip is None:
-        return probs, None, slope
+        return Probs(probs, None, slope, sink)
     is_skip = torch.tensor([isinstance(p, Skip) for p in head_patterns], device=q.device)
-    return torch.where(is_skip[:, None, None], skip, probs), is_skip, slope
+    return Probs(torch.where(is_skip[:, None, None], skip, probs), is_skip, slope, sink)
 
 
 def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -264,7 +287,7 @@ def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 def _attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, attn_mask, scale, is_causal, patterns = inputs[:7]
-    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.save_for_backward(q, k, v, attn_mask, inputs[13] if len(inputs) > 13 else None)
     ctx.attrs = (scale, is_causal, patterns, inputs[10] if len(inputs) > 10 else "",
                  inputs[11] if len(inputs) > 11 else 0.0)
 
@@ -281,19 +304,23 @@ def attention_backward(
     patterns: str,
     mask_rule: str = "",
     softcap: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dmask) of sparsec::attention; dmask is empty when there is no float mask.
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask, dsinks) of sparsec::attention; dmask is empty when there is no float
+    mask, dsinks when there are no sinks.
 
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
     # Softmax backward on the explicit weights: dS = P * (dP - rowsum(dP * P)).
-    probs, score_free, slope = attention_probs(q, k, attn_mask, scale, is_causal, patterns, mask_rule, softcap)
+    probs, score_free, slope, sink = attention_probs(q, k, attn_mask, scale, is_causal, patterns, mask_rule, softcap,
+                                                     sinks)
     dtype, Hkv = probs.dtype, k.shape[1]
     group = q.shape[1] // Hkv
     k_rep, v_rep = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
     grad_out = grad_out.to(dtype)
     grad_probs = grad_out @ v_rep.transpose(-1, -2)
-    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    through = (grad_probs * probs).sum(-1, keepdim=True)
+    grad_scores = probs * (grad_probs - through)
     if score_free is not None:  # Skip heads' weights do not depend on the scores
         grad_scores = grad_scores.masked_fill(score_free[:, None, None], 0.0)
     grad_raw = grad_scores if slope is None else grad_scores * slope  # through the capping, to q.k
@@ -305,23 +332,32 @@ def attention_backward(
         grads.append(grad_scores.sum_to_size(attn_mask.shape).to(attn_mask.dtype))
     else:
         grads.append(q.new_empty(0))
+    if sinks is not None:  # a sink's score has no value: its gradient is -(its weight) * through, per row
+        grad_sink = -(sink * through[..., 0])
+        if score_free is not None:
+            grad_sink = grad_sink.masked_fill(score_free[:, None], 0.0)
+        grads.append(grad_sink.sum(dim=(0, 2)).reshape(sinks.shape).to(sinks.dtype))
+    else:
+        grads.append(q.new_empty(0))
     return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0):
+def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0, sinks=None):
     grad_mask = attn_mask is not None and attn_mask.is_floating_point()
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
-            torch.empty_like(attn_mask, memory_format=torch.contiguous_format) if grad_mask else q.new_empty(0))
+            torch.empty_like(attn_mask, memory_format=torch.contiguous_format) if grad_mask else q.new_empty(0),
+            torch.empty_like(sinks, memory_format=torch.contiguous_format) if sinks is not None else q.new_empty(0))
 
 
 def _attention_backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    dq, dk, dv, dmask = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs)
+    q, k, v, attn_mask, sinks = ctx.saved_tensors
+    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs, sinks)
     has_dmask = attn_mask is not None and attn_mask.is_floating_point()
-    return dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None, None, None,
+            dsinks if sinks is not None else None)
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)

@@ -147,7 +147,7 @@ def layer_squared_error(samples: Sequence[LayerSample], patterns: Sequence[Patte
     total = 0.0
     for s, reference in zip(samples, dense):
         sparse = attention(s.q, s.k, s.v, list(patterns), causal=s.causal, scale=s.scale,
-                           backend=backend or error_backend(s.q), softcap=s.softcap)
+                           backend=backend or error_backend(s.q), softcap=s.softcap, sinks=s.sinks)
         total += float((sparse.double() - reference.double()).square().sum())
     return total
 
@@ -216,11 +216,13 @@ def _layer_shape(samples: Sequence[LayerSample], name: str) -> AttentionShape:
         raise ValueError(f"tune: layer {name!r} has no recorded samples")
     signatures = {_signature(s, name) for s in samples}
     if len(signatures) > 1:
-        raise ValueError(f"tune: the recorded calls of layer {name!r} differ in shape, dtype, causal, scale or softcap: "
+        raise ValueError(f"tune: the recorded calls of layer {name!r} differ in shape, dtype, causal, scale, softcap "
+                         "or sinks: "
                          f"{sorted(signatures, key=str)}")
-    heads, kv_heads, q_len, kv_len, head_dim, value_dim, dtype, causal, _, _ = signatures.pop()
+    heads, kv_heads, q_len, kv_len, head_dim, value_dim, dtype, causal, _, softcap, sinks = signatures.pop()
     return AttentionShape(batch=samples[0].q.shape[0], num_heads=heads, num_kv_heads=kv_heads, q_len=q_len,
-                          kv_len=kv_len, head_dim=head_dim, value_dim=value_dim, dtype=dtype, causal=causal)
+                          kv_len=kv_len, head_dim=head_dim, value_dim=value_dim, dtype=dtype, causal=causal,
+                          softcap=softcap, sinks=sinks is not None)
 
 
 def _signature(s: LayerSample, name: str) -> tuple:
@@ -231,4 +233,5 @@ def _signature(s: LayerSample, name: str) -> tuple:
     if s.q.dtype not in _DTYPE_NAMES:
         raise ValueError(f"tune: layer {name!r}: dtype {s.q.dtype} is not supported; use one of {list(_DTYPE_NAMES)}")
     (_, H, Sq, D), (_, Hkv, Sk, _), Dv = s.q.shape, s.k.shape, s.v.shape[-1]
-    return (H, Hkv, Sq, Sk, D, Dv, _DTYPE_NAMES[s.q.dtype], bool(s.causal), s.scale, s.softcap)
+    sinks = None if s.sinks is None else tuple(s.sinks.tolist())
+    return (H, Hkv, Sq, Sk, D, Dv, _DTYPE_NAMES[s.q.dtype], bool(s.causal), s.scale, s.softcap, sinks)

@@ -6,7 +6,8 @@ with no kept key are 0; Skip heads are 0 or the mean of V over the causally allo
 `key_mask` (B, Sk) bool, each row's kept keys a prefix j < L_b (a mask that pads keys at the
 end): row b attends to its first L_b keys, under each pattern's mask at (Sq, Sk) (or, for a block
 layout sized for the prefix, at (Sq, L_b)). `softcap` c > 0 caps each score s to c * tanh(s / c)
-before the mask (Gemma 2).
+before the mask (Gemma 2). `sinks` (Hq,) adds one logit to each row's softmax of head h that takes
+weight and has no value (GPT-OSS); Skip heads ignore it.
 """
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ import torch
 from sparsec.patterns import Skip
 
 
-def reference_attention(q, k, v, head_patterns, *, causal=False, scale=None, key_mask=None, softcap=0.0):
+def reference_attention(q, k, v, head_patterns, *, causal=False, scale=None, key_mask=None, softcap=0.0,
+                        sinks=None):
     if key_mask is None:
-        return _reference(q, k, v, head_patterns, causal, scale, softcap=softcap)
+        return _reference(q, k, v, head_patterns, causal, scale, softcap=softcap, sinks=sinks)
     lengths = key_mask.sum(-1)
     assert bool((key_mask == (torch.arange(k.shape[2]) < lengths[:, None])).all()), "key_mask must keep a prefix"
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float64)
     for b, n in enumerate(lengths.tolist()):
         out[b:b + 1] = _reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], head_patterns, causal, scale,
-                                  full_keys=k.shape[2], softcap=softcap)
+                                  full_keys=k.shape[2], softcap=softcap, sinks=sinks)
     return out
 
 
@@ -38,7 +40,7 @@ def _pattern_mask(p, Sq, Sk, full_keys):
         return p.mask(Sq, Sk)
 
 
-def _reference(q, k, v, head_patterns, causal, scale, full_keys=None, softcap=0.0):
+def _reference(q, k, v, head_patterns, causal, scale, full_keys=None, softcap=0.0, sinks=None):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -61,7 +63,12 @@ def _reference(q, k, v, head_patterns, causal, scale, full_keys=None, softcap=0.
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~keep, float("-inf"))
+        if sinks is not None:  # one more column, dropped after the softmax
+            sink = torch.full((*scores.shape[:-1], 1), float(sinks[h]), dtype=torch.float64)
+            scores = torch.cat([scores, sink], dim=-1)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows -> NaN -> 0
+        if sinks is not None:
+            probs = probs[..., :-1]
         out[:, h] = probs @ v64[:, kv]
     return out
 

@@ -309,9 +309,9 @@ class _counting:
         self.calls, self.original = calls, key_padding.run_key_prefix
 
     def __enter__(self):
-        def counted(q, k, v, runs, attend, scale, softcap=0.0):
+        def counted(q, k, v, runs, attend, *args):
             self.calls.append(sorted((row, run.prefix.length) for run in runs for row in run.rows))
-            return self.original(q, k, v, runs, attend, scale, softcap)
+            return self.original(q, k, v, runs, attend, *args)
 
         import sparsec.ops
         sparsec.ops.run_key_prefix = counted

@@ -265,3 +265,23 @@ def test_the_dense_path_caps_in_chunks_of_rows(mask_kind, monkeypatch):
     want = _explicit(q.double(), k.double(), v.double(), causal if keep is None else keep & causal, bias,
                      D ** -0.5, CAP)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_the_cost_model_prices_capped_heads_on_the_native_kernels():
+    """torch's kernel cannot cap: the cpu executor's estimates for a capped layer are the native
+    kernels' (Dense included), as _capped_heads runs them."""
+    from sparsec.codegen.attention_cpu_native import native_kernel
+    from sparsec.cost_models.attention_cost import AttentionShape, pattern_counts
+
+    if native_kernel() is None:
+        pytest.skip("the native kernels are not built here")
+    shape = AttentionShape(batch=1, num_heads=8, num_kv_heads=8, q_len=2048, kv_len=2048, head_dim=64, value_dim=64,
+                           dtype="f32", causal=True)
+    patterns = (P.Dense(), P.Window(255, 0), P.AShape(64, 255))
+    for softcap in (0.0, CAP):
+        capped = AttentionShape(**{**{f: getattr(shape, f) for f in shape.__dataclass_fields__}, "softcap": softcap})
+        counts = pattern_counts(patterns, capped, None, 64, executor="cpu")
+        if softcap:
+            assert all(counts[p].native for p in patterns)
+        else:
+            assert not counts[P.Dense()].native  # one SDPA call

@@ -18,6 +18,13 @@
 // softcap > 0 caps the logits (Gemma 2's attention-logit soft-capping): every score s = scale q.k
 // the kernels compute becomes softcap * tanh(s / softcap), in (-softcap, softcap), before the mask
 // and the online softmax see it; softcap = 0 leaves the scores (and the work) as they are.
+//
+// sinks (GPT-OSS's attention sinks; null: none) holds a logit z_h per query head h: one more term of
+// every row's softmax that takes probability mass but has no value, out_i = sum_j exp(s_ij) v_j /
+// (sum_j exp(s_ij) + exp(z_h)) over the keys the row keeps (never capped). It costs nothing in the
+// loops: a row's online softmax starts from the sink (max z_h, sum exp(z_h - z_h) = 1, output 0)
+// instead of from nothing (max -inf, sum 0), so a row that keeps no key still returns 0. z_h = -inf
+// is no sink for head h (the state starts from nothing, as without sinks).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -456,17 +463,38 @@ struct Problem {  // the tensors and shapes the entry points share
   int64_t num_heads;
   float scale;
   float softcap;  // 0 or finite > 0
+  const float* sinks;  // null, or Hq logits (module comment): finite or -inf (that head's sink is off)
 
   bool valid() const {
     return B >= 1 && Hq >= 1 && Hkv >= 1 && Hq % Hkv == 0 && Sq >= 1 && Sk >= 1 && D >= 1 && Dv >= 1 &&
            num_heads >= 1 && Sq <= INT32_MAX && Sk <= INT32_MAX && D <= INT32_MAX && Dv <= INT32_MAX &&
-           softcap >= 0.0f && softcap < INFINITY;  // false for NaN too
+           softcap >= 0.0f && softcap < INFINITY &&  // false for NaN too
+           sinks_valid();
   }
+
+  bool sinks_valid() const {  // no +inf or NaN sink (either would leave every row of its head NaN)
+    for (int64_t h = 0; sinks != nullptr && h < Hq; ++h)
+      if (!(sinks[h] < INFINITY)) return false;
+    return true;
+  }
+
+  // Query head h's sink logit: where its rows' online softmax starts (-inf: no sink).
+  float sink(int64_t h) const { return sinks == nullptr ? -INFINITY : sinks[h]; }
 };
 
+// A tile's first R rows before any key: at the sink z (max z, its weight exp(z - z) = 1 in the sum,
+// no output), or with no sink (z = -inf) at nothing (max -inf, sum 0). Either way a row that then
+// keeps no key ends with output 0, and one that keeps some with sum > 0.
+void start_rows(float* max, float* sum, float* acc, int R, int64_t Dv, float z) {
+  std::fill(max, max + R, z);
+  std::fill(sum, sum + R, z == -INFINITY ? 0.0f : 1.0f);
+  std::fill(acc, acc + R * Dv, 0.0f);
+}
+
 // Runs body(tile state, tile index, first row, rows, kv) for every (batch, listed head, query tile
-// of block_m rows) on `threads` threads (kv: the head's (batch, kv head) row of K and V), then
-// writes each row's output (0 for a row that kept no key).
+// of block_m rows) on `threads` threads (kv: the head's (batch, kv head) row of K and V), its rows
+// started at the head's sink (start_rows), then writes each row's output acc / sum (0 for a row
+// that kept no key: its acc is 0, its sum 1 with a sink and 0 without).
 template <typename Body>
 void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t threads, Body body) {
   const int64_t group = p.Hq / p.Hkv, tiles = (p.Sq + block_m - 1) / block_m;
@@ -482,9 +510,7 @@ void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t t
       const int64_t kv = b * p.Hkv + h / group;
       Tile t{p.q + ((b * p.Hq + h) * p.Sq + a) * p.D, p.k + kv * p.Sk * p.D, p.v + kv * p.Sk * p.Dv, (int)p.D,
              (int)p.Dv, p.scale, p.softcap, max.data(), sum.data(), acc.data(), s.data()};
-      std::fill(max.begin(), max.begin() + R, -INFINITY);
-      std::fill(sum.begin(), sum.begin() + R, 0.0f);
-      std::fill(acc.begin(), acc.begin() + (int64_t)R * p.Dv, 0.0f);
+      start_rows(max.data(), sum.data(), acc.data(), R, p.Dv, p.sink(h));
       body(t, tile, a, R, kv);
       float* o = p.out + ((b * p.Hq + h) * p.Sq + a) * p.Dv;
       for (int r = 0; r < R; ++r) {
@@ -499,16 +525,17 @@ void for_each_tile(const Problem& p, int64_t block_m, int64_t block_n, int64_t t
 
 // Pieces of key intervals a row (module comment). Returns 0, or 1 when an argument is out of range
 // (nothing is written then). All three entry points: softcap 0 (scores as they are) or finite > 0
-// (capped: module comment).
+// (capped: module comment); sinks null (none) or Hq logits by query head, each finite or -inf (no
+// sink for that head; +inf or NaN: refused), module comment.
 // Pieces p of group g: group_ptr[g] <= p < group_ptr[g + 1] (groups of consecutive pieces, in
 // order); a group of one piece runs as above, a larger one by attend_group.
 extern "C" int sparsec_interval_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const int32_t* lo, const int32_t* hi, int64_t pieces,
-    const int64_t* group_ptr, int64_t groups, float scale, float softcap, int64_t block_m, int64_t sub_m,
-    int64_t block_n, int64_t threads) {
-  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap};
+    const int64_t* group_ptr, int64_t groups, float scale, float softcap, const float* sinks, int64_t block_m,
+    int64_t sub_m, int64_t block_n, int64_t threads) {
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap, sinks};
   if (!p.valid() || pieces < 0 || groups < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m || block_n < 1 ||
       threads < 1 || group_ptr[0] != 0 || group_ptr[groups] != pieces)
     return 1;
@@ -537,9 +564,9 @@ extern "C" int sparsec_block_runs_attention(
     const float* q, const float* k, const float* v, float* out,
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const int64_t* run_ptr, const int32_t* run_lo,
-    const int32_t* run_hi, const int32_t* row_hi, float scale, float softcap, int64_t block_m, int64_t block_n,
-    int64_t threads) {
-  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap};
+    const int32_t* run_hi, const int32_t* row_hi, float scale, float softcap, const float* sinks, int64_t block_m,
+    int64_t block_n, int64_t threads) {
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap, sinks};
   if (!p.valid() || block_m < 1 || block_n < 1 || threads < 1) return 1;
   const std::vector<int32_t> zeros(Sq, 0);  // rows keep every key of a run up to their limit
   for_each_tile(p, block_m, block_n, threads, [&](Tile& t, int64_t tile, int64_t a, int R, int64_t) {
@@ -566,9 +593,9 @@ extern "C" int sparsec_column_slash_attention(
     int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, int64_t Dv,
     const int32_t* q_heads, int64_t num_heads, const float* kc, const float* vc, int64_t columns,
     const int32_t* count, const uint8_t* skip, const int32_t* offsets,
-    int64_t num_offsets, const int32_t* row_hi, float scale, float softcap, int64_t block_m, int64_t sub_m,
-    int64_t block_n, int64_t threads) {
-  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap};
+    int64_t num_offsets, const int32_t* row_hi, float scale, float softcap, const float* sinks, int64_t block_m,
+    int64_t sub_m, int64_t block_n, int64_t threads) {
+  const Problem p{q, k, v, out, B, Hq, Hkv, Sq, Sk, D, Dv, q_heads, num_heads, scale, softcap, sinks};
   if (!p.valid() || columns < 0 || num_offsets < 0 || block_m < 1 || sub_m < 1 || sub_m > block_m ||
       block_n < 1 || threads < 1)
     return 1;

@@ -184,7 +184,7 @@ _KERNEL = '''
 
 @triton.jit
 def $KERNEL_NAME(
-    Q, K, V, Out, HEAD_IDS, PARAMS, LAYOUTS,
+    Q, K, V, Out, HEAD_IDS, PARAMS, LAYOUTS, SINK_LOGITS,
     KV_NUM_PARTIAL, KV_PARTIAL, KV_NUM_FULL, KV_FULL, BLOCK_MASKS, max_partial, max_full,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -193,7 +193,7 @@ def $KERNEL_NAME(
     Sq, Sk, heads_in_group, kv_group_size, qk_scale, softcap2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, NUM_PARAMS: tl.constexpr$COUNT_DEFS,
+    SOFTCAP: tl.constexpr, SINKS: tl.constexpr, NUM_PARAMS: tl.constexpr$COUNT_DEFS,
 ):
     start_m = tl.program_id(0)
     batch = tl.program_id(1) // heads_in_group
@@ -209,8 +209,12 @@ def $KERNEL_NAME(
     q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
               + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     q = _load_tile(q_ptrs, offs_m[:, None] < Sq, offs_d[None, :] < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINKS:  # the head's sink logit is each row's first score, with no value: max = it, sum = 1
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINK_LOGITS + head).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # First and last real query rows of this block; the causal rule keeps j <= i + (Sk - Sq).
     m_lo = start_m * BLOCK_M
