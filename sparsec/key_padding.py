@@ -21,7 +21,8 @@ same L_b run as one call.
 Two more kinds run for layers left dense (mask rule "band", option mask_bands):
 
   sliding window   query i keeps keys i + d_b - W .. i + d_b of the first L_b (Mistral's, Gemma's
-                   local layers: the last W + 1 keys up to its position, right padding cut too).
+                   local layers: the last W + 1 keys up to its position, right padding cut too;
+                   padding longer than the window leaves its last queries no key: they give 0).
                    Dense heads then run the band's pattern (band_pattern: a Window) on the L_b
                    keys, which skips every key outside it; heads with other patterns cannot be cut
                    to a band (no intersection of patterns), so such a call runs dense.
@@ -234,6 +235,8 @@ def _prefixes(ends: torch.Tensor, starts: torch.Tensor, batch: int, Sq: int) -> 
     end -1 where they are not one run, start = end = 0 where a query keeps none)."""
     empty = (ends == 0) & (starts == 0)
     if bool(empty.any()):
+        if bool(empty[:, -1].any()) and not bool(empty[:, 0].any()):
+            return _past_the_window(ends, starts, empty, batch)
         return _left_padded(ends, starts, empty, batch)
     if bool((ends <= starts).any()):
         return None
@@ -260,6 +263,32 @@ def _prefixes(ends: torch.Tensor, starts: torch.Tensor, batch: int, Sq: int) -> 
     else:
         return None
     return found * batch if len(found) == 1 else found
+
+
+def _past_the_window(ends: torch.Tensor, starts: torch.Tensor, empty: torch.Tensor,
+                     batch: int) -> list[MaskPrefix] | None:
+    """Rows of a sliding window's band whose last queries keep no key: right padding longer than the
+    window (query i keeps [i + d - W, min(i + d, L - 1)], empty from i = L - d + W on). Each row's
+    band is read from its queries before the empty ones, which must be exactly those the band leaves
+    empty; None for anything else."""
+    rows, Sq = ends.shape
+    i = torch.arange(Sq)
+    first_empty = torch.where(empty, i, Sq).min(dim=1).values
+    if not bool((empty == (i[None, :] >= first_empty[:, None])).all()):
+        return None  # empty queries between live ones
+    found = []
+    for row, e in enumerate(first_empty.tolist()):
+        if e == Sq:
+            prefix = _prefixes(ends[row:row + 1], starts[row:row + 1], 1, Sq)
+        else:
+            prefix = _prefixes(ends[row:row + 1, :e], starts[row:row + 1, :e], 1, e)
+            if prefix is not None and (prefix[0].window is None or prefix[0].offset is None
+                                       or e != prefix[0].length - prefix[0].offset + prefix[0].window):
+                return None
+        if prefix is None:
+            return None
+        found += prefix
+    return found * batch if rows == 1 else found
 
 
 def _left_padded(ends: torch.Tensor, starts: torch.Tensor, empty: torch.Tensor, batch: int) -> list[MaskPrefix] | None:

@@ -53,10 +53,18 @@ def test_sliding_window_masks_read_as_bands(window, lengths):
     assert mask_prefixes(mask.expand(len(lengths), 3, 32, 32), len(lengths), 32, 32) == want  # expanded heads
 
 
-def test_padding_queries_past_the_window_leave_the_mask_dense():
-    """A right-padded row's last queries keep no key once the window has passed its length: rows
-    without keys are not a band (the dense path gives them what SDPA does)."""
-    assert mask_prefixes(band_mask(32, 32, 3, 0, (20,)), 1, 32, 32) is None
+def test_padding_queries_past_the_window_read_as_the_band():
+    """A right-padded row's last queries keep no key once the window has passed its length (from
+    query L + W on): still the band, those queries give 0 (as SDPA gives a bool mask's empty rows).
+    Empty queries the band does not explain are no band."""
+    want = [MaskPrefix(20, 0, 3), MaskPrefix(32, 0, 3)]
+    assert mask_prefixes(band_mask(32, 32, 3, 0, (20, None)), 2, 32, 32) == want
+    early = band_mask(32, 32, 3, 0, (20,))
+    early[0, 0, 22] = False  # query 22 still reaches key 19
+    assert mask_prefixes(early, 1, 32, 32) is None
+    gap = band_mask(32, 32, 3, 0, (20,))
+    gap[0, 0, 28, 19] = True  # a key again after the empty queries
+    assert mask_prefixes(gap, 1, 32, 32) is None
 
 
 def test_a_cache_chunk_and_a_decoding_step_read_as_bands():
@@ -88,9 +96,9 @@ def test_band_pattern_keeps_the_band(Sq, extra_keys, window, offset):
                                                                                        max_size=3))
 def test_the_op_runs_bands_exactly(S, window, cuts):
     """Dense heads under rule "band" against the float64 reference with the explicit mask; each
-    batch row its own right padding (a cut of 0: none; at most the window, so every query keeps
-    a key)."""
-    lengths = tuple(S - min(c, window) if c else None for c in cuts)
+    batch row its own right padding (a cut of 0: none; past the window, the last queries keep no
+    key and give 0)."""
+    lengths = tuple(S - c if c else None for c in cuts)
     mask = band_mask(S, S, window, 0, lengths)
     runs = key_prefix_runs(torch.empty(len(lengths), 4, S, 8), torch.empty(len(lengths), 2, S, 8), mask, False,
                            (P.Dense(),) * 4, "band")
