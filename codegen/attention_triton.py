@@ -288,7 +288,8 @@ def _profile_name(device: torch.device) -> str:
 
 def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_patterns: tuple[Pattern, ...], *,
                  causal: bool, scale: float, tiles: AttentionTiles | None = None,
-                 interpreted: bool | None = None, softcap: float = 0.0) -> list[KernelCall]:
+                 interpreted: bool | None = None, softcap: float = 0.0,
+                 sinks: torch.Tensor | None = None) -> list[KernelCall]:
     """The launches `triton_attention` makes for these arguments (Skip heads make none; heads in
     frame-transposed order run on gathered copies of their own rows), on any device:
     codegen/triton_aot compiles them for a GPU from CPU tensors."""
@@ -305,11 +306,12 @@ def kernel_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_pattern
             n = len(group.heads)
             q_t, k_t, v_t, out_t = (torch.empty(x.shape[0], n, *x.shape[2:], dtype=x.dtype, device=x.device)
                                     for x in (q, k, v, out))
+            gathered_sinks = None if sinks is None else torch.empty(n, dtype=torch.float32, device=q.device)
             calls.append(kernel_call(_gathered_group(group), q_t, k_t, v_t, out_t, bool(causal), float(scale), tiles,
-                                     interpreted=interpreted, softcap=softcap))
+                                     interpreted=interpreted, softcap=softcap, sinks=gathered_sinks))
         elif group.family != "skip":
             calls.append(kernel_call(group, q, k, v, out, bool(causal), float(scale), tiles, interpreted=interpreted,
-                                     softcap=softcap))
+                                     softcap=softcap, sinks=sinks))
     return calls
 
 

@@ -164,3 +164,22 @@ def test_compile_calls_refuses_what_is_not_a_kernel_call():
         compile_calls(["attention"], "h100")
     with pytest.raises(ValueError, match="workers"):
         compile_calls([], "h100", workers=0)
+
+
+def test_capped_and_sinked_kernels_compile_for_h100_without_spills():
+    """Gemma 2's soft-capping (SOFTCAP) and GPT-OSS's sinks (SINKS) are constexpr variants of every
+    family: each compiles, on the tensor cores, pipelined, without spills, in shared memory."""
+    q, k, v = (torch.empty(1, 2, S, 128, dtype=torch.bfloat16) for _ in range(3))
+    calls = []
+    for modifiers in ({"softcap": 50.0}, {"sinks": torch.zeros(2)}, {"softcap": 30.0, "sinks": torch.zeros(2)}):
+        for family in ("dense", "window", "vertical_slash", "block_sparse", "frames_transposed"):
+            pattern = _family_patterns(True)[family]
+            (call,) = attention_triton.kernel_calls(q, k, v, (pattern, pattern), causal=True, scale=0.1,
+                                                    interpreted=False, **modifiers)
+            calls.append(call)
+    for call, report in zip(calls, compile_calls(calls, "h100", workers=2)):
+        assert report.error is None, report.error
+        assert report.mma == "wgmma" and report.async_loads, (call.kernel, report.mma)
+        assert 0 < report.shared_bytes <= ARCHITECTURES[90]
+        if report.spill_bytes is not None:
+            assert report.spill_bytes == 0, (call.kernel, call.kwargs["SOFTCAP"], call.kwargs["SINKS"])
