@@ -244,3 +244,21 @@ def test_gpt_oss_is_tuned_with_its_sinks():
     assert recorded
     for path, samples in recorded.items():
         assert all(torch.equal(s.sinks, sinks[path].detach()) for s in samples)
+
+
+def test_training_through_the_backend_reaches_the_sinks():
+    """A compiled model with patterns: the op's backward gives q, k, v and the sinks parameter the
+    float64 reference's gradients."""
+    torch.manual_seed(0)
+    model = SinkModel()
+    q, k, v = (torch.randn(2, 2, 40, 16, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 40).masked_fill(torch.arange(40) >= 33, -math.inf)
+    torch._dynamo.reset()
+    options = {"inner": "eager", "attention_patterns": {"*": P.Window(6, 0)}}
+    out = torch.compile(model, backend="sparsec", options=options)(q, k, v, bias)
+    got = torch.autograd.grad(out.square().sum(), [q, k, v, model.attn.sinks])
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, model.attn.sinks)]
+    want = _explicit(*leaves[:3], P.Window(6, 0).mask(40, 40) & (bias == 0), leaves[3], 0.25)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    for g, w in zip(got, torch.autograd.grad(want.square().sum(), leaves)):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
