@@ -141,12 +141,11 @@ def _bands_enabled(graph: Graph, config: SparsecConfig) -> bool:
 
 
 def _bands_apply(op: Attention, bands: bool) -> bool:
-    """Whether a layer left dense runs its calls' sliding-window masks as bands (`bands`: the
-    option allows it): a mask that can differ from query to query, on a layer not causal itself."""
-    if not bands or op.mask is None or op.causal:
-        return False
-    shape = op.mask.type.shape
-    return len(shape) >= 2 and shape[-2] != 1
+    """Whether a layer left dense runs its calls' masks by what they keep (`bands`: the option allows
+    it): a sliding window's band, left padding, a causal prefix, or padded keys (a (B, 1, 1, S) mask
+    too: rows padded enough run on their kept keys, sparsec.ops.PADDING_MIN_SHARE), on a layer not
+    causal itself."""
+    return bands and op.mask is not None and not op.causal
 
 
 def _with_patterns(op: Attention, config: SparsecConfig, bands: bool) -> Op:

@@ -80,7 +80,8 @@ def order_note(heads: tuple[int, ...], frame: int | None) -> str:
 def _attention_line(op: Attention, hardware=None) -> str:
     kind = "causal" if op.causal else "mask" if op.mask is not None else "full"
     if op.mask_rule == "band":
-        kind += " (a sliding window's band runs as its pattern, rule 'band')"
+        kind += (" (runs by what it keeps: a sliding window's band, a causal prefix, left padding, padded keys; "
+                 "rule 'band')")
     elif op.mask is not None and isinstance(op.scores.sparsity, AttentionPatterns):  # patterns under the mask
         kind += f" (patterns where it cuts the keys to a prefix, rule {op.mask_rule or 'any'!r})"
     return (f"    attention {op.module_path or '?'}: heads {op.num_heads}/{op.num_kv_heads}, {kind}, "

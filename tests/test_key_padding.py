@@ -500,8 +500,11 @@ def test_explain_says_how_a_masked_layer_runs_its_patterns():
     report = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]),
                              options={"attention_patterns": {"joint": P.Window(4, 4)}})
     assert "attention joint: heads 2/2, mask (patterns where it cuts the keys to a prefix, rule 'any')" in str(report)
-    dense = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]))
+    dense = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]),
+                            options={"mask_bands": "off"})
     assert "attention joint: heads 2/2, mask, scale" in str(dense)
+    kept = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]), options={"mask_bands": "on"})
+    assert "attention joint: heads 2/2, mask (runs by what it keeps: " in str(kept)
 
 
 def test_the_bundled_dit_with_joint_text_runs_its_plan_exactly():

@@ -346,3 +346,21 @@ def test_runs_are_read_exactly(Sk, rows, seed):
             assert (starts[r].item(), ends[r].item()) == (kept[0], kept[-1] + 1), (r, kept)
         else:
             assert ends[r].item() == -1, (r, kept)
+
+
+@pytest.mark.parametrize("lengths, runs_rows", [((BAND_MIN_KEYS + 40,) * 3 + (BAND_MIN_KEYS + 20,), False),
+                                                ((BAND_MIN_KEYS + 40, 200, 150, 300), True)])
+def test_padded_keys_run_row_by_row_only_when_padded_enough(lengths, runs_rows, monkeypatch):
+    """A (B, 1, 1, S) padding mask under the rule "band": rows on their kept keys when at least
+    PADDING_MIN_SHARE of the keys are padding, else the dense path; the result is exact either way."""
+    from sparsec import ops
+
+    calls = []
+    original = ops.run_key_prefix
+    monkeypatch.setattr(ops, "run_key_prefix", lambda *args: calls.append(1) or original(*args))
+    S, B = max(lengths), len(lengths)
+    mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+    q, k, v = torch.randn(B, 4, S, 8), torch.randn(B, 2, S, 8), torch.randn(B, 2, S, 8)
+    out = attention_op(q, k, v, mask, 0.3, False, patterns_to_json((P.Dense(),) * 4), 0, 0, "test", "band")
+    assert bool(calls) == runs_rows
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask.expand(B, 1, S, S), 0.3), atol=2e-5, rtol=2e-5)
