@@ -12,9 +12,10 @@
         that only cuts the keys to a prefix (padded keys, or the causal rule over a prefix: a
         static KV cache's) runs the patterns on each row's kept keys where `mask_rule` admits it
         (sparsec/key_padding.py); any other mask runs the dense path with it (a log line). Under
-        the rule "band" (Dense heads), a sliding window's mask runs as its band and a left-padded
-        batch each row on its own tokens; calls with fewer than BAND_MIN_KEYS keys keep the dense
-        path (the sparse path's fixed cost is more than it saves).
+        the rule "band" (Dense heads), a sliding window's mask runs as its band, a left-padded
+        batch each row on its own tokens, and padded keys each row on its kept keys when at least
+        PADDING_MIN_SHARE of them are padding; calls with fewer than BAND_MIN_KEYS keys keep the
+        dense path (the sparse path's fixed cost is more than it saves).
         mask_layout: the mask read once for several layers (sparsec::mask_layout below).
         softcap > 0: each score s = scale * q.k becomes softcap * tanh(s / softcap) before the mask
         and the softmax (Gemma 2); torch's SDPA has no such step, so the dense path computes
