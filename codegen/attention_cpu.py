@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sparsec.attention_dispatch import causal_allowed, explicit_attention, skip_fill
+from sparsec.attention_dispatch import causal_allowed, explicit_attention, head_mask, skip_fill
 from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
 from sparsec.codegen.attention_cpu_native import Native, native_form, native_kernel, run_native
@@ -544,9 +544,7 @@ def _modified_heads(q, k, v, pattern: Pattern, heads: tuple[int, ...], causal: b
         return
     group = q.shape[1] // k.shape[1]
     index = torch.tensor(heads)
-    keep = pattern.mask(Sq, Sk)
-    if causal:
-        keep = keep & causal_allowed(Sq, Sk)
+    keep = head_mask(pattern, Sq, Sk, causal_allowed(Sq, Sk) if causal else None, q.device)
     with intra_op_threads(threads):
         out[:, index] = explicit_attention(q.index_select(1, index), k.index_select(1, index // group),
                                            v.index_select(1, index // group), scale, softcap, keep=keep,

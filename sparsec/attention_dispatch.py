@@ -236,7 +236,7 @@ def masked_attention(
             out[:, h] = skip_fill(v[:, h // group : h // group + 1], Sq, p.fill, causal)[:, 0]
     if not computed:
         return out
-    masks = {p: _head_mask(p, Sq, Sk, allowed, q.device) for p in set(head_patterns) if not isinstance(p, Skip)}
+    masks = {p: head_mask(p, Sq, Sk, allowed, q.device) for p in set(head_patterns) if not isinstance(p, Skip)}
     mask = torch.stack([masks[head_patterns[h]] for h in computed])  # (Hc, Sq, Sk)
     index = torch.tensor(computed, device=q.device)
     kv_index = index // group
@@ -253,7 +253,8 @@ def masked_attention(
     return out
 
 
-def _head_mask(p: Pattern, Sq: int, Sk: int, allowed: torch.Tensor | None, device) -> torch.Tensor:
+def head_mask(p: Pattern, Sq: int, Sk: int, allowed: torch.Tensor | None, device) -> torch.Tensor:
+    """(Sq, Sk) bool: the pairs `p` keeps, and `allowed` (the causal rule) too when given."""
     mask = torch.ones(Sq, Sk, dtype=torch.bool, device=device) if isinstance(p, Dense) else p.mask(Sq, Sk).to(device)
     return mask & allowed if allowed is not None else mask
 

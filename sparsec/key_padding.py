@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsec import patterns as P
+from sparsec.attention_dispatch import explicit_attention
 
 __all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "decode_prefixes", "encode_prefixes", "key_prefix_runs",
            "mask_keep", "mask_prefixes", "patterns_for_keys", "run_key_prefix"]
@@ -434,27 +435,21 @@ def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float, sinks: torc
 def _padding_rows(q, k, v, head_patterns, first: int, scale: float, softcap: float,
                   sinks: torch.Tensor | None) -> torch.Tensor:
     """Queries first.. of q (B, Hq, Sq, D) against every key of k, v (B, Hkv, L, D), each head
-    under its pattern's explicit mask at (Sq, L), in float32 (a right-padded batch's padding rows:
-    few, and their results unused, but exact). A row with no key gives 0; Skip heads: the mean of V
-    or 0."""
+    under its pattern's explicit mask at (Sq, L), on explicit scores (explicit_attention: capped by
+    softcap, weighing the (Hq,) sinks, as the kernels do; a right-padded batch's padding rows: few,
+    and their results unused, but exact). A row with no key gives 0; Skip heads: the mean of V or 0."""
     Sq, L, group = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
-    out = torch.zeros(q.shape[0], q.shape[1], Sq - first, v.shape[-1], dtype=torch.float32, device=q.device)
+    out = q.new_zeros(q.shape[0], q.shape[1], Sq - first, v.shape[-1])
     keeps = {}
     for h, pattern in enumerate(head_patterns):
-        kh, vh = k[:, h // group].float(), v[:, h // group].float()
+        kv = slice(h // group, h // group + 1)
         if isinstance(pattern, P.Skip):
             if pattern.fill == "mean":
-                out[:, h] = vh.mean(1, keepdim=True)
+                out[:, h] = v[:, h // group].float().mean(1, keepdim=True).to(out.dtype)
             continue
         if pattern not in keeps:  # the mask of rows first.. only: keep() on those rows
             rows, keys = torch.arange(first, Sq)[:, None], torch.arange(L)[None, :]
             keeps[pattern] = pattern.keep(rows, keys, Sq, L).expand(Sq - first, L).to(q.device)
-        scores = (q[:, h, first:].float() @ kh.transpose(-1, -2)) * scale
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~keeps[pattern], float("-inf"))
-        if sinks is not None:  # the sink's weight, dropped with its column
-            scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), float(sinks[h]))], dim=-1)
-        probs = scores.softmax(-1).nan_to_num(0.0)[..., :L]
-        out[:, h] = probs @ vh
-    return out.to(q.dtype)
+        out[:, h:h + 1] = explicit_attention(q[:, h:h + 1, first:], k[:, kv], v[:, kv], scale, softcap,
+                                             keep=keeps[pattern], sinks=None if sinks is None else sinks[h:h + 1])
+    return out
