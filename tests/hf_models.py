@@ -159,3 +159,26 @@ EXPECTED: dict[str, tuple[int, int]] = {
     "diffusers_dit": (LAYERS, 9 * LAYERS + 4),
     "diffusers_pixart": (2 * LAYERS, 10 * LAYERS + 6),
 }
+
+
+def run_compiled(model: nn.Module, inputs: tuple, options: dict, **forward_kwargs):
+    """`model` compiled by sparsec with `options` (afresh), run on `inputs` under no_grad while every
+    sparsec.attention call is recorded: (its last_hidden_state, the compiled graphs' Attention ops,
+    [(the call's head patterns as a tuple, its keyword arguments)])."""
+    import sparsec
+    from sparsec.dump import recording
+    from sparsec.ir.ops import Attention
+    from sparsec.patterns import Pattern
+
+    calls = []
+    original = sparsec.attention
+
+    def counting(q, k, v, patterns, **kwargs):
+        calls.append(((patterns,) if isinstance(patterns, Pattern) else tuple(patterns), kwargs))
+        return original(q, k, v, patterns, **kwargs)
+
+    torch._dynamo.reset()
+    with torch.no_grad(), recording() as records, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparsec, "attention", counting)
+        out = torch.compile(model, backend="sparsec", options=options)(*inputs, **forward_kwargs).last_hidden_state
+    return out, [op for r in records for op in r.final_ir.ops_of(Attention)], calls

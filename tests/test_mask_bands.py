@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsec
+from hf_models import run_compiled
 from sparsec import patterns as P
 from sparsec.config import parse_options
 from sparsec.dump import recording
-from sparsec.ir.ops import Attention
 from sparsec.key_padding import (MaskPrefix, band_pattern, decode_prefixes, encode_prefixes, key_prefix_runs,
                                  mask_prefixes)
 from sparsec.ops import BAND_MIN_KEYS, attention as attention_op
@@ -150,27 +150,15 @@ def test_gemma3_sliding_layers_run_their_band(caplog):
     model = _gemma3(seq)
     ids = torch.randint(0, 64, (2, seq))
     padding = (torch.arange(seq)[None] < torch.tensor([[seq - 30], [seq]])).long()
-    calls = []
-    original = sparsec.attention
-
-    def counting(q, k, v, patterns, **kwargs):
-        calls.append(tuple(patterns) if not isinstance(patterns, P.Pattern) else (patterns,))
-        return original(q, k, v, patterns, **kwargs)
-
     for mask_bands, bands in (("off", False), ("on", True)):
         for inputs in ((ids,), (ids, padding)):
-            torch._dynamo.reset()
-            calls.clear()
-            with torch.no_grad(), recording() as records, pytest.MonkeyPatch.context() as patch, \
-                    caplog.at_level(logging.INFO, logger="sparsec"):
-                patch.setattr(sparsec, "attention", counting)
-                got = torch.compile(model, backend="sparsec", options={"inner": "eager", "mask_bands": mask_bands})(
-                    *inputs).last_hidden_state
+            with caplog.at_level(logging.INFO, logger="sparsec"):
+                got, ops, calls = run_compiled(model, inputs, {"inner": "eager", "mask_bands": mask_bands})
             torch.testing.assert_close(got, model(*inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
-            rules = [op.mask_rule for r in records for op in r.final_ir.ops_of(Attention)]
+            rules = [op.mask_rule for op in ops]
             # the full-attention layer has a mask only with padding: causal prefixes, dense on each
             assert rules == ["band" if bands else "", "band" if bands and len(inputs) == 2 else ""]
-            assert any(P.Window(47, 0) in c for c in calls) == bands, calls
+            assert any(P.Window(47, 0) in patterns for patterns, _ in calls) == bands, calls
 
 
 class SharedMaskModel(torch.nn.Module):

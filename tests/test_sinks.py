@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sparsec
-import sparsec.dump
 import sparsec.model_tuning
+from hf_models import run_compiled
 from reference import reference_attention, tolerance
 from sparsec import patterns as P
 from sparsec.codegen.attention_cpu import cpu_attention
@@ -210,28 +210,15 @@ def test_gpt_oss_runs_its_layers_with_their_sinks():
     model = _gpt_oss(seq)
     ids = torch.randint(0, 64, (2, seq))
     padding = (torch.arange(seq)[None] < torch.tensor([[seq - 30], [seq]])).long()
-    calls = []
-    original = sparsec.attention
-
-    def counting(q, k, v, patterns, **kwargs):
-        calls.append((tuple(patterns), kwargs.get("sinks") is not None))
-        return original(q, k, v, patterns, **kwargs)
-
     for mask_bands in ("off", "on"):
         for inputs in ((ids,), (ids, padding)):
-            torch._dynamo.reset()
-            calls.clear()
-            with torch.no_grad(), sparsec.dump.recording() as records, pytest.MonkeyPatch.context() as patch:
-                patch.setattr(sparsec, "attention", counting)
-                got = torch.compile(model, backend="sparsec", options={"inner": "eager", "mask_bands": mask_bands})(
-                    *inputs, use_cache=False).last_hidden_state
+            got, ops, calls = run_compiled(model, inputs, {"inner": "eager", "mask_bands": mask_bands}, use_cache=False)
             torch.testing.assert_close(got, model(*inputs, use_cache=False).last_hidden_state, atol=1e-5, rtol=1e-5)
-            ops = [op for r in records for op in r.final_ir.ops_of(Attention)]
             assert len(ops) == 2 and all(op.sinks is not None for op in ops)
             if mask_bands == "off":
                 assert not calls
             else:
-                assert calls and all(has_sinks for _, has_sinks in calls)
+                assert calls and all(kwargs.get("sinks") is not None for _, kwargs in calls)
                 assert any(P.Window(47, 0) in c[0] for c in calls) and any(P.Dense() in c[0] for c in calls)
 
 

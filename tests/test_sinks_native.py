@@ -18,7 +18,7 @@ from sparsec.codegen import native_build
 from sparsec.codegen.attention_cpu_native import native_form, native_kernel, run_native
 from sparsec.codegen.frame_order import FramesTransposed, natural_index
 from test_attention_cpu_native import allowed, random_blocks  # the masks' rule, random block layouts
-from test_softcap_native import EXPECTED_FORM, FORMS, lengths  # the patterns of every kernel path, shapes
+from test_softcap_native import EXPECTED_FORM, FORMS, capped_reference, lengths  # every kernel path's patterns
 
 pytestmark = pytest.mark.skipif(native_kernel() is None, reason="native kernel not built: "
                                 + native_build.native_status("interval_attention"))
@@ -30,25 +30,6 @@ SINK_SPREAD = 3.0
 TOLERANCE = 5e-5
 # name -> (sinks?, softcap): none, sinks (head 1's -inf: no sink there), sinks with the scores capped
 MODES = {"none": (False, 0.0), "sinks": (True, 0.0), "sinks_softcap": (True, 5.0)}
-
-
-def sink_reference(q, k, v, keep, scale, softcap, sinks):
-    """float64: scores = scale q k^T, capped (softcap * tanh(scores / softcap), softcap > 0), masked
-    by `keep` (Sq, Sk), then a softmax over [kept scores..., sinks[h]] (no sink column for sinks
-    None) whose sink column is dropped, @ v; a row that keeps no key gives 0."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
-    scores = (q.double() @ k.transpose(-1, -2)) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~keep, -math.inf)
-    if sinks is not None:
-        z = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-        scores = torch.cat([scores, z], dim=-1)
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no key and no sink: NaN, made 0
-    if sinks is not None:
-        weights = weights[..., :-1]
-    return (weights @ v).masked_fill(~keep.any(-1)[:, None], 0.0)
 
 
 def sinks(rng):
@@ -91,12 +72,12 @@ def test_sinks_match_the_masked_reference(form, causal, mode):
         assert native_form(pattern, Sq, Sk, causal) == EXPECTED_FORM.get(form, "intervals")
         q, k, v = operands(rng, Sq, Sk)
         z = sinks(rng) if with_sinks else None
-        expected = sink_reference(q, k, v, keep, SCALE, softcap, z)
+        expected = capped_reference(q, k, v, keep, SCALE, softcap, z)
         out = run(q, k, v, pattern, causal, softcap, z)
         torch.testing.assert_close(out.double(), expected, atol=TOLERANCE, rtol=TOLERANCE,
                                    msg=lambda m: f"{pattern!r} {Sq}x{Sk} sinks {z}: {m}")
         if with_sinks:  # the sinks change the result far past the tolerance, in the heads that have one only
-            without = sink_reference(q, k, v, keep, SCALE, softcap, None)
+            without = capped_reference(q, k, v, keep, SCALE, softcap, None)
             assert (expected - without)[:, [0, 2, 3]].abs().max() > 20 * TOLERANCE
             torch.testing.assert_close(expected[:, 1], without[:, 1])
 
@@ -119,7 +100,7 @@ def test_sinks_in_groups_of_pieces(causal, mode):
     out_t = run(*(x[:, :, index] for x in (q, k, v)), pattern, causal, softcap, z)
     out = torch.empty_like(out_t)
     out[:, :, index] = out_t
-    expected = sink_reference(q, k, v, allowed(base, S, S, causal), SCALE, softcap, z)
+    expected = capped_reference(q, k, v, allowed(base, S, S, causal), SCALE, softcap, z)
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE, rtol=TOLERANCE)
 
 
@@ -144,7 +125,7 @@ def test_a_row_that_keeps_no_key_gives_exactly_zero(pattern, Sq, Sk, mode):
     out = run(q, k, v, pattern, True, softcap, z)
     assert not out.isnan().any()
     assert (out[:, :, empty] == 0).all()
-    torch.testing.assert_close(out.double(), sink_reference(q, k, v, keep, SCALE, softcap, z), atol=TOLERANCE,
+    torch.testing.assert_close(out.double(), capped_reference(q, k, v, keep, SCALE, softcap, z), atol=TOLERANCE,
                                rtol=TOLERANCE)
 
 
@@ -168,7 +149,7 @@ def test_sinks_by_global_head_and_none_or_minus_inf_is_no_sink(pattern):
     with_sinks = run(q, k, v, pattern, True, 0.0, z, heads=[3, 0])
     assert with_sinks[:, [1, 2]].isnan().all()
     assert (with_sinks[:, [0, 3]] - plain[:, [0, 3]]).abs().max() > 0.1
-    expected = sink_reference(q, k, v, keep, SCALE, 0.0, z.float())
+    expected = capped_reference(q, k, v, keep, SCALE, 0.0, z.float())
     torch.testing.assert_close(with_sinks[:, [0, 3]].double(), expected[:, [0, 3]], atol=TOLERANCE, rtol=TOLERANCE)
 
 

@@ -4,15 +4,14 @@ the matcher through the backend on transformers' Gemma 2, and the tuner's inputs
 float64 reference built from explicit masks (tests/reference.py, which caps on its own)."""
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
 
 import sparsec
-import sparsec.dump
 import sparsec.model_tuning
+from hf_models import run_compiled
 from reference import reference_attention, tolerance
 from sparsec import patterns as P
 from sparsec.codegen.attention_cpu import cpu_attention
@@ -199,7 +198,7 @@ def _gemma2(seq: int):
 
 
 @pytest.mark.models
-def test_gemma2_runs_its_capped_layers_sparse(caplog):
+def test_gemma2_runs_its_capped_layers_sparse():
     """Gemma 2's eager attention is matched with its cap; with the rule "band" its sliding layer runs
     the band and its full layer the causal prefix, capped, equal to eager; without, the layers are
     left as the model wrote them (nothing to gain: SDPA cannot cap)."""
@@ -207,28 +206,15 @@ def test_gemma2_runs_its_capped_layers_sparse(caplog):
     model = _gemma2(seq)
     ids = torch.randint(0, 64, (2, seq))
     padding = (torch.arange(seq)[None] < torch.tensor([[seq - 30], [seq]])).long()
-    calls = []
-    original = sparsec.attention
-
-    def counting(q, k, v, patterns, **kwargs):
-        calls.append((tuple(patterns), kwargs.get("softcap")))
-        return original(q, k, v, patterns, **kwargs)
-
     for mask_bands in ("off", "on"):
         for inputs in ((ids,), (ids, padding)):
-            torch._dynamo.reset()
-            calls.clear()
-            with torch.no_grad(), sparsec.dump.recording() as records, pytest.MonkeyPatch.context() as patch:
-                patch.setattr(sparsec, "attention", counting)
-                got = torch.compile(model, backend="sparsec", options={"inner": "eager", "mask_bands": mask_bands})(
-                    *inputs).last_hidden_state
+            got, ops, calls = run_compiled(model, inputs, {"inner": "eager", "mask_bands": mask_bands})
             torch.testing.assert_close(got, model(*inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
-            ops = [op for r in records for op in r.final_ir.ops_of(Attention)]
             assert [op.softcap for op in ops] == [CAP, CAP]
             if mask_bands == "off":
                 assert not calls
             else:
-                assert {c[1] for c in calls} == {CAP}
+                assert {kwargs.get("softcap") for _, kwargs in calls} == {CAP}
                 assert any(P.Window(47, 0) in c[0] for c in calls) and any(P.Dense() in c[0] for c in calls)
 
 

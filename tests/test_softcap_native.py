@@ -27,16 +27,24 @@ SPREAD = 10.0  # q's size: scale q.k has standard deviation ~10, so the largest 
 TOLERANCE = 5e-5  # fp32 scores of ~50 carry ~4e-6 of rounding (measured: within a fifth of this)
 
 
-def capped_reference(q, k, v, keep, scale, softcap):
-    """float64: scores = scale q k^T, capped (softcap * tanh(scores / softcap), softcap > 0), then
-    masked by `keep` (Sq, Sk), softmax, @ v; a row that keeps no key gives 0."""
+def capped_reference(q, k, v, keep, scale, softcap, sinks=None):
+    """float64: scores = scale q k^T, capped (softcap * tanh(scores / softcap), softcap > 0), masked
+    by `keep` (Sq, Sk), then a softmax over [kept scores..., sinks[h]] (no sink column for sinks
+    None: GPT-OSS's per-head logits, test_sinks_native) whose sink column is dropped, @ v; a row
+    that keeps no key gives 0."""
     group = q.shape[1] // k.shape[1]
     k, v = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
     scores = (q.double() @ k.transpose(-1, -2)) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~keep, -math.inf)
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+    if sinks is not None:
+        z = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, z], dim=-1)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # no key and no sink: NaN, made 0
+    if sinks is not None:
+        weights = weights[..., :-1]
+    return (weights @ v).masked_fill(~keep.any(-1)[:, None], 0.0)
 
 
 def lengths(rng):
