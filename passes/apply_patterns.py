@@ -28,11 +28,12 @@ mask) runs them on each batch row's kept keys, and any other call runs dense wit
 up: a plan's layer tuned without the causal rule applies to padded keys (mask rule "keys"), one
 tuned with it to causal prefixes aligned as at tuning (rule "causal:<kv_len - q_len>": a static
 cache's prefill from position 0, not its decoding steps). A causal op with a mask keeps its
-dense scores (log line). A layer left dense whose mask can differ from query to query (option
-mask_bands: on, or auto where the target is the CPU) gets Dense heads under the rule "band": a
-call whose mask is a sliding window (Mistral's, Gemma's: each query keeps the last W keys up to
-its position, padding cut too) runs the band as a pattern, which skips the keys outside it, a
-left-padded batch each row on its own tokens; any other mask keeps its dense path. The user's
+dense scores (log line). A layer left dense with a mask, not causal itself (option mask_bands: on,
+or auto where the target is the CPU) gets Dense heads under the rule "band": a call whose mask is
+a sliding window (Mistral's, Gemma's: each query keeps the last W keys up to its position, padding
+cut too) runs the band as a pattern, which skips the keys outside it, a left-padded batch each row
+on its own tokens, padded keys each row on its kept keys (when padded enough); any other mask keeps
+its dense path. The user's
 errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
 fit the sequence lengths, a plan whose layer has other heads or head size than the model's, or a
 plan none of whose layers is in a graph that has attention layers (a plan for another model).
@@ -151,8 +152,8 @@ def _bands_apply(op: Attention, bands: bool) -> bool:
 def _with_patterns(op: Attention, config: SparsecConfig, bands: bool) -> Op:
     given = _given(op, config)
     if given is None and _bands_apply(op, bands):
-        log.debug("attention %s: calls whose mask is a sliding window (a band of keys for each query) run the band's "
-                  "pattern; other masks run dense (rule 'band', sparsec/key_padding.py)", op.module_path)
+        log.debug("attention %s: calls run by what their mask keeps (a sliding window's band, a causal prefix, left "
+                  "padding, padded keys); other masks run dense (rule 'band', sparsec/key_padding.py)", op.module_path)
         scores = op.scores.with_sparsity(AttentionPatterns(patterns=(P.Dense(),) * op.num_heads))
         return dataclasses.replace(op, scores=scores, mask_rule="band")
     if given is None:
