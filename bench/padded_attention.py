@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparsec import patterns as P
-from sparsec.key_padding import patterns_for_keys
+from sparsec.key_padding import patterns_at
 from sparsec.ops import attention as attention_op
 from sparsec.ops import patterns_to_json
 
@@ -89,7 +89,7 @@ def run(args, console: Console) -> list[dict]:
                 }
                 error = _check(q, k, v, mask, patterns, scale, fns["sparsec_padded"]())
                 ms = _time_ms(fns, args.device, args.min_seconds)
-                kept = patterns_for_keys(patterns[:1], total, args.video + valid)[0].density(total, args.video + valid)
+                kept = patterns_at(patterns[:1], total, args.video + valid)[0].density(total, args.video + valid)
                 row = {"family": family, "target_density": density, "video": args.video, "text": args.text,
                        "valid_text": valid, "kept_density": kept, "max_rel_error": error,
                        **{f"{name}_ms": t for name, t in ms.items()},

@@ -33,9 +33,11 @@ or auto where the target is the CPU) gets Dense heads under the rule "band": a c
 a sliding window (Mistral's, Gemma's: each query keeps the last W keys up to its position, padding
 cut too) runs the band as a pattern, which skips the keys outside it, a left-padded batch each row
 on its own tokens, padded keys each row on its kept keys (when padded enough); any other mask keeps
-its dense path. The user's
-errors raise SparsecUserError: a pattern list of the wrong length, a block layout that does not
-fit the sequence lengths, a plan whose layer has other heads or head size than the model's, or a
+its dense path. Block layouts with more blocks than a layer's lengths need are cut to their
+top-left corner (at symbolic lengths, per call). The user's
+errors raise SparsecUserError: a pattern list of the wrong length, a block layout of
+attention_patterns with fewer blocks than the lengths need (a plan's leaves its layer dense), a
+plan whose layer has other heads or head size than the model's, or a
 plan none of whose layers is in a graph that has attention layers (a plan for another model).
 """
 from __future__ import annotations
@@ -56,26 +58,43 @@ __all__ = ["apply_patterns"]
 log = logging.getLogger(__name__)
 
 
-def _check_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...], source: str) -> None:
+def _fit_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...],
+                       source: str) -> tuple[P.Pattern, ...] | None:
+    """The head patterns with their block layouts fitted to the layer's static lengths: a layout
+    with more blocks is cut to its top-left corner (the call's queries and keys are its first rows
+    and columns, as at a shorter length). One with fewer raises SparsecUserError for the option
+    attention_patterns and leaves a plan's layer dense (None: its calls are longer than it was
+    tuned at). With a mask, fewer key blocks (and for a plan, fewer query blocks) are left to each
+    call (key_padding.patterns_at). Symbolic lengths: fitted per call (sparsec.ops)."""
     Sq, Sk = op.scores.shape[2], op.scores.shape[3]
     if not (is_static(Sq) and is_static(Sk)):
-        return  # sparsec.attention checks the lengths at run time
+        return head_patterns
+    plan, fitted = source != "attention_patterns", {}
     for h, pattern in enumerate(head_patterns):
+        parts = []
         for part in pattern.parts if isinstance(pattern, P.Union) else (pattern,):
-            if not isinstance(part, P.BlockSparse):
-                continue
-            if op.mask is not None:  # tuned on a key prefix: a layout may cover fewer keys (key_padding)
+            if isinstance(part, P.BlockSparse):
                 (bq, bk), (rows, cols) = part.block, part.layout_shape
-                if rows != -(-Sq // bq) or cols > -(-Sk // bk):
+                need = (-(-Sq // bq), -(-Sk // bk))
+                short = rows < need[0] and not (plan and op.mask is not None) or cols < need[1] and op.mask is None
+                if short and plan:
+                    log.info("attention %s: the plan's block layout of head %d has shape %s, fewer blocks than Sq=%d, "
+                             "Sk=%d need with block %s (tuned on shorter calls); dense kept", op.module_path, h,
+                             (rows, cols), Sq, Sk, part.block)
+                    return None
+                if short:
                     raise SparsecUserError(
                         f"{source} for {op.module_path!r}, head {h}: BlockSparse layout has shape {(rows, cols)}, "
-                        f"but Sq={Sq}, Sk={Sk} with block={part.block} need {-(-Sq // bq)} rows and at most "
-                        f"{-(-Sk // bk)} columns")
-                continue
-            try:
-                part.check_lengths(Sq, Sk)
-            except ValueError as e:
-                raise SparsecUserError(f"{source} for {op.module_path!r}, head {h}: {e}") from None
+                        f"but Sq={Sq}, Sk={Sk} with block={part.block} need {need}"
+                        + (" rows (columns may be fewer: padded keys)" if op.mask is not None else ""))
+                if rows > need[0] or cols > need[1]:
+                    part = P.BlockSparse.from_trusted_layout(part.layout[:need[0], :need[1]], part.block)
+            parts.append(part)
+        fitted[h] = parts[0] if len(parts) == 1 else P.Union(parts)
+    if any(fitted[h] != p for h, p in enumerate(head_patterns)):
+        log.info("attention %s: block layouts of %s cut to Sq=%d, Sk=%d (their top-left corner)", op.module_path,
+                 source, Sq, Sk)
+    return tuple(fitted[h] for h in range(len(head_patterns)))
 
 
 def _check_plan_layer(op: Attention, layer) -> None:
@@ -173,7 +192,9 @@ def _with_patterns(op: Attention, config: SparsecConfig, bands: bool) -> Op:
         head_patterns = P.normalize_head_patterns(patterns, op.num_heads)
     except (TypeError, ValueError) as e:
         raise SparsecUserError(f"{source} for {op.module_path!r}: {e}") from None
-    _check_block_layouts(op, head_patterns, source)
+    head_patterns = _fit_block_layouts(op, head_patterns, source)
+    if head_patterns is None:
+        return op
     scores = op.scores.with_sparsity(AttentionPatterns(patterns=head_patterns))
     log.debug("attention %s gets patterns %s (from %s)", op.module_path, head_patterns, source)
     return dataclasses.replace(op, scores=scores, tiles=tiles, mask_rule=mask_rule if op.mask is not None else "")

@@ -1,9 +1,10 @@
-"""Attention patterns on layers whose mask only cuts the keys to a prefix, and sliding windows.
+"""Attention patterns on layers whose mask only cuts the keys to a prefix, left padding, and
+sliding windows.
 
-Two kinds of explicit masks drop nothing but keys past a point, and the masked attention with
-per-head patterns is then the patterned attention over the first L_b keys of batch row b: K and V
-are sliced (views), block layouts are cut to the key blocks that remain, and the rows with the
-same L_b run as one call.
+Three kinds of explicit masks drop nothing but keys past a point, or a row's leading padding, and
+the masked attention with per-head patterns is then the patterned attention over the kept keys of
+batch row b: K and V are sliced (views), block layouts are cut to the blocks that remain
+(patterns_at), and the rows that keep the same keys run as one call.
 
   padded keys      the same keys j < L_b for every query: the padded text tokens of a video DiT
                    that attends over [video, text] tokens (HunyuanVideo: a (B, 1, 1, S) bool mask),
@@ -17,37 +18,38 @@ same L_b run as one call.
                    reach all L_b keys before the end: the L_b - d_b queries under the causal rule
                    run so, and the padding rows against all L_b keys under the patterns' explicit
                    masks (exact, dense; few rows).
+  left padding     a causal call from position 0 whose row b starts with p_b padding tokens
+                   (transformers' batched generation): its first p_b queries keep no key (their
+                   output is 0, as SDPA gives such rows) and query i >= p_b keeps keys p_b..i. The
+                   patterns run with the causal rule on the row's own tokens, shifted to position 0
+                   (the row's first token is position 0 for its patterns, as its position ids
+                   say, so a row runs as it would unpadded).
 
-Two more kinds run for layers left dense (mask rule "band", option mask_bands):
+One more kind runs for layers left dense (mask rule "band", option mask_bands):
 
   sliding window   query i keeps keys i + d_b - W .. i + d_b of the first L_b (Mistral's, Gemma's
                    local layers: the last W + 1 keys up to its position, right padding cut too;
-                   padding longer than the window leaves its last queries no key: they give 0).
-                   Dense heads then run the band's pattern (band_pattern: a Window) on the L_b
-                   keys, which skips every key outside it; heads with other patterns cannot be cut
-                   to a band (no intersection of patterns), so such a call runs dense.
-  left padding     a causal call from position 0 whose row b starts with p_b padding tokens
-                   (transformers' batched generation): its first p_b queries keep no key (their
-                   output is 0, as SDPA gives such rows) and query i >= p_b keeps keys p_b..i (or
-                   a sliding window of them). Dense heads run on the tokens after p_b, shifted to
-                   position 0 (causal attention and bands do not depend on absolute positions;
-                   other patterns do, so their calls run dense).
+                   padding longer than the window leaves its last queries no key: they give 0;
+                   left padding, keys p_b.. only). Dense heads then run the band's pattern
+                   (band_pattern: a Window) on the kept keys, which skips every key outside it;
+                   heads with other patterns cannot be cut to a band (no intersection of
+                   patterns), so such a call runs dense.
 
 Which masks a layer's patterns run under is its mask rule (Attention.mask_rule, an argument of
-the op): "band" all of them (Dense heads); "" either of the first two (the option
+the op): "band" all of them (Dense heads); "" any of the first three (the option
 attention_patterns: patterns as given); "keys" padded keys only (a plan tuned without the causal
 rule: positions count from 0 for queries and keys alike);
-"causal:D" a causal prefix whose d_b is D (a plan tuned with the causal rule at kv_len - q_len =
-D: its query i is position i + D, which only such calls keep; a decoding step of a plan tuned on
-prefill has d_b > 0 and runs dense, as MInference decodes).
+"causal:D" a causal prefix whose d_b is D, or left padding when D = 0 (a plan tuned with the
+causal rule at kv_len - q_len = D: its query i is position i + D, which only such calls keep; a
+decoding step of a plan tuned on prefill has d_b > 0 and runs dense, as MInference decodes).
 
 `key_prefix_runs` says whether a call runs so. It does not (None; the op then runs the dense path
 with the mask, exactly, and logs once per layer) when the mask varies with the head, keeps keys
 that are not such a prefix, drops every key of a row, is a float bias with values other than 0 and
 -inf (or the dtype's lowest value, which transformers uses), or breaks the layer's rule; when the
-op is causal itself; or when a layout of the option attention_patterns has fewer key blocks than a
-row's kept keys need. A plan's layout that has fewer (tuned on shorter text: no calibration call
-had the keys past it) keeps the key blocks past it, as dense does.
+op is causal itself; or when a layout of the option attention_patterns has fewer blocks than a
+row's kept queries and keys need. A plan's layout that has fewer (tuned on shorter rows: no
+calibration call had the keys past it) keeps the blocks past it, as dense does.
 
 The mask is read at run time (a traced graph cannot tell one mask from another): any shape that
 broadcasts to (B, H, Sq, Sk), expanded (stride 0) or materialized. A materialized (B, 1, Sq, Sk)
@@ -60,6 +62,7 @@ mask into the buffer of an earlier one without bumping its version counter.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -70,7 +73,7 @@ from sparsec import patterns as P
 from sparsec.attention_dispatch import explicit_attention
 
 __all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "decode_prefixes", "encode_prefixes", "key_prefix_runs",
-           "mask_keep", "mask_prefixes", "patterns_for_keys", "run_key_prefix"]
+           "mask_keep", "mask_prefixes", "patterns_at", "run_key_prefix"]
 
 _RULE = re.compile(r"(|keys|band|causal:-?\d+)")
 
@@ -103,8 +106,8 @@ class MaskPrefix:
     @property
     def dense_heads_only(self) -> bool:
         """Whether only Dense heads can run under this mask: a band cuts patterns to a shape no
-        pattern has, and left padding shifts the positions patterns name."""
-        return self.window is not None or self.first > 0
+        pattern has (a left-padded row's patterns run on its own tokens, from position 0)."""
+        return self.window is not None
 
     def causal_queries(self, Sq: int) -> int:
         """How many leading queries the causal rule cuts (the rest, a right-padded batch's padding,
@@ -326,28 +329,38 @@ def _follows(prefix: MaskPrefix, rule: str, Sq: int) -> bool:
     return prefix.causal and prefix.offset == int(rule.split(":")[1])
 
 
-def patterns_for_keys(head_patterns: tuple[P.Pattern, ...], Sq: int, length: int,
-                      widen: bool = False) -> tuple[P.Pattern, ...] | None:
-    """The head patterns over the first `length` keys: block layouts keep the key blocks those
-    cover; one with fewer gets the missing blocks kept (`widen`) or gives None, as one whose query
-    blocks do not fit Sq does. Other patterns name key positions, which the first `length` keys keep."""
+@functools.lru_cache(maxsize=256)  # once a layer and length: a layout is cut row by row
+def patterns_at(head_patterns: tuple[P.Pattern, ...], Sq: int, Sk: int,
+                widen: bool = False) -> tuple[P.Pattern, ...] | None:
+    """The head patterns for Sq queries against Sk keys lying at rows and columns 0.. of their
+    block layouts (a shorter call, a row's kept keys, or a left-padded row's own tokens): a layout
+    with more blocks is cut to its top-left corner; one with fewer gets the missing blocks kept
+    (`widen`: a plan's, tuned on shorter calls, keeps them as dense does) or gives None. Other
+    patterns name positions, which hold at any length."""
     cut = {}
     for pattern in dict.fromkeys(head_patterns):
         parts = pattern.parts if isinstance(pattern, P.Union) else (pattern,)
         new_parts = []
         for part in parts:
             if isinstance(part, P.BlockSparse):
-                (bq, bk), (rows, cols) = part.block, part.layout_shape
-                need = math.ceil(length / bk)
-                if rows != math.ceil(Sq / bq) or (cols < need and not widen):
+                part = _layout_at(part, Sq, Sk, widen)
+                if part is None:
                     return None
-                if cols != need:
-                    layout = part.layout[:, :need] if cols > need else torch.cat(
-                        [part.layout, torch.ones(rows, need - cols, dtype=torch.bool)], dim=1)
-                    part = P.BlockSparse.from_trusted_layout(layout, (bq, bk))
             new_parts.append(part)
         cut[pattern] = new_parts[0] if len(new_parts) == 1 else P.Union(new_parts)
     return tuple(cut[p] for p in head_patterns)
+
+
+def _layout_at(part: P.BlockSparse, Sq: int, Sk: int, widen: bool) -> P.BlockSparse | None:
+    (bq, bk), (rows, cols) = part.block, part.layout_shape
+    need = (math.ceil(Sq / bq), math.ceil(Sk / bk))
+    if (rows, cols) == need:
+        return part
+    if (rows < need[0] or cols < need[1]) and not widen:
+        return None
+    layout = torch.ones(need, dtype=torch.bool)
+    layout[:min(rows, need[0]), :min(cols, need[1])] = part.layout[:need[0], :need[1]]
+    return P.BlockSparse.from_trusted_layout(layout, (bq, bk))
 
 
 def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, is_causal: bool,
@@ -368,8 +381,9 @@ def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, i
                                                        p.first)):
         if prefix.dense_heads_only:
             patterns = _in_band(head_patterns, prefix, Sq)
-        else:
-            patterns = patterns_for_keys(head_patterns, Sq, prefix.length, widen=rule not in ("", "band"))
+        else:  # a left-padded row's patterns lie on its own tokens, from position 0
+            patterns = patterns_at(head_patterns, Sq - prefix.first, prefix.length - prefix.first,
+                                   widen=rule not in ("", "band"))
         if patterns is None:
             return None
         runs.append(KeyRun(tuple(b for b, p in enumerate(prefixes) if p == prefix), prefix, patterns))
@@ -389,13 +403,10 @@ def band_pattern(window: int, offset: int, Sq: int) -> P.Pattern:
 
 
 def _in_band(head_patterns: tuple[P.Pattern, ...], prefix: MaskPrefix, Sq: int) -> tuple[P.Pattern, ...] | None:
-    """Dense heads as the band's pattern (without a window, Dense); None when a head has another
-    pattern (a band cut of it is not a pattern sparsec has, and left padding would shift its
-    positions)."""
+    """Dense heads as the band's pattern; None when a head has another pattern (a band cut of it is
+    not a pattern sparsec has)."""
     if not all(isinstance(p, P.Dense) for p in head_patterns):
         return None
-    if prefix.window is None:
-        return head_patterns
     band = band_pattern(prefix.window, prefix.offset, prefix.causal_queries(Sq) - prefix.first)
     return (band,) * len(head_patterns)
 
@@ -417,7 +428,7 @@ def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float, softcap: f
 
 def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float, sinks: torch.Tensor | None) -> torch.Tensor:
     prefix, Sq = run.prefix, q.shape[2]
-    if prefix.first:  # left padding: the queries and keys after it, shifted (Dense heads and bands only)
+    if prefix.first:  # left padding: the queries and keys after it, shifted to position 0
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         out[:, :, prefix.first:] = attend(q[:, :, prefix.first:], k[:, :, prefix.first:prefix.length],
                                           v[:, :, prefix.first:prefix.length], run.patterns, True)
@@ -427,7 +438,8 @@ def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float, sinks: torc
     if causal_rows == Sq:
         return attend(q, k, v, run.patterns, prefix.causal)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    out[:, :, :causal_rows] = attend(q[:, :, :causal_rows], k, v, run.patterns, True)
+    out[:, :, :causal_rows] = attend(q[:, :, :causal_rows], k, v, patterns_at(run.patterns, causal_rows, prefix.length),
+                                     True)
     out[:, :, causal_rows:] = _padding_rows(q, k, v, run.patterns, causal_rows, scale, softcap, sinks)
     return out
 

@@ -11,8 +11,9 @@ of the sparsec::attention op hands its q, k, v to a recorder under the layer's m
 compiled model computes, for models written any way the matchers understand. The recorded calls
 go to sparsec.tuning.tune_layers (calibration statistics -> candidates with measured errors ->
 cost-model search). A call whose mask cuts the keys to a prefix (padded keys, or the causal rule
-over a prefix: sparsec/key_padding.py) is recorded as each batch row's queries against its kept
-keys (under the causal rule or not), which is how the patterns run on it; where rows differ, the
+over a prefix, or left padding: sparsec/key_padding.py) is recorded as each batch row's queries
+against its kept keys (under the causal rule or not; a left-padded row's own tokens, from position
+0), which is how the patterns run on it; where rows differ, the
 layer is tuned on the rows of its most common shape (a log line says how many were left out).
 Calls with any other mask or bias are left out, and a layer with no other call stays dense (the
 pattern kernels take no general mask). The plan carries a fingerprint of the model's attention
@@ -67,21 +68,22 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
         B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
         prefixes = None if attn_mask is None or is_causal else mask_prefixes(attn_mask, B, Sq, Sk)
         if prefixes is not None and any(p.dense_heads_only for p in prefixes):
-            prefixes = None  # a sliding window's band or left padding: Dense heads run so, nothing to tune
+            prefixes = None  # a sliding window's band: Dense heads run so, nothing to tune
         if not site:
             unnamed += 1
         elif attn_mask is not None and prefixes is None:
             masked.add(site)
-        elif prefixes is None or all(p == prefixes[0] and p.length == Sk and p.causal_queries(Sq) == Sq
+        elif prefixes is None or all(p == prefixes[0] and p.length == Sk and p.causal_queries(Sq) == Sq and not p.first
                                      for p in prefixes):  # one call will do
             causal = bool(is_causal) or (prefixes is not None and prefixes[0].causal and Sq > 1)
             recorded[site].append(LayerSample(q.detach(), k.detach(), v.detach(), causal=causal, scale=float(scale),
                                               softcap=float(softcap), sinks=_sinks(sinks)))
-        else:  # each row's queries under the rule (not a right-padded batch's padding) against its kept keys
-            for b, p in enumerate(prefixes):
-                rows = p.causal_queries(Sq)
-                recorded[site].append(LayerSample(q[b:b + 1, :, :rows].detach(), k[b:b + 1, :, :p.length].detach(),
-                                                  v[b:b + 1, :, :p.length].detach(), causal=p.causal and rows > 1,
+        else:  # each row's queries under the rule (not a right-padded batch's padding, nor a left-padded
+            for b, p in enumerate(prefixes):  # one's: its own tokens, from position 0) against its kept keys
+                rows, keys = slice(p.first, p.causal_queries(Sq)), slice(p.first, p.length)
+                recorded[site].append(LayerSample(q[b:b + 1, :, rows].detach(), k[b:b + 1, :, keys].detach(),
+                                                  v[b:b + 1, :, keys].detach(),
+                                                  causal=p.causal and p.causal_queries(Sq) - p.first > 1,
                                                   scale=float(scale), softcap=float(softcap), sinks=_sinks(sinks)))
 
     with recording_attention(record):

@@ -10,8 +10,11 @@
         rule j <= i + (S_k - S_q) (equal to SDPA's is_causal when S_q == S_k). attn_mask is a bool
         mask or an additive float bias broadcastable to (B, Hq, S_q, S_k). With patterns, a mask
         that only cuts the keys to a prefix (padded keys, or the causal rule over a prefix: a
-        static KV cache's) runs the patterns on each row's kept keys where `mask_rule` admits it
-        (sparsec/key_padding.py); any other mask runs the dense path with it (a log line). Under
+        static KV cache's) or pads rows on the left runs the patterns on each row's kept keys
+        (a left-padded row's own tokens, from position 0) where `mask_rule` admits it
+        (sparsec/key_padding.py); any other mask runs the dense path with it (a log line). Block
+        layouts with more blocks than a call needs run their top-left corner; a call without a
+        mask that needs more runs dense (a log line). Under
         the rule "band" (Dense heads), a sliding window's mask runs as its band, a left-padded
         batch each row on its own tokens, and padded keys each row on its kept keys when at least
         PADDING_MIN_SHARE of them are padding; calls with fewer than BAND_MIN_KEYS keys keep the
@@ -53,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.attention_dispatch import causal_allowed, explicit_attention
-from sparsec.key_padding import encode_prefixes, key_prefix_runs, mask_keep, mask_prefixes, run_key_prefix
+from sparsec.key_padding import (KeyRun, encode_prefixes, key_prefix_runs, mask_keep, mask_prefixes, patterns_at,
+                                 run_key_prefix)
 from sparsec.patterns import Pattern, Skip, from_dict
 
 log = logging.getLogger(__name__)
@@ -141,6 +145,10 @@ def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, pattern
         return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     head_patterns = patterns_from_json(patterns)
     if attn_mask is None:
+        head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2])
+        if head_patterns is None:
+            _log_short_layout(site, q.shape[2], k.shape[2])
+            return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
         return sparsec.attention(q, k, v, head_patterns, causal=is_causal, scale=scale, tiles=tiles, softcap=softcap,
                                  sinks=sinks)
     runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule, layout)
@@ -161,6 +169,12 @@ def _little_padding(runs, batch: int, Sk: int) -> bool:
         return False
     kept = sum(run.prefix.length * len(run.rows) for run in runs)
     return 1 - kept / (batch * Sk) < PADDING_MIN_SHARE
+
+
+@functools.lru_cache(maxsize=1024)  # once a layer and length
+def _log_short_layout(site: str, Sq: int, Sk: int) -> None:
+    log.info("attention %s: a block layout of its patterns has fewer blocks than Sq=%d, Sk=%d need (made for "
+             "shorter calls); dense for this call", site or "?", Sq, Sk)
 
 
 @functools.lru_cache(maxsize=1024)  # once a layer and mask shape
@@ -234,10 +248,15 @@ def _skip_probs(head_patterns: tuple[Pattern, ...], allowed: torch.Tensor) -> to
                         for p in head_patterns], dim=-3)
 
 
-def _padded_keep(head_patterns: tuple[Pattern, ...], Sq: int, length: int, Sk: int, device) -> torch.Tensor:
-    """_head_keep over the first `length` of Sk keys, False beyond."""
-    keep = _head_keep(head_patterns, Sq, length, device)
-    return keep if length == Sk else F.pad(keep, (0, Sk - length), value=False)
+def _runs_keep(runs: list[KeyRun], batch: int, Sq: int, Sk: int, device) -> torch.Tensor:
+    """(B, Hq, Sq, Sk) bool: the pairs each run's patterns keep, where its rows have them (a
+    left-padded row's from its first token on); the mask, applied after, cuts the rest."""
+    keep = torch.zeros(batch, len(runs[0].patterns), Sq, Sk, dtype=torch.bool, device=device)
+    for run in runs:
+        first, length = run.prefix.first, run.prefix.length
+        rows = torch.tensor(run.rows, device=device)
+        keep[rows, :, first:, first:length] = _head_keep(run.patterns, Sq - first, length - first, device)
+    return keep
 
 
 class Probs(NamedTuple):
@@ -270,14 +289,16 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     runs = None
     if head_patterns and attn_mask is not None:  # as the forward: patterns on key prefixes, or dense
         runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
-        head_patterns = None if runs is None else max(runs, key=lambda r: r.prefix.length).patterns
+        head_patterns = None if runs is None else runs[0].patterns
+    elif head_patterns:
+        head_patterns = patterns_at(head_patterns, Sq, Sk)
     if head_patterns:
         allowed = keep
         if runs is not None:  # a Skip head's mean covers each row's kept keys (each query's)
             allowed = keep & mask_keep(attn_mask, q.shape[0], Sq, Sk)
         skip = _skip_probs(head_patterns, allowed.to(dtype))
-        longest = Sk if runs is None else max(r.prefix.length for r in runs)
-        keep = keep & _padded_keep(head_patterns, Sq, longest, Sk, q.device)
+        keep = keep & (_head_keep(head_patterns, Sq, Sk, q.device) if runs is None
+                       else _runs_keep(runs, q.shape[0], Sq, Sk, q.device))
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         keep = keep & attn_mask
     elif attn_mask is not None:

@@ -261,13 +261,14 @@ def test_other_masks_with_empty_rows_are_not_left_padding(mask):
     assert mask_prefixes(mask, 1, 4, 4) is None
 
 
-def test_left_padding_runs_only_dense_heads():
-    """Patterns name absolute positions, which left padding shifts: only Dense heads run shifted."""
-    mask = left_padded(300, [0, 20])
+def test_a_left_padded_band_runs_only_dense_heads():
+    """A band cuts patterns to a shape no pattern has: only Dense heads run a left-padded sliding
+    window (patterns without a window run on each row's own tokens: tests/test_left_padding.py)."""
+    mask = left_padded(300, [0, 20], window=40)
     q = torch.empty(2, 2, 300, 8)
     assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Dense()), "band") is not None
     assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Skip("mean")), "band") is None
-    assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Dense()), "") is None
+    assert key_prefix_runs(q, q, mask, False, (P.Dense(), P.Window(3, 0)), "") is None
 
 
 @settings(max_examples=20, deadline=None)
