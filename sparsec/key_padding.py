@@ -419,25 +419,34 @@ def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float, softcap: f
     if len(runs) == 1 and len(runs[0].rows) == q.shape[0]:
         return _run(q, k, v, runs[0], attend, scale, softcap, sinks)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    for run in runs:  # each run's rows, and only the keys they keep, copied
-        rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.prefix.length)
+    for run in runs:
+        b = run.rows[0]
+        if run.rows == tuple(range(b, b + len(run.rows))):  # consecutive rows (one, in a left-padded batch): views
+            rows = slice(b, b + len(run.rows))
+            _run(q[rows], k[rows], v[rows], run, attend, scale, softcap, sinks, out=out[rows])
+            continue
+        rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.prefix.length)  # only the kept keys copied
         out[rows] = _run(q.index_select(0, rows), k[:, :, keys].index_select(0, rows),
                          v[:, :, keys].index_select(0, rows), run, attend, scale, softcap, sinks)
     return out
 
 
-def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float, sinks: torch.Tensor | None) -> torch.Tensor:
+def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float, sinks: torch.Tensor | None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """One run's output, written into `out` when given."""
     prefix, Sq = run.prefix, q.shape[2]
+    causal_rows = prefix.causal_queries(Sq)
+    if not prefix.first and causal_rows == Sq:
+        whole = attend(q, k[:, :, :prefix.length], v[:, :, :prefix.length], run.patterns, prefix.causal)
+        return whole if out is None else out.copy_(whole)
+    if out is None:
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
     if prefix.first:  # left padding: the queries and keys after it, shifted to position 0
-        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        out[:, :, :prefix.first] = 0
         out[:, :, prefix.first:] = attend(q[:, :, prefix.first:], k[:, :, prefix.first:prefix.length],
                                           v[:, :, prefix.first:prefix.length], run.patterns, True)
         return out
     k, v = k[:, :, :prefix.length], v[:, :, :prefix.length]
-    causal_rows = prefix.causal_queries(Sq)
-    if causal_rows == Sq:
-        return attend(q, k, v, run.patterns, prefix.causal)
-    out = q.new_empty(*q.shape[:3], v.shape[-1])
     out[:, :, :causal_rows] = attend(q[:, :, :causal_rows], k, v, patterns_at(run.patterns, causal_rows, prefix.length),
                                      True)
     out[:, :, causal_rows:] = _padding_rows(q, k, v, run.patterns, causal_rows, scale, softcap, sinks)

@@ -18,7 +18,6 @@ from torch import nn
 
 import sparsec
 from reference import reference_attention
-from sparsec import key_padding
 from sparsec import patterns as P
 from sparsec.key_padding import key_prefix_runs
 from sparsec.ops import attention as attention_op
