@@ -76,6 +76,17 @@ def test_each_left_padded_row_runs_its_patterns_on_its_own_tokens(S, pads, rule,
     torch.testing.assert_close(got.double(), _left_padded_reference(q, k, v, patterns, pads), atol=2e-5, rtol=2e-5)
 
 
+def test_the_triton_kernels_run_left_padded_rows_on_strided_views(monkeypatch):
+    """Each row's own tokens are a strided view of q, k, v: the Triton kernels (Triton's interpreter
+    here) take them as they are."""
+    monkeypatch.setenv("SPARSEC_ATTENTION_BACKEND", "triton")
+    S, pads = 40, [0, 13]
+    q, k, v = _random(2, H, S, D, seed=31), _random(2, HKV, S, D, seed=32), _random(2, HKV, S, D, seed=33)
+    patterns = _heads(S, seed=34)
+    got = attention_op(q, k, v, left_padded(S, pads), SCALE, False, patterns_to_json(patterns), mask_rule="causal:0")
+    torch.testing.assert_close(got.double(), _left_padded_reference(q, k, v, patterns, pads), atol=2e-5, rtol=2e-5)
+
+
 def test_gradients_of_left_padded_rows_match_the_reference():
     S, pads = 70, [0, 21, 40]
     q = _random(3, H, S, D, seed=1).requires_grad_()
