@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sparsec.attention_dispatch import causal_allowed, explicit_attention, head_mask, skip_fill
+from sparsec.attention_dispatch import causal_allowed, check_softcap, explicit_attention, head_mask, skip_fill
 from sparsec.codegen import attention_cpu_plan
 from sparsec.codegen.attention_cpu_choice import choose_blocks, choose_split
 from sparsec.codegen.attention_cpu_native import Native, native_form, native_kernel, run_native
@@ -490,8 +490,7 @@ def cpu_attention(
     or on explicit scores (masked, dense work: _modified_heads). sinks: (Hq,) float32 logits that
     join each row's softmax of their head (sparsec.attention), run the same way."""
     _check_inputs(q, k, v, head_patterns, scale)
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0:
-        raise ValueError(f"cpu_attention: softcap must be a float >= 0 (0: no capping), got {softcap!r}")
+    softcap = check_softcap(softcap, "cpu_attention")
     for name, value in (("split", split), ("frames", frames), ("native", native)):
         if value not in (None, True, False):
             raise ValueError(f"cpu_attention: {name} must be None, True or False, got {value!r}")

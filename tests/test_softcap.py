@@ -79,9 +79,13 @@ def test_triton_kernels_cap_the_scores(causal):
 @pytest.mark.parametrize("bad, error", [(-1.0, ValueError), (math.inf, ValueError), (math.nan, ValueError),
                                         ("5", TypeError), (True, TypeError)])
 def test_a_bad_softcap_is_named(bad, error):
+    from sparsec.codegen.attention_cpu import cpu_attention
+
     q, k, v = _qkv(1, 2, 2, 8, 8, 16)
     with pytest.raises(error, match="softcap"):
         sparsec.attention(q, k, v, P.Window(2, 2), softcap=bad)
+    with pytest.raises(error, match="cpu_attention: softcap"):  # the CPU executor checks it the same way
+        cpu_attention(q, k, v, (P.Window(2, 2),) * 2, causal=False, scale=0.25, softcap=bad)
 
 
 def test_no_cap_is_none_or_zero():
