@@ -101,6 +101,10 @@ def _check_plan_layer(op: Attention, layer) -> None:
     head_dim = op.q.type.shape[-1]
     model = (op.num_heads, op.num_kv_heads, head_dim)
     planned = (layer.num_heads, layer.num_kv_heads, layer.head_dim)
+    if model == (layer.num_heads, layer.num_heads, layer.head_dim) and model != planned:
+        log.info("attention %s: its k and v reach it with every query head's copy (a GQA expansion sparsec does not "
+                 "see through in this graph); the plan's patterns apply to the copies", op.module_path)
+        return
     if model != planned:
         raise SparsecUserError(
             f"the plan's layer {op.module_path!r} has (heads, kv_heads, head_dim) = {planned}, the model's "

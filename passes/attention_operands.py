@@ -75,11 +75,18 @@ def _scale_step(node: fx.Node, gm: fx.GraphModule | None) -> tuple[fx.Node, floa
     return a, c
 
 
+def _identity_view(node: fx.Node) -> bool:
+    """An expand or slice that keeps its input's shape: the same tensor (x[:, :, None, :, :] leaves
+    a slice over a whole dim where the dim is symbolic)."""
+    return is_op(node, aten.expand, aten.slice) and isinstance(node.args[0], fx.Node) and _same_shape(node,
+                                                                                                   node.args[0])
+
+
 def relayout_step(node: fx.Node, gm: fx.GraphModule | None) -> tuple[fx.Node, float, bool] | None:
     """One step up: (parent, factor, swaps last two) if node is a relayout or scaling of parent."""
     if is_op(node, *RESHAPES) and isinstance(node.args[0], fx.Node) and _keeps_last_two(node, node.args[0]):
         return node.args[0], 1.0, False
-    if is_op(node, *COPIES) or (is_op(node, aten.expand) and _same_shape(node, node.args[0])):
+    if is_op(node, *COPIES) or _identity_view(node):
         return node.args[0], 1.0, False
     if is_last_two_transpose(node):
         return node.args[0], 1.0, True
@@ -119,6 +126,9 @@ def strip_gqa(node: fx.Node) -> tuple[fx.Node, int, tuple[fx.Node, ...]]:
         return node, 1, ()
     chain.append(current)
     unsqueezed = current.args[0]
+    while _identity_view(unsqueezed):
+        chain.append(unsqueezed)
+        unsqueezed = unsqueezed.args[0]
     if not is_op(unsqueezed, aten.unsqueeze) or unsqueezed.args[1] not in (2, -3):
         return node, 1, ()
     chain.append(unsqueezed)

@@ -115,6 +115,14 @@ def _reject(node: fx.Node, why: str) -> None:
     return None
 
 
+def _contracted(a, b) -> bool:
+    """Whether two sizes that the attention contracts (q's and k's head size, k's and v's length)
+    fit: provably equal, or symbolic, since the matched computation itself (SDPA, or the score and
+    output products) fails at run time unless they are equal (a KV cache's k and v are two graph
+    inputs with lengths of their own symbols)."""
+    return same_size(a, b) or not (isinstance(a, int) and isinstance(b, int))
+
+
 def _finish(found: _Found) -> AttentionMatch | None:
     """Check shapes and build the match; None (logged) when something does not fit."""
     q, k, v, out = (shape_of(n) for n in (found.q, found.k, found.v, found.output))
@@ -124,7 +132,7 @@ def _finish(found: _Found) -> AttentionMatch | None:
     heads, kv_heads = static_int(Hq), static_int(Hkv)
     if heads is None or kv_heads is None or not same_size(Hkv, Hv) or heads % kv_heads:
         return _reject(found.anchor, f"head counts q {Hq}, k {Hkv}, v {Hv} are not static GQA counts")
-    if not all(map(same_size, (B, B, Sk, D), (Bk, Bv, Sv, Dk))):
+    if not all(map(same_size, (B, B), (Bk, Bv))) or not all(map(_contracted, (Sk, D), (Sv, Dk))):
         return _reject(found.anchor, f"q {q}, k {k}, v {v} do not fit together")
     if not all(map(same_size, out, (B, Hq, Sq, Dv))):
         return _reject(found.anchor, f"output shape {out} is not (B, Hq, Sq, Dv)")

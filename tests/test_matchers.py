@@ -200,3 +200,37 @@ def test_module_path_unknown_is_empty():
     assert module_path(node) == ""
     node.meta["nn_module_stack"] = {"a": ("L['self'].enc", object), "b": ("L['self'].enc.layers[2]", object)}
     assert module_path(node) == "enc.layers.2"
+
+
+class CacheAttention(torch.nn.Module):
+    """A decoding step against a KV cache held as two tensors, expanded for GQA by HF's repeat_kv."""
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, models.repeat_kv(k, 2), models.repeat_kv(v, 2))
+
+
+class Decoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = CacheAttention()
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+def test_a_kv_cache_whose_lengths_are_symbols_of_their_own_is_matched():
+    """Under dynamic shapes k's and v's lengths are two symbols (two graph inputs), which SDPA makes
+    equal at run time, and repeat_kv leaves a slice over the whole symbolic length: the layer is
+    matched, with its kv heads, and checked numerically."""
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
+    torch._dynamo.mark_dynamic(k, 2)
+    torch._dynamo.mark_dynamic(v, 2)
+    model = Decoder()
+    graphs, _ = capture_aten(model, q, k, v)
+    (captured,) = graphs
+    values = [n.meta.get("val") for n in captured.gm.graph.find_nodes(op="placeholder")]
+    lengths = {str(t.shape[2]) for t in values if isinstance(t, torch.Tensor) and t.shape[1] == 2}
+    assert len(lengths) == 2  # k and v: one symbol each
+    (match,) = match_attention(captured.gm)
+    assert match.num_kv_heads == 2 and match.module_path == "attn"
+    _check_attention(match, captured, model)

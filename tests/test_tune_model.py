@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 
 import pytest
@@ -208,6 +209,20 @@ def test_plan_for_another_model_is_refused(tuned, tmp_path):
     path.write_text(json.dumps({**data, "version": 99}))
     with pytest.raises(ValueError, match="'plan'.*version"):
         sparsec.explain(TwoLayers(), *inputs(0), options={"plan": str(path)})
+
+
+def test_a_plans_gqa_layer_applies_to_kv_heads_copied_per_query_head(tuned, caplog):
+    """A plan tuned where the graph showed GQA (fewer kv heads) applies to a graph whose k and v
+    reach the attention already copied for every query head (an expansion the matcher does not
+    see through): same query heads and head size, so the patterns are the plan's, with a log line."""
+    heads = len(KINDS)
+    grouped = Plan.from_dict({**tuned.to_dict(), "layers": {
+        path: {**layer, "num_kv_heads": heads // 2} for path, layer in tuned.to_dict()["layers"].items()}})
+    with caplog.at_level(logging.INFO, logger="sparsec.passes.apply_patterns"):
+        report = sparsec.explain(TwoLayers(), *inputs(0), options={"plan": grouped, "inner": "eager"})
+    ops = [op for op in report.graphs[0].final_ir.ops if type(op).__name__ == "Attention"]
+    assert [op.scores.sparsity.patterns for op in ops] == [tuned.layers[f"layers.{i}"].patterns for i in (0, 1)]
+    assert "every query head's copy" in caplog.text
 
 
 def test_fingerprint_names_the_model(tuned):
