@@ -120,6 +120,11 @@ def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int
         layer = config.plan.layers[op.module_path]
         _check_plan_layer(op, layer)
         if op.mask is not None:  # the mask says at run time how queries and keys line up (key_padding)
+            Sq = op.scores.shape[2]
+            if layer.causal and layer.q_len > 1 and is_static(Sq) and Sq == 1:
+                log.info("attention %s: a decoding step (one query) of a plan tuned on %d queries: dense kept, as "
+                         "MInference decodes", op.module_path, layer.q_len)
+                return None
             rule = f"causal:{layer.kv_len - layer.q_len}" if layer.causal else "keys"
             return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan", rule
         Sq, Sk = op.scores.shape[2], op.scores.shape[3]
@@ -168,8 +173,15 @@ def _bands_apply(op: Attention, bands: bool) -> bool:
     """Whether a layer left dense runs its calls' masks by what they keep (`bands`: the option allows
     it): a sliding window's band, left padding, a causal prefix, or padded keys (a (B, 1, 1, S) mask
     too: rows padded enough run on their kept keys, sparsec.ops.PADDING_MIN_SHARE), on a layer not
-    causal itself."""
-    return bands and op.mask is not None and not op.causal
+    causal itself. Not in a decoding step (one query) unless its keys are known to be at least
+    sparsec.ops.BAND_MIN_DECODE_KEYS (a static cache's): below, the op would take the dense path
+    anyway, after reading the mask and paying its own call (a dynamic cache's length is a symbol)."""
+    from sparsec.ops import BAND_MIN_DECODE_KEYS
+
+    if not (bands and op.mask is not None and not op.causal):
+        return False
+    Sq, Sk = op.scores.shape[2], op.scores.shape[3]
+    return not (is_static(Sq) and Sq == 1) or (is_static(Sk) and Sk >= BAND_MIN_DECODE_KEYS)
 
 
 def _with_patterns(op: Attention, config: SparsecConfig, bands: bool) -> Op:

@@ -17,8 +17,9 @@
         mask that needs more runs dense (a log line). Under
         the rule "band" (Dense heads), a sliding window's mask runs as its band, a left-padded
         batch each row on its own tokens, and padded keys each row on its kept keys when at least
-        PADDING_MIN_SHARE of them are padding; calls with fewer than BAND_MIN_KEYS keys keep the
-        dense path (the sparse path's fixed cost is more than it saves).
+        PADDING_MIN_SHARE of them are padding; calls with fewer than BAND_MIN_KEYS keys (decoding
+        steps, one query: BAND_MIN_DECODE_KEYS) keep the dense path (the sparse path's fixed cost
+        is more than it saves).
         mask_layout: the mask read once for several layers (sparsec::mask_layout below).
         softcap > 0: each score s = scale * q.k becomes softcap * tanh(s / softcap) before the mask
         and the softmax (Gemma 2); torch's SDPA has no such step, so the dense path computes
@@ -74,6 +75,11 @@ _RECORDERS: list[AttentionRecorder] = []
 # of the keys, the mask read on every call: 0.42x at 128 keys, 0.91x at 256, 1.48x at 384, 1.78x
 # at 512).
 BAND_MIN_KEYS = 320
+# A decoding step (one query) saves only the keys it skips, and with a (B, 1, 1, S) mask torch's
+# SDPA is slow on it: measured on the 2-core CPU, 8 heads (4 kv), D 64, the sparse path against SDPA
+# with the mask: B 1, 1024 keys 533 vs 185 us, 2048 keys 478-632 vs 335-547, 4096 keys 555-788 vs
+# 1067-1756, 16384 keys 598-3227 vs 23808-26753; B 2, 2048 keys 519-1208 vs 1517-1584.
+BAND_MIN_DECODE_KEYS = 2048
 # Under the rule "band", a call whose mask only pads keys runs each batch row on its kept keys when
 # at least this share of the batch's keys is padding; below it the dense path with the mask is as
 # fast (measured on the 2-core CPU, 12 heads, D 64, S 512-2048: 0.85-1.05x at 6-8% padding,
@@ -141,7 +147,8 @@ def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, pattern
                       sinks: torch.Tensor | None) -> torch.Tensor:
     import sparsec  # lazy: sparsec imports this module's users, and the executors import a lot
 
-    if mask_rule == "band" and (attn_mask is None or k.shape[2] < BAND_MIN_KEYS):
+    if mask_rule == "band" and (attn_mask is None or k.shape[2] < (BAND_MIN_KEYS if q.shape[2] > 1 else
+                                                                   BAND_MIN_DECODE_KEYS)):
         return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     head_patterns = patterns_from_json(patterns)
     if attn_mask is None:

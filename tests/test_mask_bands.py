@@ -18,7 +18,7 @@ from sparsec.config import parse_options
 from sparsec.dump import recording
 from sparsec.key_padding import (MaskPrefix, band_pattern, decode_prefixes, encode_prefixes, key_prefix_runs,
                                  mask_prefixes)
-from sparsec.ops import BAND_MIN_KEYS, attention as attention_op
+from sparsec.ops import BAND_MIN_DECODE_KEYS, BAND_MIN_KEYS, attention as attention_op
 from sparsec.ops import patterns_to_json
 
 
@@ -106,6 +106,37 @@ def test_the_op_runs_bands_exactly(S, window, cuts):
     q, k, v = torch.randn(len(lengths), 4, S, 8), torch.randn(len(lengths), 2, S, 8), torch.randn(len(lengths), 2, S, 8)
     out = attention_op(q, k, v, mask, 0.3, False, patterns_to_json((P.Dense(),) * 4), 0, 0, "test", "band")
     torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.3), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("Sk, runs_the_band", [(BAND_MIN_DECODE_KEYS + 30, True), (BAND_MIN_DECODE_KEYS - 1, False)])
+def test_a_decoding_step_runs_its_band_from_enough_keys(Sk, runs_the_band, monkeypatch):
+    """One query against a sliding window's last keys of its row: the band's keys only, from
+    BAND_MIN_DECODE_KEYS keys (below, torch's SDPA with the mask is faster); exact either way."""
+    mask = torch.cat([band_mask(1, Sk, 300, Sk - 1), band_mask(1, Sk, 300, Sk - 41, (Sk - 40,))])
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, Sk, 8), torch.randn(2, 2, Sk, 8)
+    keys = []
+    original = sparsec.attention
+    monkeypatch.setattr(sparsec, "attention", lambda q, k, v, patterns, **kw: keys.append(k.shape[2]) or original(
+        q, k, v, patterns, **kw))
+    out = attention_op(q, k, v, mask, 0.3, False, patterns_to_json((P.Dense(),) * 4), 0, 0, "test", "band")
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.3), atol=2e-5, rtol=2e-5)
+    assert bool(keys) == runs_the_band
+
+
+class MaskedAttention(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("Sq, Sk, rule", [(8, 64, "band"), (1, 64, ""), (1, BAND_MIN_DECODE_KEYS, "band")])
+def test_a_decoding_graph_takes_the_rule_only_where_its_keys_are_enough(Sq, Sk, rule):
+    """A decoding step's graph (one query) keeps torch's SDPA unless its keys are known to be enough
+    for the band to pay (a static cache's length); any other masked layer left dense takes the rule."""
+    q, k, v = torch.randn(1, 2, Sq, 8), torch.randn(1, 2, Sk, 8), torch.randn(1, 2, Sk, 8)
+    mask = torch.ones(1, 1, Sq, Sk, dtype=torch.bool)
+    report = sparsec.explain(MaskedAttention(), q, k, v, mask, options={"mask_bands": "on", "inner": "eager"})
+    (op,) = [op for op in report.graphs[0].final_ir.ops if type(op).__name__ == "Attention"]
+    assert op.mask_rule == rule
 
 
 def test_gradients_through_a_band():
