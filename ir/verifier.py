@@ -239,18 +239,26 @@ def _attention_scores(op: Attention) -> list[str]:
         return [f"scores carry {len(patterns)} head patterns for num_heads={op.num_heads}"]
     if not (is_static(sq) and is_static(sk)):
         return []
-    return [f"head {h}: {e}" for h, p in enumerate(patterns) for e in _block_layout_problems(p, sq, sk)]
+    masked = op.mask is not None
+    return [f"head {h}: {e}" for h, p in enumerate(patterns) for e in _block_layout_problems(p, sq, sk, masked)]
 
 
-def _block_layout_problems(pattern: P.Pattern, sq: int, sk: int) -> list[str]:
+def _block_layout_problems(pattern: P.Pattern, sq: int, sk: int, masked: bool) -> list[str]:
+    """A layout must fit (sq, sk); under a mask it may cover fewer key blocks (a layout of the
+    option attention_patterns for a prefix of the keys: each call's mask says whether its rows'
+    kept keys fit it, sparsec/key_padding.py)."""
     parts = pattern.parts if isinstance(pattern, P.Union) else (pattern,)
     problems: list[str] = []
     for part in parts:
-        if isinstance(part, P.BlockSparse):
-            try:
-                part.check_lengths(sq, sk)
-            except ValueError as e:
-                problems.append(str(e))
+        if not isinstance(part, P.BlockSparse):
+            continue
+        (bq, bk), (rows, cols) = part.block, part.layout_shape
+        if masked and rows == -(-sq // bq) and cols <= -(-sk // bk):
+            continue
+        try:
+            part.check_lengths(sq, sk)
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -47,6 +47,7 @@ import logging
 
 import sympy
 
+from sparsec import key_padding
 from sparsec import patterns as P
 from sparsec.config import SparsecConfig, SparsecUserError
 from sparsec.ir.graph import Graph
@@ -64,8 +65,10 @@ def _fit_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...],
     with more blocks is cut to its top-left corner (the call's queries and keys are its first rows
     and columns, as at a shorter length). One with fewer raises SparsecUserError for the option
     attention_patterns and leaves a plan's layer dense (None: its calls are longer than it was
-    tuned at). With a mask, fewer key blocks (and for a plan, fewer query blocks) are left to each
-    call (key_padding.patterns_at). Symbolic lengths: fitted per call (sparsec.ops)."""
+    tuned at). With a mask, a plan's layout gets the blocks past it kept (each call's rows then
+    run its top-left corner, key_padding.patterns_at), and one of attention_patterns may have fewer
+    key blocks (each call's mask says whether its rows' kept keys fit). Symbolic lengths: fitted per
+    call (sparsec.ops)."""
     Sq, Sk = op.scores.shape[2], op.scores.shape[3]
     if not (is_static(Sq) and is_static(Sk)):
         return head_patterns
@@ -76,7 +79,11 @@ def _fit_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...],
             if isinstance(part, P.BlockSparse):
                 (bq, bk), (rows, cols) = part.block, part.layout_shape
                 need = (-(-Sq // bq), -(-Sk // bk))
-                short = rows < need[0] and not (plan and op.mask is not None) or cols < need[1] and op.mask is None
+                if plan and op.mask is not None:  # each call's rows cut it or keep the blocks past it: as dense
+                    part = key_padding.patterns_at((part,), Sq, Sk, widen=True)[0]
+                    parts.append(part)
+                    continue
+                short = rows < need[0] or cols < need[1] and op.mask is None
                 if short and plan:
                     log.info("attention %s: the plan's block layout of head %d has shape %s, fewer blocks than Sq=%d, "
                              "Sk=%d need with block %s (tuned on shorter calls); dense kept", op.module_path, h,

@@ -393,6 +393,28 @@ def test_verifier_accepts_the_reference_graphs():
     verify(symbolic_graph())  # symbolic dims compare as possibly equal
 
 
+def test_a_masked_layers_layout_may_cover_a_prefix_of_the_keys():
+    """Under a mask each call's rows may keep fewer keys: a layout with fewer key blocks (the
+    option attention_patterns' for padded keys) is valid there, one with fewer query blocks is not."""
+    g = attention_block_graph()
+    mask = V("mask", 1, 1, 32, 32, dtype="bool")
+    g = g.replace_ops([*g.ops[:ATTN], dataclasses.replace(g.ops[ATTN], mask=mask), *g.ops[ATTN + 1:]])
+    narrow = HEAD_PATTERNS[:3] + (P.BlockSparse([[1], [1]], 16),)
+    short = HEAD_PATTERNS[:3] + (P.BlockSparse([[1, 1]], 16),)
+    problems = [
+        _block_problems(_with_op(g, ATTN, scores=_scores(2, 4, 32, 32, patterns=patterns)))
+        for patterns in (narrow, short)]
+    assert problems[0] == [] and "head 3: BlockSparse layout has shape (1, 2)" in " ".join(problems[1])
+
+
+def _block_problems(g) -> list[str]:
+    try:
+        verify(g)
+    except IRVerificationError as e:
+        return [p for p in e.problems if "BlockSparse" in p]
+    return []
+
+
 def test_verifier_lists_every_problem_at_once():
     g = _with_op(_with_op(attention_block_graph(), ATTN, scale=float("inf")), 1, index=0)
     with pytest.raises(IRVerificationError) as info:

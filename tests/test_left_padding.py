@@ -206,6 +206,30 @@ def test_a_plan_tuned_at_one_length_runs_a_left_padded_batch_of_another():
                                rtol=2e-5)
 
 
+def test_a_plan_tuned_on_shorter_rows_keeps_the_blocks_past_its_layouts():
+    """Rows longer than the plan's tuning length (64 tokens, 4 x 4 blocks): the blocks past its
+    layouts are kept, as dense does (no calibration call had those queries and keys)."""
+    patterns, pads = _heads(64, seed=35), [0, 30]
+    q, k, v = (_random(2, H, 100, D, seed=s) for s in (36, 37, 38))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(Holding(), backend="sparsec", dynamic=False,
+                            options={"plan": _plan(patterns, 64), "inner": "eager"})(q, k, v, torch.tensor(pads))
+
+    def widened(n: int) -> tuple[P.Pattern, ...]:
+        blocks = math.ceil(n / BLOCK)
+        layout = torch.ones(blocks, blocks, dtype=torch.bool)
+        layout[:4, :4] = patterns[0].layout
+        return (P.BlockSparse(layout, BLOCK), *patterns[1:])
+
+    want = torch.zeros(2, H, 100, D, dtype=torch.float64)
+    for b, p in enumerate(pads):
+        own = slice(p, 100)
+        want[b:b + 1, :, own] = reference_attention(q[b:b + 1, :, own], k[b:b + 1, :, own], v[b:b + 1, :, own],
+                                                    widened(100 - p), causal=True, scale=SCALE)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_layouts_shorter_than_a_static_call_are_refused_or_left_dense(caplog):
     """attention_patterns: a layout with fewer blocks than the lengths need is the user's error; a
     plan's (tuned on shorter calls) leaves the layer dense, with a log line."""
