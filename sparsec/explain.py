@@ -83,7 +83,8 @@ def _attention_line(op: Attention, hardware=None) -> str:
         kind += (" (runs by what it keeps: a sliding window's band, a causal prefix, left padding, padded keys; "
                  "rule 'band')")
     elif op.mask is not None and isinstance(op.scores.sparsity, AttentionPatterns):  # patterns under the mask
-        kind += f" (patterns where it cuts the keys to a prefix, rule {op.mask_rule or 'any'!r})"
+        kind += (f" (patterns where it cuts the keys to a prefix or pads rows on the left, rule "
+                 f"{op.mask_rule or 'any'!r})")
     return (f"    attention {op.module_path or '?'}: heads {op.num_heads}/{op.num_kv_heads}, {kind}, "
             f"scale {op.scale:.4g}, scores {format_type(op.scores)}{_estimates(op, hardware)}")
 

@@ -499,7 +499,8 @@ def test_explain_says_how_a_masked_layer_runs_its_patterns():
     q, k, v = (_random(1, 2, 64, 8, seed=s) for s in (50, 51, 52))
     report = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]),
                              options={"attention_patterns": {"joint": P.Window(4, 4)}})
-    assert "attention joint: heads 2/2, mask (patterns where it cuts the keys to a prefix, rule 'any')" in str(report)
+    assert ("attention joint: heads 2/2, mask (patterns where it cuts the keys to a prefix or pads rows on the left, "
+            "rule 'any')") in str(report)
     dense = sparsec.explain(Holding("joint", JointAttention()), q, k, v, torch.tensor([5]),
                             options={"mask_bands": "off"})
     assert "attention joint: heads 2/2, mask, scale" in str(dense)
