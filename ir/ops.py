@@ -176,7 +176,8 @@ class Attention(Op):
     scores: TensorType
     module_path: str = ""
     tiles: tuple[int, int] | None = None   # (block_m, block_n) the kernels use; None: their default
-    # with a mask and patterns: which masks the patterns run under ("", "keys", "causal:D": sparsec/key_padding.py)
+    # with a mask and patterns: which masks the patterns run under ("", "keys", "causal:D": sparsec/key_padding.py);
+    # a plan's rule, with or without a mask, also keeps the blocks past its block layouts in longer calls
     mask_rule: str = ""
     softcap: float = 0.0
     sinks: Value | None = None

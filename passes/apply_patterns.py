@@ -59,16 +59,14 @@ __all__ = ["apply_patterns"]
 log = logging.getLogger(__name__)
 
 
-def _fit_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...],
-                       source: str) -> tuple[P.Pattern, ...] | None:
+def _fit_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...], source: str) -> tuple[P.Pattern, ...]:
     """The head patterns with their block layouts fitted to the layer's static lengths: a layout
     with more blocks is cut to its top-left corner (the call's queries and keys are its first rows
-    and columns, as at a shorter length). One with fewer raises SparsecUserError for the option
-    attention_patterns and leaves a plan's layer dense (None: its calls are longer than it was
-    tuned at). With a mask, a plan's layout gets the blocks past it kept (each call's rows then
-    run its top-left corner, key_padding.patterns_at), and one of attention_patterns may have fewer
-    key blocks (each call's mask says whether its rows' kept keys fit). Symbolic lengths: fitted per
-    call (sparsec.ops)."""
+    and columns, as at a shorter length). A plan's layout with fewer gets the blocks past it kept
+    (its calls are longer than it was tuned at: dense there; key_padding.patterns_at); one of the
+    option attention_patterns raises SparsecUserError, except for fewer key blocks under a mask
+    (each call's mask says whether its rows' kept keys fit). Symbolic lengths: fitted per call
+    (sparsec.ops)."""
     Sq, Sk = op.scores.shape[2], op.scores.shape[3]
     if not (is_static(Sq) and is_static(Sk)):
         return head_patterns
@@ -79,17 +77,10 @@ def _fit_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...],
             if isinstance(part, P.BlockSparse):
                 (bq, bk), (rows, cols) = part.block, part.layout_shape
                 need = (-(-Sq // bq), -(-Sk // bk))
-                if plan and op.mask is not None:  # each call's rows cut it or keep the blocks past it: as dense
-                    part = key_padding.patterns_at((part,), Sq, Sk, widen=True)[0]
-                    parts.append(part)
+                if plan:  # cut, or the blocks past it kept (as dense: no calibration call had them)
+                    parts.append(key_padding.patterns_at((part,), Sq, Sk, widen=True)[0])
                     continue
-                short = rows < need[0] or cols < need[1] and op.mask is None
-                if short and plan:
-                    log.info("attention %s: the plan's block layout of head %d has shape %s, fewer blocks than Sq=%d, "
-                             "Sk=%d need with block %s (tuned on shorter calls); dense kept", op.module_path, h,
-                             (rows, cols), Sq, Sk, part.block)
-                    return None
-                if short:
+                if rows < need[0] or cols < need[1] and op.mask is None:
                     raise SparsecUserError(
                         f"{source} for {op.module_path!r}, head {h}: BlockSparse layout has shape {(rows, cols)}, "
                         f"but Sq={Sq}, Sk={Sk} with block={part.block} need {need}"
@@ -132,16 +123,22 @@ def _given(op: Attention, config: SparsecConfig) -> tuple[object, tuple[int, int
                 log.info("attention %s: a decoding step (one query) of a plan tuned on %d queries: dense kept, as "
                          "MInference decodes", op.module_path, layer.q_len)
                 return None
-            rule = f"causal:{layer.kv_len - layer.q_len}" if layer.causal else "keys"
-            return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan", rule
+            return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan", _plan_rule(layer)
         Sq, Sk = op.scores.shape[2], op.scores.shape[3]
         if not _provably_equal(_difference(Sk, Sq), layer.kv_len - layer.q_len):
             log.info("attention %s is called with (Sq, Sk) = (%s, %s); the plan's patterns are for queries and keys "
                      "aligned as at (%d, %d) (Sk - Sq = %d); dense kept for this call", op.module_path, Sq, Sk,
                      layer.q_len, layer.kv_len, layer.kv_len - layer.q_len)
             return None
-        return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan", ""
+        return layer.patterns, _plan_tiles(config.plan.target, layer.tiles), "the plan", _plan_rule(layer)
     return None
+
+
+def _plan_rule(layer) -> str:
+    """A plan layer's rule (Attention.mask_rule): the masks its patterns run under (tuned with the
+    causal rule at kv_len - q_len = D: "causal:D", else "keys"); without a mask too, where it says
+    that its block layouts keep the blocks past them in longer calls (sparsec.ops)."""
+    return f"causal:{layer.kv_len - layer.q_len}" if layer.causal else "keys"
 
 
 def _difference(a: Dim, b: Dim) -> int | sympy.Expr:
@@ -216,11 +213,9 @@ def _with_patterns(op: Attention, config: SparsecConfig, bands: bool) -> Op:
     except (TypeError, ValueError) as e:
         raise SparsecUserError(f"{source} for {op.module_path!r}: {e}") from None
     head_patterns = _fit_block_layouts(op, head_patterns, source)
-    if head_patterns is None:
-        return op
     scores = op.scores.with_sparsity(AttentionPatterns(patterns=head_patterns))
     log.debug("attention %s gets patterns %s (from %s)", op.module_path, head_patterns, source)
-    return dataclasses.replace(op, scores=scores, tiles=tiles, mask_rule=mask_rule if op.mask is not None else "")
+    return dataclasses.replace(op, scores=scores, tiles=tiles, mask_rule=mask_rule)
 
 
 def _tied_to_query_positions(pattern: P.Pattern) -> bool:

@@ -13,8 +13,10 @@
         static KV cache's) or pads rows on the left runs the patterns on each row's kept keys
         (a left-padded row's own tokens, from position 0) where `mask_rule` admits it
         (sparsec/key_padding.py); any other mask runs the dense path with it (a log line). Block
-        layouts with more blocks than a call needs run their top-left corner; a call without a
-        mask that needs more runs dense (a log line). Under
+        layouts with more blocks than a call needs run their top-left corner; under a plan's rule
+        ("keys", "causal:D", with or without a mask) one with fewer keeps the blocks past it, and
+        under the option attention_patterns' ("") a call without a mask that needs more runs dense
+        (a log line). Under
         the rule "band" (Dense heads), a sliding window's mask runs as its band, a left-padded
         batch each row on its own tokens, and padded keys each row on its kept keys when at least
         PADDING_MIN_SHARE of them are padding; calls with fewer than BAND_MIN_KEYS keys (decoding
@@ -151,8 +153,8 @@ def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, pattern
                                                                    BAND_MIN_DECODE_KEYS)):
         return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     head_patterns = patterns_from_json(patterns)
-    if attn_mask is None:
-        head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2])
+    if attn_mask is None:  # a plan's layouts (its rule) keep the blocks past them in longer calls
+        head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2], widen=mask_rule not in ("", "band"))
         if head_patterns is None:
             _log_short_layout(site, q.shape[2], k.shape[2])
             return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
@@ -298,7 +300,7 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
         runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
         head_patterns = None if runs is None else runs[0].patterns
     elif head_patterns:
-        head_patterns = patterns_at(head_patterns, Sq, Sk)
+        head_patterns = patterns_at(head_patterns, Sq, Sk, widen=mask_rule not in ("", "band"))
     if head_patterns:
         allowed = keep
         if runs is not None:  # a Skip head's mean covers each row's kept keys (each query's)

@@ -185,6 +185,17 @@ class _Causal(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+class Packed(nn.Module):
+    """The same causal attention at path "attn" on q, k, v packed in one tensor (one length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = _Causal()
+
+    def forward(self, qkv):
+        return self.attn(*qkv.split(D, -1))
+
+
 def _plan(patterns, S: int) -> Plan:
     layer = LayerPlan(patterns=patterns, head_groups=tuple((h,) for h in range(H)), tiles=(BLOCK, BLOCK), error=0.01,
                       dense_seconds=2e-3, sparse_seconds=1e-3, num_heads=H, num_kv_heads=H, q_len=S, kv_len=S,
@@ -216,37 +227,51 @@ def test_a_plan_tuned_on_shorter_rows_keeps_the_blocks_past_its_layouts():
         got = torch.compile(Holding(), backend="sparsec", dynamic=False,
                             options={"plan": _plan(patterns, 64), "inner": "eager"})(q, k, v, torch.tensor(pads))
 
-    def widened(n: int) -> tuple[P.Pattern, ...]:
-        blocks = math.ceil(n / BLOCK)
-        layout = torch.ones(blocks, blocks, dtype=torch.bool)
-        layout[:4, :4] = patterns[0].layout
-        return (P.BlockSparse(layout, BLOCK), *patterns[1:])
-
     want = torch.zeros(2, H, 100, D, dtype=torch.float64)
     for b, p in enumerate(pads):
         own = slice(p, 100)
         want[b:b + 1, :, own] = reference_attention(q[b:b + 1, :, own], k[b:b + 1, :, own], v[b:b + 1, :, own],
-                                                    widened(100 - p), causal=True, scale=SCALE)
+                                                    _widened(patterns, 100 - p), causal=True, scale=SCALE)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
-def test_layouts_shorter_than_a_static_call_are_refused_or_left_dense(caplog):
-    """attention_patterns: a layout with fewer blocks than the lengths need is the user's error; a
-    plan's (tuned on shorter calls) leaves the layer dense, with a log line."""
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_layouts_shorter_than_a_call_are_refused_or_widened(dynamic):
+    """attention_patterns: a layout with fewer blocks than the lengths need is the user's error (at
+    static lengths; per call, dense); a plan's (tuned on shorter calls) keeps the blocks past it,
+    cut per call at symbolic lengths."""
     layout = P.BlockSparse(_layout(48, 22), BLOCK)
     q, k, v = (_random(1, H, 70, D, seed=s) for s in (23, 24, 25))
+    if not dynamic:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="SparsecUserError: attention_patterns for 'attn', head 0: BlockSparse "
+                           "layout has shape \\(3, 3\\).*need \\(5, 5\\)"):
+            torch.compile(Unmasked(), backend="sparsec", dynamic=False,
+                          options={"attention_patterns": {"attn": [layout] * H}})(q, k, v)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="SparsecUserError: attention_patterns for 'attn', head 0: BlockSparse layout "
-                       "has shape \\(3, 3\\).*need \\(5, 5\\)"):
-        torch.compile(Unmasked(), backend="sparsec", dynamic=False,
-                      options={"attention_patterns": {"attn": [layout] * H}})(q, k, v)
-    torch._dynamo.reset()
-    with caplog.at_level(logging.INFO, logger="sparsec.passes.apply_patterns"), torch.no_grad():
-        got = torch.compile(Unmasked(), backend="sparsec", dynamic=False,
-                            options={"plan": _plan((layout,) * H, 48), "inner": "eager"})(q, k, v)
-    torch.testing.assert_close(got.double(), reference_attention(q, k, v, (P.Dense(),) * H, causal=True, scale=SCALE),
-                               atol=2e-5, rtol=2e-5)
-    assert "tuned on shorter calls" in caplog.text
+    compiled = torch.compile(Packed(), backend="sparsec", options={"plan": _plan((layout,) * H, 48), "inner": "eager"})
+    for n in (70, 90, 110):
+        qkv = _random(1, H, n, 3 * D, seed=n)
+        if dynamic:
+            torch._dynamo.mark_dynamic(qkv, 2)
+        with torch.no_grad():
+            got = compiled(qkv)
+        want = reference_attention(*qkv.split(D, -1), _widened((layout,) * H, n), causal=True, scale=SCALE)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def _widened(patterns, n: int) -> tuple[P.Pattern, ...]:
+    """The patterns for n tokens: each layout with the blocks past it kept."""
+    blocks = math.ceil(n / BLOCK)
+    out = []
+    for p in patterns:
+        if isinstance(p, P.BlockSparse):
+            layout = torch.ones(blocks, blocks, dtype=torch.bool)
+            rows, cols = p.layout_shape
+            layout[:rows, :cols] = p.layout
+            p = P.BlockSparse(layout, BLOCK)
+        out.append(p)
+    return tuple(out)
 
 
 def test_the_tuner_records_each_left_padded_row_from_its_first_token():
