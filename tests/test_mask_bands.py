@@ -345,10 +345,11 @@ def test_a_left_padded_llama_batch_runs_each_row_on_its_tokens(monkeypatch):
 @given(st.integers(1, 40), st.lists(st.tuples(st.integers(0, 45), st.integers(0, 45), st.booleans()), min_size=1,
                                      max_size=6), st.integers(0, 2 ** 31))
 def test_runs_are_read_exactly(Sk, rows, seed):
-    """key_padding._runs against each row's kept keys listed: one run [start, end), none (0, 0),
-    or several (end -1); rows of one run, of none, of two runs and random ones, at widths around
-    the 8-key words it reads."""
-    from sparsec.key_padding import _runs
+    """key_padding._runs (each query's row) and _row_runs (one row a batch entry, on the host)
+    against each row's kept keys listed: one run [start, end), none (0, 0), or several (end -1);
+    rows of one run, of none, of two runs and random ones, at widths around the 8-key words _runs
+    reads."""
+    from sparsec.key_padding import _row_runs, _runs
 
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(len(rows), Sk, dtype=torch.bool)
@@ -357,15 +358,16 @@ def test_runs_are_read_exactly(Sk, rows, seed):
             mask[r] = torch.rand(Sk, generator=g) < 0.5
         else:
             mask[r, min(a, b):max(a, b)] = True
-    starts, ends = _runs(mask.view(torch.int8))
-    for r in range(len(rows)):
-        kept = mask[r].nonzero().flatten().tolist()
-        if not kept:
-            assert (starts[r].item(), ends[r].item()) == (0, 0), (r, kept)
-        elif kept == list(range(kept[0], kept[-1] + 1)):
-            assert (starts[r].item(), ends[r].item()) == (kept[0], kept[-1] + 1), (r, kept)
-        else:
-            assert ends[r].item() == -1, (r, kept)
+    for starts, ends in (_runs(mask.view(torch.int8)), _row_runs(mask[:, None].view(torch.int8))):
+        starts, ends = starts.flatten(), ends.flatten()
+        for r in range(len(rows)):
+            kept = mask[r].nonzero().flatten().tolist()
+            if not kept:
+                assert (starts[r].item(), ends[r].item()) == (0, 0), (r, kept)
+            elif kept == list(range(kept[0], kept[-1] + 1)):
+                assert (starts[r].item(), ends[r].item()) == (kept[0], kept[-1] + 1), (r, kept)
+            else:
+                assert ends[r].item() == -1, (r, kept)
 
 
 @pytest.mark.parametrize("lengths, runs_rows", [((BAND_MIN_KEYS + 40,) * 3 + (BAND_MIN_KEYS + 20,), False),
