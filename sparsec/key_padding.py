@@ -55,9 +55,9 @@ The mask is read at run time (a traced graph cannot tell one mask from another):
 broadcasts to (B, H, Sq, Sk), expanded (stride 0) or materialized. A materialized (B, 1, Sq, Sk)
 mask costs two passes over B x Sq x Sk bytes and a few over an eighth of that (~6 ms at 4096^2
 on the 2-core CPU, prefix or band, where the attention takes 40-300 ms); an expanded or
-(B, 1, 1, Sk) one is read on the host in 0.06-0.2 ms (_row_runs; B 2-8, Sk 512-4096). Layers of one compiled graph that read the same mask node
-share one reading: the rewrite inserts a sparsec::mask_layout node (encode_prefixes) that they all
-take (decode_prefixes). A reading is never cached on the tensor object: Inductor writes a later
+(B, 1, 1, Sk) one is read on the host in 0.06-0.2 ms (_row_runs; B 2-8, Sk 512-4096). Layers
+of one compiled graph that read the same mask node share one reading: the rewrite inserts a
+sparsec::mask_layout node (encode_prefixes) that they all take (decode_prefixes). A reading is never cached on the tensor object: Inductor writes a later
 mask into the buffer of an earlier one without bumping its version counter.
 """
 from __future__ import annotations
