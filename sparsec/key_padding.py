@@ -57,8 +57,9 @@ mask costs two passes over B x Sq x Sk bytes and a few over an eighth of that (~
 on the 2-core CPU, prefix or band, where the attention takes 40-300 ms); an expanded or
 (B, 1, 1, Sk) one is read on the host in 0.06-0.2 ms (_row_runs; B 2-8, Sk 512-4096). Layers
 of one compiled graph that read the same mask node share one reading: the rewrite inserts a
-sparsec::mask_layout node (encode_prefixes) that they all take (decode_prefixes). A reading is never cached on the tensor object: Inductor writes a later
-mask into the buffer of an earlier one without bumping its version counter.
+sparsec::mask_layout node (encode_prefixes) that they all take (decode_prefixes). A reading is
+never cached on the tensor object: Inductor writes a later mask into the buffer of an earlier one
+without bumping its version counter.
 """
 from __future__ import annotations
 
