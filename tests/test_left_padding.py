@@ -47,10 +47,18 @@ def _heads(S: int, seed: int = 0) -> tuple[P.Pattern, ...]:
 
 
 def _at(patterns, n: int) -> tuple[P.Pattern, ...]:
-    """The patterns for n tokens from position 0: each layout's top-left corner."""
+    """The patterns for n tokens from position 0: each layout's top-left corner, with the blocks
+    past it kept where it has fewer (a plan's, at a longer call)."""
     blocks = math.ceil(n / BLOCK)
-    return tuple(P.BlockSparse(p.layout[:blocks, :blocks], BLOCK) if isinstance(p, P.BlockSparse) else p
-                 for p in patterns)
+    out = []
+    for p in patterns:
+        if isinstance(p, P.BlockSparse):
+            layout = torch.ones(blocks, blocks, dtype=torch.bool)
+            corner = p.layout[:blocks, :blocks]
+            layout[:corner.shape[0], :corner.shape[1]] = corner
+            p = P.BlockSparse(layout, BLOCK)
+        out.append(p)
+    return tuple(out)
 
 
 def _left_padded_reference(q, k, v, patterns, pads) -> torch.Tensor:
@@ -231,7 +239,7 @@ def test_a_plan_tuned_on_shorter_rows_keeps_the_blocks_past_its_layouts():
     for b, p in enumerate(pads):
         own = slice(p, 100)
         want[b:b + 1, :, own] = reference_attention(q[b:b + 1, :, own], k[b:b + 1, :, own], v[b:b + 1, :, own],
-                                                    _widened(patterns, 100 - p), causal=True, scale=SCALE)
+                                                    _at(patterns, 100 - p), causal=True, scale=SCALE)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
@@ -256,22 +264,8 @@ def test_layouts_shorter_than_a_call_are_refused_or_widened(dynamic):
             torch._dynamo.mark_dynamic(qkv, 2)
         with torch.no_grad():
             got = compiled(qkv)
-        want = reference_attention(*qkv.split(D, -1), _widened((layout,) * H, n), causal=True, scale=SCALE)
+        want = reference_attention(*qkv.split(D, -1), _at((layout,) * H, n), causal=True, scale=SCALE)
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
-
-
-def _widened(patterns, n: int) -> tuple[P.Pattern, ...]:
-    """The patterns for n tokens: each layout with the blocks past it kept."""
-    blocks = math.ceil(n / BLOCK)
-    out = []
-    for p in patterns:
-        if isinstance(p, P.BlockSparse):
-            layout = torch.ones(blocks, blocks, dtype=torch.bool)
-            rows, cols = p.layout_shape
-            layout[:rows, :cols] = p.layout
-            p = P.BlockSparse(layout, BLOCK)
-        out.append(p)
-    return tuple(out)
 
 
 def test_the_tuner_records_each_left_padded_row_from_its_first_token():
