@@ -33,6 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from sparsec.attention_dispatch import causal_allowed
 from sparsec.key_padding import patterns_at
 from sparsec.ops import attention as attention_op
 from sparsec.ops import mask_layout
@@ -59,8 +60,7 @@ def _check(q, k, v, pads, patterns, scale, got) -> float:
     for b, p in enumerate(pads):
         n = S - p
         own = patterns_at(patterns[:2], n, n)
-        keep = torch.stack([pattern.mask(n, n) for pattern in own]).to(q.device) & torch.ones(
-            n, n, dtype=torch.bool, device=q.device).tril()
+        keep = torch.stack([pattern.mask(n, n) for pattern in own]).to(q.device) & causal_allowed(n, n, q.device)
         want = torch.nn.functional.scaled_dot_product_attention(
             q[b:b + 1, :2, p:].float(), k[b:b + 1, :2, p:].float(), v[b:b + 1, :2, p:].float(), attn_mask=keep,
             scale=scale)

@@ -53,6 +53,7 @@ from sparsec.config import SparsecConfig, SparsecUserError
 from sparsec.ir.graph import Graph
 from sparsec.ir.ops import Attention, Op
 from sparsec.ir.types import AttentionPatterns, Dim, is_static
+from sparsec.ops import BAND_MIN_DECODE_KEYS
 
 __all__ = ["apply_patterns"]
 
@@ -180,8 +181,6 @@ def _bands_apply(op: Attention, bands: bool) -> bool:
     causal itself. Not in a decoding step (one query) unless its keys are known to be at least
     sparsec.ops.BAND_MIN_DECODE_KEYS (a static cache's): below, the op would take the dense path
     anyway, after reading the mask and paying its own call (a dynamic cache's length is a symbol)."""
-    from sparsec.ops import BAND_MIN_DECODE_KEYS
-
     if not (bands and op.mask is not None and not op.causal):
         return False
     Sq, Sk = op.scores.shape[2], op.scores.shape[3]

@@ -74,10 +74,17 @@ import torch
 from sparsec import patterns as P
 from sparsec.attention_dispatch import explicit_attention
 
-__all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "decode_prefixes", "encode_prefixes", "key_prefix_runs",
-           "mask_keep", "mask_prefixes", "patterns_at", "run_key_prefix"]
+__all__ = ["KeyRun", "MaskPrefix", "check_mask_rule", "decode_prefixes", "encode_prefixes", "is_plan_rule",
+           "key_prefix_runs", "mask_keep", "mask_prefixes", "patterns_at", "run_key_prefix"]
 
 _RULE = re.compile(r"(|keys|band|causal:-?\d+)")
+
+
+def is_plan_rule(rule: str) -> bool:
+    """Whether `rule` is a plan's ("keys", "causal:D"): its block layouts keep the blocks past them
+    in longer calls and rows (no calibration call had them), where the option attention_patterns'
+    ("") and a dense layer's ("band") do not."""
+    return rule not in ("", "band")
 
 
 def check_mask_rule(rule: str) -> None:
@@ -401,7 +408,7 @@ def key_prefix_runs(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor, i
             patterns = _in_band(head_patterns, prefix, Sq)
         else:  # a left-padded row's patterns lie on its own tokens, from position 0
             patterns = patterns_at(head_patterns, Sq - prefix.first, prefix.length - prefix.first,
-                                   widen=rule not in ("", "band"))
+                                   widen=is_plan_rule(rule))
         if patterns is None:
             return None
         runs.append(KeyRun(tuple(b for b, p in enumerate(prefixes) if p == prefix), prefix, patterns))

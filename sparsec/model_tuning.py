@@ -83,7 +83,7 @@ def _recorded_samples() -> Iterator[dict[str, list[LayerSample]]]:
                 rows, keys = slice(p.first, p.causal_queries(Sq)), slice(p.first, p.length)
                 recorded[site].append(LayerSample(q[b:b + 1, :, rows].detach(), k[b:b + 1, :, keys].detach(),
                                                   v[b:b + 1, :, keys].detach(),
-                                                  causal=p.causal and p.causal_queries(Sq) - p.first > 1,
+                                                  causal=p.causal and rows.stop - rows.start > 1,
                                                   scale=float(scale), softcap=float(softcap), sinks=_sinks(sinks)))
 
     with recording_attention(record):

@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.attention_dispatch import causal_allowed, explicit_attention
-from sparsec.key_padding import (KeyRun, encode_prefixes, key_prefix_runs, mask_keep, mask_prefixes, patterns_at,
-                                 run_key_prefix)
+from sparsec.key_padding import (KeyRun, encode_prefixes, is_plan_rule, key_prefix_runs, mask_keep, mask_prefixes,
+                                 patterns_at, run_key_prefix)
 from sparsec.patterns import Pattern, Skip, from_dict
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _sparse_attention(q, k, v, attn_mask, scale: float, is_causal: bool, pattern
         return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
     head_patterns = patterns_from_json(patterns)
     if attn_mask is None:  # a plan's layouts (its rule) keep the blocks past them in longer calls
-        head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2], widen=mask_rule not in ("", "band"))
+        head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2], widen=is_plan_rule(mask_rule))
         if head_patterns is None:
             _log_short_layout(site, q.shape[2], k.shape[2])
             return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, sinks)
@@ -300,7 +300,7 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
         runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
         head_patterns = None if runs is None else runs[0].patterns
     elif head_patterns:
-        head_patterns = patterns_at(head_patterns, Sq, Sk, widen=mask_rule not in ("", "band"))
+        head_patterns = patterns_at(head_patterns, Sq, Sk, widen=is_plan_rule(mask_rule))
     if head_patterns:
         allowed = keep
         if runs is not None:  # a Skip head's mean covers each row's kept keys (each query's)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import NamedTuple
 from functools import partial
 
 import pytest
@@ -161,10 +162,18 @@ EXPECTED: dict[str, tuple[int, int]] = {
 }
 
 
+class Call(NamedTuple):
+    """One sparsec.attention call run_compiled recorded."""
+
+    patterns: tuple    # the head patterns
+    kwargs: dict       # its keyword arguments
+    keys: int          # k's length
+
+
 def run_compiled(model: nn.Module, inputs: tuple, options: dict, **forward_kwargs):
     """`model` compiled by sparsec with `options` (afresh), run on `inputs` under no_grad while every
     sparsec.attention call is recorded: (its last_hidden_state, the compiled graphs' Attention ops,
-    [(the call's head patterns as a tuple, its keyword arguments)])."""
+    [Call of each])."""
     import sparsec
     from sparsec.dump import recording
     from sparsec.ir.ops import Attention
@@ -174,7 +183,7 @@ def run_compiled(model: nn.Module, inputs: tuple, options: dict, **forward_kwarg
     original = sparsec.attention
 
     def counting(q, k, v, patterns, **kwargs):
-        calls.append(((patterns,) if isinstance(patterns, Pattern) else tuple(patterns), kwargs))
+        calls.append(Call((patterns,) if isinstance(patterns, Pattern) else tuple(patterns), kwargs, k.shape[2]))
         return original(q, k, v, patterns, **kwargs)
 
     torch._dynamo.reset()

@@ -16,13 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import sparsec
+from hf_models import run_compiled
 from reference import reference_attention
 from sparsec import patterns as P
 from sparsec.key_padding import key_prefix_runs
 from sparsec.ops import attention as attention_op
 from sparsec.ops import dense_attention, patterns_to_json
 from sparsec.plan import LayerPlan, Plan
+from test_key_padding import Holding
 from test_mask_bands import left_padded
 
 H, HKV, D, BLOCK = 4, 2, 16, 16
@@ -156,17 +157,6 @@ def test_unmasked_calls_cut_longer_layouts_and_run_dense_past_shorter_ones(caplo
     assert "longer" in caplog.text and "fewer blocks" in caplog.text
 
 
-class Holding(nn.Module):
-    """One causal self-attention module at path "attn", its mask built from each row's left padding."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = LeftPaddedCausal()
-
-    def forward(self, q, k, v, pads):
-        return self.attn(q, k, v, pads)
-
-
 class LeftPaddedCausal(nn.Module):
     """Causal self-attention over a left-padded batch, masked as transformers does: p_b <= j <= i."""
 
@@ -177,31 +167,16 @@ class LeftPaddedCausal(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None])
 
 
-class Unmasked(nn.Module):
-    """One causal self-attention module at path "attn", with no mask."""
+class Causal(nn.Module):
+    """Causal self-attention with no mask; on q, k, v packed in one tensor (one length) when `packed`."""
 
-    def __init__(self):
+    def __init__(self, packed: bool = False):
         super().__init__()
-        self.attn = _Causal()
+        self.packed = packed
 
-    def forward(self, q, k, v):
-        return self.attn(q, k, v)
-
-
-class _Causal(nn.Module):
-    def forward(self, q, k, v):
+    def forward(self, *qkv):
+        q, k, v = qkv[0].split(D, -1) if self.packed else qkv
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-class Packed(nn.Module):
-    """The same causal attention at path "attn" on q, k, v packed in one tensor (one length)."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = _Causal()
-
-    def forward(self, qkv):
-        return self.attn(*qkv.split(D, -1))
 
 
 def _plan(patterns, S: int) -> Plan:
@@ -217,7 +192,7 @@ def test_a_plan_tuned_at_one_length_runs_a_left_padded_batch_of_another():
     patterns, pads = _heads(96, seed=18), torch.tensor([0, 30])
     q, k, v = (_random(2, H, 80, D, seed=s) for s in (19, 20, 21))
     torch._dynamo.reset()
-    compiled = torch.compile(Holding(), backend="sparsec", dynamic=False,
+    compiled = torch.compile(Holding("attn", LeftPaddedCausal()), backend="sparsec", dynamic=False,
                              options={"plan": _plan(patterns, 96), "inner": "eager"})
     with torch.no_grad():
         got = compiled(q, k, v, pads)
@@ -232,7 +207,7 @@ def test_a_plan_tuned_on_shorter_rows_keeps_the_blocks_past_its_layouts():
     q, k, v = (_random(2, H, 100, D, seed=s) for s in (36, 37, 38))
     torch._dynamo.reset()
     with torch.no_grad():
-        got = torch.compile(Holding(), backend="sparsec", dynamic=False,
+        got = torch.compile(Holding("attn", LeftPaddedCausal()), backend="sparsec", dynamic=False,
                             options={"plan": _plan(patterns, 64), "inner": "eager"})(q, k, v, torch.tensor(pads))
 
     want = torch.zeros(2, H, 100, D, dtype=torch.float64)
@@ -254,10 +229,11 @@ def test_layouts_shorter_than_a_call_are_refused_or_widened(dynamic):
         torch._dynamo.reset()
         with pytest.raises(Exception, match="SparsecUserError: attention_patterns for 'attn', head 0: BlockSparse "
                            "layout has shape \\(3, 3\\).*need \\(5, 5\\)"):
-            torch.compile(Unmasked(), backend="sparsec", dynamic=False,
+            torch.compile(Holding("attn", Causal()), backend="sparsec", dynamic=False,
                           options={"attention_patterns": {"attn": [layout] * H}})(q, k, v)
     torch._dynamo.reset()
-    compiled = torch.compile(Packed(), backend="sparsec", options={"plan": _plan((layout,) * H, 48), "inner": "eager"})
+    compiled = torch.compile(Holding("attn", Causal(packed=True)), backend="sparsec",
+                             options={"plan": _plan((layout,) * H, 48), "inner": "eager"})
     for n in (70, 90, 110):
         qkv = _random(1, H, n, 3 * D, seed=n)
         if dynamic:
@@ -272,25 +248,11 @@ def test_the_tuner_records_each_left_padded_row_from_its_first_token():
     from sparsec.model_tuning import record_attention
 
     q, k, v = (_random(3, H, 64, D, seed=s) for s in (26, 27, 28))
-    recorded, _ = record_attention(Holding(), (q, k, v, torch.tensor([0, 20, 20])))
+    recorded, _ = record_attention(Holding("attn", LeftPaddedCausal()), (q, k, v, torch.tensor([0, 20, 20])))
     samples = recorded["attn"]  # the most common row shape: the two rows of 44 tokens
     assert [s.q.shape[2] for s in samples] == [44, 44] and all(s.causal for s in samples)
     for s, b in zip(samples, (1, 2)):
         assert torch.equal(s.q[0], q[b, :, 20:]) and torch.equal(s.k[0], k[b, :, 20:])
-
-
-class _spying:
-    """Records the key count of every sparsec.attention call into `calls`."""
-
-    def __init__(self, calls: list):
-        self.calls, self.original = calls, sparsec.attention
-
-    def __enter__(self):
-        sparsec.attention = lambda q, k, v, patterns, **kw: self.calls.append(k.shape[2]) or self.original(
-            q, k, v, patterns, **kw)
-
-    def __exit__(self, *exc):
-        sparsec.attention = self.original
 
 
 @pytest.mark.models
@@ -307,10 +269,7 @@ def test_a_left_padded_llama_batch_runs_each_row_as_it_would_alone():
     options = {"attention_patterns": {"layers.*.self_attn": list(_heads(seq, seed=30))}, "inner": "eager"}
     ids = torch.randint(0, 64, (2, seq))
     padding = (torch.arange(seq)[None] >= torch.tensor([[pad], [0]])).long()
-    calls = []
-    torch._dynamo.reset()
-    with torch.no_grad(), _spying(calls):
-        batch = torch.compile(model, backend="sparsec", options=options)(ids, attention_mask=padding).last_hidden_state
-        assert sorted(calls) == [seq - pad, seq - pad, seq, seq]  # each row on its own tokens, sparse
-        alone = torch.compile(model, backend="sparsec", options=options)(ids[:1, pad:]).last_hidden_state
+    batch, _, calls = run_compiled(model, (ids,), options, attention_mask=padding)
+    assert sorted(c.keys for c in calls) == [seq - pad, seq - pad, seq, seq]  # each row on its own tokens, sparse
+    alone, _, _ = run_compiled(model, (ids[:1, pad:],), options)
     torch.testing.assert_close(batch[0, pad:], alone[0], atol=1e-5, rtol=1e-5)

@@ -218,7 +218,7 @@ def test_gpt_oss_runs_its_layers_with_their_sinks():
             if mask_bands == "off":
                 assert not calls
             else:
-                assert calls and all(kwargs.get("sinks") is not None for _, kwargs in calls)
+                assert calls and all(c.kwargs.get("sinks") is not None for c in calls)
                 assert any(P.Window(47, 0) in c[0] for c in calls) and any(P.Dense() in c[0] for c in calls)
 
 

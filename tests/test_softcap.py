@@ -218,7 +218,7 @@ def test_gemma2_runs_its_capped_layers_sparse():
             if mask_bands == "off":
                 assert not calls
             else:
-                assert {kwargs.get("softcap") for _, kwargs in calls} == {CAP}
+                assert {c.kwargs.get("softcap") for c in calls} == {CAP}
                 assert any(P.Window(47, 0) in c[0] for c in calls) and any(P.Dense() in c[0] for c in calls)
 
 
