@@ -46,7 +46,9 @@ def _padding_mask() -> torch.Tensor:
     return (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
 
 
-def _transformers_model(config_name: str, model_name: str, attn: str, seed: int, **config):
+def transformers_model(config_name: str, model_name: str, attn: str, seed: int, **config):
+    """transformers' `model_name` built from `config_name`(**config) in eval mode, its weights drawn
+    after manual_seed(seed); pytest.skip where the library or either class is missing."""
     config_cls = _library_class("transformers", config_name)
     model_cls = _library_class("transformers", model_name)
     torch.manual_seed(seed)
@@ -56,7 +58,7 @@ def _transformers_model(config_name: str, model_name: str, attn: str, seed: int,
 
 def bert(attn: str) -> tuple[nn.Module, tuple]:
     """BertModel (encoder + pooler) with a padding mask."""
-    model = _transformers_model(
+    model = transformers_model(
         "BertConfig", "BertModel", attn, seed=10, vocab_size=VOCAB, hidden_size=HIDDEN,
         num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
         max_position_embeddings=2 * SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -66,7 +68,7 @@ def bert(attn: str) -> tuple[nn.Module, tuple]:
 
 def gpt2(attn: str) -> tuple[nn.Module, tuple]:
     """GPT2Model (causal; Conv1D projections, so no nn.Linear)."""
-    model = _transformers_model(
+    model = transformers_model(
         "GPT2Config", "GPT2Model", attn, seed=11, vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS,
         n_head=HEADS, n_positions=2 * SEQ, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=0, eos_token_id=0)
@@ -75,7 +77,7 @@ def gpt2(attn: str) -> tuple[nn.Module, tuple]:
 
 def llama(attn: str) -> tuple[nn.Module, tuple]:
     """LlamaModel with GQA: 4 query heads sharing 2 kv heads."""
-    model = _transformers_model(
+    model = transformers_model(
         "LlamaConfig", "LlamaModel", attn, seed=12, vocab_size=VOCAB, hidden_size=HIDDEN,
         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS // 2,
         intermediate_size=2 * HIDDEN, max_position_embeddings=2 * SEQ)
@@ -85,7 +87,7 @@ def llama(attn: str) -> tuple[nn.Module, tuple]:
 def t5_encoder(attn: str) -> tuple[nn.Module, tuple]:
     """T5EncoderModel with a padding mask: relative position bias and the padding mask are two
     additive biases (eager adds them one after the other)."""
-    model = _transformers_model(
+    model = transformers_model(
         "T5Config", "T5EncoderModel", attn, seed=16, vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS,
         d_ff=2 * HIDDEN, num_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=8,
         relative_attention_max_distance=16, dropout_rate=0.0)

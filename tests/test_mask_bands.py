@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsec
-from hf_models import run_compiled
+from hf_models import run_compiled, transformers_model
 from sparsec import patterns as P
 from sparsec.config import parse_options
 from sparsec.dump import recording
@@ -164,15 +164,10 @@ def test_the_option_is_checked():
 
 
 def _gemma3(seq: int):
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Gemma3TextConfig"):
-        pytest.skip(f"transformers {transformers.__version__} has no Gemma3TextModel")
-    torch.manual_seed(3)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=48, max_position_embeddings=2 * seq,
-        layer_types=["sliding_attention", "full_attention"], attn_implementation="sdpa")
-    return transformers.Gemma3TextModel(config).eval()
+    return transformers_model(
+        "Gemma3TextConfig", "Gemma3TextModel", "sdpa", seed=3, vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=48,
+        max_position_embeddings=2 * seq, layer_types=["sliding_attention", "full_attention"])
 
 
 @pytest.mark.models

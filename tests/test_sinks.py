@@ -12,7 +12,7 @@ import torch
 
 import sparsec
 import sparsec.model_tuning
-from hf_models import run_compiled
+from hf_models import run_compiled, transformers_model
 from reference import reference_attention, tolerance
 from sparsec import patterns as P
 from sparsec.codegen.attention_cpu import cpu_attention
@@ -186,15 +186,11 @@ def test_tuning_statistics_weigh_the_sinks():
 
 
 def _gpt_oss(seq: int):
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "GptOssConfig"):
-        pytest.skip(f"transformers {transformers.__version__} has no GptOssModel")
-    config = transformers.GptOssConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=48, max_position_embeddings=2 * seq, num_local_experts=2,
-        num_experts_per_tok=1, layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.GptOssModel(config).eval()
+    model = transformers_model(
+        "GptOssConfig", "GptOssModel", "eager", seed=0, vocab_size=64, hidden_size=32, intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=48,
+        max_position_embeddings=2 * seq, num_local_experts=2, num_experts_per_tok=1,
+        layer_types=["sliding_attention", "full_attention"])
     with torch.no_grad():
         for layer in model.layers:
             layer.self_attn.sinks.normal_(0, 2)

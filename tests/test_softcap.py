@@ -11,7 +11,7 @@ import torch
 
 import sparsec
 import sparsec.model_tuning
-from hf_models import run_compiled
+from hf_models import run_compiled, transformers_model
 from reference import reference_attention, tolerance
 from sparsec import patterns as P
 from sparsec.codegen.attention_cpu import cpu_attention
@@ -190,15 +190,10 @@ def test_tuning_statistics_cap_the_scores():
 
 
 def _gemma2(seq: int):
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Gemma2Config"):
-        pytest.skip(f"transformers {transformers.__version__} has no Gemma2Model")
-    torch.manual_seed(3)
-    config = transformers.Gemma2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=48, max_position_embeddings=2 * seq,
-        attn_logit_softcapping=CAP, final_logit_softcapping=None, attn_implementation="eager")
-    return transformers.Gemma2Model(config).eval()
+    return transformers_model(
+        "Gemma2Config", "Gemma2Model", "eager", seed=3, vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=48,
+        max_position_embeddings=2 * seq, attn_logit_softcapping=CAP, final_logit_softcapping=None)
 
 
 @pytest.mark.models
