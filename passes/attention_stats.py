@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sparsec.attention_dispatch import softmax_with_sinks
+
 __all__ = ["AttentionStats", "LayerSample", "attention_stats", "combine_stats", "pool_block_mass", "sample_stats"]
 
 # Score elements per chunk (B * H * rows * Sk): bounds the slab to ~256 MiB in float32.
@@ -139,12 +141,7 @@ def _chunk_probs(q, keys, start: int, stop: int, causal: bool, scale: float, wor
         i = torch.arange(start, stop, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + (Sk - Sq), float("-inf"))
-    if sinks is not None:
-        column = sinks.to(work).view(1, Hq, 1, 1).expand(B, Hq, stop - start, 1)
-        scores = torch.cat([scores, column], dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    if sinks is not None:
-        probs = probs[..., :Sk]
+    probs = softmax_with_sinks(scores, sinks)[0]
     if causal and start < Sq - Sk:  # rows i < Sq - Sk have no allowed key: they hold no mass
         probs = probs.nan_to_num(0.0)
     return probs

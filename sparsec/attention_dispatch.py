@@ -290,14 +290,23 @@ def explicit_attention(q, k, v, scale: float, softcap: float, *, keep: torch.Ten
             s = s + _mask_rows(bias, r0, r1).to(dtype)
         if keep is not None:
             s = s.masked_fill(~_mask_rows(keep, r0, r1), float("-inf"))
-        if sinks is not None:  # one more column, dropped after the softmax
-            s = torch.cat([s, sinks.to(dtype).view(1, Hq, 1, 1).expand(B, Hq, rows, 1)], dim=-1)
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        if sinks is not None:
-            p = p[..., :Sk]
+        p = softmax_with_sinks(s, sinks)[0].nan_to_num(0.0)
         o = p.reshape(B, Hkv, group, rows, Sk) @ v_g
         out[:, :, r0:r1] = o.reshape(B, Hq, rows, -1).to(out.dtype)
     return out
+
+
+def softmax_with_sinks(scores: torch.Tensor,
+                       sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax over the last dim of scores (B, Hq, rows, Sk), with sinks (Hq elements) as one more
+    score a row of its head that takes weight and has no value: (the keys' weights, the sink's
+    (B, Hq, rows)); without sinks, (softmax, None). A row with no finite score gives NaN, as softmax
+    does."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1), None
+    column = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(*scores.shape[:3], 1)
+    probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)
+    return probs[..., :-1], probs[..., -1]
 
 
 def _mask_rows(mask: torch.Tensor, r0: int, r1: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sparsec.attention_dispatch import causal_allowed, explicit_attention
+from sparsec.attention_dispatch import causal_allowed, explicit_attention, softmax_with_sinks
 from sparsec.key_padding import (KeyRun, encode_prefixes, is_plan_rule, key_prefix_runs, mask_keep, mask_prefixes,
                                  patterns_at, run_key_prefix)
 from sparsec.patterns import Pattern, Skip, from_dict
@@ -313,13 +313,9 @@ def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: st
     elif attn_mask is not None:
         scores = scores + attn_mask.to(dtype)
     scores = scores.masked_fill(~keep, float("-inf"))
-    sink = None
-    if sinks is not None:  # one more score a row, with no value: its weight comes off the keys'
-        column = sinks.reshape(1, -1, 1, 1).to(dtype).expand(*scores.shape[:3], 1)
-        scores = torch.cat([scores, column], dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key left gives 0
-    if sinks is not None:
-        probs, sink = probs[..., :Sk], probs[..., Sk]
+    probs, sink = softmax_with_sinks(scores, sinks)  # a sink's weight comes off the keys'
+    probs = probs.nan_to_num(0.0)  # a row with no key left gives 0
+    sink = None if sink is None else sink.nan_to_num(0.0)
     if skip is None:
         return Probs(probs, None, slope, sink)
     is_skip = torch.tensor([isinstance(p, Skip) for p in head_patterns], device=q.device)
