@@ -6,6 +6,7 @@
     python bench/compile_check.py --quick               # bf16, head_dim 64 and 128, every family
     python bench/compile_check.py --tiles 128x64x4x3 64x64x4x2 --families window --dtypes bf16
     python bench/compile_check.py --plan plan.json --dtypes bf16   # the launches a saved Plan makes
+    python bench/compile_check.py --quick --modified    # each family also with a soft cap, sinks, both
 
 For each launch, built exactly as the entry points build it for CUDA tensors (codegen/triton_aot),
 Triton's compiler and ptxas produce the sm_XX binary; the table shows its shared memory against the
@@ -62,7 +63,12 @@ def parse_tiles(text: str) -> AttentionTiles:
     return AttentionTiles(block_m, block_n, num_warps=warps, num_stages=stages)
 
 
-def attention_cases(families, dtypes, head_dims, tiles_list, causal):
+# The score modifications the kernels compile in (Gemma 2's soft cap, GPT-OSS's sinks): (softcap, sinks).
+PLAIN = ((0.0, False),)
+MODIFIED = PLAIN + ((30.0, False), (0.0, True), (30.0, True))
+
+
+def attention_cases(families, dtypes, head_dims, tiles_list, causal, modifications=PLAIN):
     for family in families:
         pattern = family_pattern(family, causal)
         for dtype_name in dtypes:
@@ -70,11 +76,14 @@ def attention_cases(families, dtypes, head_dims, tiles_list, causal):
                 dtype = DTYPES[dtype_name]
                 q, k, v = (torch.empty(1, HEADS, SEQ, head_dim, dtype=dtype) for _ in range(3))
                 for tiles in tiles_list or [default_tiles(head_dim, dtype)]:
-                    (call,) = attention_triton.kernel_calls(q, k, v, (pattern,) * HEADS, causal=causal,
-                                                             scale=head_dim ** -0.5, tiles=tiles, interpreted=False)
-                    yield {"kernel": "attention", "family": family, "dtype": dtype_name, "head_dim": head_dim,
-                           "tiles": [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages],
-                           "default_tiles": not tiles_list, "causal": causal}, call
+                    for softcap, sinks in modifications:
+                        (call,) = attention_triton.kernel_calls(
+                            q, k, v, (pattern,) * HEADS, causal=causal, scale=head_dim ** -0.5, tiles=tiles,
+                            interpreted=False, softcap=softcap, sinks=torch.zeros(HEADS) if sinks else None)
+                        yield {"kernel": "attention", "family": family, "dtype": dtype_name, "head_dim": head_dim,
+                               "tiles": [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages],
+                               "default_tiles": not tiles_list, "causal": causal, "softcap": softcap,
+                               "sinks": sinks}, call
 
 
 def linear_cases(dtypes, tokens: int = 2048, features: int = 1024):
@@ -135,6 +144,8 @@ def main() -> None:
     parser.add_argument("--no-causal", action="store_true", help="compile the non-causal kernels (default causal)")
     parser.add_argument("--no-linear", action="store_true", help="skip the linear kernels")
     parser.add_argument("--quick", action="store_true", help="bf16, head_dim 64 and 128, every family")
+    parser.add_argument("--modified", action="store_true",
+                        help="each attention kernel also with a soft cap (30), sinks, and both (4 variants a case)")
     parser.add_argument("--plan", default=None,
                         help="compile the launches of this saved Plan's layers instead (with --dtypes; no linear kernels)")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
@@ -148,7 +159,8 @@ def main() -> None:
     if args.plan:
         cases = list(plan_cases(args.plan, args.dtypes))
     else:
-        cases = list(attention_cases(args.families, args.dtypes, args.head_dims, args.tiles, not args.no_causal))
+        cases = list(attention_cases(args.families, args.dtypes, args.head_dims, args.tiles, not args.no_causal,
+                                     MODIFIED if args.modified else PLAIN))
         if not args.no_linear:
             cases += list(linear_cases(args.dtypes))
     console = Console(width=150)
@@ -166,6 +178,7 @@ def main() -> None:
                "problems": report.problems()}
         rows.append(row)
         name = f"{case['layer']}: {case['family']}" if "layer" in case else case.get("family", case["kernel"])
+        name += (" +cap" if case.get("softcap") else "") + (" +sinks" if case.get("sinks") else "")
         table.add_row(name, case["dtype"], str(case.get("head_dim", "")), ".".join(map(str, case["tiles"])),
                       f"{report.shared_bytes / 1024:.0f}", str(report.registers), str(report.spill_bytes),
                       report.mma, "yes" if report.async_loads else "no", f"{report.seconds:.1f}",
@@ -181,7 +194,8 @@ def main() -> None:
         "benchmark": "compile_check", "target": f"sm_{arch}", "device": "none (compiled ahead of time on CPU)",
         "versions": software_versions(), "date": now.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "config": {"plan": args.plan} if args.plan else {"seq": SEQ, "heads": HEADS, "causal": not args.no_causal},
+        "config": {"plan": args.plan} if args.plan else {"seq": SEQ, "heads": HEADS, "causal": not args.no_causal,
+                                                              "modified": args.modified},
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
