@@ -42,9 +42,10 @@
         count is in [min_tokens, max_tokens], on the weight packed once for `site` (one compiled
         layer) and re-packed, or run dense, when the weight changes in place.
 
-Both have fake implementations (Inductor and aot_autograd trace through them) and a backward
-computed by recomputation through differentiable torch ops, so graphs that need autograd can
-call them too. Outputs are always contiguous; the rewrite restores the layout the replaced nodes had.
+Both have fake implementations (Inductor and aot_autograd trace through them) and a backward,
+so graphs that need autograd can call them too: attention's (sparsec::attention_backward,
+sparsec/attention_grads.py) recomputes the weights a block of query rows at a time over the keys
+each block keeps (memory a block's, not Sq x Sk a head); linear's is two matmuls. Outputs are always contiguous; the rewrite restores the layout the replaced nodes had.
 """
 from __future__ import annotations
 
@@ -53,15 +54,15 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from sparsec.attention_dispatch import causal_allowed, explicit_attention, softmax_with_sinks
-from sparsec.key_padding import (KeyRun, encode_prefixes, is_plan_rule, key_prefix_runs, mask_keep, mask_prefixes,
+from sparsec.attention_dispatch import causal_allowed, explicit_attention
+from sparsec.attention_grads import attention_grads
+from sparsec.key_padding import (encode_prefixes, is_plan_rule, key_prefix_runs, mask_prefixes,
                                  patterns_at, run_key_prefix)
-from sparsec.patterns import Pattern, Skip, from_dict
+from sparsec.patterns import Pattern, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -243,91 +244,6 @@ def _(attn_mask, q, k):
     return torch.empty((q.shape[0] + 1, 4), dtype=torch.int64)
 
 
-def _head_keep(head_patterns: tuple[Pattern, ...], Sq: int, Sk: int, device) -> torch.Tensor:
-    """(Hq, Sq, Sk) bool: the pairs each head's pattern keeps (Skip heads keep none)."""
-    masks = {p: p.mask(Sq, Sk) for p in set(head_patterns)}
-    return torch.stack([masks[p] for p in head_patterns]).to(device)
-
-
-def _skip_probs(head_patterns: tuple[Pattern, ...], allowed: torch.Tensor) -> torch.Tensor:
-    """([B,] Hq, Sq, Sk) weights of Skip heads: uniform over the allowed keys ("mean") or 0
-    ("zero"); allowed ([B,] Sq, Sk)."""
-    uniform = allowed / allowed.sum(-1, keepdim=True).clamp(min=1)
-    return torch.stack([uniform if isinstance(p, Skip) and p.fill == "mean" else torch.zeros_like(uniform)
-                        for p in head_patterns], dim=-3)
-
-
-def _runs_keep(runs: list[KeyRun], batch: int, Sq: int, Sk: int, device) -> torch.Tensor:
-    """(B, Hq, Sq, Sk) bool: the pairs each run's patterns keep, where its rows have them (a
-    left-padded row's from its first token on); the mask, applied after, cuts the rest."""
-    keep = torch.zeros(batch, len(runs[0].patterns), Sq, Sk, dtype=torch.bool, device=device)
-    for run in runs:
-        first, length = run.prefix.first, run.prefix.length
-        rows = torch.tensor(run.rows, device=device)
-        keep[rows, :, first:, first:length] = _head_keep(run.patterns, Sq - first, length - first, device)
-    return keep
-
-
-class Probs(NamedTuple):
-    """attention_probs' result."""
-
-    probs: torch.Tensor                # (B, Hq, Sq, Sk) weights of the keys
-    score_free: torch.Tensor | None    # (Hq,) bool: heads whose weights do not depend on the scores (Skip)
-    slope: torch.Tensor | None         # with softcap: d(capped) / d(score) = 1 - tanh(score / softcap)^2
-    sink: torch.Tensor | None          # with sinks: (B, Hq, Sq) the weight each row's sink takes
-
-
-def attention_probs(q, k, attn_mask, scale: float, is_causal: bool, patterns: str, mask_rule: str = "",
-                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> Probs:
-    """The explicit attention weights of sparsec::attention (Probs), in float32 or wider.
-
-    Used by the backward: out = probs @ v for every head, Skip heads included."""
-    Sq, Sk = q.shape[2], k.shape[2]
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).to(dtype)
-    scores = (q.to(dtype) @ k.transpose(-1, -2)) * scale
-    slope = None
-    if softcap:
-        capped = torch.tanh(scores / softcap)
-        slope, scores = 1.0 - capped * capped, capped * softcap
-    keep = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
-    if is_causal:
-        keep = causal_allowed(Sq, Sk, q.device)
-    skip = None
-    head_patterns = patterns_from_json(patterns) if patterns else None
-    runs = None
-    if head_patterns and attn_mask is not None:  # as the forward: patterns on key prefixes, or dense
-        runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
-        head_patterns = None if runs is None else runs[0].patterns
-    elif head_patterns:
-        head_patterns = patterns_at(head_patterns, Sq, Sk, widen=is_plan_rule(mask_rule))
-    if head_patterns:
-        allowed = keep
-        if runs is not None:  # a Skip head's mean covers each row's kept keys (each query's)
-            allowed = keep & mask_keep(attn_mask, q.shape[0], Sq, Sk)
-        skip = _skip_probs(head_patterns, allowed.to(dtype))
-        keep = keep & (_head_keep(head_patterns, Sq, Sk, q.device) if runs is None
-                       else _runs_keep(runs, q.shape[0], Sq, Sk, q.device))
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        keep = keep & attn_mask
-    elif attn_mask is not None:
-        scores = scores + attn_mask.to(dtype)
-    scores = scores.masked_fill(~keep, float("-inf"))
-    probs, sink = softmax_with_sinks(scores, sinks)  # a sink's weight comes off the keys'
-    probs = probs.nan_to_num(0.0)  # a row with no key left gives 0
-    sink = None if sink is None else sink.nan_to_num(0.0)
-    if skip is None:
-        return Probs(probs, None, slope, sink)
-    is_skip = torch.tensor([isinstance(p, Skip) for p in head_patterns], device=q.device)
-    return Probs(torch.where(is_skip[:, None, None], skip, probs), is_skip, slope, sink)
-
-
-def _group_sum(t: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Sum per-query-head gradients (B, Hq, ...) into their kv heads (B, Hkv, ...)."""
-    B, Hq = t.shape[:2]
-    return t.reshape(B, num_kv_heads, Hq // num_kv_heads, *t.shape[2:]).sum(2)
-
-
 def _attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, attn_mask, scale, is_causal, patterns = inputs[:7]
     ctx.save_for_backward(q, k, v, attn_mask, inputs[13] if len(inputs) > 13 else None)
@@ -354,34 +270,12 @@ def attention_backward(
 
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
-    # Softmax backward on the explicit weights: dS = P * (dP - rowsum(dP * P)).
-    probs, score_free, slope, sink = attention_probs(q, k, attn_mask, scale, is_causal, patterns, mask_rule, softcap,
-                                                     sinks)
-    dtype, Hkv = probs.dtype, k.shape[1]
-    group = q.shape[1] // Hkv
-    k_rep, v_rep = (t.repeat_interleave(group, dim=1).to(dtype) for t in (k, v))
-    grad_out = grad_out.to(dtype)
-    grad_probs = grad_out @ v_rep.transpose(-1, -2)
-    through = (grad_probs * probs).sum(-1, keepdim=True)
-    grad_scores = probs * (grad_probs - through)
-    if score_free is not None:  # Skip heads' weights do not depend on the scores
-        grad_scores = grad_scores.masked_fill(score_free[:, None, None], 0.0)
-    grad_raw = grad_scores if slope is None else grad_scores * slope  # through the capping, to q.k
-    dq = (grad_raw @ k_rep) * scale
-    dk = _group_sum((grad_raw.transpose(-1, -2) @ q.to(dtype)) * scale, Hkv)
-    dv = _group_sum(probs.transpose(-1, -2) @ grad_out, Hkv)
-    grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
-    if attn_mask is not None and attn_mask.is_floating_point():  # the bias is added after the capping
-        grads.append(grad_scores.sum_to_size(attn_mask.shape).to(attn_mask.dtype))
-    else:
-        grads.append(q.new_empty(0))
-    if sinks is not None:  # a sink's score has no value: its gradient is -(its weight) * through, per row
-        grad_sink = -(sink * through[..., 0])
-        if score_free is not None:
-            grad_sink = grad_sink.masked_fill(score_free[:, None], 0.0)
-        grads.append(grad_sink.sum(dim=(0, 2)).reshape(sinks.shape).to(sinks.dtype))
-    else:
-        grads.append(q.new_empty(0))
+    head_patterns = patterns_from_json(patterns) if patterns else None
+    dq, dk, dv, dmask, dsinks = attention_grads(grad_out, q, k, v, attn_mask, scale, is_causal, head_patterns,
+                                                mask_rule, softcap, sinks)
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+             q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape).to(attn_mask.dtype),
+             q.new_empty(0) if dsinks is None else dsinks.reshape(sinks.shape).to(sinks.dtype))
     return tuple(g.contiguous() for g in grads)
 
 

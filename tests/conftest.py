@@ -65,3 +65,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "triton" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(params=["one block", "a row a block"])
+def grad_blocks(request, monkeypatch):
+    """The attention backward over all query rows at once (small tests' default) or one row a
+    block (sparsec.attention_grads.ROWS_ELEMENTS), where each block gathers its own keys."""
+    if request.param == "a row a block":
+        monkeypatch.setattr("sparsec.attention_grads.ROWS_ELEMENTS", 1)
+    return request.param

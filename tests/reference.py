@@ -64,7 +64,7 @@ def _reference(q, k, v, head_patterns, causal, scale, full_keys=None, softcap=0.
             scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~keep, float("-inf"))
         if sinks is not None:  # one more column, dropped after the softmax
-            sink = torch.full((*scores.shape[:-1], 1), float(sinks[h]), dtype=torch.float64)
+            sink = sinks[h].to(torch.float64).expand(*scores.shape[:-1], 1)  # differentiable in the sinks
             scores = torch.cat([scores, sink], dim=-1)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows -> NaN -> 0
         if sinks is not None:

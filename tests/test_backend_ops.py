@@ -69,7 +69,7 @@ def test_patterns_json_round_trips():
 
 
 @pytest.mark.parametrize("head_patterns", [None, (P.Window(2, 0), P.Skip("mean"), P.Dense(), P.Columns([1]))])
-def test_attention_backward_matches_float64_autograd(head_patterns):
+def test_attention_backward_matches_float64_autograd(head_patterns, grad_blocks):
     q, k, v = _qkv(requires_grad=True)
     bias = None if head_patterns else torch.randn(6, 6, requires_grad=True)
     text = sparsec_ops.patterns_to_json(head_patterns) if head_patterns else ""

@@ -202,7 +202,7 @@ def test_the_triton_kernels_run_the_kept_keys_too(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["padded keys", "causal prefix", "right padded"])
-def test_gradients_match_the_reference(kind):
+def test_gradients_match_the_reference(kind, grad_blocks):
     Sq, lengths = {"padded keys": (S, [70, 48, 48]), "causal prefix": (40, [40, 52, 45]),
                    "right padded": (40, [40, 31, 9])}[kind]
     Sk = {"padded keys": S, "causal prefix": max(lengths) + 3, "right padded": Sq}[kind]

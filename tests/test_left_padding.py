@@ -96,7 +96,7 @@ def test_the_triton_kernels_run_left_padded_rows_on_strided_views(monkeypatch):
     torch.testing.assert_close(got.double(), _left_padded_reference(q, k, v, patterns, pads), atol=2e-5, rtol=2e-5)
 
 
-def test_gradients_of_left_padded_rows_match_the_reference():
+def test_gradients_of_left_padded_rows_match_the_reference(grad_blocks):
     S, pads = 70, [0, 21, 40]
     q = _random(3, H, S, D, seed=1).requires_grad_()
     k, v = (_random(3, HKV, S, D, seed=s).requires_grad_() for s in (2, 3))

@@ -100,7 +100,7 @@ def _explicit(q, k, v, keep, sinks, scale):
 
 
 @pytest.mark.parametrize("case", ["dense", "window, padded keys"])
-def test_the_op_and_its_gradients(case):
+def test_the_op_and_its_gradients(case, grad_blocks):
     B, Hq, Hkv, S, D = 2, 4, 2, 30, 16
     q, k, v, sinks = _inputs(B, Hq, Hkv, S, S, D, seed=11)
     sinks[1] = 0.5  # a finite gradient for every head

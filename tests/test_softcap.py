@@ -109,7 +109,7 @@ def _explicit(q, k, v, keep, bias, scale, softcap):
 
 
 @pytest.mark.parametrize("case", ["dense, no mask", "dense, bias", "window, padded keys", "window, causal"])
-def test_the_op_and_its_gradients(case):
+def test_the_op_and_its_gradients(case, grad_blocks):
     B, Hq, Hkv, S, D = 2, 4, 2, 30, 16
     q, k, v = (t.requires_grad_() for t in _qkv(B, Hq, Hkv, S, S, D, seed=11))
     scale, causal, mask, keep, bias, patterns = D ** -0.5, False, None, None, None, ""

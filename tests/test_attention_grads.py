@@ -1,0 +1,142 @@
+"""The attention backward (sparsec.attention_grads) against float64 autograd of explicit-mask references:
+random patterns and shapes in blocks of any number of query rows, gathered keys or all of them;
+float-mask gradients summed to every mask shape; and the blocks it computes are bounded."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sparsec.attention_grads as attention_grads
+from sparsec import patterns as P
+from sparsec.ops import patterns_to_json
+from reference import reference_attention
+from strategies import PatternBounds, skips, unions
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BOUNDS = PatternBounds(width=6, offset=8, max_offsets=3, column=12, column_width=4, block=5)
+
+
+def _leaves(*tensors):
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def _op_grads(q, k, v, mask, scale, causal, head_patterns, weights, softcap=0.0, sinks=None):
+    """Gradients of sum(sparsec::attention(...) * weights) with respect to q, k, v (and the float mask, sinks)."""
+    inputs = [q, k, v] + ([mask] if mask is not None and mask.is_floating_point() else []) + \
+        ([sinks] if sinks is not None else [])
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    q_, k_, v_ = inputs[:3]
+    mask_ = inputs[3] if len(inputs) > 3 and mask is not None and mask.is_floating_point() else mask
+    sinks_ = inputs[-1] if sinks is not None else None
+    text = patterns_to_json(head_patterns) if head_patterns else ""
+    out = torch.ops.sparsec.attention(q_, k_, v_, mask_, scale, causal, text, 0, 0, "", "", softcap, None, sinks_)
+    return torch.autograd.grad((out * weights).sum(), inputs)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_patterns_and_shapes_match_float64_autograd(data):
+    """Any block height (ROWS_ELEMENTS) and gathering threshold (GATHER_SHARE) gives the reference's
+    gradients: GQA, causal or not, Sq != Sk, Skip heads, unions with block layouts, a soft cap, sinks."""
+    draw = data.draw
+    Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    Hq, B, D = Hkv * group, draw(st.integers(1, 2)), draw(st.sampled_from([4, 8]))
+    Sq, Sk = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    causal, softcap = draw(st.booleans()), draw(st.sampled_from([0.0, 0.0, 4.0]))
+    patterns = tuple(draw(st.one_of(unions(Sq, Sk, BOUNDS), skips)) for _ in range(Hq))
+    seed = draw(st.integers(0, 2 ** 16))
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, s, D, generator=g) for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    sinks = torch.randn(Hq, generator=g) if draw(st.booleans()) else None
+    weights = torch.randn(B, Hq, Sq, D, generator=g)
+    rows = draw(st.sampled_from([1, 2, 5, Sq]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_grads, "ROWS_ELEMENTS", B * Hq * Sk * rows)
+        patch.setattr(attention_grads, "GATHER_SHARE", draw(st.sampled_from([0.0, 0.5, 1.0])))
+        got = _op_grads(q, k, v, None, 0.3, causal, patterns, weights, softcap, sinks)
+    leaves = _leaves(q, k, v) + (_leaves(sinks) if sinks is not None else [])
+    want = reference_attention(*leaves[:3], patterns, causal=causal, scale=0.3, softcap=softcap,
+                               sinks=leaves[3] if sinks is not None else None)
+    if want.requires_grad:  # (a Skip head's weights take no gradient: all Skip "zero", none at all)
+        want = torch.autograd.grad((want * weights.double()).sum(), leaves, allow_unused=True, materialize_grads=True)
+    else:
+        want = [torch.zeros_like(t) for t in leaves]
+    for name, a, b in zip("q k v sinks".split(), got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def _dense_bias_reference(q, k, v, bias, scale, causal):
+    """float64 softmax(q k^T * scale + bias) v, GQA by head index, causal j <= i + Sk - Sq."""
+    Hq, Hkv, Sq, Sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    kv = torch.arange(Hq) // (Hq // Hkv)
+    scores = q @ k[:, kv].transpose(-1, -2) * scale + bias
+    if causal:
+        scores = scores.masked_fill(torch.arange(Sk)[None, :] > torch.arange(Sq)[:, None] + (Sk - Sq), -math.inf)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v[:, kv]
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (2, 1, 1, 9), (1, 4, 7, 9), (2, 1, 7, 1), (4, 1, 9)])
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_a_float_masks_gradient_is_summed_to_its_shape(shape, rows, monkeypatch):
+    """A bias of any broadcastable shape (per query row or one row for all, per key or one value
+    for all keys) gets the score gradients summed over what it broadcasts, block by block."""
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 7, 9, 8
+    g = torch.Generator().manual_seed(sum(shape) + rows)
+    q, k, v = torch.randn(B, Hq, Sq, D, generator=g), torch.randn(B, Hkv, Sk, D, generator=g), \
+        torch.randn(B, Hkv, Sk, D, generator=g)
+    bias, weights = torch.randn(shape, generator=g), torch.randn(B, Hq, Sq, D, generator=g)
+    monkeypatch.setattr(attention_grads, "ROWS_ELEMENTS", B * Hq * Sk * rows)
+    got = _op_grads(q, k, v, bias, 0.4, True, None, weights)
+    leaves = _leaves(q, k, v, bias)
+    want = torch.autograd.grad((_dense_bias_reference(*leaves[:3], leaves[3], 0.4, True) * weights.double()).sum(),
+                               leaves)
+    assert got[3].shape == bias.shape
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_hold_a_bounded_number_of_rows_and_only_the_keys_they_keep(monkeypatch):
+    """At S = 256 with a 16-key causal window, blocks of 32 rows compute 32 x 48 scores at most
+    (the window's keys of the block, gathered), never 256 x 256, and the gradients are exact."""
+    B, H, S, D, width, rows = 1, 2, 256, 8, 16, 32
+    seen = []
+    softmax = attention_grads.softmax_with_sinks
+
+    def spy(scores, sinks):
+        seen.append(tuple(scores.shape))
+        return softmax(scores, sinks)
+
+    monkeypatch.setattr(attention_grads, "softmax_with_sinks", spy)
+    monkeypatch.setattr(attention_grads, "ROWS_ELEMENTS", B * H * S * rows)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, weights = (torch.randn(B, H, S, D, generator=g) for _ in range(4))
+    patterns = (P.Window(width, 0), P.Window(width // 2, 0))
+    got = _op_grads(q, k, v, None, D ** -0.5, True, patterns, weights)
+    assert len(seen) == S // rows
+    assert all(shape[2] == rows and shape[3] <= rows + width for shape in seen), seen
+    leaves = _leaves(q, k, v)
+    want = reference_attention(*leaves, patterns, causal=True, scale=D ** -0.5)
+    for a, b in zip(got, torch.autograd.grad((want * weights.double()).sum(), leaves)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_block_that_keeps_no_key_gives_zero_gradients(monkeypatch):
+    """Rows that keep no key (a diagonal past the keys' end) give zero output and zero gradients,
+    sinks or not, in blocks of their own."""
+    B, H, S, D = 1, 2, 12, 4
+    monkeypatch.setattr(attention_grads, "ROWS_ELEMENTS", B * H * S * 4)
+    g = torch.Generator().manual_seed(9)
+    q, k, v, weights = (torch.randn(B, H, S, D, generator=g) for _ in range(4))
+    sinks = torch.randn(H, generator=g)
+    patterns = (P.MultiDiagonal([-8], 0),) * H  # rows 0..7 keep nothing
+    dq, dk, dv, dsinks = _op_grads(q, k, v, None, 0.5, False, patterns, weights, sinks=sinks)
+    assert bool((dq[:, :, :8] == 0).all()) and bool((dk[:, :, 4:] == 0).all())
+    leaves = _leaves(q, k, v, sinks)
+    want = reference_attention(*leaves[:3], patterns, scale=0.5, sinks=leaves[3])
+    for a, b in zip((dq, dk, dv, dsinks), torch.autograd.grad((want * weights.double()).sum(), leaves)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
