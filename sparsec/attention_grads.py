@@ -10,12 +10,13 @@ soft-capping, sinks, and Skip heads' uniform ("mean") or zero weights. For a blo
     dP = dO V^T,   dS = P * (dP - rowsum(dP * P))     (0 for Skip heads: no score moves them)
     dQ = dS' K * scale,   dK += dS'^T Q * scale,   dV += P^T dO     (dS': dS through the soft cap)
 
-A block is at most ROWS_ELEMENTS of B x Hq x rows x Sk, so memory stays a few blocks' worth, not
-Sq x Sk a head, and where the block keeps at most GATHER_SHARE of the keys (a window's block: its
-width) only those are gathered and computed. Query heads multiply against their kv head's K and V
-as (B, Hkv, group x rows, D) products, which also sum dK and dV over each kv head's query heads
-(GQA) with no copies of K and V. A float mask's gradient is dS summed to the mask's shape; a
-sink's is -(its weight) x rowsum(dP * P), summed over batch and rows.
+A block is at most MAX_ROWS rows and ROWS_ELEMENTS of B x Hq x rows x Sk, so memory stays a few
+blocks' worth, not Sq x Sk a head, and where the block keeps at most GATHER_SHARE of the keys (a
+window's block: its width and its rows) only those are gathered and computed. Query heads
+multiply against their kv head's K and V as (B, Hkv, group x rows, D) products, which also sum dK
+and dV over each kv head's query heads (GQA) with no copies of K and V. A float mask's gradient
+is dS summed to the mask's shape; a sink's is -(its weight) x rowsum(dP * P), summed over batch
+and rows.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from sparsec.attention_dispatch import softmax_with_sinks
 from sparsec.key_padding import KeyRun, is_plan_rule, key_prefix_runs, mask_keep, patterns_at
 from sparsec.patterns import Pattern, Skip
 
-__all__ = ["attention_grads", "ROWS_ELEMENTS", "GATHER_SHARE"]
+__all__ = ["attention_grads", "ROWS_ELEMENTS", "MAX_ROWS", "GATHER_SHARE"]
 
 ROWS_ELEMENTS = 1 << 23  # B x Hq x rows x Sk of a block: 32 MB a float32 temporary
+MAX_ROWS = 128           # and at most this many rows: a band's block then reads little more than its keys
 GATHER_SHARE = 0.75      # a block computes only its kept keys where they are at most this share of Sk
 
 
@@ -73,7 +75,7 @@ def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     dsinks = q.new_zeros(Hq, dtype=dtype) if sinks is not None else None
     skip = torch.zeros(Hq, dtype=torch.bool, device=q.device)
     skip[rule.skip_heads] = True
-    step = max(1, min(Sq, ROWS_ELEMENTS // max(1, B * Hq * Sk)))
+    step = max(1, min(Sq, MAX_ROWS, ROWS_ELEMENTS // max(1, B * Hq * Sk)))
     for r0 in range(0, Sq, step):
         r1 = min(Sq, r0 + step)
         keep, skip_weights = _block_pairs(rule, r0, r1, q.device, dtype)

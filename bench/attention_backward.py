@@ -1,0 +1,193 @@
+"""Training through sparse attention: forward + backward of sparsec's attention op (its backward:
+sparsec/attention_grads.py) against torch's SDPA, dense and with the same pattern as a mask.
+
+    python bench/attention_backward.py --quick          # CPU: S 2048, a 10% window, < 1 minute
+    python bench/attention_backward.py                  # CPU: S 2048 and 4096, window / a_shape / blocks
+    python bench/attention_backward.py --device cuda    # GPU: S 4096 and 8192, 16 heads, D 128, bf16
+
+Each row is one pattern family (every head, causal, at a target density of the causal pairs) at
+one length. Timed (bench/attention.py's interleaved timing), each a forward and the gradients of
+q, k and v for a random output gradient:
+
+  sdpa          torch SDPA, causal, dense: what the layer costs without patterns
+  sdpa_masked   torch SDPA with the pattern as a (S, S) bool mask: the same weights without sparsec
+  sparsec       the sparsec::attention op with the patterns (its forward kernels, its backward)
+
+and each one's peak memory above the inputs (CUDA: the allocator's peak; CPU: the peak resident
+size of a fresh process running one step, --no-memory skips it). The gradients are checked
+against sdpa_masked's. Rich table with the speedups; JSON (device, versions, date, command, every
+figure) under bench/results/ unless --no-save.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sparsec.attention_dispatch import causal_allowed
+from sparsec.ops import patterns_to_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import (  # noqa: E402  (shared with the kernel benchmarks)
+    DTYPES, _max_rel_error, _time_ms, add_device_options, pattern_for_density, write_rows)
+
+FAMILIES = ("window", "a_shape", "block_sparse")
+VARIANTS = ("sdpa", "sdpa_masked", "sparsec")
+
+
+def _inputs(spec: dict):
+    """q, k, v (requires grad) and the output gradient of one row's shape, seeded by S."""
+    g = torch.Generator().manual_seed(spec["S"])
+    shape = (1, spec["heads"], spec["S"], spec["head_dim"])
+    dtype = DTYPES[spec["dtype"]]
+    q, k, v, grad = (torch.randn(shape, generator=g).to(spec["device"], dtype) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
+
+
+def step(variant: str, spec: dict, q, k, v, grad) -> tuple[torch.Tensor, ...]:
+    """One forward and backward of `variant`: the gradients of q, k and v."""
+    scale = 1.0 / math.sqrt(spec["head_dim"])
+    if variant == "sdpa":
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    elif variant == "sdpa_masked":
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=spec["mask"], scale=scale)
+    else:
+        out = torch.ops.sparsec.attention(q, k, v, None, scale, True, spec["patterns"])
+    return torch.autograd.grad(out, (q, k, v), grad)
+
+
+# A fresh process runs one step and prints its peak resident size above the inputs' (CPU memory).
+_PEAK_CHILD = """
+import json, resource, sys
+sys.path.insert(0, {bench!r})
+import torch
+import attention_backward as bench
+from sparsec import patterns as P
+from sparsec.attention_dispatch import causal_allowed
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+heads = tuple(P.from_dict(d) for d in json.loads(spec["patterns"]))
+q, k, v, grad = bench._inputs(spec)
+if spec["variant"] == "sdpa_masked":
+    spec["mask"] = heads[0].mask(spec["S"], spec["S"]) & causal_allowed(spec["S"], spec["S"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+bench.step(spec["variant"], spec, q, k, v, grad)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def peak_mb(variant: str, spec: dict) -> float | None:
+    """Peak memory of one step above the inputs, in MB (None where it could not be measured)."""
+    if spec["device"] == "cuda":
+        q, k, v, grad = _inputs(spec)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(variant, spec, q, k, v, grad)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    child = {key: value for key, value in spec.items() if key != "mask"}
+    child.update(variant=variant, threads=torch.get_num_threads())
+    code = _PEAK_CHILD.format(bench=str(Path(__file__).resolve().parent))
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(child)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def run(args, console: Console) -> list[dict]:
+    rows = []
+    for S in args.lengths:
+        for family in args.families:
+            for density in args.densities:
+                pattern = pattern_for_density(family, S, density, causal=True, seed=0)
+                spec = {"S": S, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
+                        "device": args.device, "patterns": patterns_to_json((pattern,) * args.heads)}
+                spec["mask"] = (pattern.mask(S, S) & causal_allowed(S, S)).to(args.device)
+                q, k, v, grad = _inputs(spec)
+                fns = {name: (lambda name=name: step(name, spec, q, k, v, grad)) for name in VARIANTS}
+                got, want = fns["sparsec"](), fns["sdpa_masked"]()
+                error = max(_max_rel_error(a, b) for a, b in zip(got, want))
+                ms = _time_ms(fns, args.device, args.min_seconds)
+                peaks = {name: peak_mb(name, spec) if args.memory else None for name in VARIANTS}
+                row = {"family": family, "target_density": density, "S": S,
+                       "kept_density": pattern.density(S, S, causal=True), "max_rel_grad_error": error,
+                       **{f"{name}_ms": t for name, t in ms.items()},
+                       **{f"{name}_peak_mb": peak for name, peak in peaks.items()},
+                       "speedup_over_sdpa": ms["sdpa"] / ms["sparsec"],
+                       "speedup_over_masked": ms["sdpa_masked"] / ms["sparsec"]}
+                rows.append(row)
+                console.print(f"  S {S} {family} {density:.0%}: SDPA {ms['sdpa']:.1f} ms, masked SDPA "
+                              f"{ms['sdpa_masked']:.1f} ms, sparsec {ms['sparsec']:.1f} ms "
+                              f"({row['speedup_over_sdpa']:.2f}x / {row['speedup_over_masked']:.2f}x), "
+                              f"gradient error {error:.1e}")
+    return rows
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def print_table(rows: list[dict], console: Console) -> None:
+    table = Table(title="forward + backward: sparsec's attention op against SDPA (dense, and with the pattern's mask)")
+    for name in ("S", "family", "density", "kept", "SDPA ms", "masked ms", "sparsec ms", "vs SDPA", "vs masked",
+                 "SDPA MB", "masked MB", "sparsec MB", "grad err"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r["S"]), r["family"], f"{r['target_density']:.0%}", f"{r['kept_density']:.1%}",
+                      f"{r['sdpa_ms']:.1f}", f"{r['sdpa_masked_ms']:.1f}", f"{r['sparsec_ms']:.1f}",
+                      f"{r['speedup_over_sdpa']:.2f}x", f"{r['speedup_over_masked']:.2f}x",
+                      _mb(r["sdpa_peak_mb"]), _mb(r["sdpa_masked_peak_mb"]), _mb(r["sparsec_peak_mb"]),
+                      f"{r['max_rel_grad_error']:.1e}")
+    console.print(table)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_device_options(parser)
+    parser.add_argument("--quick", action="store_true", help="CPU, S 2048, a 10%% window")
+    parser.add_argument("--lengths", nargs="+", type=int, default=None,
+                        help="S (default 2048 4096 on CPU, 4096 8192 on CUDA)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.25], help="of the causal pairs")
+    parser.add_argument("--heads", type=int, default=None, help="default 8 on CPU, 16 on CUDA")
+    parser.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="CPU: time each point at least this long")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak memory figures")
+    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default: bench/results/attention_backward_<device>_<date>.json)")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.quick:
+        args.device, args.lengths = "cpu", [2048]
+        args.families, args.densities, args.min_seconds = ["window"], [0.1], min(args.min_seconds, 1.0)
+    gpu = args.device == "cuda"
+    args.lengths = args.lengths or ([4096, 8192] if gpu else [2048, 4096])
+    args.heads = args.heads or (16 if gpu else 8)
+    args.head_dim = args.head_dim or (128 if gpu else 64)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    return args
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    console = Console(width=170)
+    console.print(f"forward + backward, causal, {args.heads} heads, D {args.head_dim}, {args.dtype} on {args.device}")
+    rows = run(args, console)
+    print_table(rows, console)
+    if not args.no_save:
+        console.print(f"saved {write_rows('attention_backward', __file__, args, rows, argv)}")
+
+
+if __name__ == "__main__":
+    main()
