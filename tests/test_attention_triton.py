@@ -102,6 +102,17 @@ def test_bands_wholly_past_the_keys_keep_nothing(Sq, Sk, causal):
     check(q, k, v, heads, causal=causal)
 
 
+@pytest.mark.parametrize("Sq, Sk, causal", [(1, 1, False), (1, 40, True), (3, 4, False), (20, 9, False)])
+def test_bands_wider_than_the_reach_keep_their_edges(Sq, Sk, causal):
+    """A width beyond Sq + Sk (every |j - i| is below that) once was cut to it alone, which moved
+    the band's edges o -/+ width inward and dropped kept keys (found by fuzzing: MultiDiagonal([3], 3)
+    at 1 x 1 gave 0)."""
+    q, k, v = random_qkv(1, 4, 1, Sq, Sk, 16, seed=Sq * Sk)
+    heads = [P.MultiDiagonal([3], 3), P.MultiDiagonal([-10], 77), P.MultiDiagonal([-60, 2 * (Sq + Sk) + 1], Sq + Sk),
+             P.MultiDiagonal([-200, 190], 180)]
+    check(q, k, v, heads, causal=causal)
+
+
 @needs_coverage
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("family", ["block_sparse", "union"])
@@ -403,3 +414,19 @@ def test_a_layers_launch_is_built_once_and_takes_each_calls_tensors():
     c = at.kernel_call(group, q_t, *second[1:], False, 0.25, tiles, interpreted=True)
     assert c.args[0] is q_t and c.args[4:] != b.args[4:]
     assert at.kernel_call(group, *second, False, 0.25, tiles, interpreted=False).kwargs["DOT_PRECISION"] == "ieee"
+
+
+@settings(max_examples=200, deadline=None)
+@given(offsets=st.lists(st.integers(-400, 400), min_size=1, max_size=4), width=st.integers(0, 400),
+       Sq=st.integers(1, 60), Sk=st.integers(1, 60))
+def test_multi_diagonal_packing_keeps_every_pair(offsets, width, Sq, Sk):
+    """The kernel's (width, offsets) of a MultiDiagonal, bounded for int32 arithmetic
+    (multi_diagonal._bounded), keep exactly the diagonals j - i the pattern keeps."""
+    from sparsec.codegen.templates.multi_diagonal import _bounded
+
+    offsets = sorted(set(offsets))
+    bounded_width, bounded = _bounded(offsets, width, Sq + Sk)
+    assert bounded_width <= 2 * (Sq + Sk) and all(abs(o) <= 3 * (Sq + Sk) for o in bounded)
+    assert bounded == sorted(bounded)  # the kernel visits the bands in order
+    for d in range(-(Sq - 1), Sk):
+        assert any(abs(d - o) <= width for o in offsets) == any(abs(d - o) <= bounded_width for o in bounded), d

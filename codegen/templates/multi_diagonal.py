@@ -10,7 +10,7 @@ spilled 48 B a thread at 32 offsets and 5.4 KB at 96 (75 s to compile).
 from __future__ import annotations
 
 from sparsec.codegen.templates.common import (
-    KEY_HELPERS, FamilyTemplate, PackedParams, clamp_offset, diagonal_words, pad_rows, padded,
+    KEY_HELPERS, FamilyTemplate, PackedParams, diagonal_words, pad_rows, padded,
 )
 
 KEEP = """
@@ -33,15 +33,34 @@ for r in range(NUM_OFFSETS):
 def pack(patterns, Sq, Sk, layouts) -> PackedParams:
     count = max(len(p.offsets) for p in patterns)
     rows = []
-    reach = Sq + Sk  # |j - i| < reach
     for p in patterns:
-        width = clamp_offset(p.width, Sq, Sk)
-        # A band's edges o -/+ width must stay out of reach when they were: clamp o past them,
-        # not to reach (that would pull a band lying wholly past the keys back onto them).
-        offsets = [max(-(reach + width), min(reach + width, o)) for o in p.offsets]
+        width, offsets = _bounded(p.offsets, p.width, Sq + Sk)
         bands = [(o - p.width, o + p.width) for o in p.offsets]
         rows.append([width, *padded(offsets, count, offsets[-1]), *diagonal_words(bands, Sq, Sk)])
     return PackedParams(rows=pad_rows(rows), counts={"NUM_OFFSETS": count})
+
+
+def _bounded(offsets, width: int, reach: int) -> tuple[int, list[int]]:
+    """The head's (width, offsets) within a few `reach` (|j - i| < reach for every pair), keeping
+    the same pairs: the kernel's int32 interval arithmetic stays far from overflow. A band's edges
+    o -/+ width are what matter, and only inside (-reach, reach): a width up to 2 reach is kept and
+    each offset clamped to reach + width (a band wholly past the keys stays past them); a wider one
+    becomes 2 reach and each offset moves so that the edge inside (-reach, reach), if one is, stays
+    where it was (the other lies out of reach either way)."""
+    if width <= 2 * reach:
+        return width, [max(-(reach + width), min(reach + width, o)) for o in offsets]
+    bounded = []
+    for o in offsets:
+        lo, hi = o - width, o + width
+        if lo >= reach or hi <= -reach:      # wholly past the keys, or before them
+            bounded.append(3 * reach if lo >= reach else -3 * reach)
+        elif lo > -reach:                    # only the lower edge inside
+            bounded.append(lo + 2 * reach)
+        elif hi < reach:                     # only the upper edge inside
+            bounded.append(hi - 2 * reach)
+        else:                                # every pair
+            bounded.append(0)
+    return 2 * reach, bounded
 
 
 TEMPLATE = FamilyTemplate(family="multi_diagonal", keep=KEEP, visit=VISIT, pack=pack, counts=("NUM_OFFSETS",),
