@@ -55,10 +55,12 @@ def attention(
     `sinks` (GPT-OSS's attention sinks): (Hq,) logits, one a query head, each joining its head's
     softmax as one more score that takes weight but has no value: out = sum_j e^(s_j) v_j /
     (sum_j e^(s_j) + e^(sinks[h])). Skip heads do not use them (nothing is computed there).
+    Differentiable in q, k, v and sinks whichever executor runs: the backward recomputes the
+    weights a block of query rows at a time over the keys each keeps (sparsec/attention_grads.py).
     """
     _check_tensors(q, k, v)
     softcap = check_softcap(softcap, "sparsec.attention")
-    sinks = check_sinks(sinks, q, "sparsec.attention")
+    given_sinks, sinks = sinks, check_sinks(sinks, q, "sparsec.attention")
     head_patterns = normalize_head_patterns(patterns, q.shape[1])
     Sq, Sk = q.shape[2], k.shape[2]
     _check_patterns_fit(head_patterns, Sq, Sk)
@@ -66,7 +68,16 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
     _check_tiles(tiles)
-    chosen = _choose_backend(q, backend)
+    run = functools.partial(_execute, _choose_backend(q, backend), head_patterns, bool(causal), scale, tiles, softcap)
+    inputs = (q, k, v) if given_sinks is None else (q, k, v, given_sinks)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _Differentiable.apply(q, k, v, given_sinks, sinks, run, head_patterns, bool(causal), scale, softcap)
+    return run(q, k, v, sinks)
+
+
+def _execute(chosen: str, head_patterns, causal: bool, scale: float, tiles, softcap: float, q, k, v,
+             sinks) -> torch.Tensor:
+    """The forward on the chosen executor (none of them records autograd)."""
     if chosen == "triton":
         return _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap, sinks)
     if chosen == "cpu":
@@ -75,6 +86,30 @@ def attention(
         return cpu_attention(q, k, v, head_patterns, causal=causal, scale=scale, block_m=block_m, block_n=block_n,
                              softcap=softcap, sinks=sinks)
     return masked_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap, sinks=sinks)
+
+
+class _Differentiable(torch.autograd.Function):
+    """sparsec.attention where a gradient is wanted: the executor's forward (its kernels write
+    outputs autograd cannot see), sparsec.attention_grads' backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, given_sinks, sinks, run, head_patterns, causal, scale, softcap):
+        ctx.save_for_backward(q, k, v, sinks)
+        ctx.rule = (head_patterns, causal, scale, softcap)
+        ctx.sinks_like = None if given_sinks is None else (given_sinks.shape, given_sinks.dtype)
+        return run(q, k, v, sinks)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from sparsec.attention_grads import attention_grads
+
+        q, k, v, sinks = ctx.saved_tensors
+        head_patterns, causal, scale, softcap = ctx.rule
+        dq, dk, dv, _, dsinks = attention_grads(grad_out, q, k, v, None, scale, causal, head_patterns,
+                                                softcap=softcap, sinks=sinks)
+        like = ctx.sinks_like
+        dsinks = None if like is None else dsinks.reshape(like[0]).to(like[1])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None, None, None
 
 
 def check_sinks(sinks, q: torch.Tensor, caller: str) -> torch.Tensor | None:

@@ -142,12 +142,12 @@ def _block_pairs(rule: _Rule, r0: int, r1: int, device, dtype) -> tuple[torch.Te
         keep = allowed[None, None]
     elif rule.runs is None:
         keep = (allowed & _heads_keep(rule.head_patterns, i, j, rule.Sq, rule.Sk).to(device))[None]
-    else:
-        keep = allowed & _runs_keep(rule.runs, rule.batch, len(rule.head_patterns), r0, r1, rule.Sq, rule.Sk).to(device)
+    else:  # the mask as the forward read it: it drops pairs, a float one's lowest values as -inf
+        allowed = allowed & rule.kept_by_mask[:, r0:r1]
+        keep = allowed[:, None] & _runs_keep(rule.runs, rule.batch, len(rule.head_patterns), r0, r1, rule.Sq,
+                                             rule.Sk).to(device)
     skip_weights = None
     if rule.skip_heads:  # uniform over the keys each row may attend (a run's row: its kept keys)
-        if rule.kept_by_mask is not None:
-            allowed = allowed & rule.kept_by_mask[:, r0:r1]
         uniform = allowed.to(dtype) / allowed.sum(-1, keepdim=True).clamp(min=1)
         skip_weights = torch.stack([uniform if isinstance(p, Skip) and p.fill == "mean" else torch.zeros_like(uniform)
                                     for p in rule.head_patterns], dim=-3)

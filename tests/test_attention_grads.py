@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sparsec
 import sparsec.attention_grads as attention_grads
 from sparsec import patterns as P
 from sparsec.ops import patterns_to_json
@@ -140,3 +141,56 @@ def test_a_block_that_keeps_no_key_gives_zero_gradients(monkeypatch):
     want = reference_attention(*leaves[:3], patterns, scale=0.5, sinks=leaves[3])
     for a, b in zip((dq, dk, dv, dsinks), torch.autograd.grad((want * weights.double()).sum(), leaves)):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropped", [float("-inf"), torch.finfo(torch.float32).min])
+def test_a_float_masks_dropped_pairs_stay_dropped_where_patterns_run_on_its_rows(dropped):
+    """A causal float mask (transformers writes the dtype's lowest value, not -inf) read as key
+    runs: the forward drops its pairs, so rows whose pattern keeps only dropped keys give 0 and no
+    gradient, and the bias's gradient is the kept pairs' score gradient, as for -inf."""
+    B, H, S, D = 1, 2, 12, 8
+    g = torch.Generator().manual_seed(3)
+    q, k, v, weights = (torch.randn(B, H, S, D, generator=g) for _ in range(4))
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    bias = torch.zeros(1, 1, S, S).masked_fill(~causal, dropped)
+    patterns = (P.VerticalSlash([], [1]), P.Window(2, 0))  # head 0 keeps only j = i + 1: all dropped
+    got = _op_grads(q, k, v, bias, 0.5, False, patterns, weights)
+    leaves = _leaves(q, k, v, bias)
+    keep = torch.stack([p.mask(S, S) for p in patterns]) & causal
+    scores = (leaves[0] @ leaves[1].transpose(-1, -2) * 0.5 + leaves[3]).masked_fill(~keep, -math.inf)
+    want = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ leaves[2]
+    for a, b in zip(got, torch.autograd.grad((want * weights.double()).sum(), leaves)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+    assert float(got[2][:, 0].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu without native kernels", "masked",
+                                     pytest.param("triton", marks=pytest.mark.triton)])
+def test_sparsec_attention_is_differentiable_on_every_executor(backend, monkeypatch):
+    """sparsec.attention's executors write their output where autograd cannot see (native and
+    Triton kernels); its gradients come from attention_grads whichever ran, for q, k, v and sinks."""
+    if backend == "cpu without native kernels":
+        monkeypatch.setenv("SPARSEC_CPU_NATIVE", "0")
+    B, Hq, Hkv, S, D = 1, 4, 2, 40, 16
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(B, h, S, D, generator=g).requires_grad_() for h in (Hq, Hkv, Hkv))
+    sinks = torch.randn(Hq, generator=g).requires_grad_()
+    weights = torch.randn(B, Hq, S, D, generator=g)
+    layout = torch.rand(3, 3, generator=torch.Generator().manual_seed(1)) < 0.6
+    patterns = [P.Dense(), P.Window(6, 0), P.Skip("mean"), P.BlockSparse(layout, 16) | P.Columns([(0, 2)])]
+    out = sparsec.attention(q, k, v, patterns, causal=True, backend=backend.split()[0], sinks=sinks)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v, sinks))
+    leaves = _leaves(q, k, v, sinks)
+    want = reference_attention(*leaves[:3], patterns, causal=True, sinks=leaves[3])
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    for name, a, b in zip("q k v sinks".split(), got, torch.autograd.grad((want * weights.double()).sum(), leaves)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_no_gradient_no_graph():
+    """Without inputs that require a gradient (or under no_grad) the executor's output is returned
+    as it is: no autograd node."""
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    assert sparsec.attention(q, k, v, P.Window(3, 0)).grad_fn is None
+    with torch.no_grad():
+        assert sparsec.attention(q.requires_grad_(), k, v, P.Window(3, 0)).grad_fn is None
