@@ -89,7 +89,7 @@ def _fit_block_layouts(op: Attention, head_patterns: tuple[P.Pattern, ...], sour
                 if rows > need[0] or cols > need[1]:
                     part = P.BlockSparse.from_trusted_layout(part.layout[:need[0], :need[1]], part.block)
             parts.append(part)
-        fitted[h] = parts[0] if len(parts) == 1 else P.Union(parts)
+        fitted[h] = P.union_of(parts)  # parts cut to one corner may be equal
     if any(fitted[h] != p for h, p in enumerate(head_patterns)):
         log.info("attention %s: block layouts of %s cut to Sq=%d, Sk=%d (their top-left corner)", op.module_path,
                  source, Sq, Sk)

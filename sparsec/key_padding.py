@@ -372,7 +372,7 @@ def patterns_at(head_patterns: tuple[P.Pattern, ...], Sq: int, Sk: int,
                 if part is None:
                     return None
             new_parts.append(part)
-        cut[pattern] = new_parts[0] if len(new_parts) == 1 else P.Union(new_parts)
+        cut[pattern] = P.union_of(new_parts)  # parts cut to one corner may be equal
     return tuple(cut[p] for p in head_patterns)
 
 

@@ -26,7 +26,7 @@ import torch
 
 __all__ = [
     "Pattern", "Dense", "Skip", "Window", "MultiDiagonal", "Columns", "AShape", "VerticalSlash",
-    "BlockSparse", "Union", "from_json", "from_dict", "normalize_head_patterns",
+    "BlockSparse", "Union", "union_of", "from_json", "from_dict", "normalize_head_patterns",
 ]
 
 # Rows of the mask evaluated at once by density(): bounds memory at long sequence lengths.
@@ -35,11 +35,17 @@ _DENSITY_ROW_CHUNK = 1024
 _ZERO = ord("0")
 
 
+# Positions, widths and offsets are int64 in every mask and kernel table: larger ones are refused.
+INT_LIMIT = 2 ** 62
+
+
 def _check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if abs(value) >= INT_LIMIT:
+        raise ValueError(f"{name} must be below 2**62 in size, got {value}")
     return value
 
 
@@ -117,7 +123,7 @@ class Pattern:
     def __or__(self, other: Pattern) -> Pattern:
         if not isinstance(other, Pattern):
             return NotImplemented
-        return Union((self, other))
+        return union_of((self, other))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -474,6 +480,15 @@ class Union(Pattern):
         return " | ".join(repr(p) for p in self.parts)
 
 
+def union_of(parts: Iterable[Pattern]) -> Pattern:
+    """The union of `parts` (Unions among them flattened): the pattern itself where they are all
+    one pattern, else a Union (which refuses Skip)."""
+    distinct: dict[Pattern, None] = {}
+    for p in parts:
+        distinct.update(dict.fromkeys(p.parts if isinstance(p, Union) else (p,)))
+    return next(iter(distinct)) if len(distinct) == 1 else Union(distinct)
+
+
 _BY_NAME: dict[str, type[Pattern]] = {
     cls.__name__: cls
     for cls in (Dense, Skip, Window, MultiDiagonal, Columns, AShape, VerticalSlash, BlockSparse, Union)
@@ -482,8 +497,8 @@ _BY_NAME: dict[str, type[Pattern]] = {
 
 def from_dict(d: dict) -> Pattern:
     """Inverse of `Pattern.to_dict()`."""
-    if not isinstance(d, dict) or "type" not in d:
-        raise ValueError(f"a pattern must be a dict with a 'type' key, got {d!r}")
+    if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+        raise ValueError(f"a pattern must be a dict with a 'type' key naming its class, got {d!r}")
     cls = _BY_NAME.get(d["type"])
     if cls is None:
         raise ValueError(f"unknown pattern type {d['type']!r}; known: {sorted(_BY_NAME)}")

@@ -543,3 +543,16 @@ def test_tuning_takes_the_most_common_row_shape_and_the_longest_on_ties():
     assert [s.q.shape[2] for s in _most_common_lengths("layer", rows(25, 32))] == [32]
     assert [s.q.shape[2] for s in _most_common_lengths("layer", rows(32, 25))] == [32]
     assert [s.q.shape[2] for s in _most_common_lengths("layer", rows(25, 32, 25))] == [25, 25]
+
+
+def test_a_union_whose_layouts_are_one_once_cut_runs_as_that_layout():
+    """Two layouts that differ only past a shorter call's corner are one pattern there (found by
+    fuzzing: building their Union raised "a Union needs at least two distinct patterns")."""
+    a, b = P.BlockSparse([[1, 0], [0, 1]], 16), P.BlockSparse([[1, 1], [0, 1]], 16)
+    corner = P.BlockSparse([[1]], 16)
+    assert key_padding.patterns_at((a | b, a | b | P.Window(1, 0)), 16, 16) == (corner, corner | P.Window(1, 0))
+    q, k, v = (_random(1, 2, 16, D, seed=s) for s in (1, 2, 3))
+    patterns = (a | b, a | b | P.Window(1, 0))
+    got = attention_op(q, k, v, None, D ** -0.5, True, patterns_to_json(patterns))
+    torch.testing.assert_close(got.double(), reference_attention(q, k, v, (P.Dense(), P.Dense()), causal=True,
+                                                                 scale=D ** -0.5), atol=2e-5, rtol=2e-5)

@@ -59,6 +59,10 @@ def test_union_is_canonical_and_rejects_skip():
     assert hash(a | b) == hash(b | a)
     with pytest.raises(ValueError, match="Skip"):
         a | P.Skip()
+    assert a | a is a and (a | b) | a == a | b  # a union of one pattern is that pattern
+    assert P.union_of([a, a, a | a]) is a
+    with pytest.raises(ValueError, match="two distinct"):
+        P.Union([a, a])
 
 
 def test_patterns_are_immutable_and_hashable():
@@ -82,6 +86,9 @@ def test_patterns_are_immutable_and_hashable():
     lambda: P.BlockSparse(torch.ones(2, 2, 2), 4),
     lambda: P.BlockSparse(torch.ones(2, 2), 0),
     lambda: P.BlockSparse([[0.5, 1.0]], 4),
+    lambda: P.Window(2 ** 64, 0),
+    lambda: P.MultiDiagonal([-(2 ** 70)], 1),
+    lambda: P.Columns([(0, 2 ** 63)]),
 ])
 def test_invalid_arguments_raise_clear_errors(bad):
     with pytest.raises((ValueError, TypeError)):
@@ -229,3 +236,6 @@ def test_from_dict_rejects_malformed():
         P.from_dict({"type": "Union"})
     with pytest.raises(ValueError, match="bad fields"):
         P.from_dict({"type": "Window", "left": 1})
+    for bad in ({"type": []}, {"type": None}, ["Window"]):
+        with pytest.raises(ValueError, match="'type' key naming its class"):
+            P.from_dict(bad)
