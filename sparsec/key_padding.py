@@ -20,10 +20,12 @@ batch row b: K and V are sliced (views), block layouts are cut to the blocks tha
                    masks (exact, dense; few rows).
   left padding     a causal call from position 0 whose row b starts with p_b padding tokens
                    (transformers' batched generation): its first p_b queries keep no key (their
-                   output is 0, as SDPA gives such rows) and query i >= p_b keeps keys p_b..i. The
-                   patterns run with the causal rule on the row's own tokens, shifted to position 0
-                   (the row's first token is position 0 for its patterns, as its position ids
-                   say, so a row runs as it would unpadded).
+                   output is 0, as SDPA gives such rows of a bool or -inf mask; with the dtype's
+                   lowest value, transformers' float form, SDPA gives them the mean of V over all
+                   keys: rows nothing reads, since every real query drops their keys) and query
+                   i >= p_b keeps keys p_b..i. The patterns run with the causal rule on the
+                   row's own tokens, shifted to position 0 (the row's first token is position 0
+                   for its patterns, as its position ids say, so a row runs as it would unpadded).
 
 One more kind runs for layers left dense (mask rule "band", option mask_bands):
 
