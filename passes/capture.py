@@ -147,6 +147,23 @@ def capture_inference_graph(gm: fx.GraphModule, example_inputs: Sequence) -> fx.
     return captured[0]
 
 
+def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with every aten.view as aten.reshape, in place, before Inductor traces it again.
+
+    A view records that the strides the capture saw allowed it; Inductor's retrace propagates
+    strides through its own decompositions and may give the input other ones (Gemma 2's keys after
+    rotary embeddings, transposed for q @ k^T: "Cannot view a tensor with shape [3, 4, 16, 47] and
+    strides (3008, 16, 1, 64)"). A reshape is a view wherever the strides allow one and a copy
+    otherwise; in this functional graph nothing writes through a view, so the results are equal."""
+    changed = False
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.view.default):
+        node.target = torch.ops.aten.reshape.default
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
 def _input_copies(graph: fx.Graph) -> list[fx.Node]:
     """The copy_ nodes that write an input (mutations aot_autograd kept in the graph)."""
     return [n for n in graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)

@@ -90,7 +90,7 @@ def _compile_rewritten(rewritten: fx.GraphModule, example_inputs: Sequence, conf
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(rewritten, list(example_inputs))
+        return compile_fx(capture.views_as_reshapes(rewritten), list(example_inputs))
     if capture.needs_autograd(example_inputs):  # aot_autograd builds the backward
         return capture.run_aot(rewritten, example_inputs, lambda g, _: _eager(g))
     return rewritten.forward
@@ -115,7 +115,14 @@ def _compile(gm, example_inputs, config, record) -> Callable:
         config = dataclasses.replace(config, tune=None, plan=record.plan)
     weights = capture.param_values(gm, example_inputs, params_of)
     rewritten = sparsify_aten_graph(aten_gm, params, config, record, weights=weights)
+    if not _calls_sparsec(rewritten):  # nothing to accelerate: the graph as backend="inductor" compiles it
+        return _compile_original(gm, example_inputs, config)
     return _compile_rewritten(rewritten, example_inputs, config)
+
+
+def _calls_sparsec(gm: fx.GraphModule) -> bool:
+    return any(node.op == "call_function" and getattr(node.target, "namespace", None) == "sparsec"
+               for node in gm.graph.nodes)
 
 
 def sparsec_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],

@@ -16,7 +16,8 @@ from reference import reference_attention, tolerance
 from sparsec import patterns as P
 from sparsec.codegen.attention_cpu import cpu_attention
 from sparsec.ir import parse_graph, print_graph
-from sparsec.ir.ops import Attention
+from sparsec.dump import recording
+from sparsec.ir.ops import Attention, Linear
 from sparsec.ops import BAND_MIN_KEYS, patterns_to_json
 from sparsec.passes.attention_stats import attention_stats
 
@@ -270,3 +271,27 @@ def test_the_cost_model_prices_capped_heads_on_the_native_kernels():
             assert all(counts[p].native for p in patterns)
         else:
             assert not counts[P.Dense()].native  # one SDPA call
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("pruned", [False, True])
+def test_gemma2_compiles_under_inductor_with_its_capped_layers_kept(pruned):
+    """Gemma 2's capped layers left as the model wrote them (mask_bands off) under Inductor: a graph
+    with nothing to accelerate is compiled as backend="inductor" compiles it, and one with sparse
+    linear layers has its views retraced as reshapes (Inductor's strides for the rotated keys
+    refused the captured view: "Cannot view a tensor ..."; found by fuzzing)."""
+    seq = 47  # one kv head a query head: the rotated keys reach q @ k^T as views, no repeat_kv copy
+    model = transformers_model(
+        "Gemma2Config", "Gemma2Model", "eager", seed=3, vocab_size=64, hidden_size=64, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=16, sliding_window=400,
+        attn_logit_softcapping=CAP)
+    if pruned:
+        sparsec.prune(model, "2:4", filter=lambda name, module: "mlp" in name)
+    ids = torch.randint(0, 64, (3, seq))
+    options = {"fallback": "raise", "mask_bands": "off", "weight_sparsity": "always" if pruned else "off"}
+    torch._dynamo.reset()
+    with torch.no_grad(), recording() as records:
+        got = torch.compile(model, backend="sparsec", options=options)(ids)
+    torch.testing.assert_close(got.last_hidden_state, model(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    kernels = [op.kernel for r in records for op in r.final_ir.ops_of(Linear) if "mlp" in op.module_path]
+    assert kernels and all((kernel != "dense") == pruned for kernel in kernels)
