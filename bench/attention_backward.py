@@ -14,7 +14,7 @@ q, k and v for a random output gradient:
   sparsec       the sparsec::attention op with the patterns (its forward kernels, its backward)
 
 and each one's peak memory above the inputs (CUDA: the allocator's peak; CPU: the peak resident
-size of a fresh process running one step, --no-memory skips it). The gradients are checked
+size of a fresh process over its second step, Linux only; --no-memory skips it). The gradients are checked
 against sdpa_masked's. Rich table with the speedups; JSON (device, versions, date, command, every
 figure) under bench/results/ unless --no-save.
 """
@@ -63,9 +63,10 @@ def step(variant: str, spec: dict, q, k, v, grad) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, (q, k, v), grad)
 
 
-# A fresh process runs one step and prints its peak resident size above the inputs' (CPU memory).
+# A fresh process runs two steps and prints the second's peak resident size above what it held before
+# (CPU memory): Linux's high-water mark (VmHWM), reset between them through /proc/self/clear_refs.
 _PEAK_CHILD = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {bench!r})
 import torch
 import attention_backward as bench
@@ -77,9 +78,15 @@ heads = tuple(P.from_dict(d) for d in json.loads(spec["patterns"]))
 q, k, v, grad = bench._inputs(spec)
 if spec["variant"] == "sdpa_masked":
     spec["mask"] = heads[0].mask(spec["S"], spec["S"]) & causal_allowed(spec["S"], spec["S"])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+bench.step(spec["variant"], spec, q, k, v, grad)  # first: libraries loaded, kernels built, plans cached
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
 bench.step(spec["variant"], spec, q, k, v, grad)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((status("VmHWM") - before) / 1024)
 """
 
 
