@@ -116,6 +116,28 @@ def static_int(size: Any) -> int | None:
     return None
 
 
+def specialized_int(size: Any) -> int | None:
+    """static_int, or a symbolic size (torch.compile(dynamic=True) makes every size one) fixed to
+    the value it has now, with a guard: the graph is compiled again if it ever changes."""
+    value = static_int(size)
+    if value is None and isinstance(size, torch.SymInt) and size.node.has_hint():
+        from torch.fx.experimental.symbolic_shapes import guard_int
+        value = guard_int(size)
+    return value
+
+
+def specialized_equal(a: Any, b: Any) -> bool:
+    """same_size, or two symbolic sizes equal now, kept equal by a guard (the graph is compiled
+    again when they differ)."""
+    if same_size(a, b):
+        return True
+    symbolic = [x for x in (a, b) if isinstance(x, torch.SymInt)]
+    if not symbolic or not all(x.node.has_hint() for x in symbolic):
+        return False
+    from torch.fx.experimental.symbolic_shapes import guard_bool
+    return guard_bool(a == b)
+
+
 def same_size(a: Any, b: Any) -> bool:
     """Whether two sizes (ints or SymInts) are provably equal, without adding guards."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true

@@ -29,7 +29,7 @@ from torch import fx
 from .attention_operands import CASTS, COPIES, RESHAPES, relayout_step, strip_gqa, trace_operand
 from .causal_mask import causal_mask_nodes
 from .fx_utils import (bound_args, constant_scalar, dead_region, is_op, is_very_negative, module_path,
-                       same_size, shape_of, static_int, tensor_meta)
+                       same_size, shape_of, specialized_equal, specialized_int, tensor_meta)
 from .matches import AttentionMatch
 
 __all__ = ["Unmatched", "match_attention", "SDPA_OPS"]
@@ -129,14 +129,14 @@ def _finish(found: _Found) -> AttentionMatch | None:
     if any(s is None or len(s) != 4 for s in (q, k, v, out)):
         return _reject(found.anchor, "q, k, v and output must be rank-4 tensors with known shapes")
     (B, Hq, Sq, D), (Bk, Hkv, Sk, Dk), (Bv, Hv, Sv, Dv) = q, k, v
-    heads, kv_heads = static_int(Hq), static_int(Hkv)
+    heads, kv_heads = specialized_int(Hq), specialized_int(Hkv)
     if heads is None or kv_heads is None or not same_size(Hkv, Hv) or heads % kv_heads:
         return _reject(found.anchor, f"head counts q {Hq}, k {Hkv}, v {Hv} are not static GQA counts")
     if not all(map(same_size, (B, B), (Bk, Bv))) or not all(map(_contracted, (Sk, D), (Sv, Dk))):
         return _reject(found.anchor, f"q {q}, k {k}, v {v} do not fit together")
     if not all(map(same_size, out, (B, Hq, Sq, Dv))):
         return _reject(found.anchor, f"output shape {out} is not (B, Hq, Sq, Dv)")
-    if found.causal and not same_size(Sq, Sk):
+    if found.causal and not specialized_equal(Sq, Sk):
         return _reject(found.anchor, "is_causal with Sq != Sk (SDPA aligns top-left, sparsec bottom-right)")
     for mask in (found.mask, *found.more_biases) if found.mask is not None else ():
         if not _broadcasts(shape_of(mask), (B, Hq, Sq, Sk)):
@@ -180,7 +180,7 @@ def _broadcasts(shape: tuple | None, target: tuple) -> bool:
 
 
 def _default_scale(head_dim) -> float | None:
-    d = static_int(head_dim)
+    d = specialized_int(head_dim)
     return 1.0 / math.sqrt(d) if d else None
 
 

@@ -142,3 +142,34 @@ def test_a_wrong_number_of_head_patterns_is_a_user_error():
     with pytest.raises(Exception, match="3 patterns for 4 query heads"), torch.no_grad():
         compiled(Wrapper().eval(), fallback="inductor",
                  attention_patterns={"attn": [P.Dense()] * 3})(torch.randn(2, 8, 32))
+
+
+class CausalSDPA(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class HoldsAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = CausalSDPA()
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+def test_dynamic_true_fixes_head_counts_and_head_size_with_guards():
+    """torch.compile(dynamic=True) makes every size symbolic: the heads, the head size (the default
+    scale 1/sqrt(D)) and Sq = Sk for is_causal are fixed to their values by guards, so the patterns
+    run, and a call with another head count compiles again (it matched nothing before)."""
+    torch._dynamo.reset()
+    run = torch.compile(HoldsAttention(), backend="sparsec", dynamic=True,
+                        options={"attention_patterns": {"attn": P.Window(4, 0)}, "inner": "eager", "fallback": "raise"})
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad(), recording() as records:
+        for heads, seq in ((2, 40), (2, 57), (4, 33)):
+            q, k, v = (torch.randn(1, heads, seq, 16, generator=g) for _ in range(3))
+            want = reference_attention(q, k, v, (P.Window(4, 0),) * heads, causal=True)
+            torch.testing.assert_close(run(q, k, v).double(), want, atol=2e-5, rtol=2e-5)
+    assert len(records) == 2 and all(len(r.final_ir.ops_of(Attention)) == 1 for r in records)
+    assert not any(r.unmatched_attention for r in records)
