@@ -7,8 +7,8 @@ The tests run the same Triton kernels through Triton's interpreter on CPU tensor
 compiled on the GPU, at sizes past one tile (odd lengths, GQA, causal, Sq != Sk, each dtype),
 with fresh random inputs, against the tests' float64 reference (tests/reference.py: the
 patterns' explicit masks); also the op under masks that cut the keys to a prefix (padded text keys,
-a static cache's causal prefix: sparsec/key_padding.py) and a sliding window's band, and soft-capped
-scores (Gemma 2's softcap) and attention sinks (GPT-OSS's).
+a static cache's causal prefix: sparsec/key_padding.py) and a sliding window's band, soft-capped
+scores (Gemma 2's softcap) and attention sinks (GPT-OSS's), and sparsec.attention's gradients.
 """
 from __future__ import annotations
 
@@ -145,6 +145,32 @@ def check_score_modifiers(device, dtype, shape) -> list[tuple[str, float, bool]]
     return results
 
 
+def check_gradients(device, dtype, shape) -> list[tuple[str, float, bool]]:
+    """sparsec.attention's gradients of q, k and v (the forward on the Triton kernels, the backward
+    sparsec/attention_grads.py's torch code) against float64 autograd of the reference: the mixed
+    heads with a Skip head, at a shape whose kernels check_attention compiled already."""
+    (Sq, Sk), causal, (Hq, Hkv), D = shape
+    base = [P.Skip("mean")] + dict(attention_cases(Sq, Sk))["mixed"]
+    patterns = (base * Hq)[:Hq]
+    q, grad = (torch.randn(1, Hq, Sq, D, device=device, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(1, Hkv, Sk, D, device=device, dtype=dtype) for _ in range(2))
+    scale = 1 / math.sqrt(D)
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = sparsec.attention(*leaves, patterns, causal=causal, scale=scale, backend="triton")
+        return torch.cat([g.flatten() for g in torch.autograd.grad(out, leaves, grad)])
+
+    def expected():
+        leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+        out = reference_attention(*leaves, patterns, causal=causal, scale=scale)
+        grads = torch.autograd.grad(out, leaves, grad.cpu().double(), allow_unused=True, materialize_grads=True)
+        return torch.cat([g.flatten() for g in grads])
+
+    label = f"gradients mixed+skip      {str(dtype)[6:]:9s} Sq={Sq} Sk={Sk} H={Hq}/{Hkv} D={D} causal={causal}"
+    return [_compare(label, run, expected, dtype)]
+
+
 def check_key_padding(device, dtype, S: int, D: int) -> list[tuple[str, float, bool]]:
     """The op a compiled model calls, with a mask that cuts the keys to a prefix (sparsec/key_padding.py):
     padded text keys (rows of different lengths) and a static cache's causal prefix, on the Triton kernels."""
@@ -226,6 +252,7 @@ def main() -> int:
     half = [(torch.bfloat16, s) for s in shapes] + [(torch.float16, shapes[0])]
     results = (check_attention(device, half) + check_key_padding(device, torch.bfloat16, shapes[3][0][0], 64)
                + check_score_modifiers(device, torch.bfloat16, shapes[0])
+               + check_gradients(device, torch.bfloat16, shapes[0])
                + check_linear(device, linear) + check_attention(device, [(torch.float32, shapes[1])]))
     failed = sum(not ok for _, _, ok in results)
     print(f"{failed} of {len(results)} failed")
