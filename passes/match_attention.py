@@ -130,7 +130,7 @@ def _finish(found: _Found) -> AttentionMatch | None:
         return _reject(found.anchor, "q, k, v and output must be rank-4 tensors with known shapes")
     (B, Hq, Sq, D), (Bk, Hkv, Sk, Dk), (Bv, Hv, Sv, Dv) = q, k, v
     heads, kv_heads = specialized_int(Hq), specialized_int(Hkv)
-    if heads is None or kv_heads is None or not same_size(Hkv, Hv) or heads % kv_heads:
+    if heads is None or kv_heads is None or not specialized_equal(Hkv, Hv) or heads % kv_heads:
         return _reject(found.anchor, f"head counts q {Hq}, k {Hkv}, v {Hv} are not static GQA counts")
     if not all(map(same_size, (B, B), (Bk, Bv))) or not all(map(_contracted, (Sk, D), (Sv, Dk))):
         return _reject(found.anchor, f"q {q}, k {k}, v {v} do not fit together")

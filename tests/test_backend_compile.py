@@ -146,6 +146,8 @@ def test_a_wrong_number_of_head_patterns_is_a_user_error():
 
 class CausalSDPA(nn.Module):
     def forward(self, q, k, v):
+        group = q.shape[1] // k.shape[1]  # GQA as transformers' repeat_kv (1: none)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
@@ -158,18 +160,21 @@ class HoldsAttention(nn.Module):
         return self.attn(q, k, v)
 
 
-def test_dynamic_true_fixes_head_counts_and_head_size_with_guards():
-    """torch.compile(dynamic=True) makes every size symbolic: the heads, the head size (the default
-    scale 1/sqrt(D)) and Sq = Sk for is_causal are fixed to their values by guards, so the patterns
-    run, and a call with another head count compiles again (it matched nothing before)."""
+@pytest.mark.parametrize("shapes", [((2, 2, 40), (2, 2, 57), (4, 4, 33)), ((3, 3, 45), (6, 3, 17), (4, 2, 20))])
+def test_dynamic_true_fixes_head_counts_and_head_size_with_guards(shapes):
+    """torch.compile(dynamic=True) makes every size symbolic: the heads (k's and v's too, copied per
+    query head or not), the head size (the default scale 1/sqrt(D)) and Sq = Sk for is_causal are
+    fixed to their values by guards, so the patterns run, and a call with other head counts compiles
+    again (it matched nothing before)."""
     torch._dynamo.reset()
     run = torch.compile(HoldsAttention(), backend="sparsec", dynamic=True,
                         options={"attention_patterns": {"attn": P.Window(4, 0)}, "inner": "eager", "fallback": "raise"})
     g = torch.Generator().manual_seed(5)
     with torch.no_grad(), recording() as records:
-        for heads, seq in ((2, 40), (2, 57), (4, 33)):
-            q, k, v = (torch.randn(1, heads, seq, 16, generator=g) for _ in range(3))
+        for heads, kv_heads, seq in shapes:
+            q = torch.randn(1, heads, seq, 16, generator=g)
+            k, v = (torch.randn(1, kv_heads, seq, 16, generator=g) for _ in range(2))
             want = reference_attention(q, k, v, (P.Window(4, 0),) * heads, causal=True)
             torch.testing.assert_close(run(q, k, v).double(), want, atol=2e-5, rtol=2e-5)
-    assert len(records) == 2 and all(len(r.final_ir.ops_of(Attention)) == 1 for r in records)
+    assert all(len(r.final_ir.ops_of(Attention)) == 1 for r in records)
     assert not any(r.unmatched_attention for r in records)
