@@ -45,7 +45,8 @@
 Both have fake implementations (Inductor and aot_autograd trace through them) and a backward,
 so graphs that need autograd can call them too: attention's (sparsec::attention_backward,
 sparsec/attention_grads.py) recomputes the weights a block of query rows at a time over the keys
-each block keeps (memory a block's, not Sq x Sk a head); linear's is two matmuls. Outputs are always contiguous; the rewrite restores the layout the replaced nodes had.
+each block keeps (memory a block's, not Sq x Sk a head); linear's is two matmuls. Outputs are
+always contiguous; the rewrite restores the layout the replaced nodes had.
 """
 from __future__ import annotations
 
@@ -114,11 +115,13 @@ def patterns_from_json(text: str) -> tuple[Pattern, ...]:
     return tuple(from_dict(d) for d in decoded)
 
 
-def _mask_with_causal(attn_mask: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Fold the causal rule into a bool mask or an additive bias."""
+def _mask_with_causal(attn_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Fold the causal rule into a bool mask or an additive bias, the bias in its own dtype (as SDPA
+    takes it without the causal rule: a float32 bias's lowest value cast to bf16 would become -inf,
+    dropping rows the bias only weighs, and the backward would not)."""
     if attn_mask.dtype == torch.bool:
         return attn_mask & keep
-    return attn_mask.to(dtype).masked_fill(~keep, float("-inf"))
+    return attn_mask.masked_fill(~keep, float("-inf"))
 
 
 def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float = 0.0,
@@ -140,7 +143,7 @@ def dense_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: 
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if is_causal and (attn_mask is not None or Sq != Sk):
         keep = causal_allowed(Sq, Sk, q.device)
-        attn_mask = keep if attn_mask is None else _mask_with_causal(attn_mask, keep, q.dtype)
+        attn_mask = keep if attn_mask is None else _mask_with_causal(attn_mask, keep)
         is_causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 

@@ -194,3 +194,26 @@ def test_no_gradient_no_graph():
     assert sparsec.attention(q, k, v, P.Window(3, 0)).grad_fn is None
     with torch.no_grad():
         assert sparsec.attention(q.requires_grad_(), k, v, P.Window(3, 0)).grad_fn is None
+
+
+def test_a_float32_bias_on_bf16_inputs_weighs_the_same_rows_forward_and_backward():
+    """A float32 bias of the lowest value on every key of some rows, with the causal rule, on bf16
+    q, k, v (found by fuzzing): the forward cast the bias to bf16, where that value is -inf, and
+    gave those rows 0, while the backward (float32) gave them uniform weights. Both now take the
+    bias as it is, as SDPA does without the causal rule, and equal the float64 reference."""
+    S, D = 6, 16
+    g = torch.Generator().manual_seed(7)
+    q, k, v, weights = (torch.randn(1, 1, S, D, generator=g).to(torch.bfloat16) for _ in range(4))
+    keep = torch.ones(S, S, dtype=torch.bool).tril()
+    keep[:3] = False  # rows 0-2: every key weighed by the lowest value
+    bias = torch.zeros(1, 1, S, S).masked_fill(~keep, torch.finfo(torch.float32).min)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = torch.ops.sparsec.attention(*leaves, bias, D ** -0.5, True, "")
+    got = torch.autograd.grad((out * weights).sum(), leaves)
+    ref_leaves = _leaves(q, k, v)
+    scores = ref_leaves[0] @ ref_leaves[1].transpose(-1, -2) * D ** -0.5 + bias.double()
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    want = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1) @ ref_leaves[2]
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    for a, b in zip(got, torch.autograd.grad((want * weights.double()).sum(), ref_leaves)):
+        torch.testing.assert_close(a.double(), b, atol=3e-2, rtol=3e-2)
