@@ -104,8 +104,8 @@ def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         grad_scores = (probs * (grad_probs - through)).masked_fill(skip[:, None, None], 0.0)
         grad_raw = _grouped(grad_scores if slope is None else grad_scores * slope, Hkv)  # to q.k, past the cap
         dq[:, :, r0:r1] = _ungrouped(grad_raw @ kc, Hq) * scale
-        _add_columns(dk, cols, (grad_raw.transpose(-1, -2) @ q_rows) * scale)
-        _add_columns(dv, cols, _grouped(probs, Hkv).transpose(-1, -2) @ go_rows)
+        _add_columns(dk, 2, cols, (grad_raw.transpose(-1, -2) @ q_rows) * scale)
+        _add_columns(dv, 2, cols, _grouped(probs, Hkv).transpose(-1, -2) @ go_rows)
         if dmask is not None:
             _add_mask_grad(dmask, grad_scores, r0, r1, cols, Sq, Sk)
         if dsinks is not None:  # a sink's score has no value: its gradient is -(its weight) * through
@@ -211,14 +211,14 @@ def _take(t: torch.Tensor, dim: int, cols: Columns) -> torch.Tensor:
     return t.index_select(dim, cols)
 
 
-def _add_columns(total: torch.Tensor, cols: Columns | None, part: torch.Tensor) -> None:
-    """total[:, :, cols] += part (dim 2: dK's and dV's keys)."""
+def _add_columns(total: torch.Tensor, dim: int, cols: Columns | None, part: torch.Tensor) -> None:
+    """total's entries at cols along dim += part (all of total where cols is None)."""
     if cols is None:
         total += part
     elif isinstance(cols, slice):
-        total[:, :, cols] += part
+        _take(total, dim, cols).add_(part)
     else:
-        total.index_add_(2, cols, part)
+        total.index_add_(dim, cols, part)
 
 
 def _mask_block(mask: torch.Tensor, r0: int, r1: int, cols: Columns | None) -> torch.Tensor:
@@ -231,9 +231,9 @@ def _add_mask_grad(dmask: torch.Tensor, grad_scores: torch.Tensor, r0: int, r1: 
                    Sq: int, Sk: int) -> None:
     """Adds the block's score gradients (B, Hq, rows, kept keys) into the float mask's gradient,
     summed over what the mask broadcasts."""
-    if cols is not None:
+    if cols is not None:  # back to every key, 0 at those the block did not compute
         full = grad_scores.new_zeros(*grad_scores.shape[:3], Sk)
-        _take(full, 3, cols).copy_(grad_scores) if isinstance(cols, slice) else full.index_copy_(3, cols, grad_scores)
+        _add_columns(full, 3, cols, grad_scores)
         grad_scores = full
     per_row = dmask.shape[2] == Sq and Sq > 1
     target = dmask[:, :, r0:r1] if per_row else dmask
