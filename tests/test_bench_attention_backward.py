@@ -1,6 +1,7 @@
 """bench/attention_backward.py on tiny shapes: every family and length is timed, sparsec's gradients
 match masked SDPA's, each variant's peak memory is measured in a fresh process (one family: each
-process imports torch), and the JSON records every figure."""
+process imports torch), and the JSON records every figure. FlexAttention (CUDA only) is off on CPU; its
+wiring (timing, gradient check, table, a failed build) runs with a stand-in or a broken mask_mod."""
 from __future__ import annotations
 
 import json
@@ -58,3 +59,59 @@ def test_each_variant_computes_the_same_gradients(bench):
     for a, b, c in zip(masked, sparse, dense):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert float((a - c).abs().max()) > 1e-3
+
+
+def test_flex_runs_on_cuda_only_and_no_flex_turns_it_off(bench):
+    assert bench.runs_flex(bench.parse_args(["--device", "cuda"]))
+    assert not bench.runs_flex(bench.parse_args(["--device", "cuda", "--no-flex"]))
+    assert not bench.runs_flex(bench.parse_args(["--device", "cpu"]))
+    assert not bench.runs_flex(bench.parse_args(["--quick", "--device", "cuda"]))  # --quick is CPU
+
+
+def test_cpu_rows_carry_no_flex_figures(bench, tmp_path, capsys):
+    (row,) = _tiny_run(bench, tmp_path, "--no-memory", "--families", "window")
+    assert not [key for key in row if "flex" in key]
+    out = capsys.readouterr().out
+    assert "flex ms" not in out and "FlexAttention" not in out and "; flex" not in out
+
+
+def _masked_flex(pattern, spec, q, k, v, grad) -> dict:
+    """build_flex's stand-in on CPU: masked SDPA under flex's name, with made-up build times."""
+    spec["flex"] = lambda q, k, v, scale: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=spec["mask"], scale=scale)
+    return {"flex_build_s": 0.5, "flex_compile_s": 1.5}
+
+
+def test_a_built_flex_is_timed_checked_and_reported(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "runs_flex", lambda args: True)
+    monkeypatch.setattr(bench, "build_flex", _masked_flex)
+    (row,) = _tiny_run(bench, tmp_path, "--no-memory", "--families", "window")
+    assert row["flex_build_s"] == 0.5 and row["flex_compile_s"] == 1.5 and "flex_error" not in row
+    assert row["flex_ms"] > 0 and row["speedup_over_flex"] == pytest.approx(row["flex_ms"] / row["sparsec_ms"])
+    assert row["flex_max_rel_grad_error"] < 1e-5 and row["flex_peak_mb"] is None
+    out = capsys.readouterr().out
+    assert "flex ms" in out and "vs flex" in out and f"{row['speedup_over_flex']:.2f}x" in out
+
+
+def test_a_flex_that_fails_to_build_is_recorded_and_the_run_goes_on(bench, tmp_path, capsys, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no mask_mod")
+
+    monkeypatch.setattr(bench, "runs_flex", lambda args: True)
+    monkeypatch.setattr(bench, "flex_mask_mod", broken)
+    (row,) = _tiny_run(bench, tmp_path, "--no-memory", "--families", "window")
+    assert row["flex_error"] == "RuntimeError: no mask_mod"
+    assert not [key for key in row if key.startswith("flex_") and key != "flex_error"]
+    assert "speedup_over_flex" not in row and row["max_rel_grad_error"] < 1e-5
+    out = capsys.readouterr().out
+    assert "flex failed: RuntimeError: no mask_mod" in out and "failed" in out.split("flex err")[-1]
+
+
+def test_flex_memory_is_not_measured_in_a_fresh_cpu_process(bench, monkeypatch):
+    """A fresh process could not rebuild the compiled flex: None, without starting one."""
+    def no_process(*args, **kwargs):
+        raise AssertionError("started a process for flex")
+
+    monkeypatch.setattr(bench.subprocess, "run", no_process)
+    spec = {"S": 64, "heads": 2, "head_dim": 8, "dtype": "fp32", "device": "cpu", "flex": object()}
+    assert bench.peak_mb("flex", spec) is None
