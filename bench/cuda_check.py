@@ -146,9 +146,9 @@ def check_score_modifiers(device, dtype, shape) -> list[tuple[str, float, bool]]
 
 
 def check_gradients(device, dtype, shape) -> list[tuple[str, float, bool]]:
-    """sparsec.attention's gradients of q, k and v (the forward on the Triton kernels, the backward
-    sparsec/attention_grads.py's torch code) against float64 autograd of the reference: the mixed
-    heads with a Skip head, at a shape whose kernels check_attention compiled already."""
+    """sparsec.attention's gradients of q, k and v (the forward and the backward on the Triton kernels:
+    codegen/attention_triton_backward.py) against float64 autograd of the reference: the mixed heads
+    with a Skip head, at a shape whose forward kernels check_attention compiled already."""
     (Sq, Sk), causal, (Hq, Hkv), D = shape
     base = [P.Skip("mean")] + dict(attention_cases(Sq, Sk))["mixed"]
     patterns = (base * Hq)[:Hq]

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionTiles", "default_tiles", "fit_stages", "padded_head_dim", "shared_memory_bytes", "tiles_for"]
+__all__ = ["AttentionTiles", "BackwardTiles", "default_backward_tiles", "default_tiles", "fit_stages",
+           "padded_head_dim", "shared_memory_bytes", "tiles_for"]
 
 _MIN_BLOCK = 16  # tl.dot needs every operand dimension >= 16
 
@@ -69,6 +70,55 @@ def default_tiles(head_dim: int, dtype: torch.dtype, q_len: int | None = None, k
     (decode with q_len = 1 should not compute 128 padded rows)."""
     tiles = _table_tiles(head_dim, dtype)
     return tiles_for(_shrink_to(tiles.block_m, q_len), _shrink_to(tiles.block_n, k_len), head_dim, dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardTiles:
+    """Tiles of the two backward kernels (templates/backward.py). The dQ kernel owns block_m query
+    rows and steps over block_n keys; the dK / dV kernel owns block_n keys and steps over block_m
+    query rows. Each kernel's own side is the larger: its accumulators live there."""
+
+    dq: AttentionTiles
+    dkdv: AttentionTiles
+
+
+# The backward kernels hold more a program than the forward: the dK / dV kernel keeps K, V and two
+# fp32 accumulators of its keys x head_dim, the dQ kernel Q, dO and one. Compiled for sm_90
+# (tests/test_triton_aot.py): square 64 x 64 tiles spilled 8-112 B a thread in the dK / dV kernels
+# of the diagonal-bit masks (multi_diagonal, vertical_slash, union) at head_dim 64 and 128; these
+# spill nothing in any family, soft cap and sinks included, on wgmma up to head_dim 128 (mma.sync at
+# 256: 32-row tiles, one stage, as two spilled; 32 x 32 dQ tiles spilled with a soft cap), except
+# fp32 at head_dim 256, whose dQ kernel spills ~250 B at the smallest tiles (fp32 dots run on CUDA
+# cores with operands in registers).
+def _backward(dq: tuple[int, int, int, int], dkdv: tuple[int, int, int, int]) -> BackwardTiles:
+    """BackwardTiles from (block_m, block_n, num_warps, num_stages) of each kernel."""
+    return BackwardTiles(AttentionTiles(*dq), AttentionTiles(*dkdv))
+
+
+_BACKWARD_HALF_PRECISION = (
+    (64, _backward((64, 32, 4, 2), (32, 64, 4, 2))),
+    (128, _backward((64, 32, 4, 2), (32, 64, 8, 2))),
+    (256, _backward((32, 16, 8, 1), (32, 32, 8, 1))),
+)
+_BACKWARD_SINGLE_PRECISION = (
+    (64, _backward((32, 16, 4, 1), (16, 32, 4, 1))),
+    (128, _backward((16, 16, 8, 1), (16, 16, 4, 1))),
+    (256, _backward((16, 16, 8, 1), (16, 16, 8, 1))),
+)
+
+
+def default_backward_tiles(head_dim: int, dtype: torch.dtype, q_len: int | None = None,
+                           k_len: int | None = None) -> BackwardTiles:
+    """Tiles of the backward kernels for `head_dim` and `dtype`, shrunk to short sequences."""
+    table = _BACKWARD_SINGLE_PRECISION if dtype == torch.float32 else _BACKWARD_HALF_PRECISION
+    padded = padded_head_dim(head_dim)
+    tiles = next((tiles for largest, tiles in table if padded <= largest), None)
+    if tiles is None:
+        raise ValueError(f"no attention tiles for head_dim {head_dim}: the kernels support head_dim <= 256")
+
+    def shrunk(t: AttentionTiles) -> AttentionTiles:
+        return dataclasses.replace(t, block_m=_shrink_to(t.block_m, q_len), block_n=_shrink_to(t.block_n, k_len))
+    return BackwardTiles(shrunk(tiles.dq), shrunk(tiles.dkdv))
 
 
 def tiles_for(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> AttentionTiles:

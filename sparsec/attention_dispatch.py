@@ -55,8 +55,10 @@ def attention(
     `sinks` (GPT-OSS's attention sinks): (Hq,) logits, one a query head, each joining its head's
     softmax as one more score that takes weight but has no value: out = sum_j e^(s_j) v_j /
     (sum_j e^(s_j) + e^(sinks[h])). Skip heads do not use them (nothing is computed there).
-    Differentiable in q, k, v and sinks whichever executor runs: the backward recomputes the
-    weights a block of query rows at a time over the keys each keeps (sparsec/attention_grads.py).
+    Differentiable in q, k, v and sinks whichever executor runs. After the Triton kernels, the
+    backward's are Triton too (codegen/attention_triton_backward.py: the blocks each head's pattern
+    keeps, one pair of launches a family); otherwise it recomputes the weights a block of query rows
+    at a time over the keys each keeps (sparsec/attention_grads.py).
     """
     _check_tensors(q, k, v)
     softcap = check_softcap(softcap, "sparsec.attention")
@@ -68,10 +70,12 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
     _check_tiles(tiles)
-    run = functools.partial(_execute, _choose_backend(q, backend), head_patterns, bool(causal), scale, tiles, softcap)
+    chosen = _choose_backend(q, backend)
+    run = functools.partial(_execute, chosen, head_patterns, bool(causal), scale, tiles, softcap)
     inputs = (q, k, v) if given_sinks is None else (q, k, v, given_sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _Differentiable.apply(q, k, v, given_sinks, sinks, run, head_patterns, bool(causal), scale, softcap)
+        return _Differentiable.apply(q, k, v, given_sinks, sinks, run, chosen == "triton", head_patterns,
+                                     bool(causal), scale, softcap)
     return run(q, k, v, sinks)
 
 
@@ -90,26 +94,34 @@ def _execute(chosen: str, head_patterns, causal: bool, scale: float, tiles, soft
 
 class _Differentiable(torch.autograd.Function):
     """sparsec.attention where a gradient is wanted: the executor's forward (its kernels write
-    outputs autograd cannot see), sparsec.attention_grads' backward."""
+    outputs autograd cannot see); the backward kernels in Triton where the forward ran Triton's
+    (codegen/attention_triton_backward.py, which reads the saved output), else
+    sparsec.attention_grads' blocks in torch."""
 
     @staticmethod
-    def forward(ctx, q, k, v, given_sinks, sinks, run, head_patterns, causal, scale, softcap):
-        ctx.save_for_backward(q, k, v, sinks)
+    def forward(ctx, q, k, v, given_sinks, sinks, run, triton, head_patterns, causal, scale, softcap):
+        out = run(q, k, v, sinks)
+        ctx.save_for_backward(q, k, v, sinks, out if triton else None)
         ctx.rule = (head_patterns, causal, scale, softcap)
         ctx.sinks_like = None if given_sinks is None else (given_sinks.shape, given_sinks.dtype)
-        return run(q, k, v, sinks)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         from sparsec.attention_grads import attention_grads
 
-        q, k, v, sinks = ctx.saved_tensors
+        q, k, v, sinks, out = ctx.saved_tensors
         head_patterns, causal, scale, softcap = ctx.rule
-        dq, dk, dv, _, dsinks = attention_grads(grad_out, q, k, v, None, scale, causal, head_patterns,
-                                                softcap=softcap, sinks=sinks)
+        grads = None if out is None else triton_backward(grad_out, q, k, v, out, head_patterns, causal, scale,
+                                                         softcap, sinks)
+        if grads is None:
+            dq, dk, dv, _, dsinks = attention_grads(grad_out, q, k, v, None, scale, causal, head_patterns,
+                                                    softcap=softcap, sinks=sinks)
+        else:
+            dq, dk, dv, dsinks = grads
         like = ctx.sinks_like
         dsinks = None if like is None else dsinks.reshape(like[0]).to(like[1])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None, None, None, None
 
 
 def check_sinks(sinks, q: torch.Tensor, caller: str) -> torch.Tensor | None:
@@ -220,6 +232,29 @@ def _run_triton(q, k, v, head_patterns, causal, scale, tiles, softcap: float, si
     chosen = None if tiles is None else tiles_for(tiles[0], tiles[1], max(q.shape[-1], v.shape[-1]), q.dtype)
     return attention_triton.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale, tiles=chosen,
                                              softcap=softcap, sinks=sinks)
+
+
+def backward_runs_triton(q: torch.Tensor) -> bool:
+    """Whether a call on q's device runs the Triton kernels (SPARSEC_ATTENTION_BACKEND or CUDA), whose
+    backward needs the forward's output saved."""
+    return _choose_backend(q, None) == "triton"
+
+
+def triton_backward(grad_out, q, k, v, out, head_patterns, causal: bool, scale: float, softcap: float,
+                    sinks) -> tuple[torch.Tensor, ...] | None:
+    """(dq, dk, dv, dsinks) of a call with no mask from the Triton backward kernels, or None (with a
+    log line) where they cannot run it and the caller takes sparsec.attention_grads. dsinks: float32
+    (Hq,), None without sinks."""
+    from sparsec.codegen import attention_triton_backward as backward
+
+    head_patterns = tuple(head_patterns) if head_patterns else (Dense(),) * q.shape[1]
+    reason = backward.backward_supports(q, k, v, head_patterns)
+    if reason is not None:
+        log.info("sparsec.attention: the Triton backward cannot run this call (%s); computing the gradients in "
+                 "blocks with torch", reason)
+        return None
+    return backward.triton_attention_backward(grad_out.to(q.dtype), q, k, v, out.to(q.dtype), head_patterns,
+                                              causal=causal, scale=scale, softcap=softcap, sinks=sinks)
 
 
 # -- the dense path ------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from sparsec.attention_dispatch import causal_allowed, explicit_attention
+from sparsec.attention_dispatch import backward_runs_triton, causal_allowed, explicit_attention, triton_backward
 from sparsec.attention_grads import attention_grads
 from sparsec.key_padding import (encode_prefixes, is_plan_rule, key_prefix_runs, mask_prefixes,
                                  patterns_at, run_key_prefix)
@@ -249,7 +249,9 @@ def _(attn_mask, q, k):
 
 def _attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, attn_mask, scale, is_causal, patterns = inputs[:7]
-    ctx.save_for_backward(q, k, v, attn_mask, inputs[13] if len(inputs) > 13 else None)
+    # The Triton backward (calls without a mask on its device) reads the output; the blocked one does not.
+    out = output if attn_mask is None and backward_runs_triton(q) else None
+    ctx.save_for_backward(q, k, v, attn_mask, inputs[13] if len(inputs) > 13 else None, out)
     ctx.attrs = (scale, is_causal, patterns, inputs[10] if len(inputs) > 10 else "",
                  inputs[11] if len(inputs) > 11 else 0.0)
 
@@ -267,15 +269,28 @@ def attention_backward(
     mask_rule: str = "",
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask, dsinks) of sparsec::attention; dmask is empty when there is no float
-    mask, dsinks when there are no sinks.
+    mask, dsinks when there are no sinks. With the forward's output `out` (saved where the
+    backward runs Triton: a call without a mask on CUDA, or SPARSEC_ATTENTION_BACKEND=triton), the
+    Triton backward kernels; otherwise, or where they cannot run the call, attention_grads.
 
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
     head_patterns = patterns_from_json(patterns) if patterns else None
-    dq, dk, dv, dmask, dsinks = attention_grads(grad_out, q, k, v, attn_mask, scale, is_causal, head_patterns,
-                                                mask_rule, softcap, sinks)
+    grads = None
+    if out is not None and attn_mask is None:
+        if head_patterns:  # as the forward ran them (a plan's layouts at the call's lengths; None: dense)
+            head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2], widen=is_plan_rule(mask_rule))
+        grads = triton_backward(grad_out, q, k, v, out, head_patterns, is_causal, scale, softcap,
+                                None if sinks is None else sinks.detach().reshape(-1).float())
+    if grads is not None:
+        dq, dk, dv, dsinks = grads
+        dmask = None
+    else:
+        dq, dk, dv, dmask, dsinks = attention_grads(grad_out, q, k, v, attn_mask, scale, is_causal, head_patterns,
+                                                    mask_rule, softcap, sinks)
     grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
              q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape).to(attn_mask.dtype),
              q.new_empty(0) if dsinks is None else dsinks.reshape(sinks.shape).to(sinks.dtype))
@@ -283,7 +298,7 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0, sinks=None):
+def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0, sinks=None, out=None):
     grad_mask = attn_mask is not None and attn_mask.is_floating_point()
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -293,8 +308,8 @@ def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", so
 
 
 def _attention_backward(ctx, grad_out):
-    q, k, v, attn_mask, sinks = ctx.saved_tensors
-    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs, sinks)
+    q, k, v, attn_mask, sinks, out = ctx.saved_tensors
+    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs, sinks, out)
     has_dmask = attn_mask is not None and attn_mask.is_floating_point()
     return (dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None, None, None,
             dsinks if sinks is not None else None)

@@ -183,3 +183,29 @@ def test_capped_and_sinked_kernels_compile_for_h100_without_spills():
         assert 0 < report.shared_bytes <= ARCHITECTURES[90]
         if report.spill_bytes is not None:
             assert report.spill_bytes == 0, (call.kernel, call.kwargs["SOFTCAP"], call.kwargs["SINKS"])
+
+
+@pytest.mark.parametrize("head_dim, modifiers", [(64, {}), (128, {}), (128, {"softcap": 30.0, "sinks": True}),
+                                                 (256, {"softcap": 30.0, "sinks": True})])
+def test_the_backward_kernels_compile_for_h100_at_their_default_tiles_without_spills(head_dim, modifiers):
+    """Both backward kernels of every family (codegen/attention_triton_backward.py), as the entry point
+    builds them for bf16 on CUDA: tensor cores (wgmma up to head_dim 128, whose tiles have 64 rows a
+    warpgroup on each kernel's own side), pipelined up to head_dim 128 (at 256 two stages spilled),
+    no spills, in shared memory."""
+    from sparsec.codegen.attention_triton_backward import backward_kernel_calls
+
+    q, k, v, out, grad = (torch.empty(1, 2, S, head_dim, dtype=torch.bfloat16) for _ in range(5))
+    sinks = torch.zeros(2) if modifiers.get("sinks") else None
+    calls = []
+    for family, pattern in _family_patterns(True).items():
+        if family != "frames_transposed":  # the forward's own order; its backward runs the heads' patterns
+            calls += backward_kernel_calls(grad, q, k, v, out, (pattern, pattern), causal=True, scale=0.1,
+                                           softcap=modifiers.get("softcap", 0.0), sinks=sinks, interpreted=False)
+    assert len(calls) == 16
+    for call, report in zip(calls, compile_calls(calls, "h100", workers=2)):
+        assert report.error is None, report.error
+        assert report.mma == ("wgmma" if head_dim <= 128 else "mma"), (call.kernel, report.mma)
+        assert report.async_loads == (head_dim <= 128), call.kernel
+        assert 0 < report.shared_bytes <= ARCHITECTURES[90], (call.kernel, report.shared_bytes)
+        if report.spill_bytes is not None:
+            assert report.spill_bytes == 0, (call.kernel, report.spill_bytes)

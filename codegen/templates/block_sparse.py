@@ -5,7 +5,7 @@ of partial blocks reads the layout. Params: (table, layout offset, bq, bk, layou
 from __future__ import annotations
 
 from sparsec.codegen.templates.common import (
-    TABLE_HELPERS, TABLE_VISIT, FamilyTemplate, PackedParams, pad_rows, table_ids,
+    LAYOUT_HELPERS, TABLE_HELPERS, TABLE_VISIT, FamilyTemplate, PackedParams, pad_rows, table_ids,
 )
 
 KEEP = """
@@ -20,4 +20,5 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
 
 
 TEMPLATE = FamilyTemplate(family="block_sparse", keep=KEEP, visit=TABLE_VISIT, pack=pack,
-                          helpers=TABLE_HELPERS, table_driven=True)
+                          helpers=TABLE_HELPERS, keep_helpers=LAYOUT_HELPERS,
+                          table_driven=True)

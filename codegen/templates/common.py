@@ -46,14 +46,14 @@ import triton.language as tl
 NO_LIMIT = tl.constexpr($NO_LIMIT)
 '''
 
-_KEEP = '''
+KEEP_FUNCTION = '''
 
 @triton.jit
 def _keep(params, LAYOUTS, i, j, Sq, Sk$COUNT_DEFS):
     """The head's element mask at query rows i (BLOCK_M, 1) and keys j (1, BLOCK_N)."""
 $KEEP'''
 
-_COMMON_HELPERS = '''
+_SPAN_HELPERS = '''
 
 @triton.jit
 def _interval_span(m_lo, m_hi, lo_c, lo_d, hi_c, hi_d, Sk, BLOCK_N: tl.constexpr):
@@ -72,7 +72,10 @@ def _interval_span(m_lo, m_hi, lo_c, lo_d, hi_c, hi_d, Sk, BLOCK_N: tl.constexpr
     f_lo = (whole_first + BLOCK_N - 1) // BLOCK_N
     f_hi = tl.maximum(whole_last + 1, 0) // BLOCK_N
     return v_lo, v_hi, f_lo, f_hi
+'''
 
+# Used by the backward kernels too (templates/backward.py): the mask's bit strings, loads, dots, the cap.
+SHARED_HELPERS = '''
 
 @triton.jit
 def _bits_from(words, bit):
@@ -119,7 +122,9 @@ def _soft_cap(s, cap):
     score keep the registers of the dense kernel at head_dim 128 from spilling."""
     e = tl.exp2(s * (2.8853900817779268 / cap))  # 2 / ln 2
     return cap - (2.0 * cap) / (e + 1.0)
+'''
 
+_ATTEND_HELPERS = '''
 
 @triton.jit
 def _attend_block(acc, m_i, l_i, start_n, MASKED: tl.constexpr,
@@ -280,7 +285,7 @@ def diagonal_words(bands: Sequence[tuple[int, int]], Sq: int, Sk: int) -> list[i
 
 # Walks the kernel's block tables (block_sparse, union): the partial blocks of this query block
 # with the mask, then its whole blocks without. Row `table_row` of the tables.
-TABLE_HELPERS = '''
+_TABLE_WALK = '''
 
 @triton.jit
 def _attend_table(acc, m_i, l_i, NUM_BLOCKS, BLOCKS, width, table_row, MASKED: tl.constexpr,
@@ -291,7 +296,10 @@ def _attend_table(acc, m_i, l_i, NUM_BLOCKS, BLOCKS, width, table_row, MASKED: t
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, n, MASKED,
             $CONTEXT)
     return acc, m_i, l_i
+'''
 
+# The mask's half of TABLE_HELPERS: what a BlockSparse layout keeps (the backward kernels read it too).
+LAYOUT_HELPERS = '''
 
 @triton.jit
 def _layout_keeps(LAYOUTS, layout, i, j, Sq, Sk):
@@ -311,6 +319,8 @@ def _layout_keeps(LAYOUTS, layout, i, j, Sq, Sk):
     keep = ((row_bits >> (j // bk - first).to(tl.int64)) & 1) != 0
     return keep & (i < Sq) & (j < Sk)
 '''
+
+TABLE_HELPERS = _TABLE_WALK + LAYOUT_HELPERS
 
 TABLE_VISIT = """
 # Block tables built on the host once per (pattern, shapes, tiles): table row of this query block.
@@ -402,6 +412,9 @@ class FamilyTemplate:
     pack: Packer
     counts: tuple[str, ...] = ()
     helpers: str = ""
+    # The part of `helpers` that `keep` needs, where the rest serves only the forward's visit (the
+    # backward kernels, templates/backward.py, take the mask alone); None: all of `helpers`.
+    keep_helpers: str | None = None
     table_driven: bool = False
     # Element masks of the partial blocks precomputed on the host (frames_transposed: the block
     # tables' BLOCK_MASKS, which hold the causal rule too, so the launch passes CAUSAL=False).
@@ -418,18 +431,18 @@ def render(template: FamilyTemplate) -> str:
     count_defs = "".join(f", {name}: tl.constexpr" for name in template.counts)
     context = string.Template(_CONTEXT).substitute(COUNTS=counts)
     context_defs = string.Template(_CONTEXT_DEFS).substitute(COUNT_DEFS=count_defs)
-    pieces = (_HEADER, template.helpers, _KEEP, _COMMON_HELPERS, _KERNEL)
+    pieces = (_HEADER, template.helpers, KEEP_FUNCTION, _SPAN_HELPERS, SHARED_HELPERS, _ATTEND_HELPERS, _KERNEL)
     values = {
         "FAMILY": template.family, "NO_LIMIT": str(NO_LIMIT), "KERNEL_NAME": kernel_name(template.family),
         "COUNTS": counts, "COUNT_DEFS": count_defs, "CONTEXT": context, "CONTEXT_DEFS": context_defs,
-        "KEEP": _indent(template.keep), "VISIT": _indent(template.visit),
+        "KEEP": indent_body(template.keep), "VISIT": indent_body(template.visit),
     }
     # Two passes: helpers and the visit piece themselves use $CONTEXT.
     source = string.Template("".join(pieces)).substitute(values)
     return string.Template(source).substitute(values)
 
 
-def _indent(body: str) -> str:
+def indent_body(body: str) -> str:
     """Family pieces are written flush left in their modules; the kernel body is indented once."""
     return "".join(f"    {line}" if line.strip() else line for line in body.strip("\n").splitlines(True)) + "\n"
 

@@ -1,4 +1,5 @@
-"""Block tables of the table-driven families (block_sparse, union, frames_transposed), built on the host.
+"""Block tables of the table-driven families (block_sparse, union, frames_transposed) and of the
+backward kernels (every family), built on the host.
 
 Per distinct pattern and query block: the partially covered key blocks (the kernel masks them) and
 the whole ones (no mask), each in ascending order, from block_coverage.block_coverage. A block the
@@ -52,6 +53,21 @@ def block_tables(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, bl
         masks = torch.stack([_partial_masks(p, partial[t], num_partial[t], Sq, Sk, block_m, block_n, causal)
                              for t, p in enumerate(patterns)]).flatten()
     return BlockTables(num_partial, partial, num_full, full, masks)
+
+
+def transposed_block_tables(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, block_n: int,
+                            causal: bool) -> BlockTables:
+    """The tables of the backward's dK / dV kernel (templates/backward.py): per pattern and KEY
+    block, the query blocks that keep some of its pairs, partial and whole, ascending. A block
+    that runs past Sq or Sk is partial (the kernel loads whole blocks without bounds checks);
+    `masks` is unused (one 0)."""
+    coverage = torch.stack([block_coverage(p, Sq, Sk, block_m, block_n, causal) for p in patterns])
+    past_end = (((torch.arange(coverage.shape[1]) + 1) * block_m > Sq)[:, None]
+                | ((torch.arange(coverage.shape[2]) + 1) * block_n > Sk)[None, :])
+    whole = (coverage == FULL) & ~past_end
+    num_partial, partial = _compact(((coverage != EMPTY) & ~whole).transpose(1, 2))
+    num_full, full = _compact(whole.transpose(1, 2))
+    return BlockTables(num_partial, partial, num_full, full, torch.zeros(1, dtype=torch.int32))
 
 
 def _partial_masks(pattern: Pattern, partial: torch.Tensor, count: torch.Tensor, Sq: int, Sk: int, block_m: int,

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from sparsec.codegen.templates.columns import column_ranges
 from sparsec.codegen.templates.common import (
-    KEY_HELPERS, NO_LIMIT, TABLE_HELPERS, TABLE_VISIT, FamilyTemplate, LayoutBuffer, PackedParams, clamp_offset,
-    diagonal_words, pad_rows, padded, table_ids,
+    KEY_HELPERS, LAYOUT_HELPERS, NO_LIMIT, TABLE_HELPERS, TABLE_VISIT, FamilyTemplate, LayoutBuffer, PackedParams,
+    clamp_offset, diagonal_words, pad_rows, padded, table_ids,
 )
 from sparsec.patterns import AShape, BlockSparse, Columns, Dense, MultiDiagonal, Pattern, VerticalSlash, Window
 
-HELPERS = TABLE_HELPERS + KEY_HELPERS + '''
+_INTERVAL_HELPERS = '''
 
 @triton.jit
 def _interval_keeps(interval, i, j):
@@ -29,6 +29,8 @@ def _interval_keeps(interval, i, j):
     hi_d = tl.load(interval + 3)
     return (j >= tl.maximum(lo_c, i + lo_d)) & (j <= tl.minimum(hi_c, i + hi_d))
 '''
+
+HELPERS = TABLE_HELPERS + KEY_HELPERS + _INTERVAL_HELPERS
 
 KEEP = """
 keep = (i < 0) & (j < 0)
@@ -109,5 +111,6 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
 
 
 TEMPLATE = FamilyTemplate(family="union", keep=KEEP, visit=TABLE_VISIT, pack=pack, helpers=HELPERS,
+                          keep_helpers=LAYOUT_HELPERS + KEY_HELPERS + _INTERVAL_HELPERS,
                           counts=("NUM_INTERVALS", "NUM_LAYOUTS", "HAS_KEY_MAP", "HAS_DIAGONALS"),
                           table_driven=True)

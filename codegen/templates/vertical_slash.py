@@ -71,4 +71,4 @@ def pack(patterns, Sq, Sk, layouts) -> PackedParams:
 
 
 TEMPLATE = FamilyTemplate(family="vertical_slash", keep=KEEP, visit=VISIT, pack=pack, helpers=HELPERS,
-                          counts=("NUM_RANGES", "NUM_OFFSETS"))
+                          keep_helpers=KEY_HELPERS, counts=("NUM_RANGES", "NUM_OFFSETS"))

@@ -1,0 +1,163 @@
+"""The Triton backward kernels (codegen/attention_triton_backward.py, through TRITON_INTERPRET=1 on
+CPU) against float64 autograd of the explicit-mask reference (tests/reference.py): every family
+with head fusion and GQA across families, causal or not, Sq != Sk, odd lengths, soft-capping,
+sinks, Skip heads, half precision; and which backward sparsec.attention and the op run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sparsec
+from reference import reference_attention
+from sparsec import patterns as P
+from sparsec.codegen import attention_triton as at
+from sparsec.codegen import attention_triton_backward as atb
+from sparsec.codegen.frame_order import FramesTransposed
+from sparsec.codegen.tiles import AttentionTiles, BackwardTiles
+from sparsec.ops import patterns_to_json
+from test_attention_triton import CLOSED_FORM
+
+pytestmark = pytest.mark.triton
+
+SMALL = BackwardTiles(*(AttentionTiles(16, 16, num_warps=1, num_stages=1),) * 2)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# Each family's two heads of the forward's tests, and the table-driven families.
+FAMILIES = {
+    **CLOSED_FORM,
+    "block_sparse": (P.BlockSparse(torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool), 16),
+                     P.BlockSparse(torch.tensor([[0, 1], [1, 1]], dtype=torch.bool), (24, 24))),
+    "union": (P.Window(4, 0) | P.Columns([(10, 12)]), P.MultiDiagonal([-20], 1) | P.AShape(2, 2)),
+}
+
+
+def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, weights = (torch.randn(B, h, s, D, generator=g).to(dtype) for h, s in
+                        ((Hq, Sq), (Hkv, Sk), (Hkv, Sk), (Hq, Sq)))
+    return q, k, v, weights
+
+
+def _check(q, k, v, weights, head_patterns, *, causal, softcap=0.0, sinks=None, tiles=SMALL, scale=None):
+    """The kernels' gradients of sum(attention * weights) against float64 autograd of the reference."""
+    head_patterns = tuple(head_patterns)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = at.triton_attention(q, k, v, head_patterns, causal=causal, scale=scale, softcap=softcap, sinks=sinks)
+    got = atb.triton_attention_backward(weights, q, k, v, out, head_patterns, causal=causal, scale=scale,
+                                        softcap=softcap, sinks=sinks, tiles=tiles)
+    assert [t.dtype for t in got[:3]] == [q.dtype] * 3 and [t.shape for t in got[:3]] == [q.shape, k.shape, v.shape]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    sink_leaf = None if sinks is None else sinks.detach().double().requires_grad_()
+    want = reference_attention(*leaves, head_patterns, causal=causal, scale=scale, softcap=softcap, sinks=sink_leaf)
+    inputs = leaves + ([sink_leaf] if sinks is not None else [])
+    want = torch.autograd.grad((want * weights.double()).sum(), inputs, allow_unused=True, materialize_grads=True)
+    if sinks is not None:  # a -inf sink takes no weight: gradient 0 (float64 autograd gives NaN on empty rows)
+        want = (*want[:3], want[3].masked_fill(torch.isinf(sinks), 0.0))
+    tol = TOLERANCE[q.dtype]
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got, want):
+        assert bool(torch.isfinite(a).all()), name
+        scale_of = float(b.abs().max()) if q.dtype != torch.float32 else 1.0  # half precision: relative to the size
+        torch.testing.assert_close(a.double(), b, atol=tol * max(1.0, scale_of), rtol=tol, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_matches_float64_gradients(family, causal):
+    """Each family's two heads in one launch, next to a window head and a Skip "mean" head; kv heads
+    shared across families (GQA: each kv head's gradient sums heads of two launches); Sq != Sk."""
+    q, k, v, weights = _inputs(1, 4, 2, 45, 48, 16, seed=len(family))
+    _check(q, k, v, weights, (*FAMILIES[family], P.Window(3, 3), P.Skip("mean")), causal=causal)
+
+
+@pytest.mark.parametrize("Sq, Sk, causal, softcap, sinks", [
+    (1, 37, True, 0.0, True),      # one query (a decoding step)
+    (37, 1, False, 5.0, False),    # one key
+    (45, 20, True, 0.0, True),     # Sq > Sk: the causal rule leaves the first rows no key
+    (33, 33, False, 4.0, True),
+])
+def test_odd_lengths_soft_cap_and_sinks(Sq, Sk, causal, softcap, sinks):
+    q, k, v, weights = _inputs(2, 4, 1, Sq, Sk, 16, seed=Sq * Sk)
+    sink_logits = torch.tensor([0.5, -1.0, float("-inf"), 2.0]) if sinks else None  # -inf: that head has none
+    patterns = (P.Window(6, 2), P.Columns([(0, 3)]) | P.Window(2, 0), P.Dense(), P.Skip("zero"))
+    _check(q, k, v, weights, patterns, causal=causal, softcap=softcap, sinks=sink_logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    q, k, v, weights = _inputs(1, 2, 2, 40, 40, 32, dtype=dtype, seed=3)
+    _check(q, k, v, weights, (P.Window(8, 0), P.AShape(4, 8)), causal=True)
+
+
+def test_default_tiles_and_head_dims_that_are_not_powers_of_two():
+    """The default tiles (64 x 32 for dQ, 32 x 64 for dK / dV in fp32 they are smaller: here half
+    precision's, shrunk to the lengths) and a head dim of 24 (loads padded to 32), Dv = D."""
+    q, k, v, weights = _inputs(1, 2, 1, 70, 90, 24, dtype=torch.float16, seed=5)
+    _check(q, k, v, weights, (P.MultiDiagonal([-30, 0], 3), P.Dense()), causal=False, tiles=None)
+
+
+def test_rows_that_keep_no_key_get_zero_gradients():
+    """A pattern that keeps nothing in range and rows the causal rule empties: zeros, never NaN."""
+    q, k, v, weights = _inputs(1, 2, 2, 30, 20, 16, seed=7)
+    dq, dk, dv, _ = _check(q, k, v, weights, (P.Columns([(40, 50)]), P.Window(0, 0)), causal=True)
+    assert float(dq[:, 0].abs().max()) == 0.0 and float(dk[:, 0].abs().max()) == 0.0
+    assert float(dq[:, 1, :10].abs().max()) == 0.0  # rows 0..9: no key j <= i - 10
+
+
+def test_sparsec_attention_and_the_op_run_the_triton_backward(monkeypatch):
+    """After Triton's forward, sparsec.attention's gradients come from the Triton backward; so do the
+    op's without a mask (SPARSEC_ATTENTION_BACKEND=triton stands for CUDA here); with a mask, the
+    op's come from attention_grads."""
+    import sparsec.ops as ops
+
+    ran = {"triton": 0, "torch": 0}
+    real_triton, real_torch = atb.triton_attention_backward, ops.attention_grads
+
+    def count(name, fn):
+        def counted(*args, **kwargs):
+            ran[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+    monkeypatch.setattr(atb, "triton_attention_backward", count("triton", real_triton))
+    monkeypatch.setattr(ops, "attention_grads", count("torch", real_torch))
+    q, k, v, weights = _inputs(1, 2, 1, 24, 24, 16, seed=11)
+    patterns = (P.Window(4, 0), P.Dense())
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad((sparsec.attention(*leaves, patterns, causal=True, backend="triton") * weights).sum(),
+                              leaves)
+    assert ran == {"triton": 1, "torch": 0}
+    monkeypatch.setenv("SPARSEC_ATTENTION_BACKEND", "triton")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.ops.sparsec.attention(*leaves, None, 0.25, True, patterns_to_json(patterns))
+    op_grads = torch.autograd.grad((out * weights).sum(), leaves)
+    assert ran == {"triton": 2, "torch": 0}
+    for a, b in zip(got, op_grads):
+        torch.testing.assert_close(a, b)
+    mask = torch.ones(1, 1, 24, 24, dtype=torch.bool)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.ops.sparsec.attention(*leaves, mask, 0.25, True, patterns_to_json(patterns))
+    torch.autograd.grad((out * weights).sum(), leaves)
+    assert ran == {"triton": 2, "torch": 1}
+
+
+def test_kernel_source_is_readable_and_unknown_families_are_refused():
+    source = atb.backward_kernel_source("window")
+    assert "def attention_window_backward_dq_kernel(" in source
+    assert "def attention_window_backward_dkdv_kernel(" in source
+    assert "def _keep(" in source and "_attend_block" not in source  # the mask, not the forward's walk
+    with pytest.raises(ValueError, match="frames_transposed"):
+        atb.backward_kernel_source("frames_transposed")
+    with pytest.raises(ValueError, match="no attention backward kernels for family 'nope'"):
+        atb.backward_kernel_source("nope")
+
+
+def test_what_the_backward_cannot_run_is_named():
+    q, k, v, weights = _inputs(1, 2, 1, 32, 32, 16)
+    transposed = FramesTransposed(P.MultiDiagonal([0], 1), 8)
+    assert "frame-transposed" in atb.backward_supports(q, k, v, (transposed, P.Dense()))
+    assert "3 patterns for 2 query heads" in atb.backward_supports(q, k, v, (P.Dense(),) * 3)
+    with pytest.raises(ValueError, match=r"grad_out has shape \(1, 2, 31, 16\)"):
+        atb.triton_attention_backward(weights[:, :, :31], q, k, v, weights, (P.Dense(),) * 2, causal=False,
+                                      scale=0.25)
