@@ -4,6 +4,7 @@ with head fusion and GQA across families, causal or not, Sq != Sk, odd lengths, 
 sinks, Skip heads, half precision; and which backward sparsec.attention and the op run."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -161,3 +162,27 @@ def test_what_the_backward_cannot_run_is_named():
     with pytest.raises(ValueError, match=r"grad_out has shape \(1, 2, 31, 16\)"):
         atb.triton_attention_backward(weights[:, :, :31], q, k, v, weights, (P.Dense(),) * 2, causal=False,
                                       scale=0.25)
+
+
+def test_a_compiled_layer_trains_through_the_triton_backward(monkeypatch):
+    """torch.compile(backend="sparsec") with patterns, its attention op on the Triton kernels
+    (SPARSEC_ATTENTION_BACKEND=triton, as on CUDA): the traced backward runs the Triton backward on
+    the saved output, and the parameters' gradients match float64 autograd of the masked reference."""
+    from test_backend_compile import Wrapper, _reference_one_layer, compiled
+
+    ran = []
+    real = atb.triton_attention_backward
+    monkeypatch.setattr(atb, "triton_attention_backward", lambda *a, **k: ran.append(1) or real(*a, **k))
+    monkeypatch.setenv("SPARSEC_ATTENTION_BACKEND", "triton")
+    torch.manual_seed(5)
+    model, x = Wrapper(), torch.randn(2, 20, 32)
+    head_patterns = [P.Window(3, 0), P.Skip("mean"), P.Columns([0, (4, 6)]) | P.Window(1, 0), P.Dense()]
+    out = compiled(model, attention_patterns={"attn": head_patterns})(x)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(model.parameters()), grad_out)
+    assert ran == [1]
+    reference = copy.deepcopy(model).double()
+    want = torch.autograd.grad(_reference_one_layer(reference.attn, x.double(), head_patterns),
+                               list(reference.parameters()), grad_out.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
