@@ -462,11 +462,17 @@ def _gaps_in_bands(columns, a, b, r0, r1, c0, c1) -> torch.Tensor:
             holes.append((end, lo - 1))
         end = hi + 1
     holes.append((end, _FAR))
-    h0, h1 = _ends(holes)
-    g0 = torch.maximum(h0[None, :], c0[:, None])          # (blocks, holes)
-    g1 = torch.minimum(h1[None, :], c1[:, None])
-    is_gap = g0 <= g1
-    x0 = g0[None] - r1[:, None, None]                      # (nqb, blocks, holes)
+    h0, h1 = _ends(holes)  # ascending and disjoint
+    # Only the holes that meet each block (a few; all of them would make (nqb, blocks, holes)
+    # tensors of tens of millions of elements for a vertical-slash head with hundreds of columns).
+    first = torch.searchsorted(h1, c0)                     # the first hole ending at or after c0
+    count = torch.searchsorted(h0, c1, right=True) - first  # holes starting at or before c1, from it on
+    width = torch.arange(max(1, int(count.max())))
+    index = (first[:, None] + width).clamp(max=h0.numel() - 1)
+    g0 = torch.maximum(h0[index], c0[:, None])            # (blocks, holes of a block)
+    g1 = torch.minimum(h1[index], c1[:, None])
+    is_gap = g0 <= g1  # the padding slots name holes past the block: empty there
+    x0 = g0[None] - r1[:, None, None]                      # (nqb, blocks, holes of a block)
     x1 = g1[None] - r0[:, None, None]
     band = torch.searchsorted(a, x0.contiguous(), right=True) - 1
     fits = (band >= 0) & (x1 <= b[band.clamp(min=0)])

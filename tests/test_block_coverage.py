@@ -246,3 +246,16 @@ def test_the_backward_tables_list_each_blocks_kept_pairs_by_query_and_by_key_blo
             assert all(cov[row, c] == FULL for c in full)
             if within is not None:
                 assert all(bool(within[row, c]) for c in full)
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16), (64, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_columns_leave_several_gaps_a_block_inside_or_outside_bands(block_m, block_n, causal):
+    """Blocks that columns cover in part, with several gaps each, some of them inside bands: only the
+    holes meeting a block are tested (block_coverage._gaps_in_bands), and the result is the mask's."""
+    S = 700
+    columns = [(j, j + 1 + j % 3) for j in range(3, S, 7)]
+    pattern = P.VerticalSlash(columns, list(range(-S + 1, 1, 5))) | P.MultiDiagonal([-400, -150], 100)
+    got = block_coverage(pattern, S, S, block_m, block_n, causal)
+    assert torch.equal(got, reference_coverage(pattern, S, S, block_m, block_n, causal))
+    assert bool((got == FULL).any()) and bool((got == PARTIAL).any())
