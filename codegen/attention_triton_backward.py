@@ -32,7 +32,7 @@ from sparsec.codegen.kernel_call import KernelCall
 from sparsec.codegen.templates import FAMILY_TEMPLATES
 from sparsec.codegen.templates.backward import dkdv_kernel_name, dq_kernel_name, render_backward
 from sparsec.codegen.templates.common import table_ids
-from sparsec.codegen.templates.tables import block_tables, transposed_block_tables
+from sparsec.codegen.templates.tables import backward_block_lists
 from sparsec.codegen.tiles import AttentionTiles, BackwardTiles, default_backward_tiles, padded_head_dim
 from sparsec.patterns import Pattern, Skip
 
@@ -159,8 +159,8 @@ def _group_calls(group: HeadGroup, buffers: _Buffers, causal: bool, scale: float
     head_ids, params, layouts, counts = _group_params(group.family, group.heads, group.patterns, Sq, Sk, b.q.device)
     distinct, ids = table_ids(group.patterns)
     table_ids_tensor = _int32_tensor(tuple(ids), b.q.device)
-    forward_tables = _device_tables(distinct, Sq, Sk, tiles.dq.block_m, tiles.dq.block_n, causal, False, b.q.device)
-    key_tables = _device_tables(distinct, Sq, Sk, tiles.dkdv.block_m, tiles.dkdv.block_n, causal, True, b.q.device)
+    query_lists = _device_tables(distinct, Sq, Sk, tiles.dq.block_m, tiles.dq.block_n, causal, False, b.q.device)
+    key_lists = _device_tables(distinct, Sq, Sk, tiles.dkdv.block_m, tiles.dkdv.block_n, causal, True, b.q.device)
     sinks = b.sinks if b.sinks is not None else head_ids  # unread without sinks
     shared = (Sq, Sk, len(group.heads), Hq // Hkv, Hq, scale * LOG2E, (softcap or 1.0) * LOG2E, scale)
     precision = _dot_precision(b.q.dtype, _interpreting() if interpreted is None else interpreted)
@@ -174,13 +174,13 @@ def _group_calls(group: HeadGroup, buffers: _Buffers, causal: bool, scale: float
     dq_call = KernelCall(
         path, dq_kernel_name(group.family), (-(-Sq // tiles.dq.block_m), B * len(group.heads)),
         (b.q, b.k, b.v, b.out, b.grad_out, b.dq, b.lse, b.delta, head_ids, table_ids_tensor, params, layouts, sinks,
-         *forward_tables, *b.q.stride(), *b.k.stride(), *b.v.stride(), *b.out.stride(), *b.grad_out.stride(),
+         *query_lists, *b.q.stride(), *b.k.stride(), *b.v.stride(), *b.out.stride(), *b.grad_out.stride(),
          *b.dq.stride(), *shared),
         dict(constexprs(tiles.dq), SINKS=b.sinks is not None))
     dkdv_call = KernelCall(
         path, dkdv_kernel_name(group.family), (-(-Sk // tiles.dkdv.block_n), B * len(group.heads)),
         (b.q, b.k, b.v, b.grad_out, b.dk, b.dv, b.lse, b.delta, head_ids, table_ids_tensor, params, layouts,
-         *key_tables, *b.q.stride(), *b.k.stride(), *b.v.stride(), *b.grad_out.stride(), *b.dk.stride(),
+         *key_lists, *b.q.stride(), *b.k.stride(), *b.v.stride(), *b.grad_out.stride(), *b.dk.stride(),
          *b.dv.stride(), *shared),
         constexprs(tiles.dkdv))
     return dq_call, dkdv_call
@@ -194,11 +194,11 @@ def _int32_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor
 @bytes_bounded_cache(max_bytes=512 << 20)
 def _device_tables(patterns: tuple[Pattern, ...], Sq: int, Sk: int, block_m: int, block_n: int, causal: bool,
                    by_key: bool, device: torch.device):
-    """A kernel's block tables on `device`: (num_partial, partial, num_full, full, partial width,
-    full width) by query block (the dQ kernel's), or by key block (`by_key`: the dK / dV kernel's)."""
-    tables = (transposed_block_tables if by_key else block_tables)(patterns, Sq, Sk, block_m, block_n, causal)
-    return (tables.num_partial.to(device), tables.partial.to(device), tables.num_full.to(device),
-            tables.full.to(device), tables.partial.shape[-1], tables.full.shape[-1])
+    """A kernel's block lists on `device` (templates/tables.backward_block_lists): (count, start,
+    blocks) of the partial blocks, then of the whole ones; by query block (the dQ kernel's) or by
+    key block (`by_key`: the dK / dV kernel's)."""
+    lists = backward_block_lists(patterns, Sq, Sk, block_m, block_n, causal, by_key=by_key)
+    return tuple(t.to(device) for part in lists for t in (part.count, part.start, part.blocks))
 
 
 def backward_kernel_calls(grad_out, q, k, v, out, head_patterns: Sequence[Pattern], *, causal: bool, scale: float,

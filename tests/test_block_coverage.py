@@ -224,28 +224,26 @@ def test_single_pattern_counts_and_layout_tensor():
 
 @settings(max_examples=100, deadline=None)
 @given(cases())
-def test_the_backward_tables_list_each_blocks_kept_pairs_by_query_and_by_key_block(case):
-    """block_tables (the forward's and the dQ kernel's) and transposed_block_tables (the dK / dV
-    kernel's), against the mask: each lists, ascending, every block that keeps a pair, once; whole
-    only where every pair inside Sq x Sk is kept and the block lies within both lengths (those are
-    loaded without bounds checks)."""
-    from sparsec.codegen.templates.tables import block_tables, transposed_block_tables
+def test_the_backward_lists_name_each_blocks_kept_pairs_by_query_and_by_key_block(case):
+    """backward_block_lists by query block (the dQ kernel's) and by key block (the dK / dV kernel's),
+    against the mask: each row lists, ascending, every block that keeps a pair, once; whole only
+    where every pair is kept and the block lies within both lengths (loaded without bounds checks)."""
+    from sparsec.codegen.templates.tables import backward_block_lists
 
     pattern, Sq, Sk, (block_m, block_n), causal = case
     coverage = reference_coverage(pattern, Sq, Sk, block_m, block_n, causal)
     inside = ((torch.arange(coverage.shape[0]) + 1) * block_m <= Sq)[:, None] & \
         ((torch.arange(coverage.shape[1]) + 1) * block_n <= Sk)[None, :]
-    for tables, cov, within in ((block_tables([pattern], Sq, Sk, block_m, block_n, causal), coverage, None),
-                                (transposed_block_tables([pattern], Sq, Sk, block_m, block_n, causal), coverage.T,
-                                 inside.T)):
+    for by_key in (False, True):
+        partial, whole = backward_block_lists([pattern, P.Dense()], Sq, Sk, block_m, block_n, causal, by_key=by_key)
+        cov, within = (coverage.T, inside.T) if by_key else (coverage, inside)
+        assert partial.count.shape == (2 * cov.shape[0],)  # the second pattern's rows follow the first's
         for row in range(cov.shape[0]):
-            partial = tables.partial[0, row, :int(tables.num_partial[0, row])].tolist()
-            full = tables.full[0, row, :int(tables.num_full[0, row])].tolist()
-            assert partial == sorted(partial) and full == sorted(full)
-            assert sorted(partial + full) == (cov[row] != EMPTY).nonzero().flatten().tolist()
-            assert all(cov[row, c] == FULL for c in full)
-            if within is not None:
-                assert all(bool(within[row, c]) for c in full)
+            lists = [lst.blocks[int(lst.start[row]):int(lst.start[row]) + int(lst.count[row])].tolist()
+                     for lst in (partial, whole)]
+            assert all(blocks == sorted(blocks) for blocks in lists)
+            assert sorted(lists[0] + lists[1]) == (cov[row] != EMPTY).nonzero().flatten().tolist()
+            assert all(cov[row, c] == FULL and bool(within[row, c]) for c in lists[1])
 
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16), (64, 64)])

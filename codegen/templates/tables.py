@@ -1,5 +1,6 @@
-"""Block tables of the table-driven families (block_sparse, union, frames_transposed) and of the
-backward kernels (every family), built on the host.
+"""Block tables of the table-driven families (block_sparse, union, frames_transposed), and the
+backward kernels' block lists (every family; BlockLists: packed, by query or by key block), built
+on the host.
 
 Per distinct pattern and query block: the partially covered key blocks (the kernel masks them) and
 the whole ones (no mask), each in ascending order, from block_coverage.block_coverage. A block the
@@ -55,19 +56,42 @@ def block_tables(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, bl
     return BlockTables(num_partial, partial, num_full, full, masks)
 
 
-def transposed_block_tables(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, block_n: int,
-                            causal: bool) -> BlockTables:
-    """The tables of the backward's dK / dV kernel (templates/backward.py): per pattern and KEY
-    block, the query blocks that keep some of its pairs, partial and whole, ascending. A block
-    that runs past Sq or Sk is partial (the kernel loads whole blocks without bounds checks);
-    `masks` is unused (one 0)."""
+@dataclass(frozen=True, slots=True)
+class BlockLists:
+    """The backward kernels' lists (templates/backward.py): table row t x rows + r (pattern t, block
+    r) lists its blocks, ascending, at blocks[start : start + count]. Packed end to end, not padded
+    to the longest row: a column pattern's key blocks are each visited by every query block, and
+    padding every row to that would hold a layer's heads in tens of megabytes at S 32K."""
+
+    count: torch.Tensor  # (T x rows,) int32
+    start: torch.Tensor  # (T x rows,) int32
+    blocks: torch.Tensor  # (total,) int32; one 0 when there are none
+
+
+def backward_block_lists(patterns: Sequence[Pattern], Sq: int, Sk: int, block_m: int, block_n: int, causal: bool,
+                         *, by_key: bool) -> tuple[BlockLists, BlockLists]:
+    """(partial, whole) blocks of `patterns` at BLOCK_M x BLOCK_N tiles: per query block the key
+    blocks (the dQ kernel's), or per key block the query blocks (`by_key`: the dK / dV kernel's). A
+    block that runs past Sq or Sk is partial (whole blocks are loaded without bounds checks)."""
     coverage = torch.stack([block_coverage(p, Sq, Sk, block_m, block_n, causal) for p in patterns])
     past_end = (((torch.arange(coverage.shape[1]) + 1) * block_m > Sq)[:, None]
                 | ((torch.arange(coverage.shape[2]) + 1) * block_n > Sk)[None, :])
     whole = (coverage == FULL) & ~past_end
-    num_partial, partial = _compact(((coverage != EMPTY) & ~whole).transpose(1, 2))
-    num_full, full = _compact(whole.transpose(1, 2))
-    return BlockTables(num_partial, partial, num_full, full, torch.zeros(1, dtype=torch.int32))
+    partial = (coverage != EMPTY) & ~whole
+    if by_key:
+        partial, whole = partial.transpose(1, 2), whole.transpose(1, 2)
+    return _lists(partial), _lists(whole)
+
+
+def _lists(selected: torch.Tensor) -> BlockLists:
+    rows = selected.reshape(-1, selected.shape[-1])
+    count = rows.sum(dim=-1)
+    if int(count.sum()) >= 2**31:
+        raise ValueError("block lists past 2**31 entries: lengths too long for the backward kernels' int32 offsets")
+    blocks = rows.nonzero()[:, 1]  # row by row, ascending in each
+    if not blocks.numel():
+        blocks = torch.zeros(1, dtype=torch.int64)
+    return BlockLists(count.to(torch.int32), (count.cumsum(0) - count).to(torch.int32), blocks.to(torch.int32))
 
 
 def _partial_masks(pattern: Pattern, partial: torch.Tensor, count: torch.Tensor, Sq: int, Sk: int, block_m: int,
