@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sparsec
 from reference import reference_attention
@@ -18,7 +20,7 @@ from sparsec.codegen import attention_triton_backward as atb
 from sparsec.codegen.frame_order import FramesTransposed
 from sparsec.codegen.tiles import AttentionTiles, BackwardTiles
 from sparsec.ops import patterns_to_json
-from test_attention_triton import CLOSED_FORM
+from test_attention_triton import CLOSED_FORM, pattern_strategy
 
 pytestmark = pytest.mark.triton
 
@@ -105,6 +107,27 @@ def test_rows_that_keep_no_key_get_zero_gradients():
     dq, dk, dv, _ = _check(q, k, v, weights, (P.Columns([(40, 50)]), P.Window(0, 0)), causal=True)
     assert float(dq[:, 0].abs().max()) == 0.0 and float(dk[:, 0].abs().max()) == 0.0
     assert float(dq[:, 1, :10].abs().max()) == 0.0  # rows 0..9: no key j <= i - 10
+
+
+@st.composite
+def backward_case(draw):
+    """Random patterns (the forward's property test's: every family, unions with block layouts, Skip)
+    and shapes, GQA, causal or not, a soft cap or sinks."""
+    Sq, Sk = draw(st.integers(1, 60)), draw(st.integers(1, 60))
+    Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    heads = tuple(draw(pattern_strategy(Sq, Sk)) for _ in range(Hkv * group))
+    softcap = draw(st.sampled_from([0.0, 0.0, 3.0]))
+    sinks = draw(st.one_of(st.none(), st.lists(st.floats(-3, 3), min_size=Hkv * group, max_size=Hkv * group)))
+    return Sq, Sk, Hkv, group, heads, draw(st.booleans()), softcap, sinks, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(backward_case())
+def test_random_patterns_and_shapes(case):
+    Sq, Sk, Hkv, group, heads, causal, softcap, sinks, seed = case
+    q, k, v, weights = _inputs(1, Hkv * group, Hkv, Sq, Sk, 16, seed=seed)
+    _check(q, k, v, weights, heads, causal=causal, softcap=softcap,
+           sinks=None if sinks is None else torch.tensor(sinks))
 
 
 def test_sparsec_attention_and_the_op_run_the_triton_backward(monkeypatch):
