@@ -58,10 +58,11 @@ class _Rule:
 def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
                     head_patterns: tuple[Pattern, ...] | None, mask_rule: str = "", softcap: float = 0.0,
-                    sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                    sinks: torch.Tensor | None = None, mask_grad: bool = True) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dmask, dsinks) of sparsec::attention(q, k, v, attn_mask, scale, is_causal,
     head_patterns, mask_rule=, softcap=, sinks=) for the output gradient grad_out; dmask is None
-    unless the mask is a float bias, dsinks None without sinks. Each in float32 or wider."""
+    unless the mask is a float bias and `mask_grad`, dsinks None without sinks. Each in float32 or
+    wider."""
     rule = _resolve(q, k, attn_mask, is_causal, head_patterns, mask_rule)
     dtype = torch.promote_types(q.dtype, torch.float32)
     B, Hq, Sq, D = q.shape
@@ -71,7 +72,7 @@ def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     dk = k.new_zeros(B, Hkv, Sk, D, dtype=dtype)
     dv = v.new_zeros(B, Hkv, Sk, v.shape[3], dtype=dtype)
     float_mask = rule.mask is not None and rule.mask.is_floating_point()
-    dmask = rule.mask.new_zeros(rule.mask.shape, dtype=dtype) if float_mask else None
+    dmask = rule.mask.new_zeros(rule.mask.shape, dtype=dtype) if float_mask and mask_grad else None
     dsinks = q.new_zeros(Hq, dtype=dtype) if sinks is not None else None
     skip = torch.zeros(Hq, dtype=torch.bool, device=q.device)
     skip[rule.skip_heads] = True

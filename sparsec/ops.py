@@ -43,9 +43,12 @@
         layer) and re-packed, or run dense, when the weight changes in place.
 
 Both have fake implementations (Inductor and aot_autograd trace through them) and a backward,
-so graphs that need autograd can call them too: attention's (sparsec::attention_backward,
-sparsec/attention_grads.py) recomputes the weights a block of query rows at a time over the keys
-each block keeps (memory a block's, not Sq x Sk a head); linear's is two matmuls. Outputs are
+so graphs that need autograd can call them too: attention's (sparsec::attention_backward) runs
+the Triton backward kernels where the forward's backend is Triton (codegen/
+attention_triton_backward.py; under a mask, on each run of key prefixes: sparsec/
+key_prefix_grads.py), else sparsec/attention_grads.py, which recomputes the weights a block of
+query rows at a time over the keys each block keeps (memory a block's, not Sq x Sk a head);
+linear's is two matmuls. Outputs are
 always contiguous; the rewrite restores the layout the replaced nodes had.
 """
 from __future__ import annotations
@@ -63,6 +66,7 @@ from sparsec.attention_dispatch import backward_runs_triton, causal_allowed, exp
 from sparsec.attention_grads import attention_grads
 from sparsec.key_padding import (encode_prefixes, is_plan_rule, key_prefix_runs, mask_prefixes,
                                  patterns_at, run_key_prefix)
+from sparsec.key_prefix_grads import key_prefix_grads
 from sparsec.patterns import Pattern, from_dict
 
 log = logging.getLogger(__name__)
@@ -249,8 +253,9 @@ def _(attn_mask, q, k):
 
 def _attention_setup_context(ctx, inputs, output) -> None:
     q, k, v, attn_mask, scale, is_causal, patterns = inputs[:7]
-    # The Triton backward (calls without a mask on its device) reads the output; the blocked one does not.
-    out = output if attn_mask is None and backward_runs_triton(q) else None
+    # The Triton backward (calls on its device without a mask, or whose patterns a mask runs on key
+    # prefixes) reads the output; the blocked one does not.
+    out = output if backward_runs_triton(q) and (attn_mask is None or patterns) else None
     ctx.save_for_backward(q, k, v, attn_mask, inputs[13] if len(inputs) > 13 else None, out)
     ctx.attrs = (scale, is_causal, patterns, inputs[10] if len(inputs) > 10 else "",
                  inputs[11] if len(inputs) > 11 else 0.0)
@@ -270,36 +275,54 @@ def attention_backward(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    mask_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask, dsinks) of sparsec::attention; dmask is empty when there is no float
-    mask, dsinks when there are no sinks. With the forward's output `out` (saved where the
-    backward runs Triton: a call without a mask on CUDA, or SPARSEC_ATTENTION_BACKEND=triton), the
-    Triton backward kernels; otherwise, or where they cannot run the call, attention_grads.
+    mask or `mask_grad` is False (nothing needs it), dsinks when there are no sinks. With the
+    forward's output `out` (saved where the backward runs Triton: on CUDA, or with
+    SPARSEC_ATTENTION_BACKEND=triton), the Triton backward kernels, on the call's key runs where a
+    mask runs its patterns on key prefixes (sparsec/key_prefix_grads.py) unless the float mask's
+    own gradient is wanted; otherwise, or where they cannot run the call, attention_grads.
 
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
     head_patterns = patterns_from_json(patterns) if patterns else None
+    float_mask = attn_mask is not None and attn_mask.is_floating_point()
     grads = None
-    if out is not None and attn_mask is None:
-        if head_patterns:  # as the forward ran them (a plan's layouts at the call's lengths; None: dense)
-            head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2], widen=is_plan_rule(mask_rule))
-        grads = triton_backward(grad_out, q, k, v, out, head_patterns, is_causal, scale, softcap,
-                                None if sinks is None else sinks.detach().reshape(-1).float())
+    if out is not None and not (float_mask and mask_grad):
+        grads = _triton_grads(grad_out, q, k, v, out, attn_mask, scale, is_causal, head_patterns, mask_rule, softcap,
+                              None if sinks is None else sinks.detach().reshape(-1).float())
     if grads is not None:
         dq, dk, dv, dsinks = grads
         dmask = None
     else:
         dq, dk, dv, dmask, dsinks = attention_grads(grad_out, q, k, v, attn_mask, scale, is_causal, head_patterns,
-                                                    mask_rule, softcap, sinks)
+                                                    mask_rule, softcap, sinks, mask_grad=mask_grad)
     grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
              q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape).to(attn_mask.dtype),
              q.new_empty(0) if dsinks is None else dsinks.reshape(sinks.shape).to(sinks.dtype))
     return tuple(g.contiguous() for g in grads)
 
 
+def _triton_grads(grad_out, q, k, v, out, attn_mask, scale: float, is_causal: bool, head_patterns, mask_rule: str,
+                  softcap: float, sinks):
+    """(dq, dk, dv, dsinks) from the Triton backward, the patterns resolved as the forward resolved
+    them, or None where it cannot run the call (a mask that does not run the patterns on key prefixes)."""
+    if attn_mask is None:
+        if head_patterns:  # a plan's layouts at the call's lengths (None: the forward ran dense)
+            head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2], widen=is_plan_rule(mask_rule))
+        return triton_backward(grad_out, q, k, v, out, head_patterns, is_causal, scale, softcap, sinks)
+    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule) if head_patterns else None
+    if runs is None:
+        return None
+    return key_prefix_grads(grad_out, q, k, v, out, runs, lambda g, q, k, v, o, run_patterns, causal: triton_backward(
+        g, q, k, v, o, run_patterns, causal, scale, softcap, sinks))
+
+
 @attention_backward.register_fake
-def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0, sinks=None, out=None):
-    grad_mask = attn_mask is not None and attn_mask.is_floating_point()
+def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0, sinks=None, out=None,
+      mask_grad=True):
+    grad_mask = attn_mask is not None and attn_mask.is_floating_point() and mask_grad
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
@@ -309,8 +332,9 @@ def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", so
 
 def _attention_backward(ctx, grad_out):
     q, k, v, attn_mask, sinks, out = ctx.saved_tensors
-    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs, sinks, out)
-    has_dmask = attn_mask is not None and attn_mask.is_floating_point()
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs, sinks, out, mask_grad)
+    has_dmask = attn_mask is not None and attn_mask.is_floating_point() and mask_grad
     return (dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None, None, None,
             dsinks if sinks is not None else None)
 

@@ -209,3 +209,82 @@ def test_a_compiled_layer_trains_through_the_triton_backward(monkeypatch):
                                list(reference.parameters()), grad_out.double())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def _counting(monkeypatch) -> dict:
+    """Counts the Triton backward's calls and attention_grads' (the torch backward) through the op."""
+    import sparsec.ops as ops
+
+    ran = {"triton": 0, "torch": 0}
+    for module, name, key in ((atb, "triton_attention_backward", "triton"), (ops, "attention_grads", "torch")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, key=key, **k: ran.__setitem__(key, ran[key] + 1)
+                            or real(*a, **k))
+    monkeypatch.setenv("SPARSEC_ATTENTION_BACKEND", "triton")
+    return ran
+
+
+@pytest.mark.parametrize("kind", ["padded keys", "causal prefix", "right padded", "float mask"])
+def test_masks_that_cut_keys_to_prefixes_train_through_the_triton_backward(kind, monkeypatch):
+    """The op under a mask that runs its patterns on key prefixes (sparsec/key_prefix_grads.py): each
+    run of rows through the Triton backward, against float64 autograd of the references; a
+    right-padded causal batch (padding queries on explicit scores) through attention_grads; a float
+    mask of 0 and its lowest value that needs no gradient, as the bool mask."""
+    import test_key_padding as kp
+
+    ran = _counting(monkeypatch)
+    Sq, lengths = {"causal prefix": (40, [40, 52, 45]), "right padded": (40, [40, 31, 9])}.get(kind,
+                                                                                                (kp.S, [70, 48, 48]))
+    Sk = {"causal prefix": max(lengths) + 3, "right padded": Sq}.get(kind, kp.S)
+    q = kp._random(kp.B, kp.H, Sq, kp.D, seed=7).requires_grad_()
+    k, v = (kp._random(kp.B, 2, Sk, kp.D, seed=s).requires_grad_() for s in (8, 9))  # GQA
+    prefix = kp._prefix(lengths, Sk)[:, None, None, :]
+    mask = {"causal prefix": kp._causal_prefix(Sq, lengths), "right padded": kp._right_padded(Sq, lengths),
+            "float mask": torch.zeros(prefix.shape).masked_fill(~prefix, kp.LOWEST)}.get(kind, prefix)
+    patterns = (P.Window(4, 0), P.Skip("mean"), P.AShape(2, 3), P.Columns([(0, 3), (25, 40)]))
+    out = torch.ops.sparsec.attention(q, k, v, mask, kp.D ** -0.5, False, patterns_to_json(patterns))
+    weights = kp._random(*out.shape, seed=10)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    runs = len(set(lengths))  # rows of one length run together
+    assert ran == ({"triton": 0, "torch": 1} if kind == "right padded" else {"triton": runs, "torch": 0})
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = {"causal prefix": lambda: kp._causal_reference(q64, k64, v64, patterns, lengths),
+            "right padded": lambda: kp._explicit_reference(q64, k64, v64, patterns, mask[:, 0])}.get(
+        kind, lambda: reference_attention(q64, k64, v64, patterns, key_mask=kp._prefix(lengths, Sk)))()
+    for g, w in zip(grads, torch.autograd.grad((want * weights.double()).sum(), (q64, k64, v64))):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_train_through_the_triton_backward(monkeypatch):
+    """A left-padded batch: each row's own tokens through the Triton backward; its padding queries and
+    keys get zero gradients."""
+    import test_left_padding as lp
+
+    ran = _counting(monkeypatch)
+    S, pads = 70, [0, 21, 40]
+    q = lp._random(3, lp.H, S, lp.D, seed=1).requires_grad_()
+    k, v = (lp._random(3, lp.HKV, S, lp.D, seed=s).requires_grad_() for s in (2, 3))
+    patterns = lp._heads(S, seed=4)
+    out = torch.ops.sparsec.attention(q, k, v, lp.left_padded(S, pads), lp.SCALE, False, patterns_to_json(patterns),
+                                      0, 0, "", "causal:0")
+    weights = lp._random(*out.shape, seed=5)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    assert ran == {"triton": 3, "torch": 0}
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = lp._left_padded_reference(q64, k64, v64, patterns, pads)
+    for g, w in zip(grads, torch.autograd.grad((want * weights.double()).sum(), (q64, k64, v64))):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_float_masks_own_gradient_comes_from_the_torch_backward(monkeypatch):
+    """Where the float mask needs a gradient, attention_grads computes the call (it has dS); where
+    nothing needs it, the op returns none."""
+    import test_key_padding as kp
+
+    ran = _counting(monkeypatch)
+    q, k, v = (kp._random(1, 2, 30, 16, seed=s).requires_grad_() for s in (1, 2, 3))
+    keep = kp._prefix([22], 30)[:, None, None, :]
+    bias = torch.zeros(keep.shape).masked_fill(~keep, kp.LOWEST).requires_grad_()
+    out = torch.ops.sparsec.attention(q, k, v, bias, 0.25, False, patterns_to_json((P.Window(3, 3),) * 2))
+    dq, dbias = torch.autograd.grad(out.sum(), (q, bias))
+    assert ran == {"triton": 0, "torch": 1} and dbias.shape == bias.shape and float(dbias[..., :22].abs().max()) > 0
