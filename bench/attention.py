@@ -358,12 +358,15 @@ def write_record(benchmark: str, device: str, fields: dict, *, output: str | Non
     return path
 
 
-def write_rows(benchmark: str, script: str, args, rows: list[dict], argv: list[str]) -> Path:
+def write_rows(benchmark: str, script: str, args, rows: list[dict], argv: list[str],
+               complete: bool | None = None) -> Path:
     """A row-table benchmark's JSON: its options (all but --output) and rows, written by
-    write_record to args.output or bench/results/<benchmark>_<device>_<date>.json."""
+    write_record to args.output or bench/results/<benchmark>_<device>_<date>.json. `complete`
+    (when given) says whether the run finished: False for the rows so far of a run that may be cut short."""
     options = {k: v for k, v in vars(args).items() if k != "output"}
-    return write_record(benchmark, args.device, {"options": options, "rows": rows}, output=args.output,
-                        name=f"{benchmark}_{args.device}", command=[os.path.relpath(script), *argv])
+    fields = {"options": options, "rows": rows} | ({} if complete is None else {"complete": complete})
+    return write_record(benchmark, args.device, fields, output=args.output, name=f"{benchmark}_{args.device}",
+                        command=[os.path.relpath(script), *argv])
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

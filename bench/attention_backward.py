@@ -162,7 +162,8 @@ def peak_mb(variant: str, spec: dict) -> float | None:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def run(args, console: Console) -> list[dict]:
+def run(args, console: Console, on_row=None) -> list[dict]:
+    """Every (length, family, density) row; on_row(rows so far) after each."""
     rows = []
     for S in args.lengths:
         for family in args.families:
@@ -189,6 +190,8 @@ def run(args, console: Console) -> list[dict]:
                 if "flex" in ms:
                     row.update(flex_max_rel_grad_error=errors["flex"], speedup_over_flex=ms["flex"] / ms["sparsec"])
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 console.print(f"  S {S} {family} {density:.0%}: SDPA {ms['sdpa']:.1f} ms, masked SDPA "
                               f"{ms['sdpa_masked']:.1f} ms, sparsec {ms['sparsec']:.1f} ms "
                               f"({row['speedup_over_sdpa']:.2f}x / {row['speedup_over_masked']:.2f}x), "
@@ -271,10 +274,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     console = Console(width=170)
     console.print(f"forward + backward, causal, {args.heads} heads, D {args.head_dim}, {args.dtype} on {args.device}")
-    rows = run(args, console)
+    def save(rows: list[dict], complete: bool) -> Path:  # after each row too: a time limit keeps what ran
+        path = write_rows("attention_backward", __file__, args, rows, argv, complete=complete)
+        args.output = str(path)
+        return path
+
+    rows = run(args, console, on_row=None if args.no_save else lambda rows: save(rows, False))
     print_table(rows, console)
     if not args.no_save:
-        console.print(f"saved {write_rows('attention_backward', __file__, args, rows, argv)}")
+        console.print(f"saved {save(rows, True)}")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ step "tune: 2 layers x 24 heads at S=16K (extrapolated to 30 layers)" 60 \
     python3 bench/tune.py --device cuda --layers 2 --heads 24 --seq 16384 --no-progress
 step "end to end: positional DiT, 8K tokens, 2 blocks: tune, eager / Inductor / sparsec (whatever time is left)" 150 \
     python3 bench/end_to_end.py --device cuda --frames 8 --depth 2 --no-progress
-step "attention backward: S 8192, D 128, bf16, window / a_shape / blocks at 10%, vs SDPA and FlexAttention" 90 \
-    python3 bench/attention_backward.py --device cuda --lengths 8192 --densities 0.1
+step "attention backward: S 8192, D 128, bf16, window / blocks at 10%, vs SDPA and FlexAttention (rows saved as they run)" 90 \
+    python3 bench/attention_backward.py --device cuda --lengths 8192 --densities 0.1 --families window block_sparse
 
 for f in $(ls bench/results | grep -vxF -f "$before"); do cp "bench/results/$f" "$OUT/"; done
 echo; echo "== new results:"; ls -la "$OUT"

@@ -39,6 +39,22 @@ def test_a_tiny_run_times_every_point_and_records_it(bench, tmp_path, capsys):
         assert 0 < r["kept_density"] < 1
 
 
+def test_the_rows_so_far_are_saved_after_each_one(bench, tmp_path, monkeypatch):
+    """A run cut short (a GPU lease's time limit) keeps the rows it measured, marked incomplete; the
+    finished run's record says complete."""
+    output = tmp_path / "backward.json"
+    seen = []
+    real_print_table = bench.print_table
+
+    def at_the_table(rows, console):  # the rows are all measured, the final save not made yet
+        seen.append(json.loads(output.read_text()))
+        real_print_table(rows, console)
+    monkeypatch.setattr(bench, "print_table", at_the_table)
+    rows = _tiny_run(bench, tmp_path, "--no-memory", "--families", "window", "a_shape")
+    assert seen[0]["complete"] is False and seen[0]["rows"] == rows
+    assert json.loads(output.read_text())["complete"] is True
+
+
 def test_each_variants_peak_memory_is_measured_in_a_fresh_process(bench, tmp_path):
     (row,) = _tiny_run(bench, tmp_path, "--families", "window")
     assert all(row[f"{name}_peak_mb"] is not None and row[f"{name}_peak_mb"] >= 0 for name in bench.VARIANTS)
