@@ -55,7 +55,10 @@ def _check(q, k, v, weights, head_patterns, *, causal, softcap=0.0, sinks=None, 
     sink_leaf = None if sinks is None else sinks.detach().double().requires_grad_()
     want = reference_attention(*leaves, head_patterns, causal=causal, scale=scale, softcap=softcap, sinks=sink_leaf)
     inputs = leaves + ([sink_leaf] if sinks is not None else [])
-    want = torch.autograd.grad((want * weights.double()).sum(), inputs, allow_unused=True, materialize_grads=True)
+    if want.requires_grad:  # (not where every head is Skip "zero": nothing moves the output)
+        want = torch.autograd.grad((want * weights.double()).sum(), inputs, allow_unused=True, materialize_grads=True)
+    else:
+        want = [torch.zeros_like(t) for t in inputs]
     if sinks is not None:  # a -inf sink takes no weight: gradient 0 (float64 autograd gives NaN on empty rows)
         want = (*want[:3], want[3].masked_fill(torch.isinf(sinks), 0.0))
     tol = TOLERANCE[q.dtype]
