@@ -81,6 +81,8 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
             raise ValueError(f"triton_attention_backward: {name} has shape {tuple(t.shape)} on {t.device}, "
                              f"need {shape} on {q.device}")
     tiles = tiles or default_backward_tiles(max(D, Dv), q.dtype, Sq, Sk)
+    if sinks is not None:  # the kernel reads one logit a head at SINK_LOGITS + head
+        sinks = sinks.detach().reshape(-1).float().contiguous()
     group_size = Hq // Hkv
     dq = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
     # Each query head's dK / dV rows; summed over a kv head's query heads below (GQA) in float32.

@@ -256,7 +256,8 @@ def _attention_setup_context(ctx, inputs, output) -> None:
     # The Triton backward (calls on its device without a mask, or whose patterns a mask runs on key
     # prefixes) reads the output; the blocked one does not.
     out = output if backward_runs_triton(q) and (attn_mask is None or patterns) else None
-    ctx.save_for_backward(q, k, v, attn_mask, inputs[13] if len(inputs) > 13 else None, out)
+    layout = inputs[12] if len(inputs) > 12 else None  # the mask as the forward read it: not read again
+    ctx.save_for_backward(q, k, v, attn_mask, inputs[13] if len(inputs) > 13 else None, out, layout)
     ctx.attrs = (scale, is_causal, patterns, inputs[10] if len(inputs) > 10 else "",
                  inputs[11] if len(inputs) > 11 else 0.0)
 
@@ -276,6 +277,7 @@ def attention_backward(
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     mask_grad: bool = True,
+    mask_layout: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask, dsinks) of sparsec::attention; dmask is empty when there is no float
     mask or `mask_grad` is False (nothing needs it), dsinks when there are no sinks. With the
@@ -283,6 +285,7 @@ def attention_backward(
     SPARSEC_ATTENTION_BACKEND=triton), the Triton backward kernels, on the call's key runs where a
     mask runs its patterns on key prefixes (sparsec/key_prefix_grads.py) unless the float mask's
     own gradient is wanted; otherwise, or where they cannot run the call, attention_grads.
+    mask_layout: the forward's (sparsec::mask_layout), so the mask is not read again.
 
     A custom op of its own so that the recomputation runs on concrete tensors even when the
     backward is traced with symbolic shapes (pattern masks need int lengths)."""
@@ -291,13 +294,14 @@ def attention_backward(
     grads = None
     if out is not None and not (float_mask and mask_grad):
         grads = _triton_grads(grad_out, q, k, v, out, attn_mask, scale, is_causal, head_patterns, mask_rule, softcap,
-                              None if sinks is None else sinks.detach().reshape(-1).float())
+                              None if sinks is None else sinks.detach().reshape(-1).float().contiguous(), mask_layout)
     if grads is not None:
         dq, dk, dv, dsinks = grads
         dmask = None
     else:
         dq, dk, dv, dmask, dsinks = attention_grads(grad_out, q, k, v, attn_mask, scale, is_causal, head_patterns,
-                                                    mask_rule, softcap, sinks, mask_grad=mask_grad)
+                                                    mask_rule, softcap, sinks, mask_grad=mask_grad,
+                                                    mask_layout=mask_layout)
     grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
              q.new_empty(0) if dmask is None else dmask.reshape(attn_mask.shape).to(attn_mask.dtype),
              q.new_empty(0) if dsinks is None else dsinks.reshape(sinks.shape).to(sinks.dtype))
@@ -305,14 +309,14 @@ def attention_backward(
 
 
 def _triton_grads(grad_out, q, k, v, out, attn_mask, scale: float, is_causal: bool, head_patterns, mask_rule: str,
-                  softcap: float, sinks):
+                  softcap: float, sinks, mask_layout):
     """(dq, dk, dv, dsinks) from the Triton backward, the patterns resolved as the forward resolved
     them, or None where it cannot run the call (a mask that does not run the patterns on key prefixes)."""
     if attn_mask is None:
         if head_patterns:  # a plan's layouts at the call's lengths (None: the forward ran dense)
             head_patterns = patterns_at(head_patterns, q.shape[2], k.shape[2], widen=is_plan_rule(mask_rule))
         return triton_backward(grad_out, q, k, v, out, head_patterns, is_causal, scale, softcap, sinks)
-    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule) if head_patterns else None
+    runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule, mask_layout) if head_patterns else None
     if runs is None:
         return None
     return key_prefix_grads(grad_out, q, k, v, out, runs, lambda g, q, k, v, o, run_patterns, causal: triton_backward(
@@ -321,7 +325,7 @@ def _triton_grads(grad_out, q, k, v, out, attn_mask, scale: float, is_causal: bo
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", softcap=0.0, sinks=None, out=None,
-      mask_grad=True):
+      mask_grad=True, mask_layout=None):
     grad_mask = attn_mask is not None and attn_mask.is_floating_point() and mask_grad
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -331,9 +335,10 @@ def _(grad_out, q, k, v, attn_mask, scale, is_causal, patterns, mask_rule="", so
 
 
 def _attention_backward(ctx, grad_out):
-    q, k, v, attn_mask, sinks, out = ctx.saved_tensors
+    q, k, v, attn_mask, sinks, out, layout = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs, sinks, out, mask_grad)
+    dq, dk, dv, dmask, dsinks = attention_backward(grad_out, q, k, v, attn_mask, *ctx.attrs, sinks, out, mask_grad,
+                                                   layout)
     has_dmask = attn_mask is not None and attn_mask.is_floating_point() and mask_grad
     return (dq, dk, dv, (dmask if has_dmask else None), None, None, None, None, None, None, None, None, None,
             dsinks if sinks is not None else None)

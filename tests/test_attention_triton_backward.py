@@ -169,6 +169,26 @@ def test_sparsec_attention_and_the_op_run_the_triton_backward(monkeypatch):
     assert ran == {"triton": 2, "torch": 1}
 
 
+def test_sinks_of_any_layout_reach_the_kernels_as_one_logit_a_head(monkeypatch):
+    """A strided sinks tensor (found by fuzzing: the op passed its view, and the kernel read logit h
+    at offset h) gives the gradients of the same values contiguous, through the op and directly."""
+    monkeypatch.setenv("SPARSEC_ATTENTION_BACKEND", "triton")
+    q, k, v, weights = _inputs(1, 2, 2, 8, 8, 16, seed=13)
+    strided = torch.tensor([[0.0, 5.0], [1.0, 5.0]])[:, 0]
+    text = patterns_to_json((P.Dense(), P.Dense()))
+    grads = []
+    for sinks in (strided, strided.contiguous()):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        out = torch.ops.sparsec.attention(*leaves[:3], None, 0.25, False, text, 0, 0, "", "", 0.0, None, leaves[3])
+        grads.append(torch.autograd.grad((out * weights).sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    out = at.triton_attention(q, k, v, (P.Dense(),) * 2, causal=False, scale=0.25, sinks=strided.contiguous())
+    direct = atb.triton_attention_backward(weights, q, k, v, out, (P.Dense(),) * 2, causal=False, scale=0.25,
+                                           sinks=strided)
+    torch.testing.assert_close(direct[3], grads[1][3])
+
+
 def test_kernel_source_is_readable_and_unknown_families_are_refused():
     source = atb.backward_kernel_source("window")
     assert "def attention_window_backward_dq_kernel(" in source
