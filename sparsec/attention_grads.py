@@ -58,12 +58,13 @@ class _Rule:
 def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
                     head_patterns: tuple[Pattern, ...] | None, mask_rule: str = "", softcap: float = 0.0,
-                    sinks: torch.Tensor | None = None, mask_grad: bool = True) -> tuple[torch.Tensor, ...]:
+                    sinks: torch.Tensor | None = None, mask_grad: bool = True,
+                    mask_layout: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dmask, dsinks) of sparsec::attention(q, k, v, attn_mask, scale, is_causal,
     head_patterns, mask_rule=, softcap=, sinks=) for the output gradient grad_out; dmask is None
     unless the mask is a float bias and `mask_grad`, dsinks None without sinks. Each in float32 or
-    wider."""
-    rule = _resolve(q, k, attn_mask, is_causal, head_patterns, mask_rule)
+    wider. `mask_layout`: the forward's reading of the mask (sparsec::mask_layout), not read again."""
+    rule = _resolve(q, k, attn_mask, is_causal, head_patterns, mask_rule, mask_layout)
     dtype = torch.promote_types(q.dtype, torch.float32)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -115,13 +116,13 @@ def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return dq, dk, dv, dmask, dsinks
 
 
-def _resolve(q, k, attn_mask, is_causal: bool, head_patterns, mask_rule: str) -> _Rule:
+def _resolve(q, k, attn_mask, is_causal: bool, head_patterns, mask_rule: str, mask_layout=None) -> _Rule:
     """The forward's decision (sparsec.ops._sparse_attention): with a mask, the patterns on the key
     runs it gives, or the dense rule; without, the patterns at the call's lengths (None: dense)."""
     B, Sq, Sk = q.shape[0], q.shape[2], k.shape[2]
     runs = None
     if head_patterns and attn_mask is not None:
-        runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule)
+        runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule, mask_layout)
         head_patterns = None if runs is None else runs[0].patterns
     elif head_patterns:
         head_patterns = patterns_at(head_patterns, Sq, Sk, widen=is_plan_rule(mask_rule))

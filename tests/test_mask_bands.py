@@ -210,8 +210,8 @@ class SharedMaskModel(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["bool", "bias"])
 def test_layers_that_share_a_mask_read_it_once(kind, monkeypatch):
-    """The rewrite gives calls with one mask one sparsec::mask_layout: read once a forward, and
-    each call still runs on what its mask keeps; gradients flow as without it."""
+    """The rewrite gives calls with one mask one sparsec::mask_layout: read once a forward (the
+    backward reuses it), and each call still runs on what its mask keeps; gradients flow as without it."""
     from sparsec import key_padding
 
     reads = []
@@ -228,6 +228,7 @@ def test_layers_that_share_a_mask_read_it_once(kind, monkeypatch):
     assert sum(r.rewritten_code.count("sparsec.mask_layout") for r in records) == 1
     grad = torch.randn_like(want)
     got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    assert len(reads) == 1  # the backward decodes the forward's reading
     for g, w in zip(got_grads, torch.autograd.grad(want, (q, k, v), grad)):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
