@@ -59,17 +59,21 @@ def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                     attn_mask: torch.Tensor | None, scale: float, is_causal: bool,
                     head_patterns: tuple[Pattern, ...] | None, mask_rule: str = "", softcap: float = 0.0,
                     sinks: torch.Tensor | None = None, mask_grad: bool = True,
-                    mask_layout: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                    mask_layout: torch.Tensor | None = None,
+                    rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dmask, dsinks) of sparsec::attention(q, k, v, attn_mask, scale, is_causal,
     head_patterns, mask_rule=, softcap=, sinks=) for the output gradient grad_out; dmask is None
     unless the mask is a float bias and `mask_grad`, dsinks None without sinks. Each in float32 or
-    wider. `mask_layout`: the forward's reading of the mask (sparsec::mask_layout), not read again."""
+    wider. `mask_layout`: the forward's reading of the mask (sparsec::mask_layout), not read again.
+    `rows` (first, stop): only those query rows' part (the others' dq 0, and nothing of theirs in
+    dk, dv, dsinks): a right-padded run's padding queries, the rest of whose rows run elsewhere."""
     rule = _resolve(q, k, attn_mask, is_causal, head_patterns, mask_rule, mask_layout)
     dtype = torch.promote_types(q.dtype, torch.float32)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     kf, vf = k.to(dtype), v.to(dtype)
-    dq = q.new_empty(B, Hq, Sq, D, dtype=dtype)
+    first, stop = rows or (0, Sq)
+    dq = (q.new_empty if (first, stop) == (0, Sq) else q.new_zeros)(B, Hq, Sq, D, dtype=dtype)
     dk = k.new_zeros(B, Hkv, Sk, D, dtype=dtype)
     dv = v.new_zeros(B, Hkv, Sk, v.shape[3], dtype=dtype)
     float_mask = rule.mask is not None and rule.mask.is_floating_point()
@@ -78,8 +82,8 @@ def attention_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     skip = torch.zeros(Hq, dtype=torch.bool, device=q.device)
     skip[rule.skip_heads] = True
     step = max(1, min(Sq, MAX_ROWS, ROWS_ELEMENTS // max(1, B * Hq * Sk)))
-    for r0 in range(0, Sq, step):
-        r1 = min(Sq, r0 + step)
+    for r0 in range(first, stop, step):
+        r1 = min(stop, r0 + step)
         keep, skip_weights = _block_pairs(rule, r0, r1, q.device, dtype)
         cols = _kept_columns(keep, skip_weights, Sk)
         if cols is not None and _count(cols) == 0:  # no key kept: every weight and gradient is 0

@@ -8,8 +8,9 @@ q, k, v, the saved output and its gradient:
     prefix): its rows' queries against keys 0..L-1, under the run's patterns and causal rule;
   - a left-padded run (first > 0): queries and keys first.. (position 0 there), causal; the padding
     queries before it gave 0 and take no gradient;
-  - a right-padded causal run, whose padding queries attend on explicit scores (_padding_rows):
-    not taken (None: the caller computes the call's gradients in torch, sparsec/attention_grads.py).
+  - a right-padded causal run: its first rows (those the causal rule cuts) as the first kind,
+    under the patterns cut to them; its padding queries, which the forward ran on explicit scores
+    against all its keys (_padding_rows), through `padding` (attention_grads on those rows only).
 Keys a run drops get zero gradients; sinks' gradients add up over the runs.
 """
 from __future__ import annotations
@@ -18,37 +19,55 @@ from collections.abc import Callable
 
 import torch
 
-from sparsec.key_padding import KeyRun
+from sparsec.key_padding import KeyRun, patterns_at
 
 __all__ = ["key_prefix_grads"]
 
 # backward(grad_out, q, k, v, out, patterns, causal) -> (dq, dk, dv, dsinks or None), or None when it cannot
 PatternBackward = Callable[..., tuple]
+# padding(grad_out, q, k, v, patterns, first) -> (dq, dk, dv, dsinks or None): query rows first.. of
+# q against every key of k, v, each head under its pattern at (Sq, Sk), no causal rule
+PaddingBackward = Callable[..., tuple]
 
 
 def key_prefix_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     runs: list[KeyRun], backward: PatternBackward):
-    """(dq, dk, dv, dsinks) of run_key_prefix(q, k, v, runs, ...) = out, or None where a run has
-    padding queries on explicit scores. dsinks is None when `backward` gives none."""
+                     runs: list[KeyRun], backward: PatternBackward, padding: PaddingBackward):
+    """(dq, dk, dv, dsinks) of run_key_prefix(q, k, v, runs, ...) = out, or None where `backward`
+    cannot run a run. dsinks is None when neither gives any."""
     Sq = q.shape[2]
-    if any(not run.prefix.first and run.prefix.causal_queries(Sq) < Sq for run in runs):
-        return None
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dsinks = None
     for run in runs:
         rows = _rows(run, q.device)
         first, length = run.prefix.first, run.prefix.length
-        queries, keys = slice(first, Sq), slice(first, length)
-        causal = True if first else run.prefix.causal
+        cut = Sq if first else run.prefix.causal_queries(Sq)  # right padding: queries cut.. are padding
+        queries, keys = slice(first, cut), slice(first, length)
+        if first:
+            patterns, causal = run.patterns, True
+        elif cut < Sq:
+            patterns, causal = patterns_at(run.patterns, cut, length), True
+        else:
+            patterns, causal = run.patterns, run.prefix.causal
         part = backward(*(_take(t, rows, queries) for t in (grad_out, q)), *(_take(t, rows, keys) for t in (k, v)),
-                        _take(out, rows, queries), run.patterns, causal)
+                        _take(out, rows, queries), patterns, causal)
         if part is None:  # the backward cannot run this run
             return None
-        for total, grad, span in ((dq, part[0], queries), (dk, part[1], keys), (dv, part[2], keys)):
+        grad_q, grad_k, grad_v, grad_sinks = part
+        if cut < Sq:
+            everything = slice(0, Sq)
+            pad = padding(*(_take(t, rows, everything) for t in (grad_out, q)), *(_take(t, rows, keys) for t in (k, v)),
+                          run.patterns, cut)
+            grad_q = torch.cat([grad_q.to(pad[0].dtype), pad[0][:, :, cut:]], dim=2)
+            grad_k, grad_v, queries = grad_k + pad[1], grad_v + pad[2], everything
+            grad_sinks = _add(grad_sinks, pad[3])
+        for total, grad, span in ((dq, grad_q, queries), (dk, grad_k, keys), (dv, grad_v, keys)):
             _put(total, rows, span, grad)
-        if part[3] is not None:
-            dsinks = part[3] if dsinks is None else dsinks + part[3]
+        dsinks = _add(dsinks, grad_sinks)
     return dq, dk, dv, dsinks
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
 
 
 def _rows(run: KeyRun, device: torch.device) -> slice | torch.Tensor:

@@ -255,8 +255,9 @@ def _counting(monkeypatch) -> dict:
 def test_masks_that_cut_keys_to_prefixes_train_through_the_triton_backward(kind, monkeypatch):
     """The op under a mask that runs its patterns on key prefixes (sparsec/key_prefix_grads.py): each
     run of rows through the Triton backward, against float64 autograd of the references; a
-    right-padded causal batch (padding queries on explicit scores) through attention_grads; a float
-    mask of 0 and its lowest value that needs no gradient, as the bool mask."""
+    right-padded causal batch's padding queries (the forward's explicit scores) through
+    attention_grads on those rows only; a float mask of 0 and its lowest value that needs no
+    gradient, as the bool mask."""
     import test_key_padding as kp
 
     ran = _counting(monkeypatch)
@@ -273,13 +274,37 @@ def test_masks_that_cut_keys_to_prefixes_train_through_the_triton_backward(kind,
     weights = kp._random(*out.shape, seed=10)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
     runs = len(set(lengths))  # rows of one length run together
-    assert ran == ({"triton": 0, "torch": 1} if kind == "right padded" else {"triton": runs, "torch": 0})
+    padded = sum(n < Sq for n in set(lengths)) if kind == "right padded" else 0  # runs with padding queries
+    assert ran == {"triton": runs, "torch": padded}
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = {"causal prefix": lambda: kp._causal_reference(q64, k64, v64, patterns, lengths),
             "right padded": lambda: kp._explicit_reference(q64, k64, v64, patterns, mask[:, 0])}.get(
         kind, lambda: reference_attention(q64, k64, v64, patterns, key_mask=kp._prefix(lengths, Sk)))()
     for g, w in zip(grads, torch.autograd.grad((want * weights.double()).sum(), (q64, k64, v64))):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_right_padded_batch_with_sinks_and_a_soft_cap_matches_the_torch_backward(monkeypatch):
+    """Right padding with sinks and a soft cap: the Triton backward on each run's real queries plus
+    attention_grads on its padding queries give what attention_grads gives for the whole call."""
+    import test_key_padding as kp
+
+    Sq, lengths = 40, [40, 31, 9]
+    q = kp._random(kp.B, kp.H, Sq, kp.D, seed=17)
+    k, v = (kp._random(kp.B, 2, Sq, kp.D, seed=s) for s in (18, 19))
+    sinks = torch.tensor([0.5, -1.0, 2.0, float("-inf")])
+    mask = kp._right_padded(Sq, lengths)
+    patterns = (P.Window(4, 0), P.Skip("mean"), P.AShape(2, 3) | P.Columns([(20, 24)]), P.Dense())
+    weights = kp._random(kp.B, kp.H, Sq, kp.D, seed=20)
+    grads = {}
+    for backend in ("triton", "cpu"):
+        monkeypatch.setenv("SPARSEC_ATTENTION_BACKEND", backend)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        out = torch.ops.sparsec.attention(*leaves[:3], mask, 0.3, False, patterns_to_json(patterns), 0, 0, "", "",
+                                          5.0, None, leaves[3])
+        grads[backend] = torch.autograd.grad((out * weights).sum(), leaves)
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), grads["triton"], grads["cpu"]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_left_padded_rows_train_through_the_triton_backward(monkeypatch):
