@@ -3,11 +3,12 @@
 `triton_attention_backward` groups the query heads by pattern family as the forward does and runs
 each group's two kernels (codegen/templates/backward.py) in one launch each, whatever the heads'
 own parameters: the dQ kernel first (it also stores each row's log-sum-exp and D = rowsum(dO * O)),
-then the dK / dV kernel. Both walk block tables of the pattern's block coverage, built on the host
-once per (patterns, lengths, tiles, causal) and cached on the device; the element mask runs on
-partially covered blocks only. Skip heads are not a kernel: their scores move nothing (dQ = 0,
-dK = 0), and a "mean" head's uniform weights give dV in closed form (torch ops). With GQA, each
-query head's dK / dV is written on its own and a kv head's are summed by one torch reduction.
+then the dK / dV kernel. Both walk block lists of the pattern's block coverage
+(templates/tables.py: backward_block_lists), built on the host once per (patterns, lengths, tiles,
+causal) and cached on the device; the element mask runs on partially covered blocks only. Skip
+heads are not a kernel: their scores move nothing (dQ = 0, dK = 0), and a "mean" head's uniform
+weights give dV in closed form (torch ops). With GQA, each query head's dK / dV is written on its
+own and a kv head's are summed by one torch reduction.
 
 Needs the forward's output (D comes from it), so callers save it; frame-transposed heads (an order
 the forward chooses for itself) are not taken: their callers pass the heads' own patterns.
@@ -18,6 +19,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,12 +107,21 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     return dq, dk, dv, _sink_grads(buffers, head_patterns)
 
 
+@dataclass(frozen=True)
 class _Buffers:
-    """The tensors one backward call reads and writes."""
+    """The tensors one backward call reads (grad_out .. out, sinks) and writes (dq .. delta)."""
 
-    def __init__(self, grad_out, q, k, v, out, dq, dk, dv, lse, delta, sinks):
-        self.grad_out, self.q, self.k, self.v, self.out = grad_out, q, k, v, out
-        self.dq, self.dk, self.dv, self.lse, self.delta, self.sinks = dq, dk, dv, lse, delta, sinks
+    grad_out: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+    sinks: torch.Tensor | None
 
 
 def _sink_grads(buffers: _Buffers, head_patterns: tuple[Pattern, ...]) -> torch.Tensor | None:
@@ -152,7 +163,7 @@ def _skip_heads(buffers: _Buffers, group: HeadGroup, causal: bool) -> None:
 
 
 def _group_calls(group: HeadGroup, buffers: _Buffers, causal: bool, scale: float, softcap: float,
-                 tiles: AttentionTiles, interpreted: bool | None = None) -> tuple[KernelCall, KernelCall]:
+                 tiles: BackwardTiles, interpreted: bool | None = None) -> tuple[KernelCall, KernelCall]:
     """The group's dQ launch and its dK / dV launch. `interpreted` (default: TRITON_INTERPRET) picks
     the dot precision, as attention_triton.kernel_call's."""
     b = buffers
@@ -161,8 +172,8 @@ def _group_calls(group: HeadGroup, buffers: _Buffers, causal: bool, scale: float
     head_ids, params, layouts, counts = _group_params(group.family, group.heads, group.patterns, Sq, Sk, b.q.device)
     distinct, ids = table_ids(group.patterns)
     table_ids_tensor = _int32_tensor(tuple(ids), b.q.device)
-    query_lists = _device_tables(distinct, Sq, Sk, tiles.dq.block_m, tiles.dq.block_n, causal, False, b.q.device)
-    key_lists = _device_tables(distinct, Sq, Sk, tiles.dkdv.block_m, tiles.dkdv.block_n, causal, True, b.q.device)
+    query_lists = _device_lists(distinct, Sq, Sk, tiles.dq.block_m, tiles.dq.block_n, causal, False, b.q.device)
+    key_lists = _device_lists(distinct, Sq, Sk, tiles.dkdv.block_m, tiles.dkdv.block_n, causal, True, b.q.device)
     sinks = b.sinks if b.sinks is not None else head_ids  # unread without sinks
     shared = (Sq, Sk, len(group.heads), Hq // Hkv, Hq, scale * LOG2E, (softcap or 1.0) * LOG2E, scale)
     precision = _dot_precision(b.q.dtype, _interpreting() if interpreted is None else interpreted)
@@ -194,7 +205,7 @@ def _int32_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor
 
 
 @bytes_bounded_cache(max_bytes=512 << 20)
-def _device_tables(patterns: tuple[Pattern, ...], Sq: int, Sk: int, block_m: int, block_n: int, causal: bool,
+def _device_lists(patterns: tuple[Pattern, ...], Sq: int, Sk: int, block_m: int, block_n: int, causal: bool,
                    by_key: bool, device: torch.device):
     """A kernel's block lists on `device` (templates/tables.backward_block_lists): (count, start,
     blocks) of the partial blocks, then of the whole ones; by query block (the dQ kernel's) or by
