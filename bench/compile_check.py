@@ -7,6 +7,7 @@
     python bench/compile_check.py --tiles 128x64x4x3 64x64x4x2 --families window --dtypes bf16
     python bench/compile_check.py --plan plan.json --dtypes bf16   # the launches a saved Plan makes
     python bench/compile_check.py --quick --modified    # each family also with a soft cap, sinks, both
+    python bench/compile_check.py --backward --no-linear  # the backward kernels (dQ, dK / dV) instead
 
 For each launch, built exactly as the entry points build it for CUDA tensors (codegen/triton_aot),
 Triton's compiler and ptxas produce the sm_XX binary; the table shows its shared memory against the
@@ -86,6 +87,30 @@ def attention_cases(families, dtypes, head_dims, tiles_list, causal, modificatio
                                "sinks": sinks}, call
 
 
+def backward_cases(families, dtypes, head_dims, causal, modifications=PLAIN):
+    """Both backward kernels of each family (codegen/attention_triton_backward.py) at their default
+    tiles (frame-transposed heads have none: their backward runs the heads' own patterns)."""
+    from sparsec.codegen.attention_triton_backward import backward_kernel_calls
+
+    for family in (f for f in families if f != "frames_transposed"):
+        pattern = family_pattern(family, causal)
+        for dtype_name in dtypes:
+            for head_dim in head_dims:
+                dtype = DTYPES[dtype_name]
+                q, k, v, out, grad = (torch.empty(1, HEADS, SEQ, head_dim, dtype=dtype) for _ in range(5))
+                for softcap, sinks in modifications:
+                    calls = backward_kernel_calls(grad, q, k, v, out, (pattern,) * HEADS, causal=causal,
+                                                  scale=head_dim ** -0.5, interpreted=False, softcap=softcap,
+                                                  sinks=torch.zeros(HEADS) if sinks else None)
+                    for call in calls:
+                        tiles = (call.kwargs["BLOCK_M"], call.kwargs["BLOCK_N"], call.kwargs["num_warps"],
+                                 call.kwargs["num_stages"])
+                        kernel = "backward_dq" if call.kernel.endswith("_dq_kernel") else "backward_dkdv"
+                        yield {"kernel": kernel, "family": family, "dtype": dtype_name, "head_dim": head_dim,
+                               "tiles": list(tiles), "default_tiles": True, "causal": causal, "softcap": softcap,
+                               "sinks": sinks}, call
+
+
 def linear_cases(dtypes, tokens: int = 2048, features: int = 1024):
     generator = torch.Generator().manual_seed(0)
     for dtype_name in dtypes:
@@ -146,6 +171,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="bf16, head_dim 64 and 128, every family")
     parser.add_argument("--modified", action="store_true",
                         help="each attention kernel also with a soft cap (30), sinks, and both (4 variants a case)")
+    parser.add_argument("--backward", action="store_true",
+                        help="the attention backward kernels (dQ and dK / dV of each family) instead of the forward")
     parser.add_argument("--plan", default=None,
                         help="compile the launches of this saved Plan's layers instead (with --dtypes; no linear kernels)")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
@@ -158,6 +185,9 @@ def main() -> None:
 
     if args.plan:
         cases = list(plan_cases(args.plan, args.dtypes))
+    elif args.backward:
+        cases = list(backward_cases(args.families, args.dtypes, args.head_dims, not args.no_causal,
+                                    MODIFIED if args.modified else PLAIN))
     else:
         cases = list(attention_cases(args.families, args.dtypes, args.head_dims, args.tiles, not args.no_causal,
                                      MODIFIED if args.modified else PLAIN))
@@ -178,6 +208,7 @@ def main() -> None:
                "problems": report.problems()}
         rows.append(row)
         name = f"{case['layer']}: {case['family']}" if "layer" in case else case.get("family", case["kernel"])
+        name += f" {case['kernel'].removeprefix('backward_')}" if case["kernel"].startswith("backward") else ""
         name += (" +cap" if case.get("softcap") else "") + (" +sinks" if case.get("sinks") else "")
         table.add_row(name, case["dtype"], str(case.get("head_dim", "")), ".".join(map(str, case["tiles"])),
                       f"{report.shared_bytes / 1024:.0f}", str(report.registers), str(report.spill_bytes),
@@ -195,7 +226,7 @@ def main() -> None:
         "versions": software_versions(), "date": now.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {"plan": args.plan} if args.plan else {"seq": SEQ, "heads": HEADS, "causal": not args.no_causal,
-                                                              "modified": args.modified},
+                                                              "modified": args.modified, "backward": args.backward},
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

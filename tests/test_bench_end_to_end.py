@@ -85,6 +85,26 @@ def test_compile_check_builds_a_saved_plans_launches(tmp_path):
         assert call.args[0].shape == (1, 4, 300, 64) and call.args[1].shape == (1, 2, 300, 64)
 
 
+def test_compile_check_builds_both_backward_kernels_of_each_family():
+    """bench/compile_check.py --backward: the dQ and dK / dV launches of every family but the
+    frame-transposed one, at the default backward tiles, with each modification asked for."""
+    from sparsec.codegen.tiles import default_backward_tiles
+
+    compile_check = load_bench("compile_check")
+    cases = list(compile_check.backward_cases(["window", "frames_transposed", "union"], ["bf16"], [128], True,
+                                              compile_check.MODIFIED))
+    assert [(c["family"], c["kernel"], c["softcap"], c["sinks"]) for c, _ in cases][:4] == [
+        ("window", "backward_dq", 0.0, False), ("window", "backward_dkdv", 0.0, False),
+        ("window", "backward_dq", 30.0, False), ("window", "backward_dkdv", 30.0, False)]
+    assert len(cases) == 2 * 2 * 4 and {c["family"] for c, _ in cases} == {"window", "union"}
+    tiles = default_backward_tiles(128, torch.bfloat16)
+    for case, call in cases:
+        own = tiles.dq if case["kernel"] == "backward_dq" else tiles.dkdv
+        assert case["tiles"] == [own.block_m, own.block_n, own.num_warps, own.num_stages]
+        assert call.kernel.endswith(case["kernel"].removeprefix("backward") + "_kernel")
+        assert call.kwargs["SOFTCAP"] == (case["softcap"] > 0)
+
+
 def test_joint_text_runs_hunyuan_videos_layout(bench, tmp_path, capsys):
     """--joint-text: one self-attention over [video, text] tokens a block, the text padded; the plan
     names only those layers, and every variant still matches eager."""
