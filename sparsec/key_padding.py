@@ -434,7 +434,9 @@ def _in_band(head_patterns: tuple[P.Pattern, ...], prefix: MaskPrefix, Sq: int) 
     not a pattern sparsec has)."""
     if not all(isinstance(p, P.Dense) for p in head_patterns):
         return None
-    band = band_pattern(prefix.window, prefix.offset, prefix.causal_queries(Sq) - prefix.first)
+    # The call's queries, not only those the causal rule cuts: a right-padded row's padding queries run
+    # the same pattern (_padding_rows), so one query's Columns shortcut holds only for a single query.
+    band = band_pattern(prefix.window, prefix.offset, Sq - prefix.first)
     return (band,) * len(head_patterns)
 
 

@@ -108,6 +108,19 @@ def test_the_op_runs_bands_exactly(S, window, cuts):
     torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.3), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("window", [4, 40])
+def test_a_cache_chunks_padding_query_keeps_its_own_band(window):
+    """Two queries at the end of a sliding window's cache, one row a key shorter: that row's causal
+    rule cuts one query, and its second (padding, past the row's keys) runs the band's pattern too,
+    which must move with the query: the one-query Columns shortcut kept the first query's keys there
+    (found by fuzzing the backward: the output, and so both backwards, were off there)."""
+    Sk = BAND_MIN_KEYS + 20
+    mask = torch.cat([band_mask(2, Sk, window, Sk - 2), band_mask(2, Sk, window, Sk - 2, (Sk - 1,))])
+    q, k, v = torch.randn(2, 4, 2, 8), torch.randn(2, 2, Sk, 8), torch.randn(2, 2, Sk, 8)
+    out = attention_op(q, k, v, mask, 0.3, False, patterns_to_json((P.Dense(),) * 4), 0, 0, "test", "band")
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.3), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("Sk, runs_the_band", [(BAND_MIN_DECODE_KEYS + 30, True), (BAND_MIN_DECODE_KEYS - 1, False)])
 def test_a_decoding_step_runs_its_band_from_enough_keys(Sk, runs_the_band, monkeypatch):
     """One query against a sliding window's last keys of its row: the band's keys only, from
