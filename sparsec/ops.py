@@ -319,6 +319,7 @@ def _triton_grads(grad_out, q, k, v, out, attn_mask, scale: float, is_causal: bo
     runs = key_prefix_runs(q, k, attn_mask, is_causal, head_patterns, mask_rule, mask_layout) if head_patterns else None
     if runs is None:
         return None
+
     def backward(g, q, k, v, o, run_patterns, causal):
         return triton_backward(g, q, k, v, o, run_patterns, causal, scale, softcap, sinks)
 
@@ -326,6 +327,7 @@ def _triton_grads(grad_out, q, k, v, out, attn_mask, scale: float, is_causal: bo
         dq, dk, dv, _, dsinks = attention_grads(g, q, k, v, None, scale, False, run_patterns, "", softcap, sinks,
                                                 rows=(first, q.shape[2]))
         return dq, dk, dv, dsinks
+
     return key_prefix_grads(grad_out, q, k, v, out, runs, backward, padding)
 
 
