@@ -449,15 +449,22 @@ def run_key_prefix(q, k, v, runs: list[KeyRun], attend, scale: float, softcap: f
         return _run(q, k, v, runs[0], attend, scale, softcap, sinks)
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for run in runs:
-        b = run.rows[0]
-        if run.rows == tuple(range(b, b + len(run.rows))):  # consecutive rows (one, in a left-padded batch): views
-            rows = slice(b, b + len(run.rows))
+        rows = run_rows(run, q.device)
+        if isinstance(rows, slice):  # consecutive rows (one, in a left-padded batch): views
             _run(q[rows], k[rows], v[rows], run, attend, scale, softcap, sinks, out=out[rows])
             continue
-        rows, keys = torch.tensor(run.rows, device=q.device), slice(0, run.prefix.length)  # only the kept keys copied
+        keys = slice(0, run.prefix.length)  # only the kept keys copied
         out[rows] = _run(q.index_select(0, rows), k[:, :, keys].index_select(0, rows),
                          v[:, :, keys].index_select(0, rows), run, attend, scale, softcap, sinks)
     return out
+
+
+def run_rows(run: KeyRun, device: torch.device) -> slice | torch.Tensor:
+    """The run's batch rows: a slice where they are consecutive (views), else their indices on `device`."""
+    b = run.rows[0]
+    if run.rows == tuple(range(b, b + len(run.rows))):
+        return slice(b, b + len(run.rows))
+    return torch.tensor(run.rows, device=device)
 
 
 def _run(q, k, v, run: KeyRun, attend, scale: float, softcap: float, sinks: torch.Tensor | None,

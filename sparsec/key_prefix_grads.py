@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from sparsec.key_padding import KeyRun, patterns_at
+from sparsec.key_padding import KeyRun, patterns_at, run_rows
 
 __all__ = ["key_prefix_grads"]
 
@@ -38,7 +38,7 @@ def key_prefix_grads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dsinks = None
     for run in runs:
-        rows = _rows(run, q.device)
+        rows = run_rows(run, q.device)
         first, length = run.prefix.first, run.prefix.length
         cut = Sq if first else run.prefix.causal_queries(Sq)  # right padding: queries cut.. are padding
         queries, keys = slice(first, cut), slice(first, length)
@@ -70,18 +70,9 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _rows(run: KeyRun, device: torch.device) -> slice | torch.Tensor:
-    """The run's batch rows: a slice where they are consecutive (views), else their indices."""
-    b = run.rows[0]
-    if run.rows == tuple(range(b, b + len(run.rows))):
-        return slice(b, b + len(run.rows))
-    return torch.tensor(run.rows, device=device)
-
-
 def _take(t: torch.Tensor, rows: slice | torch.Tensor, span: slice) -> torch.Tensor:
-    """t's batch rows `rows` and positions `span` (dim 2)."""
-    picked = t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
-    return picked[:, :, span]
+    """t's batch rows `rows` and positions `span` (dim 2): views, or a copy of the span only."""
+    return t[rows, :, span] if isinstance(rows, slice) else t[:, :, span].index_select(0, rows)
 
 
 def _put(total: torch.Tensor, rows: slice | torch.Tensor, span: slice, grad: torch.Tensor) -> None:
