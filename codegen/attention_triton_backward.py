@@ -86,14 +86,7 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     if sinks is not None:  # the kernel reads one logit a head at SINK_LOGITS + head
         sinks = sinks.detach().reshape(-1).float().contiguous()
     group_size = Hq // Hkv
-    dq = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
-    # Each query head's dK / dV rows; summed over a kv head's query heads below (GQA) in float32.
-    per_head = q.dtype if group_size == 1 else torch.float32
-    dk = torch.empty(B, Hq, Sk, D, dtype=per_head, device=q.device)
-    dv = torch.empty(B, Hq, Sk, Dv, dtype=per_head, device=q.device)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    delta = torch.empty_like(lse)
-    buffers = _Buffers(grad_out, q, k, v, out, dq, dk, dv, lse, delta, sinks)
+    buffers = _allocate(grad_out, q, k, v, out, sinks)
     for group in group_heads(head_patterns):
         if group.family == "skip":
             _skip_heads(buffers, group, causal)
@@ -101,10 +94,11 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         for call in _group_calls(group, buffers, bool(causal), float(scale), float(softcap), tiles):
             with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
                 call.launch(getattr(_kernel_module(group.family), call.kernel))
+    dk, dv = buffers.dk, buffers.dv
     if group_size > 1:
         dk = dk.view(B, Hkv, group_size, Sk, D).sum(2).to(k.dtype)
         dv = dv.view(B, Hkv, group_size, Sk, Dv).sum(2).to(v.dtype)
-    return dq, dk, dv, _sink_grads(buffers, head_patterns)
+    return buffers.dq, dk, dv, _sink_grads(buffers, head_patterns)
 
 
 @dataclass(frozen=True)
@@ -122,6 +116,18 @@ class _Buffers:
     lse: torch.Tensor
     delta: torch.Tensor
     sinks: torch.Tensor | None
+
+
+def _allocate(grad_out, q, k, v, out, sinks) -> _Buffers:
+    """The call's buffers: dQ in q's dtype; each query head's own dK / dV rows (in float32 where a kv
+    head's query heads are summed after, GQA); each row's log-sum-exp and D in float32."""
+    B, Hq, Sq, D = q.shape
+    Sk, Dv = k.shape[2], v.shape[3]
+    per_head = q.dtype if Hq == k.shape[1] else torch.float32
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    return _Buffers(grad_out, q, k, v, out, torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device),
+                    torch.empty(B, Hq, Sk, D, dtype=per_head, device=q.device),
+                    torch.empty(B, Hq, Sk, Dv, dtype=per_head, device=q.device), lse, torch.empty_like(lse), sinks)
 
 
 def _sink_grads(buffers: _Buffers, head_patterns: tuple[Pattern, ...]) -> torch.Tensor | None:
@@ -220,12 +226,7 @@ def backward_kernel_calls(grad_out, q, k, v, out, head_patterns: Sequence[Patter
     """The launches `triton_attention_backward` makes (two a non-Skip family), on any device:
     codegen/triton_aot compiles them for a GPU from CPU tensors (interpreted=False)."""
     head_patterns = tuple(head_patterns)
-    B, Hq, Sq, D = q.shape
-    Sk, Dv = k.shape[2], v.shape[3]
-    tiles = tiles or default_backward_tiles(max(D, Dv), q.dtype, Sq, Sk)
-    per_head = q.dtype if Hq == k.shape[1] else torch.float32
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    buffers = _Buffers(grad_out, q, k, v, out, torch.empty_like(q), q.new_empty(B, Hq, Sk, D, dtype=per_head),
-                       q.new_empty(B, Hq, Sk, Dv, dtype=per_head), lse, torch.empty_like(lse), sinks)
+    tiles = tiles or default_backward_tiles(max(q.shape[3], v.shape[3]), q.dtype, q.shape[2], k.shape[2])
+    buffers = _allocate(grad_out, q, k, v, out, sinks)
     return [call for group in group_heads(head_patterns) if group.family != "skip"
             for call in _group_calls(group, buffers, bool(causal), float(scale), float(softcap), tiles, interpreted)]
