@@ -8,6 +8,7 @@
     python bench/compile_check.py --plan plan.json --dtypes bf16   # the launches a saved Plan makes
     python bench/compile_check.py --quick --modified    # each family also with a soft cap, sinks, both
     python bench/compile_check.py --backward --no-linear  # the backward kernels (dQ, dK / dV) instead
+    python bench/compile_check.py --backward --accumulate  # ... whose dK / dV add to float32 (GQA, 2 families)
 
 For each launch, built exactly as the entry points build it for CUDA tensors (codegen/triton_aot),
 Triton's compiler and ptxas produce the sm_XX binary; the table shows its shared memory against the
@@ -37,7 +38,7 @@ from sparsec.codegen.triton_aot import compile_calls, target_arch
 from sparsec.codegen.weight_packing import pack_bsr, pack_nm
 from sparsec.cost_models.measure import pattern_at_density, software_versions
 from sparsec.codegen.frame_order import FramesTransposed
-from sparsec.patterns import Columns, MultiDiagonal, Window
+from sparsec.patterns import Columns, MultiDiagonal, Skip, Window
 from sparsec.pruning import prune_mask
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,9 +88,11 @@ def attention_cases(families, dtypes, head_dims, tiles_list, causal, modificatio
                                "sinks": sinks}, call
 
 
-def backward_cases(families, dtypes, head_dims, causal, modifications=PLAIN):
+def backward_cases(families, dtypes, head_dims, causal, modifications=PLAIN, accumulate=False):
     """Both backward kernels of each family (codegen/attention_triton_backward.py) at their default
-    tiles (frame-transposed heads have none: their backward runs the heads' own patterns)."""
+    tiles (frame-transposed heads have none: their backward runs the heads' own patterns). With
+    `accumulate`, GQA whose kv head's other query head is Skip("mean"): the dK / dV kernel adds to
+    float32 dK / dV (what a kv head shared by two families compiles)."""
     from sparsec.codegen.attention_triton_backward import backward_kernel_calls
 
     for family in (f for f in families if f != "frames_transposed"):
@@ -97,9 +100,11 @@ def backward_cases(families, dtypes, head_dims, causal, modifications=PLAIN):
         for dtype_name in dtypes:
             for head_dim in head_dims:
                 dtype = DTYPES[dtype_name]
-                q, k, v, out, grad = (torch.empty(1, HEADS, SEQ, head_dim, dtype=dtype) for _ in range(5))
+                q, out, grad = (torch.empty(1, HEADS, SEQ, head_dim, dtype=dtype) for _ in range(3))
+                k, v = (torch.empty(1, 1 if accumulate else HEADS, SEQ, head_dim, dtype=dtype) for _ in range(2))
+                heads = (pattern, Skip("mean")) if accumulate else (pattern,) * HEADS
                 for softcap, sinks in modifications:
-                    calls = backward_kernel_calls(grad, q, k, v, out, (pattern,) * HEADS, causal=causal,
+                    calls = backward_kernel_calls(grad, q, k, v, out, heads, causal=causal,
                                                   scale=head_dim ** -0.5, interpreted=False, softcap=softcap,
                                                   sinks=torch.zeros(HEADS) if sinks else None)
                     for call in calls:
@@ -108,7 +113,7 @@ def backward_cases(families, dtypes, head_dims, causal, modifications=PLAIN):
                         kernel = "backward_dq" if call.kernel.endswith("_dq_kernel") else "backward_dkdv"
                         yield {"kernel": kernel, "family": family, "dtype": dtype_name, "head_dim": head_dim,
                                "tiles": list(tiles), "default_tiles": True, "causal": causal, "softcap": softcap,
-                               "sinks": sinks}, call
+                               "sinks": sinks, "accumulate": bool(call.kwargs.get("ACCUMULATE", False))}, call
 
 
 def linear_cases(dtypes, tokens: int = 2048, features: int = 1024):
@@ -173,6 +178,9 @@ def main() -> None:
                         help="each attention kernel also with a soft cap (30), sinks, and both (4 variants a case)")
     parser.add_argument("--backward", action="store_true",
                         help="the attention backward kernels (dQ and dK / dV of each family) instead of the forward")
+    parser.add_argument("--accumulate", action="store_true",
+                        help="with --backward: the dK / dV kernels that add to float32 dK / dV (a kv head shared "
+                             "by two families)")
     parser.add_argument("--plan", default=None,
                         help="compile the launches of this saved Plan's layers instead (with --dtypes; no linear kernels)")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
@@ -187,7 +195,7 @@ def main() -> None:
         cases = list(plan_cases(args.plan, args.dtypes))
     elif args.backward:
         cases = list(backward_cases(args.families, args.dtypes, args.head_dims, not args.no_causal,
-                                    MODIFIED if args.modified else PLAIN))
+                                    MODIFIED if args.modified else PLAIN, args.accumulate))
     else:
         cases = list(attention_cases(args.families, args.dtypes, args.head_dims, args.tiles, not args.no_causal,
                                      MODIFIED if args.modified else PLAIN))

@@ -7,8 +7,9 @@ then the dK / dV kernel. Both walk block lists of the pattern's block coverage
 (templates/tables.py: backward_block_lists), built on the host once per (patterns, lengths, tiles,
 causal) and cached on the device; the element mask runs on partially covered blocks only. Skip
 heads are not a kernel: their scores move nothing (dQ = 0, dK = 0), and a "mean" head's uniform
-weights give dV in closed form (torch ops). With GQA, each query head's dK / dV is written on its
-own and a kv head's are summed by one torch reduction.
+weights give dV in closed form (torch ops). With GQA, a dK / dV program sums the group's query
+heads that share its kv head; where a kv head's query heads run in more than one launch (several
+families, or a "mean" Skip head beside them), the launches add into float32 dK / dV in turn.
 
 Needs the forward's output (D comes from it), so callers save it; frame-transposed heads (an order
 the forward chooses for itself) are not taken: their callers pass the heads' own patterns.
@@ -26,7 +27,8 @@ import torch
 
 from sparsec.codegen import kernel_cache
 from sparsec.codegen.attention_triton import (
-    LOG2E, HeadGroup, _device_tensor, _dot_precision, _group_params, _interpreting, group_heads, supports,
+    LOG2E, HeadGroup, _device_tensor, _dot_precision, _group_params, _interpreting, group_heads, pattern_family,
+    supports,
 )
 from sparsec.codegen.bounded_cache import bytes_bounded_cache
 from sparsec.codegen.frame_order import FramesTransposed
@@ -77,7 +79,7 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     if reason is not None:
         raise ValueError(f"triton_attention_backward: {reason}")
     B, Hq, Sq, D = q.shape
-    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Sk, Dv = k.shape[2], v.shape[3]
     for name, t, shape in (("grad_out", grad_out, (B, Hq, Sq, Dv)), ("out", out, (B, Hq, Sq, Dv))):
         if tuple(t.shape) != shape or t.device != q.device:
             raise ValueError(f"triton_attention_backward: {name} has shape {tuple(t.shape)} on {t.device}, "
@@ -85,8 +87,7 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     tiles = tiles or default_backward_tiles(max(D, Dv), q.dtype, Sq, Sk)
     if sinks is not None:  # the kernel reads one logit a head at SINK_LOGITS + head
         sinks = sinks.detach().reshape(-1).float().contiguous()
-    group_size = Hq // Hkv
-    buffers = _allocate(grad_out, q, k, v, out, sinks)
+    buffers = _allocate(grad_out, q, k, v, out, sinks, head_patterns)
     for group in group_heads(head_patterns):
         if group.family == "skip":
             _skip_heads(buffers, group, causal)
@@ -94,16 +95,13 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         for call in _group_calls(group, buffers, bool(causal), float(scale), float(softcap), tiles):
             with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
                 call.launch(getattr(_kernel_module(group.family), call.kernel))
-    dk, dv = buffers.dk, buffers.dv
-    if group_size > 1:
-        dk = dk.view(B, Hkv, group_size, Sk, D).sum(2).to(k.dtype)
-        dv = dv.view(B, Hkv, group_size, Sk, Dv).sum(2).to(v.dtype)
-    return buffers.dq, dk, dv, _sink_grads(buffers, head_patterns)
+    return buffers.dq, buffers.dk.to(k.dtype), buffers.dv.to(v.dtype), _sink_grads(buffers, head_patterns)
 
 
 @dataclass(frozen=True)
 class _Buffers:
-    """The tensors one backward call reads (grad_out .. out, sinks) and writes (dq .. delta)."""
+    """The tensors one backward call reads (grad_out .. out, sinks) and writes (dq .. delta), and
+    whether its dK / dV launches add to what earlier ones stored (`accumulate`)."""
 
     grad_out: torch.Tensor
     q: torch.Tensor
@@ -116,18 +114,41 @@ class _Buffers:
     lse: torch.Tensor
     delta: torch.Tensor
     sinks: torch.Tensor | None
+    accumulate: bool
 
 
-def _allocate(grad_out, q, k, v, out, sinks) -> _Buffers:
-    """The call's buffers: dQ in q's dtype; each query head's own dK / dV rows (in float32 where a kv
-    head's query heads are summed after, GQA); each row's log-sum-exp and D in float32."""
+def _allocate(grad_out, q, k, v, out, sinks, head_patterns: tuple[Pattern, ...]) -> _Buffers:
+    """The call's buffers: dQ in q's dtype; each row's log-sum-exp and D in float32; dK / dV a kv
+    head, in k's and v's dtypes where one launch writes each kv head's (kv heads no launch writes,
+    all Skip, are filled here), else zeros in float32 that each launch adds to."""
     B, Hq, Sq, D = q.shape
-    Sk, Dv = k.shape[2], v.shape[3]
-    per_head = q.dtype if Hq == k.shape[1] else torch.float32
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    accumulate = _shared_kv_heads(head_patterns, Hq // Hkv)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    return _Buffers(grad_out, q, k, v, out, torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device),
-                    torch.empty(B, Hq, Sk, D, dtype=per_head, device=q.device),
-                    torch.empty(B, Hq, Sk, Dv, dtype=per_head, device=q.device), lse, torch.empty_like(lse), sinks)
+    dk = torch.zeros(B, Hkv, Sk, D, dtype=torch.float32, device=q.device) if accumulate else torch.empty_like(
+        k, memory_format=torch.contiguous_format)
+    dv = torch.zeros(B, Hkv, Sk, Dv, dtype=torch.float32, device=q.device) if accumulate else torch.empty_like(
+        v, memory_format=torch.contiguous_format)
+    if not accumulate:
+        untouched = sorted(set(range(Hkv)) - {h // (Hq // Hkv) for h, p in enumerate(head_patterns)
+                                              if not isinstance(p, Skip)})
+        if untouched:
+            index = _device_tensor(tuple(untouched), q.device)
+            dk.index_fill_(1, index, 0)
+            dv.index_fill_(1, index, 0)
+    return _Buffers(grad_out, q, k, v, out, torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device), dk, dv,
+                    lse, torch.empty_like(lse), sinks, accumulate)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_kv_heads(head_patterns: tuple[Pattern, ...], group_size: int) -> bool:
+    """Whether some kv head's gradient comes from more than one launch: its query heads in two
+    families, or a "mean" Skip head (dV in torch) beside a kernel's."""
+    writers: dict[int, set[str]] = {}
+    for h, p in enumerate(head_patterns):
+        if not (isinstance(p, Skip) and p.fill == "zero"):  # a "zero" head adds nothing
+            writers.setdefault(h // group_size, set()).add(pattern_family(p))
+    return any(len(families) > 1 for families in writers.values())
 
 
 def _sink_grads(buffers: _Buffers, head_patterns: tuple[Pattern, ...]) -> torch.Tensor | None:
@@ -144,10 +165,10 @@ def _sink_grads(buffers: _Buffers, head_patterns: tuple[Pattern, ...]) -> torch.
 def _skip_heads(buffers: _Buffers, group: HeadGroup, causal: bool) -> None:
     """Skip heads: no score moves their output, so dQ = 0 and dK = 0; a "mean" head's output is the
     mean of V over the keys the causal rule allows (row i: its first count_i keys), so key j gets
-    the sum of dO_i / count_i over the rows that allow it."""
+    the sum of dO_i / count_i over the rows that allow it, added to its kv head's (dK, dV are zero
+    where no launch writes them: _allocate)."""
     heads = _device_tensor(group.heads, buffers.q.device)
-    for t in (buffers.dq, buffers.dk, buffers.dv):
-        t.index_fill_(1, heads, 0)
+    buffers.dq.index_fill_(1, heads, 0)
     buffers.lse.index_fill_(1, heads, float("inf"))  # no weights: a sink there gets no gradient
     buffers.delta.index_fill_(1, heads, 0)
     mean_heads = [h for h, p in zip(group.heads, group.patterns) if p.fill == "mean"]
@@ -165,7 +186,11 @@ def _skip_heads(buffers: _Buffers, group: HeadGroup, causal: bool) -> None:
         suffix = torch.cat([suffix, suffix.new_zeros(*suffix.shape[:2], 1, suffix.shape[3])], dim=2)
         first_row = (torch.arange(Sk, device=grad.device) - (Sk - Sq)).clamp(0, Sq)
         dv = suffix.index_select(2, first_row)
-    buffers.dv.index_copy_(1, index, dv.to(buffers.dv.dtype))
+    group_size = buffers.q.shape[1] // buffers.k.shape[1]
+    kv_heads = sorted({h // group_size for h in mean_heads})  # summed in float32, then added once
+    per_kv = dv.new_zeros(dv.shape[0], len(kv_heads), *dv.shape[2:])
+    per_kv.index_add_(1, _device_tensor(tuple(kv_heads.index(h // group_size) for h in mean_heads), dv.device), dv)
+    buffers.dv.index_add_(1, _device_tensor(tuple(kv_heads), dv.device), per_kv.to(buffers.dv.dtype))
 
 
 def _group_calls(group: HeadGroup, buffers: _Buffers, causal: bool, scale: float, softcap: float,
@@ -181,7 +206,8 @@ def _group_calls(group: HeadGroup, buffers: _Buffers, causal: bool, scale: float
     query_lists = _device_lists(distinct, Sq, Sk, tiles.dq.block_m, tiles.dq.block_n, causal, False, b.q.device)
     key_lists = _device_lists(distinct, Sq, Sk, tiles.dkdv.block_m, tiles.dkdv.block_n, causal, True, b.q.device)
     sinks = b.sinks if b.sinks is not None else head_ids  # unread without sinks
-    shared = (Sq, Sk, len(group.heads), Hq // Hkv, Hq, scale * LOG2E, (softcap or 1.0) * LOG2E, scale)
+    kv_slots = _kv_slots(group.heads, Hq // Hkv)
+    scales = (scale * LOG2E, (softcap or 1.0) * LOG2E, scale)
     precision = _dot_precision(b.q.dtype, _interpreting() if interpreted is None else interpreted)
 
     def constexprs(t: AttentionTiles) -> dict:
@@ -194,15 +220,28 @@ def _group_calls(group: HeadGroup, buffers: _Buffers, causal: bool, scale: float
         path, dq_kernel_name(group.family), (-(-Sq // tiles.dq.block_m), B * len(group.heads)),
         (b.q, b.k, b.v, b.out, b.grad_out, b.dq, b.lse, b.delta, head_ids, table_ids_tensor, params, layouts, sinks,
          *query_lists, *b.q.stride(), *b.k.stride(), *b.v.stride(), *b.out.stride(), *b.grad_out.stride(),
-         *b.dq.stride(), *shared),
+         *b.dq.stride(), Sq, Sk, len(group.heads), Hq // Hkv, Hq, *scales),
         dict(constexprs(tiles.dq), SINKS=b.sinks is not None))
     dkdv_call = KernelCall(
-        path, dkdv_kernel_name(group.family), (-(-Sk // tiles.dkdv.block_n), B * len(group.heads)),
+        path, dkdv_kernel_name(group.family), (-(-Sk // tiles.dkdv.block_n), B * len(kv_slots) // 3),
         (b.q, b.k, b.v, b.grad_out, b.dk, b.dv, b.lse, b.delta, head_ids, table_ids_tensor, params, layouts,
-         *key_lists, *b.q.stride(), *b.k.stride(), *b.v.stride(), *b.grad_out.stride(), *b.dk.stride(),
-         *b.dv.stride(), *shared),
-        constexprs(tiles.dkdv))
+         _int32_tensor(kv_slots, b.q.device), *key_lists, *b.q.stride(), *b.k.stride(), *b.v.stride(),
+         *b.grad_out.stride(), *b.dk.stride(), *b.dv.stride(), Sq, Sk, len(kv_slots) // 3, Hq, *scales),
+        dict(constexprs(tiles.dkdv), ACCUMULATE=b.accumulate))
     return dq_call, dkdv_call
+
+
+def _kv_slots(heads: tuple[int, ...], group_size: int) -> tuple[int, ...]:
+    """(kv head, first slot, stop slot) for each kv head of a group's query heads (ascending, so a kv
+    head's are consecutive slots), flattened: the dK / dV kernel's table of its programs' heads."""
+    rows: list[int] = []
+    for slot, head in enumerate(heads):
+        if rows and rows[-3] == head // group_size:
+            rows[-1] = slot + 1
+        else:
+            assert not rows or rows[-3] < head // group_size, "a group's heads are ascending"
+            rows += [head // group_size, slot, slot + 1]
+    return tuple(rows)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -227,6 +266,6 @@ def backward_kernel_calls(grad_out, q, k, v, out, head_patterns: Sequence[Patter
     codegen/triton_aot compiles them for a GPU from CPU tensors (interpreted=False)."""
     head_patterns = tuple(head_patterns)
     tiles = tiles or default_backward_tiles(max(q.shape[3], v.shape[3]), q.dtype, q.shape[2], k.shape[2])
-    buffers = _allocate(grad_out, q, k, v, out, sinks)
+    buffers = _allocate(grad_out, q, k, v, out, sinks, head_patterns)
     return [call for group in group_heads(head_patterns) if group.family != "skip"
             for call in _group_calls(group, buffers, bool(causal), float(scale), float(softcap), tiles, interpreted)]

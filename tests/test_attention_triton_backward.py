@@ -112,6 +112,26 @@ def test_rows_that_keep_no_key_get_zero_gradients():
     assert float(dq[:, 1, :10].abs().max()) == 0.0  # rows 0..9: no key j <= i - 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_sums_a_kv_heads_query_heads_in_one_program(dtype):
+    """GQA, 3 query heads a kv head: kv head 0's heads share a family (one program a key block sums
+    them, storing dK / dV in the inputs' dtype), kv head 1's are all Skip (dK 0, dV the "mean"
+    heads' closed form, summed); and the same heads with kv head 1 also in a family (two writers:
+    the launches add in float32)."""
+    q, k, v, weights = _inputs(2, 6, 2, 37, 41, 16, dtype=dtype, seed=11)
+    one_writer = (P.Window(5, 1), P.Window(2, 8), P.Window(0, 0), P.Skip("mean"), P.Skip("zero"), P.Skip("mean"))
+    two_writers = one_writer[:4] + (P.Columns([(3, 9)]), P.Skip("mean"))
+    for head_patterns, accumulate in ((one_writer, False), (two_writers, True)):
+        calls = atb.backward_kernel_calls(weights, q, k, v, weights, head_patterns, causal=True, scale=0.25,
+                                          tiles=SMALL)
+        dkdv = [c for c in calls if c.kernel.endswith("dkdv_kernel")]
+        assert [c.grid[1] for c in dkdv] == [2] * len(dkdv)  # batch 2 x one kv head a launch
+        assert {c.kwargs["ACCUMULATE"] for c in dkdv} == {accumulate}
+        _, dk, dv, _ = _check(q, k, v, weights, head_patterns, causal=True, scale=0.25)
+        assert (float(dk[:, 1].abs().max()) > 0.0) == accumulate  # only a kernel's head moves kv head 1's keys
+        assert float(dv[:, 1].abs().max()) > 0.0
+
+
 @st.composite
 def backward_case(draw):
     """Random patterns (the forward's property test's: every family, unions with block layouts, Skip)

@@ -103,6 +103,10 @@ def test_compile_check_builds_both_backward_kernels_of_each_family():
         assert case["tiles"] == [own.block_m, own.block_n, own.num_warps, own.num_stages]
         assert call.kernel.endswith(case["kernel"].removeprefix("backward") + "_kernel")
         assert call.kwargs["SOFTCAP"] == (case["softcap"] > 0)
+        assert case["accumulate"] is False and call.kwargs.get("ACCUMULATE", False) is False
+    # --accumulate: GQA with a kv head shared by the family and a Skip("mean") head
+    cases = list(compile_check.backward_cases(["window"], ["bf16"], [64], True, accumulate=True))
+    assert [(c["kernel"], c["accumulate"]) for c, _ in cases] == [("backward_dq", False), ("backward_dkdv", True)]
 
 
 def test_joint_text_runs_hunyuan_videos_layout(bench, tmp_path, capsys):

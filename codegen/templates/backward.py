@@ -10,9 +10,11 @@ does) on partially covered blocks only, so a whole block costs the dense inner l
                  log-sum-exp over its kept keys (a first walk, base 2, the sink included); then
                  P = exp2(S - lse), dS = P * (dO V^T - D), dQ = dS K * scale (a second walk).
                  Stores lse and D for the other kernel.
-    dkdv kernel  grid (key blocks, batch x heads of the group), one query head a program, in the
-                 transposed orientation (S^T = K Q^T): dV = P^T dO, dK = dS^T Q * scale. With GQA
-                 each query head writes its own rows; the host sums a kv head's query heads.
+    dkdv kernel  grid (key blocks, batch x kv heads of the group), in the transposed orientation
+                 (S^T = K Q^T): dV = P^T dO, dK = dS^T Q * scale, summed over the group's query heads
+                 that share the program's kv head (GQA: K and V loaded once, no per-head copies).
+                 ACCUMULATE adds to what earlier launches stored (a kv head whose query heads run
+                 in more than one family), in float32.
 
 With soft-capping, dS is multiplied by the cap's slope 1 - (s / cap)^2 (s the capped score).
 """
@@ -230,7 +232,7 @@ _DKDV_KERNEL = '''
 
 @triton.jit
 def $DKDV_NAME(
-    Q, K, V, DOut, DK, DV, LSE, DELTA, HEAD_IDS, TABLE_IDS, PARAMS, LAYOUTS,
+    Q, K, V, DOut, DK, DV, LSE, DELTA, HEAD_IDS, TABLE_IDS, PARAMS, LAYOUTS, KV_SLOTS,
     PARTIAL_COUNT, PARTIAL_START, PARTIAL, FULL_COUNT, FULL_START, FULL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -238,14 +240,17 @@ def $DKDV_NAME(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Sq, Sk, heads_in_group, kv_group_size, num_heads, qk_scale, softcap2, sm_scale,
+    Sq, Sk, kv_heads_in_group, num_heads, qk_scale, softcap2, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, NUM_PARAMS: tl.constexpr$COUNT_DEFS,
+    SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, NUM_PARAMS: tl.constexpr$COUNT_DEFS,
 ):
+    # Grid (key blocks, batch x kv heads of the group). KV_SLOTS row: the kv head, then the first and
+    # stop slot of its query heads in this group (the slots of HEAD_IDS, PARAMS and TABLE_IDS).
     start_n = tl.program_id(0)
-    batch, head, kv_head, params, table_row = _program(HEAD_IDS, TABLE_IDS, PARAMS, heads_in_group, kv_group_size,
-                                                       NUM_PARAMS)
+    batch = tl.program_id(1) // kv_heads_in_group
+    kv_slot = KV_SLOTS + 3 * (tl.program_id(1) % kv_heads_in_group)
+    kv_head = tl.load(kv_slot)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -256,26 +261,35 @@ def $DKDV_NAME(
     v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
                    + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                    keys_ok, offs_dv[None, :] < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
-    Q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    DO_base = DOut + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
-    row_base = (batch.to(tl.int64) * num_heads + head) * Sq
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    partial = PARTIAL + tl.load(PARTIAL_START + table_row)
-    full = FULL + tl.load(FULL_START + table_row)
-    for t in range(0, tl.load(PARTIAL_COUNT + table_row)):
-        dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE + row_base, DELTA + row_base, offs_n,
-                             tl.load(partial + t), stride_qm, stride_qd, stride_gm, stride_gd, True, $CONTEXT)
-    for t in range(0, tl.load(FULL_COUNT + table_row)):
-        dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE + row_base, DELTA + row_base, offs_n,
-                             tl.load(full + t), stride_qm, stride_qd, stride_gm, stride_gd, False, $CONTEXT)
-    # Each query head writes its own rows (GQA: the host sums a kv head's query heads).
-    dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh
+    for slot in range(tl.load(kv_slot + 1), tl.load(kv_slot + 2)):
+        head = tl.load(HEAD_IDS + slot)
+        params = PARAMS + slot * NUM_PARAMS
+        table_row = tl.load(TABLE_IDS + slot) * tl.num_programs(0) + start_n
+        Q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        DO_base = DOut + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
+        row_base = (batch.to(tl.int64) * num_heads + head) * Sq
+        partial = PARTIAL + tl.load(PARTIAL_START + table_row)
+        full = FULL + tl.load(FULL_START + table_row)
+        for t in range(0, tl.load(PARTIAL_COUNT + table_row)):
+            dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE + row_base, DELTA + row_base, offs_n,
+                                 tl.load(partial + t), stride_qm, stride_qd, stride_gm, stride_gd, True, $CONTEXT)
+        for t in range(0, tl.load(FULL_COUNT + table_row)):
+            dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, LSE + row_base, DELTA + row_base, offs_n,
+                                 tl.load(full + t), stride_qm, stride_qd, stride_gm, stride_gd, False, $CONTEXT)
+    dk = dk * sm_scale
+    dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
                + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=keys_ok & (offs_d[None, :] < HEAD_DIM))
-    dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + head.to(tl.int64) * stride_dvh
+    dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
                + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keys_ok & (offs_dv[None, :] < HEAD_DIM_V))
+    dk_ok = keys_ok & (offs_d[None, :] < HEAD_DIM)
+    dv_ok = keys_ok & (offs_dv[None, :] < HEAD_DIM_V)
+    if ACCUMULATE:  # this kv head's query heads of earlier launches (other families) stored theirs
+        dk += tl.load(dk_ptrs, mask=dk_ok, other=0.0)
+        dv += tl.load(dv_ptrs, mask=dv_ok, other=0.0)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dv_ok)
 '''
 
 
