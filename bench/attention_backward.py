@@ -6,6 +6,7 @@ against torch's SDPA, dense and with the same pattern as a mask, and on CUDA Fle
     python bench/attention_backward.py                  # CPU: S 2048 and 4096, window / a_shape / blocks
     python bench/attention_backward.py --device cuda    # GPU: S 4096 and 8192, 16 heads, D 128, bf16
     python bench/attention_backward.py --device cuda --no-flex   # the same without FlexAttention
+    python bench/attention_backward.py --device cuda --kv-heads 4   # GQA: 4 kv heads for the 16 query heads
 
 Each row is one pattern family (every head, causal, at a target density of the causal pairs) at
 one length. Timed (bench/attention.py's interleaved timing), each a forward and the gradients of
@@ -54,21 +55,26 @@ FLEX_RECOMPILE_LIMIT = 256
 
 
 def _inputs(spec: dict):
-    """q, k, v (requires grad) and the output gradient of one row's shape, seeded by S."""
+    """q, k, v (requires grad) and the output gradient of one row's shape, seeded by S; k and v with
+    spec["kv_heads"] heads (GQA where fewer than the query heads; default as many)."""
     g = torch.Generator().manual_seed(spec["S"])
-    shape = (1, spec["heads"], spec["S"], spec["head_dim"])
+    heads = (spec["heads"], spec.get("kv_heads") or spec["heads"], spec.get("kv_heads") or spec["heads"],
+             spec["heads"])
     dtype = DTYPES[spec["dtype"]]
-    q, k, v, grad = (torch.randn(shape, generator=g).to(spec["device"], dtype) for _ in range(4))
+    q, k, v, grad = (torch.randn(1, h, spec["S"], spec["head_dim"], generator=g).to(spec["device"], dtype)
+                     for h in heads)
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
 
 
 def step(variant: str, spec: dict, q, k, v, grad) -> tuple[torch.Tensor, ...]:
     """One forward and backward of `variant`: the gradients of q, k and v."""
     scale = 1.0 / math.sqrt(spec["head_dim"])
+    gqa = k.shape[1] != q.shape[1]
     if variant == "sdpa":
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     elif variant == "sdpa_masked":
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=spec["mask"], scale=scale)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=spec["mask"], scale=scale,
+                                                               enable_gqa=gqa)
     elif variant == "flex":
         out = spec["flex"](q, k, v, scale)
     else:
@@ -103,7 +109,8 @@ def build_flex(pattern, spec: dict, q, k, v, grad) -> dict:
             _sync(device)
             build_s = time.perf_counter() - start
             compiled = torch.compile(flex_attention, dynamic=False)
-            spec["flex"] = lambda q, k, v, scale: compiled(q, k, v, block_mask=block_mask, scale=scale)
+            spec["flex"] = lambda q, k, v, scale: compiled(q, k, v, block_mask=block_mask, scale=scale,
+                                                           enable_gqa=k.shape[1] != q.shape[1])
             start = time.perf_counter()
             step("flex", spec, q, k, v, grad)
             _sync(device)
@@ -169,8 +176,9 @@ def run(args, console: Console, on_row=None) -> list[dict]:
         for family in args.families:
             for density in args.densities:
                 pattern = pattern_for_density(family, S, density, causal=True, seed=0)
-                spec = {"S": S, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
-                        "device": args.device, "patterns": patterns_to_json((pattern,) * args.heads)}
+                spec = {"S": S, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                        "dtype": args.dtype, "device": args.device,
+                        "patterns": patterns_to_json((pattern,) * args.heads)}
                 spec["mask"] = (pattern.mask(S, S) & causal_allowed(S, S)).to(args.device)
                 q, k, v, grad = _inputs(spec)
                 flex = build_flex(pattern, spec, q, k, v, grad) if runs_flex(args) else {}
@@ -248,6 +256,8 @@ def parse_args(argv=None):
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.25], help="of the causal pairs")
     parser.add_argument("--heads", type=int, default=None, help="default 8 on CPU, 16 on CUDA")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="heads of k and v (GQA: fewer than --heads, dividing it); default as many as --heads")
     parser.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
     parser.add_argument("--min-seconds", type=float, default=2.0, help="CPU: time each point at least this long")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak memory figures")
@@ -264,6 +274,9 @@ def parse_args(argv=None):
     gpu = args.device == "cuda"
     args.lengths = args.lengths or ([4096, 8192] if gpu else [2048, 4096])
     args.heads = args.heads or (16 if gpu else 8)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.kv_heads < 1 or args.heads % args.kv_heads:
+        raise SystemExit(f"--kv-heads must divide --heads ({args.heads}), got {args.kv_heads}")
     args.head_dim = args.head_dim or (128 if gpu else 64)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     return args
@@ -273,7 +286,9 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     console = Console(width=170)
-    console.print(f"forward + backward, causal, {args.heads} heads, D {args.head_dim}, {args.dtype} on {args.device}")
+    kv = f" ({args.kv_heads} kv heads)" if args.kv_heads != args.heads else ""
+    console.print(f"forward + backward, causal, {args.heads} heads{kv}, D {args.head_dim}, {args.dtype} "
+                  f"on {args.device}")
     def save(rows: list[dict], complete: bool) -> Path:  # after each row too: a time limit keeps what ran
         path = write_rows("attention_backward", __file__, args, rows, argv, complete=complete)
         args.output = str(path)

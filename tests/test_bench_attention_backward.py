@@ -28,6 +28,18 @@ def _tiny_run(bench, tmp_path, *options) -> list[dict]:
     return data["rows"]
 
 
+def test_gqa_runs_every_variant_on_fewer_kv_heads(bench, tmp_path, capsys):
+    """--kv-heads: k and v have fewer heads (SDPA with enable_gqa, sparsec natively); the gradients
+    still match the masked SDPA's. A count that does not divide the heads is refused."""
+    rows = _tiny_run(bench, tmp_path, "--no-memory", "--families", "window", "--heads", "4", "--kv-heads", "2")
+    assert "4 heads (2 kv heads)" in capsys.readouterr().out
+    assert len(rows) == 1 and rows[0]["max_rel_grad_error"] < 1e-5
+    q, k, v, grad = bench._inputs({"S": 8, "heads": 4, "kv_heads": 2, "head_dim": 4, "dtype": "fp32", "device": "cpu"})
+    assert (q.shape[1], k.shape[1], v.shape[1], grad.shape[1]) == (4, 2, 2, 4)
+    with pytest.raises(SystemExit, match="--kv-heads must divide --heads"):
+        bench.parse_args(["--heads", "4", "--kv-heads", "3"])
+
+
 def test_a_tiny_run_times_every_point_and_records_it(bench, tmp_path, capsys):
     rows = _tiny_run(bench, tmp_path, "--no-memory")
     assert "forward + backward, causal, 2 heads" in capsys.readouterr().out
