@@ -61,6 +61,16 @@ def _program(HEAD_IDS, TABLE_IDS, PARAMS, heads_in_group, kv_group_size, NUM_PAR
 
 
 @triton.jit
+def _head_rows(X, batch, head, stride_b, stride_h, offs, stride_row, stride_col, length, WIDTH: tl.constexpr,
+    BLOCK_W: tl.constexpr):
+    """(rows, BLOCK_W): rows `offs` of one batch and head of X (zeros past `length` and WIDTH)."""
+    offs_w = tl.arange(0, BLOCK_W)
+    ptrs = (X + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+            + offs[:, None] * stride_row + offs_w[None, :] * stride_col)
+    return _load_tile(ptrs, offs[:, None] < length, offs_w[None, :] < WIDTH, True, BLOCK_W != WIDTH)
+
+
+@triton.jit
 def _kept(offs_m, offs_n, params, LAYOUTS, Sq, Sk, CAUSAL: tl.constexpr$COUNT_DEFS):
     """(BLOCK_M, BLOCK_N): the pairs a partial block keeps (the head's mask, the causal rule, both bounds)."""
     i = offs_m[:, None]
@@ -184,17 +194,10 @@ def $DQ_NAME(
     V_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     rows_ok = offs_m[:, None] < Sq
-    q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                   + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   rows_ok, offs_d[None, :] < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    do = _load_tile(DOut + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
-                    + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                    rows_ok, offs_dv[None, :] < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
-    o = _load_tile(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-                   + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                   rows_ok, offs_dv[None, :] < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    q = _head_rows(Q, batch, head, stride_qb, stride_qh, offs_m, stride_qm, stride_qd, Sq, HEAD_DIM, BLOCK_D)
+    do = _head_rows(DOut, batch, head, stride_gb, stride_gh, offs_m, stride_gm, stride_gd, Sq, HEAD_DIM_V, BLOCK_DV)
+    o = _head_rows(Out, batch, head, stride_ob, stride_oh, offs_m, stride_om, stride_od, Sq, HEAD_DIM_V, BLOCK_DV)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     # The row's log-sum-exp in base 2 over its kept keys: a first walk (the sink is a score with no value).
     if SINKS:
@@ -255,12 +258,8 @@ def $DKDV_NAME(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     keys_ok = offs_n[:, None] < Sk
-    k = _load_tile(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-                   + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   keys_ok, offs_d[None, :] < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    v = _load_tile(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-                   + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                   keys_ok, offs_dv[None, :] < HEAD_DIM_V, True, BLOCK_DV != HEAD_DIM_V)
+    k = _head_rows(K, batch, kv_head, stride_kb, stride_kh, offs_n, stride_kn, stride_kd, Sk, HEAD_DIM, BLOCK_D)
+    v = _head_rows(V, batch, kv_head, stride_vb, stride_vh, offs_n, stride_vn, stride_vd, Sk, HEAD_DIM_V, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for slot in range(tl.load(kv_slot + 1), tl.load(kv_slot + 2)):
