@@ -17,8 +17,9 @@ against its kept keys (under the causal rule or not; a left-padded row's own tok
 layer is tuned on the rows of its most common shape (a log line says how many were left out).
 Calls with any other mask or bias are left out, and a layer with no other call stays dense (the
 pattern kernels take no general mask). The plan carries a fingerprint of the model's attention
-layers (module path, heads, kv heads, head size), which Plan.check_fingerprint compares against
-another model.
+layers (module path, heads, kv heads, head size) for Plan.check_fingerprint, where a caller has
+the whole model's layers; a compiled model checks each of its graphs against the plan's layers
+instead (passes/apply_patterns.py), as Dynamo may split the model into several.
 """
 from __future__ import annotations
 

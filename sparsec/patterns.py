@@ -503,11 +503,16 @@ def from_dict(d: dict) -> Pattern:
     if cls is None:
         raise ValueError(f"unknown pattern type {d['type']!r}; known: {sorted(_BY_NAME)}")
     args = {k: v for k, v in d.items() if k != "type"}
+    fields = {Union: {"parts"}, BlockSparse: {"layout", "block"}}.get(cls)
+    if fields is not None and set(args) - fields:
+        raise ValueError(f"bad fields for pattern {d['type']}: unknown {sorted(set(args) - fields)} "
+                         f"(it takes {sorted(fields)})")
     try:
         if cls is Union:
             return Union([from_dict(p) for p in args["parts"]])
         if cls is BlockSparse:
-            return BlockSparse(args["layout"], tuple(args["block"]))
+            block = args["block"]
+            return BlockSparse(args["layout"], block if isinstance(block, int) else tuple(block))
         return cls(**args)
     except KeyError as e:
         raise ValueError(f"pattern {d['type']} is missing field {e}") from None

@@ -109,10 +109,11 @@ def _check_layer(layer: LayerPlan) -> None:
         raise ValueError(f"num_heads {layer.num_heads} is not a multiple of num_kv_heads {layer.num_kv_heads}")
     if len(layer.patterns) != layer.num_heads or not all(isinstance(p, Pattern) for p in layer.patterns):
         raise ValueError(f"need one Pattern per head: {layer.num_heads} heads, got {len(layer.patterns)} patterns")
-    if len(layer.tiles) != 2 or not all(_is_int(t) and t > 0 for t in layer.tiles):
-        raise ValueError(f"tiles must be two positive ints (block_m, block_n), got {layer.tiles!r}")
-    grouped = sorted(h for g in layer.head_groups for h in g)
-    if grouped != list(range(layer.num_heads)) or not all(_is_int(h) for h in grouped):
+    if len(layer.tiles) != 2 or not all(_is_int(t) and t >= 16 and t & (t - 1) == 0 for t in layer.tiles):
+        raise ValueError(f"tiles must be two powers of two >= 16 (block_m, block_n: the kernels' rule), "
+                         f"got {layer.tiles!r}")
+    heads = [h for g in layer.head_groups for h in g]
+    if not all(_is_int(h) for h in heads) or sorted(heads) != list(range(layer.num_heads)):
         raise ValueError(f"head_groups must hold every head 0..{layer.num_heads - 1} exactly once, got {layer.head_groups!r}")
 
 

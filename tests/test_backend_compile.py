@@ -138,6 +138,21 @@ def test_attention_patterns_change_the_layer_exactly():
     assert (got - dense).abs().max() > 1e-2  # the patterns did change the output
 
 
+def test_attention_patterns_keys_that_match_no_layer_are_named(caplog):
+    """A key that matches no attention layer (a typo) is said: a warning where no key matches any of
+    the graph's layers (they stay dense), a log line where others match."""
+    x = torch.randn(2, 8, 32)
+    torch._dynamo.reset()  # two more compiles of Wrapper.forward: not against the others' recompile limit
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="sparsec"):
+        compiled(Wrapper().eval(), attention_patterns={"atn": P.Window(2, 0)})(x)
+        compiled(Wrapper().eval(), attention_patterns={"at*": P.Window(2, 0), "blocks.*": P.Dense()})(x)
+    torch._dynamo.reset()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["no attention_patterns key ('atn') matches an attention layer of this graph ('attn'): they "
+                        "stay dense"]
+    assert "attention_patterns key(s) 'blocks.*' match no attention layer of this graph ('attn')" in caplog.text
+
+
 def test_a_wrong_number_of_head_patterns_is_a_user_error():
     with pytest.raises(Exception, match="3 patterns for 4 query heads"), torch.no_grad():
         compiled(Wrapper().eval(), fallback="inductor",

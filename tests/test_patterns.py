@@ -236,6 +236,12 @@ def test_from_dict_rejects_malformed():
         P.from_dict({"type": "Union"})
     with pytest.raises(ValueError, match="bad fields"):
         P.from_dict({"type": "Window", "left": 1})
+    layout = [[True, False], [False, True]]  # every class refuses fields it does not take
+    with pytest.raises(ValueError, match=r"bad fields for pattern BlockSparse: unknown \['blokc'\]"):
+        P.from_dict({"type": "BlockSparse", "layout": layout, "block": [16, 16], "blokc": [32, 32]})
+    with pytest.raises(ValueError, match=r"bad fields for pattern Union: unknown \['prts'\]"):
+        P.from_dict({"type": "Union", "parts": [P.Dense().to_dict()] * 2, "prts": []})
+    assert P.from_dict({"type": "BlockSparse", "layout": layout, "block": 32}).block == (32, 32)  # as the class takes
     for bad in ({"type": []}, {"type": None}, ["Window"]):
         with pytest.raises(ValueError, match="'type' key naming its class"):
             P.from_dict(bad)

@@ -197,8 +197,12 @@ def _user_error(call, match: str) -> None:
     assert re.search(match, str(error)), str(error)
 
 
-def test_plan_for_another_model_is_refused(tuned, tmp_path):
+def test_plan_for_another_model_is_refused(tuned, tmp_path, caplog):
     data = tuned.to_dict()
+    first_only = Plan.from_dict({**data, "layers": {"layers.0": data["layers"]["layers.0"]}})
+    with caplog.at_level(logging.WARNING, logger="sparsec"):  # a plan for a model with fewer layers
+        sparsec.explain(TwoLayers(), *inputs(0), options={"plan": first_only, "inner": "eager"})
+    assert "no entry for attention layer(s) 'layers.1' of this model: they stay dense" in caplog.text
     renamed = Plan.from_dict({**data, "layers": {f"other.{k}": v for k, v in data["layers"].items()}})
     _user_error(lambda: sparsec.explain(TwoLayers(), *inputs(0), options={"plan": renamed, "inner": "eager"}),
                 "another model")
