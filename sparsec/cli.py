@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,18 +32,18 @@ from sparsec.patterns import from_dict
 __all__ = ["main", "load_factory", "parse_cli_options"]
 
 
-def load_factory(spec: str):
-    """The callable named by "package.module:function"."""
+def load_factory(spec: str, command: str = "dump"):
+    """The callable named by "package.module:function" (errors name `command`)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"sparsec dump: expected module:factory (e.g. tests.models:gpt_sdpa), got {spec!r}")
+        raise SystemExit(f"sparsec {command}: expected module:factory (e.g. tests.models:gpt_sdpa), got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise SystemExit(f"sparsec dump: cannot import module {module_name!r}: {e}") from None
+        raise SystemExit(f"sparsec {command}: cannot import module {module_name!r}: {e}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise SystemExit(f"sparsec dump: module {module_name!r} has no callable {attr!r}")
+        raise SystemExit(f"sparsec {command}: module {module_name!r} has no callable {attr!r}")
     return factory
 
 
@@ -65,15 +66,35 @@ def parse_cli_options(text: str | None) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise SystemExit("sparsec: --options must be a JSON object")
     if isinstance(options.get("attention_patterns"), dict):
-        options["attention_patterns"] = {k: _patterns_from_json(v) for k, v in options["attention_patterns"].items()}
+        try:
+            options["attention_patterns"] = {k: _patterns_from_json(v)
+                                             for k, v in options["attention_patterns"].items()}
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"sparsec: --options attention_patterns: {e}") from None
     return options
 
 
 def _model_and_inputs(spec: str, command: str):
-    made = load_factory(spec)()
+    """(model, example inputs as a tuple: a lone tensor is one input, as sparsec.tune takes it)."""
+    import torch
+
+    made = load_factory(spec, command)()
     if not (isinstance(made, tuple) and len(made) == 2):
         raise SystemExit(f"sparsec {command}: {spec}() must return (model, example_inputs)")
-    return made
+    model, inputs = made
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)):
+        raise SystemExit(f"sparsec {command}: {spec}()'s example_inputs must be a tensor or a tuple/list of the "
+                         f"model's positional inputs, got {type(inputs).__name__}")
+    return model, tuple(inputs)
+
+
+def _check_out_folder(path: str, command: str, flag: str) -> None:
+    """Before the work: the folder a file is to be written in exists."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"sparsec {command}: {flag} {path!r}: folder {folder!r} does not exist")
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -81,6 +102,9 @@ def _tune(args: argparse.Namespace) -> int:
 
     if args.quick_measure and not args.measure:
         raise SystemExit("sparsec tune: --quick-measure only applies with --measure")
+    _check_out_folder(args.out, "tune", "--out")
+    if args.plot:
+        _check_out_folder(args.plot, "tune", "--plot")
     model, example_inputs = _model_and_inputs(args.factory, "tune")
     target = args.target
     if args.measure:
@@ -103,10 +127,15 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
+    from sparsec.config import parse_options
     from sparsec.explain import explain
 
-    model, example_inputs = _model_and_inputs(args.factory, "dump")
     options = {**parse_cli_options(args.options), "dump_dir": args.out}
+    try:
+        parse_options(options)  # a bad option is the user's: said before the model is built
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"sparsec dump: --options: {e}") from None
+    model, example_inputs = _model_and_inputs(args.factory, "dump")
     report = explain(model, *example_inputs, options=options)
     print(report.summary())
     print(f"wrote {len(report.graphs)} graph dump(s) to {args.out}")

@@ -23,6 +23,18 @@ def test_dump_writes_the_stages_of_a_factory_model(tmp_path, capsys):
     assert "blocks.0.attn" in printed and str(tmp_path) in printed
 
 
+def one_tensor_factory():
+    """(model, one tensor): the inputs sparsec.tune takes as one positional input."""
+    import torch
+
+    return torch.nn.Linear(8, 4), torch.randn(3, 8)
+
+
+def test_dump_takes_a_lone_tensor_as_the_models_one_input(tmp_path, capsys):
+    assert main(["dump", "test_cli:one_tensor_factory", "--out", str(tmp_path), "--options", '{"inner": "eager"}']) == 0
+    assert "wrote 1 graph dump(s)" in capsys.readouterr().out
+
+
 def test_options_json_turns_pattern_dicts_into_patterns():
     options = parse_cli_options('{"attention_patterns": {"a": {"type": "Window", "left": 1, "right": 0}, '
                                 '"b": [{"type": "Window", "left": 2, "right": 2}]}}')
@@ -34,6 +46,12 @@ def test_options_json_turns_pattern_dicts_into_patterns():
     (["dump", "no_such_module_xyz:f"], "cannot import"),
     (["dump", "tests.models:no_such_factory"], "no callable"),
     (["dump", "tests.models:gpt_sdpa", "--options", "{not json"], "not valid JSON"),
+    (["dump", "tests.models:gpt_sdpa", "--options", '{"attention_patterns": {"x": {"type": "Bogus"}}}'],
+     "--options attention_patterns: unknown pattern type 'Bogus'"),
+    (["dump", "tests.models:gpt_sdpa", "--options", '{"foo": 1}'], "sparsec dump: --options: unknown sparsec option"),
+    (["tune", "nocolon"], "sparsec tune: expected module:factory"),
+    (["tune", "tests.models:gpt_sdpa", "--out", "/no/such/folder/p.json"],
+     "sparsec tune: --out '/no/such/folder/p.json': folder '/no/such/folder' does not exist"),
 ])
 def test_bad_arguments_say_what_is_wrong(argv, message):
     with pytest.raises(SystemExit) as info:
