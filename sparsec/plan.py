@@ -10,6 +10,7 @@ or a missing or unknown field raises a ValueError that names the problem.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -25,7 +26,9 @@ __all__ = ["PLAN_VERSION", "LayerPlan", "Plan", "attention_fingerprint"]
 
 PLAN_VERSION = 1
 _DTYPES = ("f32", "bf16", "f16")
-_DENSITY_ROWS = 512
+_DENSITY_ROWS = 512            # a head's density in the table: from this many evenly spread query rows,
+_DENSITY_ELEMENTS = 1 << 22    # fewer where they would hold more (row, key) pairs than this (long contexts),
+_DENSITY_MIN_ROWS = 32         # but at least this many
 _PATTERN_TEXT = 60   # characters of a pattern shown in the table
 
 
@@ -56,7 +59,7 @@ class LayerPlan:
 
     def density(self, head: int) -> float:
         """Kept fraction of the causally allowed pairs of one head (0 for Skip); from at most
-        _DENSITY_ROWS evenly spread query rows, so it stays cheap at long sequences."""
+        _DENSITY_ROWS evenly spread query rows (fewer at long keys), so it stays cheap at long sequences."""
         return _sampled_density(self.patterns[head], self.q_len, self.kv_len, self.causal)
 
     def to_dict(self) -> dict:
@@ -233,10 +236,12 @@ def attention_fingerprint(layers: Sequence[tuple[str, int, int, int]]) -> str:
 # -- reports -------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # a plan's layers share patterns (the tuner rounds their parameters)
 def _sampled_density(pattern: Pattern, Sq: int, Sk: int, causal: bool) -> float:
     import torch
 
-    rows = torch.linspace(0, Sq - 1, min(Sq, _DENSITY_ROWS)).round().long().unique()[:, None]
+    count = max(_DENSITY_MIN_ROWS, min(_DENSITY_ROWS, _DENSITY_ELEMENTS // Sk))  # cheap at long keys too
+    rows = torch.linspace(0, Sq - 1, min(Sq, count)).round().long().unique()[:, None]
     cols = torch.arange(Sk)[None, :]
     kept = pattern.keep(rows, cols, Sq, Sk).expand(rows.shape[0], Sk)
     allowed = cols <= rows + (Sk - Sq) if causal else torch.ones_like(kept)

@@ -106,6 +106,18 @@ def test_density_in_table_matches_mask():
         assert lp.density(h) == pytest.approx(p.density(128, 128, causal=True))
 
 
+def test_density_at_a_long_context_comes_from_fewer_rows():
+    """At 128K keys the table's density samples fewer rows (it built a 512 x 128K mask a head: a 4-layer
+    plan took 33 s to print) and stays near the exact figure: a causal window of 512 keeps min(i, 512) + 1
+    keys of row i."""
+    from sparsec.plan import _DENSITY_ELEMENTS, _sampled_density
+
+    S = 1 << 17
+    exact = sum(min(i, 512) + 1 for i in range(S)) / (S * (S + 1) / 2)
+    assert _sampled_density(P.Window(512, 0), S, S, True) == pytest.approx(exact, rel=0.05)
+    assert _DENSITY_ELEMENTS // S < 512  # the sample did shrink
+
+
 def test_plot_needs_matplotlib(tmp_path):
     try:
         import matplotlib  # noqa: F401
