@@ -68,8 +68,17 @@ def attention(
     _check_patterns_fit(head_patterns, Sq, Sk)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    scale = float(scale)
+    try:
+        if isinstance(scale, (str, bytes)):
+            raise TypeError
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"sparsec.attention: scale must be a number, got {type(scale).__name__}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"sparsec.attention: scale must be a finite number, got {scale!r}")
     _check_tiles(tiles)
+    if q.shape[0] == 0:  # an empty batch: an empty output (its gradients empty too), as SDPA gives
+        return q.new_zeros(0, q.shape[1], Sq, v.shape[3]) + 0 * (q.sum() + k.sum() + v.sum())
     chosen = _choose_backend(q, backend)
     run = functools.partial(_execute, chosen, head_patterns, bool(causal), scale, tiles, softcap)
     inputs = (q, k, v) if given_sinks is None else (q, k, v, given_sinks)

@@ -170,6 +170,11 @@ def prune(
                 if isinstance(m, nn.Linear) and (filter is None or filter(name, m))]
     if not selected:
         log.warning("sparsec.prune: no nn.Linear selected in %s; nothing pruned", type(model).__name__)
+    for name, m in selected:
+        if m.weight.is_meta:
+            raise ValueError(f"sparsec.prune: layer {name or '<root>'!r} has its weight on the meta device: no values "
+                             "to prune by magnitude (load the weights first)")
+    selected = [(name, m) for name, m in selected if m.weight.numel()]  # an empty layer: nothing to prune
     masks = [_layer_mask(name, m, spec) for name, m in selected]  # all checks before any change
     with torch.no_grad():
         for (name, module), mask in zip(selected, masks):

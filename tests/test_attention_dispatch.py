@@ -51,6 +51,25 @@ def test_bad_inputs_raise_clear_errors(make, message):
         sparsec.attention(q, k, v, P.Dense())
 
 
+def test_a_scale_that_is_not_a_finite_number_is_refused():
+    q = torch.randn(1, 2, 8, 8)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            sparsec.attention(q, q, q, P.Window(2, 0), scale=bad)
+    with pytest.raises(TypeError, match="scale must be a number, got str"):
+        sparsec.attention(q, q, q, P.Window(2, 0), scale="0.5")
+    torch.testing.assert_close(sparsec.attention(q, q, q, P.Dense(), scale=torch.tensor(0.5)),
+                               sparsec.attention(q, q, q, P.Dense(), scale=0.5))  # a 0-d tensor is a number
+
+
+def test_an_empty_batch_gives_an_empty_output_and_gradients():
+    q = torch.randn(0, 4, 9, 8, requires_grad=True)
+    k, v = torch.randn(0, 2, 11, 8, requires_grad=True), torch.randn(0, 2, 11, 6, requires_grad=True)
+    out = sparsec.attention(q, k, v, P.Window(3, 0), causal=True)
+    assert out.shape == (0, 4, 9, 6)
+    assert [g.shape for g in torch.autograd.grad(out.sum(), (q, k, v))] == [q.shape, k.shape, v.shape]
+
+
 def test_bad_patterns_and_backend_raise():
     q = torch.randn(1, 2, 8, 8)
     with pytest.raises(ValueError, match="1 patterns for 2 query heads"):

@@ -145,3 +145,11 @@ def test_shape_errors_name_the_layer_and_change_nothing():
     assert torch.equal(model[0].weight.detach(), before[0])  # checked everything before changing
     with pytest.raises(ValueError, match=r"block \(16, 16\) does not divide"):
         prune(model, {"block": 16, "density": 0.5})
+
+
+def test_empty_layers_are_left_alone_and_meta_weights_are_named():
+    model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8), nn.Linear(8, 8))
+    prune(model, {"density": 0.5})
+    assert model[0].weight.shape == (0, 8) and int((model[2].weight != 0).sum()) == 32
+    with pytest.raises(ValueError, match=r"layer '<root>' has its weight on the meta device"):
+        prune(nn.Linear(8, 4, device="meta"), "2:4")
