@@ -265,6 +265,8 @@ def _check_keys_match(graph: Graph, config: SparsecConfig) -> None:
         return
     paths = [op.module_path for op in graph.ops_of(Attention)]
     if not paths:
+        log.info("attention_patterns are given, but this graph has no attention layer sparsec recognises (forms its "
+                 "matchers do not know, e.g. einsum scores, run as written)")
         return
     unmatched = [key for key, _ in config.attention_patterns
                  if not any(key == path or fnmatch.fnmatchcase(path, key) for path in paths)]

@@ -136,6 +136,7 @@ def _replace(graph: fx.Graph, op: Op, node: dict[str, fx.Node]) -> None:
         new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace")})
         replacement = _restore_layout(graph, new, old.meta.get("val"))
     old.replace_all_uses_with(replacement)
+    node[op.result.name] = replacement  # type: ignore[attr-defined]  # ops built later read the new value
 
 
 def _share_mask_reads(graph: fx.Graph) -> int:

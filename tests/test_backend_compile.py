@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsec
 import sparsec.backend
 from sparsec import patterns as P
 from sparsec.backend import sparsec_backend
@@ -193,3 +194,44 @@ def test_dynamic_true_fixes_head_counts_and_head_size_with_guards(shapes):
             torch.testing.assert_close(run(q, k, v).double(), want, atol=2e-5, rtol=2e-5)
     assert all(len(r.final_ir.ops_of(Attention)) == 1 for r in records)
     assert not any(r.unmatched_attention for r in records)
+
+
+class CausalAttention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Chained(nn.Module):
+    """Rewritten ops that read each other directly: causal SDPA into causal SDPA (as its q), then a
+    linear layer on the 4-D output, then another linear on that."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.a0, self.a1 = CausalAttention(), CausalAttention()
+        self.first, self.second = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, q, k, v):
+        return self.second(self.first(self.a1(self.a0(q, k, v), k, v)))
+
+
+def test_an_op_that_reads_another_rewritten_op_reads_its_new_value():
+    """Each rewritten op reads the rewritten value of the op before it (a later op was built on the
+    replaced node: the second attention read the first one's dense output, a linear layer on an
+    attention output read the dense attention, and a pruned linear layer after another ran it dense)."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    model = sparsec.prune(Chained(), "2:4")
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    w0, w1 = P.Window(3, 0), P.Window(5, 0)
+    with torch.no_grad(), recording() as records:
+        got = compiled(model, weight_sparsity="always", attention_patterns={"a0": w0, "a1": w1})(q, k, v)
+    torch._dynamo.reset()
+    a0 = reference_attention(q.double(), k.double(), v.double(), (w0,) * 2, causal=True)
+    a1 = reference_attention(a0, k.double(), v.double(), (w1,) * 2, causal=True)
+    first = a1 @ model.first.weight.double().T + model.first.bias.double()
+    want = first @ model.second.weight.double().T + model.second.bias.double()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    code = records[0].rewritten_code
+    assert code.count("torch.ops.sparsec.attention.default(") == 2
+    assert code.count("torch.ops.sparsec.linear.default(") == 2
+    assert "scaled_dot_product" not in code and "addmm" not in code  # nothing of the dense ops is left
