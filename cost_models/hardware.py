@@ -112,7 +112,7 @@ class HardwareProfile:
     # 16 tokens (the product with its input's row of the tile). On the AVX-512 machine, least
     # squares of the log error over 336 kernel timings (4 layers, 384-4096 x 1024-11008; scattered
     # 10-60%, 2:4, 64 x 64 and 32 x 32 blocks at 10-60%; 1-256 tokens; caches flushed; 2 threads):
-    # rms log error 0.19 (the _CPU_BY_CAPABILITY profile); after the masked and block-rows kernels'
+    # rms log error 0.19 (the AVX-512 Xeon profile, _AVX512_XEON); after the masked and block-rows kernels'
     # far prefetch, their three terms refitted on the 224 timings of those two kernels (same grid):
     # rms log error 0.13 (the old terms: 0.25 on them). The defaults here, for machines without
     # AVX-512 (not measured: no such machine was at hand), are twice its per-core costs (half the
@@ -246,8 +246,7 @@ _AMX_BF16_FLOPS = 2.2e12
 # torch's bfloat16 linear there streams its weight at 17-23 GB/s (5 layers 384-11008 wide, 1-1024
 # tokens, caches flushed, 2 threads: flat from 1 to 16 tokens, then its AMX arithmetic adds)
 _AMX_BF16_STREAM = 21e9
-_CPU_BY_CAPABILITY = {
-    "AVX512": PROFILES["cpu"].replace(
+_AVX512_XEON = PROFILES["cpu"].replace(
         tensor_flops={"f32": 400e9, "bf16": 400e9, "f16": 340e9}, memory_bandwidth=44e9,
         matmul_efficiency=0.41, exp_per_s=9.9e10, mask_cost_per_pair=7.0, row_overhead_s=0.19e-6,
         launch_overhead_s=280e-6, call_overhead_s=55e-6, gather_bytes_per_s=4.5e9, query_rows_exponent=0.124,
@@ -255,8 +254,24 @@ _CPU_BY_CAPABILITY = {
         gemm_efficiency=0.73, gemm_pack_bytes_per_s=17.9e9, gemm_call_overhead_s=11e-6, bsr_kernel_efficiency=0.44,
         memory_efficiency=0.73, gemv_tokens=2,
         torch_bsr_stream_share=0.18, native_chunk_seconds=3.3e-10, native_chunk_token_seconds=5.0e-10,
-        native_stream_share=1.0, native_value_seconds=8.5e-10, native_value_lanes_seconds=2.2e-10),
-}
+        native_stream_share=1.0, native_value_seconds=8.5e-10, native_value_lanes_seconds=2.2e-10)
+# AVX-512 without AMX tiles: fitted on a 2-thread AMD EPYC (Zen 4: AVX-512 on 256-bit units, no AMX),
+# bench/results/cost_model_cpu_20261208_023910.json (582 attention candidates, 180 linear timings, 2
+# threads). The Xeon's profile priced it at rms log error 0.297, mean top-1 regret 2.8% (worst 26%), the
+# linear sparse-or-dense choice right in 132 of 160 (mean loss 3.2%, worst 50%); this fit: 0.135, 0.8%
+# (held-out layer shapes 1.1%), 139 of 160 (2.0%). Its exponentials, GEMMs, packing and memory-bound
+# terms are 1.5-2.3x slower than the Xeon's. Which AVX-512 machine without AMX a user has (Zen 4 / 5,
+# Ice Lake) is not told apart: this is the one measured. bf16 is left at fp32's peak (not measured).
+_AVX512_ZEN4 = _AVX512_XEON.replace(
+    exp_per_s=4.3e10, launch_overhead_s=390e-6, matmul_efficiency=0.33, memory_efficiency=0.41,
+    mask_cost_per_pair=8.9, gather_bytes_per_s=7.9e9, row_overhead_s=0.2e-6, query_rows_exponent=0.115,
+    gemm_efficiency=0.47, gemm_pack_bytes_per_s=8.2e9, gemm_call_overhead_s=10e-6, torch_bsr_stream_share=0.13,
+    native_pair_speed=1.11, native_mask_cost_per_pair=10.2, native_overhead_s=170e-6,
+    native_fetch_seconds=1.14e-9, native_fetch_width_seconds=6.3e-11, native_chunk_seconds=7.7e-10,
+    native_chunk_token_seconds=7.1e-10, native_stream_share=1.69, native_value_lanes_seconds=3.9e-10,
+    native_linear_call_s=178e-6)
+# (instruction set torch's CPU kernels use, AMX tiles) -> the published profile; the AVX2 one otherwise.
+_CPU_BY_CAPABILITY = {("AVX512", True): _AVX512_XEON, ("AVX512", False): _AVX512_ZEN4}
 
 _ALIASES = {"h100-sxm": "h100", "h100_sxm": "h100", "nvidia-h100": "h100", "nvidia-h200": "h200",
             "a100-sxm": "a100", "a100_sxm": "a100"}
@@ -287,11 +302,12 @@ def get_profile(target: str | HardwareProfile, *, calibrated: bool = True) -> Ha
 
 
 def _published_cpu() -> HardwareProfile:
-    """The published "cpu" profile for the instruction set torch's CPU kernels use here, with
-    AMX's bf16 GEMM peak where the cores have AMX tiles (_AMX_BF16_FLOPS)."""
-    profile = _CPU_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), PROFILES["cpu"])
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if amx is not None and amx():
+    """The published "cpu" profile for the instruction set torch's CPU kernels use here and whether
+    the cores have AMX tiles, with AMX's bf16 GEMM peak where they do (_AMX_BF16_FLOPS)."""
+    amx_query = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    amx = bool(amx_query is not None and amx_query())
+    profile = _CPU_BY_CAPABILITY.get((torch.backends.cpu.get_cpu_capability(), amx), PROFILES["cpu"])
+    if amx:
         profile = profile.replace(tensor_flops={**profile.tensor_flops, "bf16": _AMX_BF16_FLOPS},
                                   bf16_gemm_bytes_per_s=_AMX_BF16_STREAM)
     return profile

@@ -299,8 +299,9 @@ def test_cpu_block_density_is_the_read_fraction_of_dense_pairs():
 @pytest.mark.parametrize("capability, fitted_on", [("AVX2", "AVX2"), ("DEFAULT", "AVX2"), ("AVX512", "AVX512")])
 def test_the_published_cpu_profile_follows_the_instruction_set(monkeypatch, capability, fitted_on):
     """torch's fused attention kernel is several times faster per pair with AVX-512: the published
-    "cpu" profile is the one fitted on a machine with the instruction set torch uses here."""
-    from sparsec.cost_models.hardware import PROFILES
+    "cpu" profile is the one fitted on a machine with the instruction set torch uses here (with
+    AVX-512: the Xeon's where the cores have AMX tiles, the Zen 4's where they do not)."""
+    from sparsec.cost_models.hardware import _AVX512_XEON, _AVX512_ZEN4, PROFILES
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
@@ -308,15 +309,21 @@ def test_the_published_cpu_profile_follows_the_instruction_set(monkeypatch, capa
     assert profile.name == "cpu" and profile.executor == "cpu"
     assert (profile == PROFILES["cpu"]) == (fitted_on == "AVX2")
     if fitted_on == "AVX512":
+        assert profile == _AVX512_ZEN4.with_cores(PROFILES["cpu"].sm_count)
         assert profile.matmul_efficiency > PROFILES["cpu"].matmul_efficiency
         assert profile.row_overhead_s < PROFILES["cpu"].row_overhead_s
     # AMX tiles run bf16 GEMMs several times faster than the vector units, streaming the weight
-    # without packing it: only those figures change
+    # without packing it; with AVX-512 the cores are the Xeon's, whose other terms are faster too
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     with_amx = get_profile("cpu", calibrated=False).with_cores(PROFILES["cpu"].sm_count)
     assert with_amx.tensor_flops["bf16"] > 4 * profile.tensor_flops["bf16"]
     assert with_amx.bf16_gemm_bytes_per_s > 0 == profile.bf16_gemm_bytes_per_s
-    assert with_amx.replace(tensor_flops=profile.tensor_flops, bf16_gemm_bytes_per_s=0.0) == profile
+    without = with_amx.replace(tensor_flops=profile.tensor_flops, bf16_gemm_bytes_per_s=0.0)
+    if fitted_on == "AVX512":
+        assert without == _AVX512_XEON.with_cores(PROFILES["cpu"].sm_count)
+        assert without.exp_per_s > 2 * profile.exp_per_s and without.gemm_efficiency > profile.gemm_efficiency
+    else:
+        assert without == profile
 
 
 def test_cpu_slash_lanes_cost_more_with_wider_heads_and_beyond_a_cores_cache():
