@@ -54,10 +54,17 @@ def _program(HEAD_IDS, TABLE_IDS, PARAMS, heads_in_group, kv_group_size, NUM_PAR
     """Grid (blocks, batch x heads of the group): this program's batch, query head, kv head (GQA: K
     and V are read in place), parameter row, and row of the block tables (its pattern's, its block)."""
     batch = tl.program_id(1) // heads_in_group
-    slot = tl.program_id(1) % heads_in_group
+    head, params, table_row = _slot(HEAD_IDS, TABLE_IDS, PARAMS, tl.program_id(1) % heads_in_group, NUM_PARAMS)
+    return batch, head, head // kv_group_size, params, table_row
+
+
+@triton.jit
+def _slot(HEAD_IDS, TABLE_IDS, PARAMS, slot, NUM_PARAMS: tl.constexpr):
+    """A slot of the group's heads: its query head, parameter row, and row of the block tables (its
+    pattern's, this program's block)."""
     head = tl.load(HEAD_IDS + slot)
     table_row = tl.load(TABLE_IDS + slot) * tl.num_programs(0) + tl.program_id(0)
-    return batch, head, head // kv_group_size, PARAMS + slot * NUM_PARAMS, table_row
+    return head, PARAMS + slot * NUM_PARAMS, table_row
 
 
 @triton.jit
@@ -263,9 +270,7 @@ def $DKDV_NAME(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for slot in range(tl.load(kv_slot + 1), tl.load(kv_slot + 2)):
-        head = tl.load(HEAD_IDS + slot)
-        params = PARAMS + slot * NUM_PARAMS
-        table_row = tl.load(TABLE_IDS + slot) * tl.num_programs(0) + start_n
+        head, params, table_row = _slot(HEAD_IDS, TABLE_IDS, PARAMS, slot, NUM_PARAMS)
         Q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         DO_base = DOut + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
         row_base = (batch.to(tl.int64) * num_heads + head) * Sq
