@@ -43,7 +43,6 @@ plan none of whose layers is in a graph that has attention layers (a plan for an
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 
 import sympy
@@ -238,14 +237,13 @@ def _warn_if_positional_across_lengths(op: Attention, patterns) -> None:
                     op.module_path, Sq, Sk)
 
 
-def _check_plan_fits(graph: Graph, config: SparsecConfig) -> None:
+def _check_plan_fits(paths: list[str], config: SparsecConfig) -> None:
     """Refuse a plan that names none of this graph's attention layers (a plan for another model), and
     warn of the layers it does not name where it names others. (The plan's fingerprint covers the
     whole model, which no one graph shows when Dynamo splits it: each graph is checked on its own,
     its planned layers' heads and head size in _check_plan_layer.)"""
     if config.plan is None or not config.plan.layers:
         return
-    paths = [op.module_path for op in graph.ops_of(Attention)]
     if paths and not any(path in config.plan.layers for path in paths):
         raise SparsecUserError(
             f"the plan names none of this model's attention layers (model: {paths[:4]}..., plan: "
@@ -257,19 +255,17 @@ def _check_plan_fits(graph: Graph, config: SparsecConfig) -> None:
                     "another model, or layers its tuning could not record)", ", ".join(map(repr, unplanned)))
 
 
-def _check_keys_match(graph: Graph, config: SparsecConfig) -> None:
+def _check_keys_match(paths: list[str], config: SparsecConfig) -> None:
     """Say which `attention_patterns` keys match none of this graph's attention layers: a warning when
     none matches any (the option changes nothing here: a typo, or layers in another graph), else a
     log line a key (they may match a graph Dynamo split off)."""
     if not config.attention_patterns:
         return
-    paths = [op.module_path for op in graph.ops_of(Attention)]
     if not paths:
         log.info("attention_patterns are given, but this graph has no attention layer sparsec recognises (forms its "
                  "matchers do not know, e.g. einsum scores, run as written)")
         return
-    unmatched = [key for key, _ in config.attention_patterns
-                 if not any(key == path or fnmatch.fnmatchcase(path, key) for path in paths)]
+    unmatched = config.unmatched_pattern_keys(paths)
     layers = ", ".join(map(repr, paths[:8])) + (", ..." if len(paths) > 8 else "")
     if len(unmatched) == len(config.attention_patterns):
         log.warning("no attention_patterns key (%s) matches an attention layer of this graph (%s): they stay dense",
@@ -281,8 +277,9 @@ def _check_keys_match(graph: Graph, config: SparsecConfig) -> None:
 
 def apply_patterns(graph: Graph, config: SparsecConfig) -> Graph:
     """`graph` with the configured patterns on the score types of its Attention ops."""
-    _check_plan_fits(graph, config)
-    _check_keys_match(graph, config)
+    paths = [op.module_path for op in graph.ops_of(Attention)]  # this graph's attention layers
+    _check_plan_fits(paths, config)
+    _check_keys_match(paths, config)
     bands = _bands_enabled(graph, config)
     ops = [_with_patterns(op, config, bands) if isinstance(op, Attention) else op for op in graph.ops]
     return graph.replace_ops(ops, provenance="apply_patterns")

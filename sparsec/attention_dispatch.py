@@ -66,16 +66,7 @@ def attention(
     head_patterns = normalize_head_patterns(patterns, q.shape[1])
     Sq, Sk = q.shape[2], k.shape[2]
     _check_patterns_fit(head_patterns, Sq, Sk)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    try:
-        if isinstance(scale, (str, bytes)):
-            raise TypeError
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"sparsec.attention: scale must be a number, got {type(scale).__name__}") from None
-    if not math.isfinite(scale):
-        raise ValueError(f"sparsec.attention: scale must be a finite number, got {scale!r}")
+    scale = check_scale(scale, q.shape[-1], "sparsec.attention")
     _check_tiles(tiles)
     if q.shape[0] == 0:  # an empty batch: an empty output (its gradients empty too), as SDPA gives
         return q.new_zeros(0, q.shape[1], Sq, v.shape[3]) + 0 * (q.sum() + k.sum() + v.sum())
@@ -151,6 +142,22 @@ def check_sinks(sinks, q: torch.Tensor, caller: str) -> torch.Tensor | None:
     if sinks.device.type == "cpu" and not bool((sinks < math.inf).all()):  # -inf: no sink; read on the CPU only
         raise ValueError(f"{caller}: sinks must be finite or -inf (no sink for that head), got {sinks.tolist()}")
     return sinks
+
+
+def check_scale(scale, head_dim: int, caller: str) -> float:
+    """scale as a float: 1 / sqrt(head_dim) for None; a clear error for a string, anything else float()
+    refuses, or a value that is not finite (NaN gave all zeros)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (str, bytes)):
+        raise TypeError(f"{caller}: scale must be a number, got {type(scale).__name__}")
+    try:
+        value = float(scale)  # numbers, numpy scalars, 0-d tensors
+    except (TypeError, ValueError):
+        raise TypeError(f"{caller}: scale must be a number, got {type(scale).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{caller}: scale must be a finite number, got {value!r}")
+    return value
 
 
 def check_softcap(softcap, caller: str) -> float:

@@ -76,18 +76,15 @@ def parse_cli_options(text: str | None) -> dict[str, Any]:
 
 def _model_and_inputs(spec: str, command: str):
     """(model, example inputs as a tuple: a lone tensor is one input, as sparsec.tune takes it)."""
-    import torch
+    from sparsec.model_tuning import as_inputs
 
     made = load_factory(spec, command)()
     if not (isinstance(made, tuple) and len(made) == 2):
         raise SystemExit(f"sparsec {command}: {spec}() must return (model, example_inputs)")
-    model, inputs = made
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    if not isinstance(inputs, (tuple, list)):
-        raise SystemExit(f"sparsec {command}: {spec}()'s example_inputs must be a tensor or a tuple/list of the "
-                         f"model's positional inputs, got {type(inputs).__name__}")
-    return model, tuple(inputs)
+    try:
+        return made[0], as_inputs(made[1])
+    except TypeError as e:
+        raise SystemExit(f"sparsec {command}: {spec}(): {e}") from None
 
 
 def _check_out_folder(path: str, command: str, flag: str) -> None:

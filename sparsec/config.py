@@ -94,6 +94,11 @@ class SparsecConfig:
                 return patterns
         return None
 
+    def unmatched_pattern_keys(self, module_paths) -> list[str]:
+        """The `attention_patterns` keys that name none of `module_paths` (exactly or as a glob)."""
+        return [key for key, _ in self.attention_patterns
+                if not any(key == path or fnmatch.fnmatchcase(path, key) for path in module_paths)]
+
 
 def _parse_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:

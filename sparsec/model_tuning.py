@@ -42,7 +42,8 @@ __all__ = ["tune", "record_attention", "model_attention_layers"]
 log = logging.getLogger(__name__)
 
 
-def _as_inputs(example_inputs: Any) -> tuple:
+def as_inputs(example_inputs: Any) -> tuple:
+    """A model's example inputs as a tuple of positional inputs (a lone tensor is one)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
@@ -125,7 +126,7 @@ def record_attention(model: torch.nn.Module, example_inputs: Any,
     from sparsec.backend import sparsec_backend
     from sparsec.dump import recording
 
-    runs = [_as_inputs(example_inputs), *(_as_inputs(more) for more in more_inputs)]
+    runs = [as_inputs(example_inputs), *(as_inputs(more) for more in more_inputs)]
     backend = functools.partial(sparsec_backend, options={"inner": "eager", "rewrite_dense": True})
     torch._dynamo.reset()  # a fresh compile, so the recording graphs are the ones that run
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sparsec.codegen.tiles import AttentionTiles
 from sparsec.patterns import Pattern, from_dict
 
 __all__ = ["PLAN_VERSION", "LayerPlan", "Plan", "attention_fingerprint"]
@@ -112,9 +113,13 @@ def _check_layer(layer: LayerPlan) -> None:
         raise ValueError(f"num_heads {layer.num_heads} is not a multiple of num_kv_heads {layer.num_kv_heads}")
     if len(layer.patterns) != layer.num_heads or not all(isinstance(p, Pattern) for p in layer.patterns):
         raise ValueError(f"need one Pattern per head: {layer.num_heads} heads, got {len(layer.patterns)} patterns")
-    if len(layer.tiles) != 2 or not all(_is_int(t) and t >= 16 and t & (t - 1) == 0 for t in layer.tiles):
+    try:
+        if len(layer.tiles) != 2:
+            raise ValueError
+        AttentionTiles(*layer.tiles)  # the kernels' own rule
+    except (TypeError, ValueError):
         raise ValueError(f"tiles must be two powers of two >= 16 (block_m, block_n: the kernels' rule), "
-                         f"got {layer.tiles!r}")
+                         f"got {layer.tiles!r}") from None
     heads = [h for g in layer.head_groups for h in g]
     if not all(_is_int(h) for h in heads) or sorted(heads) != list(range(layer.num_heads)):
         raise ValueError(f"head_groups must hold every head 0..{layer.num_heads - 1} exactly once, got {layer.head_groups!r}")
